@@ -1,0 +1,133 @@
+"""Rotations and tilt-series projection geometry (pure NumPy).
+
+Euler angles follow RELION (``Euler_angles2matrix``): ZYZ, (rot, tilt, psi) in degrees,
+``A = Rz(psi)·Ry(tilt)·Rz(rot)`` written with RELION's passive sign convention; ``A`` maps
+reference coordinates to particle coordinates through ``particle(r) = reference(Aᵀ r)``.
+
+Tilt geometry follows IMOD and scipion-em-tomo: for a point (x, y, z) relative to the tomogram
+centre and tilt angle θ, the aligned image position is ``x_ali = x cosθ + z sinθ``,
+``y_ali = y`` and the height along the beam is ``z_tilt = −x sinθ + z cosθ``. The raw-image
+position is the inverse of the tilt's ``.xf`` transform (``aligned = A raw + d``, centred px).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .types import TiltSeriesData
+
+_EPS = 16 * np.finfo(np.float32).eps
+
+
+def euler_to_matrix(euler_zyz_deg: np.ndarray) -> np.ndarray:
+    """RELION ``Euler_angles2matrix`` for (..., 3) angles (rot, tilt, psi) in degrees → (..., 3, 3)."""
+    angles = np.deg2rad(np.asarray(euler_zyz_deg, dtype=np.float64))
+    ca, cb, cg = np.cos(angles[..., 0]), np.cos(angles[..., 1]), np.cos(angles[..., 2])
+    sa, sb, sg = np.sin(angles[..., 0]), np.sin(angles[..., 1]), np.sin(angles[..., 2])
+    cc, cs, sc, ss = cb * ca, cb * sa, sb * ca, sb * sa
+    matrix = np.empty(angles.shape[:-1] + (3, 3))
+    matrix[..., 0, 0] = cg * cc - sg * sa
+    matrix[..., 0, 1] = cg * cs + sg * ca
+    matrix[..., 0, 2] = -cg * sb
+    matrix[..., 1, 0] = -sg * cc - cg * sa
+    matrix[..., 1, 1] = -sg * cs + cg * ca
+    matrix[..., 1, 2] = sg * sb
+    matrix[..., 2, 0] = sc
+    matrix[..., 2, 1] = ss
+    matrix[..., 2, 2] = cb
+    return matrix
+
+
+def matrix_to_euler(matrix: np.ndarray) -> np.ndarray:
+    """RELION ``Euler_matrix2angles`` for (..., 3, 3) rotation matrices → (..., 3) degrees (rot, tilt, psi)."""
+    m = np.asarray(matrix, dtype=np.float64)
+    abs_sb = np.hypot(m[..., 0, 2], m[..., 1, 2])
+    regular = abs_sb > _EPS
+    gamma = np.arctan2(m[..., 1, 2], -m[..., 0, 2])
+    alpha = np.arctan2(m[..., 2, 1], m[..., 2, 0])
+    sin_g, cos_g = np.sin(gamma), np.cos(gamma)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sign_from_cos = np.sign(-m[..., 0, 2] / cos_g)
+    sign_sb = np.where(np.abs(sin_g) < np.finfo(np.float32).eps, sign_from_cos,
+                       np.where(sin_g > 0, np.sign(m[..., 1, 2]), -np.sign(m[..., 1, 2])))
+    beta = np.arctan2(sign_sb * abs_sb, m[..., 2, 2])
+    # Gimbal lock (tilt 0 or 180): RELION puts the whole in-plane rotation in psi.
+    up = m[..., 2, 2] > 0
+    alpha = np.where(regular, alpha, 0.0)
+    beta = np.where(regular, beta, np.where(up, 0.0, np.pi))
+    gamma = np.where(regular, gamma, np.where(up, np.arctan2(-m[..., 1, 0], m[..., 0, 0]),
+                                              np.arctan2(m[..., 1, 0], -m[..., 0, 0])))
+    return np.rad2deg(np.stack([alpha, beta, gamma], axis=-1))
+
+
+def tilt_rotation(tilt_angles_deg: np.ndarray) -> np.ndarray:
+    """(T,) tilt angles → (T, 3, 3) matrices mapping tomogram (x, y, z) to (x_ali, y_ali, z_tilt)."""
+    theta = np.deg2rad(np.asarray(tilt_angles_deg, dtype=np.float64))
+    c, s = np.cos(theta), np.sin(theta)
+    zero, one = np.zeros_like(theta), np.ones_like(theta)
+    return np.stack([np.stack([c, zero, s], -1),
+                     np.stack([zero, one, zero], -1),
+                     np.stack([-s, zero, c], -1)], axis=-2)
+
+
+def aligned_to_raw_px(aligned_px: np.ndarray, xf: np.ndarray) -> np.ndarray:
+    """Invert IMOD ``.xf`` transforms: (..., T, 2) aligned centred px and (T, 2, 3) xf → raw centred px."""
+    inverse = np.linalg.inv(xf[:, :, :2])
+    return np.einsum("tij,...tj->...ti", inverse, aligned_px - xf[:, :, 2])
+
+
+def raw_to_aligned_px(raw_px: np.ndarray, xf: np.ndarray) -> np.ndarray:
+    """Apply IMOD ``.xf`` transforms: (..., T, 2) raw centred px → aligned centred px."""
+    return np.einsum("tij,...tj->...ti", xf[:, :, :2], raw_px) + xf[:, :, 2]
+
+
+def image_centre_px(image_shape_yx: tuple[int, int]) -> np.ndarray:
+    """(x, y) index of the centre of an image of shape (ny, nx): ``(nx // 2, ny // 2)``."""
+    return np.array([image_shape_yx[1] // 2, image_shape_yx[0] // 2], dtype=np.float64)
+
+
+def project_positions_to_tilts(positions_angst: np.ndarray, tilt_series: TiltSeriesData
+                               ) -> tuple[np.ndarray, np.ndarray]:
+    """Where each particle lands in each raw tilt image.
+
+    Parameters
+    ----------
+    positions_angst
+        (N, 3) particle positions (x, y, z) in Å relative to the tomogram centre.
+    tilt_series
+        Geometry of the raw tilt series (tilt angles, ``.xf`` alignment, pixel size).
+
+    Returns
+    -------
+    raw_px
+        (N, T, 2) (x, y) pixel index coordinates in the raw images (centre at ``N // 2``).
+    height_angst
+        (N, T) height ``z_tilt`` of each particle along the beam in each tilt, in Å.
+    """
+    positions_px = np.asarray(positions_angst, dtype=np.float64).reshape(-1, 3) / tilt_series.pixel_size_angst
+    rotated = np.einsum("tij,nj->nti", tilt_rotation(tilt_series.tilt_angles_deg), positions_px)
+    raw_centred = aligned_to_raw_px(rotated[..., :2], tilt_series.xf)
+    return raw_centred + image_centre_px(tilt_series.image_shape_yx), rotated[..., 2] * tilt_series.pixel_size_angst
+
+
+def particle_defocus_angst(tilt_series: TiltSeriesData, height_angst: np.ndarray,
+                           defocus_gradient_sign: int = -1) -> tuple[np.ndarray, np.ndarray]:
+    """Per-particle, per-tilt defocus U and V (Å) from the tilt's defocus and the particle height.
+
+    ``defocus = tilt defocus + defocus_gradient_sign · z_tilt``. The default (−1) makes the
+    right side of the aligned image more underfocused at positive tilt (IMOD/Dynamo).
+
+    Parameters
+    ----------
+    height_angst
+        (N, T) height of each particle along the beam (``z_tilt`` from
+        :func:`project_positions_to_tilts`), Å.
+
+    Returns
+    -------
+    (N, T) defocus U and (N, T) defocus V in Å; the astigmatism angle is the tilt's.
+    """
+    if defocus_gradient_sign not in (-1, 1):
+        raise ValueError(f"defocus_gradient_sign must be -1 or +1, got {defocus_gradient_sign}")
+    delta = defocus_gradient_sign * np.asarray(height_angst)
+    return tilt_series.defocus_u_angst + delta, tilt_series.defocus_v_angst + delta

@@ -1,0 +1,31 @@
+"""Scipion plugin class for mspecies (imports pwem; never imported by core or formats)."""
+
+import os
+
+import pwem
+import pyworkflow.utils as pwutils
+from pyworkflow import TOMO
+
+# Environment variable that forces the array backend of the export worker: auto, numpy or cupy.
+MSPECIES_BACKEND = "MSPECIES_BACKEND"
+
+
+class Plugin(pwem.Plugin):
+    """Pure-Python plugin: no binaries to install, CuPy is an optional pip extra."""
+
+    _url = "https://github.com/mspecies/scipion-em-mspecies"
+    _processingField = [TOMO]
+    _pathVars = []
+    _supportedVersions = []
+
+    @classmethod
+    def _defineVariables(cls):
+        cls._defineVar(MSPECIES_BACKEND, "auto", description="Array backend of the export worker: auto, numpy or cupy")
+
+    @classmethod
+    def getEnviron(cls):
+        return pwutils.Environ(os.environ)
+
+    @classmethod
+    def defineBinaries(cls, env):
+        """Nothing to build: mspecies is installed with pip (``[gpu]`` extra for CuPy)."""

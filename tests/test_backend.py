@@ -1,0 +1,27 @@
+"""Backend selection: NumPy is always available; CuPy only with a real device, and asking for it fails loudly."""
+
+import numpy as np
+import pytest
+
+from mspecies.core.backend import cupy_unavailable_reason, get_xp, select_backend, to_numpy
+
+
+def test_numpy_backend_is_always_available():
+    assert select_backend("numpy") is np
+    assert get_xp(np.zeros(3)) is np
+    assert isinstance(to_numpy([1, 2]), np.ndarray)
+
+
+def test_auto_falls_back_to_numpy_without_a_device_and_forced_cupy_says_why():
+    reason = cupy_unavailable_reason()
+    if reason is None:
+        pytest.skip("a CUDA device is present; the fallback path cannot be exercised here")
+    print(f"CuPy path not run here: {reason}")
+    assert select_backend("auto") is np
+    with pytest.raises(RuntimeError, match="backend 'cupy' was requested but cannot run"):
+        select_backend("cupy")
+
+
+def test_unknown_backend_name_is_rejected():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        select_backend("opencl")

@@ -1,0 +1,104 @@
+"""Command-line workers: ``python -m mspecies <command> ...``.
+
+Each subcommand has an ``_add_<name>_parser`` function that declares its arguments and a ``_run_<name>``
+function that does the work and returns an exit code; register new ones in :data:`SUBCOMMANDS`. User errors
+(:class:`~mspecies.core.types.InputError`) end with exit code 2 and one line on stderr naming the parameter.
+Nothing here imports pyworkflow, pwem or tomo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+from mspecies.core.types import InputError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports bad arguments as one line and exit code 2 (no usage dump)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _snr(text: str) -> float | None:
+    """``--snr`` value: a positive number, or 'inf'/'none' for noise-free images."""
+    if text.strip().lower() in ("inf", "none", "infinity"):
+        return None
+    try:
+        value = float(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected a number > 0 or 'inf', got {text!r}") from error
+    if math.isinf(value):
+        return None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0 or 'inf', got {text!r}")
+    return value
+
+
+def _add_synth_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("synth", help="generate a synthetic tilt-series dataset with known ground truth")
+    parser.add_argument("--out", required=True, help="output folder (created)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-tomograms", type=int, default=1)
+    parser.add_argument("--n-particles", type=int, default=50)
+    parser.add_argument("--n-tilts", type=int, default=41)
+    parser.add_argument("--box", type=int, default=64, help="particle box in px (even)")
+    parser.add_argument("--pixel-size", type=float, default=4.0, help="tilt-series pixel size in Å")
+    parser.add_argument("--image-size", type=int, nargs=2, default=(512, 512), metavar=("NY", "NX"))
+    parser.add_argument("--thickness", type=float, default=1000.0, help="specimen thickness in Å")
+    parser.add_argument("--snr", type=_snr, default=0.05, help="signal-to-noise ratio, or 'inf' for noise-free")
+    parser.add_argument("--binning", type=int, default=4, help="tomogram binning")
+    parser.add_argument("--no-check", action="store_true", help="skip the self-check")
+
+
+def _run_synth(args: argparse.Namespace) -> int:
+    from mspecies.core.synth import generate_dataset, self_check
+
+    started = time.perf_counter()
+    manifest = generate_dataset(
+        args.out, seed=args.seed, n_tomograms=args.n_tomograms, n_particles=args.n_particles, n_tilts=args.n_tilts,
+        box_px=args.box, pixel_size_angst=args.pixel_size, image_shape_yx=tuple(args.image_size),
+        thickness_angst=args.thickness, snr=args.snr, tomogram_binning=args.binning)
+    print(f"manifest: {manifest}")
+    print(f"generated in {time.perf_counter() - started:.1f} s")
+    if args.no_check:
+        return EXIT_OK
+    result = self_check(manifest)
+    summary = {key: (round(value, 3) if isinstance(value, float) else value) for key, value in result.items()
+               if not key.endswith("xyz_px")}
+    print(f"self-check: {json.dumps(summary)}")
+    return EXIT_OK if result["passed"] else EXIT_FAILED
+
+
+SUBCOMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], int]]] = {
+    "synth": (_add_synth_parser, _run_synth),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with one subparser per entry of :data:`SUBCOMMANDS`."""
+    parser = _ArgumentParser(prog="mspecies", description="mspecies command-line workers")
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
+    for add_parser, _ in SUBCOMMANDS.values():
+        add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a subcommand; returns 0 on success, 1 on a failed check, 2 on bad input."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # argparse: --help (0) or a bad argument (2), message already printed
+        return int(exit_.code or 0)
+    try:
+        return SUBCOMMANDS[args.command][1](args)
+    except InputError as error:
+        print(f"mspecies {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE

@@ -1,0 +1,818 @@
+"""Synthetic cryo-ET dataset with known ground truth: raw tilt series, alignment, CTF, dose, particles.
+
+Conventions (those of :mod:`mspecies.core.types`):
+
+* particle positions in Å centred on the tomogram centre; RELION ZYZ Euler angles; a reference blob at
+  ``r_b`` lands at ``position + A r_b`` with ``A = euler_to_matrix(angles)``;
+* raw image positions from :func:`~mspecies.core.geometry.project_positions_to_tilts` (tilt rotation,
+  then the inverse of the IMOD ``.xf``); the ``.xf`` rotation part is a pure rotation, so an isotropic
+  Gaussian blob projects to an isotropic 2D Gaussian in the raw image;
+* every particle image is rendered analytically in Fourier space in a padded patch, multiplied by the
+  RELION CTF with the particle's own defocus (:func:`~mspecies.core.geometry.particle_defocus_angst`) and by
+  Warp's dose filter ``exp(−B k²/4)`` with ``B = −4 · d_mid``, where ``d_mid`` = dose received before the tilt
+  + half of the tilt's own dose (the mean exposure during the tilt);
+* protein is dark: ``raw = −(CTF ⊗ projected density)``; the projected density is the line integral of the
+  (dimensionless) map along the beam in voxel units, i.e. what summing the ground-truth map along z gives;
+* stack order = tilt angles ascending; acquisition is dose-symmetric (Hagen);
+* accumulated dose per tilt includes the tilt itself (Scipion).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.fft
+from scipy import ndimage
+
+from mspecies.formats import imod
+from mspecies.formats.mrc import read_mrc, write_mrc
+from mspecies.formats.star import read_relion31_particles, write_relion31_particles
+
+from . import geometry
+from .ctf import ctf_2d, electron_wavelength_angst
+from .phantom import BlobModel, make_blob_model, render_blob_map
+from .types import InputError, Microscope, ParticlePoses, TiltSeriesData
+from .wbp import align_and_bin_stack, weighted_back_projection
+
+MANIFEST_FORMAT = "mspecies-synth-1"
+WORKERS = max(1, os.cpu_count() or 1)
+
+CONVENTIONS = {
+    "positions": "position_angst: (x, y, z) in Angstrom relative to the tomogram centre (Scipion default origin).",
+    "relion_coordinates": "rlnCoordinateX/Y/Z: pixels at the tilt-series pixel size from the corner of the unbinned "
+                          "tomogram: coordinate = centred_px + N // 2 with N = (nx, ny, nz_unbinned).",
+    "orientations": "RELION ZYZ Euler (rot, tilt, psi) deg; A = Euler_angles2matrix; particle(r) = "
+                    "reference(A^T (r - position)); Scipion's matrix is A^T.",
+    "tilt_geometry": "x_ali = x cos(t) + z sin(t), y_ali = y, z_tilt = -x sin(t) + z cos(t) (IMOD); raw = inverse .xf.",
+    "xf": "IMOD .xf per stack image: aligned = A @ raw + d, centred pixels; stored [[A11, A12, DX], [A21, A22, DY]].",
+    "stack_order": "Raw stack sorted by tilt angle ascending; every per-tilt list is in stack order.",
+    "acquisition_order": "0-based rank of each stack image in the dose-symmetric acquisition.",
+    "dose": "dose_e_per_angst2 = accumulated dose including the tilt (Scipion); pre_exposure = dose before it.",
+    "ctf": "RELION CTF; defocus in Angstrom, underfocus positive, angle of U counter-clockwise from +X of the raw "
+           "image (CTFFIND). Particle defocus = tilt defocus + defocus_gradient_sign * z_tilt.",
+    "dose_filter": "Warp: exp(-B k^2 / 4) with B = -4 * (pre_exposure + dose_per_tilt / 2).",
+    "polarity": "Raw images: dark protein (raw = -(CTF * projected density)). Ground-truth map: white protein.",
+    "pixels": "Pixel/voxel index i centred at coordinate i; the centre of an axis of size N is N // 2; "
+              "arrays [z, y, x].",
+    "tomogram": "Binned WBP tomogram of the aligned images, raw polarity (dark protein), same centre as unbinned.",
+    "snr": "Variance of the noise-free images inside the particle boxes (box_px squared around every projected "
+           "particle centre) divided by the variance of the added white Gaussian noise.",
+}
+
+
+@dataclass(frozen=True)
+class SynthParameters:
+    """Everything that defines a synthetic dataset (with the seed, it is reproducible bit for bit)."""
+
+    seed: int = 0
+    n_tomograms: int = 1
+    n_particles: int = 50
+    n_tilts: int = 41
+    max_tilt_deg: float = 60.0
+    box_px: int = 64
+    pixel_size_angst: float = 4.0
+    image_shape_yx: tuple[int, int] = (512, 512)
+    thickness_angst: float = 1000.0
+    snr: float | None = 0.05
+    tomogram_binning: int = 4
+    voltage_kv: float = 300.0
+    cs_mm: float = 2.7
+    amplitude_contrast: float = 0.07
+    dose_per_tilt_e_per_angst2: float = 3.0
+    tilt_axis_angle_deg: float = 85.0
+    rotation_jitter_deg: float = 0.3
+    shift_sd_px: float = 3.0
+    defocus_mean_angst: float = 30000.0
+    defocus_spread_angst: float = 2000.0
+    astigmatism_range_angst: tuple[float, float] = (500.0, 1500.0)
+    defocus_gradient_sign: int = -1
+    min_distance_fraction: float = 0.6
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("n_tomograms", self.n_tomograms >= 1, "an integer >= 1"),
+            ("n_particles", self.n_particles >= 1, "an integer >= 1"),
+            ("n_tilts", self.n_tilts >= 2, "an integer >= 2"),
+            ("box_px", self.box_px >= 8 and self.box_px % 2 == 0, "an even integer >= 8"),
+            ("pixel_size_angst", self.pixel_size_angst > 0, "a number > 0"),
+            ("image_shape_yx", len(self.image_shape_yx) == 2 and min(self.image_shape_yx) >= 2 * self.box_px,
+             f"two sizes >= 2 * box_px = {2 * self.box_px}"),
+            ("thickness_angst", self.thickness_angst >= self.box_px * self.pixel_size_angst,
+             f"a thickness >= box_px * pixel_size_angst = {self.box_px * self.pixel_size_angst:g} A"),
+            ("snr", self.snr is None or self.snr > 0, "a number > 0, 'inf' or None (noise-free)"),
+            ("tomogram_binning", self.tomogram_binning >= 1, "an integer >= 1"),
+            ("max_tilt_deg", 0 < self.max_tilt_deg < 90, "a number in (0, 90)"),
+            ("dose_per_tilt_e_per_angst2", self.dose_per_tilt_e_per_angst2 >= 0, "a number >= 0"),
+            ("defocus_mean_angst", self.defocus_mean_angst > self.defocus_spread_angst + self.thickness_angst,
+             "a mean defocus larger than its spread plus the thickness (underfocus everywhere)"),
+            ("defocus_gradient_sign", self.defocus_gradient_sign in (-1, 1), "-1 or +1"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise InputError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
+
+    @property
+    def microscope(self) -> Microscope:
+        return Microscope(self.voltage_kv, self.cs_mm, self.amplitude_contrast)
+
+    @property
+    def noise_free(self) -> bool:
+        return self.snr is None or not np.isfinite(self.snr)
+
+
+# ----------------------------------------------------------------------------------------------- acquisition
+
+
+def tilt_angles(n_tilts: int, max_tilt_deg: float) -> np.ndarray:
+    """(T,) tilt angles (deg), ascending, evenly spaced over ``[−max_tilt_deg, +max_tilt_deg]``."""
+    return np.linspace(-max_tilt_deg, max_tilt_deg, n_tilts)
+
+
+def dose_symmetric_order(tilt_angles_deg: np.ndarray) -> np.ndarray:
+    """0-based acquisition rank of each tilt in a Hagen dose-symmetric scheme.
+
+    Starts at the tilt closest to 0°, then one tilt on the positive side, then alternates sides in
+    groups of two (0, +3, −3, −6, +6, +9, −9, −12, ...); when a side is used up the other one continues.
+
+    Parameters
+    ----------
+    tilt_angles_deg
+        (T,) tilt angles in degrees (any order).
+
+    Returns
+    -------
+    (T,) int64 rank of each tilt (same order as the input).
+    """
+    angles = np.asarray(tilt_angles_deg, dtype=np.float64)
+    start = int(np.argmin(np.abs(angles)))
+    others = [i for i in np.argsort(np.abs(angles), kind="stable") if i != start]
+    sides = {1: [i for i in others if angles[i] >= angles[start]], -1: [i for i in others if angles[i] < angles[start]]}
+    sequence, side, take = [start], 1, 1
+    while sides[1] or sides[-1]:
+        if not sides[side]:
+            side = -side
+        for _ in range(take):
+            if sides[side]:
+                sequence.append(sides[side].pop(0))
+        side, take = -side, 2
+    order = np.empty(angles.size, dtype=np.int64)
+    order[np.asarray(sequence)] = np.arange(angles.size)
+    return order
+
+
+def rotation_2d(angle_deg: np.ndarray) -> np.ndarray:
+    """(..., 2, 2) counter-clockwise rotation matrices for angles in degrees."""
+    a = np.deg2rad(np.asarray(angle_deg, dtype=np.float64))
+    c, s = np.cos(a), np.sin(a)
+    return np.stack([np.stack([c, -s], -1), np.stack([s, c], -1)], -2)
+
+
+def make_tilt_series(params: SynthParameters, ts_id: str, rng: np.random.Generator) -> TiltSeriesData:
+    """Random acquisition of one tilt series: alignment (.xf), per-tilt astigmatic defocus and dose.
+
+    The ``.xf`` rotation maps the raw tilt axis (``tilt_axis_angle_deg`` counter-clockwise from raw +X) onto
+    the aligned +Y axis, plus a random per-tilt jitter (normal, sd ``rotation_jitter_deg``); the shifts are
+    normal with sd ``shift_sd_px``. Defocus: tilt mean uniform in ``defocus_mean ± defocus_spread``,
+    astigmatism (U − V) uniform in ``astigmatism_range``, angle uniform in [−90, 90).
+    """
+    angles = tilt_angles(params.n_tilts, params.max_tilt_deg)
+    n = angles.size
+    order = dose_symmetric_order(angles)
+    rotation = 90.0 - params.tilt_axis_angle_deg + rng.normal(0.0, params.rotation_jitter_deg, n)
+    xf = np.concatenate([rotation_2d(rotation), rng.normal(0.0, params.shift_sd_px, (n, 2, 1))], axis=2)
+    mean = params.defocus_mean_angst + rng.uniform(-params.defocus_spread_angst, params.defocus_spread_angst, n)
+    astigmatism = rng.uniform(*params.astigmatism_range_angst, n)
+    return TiltSeriesData(
+        ts_id=ts_id, pixel_size_angst=params.pixel_size_angst, image_shape_yx=tuple(params.image_shape_yx),
+        tilt_angles_deg=angles, xf=xf, defocus_u_angst=mean + astigmatism / 2, defocus_v_angst=mean - astigmatism / 2,
+        defocus_angle_deg=rng.uniform(-90.0, 90.0, n),
+        dose_e_per_angst2=params.dose_per_tilt_e_per_angst2 * (order + 1),
+        acquisition_order=order, excluded=np.zeros(n, dtype=bool), microscope=params.microscope)
+
+
+# ----------------------------------------------------------------------------------------------- particles
+
+
+def random_rotation_matrices(n: int, rng: np.random.Generator) -> np.ndarray:
+    """(n, 3, 3) rotation matrices uniform on SO(3) (normalised Gaussian quaternions)."""
+    q = rng.normal(size=(n, 4))
+    w, x, y, z = (q / np.linalg.norm(q, axis=1, keepdims=True)).T
+    return np.stack([
+        np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], -1),
+        np.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
+        np.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1)], -2)
+
+
+def random_euler_angles(n: int, rng: np.random.Generator) -> np.ndarray:
+    """(n, 3) RELION Euler angles (deg) of rotations uniform on SO(3)."""
+    return geometry.matrix_to_euler(random_rotation_matrices(n, rng))
+
+
+def place_particles(tilt_series: TiltSeriesData, n_particles: int, params: SynthParameters,
+                    rng: np.random.Generator) -> np.ndarray:
+    """Uniform random particle positions (N, 3) in Å, centred, inside the tomogram slab.
+
+    A candidate is kept when its box stays inside every raw tilt image (projected centre at least
+    ``box_px // 2 + 2`` px from each edge), its whole particle (radius 0.3 box) lies inside the slab
+    of thickness ``thickness_angst``, and it is at least ``min_distance_fraction · box`` from every kept one.
+    """
+    pixel = params.pixel_size_angst
+    ny, nx = params.image_shape_yx
+    half_z = params.thickness_angst / 2 - 0.3 * params.box_px * pixel
+    margin = params.box_px // 2 + 2
+    min_distance = params.min_distance_fraction * params.box_px * pixel
+    kept: list[np.ndarray] = []
+    for _ in range(200):
+        candidates = rng.uniform([-nx / 2 * pixel, -ny / 2 * pixel, -half_z], [nx / 2 * pixel, ny / 2 * pixel, half_z],
+                                 size=(256, 3))
+        raw, _ = geometry.project_positions_to_tilts(candidates, tilt_series)
+        inside = np.all((raw >= margin) & (raw <= np.array([nx, ny]) - 1 - margin), axis=(1, 2))
+        for candidate in candidates[inside]:
+            if not kept or np.min(np.linalg.norm(np.asarray(kept) - candidate, axis=1)) >= min_distance:
+                kept.append(candidate)
+                if len(kept) == n_particles:
+                    return np.asarray(kept)
+    raise InputError(f"n_particles: could only place {len(kept)} of {n_particles} particles of box {params.box_px} px "
+                     f"inside images of {nx}x{ny} px at every tilt; use fewer particles or larger images")
+
+
+# ----------------------------------------------------------------------------------------------- rendering
+
+
+def patch_size_px(tilt_series: TiltSeriesData, box_px: int, max_defocus_angst: float) -> int:
+    """Even FFT-friendly patch size holding the box plus the CTF delocalisation ``λ Δf k_Nyquist`` on each side."""
+    wavelength = electron_wavelength_angst(tilt_series.microscope.voltage_kv)
+    pixel = tilt_series.pixel_size_angst
+    delocalisation_px = wavelength * max_defocus_angst / (2 * pixel) / pixel
+    size = scipy.fft.next_fast_len(int(np.ceil(box_px + 2 * delocalisation_px + 8)), real=True)
+    return size + size % 2
+
+
+def render_patches(centres_px: np.ndarray, sigmas_px: np.ndarray, masses_vox: np.ndarray, transfer: np.ndarray | None,
+                   patch_px: int) -> np.ndarray:
+    """Analytic projections of Gaussian blobs, filtered in Fourier space, in (C, P, P) real patches.
+
+    Parameters
+    ----------
+    centres_px
+        (C, B, 2) blob centres (x, y) in pixels relative to the patch pixel [0, 0].
+    sigmas_px
+        (B,) blob standard deviations in pixels.
+    masses_vox
+        (B,) blob masses in voxel units (sum of the projection = mass).
+    transfer
+        (C, P, P // 2 + 1) real filter on the ``rfft2`` grid (CTF × dose filter), or None.
+    patch_px
+        Patch size P.
+
+    Returns
+    -------
+    (C, P, P) float64 patches: Σ_b mass_b · N(x; c_b, σ_b²) convolved with the filter (periodic in P).
+    """
+    ky = scipy.fft.fftfreq(patch_px)
+    kx = scipy.fft.rfftfreq(patch_px)
+    sig2 = (2 * np.pi**2) * sigmas_px[:, None] ** 2
+    along_y = (masses_vox[:, None] * np.exp(-sig2 * ky**2))[None] \
+        * np.exp(-2j * np.pi * centres_px[..., 1:2] * ky)  # (C, B, P)
+    along_x = np.exp(-sig2 * kx**2)[None] * np.exp(-2j * np.pi * centres_px[..., 0:1] * kx)  # (C, B, K)
+    spectrum = np.matmul(np.transpose(along_y, (0, 2, 1)), along_x)  # (C, P, K)
+    if transfer is not None:
+        spectrum *= transfer
+    return scipy.fft.irfft2(spectrum, s=(patch_px, patch_px), workers=WORKERS)
+
+
+def _dose_filter_bfactor(tilt_series: TiltSeriesData) -> np.ndarray:
+    """(T,) Warp B-factors −4 · (pre-exposure + half the tilt's own dose), Å²."""
+    pre = tilt_series.pre_exposure_e_per_angst2
+    own = tilt_series.dose_e_per_angst2 - pre
+    return -4.0 * (pre + 0.5 * own)
+
+
+def simulate_noise_free(tilt_series: TiltSeriesData, positions_angst: np.ndarray, euler_zyz_deg: np.ndarray,
+                        model: BlobModel, *, defocus_gradient_sign: int = -1, apply_ctf: bool = True,
+                        apply_dose: bool = True, chunk_pairs: int = 256) -> np.ndarray:
+    """Noise-free raw tilt images of the particles (dark protein).
+
+    Parameters
+    ----------
+    tilt_series
+        Geometry, CTF and dose of the tilt series (stack order).
+    positions_angst
+        (N, 3) centred particle positions in Å.
+    euler_zyz_deg
+        (N, 3) RELION Euler angles in degrees.
+    model
+        Blob model of the reference (Å, relative to the box centre).
+    apply_ctf, apply_dose
+        Switch the CTF / dose filter off (flat transfer) for tests.
+
+    Returns
+    -------
+    (T, ny, nx) float64 raw images: ``−(CTF ⊗ dose filter ⊗ projected density)``.
+    """
+    positions = np.asarray(positions_angst, dtype=np.float64).reshape(-1, 3)
+    n, n_blobs, pixel = positions.shape[0], model.masses.size, tilt_series.pixel_size_angst
+    ny, nx = tilt_series.image_shape_yx
+    rotations = geometry.euler_to_matrix(euler_zyz_deg)
+    blob_positions = positions[:, None, :] + np.einsum("nij,bj->nbi", rotations, model.centres_angst)
+    blob_raw, _ = geometry.project_positions_to_tilts(blob_positions.reshape(-1, 3), tilt_series)
+    blob_raw = blob_raw.reshape(n, n_blobs, tilt_series.n_tilts, 2)
+    centre_raw, height = geometry.project_positions_to_tilts(positions, tilt_series)
+    defocus_u, defocus_v = geometry.particle_defocus_angst(tilt_series, height, defocus_gradient_sign)
+    extent = float(np.max(np.linalg.norm(model.centres_angst, axis=1) + 3 * model.sigmas_angst)) / pixel
+    patch = patch_size_px(tilt_series, int(np.ceil(2 * extent)), float(np.max(defocus_u)))
+    offsets = np.rint(centre_raw).astype(np.int64) - patch // 2  # (N, T, 2) raw px of patch pixel [0, 0]
+    freq_x, freq_y = (np.asarray(g) for g in rfft_grid(patch, pixel))
+    bfactor = _dose_filter_bfactor(tilt_series) if apply_dose else np.zeros(tilt_series.n_tilts)
+    pairs = np.stack(np.meshgrid(np.arange(n), np.arange(tilt_series.n_tilts), indexing="ij"), -1).reshape(-1, 2)
+    image = np.zeros((tilt_series.n_tilts, ny, nx))
+    for start in range(0, pairs.shape[0], chunk_pairs):
+        p, t = pairs[start:start + chunk_pairs].T
+        local = blob_raw[p, :, t, :] - offsets[p, t][:, None, :]  # (C, B, 2)
+        dose_filter = bfactor[t][:, None, None]
+        if apply_ctf:
+            transfer = ctf_2d(freq_x, freq_y, defocus_u[p, t][:, None, None], defocus_v[p, t][:, None, None],
+                              tilt_series.defocus_angle_deg[t][:, None, None], tilt_series.microscope,
+                              bfactor_angst2=dose_filter)
+        else:
+            transfer = np.exp(dose_filter / 4.0 * (freq_x**2 + freq_y**2))
+        patches = render_patches(local, model.sigmas_angst / pixel, model.masses / pixel**3, transfer, patch)
+        for k in range(p.size):
+            _add_patch(image[t[k]], -patches[k], offsets[p[k], t[k]])
+    return image
+
+
+def rfft_grid(patch_px: int, pixel_size_angst: float) -> tuple[np.ndarray, np.ndarray]:
+    """(P, P // 2 + 1) frequency grids (x, y) in 1/Å of an ``rfft2`` of a P × P patch."""
+    fy = scipy.fft.fftfreq(patch_px, d=pixel_size_angst)[:, None]
+    fx = scipy.fft.rfftfreq(patch_px, d=pixel_size_angst)[None, :]
+    return np.broadcast_to(fx, (patch_px, fx.size)), np.broadcast_to(fy, (patch_px, fx.size))
+
+
+def _add_patch(image: np.ndarray, patch: np.ndarray, offset_xy: np.ndarray) -> None:
+    """Add a (P, P) patch into a (ny, nx) image with its pixel [0, 0] at raw pixel ``offset_xy``, clipped."""
+    ny, nx = image.shape
+    size = patch.shape[0]
+    x0, y0 = int(offset_xy[0]), int(offset_xy[1])
+    ix0, iy0, ix1, iy1 = max(x0, 0), max(y0, 0), min(x0 + size, nx), min(y0 + size, ny)
+    if ix0 < ix1 and iy0 < iy1:
+        image[iy0:iy1, ix0:ix1] += patch[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0]
+
+
+def particle_box_mask(tilt_series: TiltSeriesData, positions_angst: np.ndarray, box_px: int) -> np.ndarray:
+    """(T, ny, nx) bool: pixels within the ``box_px`` square around each particle's projected centre."""
+    ny, nx = tilt_series.image_shape_yx
+    raw, _ = geometry.project_positions_to_tilts(positions_angst, tilt_series)
+    mask = np.zeros((tilt_series.n_tilts, ny, nx), dtype=bool)
+    corner = np.rint(raw).astype(np.int64) - box_px // 2
+    for n, t in np.ndindex(raw.shape[:2]):
+        x0, y0 = corner[n, t]
+        mask[t, max(y0, 0):max(y0 + box_px, 0), max(x0, 0):max(x0 + box_px, 0)] = True
+    return mask
+
+
+def noise_sd_for_snr(noise_free: np.ndarray, mask: np.ndarray, snr: float | None) -> float:
+    """Noise sd giving ``snr`` = var(noise-free images inside ``mask``) / noise variance (0 if None/inf)."""
+    if snr is None or not np.isfinite(snr):
+        return 0.0
+    return float(np.sqrt(np.var(noise_free[mask]) / snr))
+
+
+def simulate_tilt_series(tilt_series: TiltSeriesData, positions_angst: np.ndarray, euler_zyz_deg: np.ndarray,
+                         model: BlobModel, *, box_px: int, snr: float | None, rng: np.random.Generator,
+                         defocus_gradient_sign: int = -1) -> tuple[np.ndarray, float]:
+    """Raw tilt images with white Gaussian noise at a given SNR.
+
+    SNR = variance of the noise-free images over the pixels inside the particle boxes (``box_px`` squares
+    around every projected particle centre, all tilts) divided by the noise variance; ``None`` or ``inf``
+    gives noise-free images.
+
+    Returns
+    -------
+    stack
+        (T, ny, nx) float32 raw images in stack order (dark protein).
+    noise_sd
+        The standard deviation of the added noise (0 for noise-free).
+    """
+    image = simulate_noise_free(tilt_series, positions_angst, euler_zyz_deg, model,
+                                defocus_gradient_sign=defocus_gradient_sign)
+    noise_sd = noise_sd_for_snr(image, particle_box_mask(tilt_series, positions_angst, box_px), snr)
+    if noise_sd > 0:
+        image += rng.normal(0.0, noise_sd, image.shape)
+    return image.astype(np.float32), noise_sd
+
+
+# ----------------------------------------------------------------------------------------------- files
+
+
+def _prepare_out_dir(out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"out_dir: {out} is a file, expected a directory (existing or new)")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _mdoc_sections(tilt_series: TiltSeriesData, params: SynthParameters) -> list[dict[str, object]]:
+    """One SerialEM section per stack image; DateTime and SubFramePath follow the acquisition order."""
+    start = datetime(2024, 1, 1, 10, 0, 0)
+    own_dose = tilt_series.dose_e_per_angst2 - tilt_series.pre_exposure_e_per_angst2
+    sections = []
+    for t in range(tilt_series.n_tilts):
+        rank = int(tilt_series.acquisition_order[t])
+        angle = float(tilt_series.tilt_angles_deg[t])
+        mean_defocus_um = (tilt_series.defocus_u_angst[t] + tilt_series.defocus_v_angst[t]) / 2e4
+        sections.append({
+            "ZValue": t, "TiltAngle": round(angle, 4), "ExposureDose": round(float(own_dose[t]), 4),
+            "PriorRecordDose": round(float(tilt_series.pre_exposure_e_per_angst2[t]), 4),
+            "PixelSpacing": params.pixel_size_angst, "Defocus": round(-float(mean_defocus_um), 4),
+            "RotationAngle": params.tilt_axis_angle_deg,
+            "DateTime": (start + timedelta(seconds=45 * rank)).strftime("%d-%b-%y  %H:%M:%S"),
+            "SubFramePath": f"X:\\frames\\{tilt_series.ts_id}_{rank + 1:03d}_{angle:.1f}.tif",
+            "NumSubFrames": 10,
+        })
+    return sections
+
+
+def write_tilt_series_files(out: Path, tilt_series: TiltSeriesData, stack: np.ndarray, tomogram: np.ndarray,
+                            params: SynthParameters) -> dict[str, str]:
+    """Write the raw stack and its IMOD/SerialEM/CTFFIND side files → role → path relative to ``out``."""
+    ts_id = tilt_series.ts_id
+    folder = out / ts_id
+    folder.mkdir(exist_ok=True)
+    names = {"stack": f"{ts_id}.mrc", "tlt": f"{ts_id}.tlt", "xf": f"{ts_id}.xf", "defocus": f"{ts_id}.defocus",
+             "ctffind": f"{ts_id}_ctffind.txt", "dose": f"{ts_id}_dose.txt", "mdoc": f"{ts_id}.mrc.mdoc",
+             "tomogram": f"{ts_id}_bin{params.tomogram_binning}.mrc"}
+    paths = {role: folder / name for role, name in names.items()}
+    write_mrc(paths["stack"], stack, params.pixel_size_angst)
+    imod.write_tlt(paths["tlt"], tilt_series.tilt_angles_deg)
+    imod.write_xf(paths["xf"], tilt_series.xf)
+    imod.write_imod_defocus(paths["defocus"], tilt_series.tilt_angles_deg, tilt_series.defocus_u_angst,
+                            tilt_series.defocus_v_angst, tilt_series.defocus_angle_deg)
+    imod.write_ctffind_txt(paths["ctffind"], tilt_series.defocus_u_angst, tilt_series.defocus_v_angst,
+                           tilt_series.defocus_angle_deg)
+    pre = tilt_series.pre_exposure_e_per_angst2
+    imod.write_dose_txt(paths["dose"], pre, tilt_series.dose_e_per_angst2 - pre)
+    header = {"PixelSpacing": params.pixel_size_angst, "Voltage": params.voltage_kv, "ImageFile": names["stack"],
+              "ImageSize": [params.image_shape_yx[1], params.image_shape_yx[0]], "DataMode": 2,
+              "TiltAxisAngle": params.tilt_axis_angle_deg}
+    titles = ["SerialEM: mspecies synthetic tilt series", f"Tilt axis angle = {params.tilt_axis_angle_deg:.2f}, "
+              "binning = 1  spot = 8  camera = 0"]
+    imod.write_mdoc(paths["mdoc"], header, _mdoc_sections(tilt_series, params), titles)
+    write_mrc(paths["tomogram"], tomogram, params.pixel_size_angst * params.tomogram_binning)
+    return {role: path.relative_to(out).as_posix() for role, path in paths.items()}
+
+
+def unbinned_tomogram_shape_zyx(params: SynthParameters) -> tuple[int, int, int]:
+    """(nz, ny, nx) of the unbinned tomogram: slab thickness in px and the image size."""
+    ny, nx = (int(v) for v in params.image_shape_yx)
+    return int(round(params.thickness_angst / params.pixel_size_angst)), ny, nx
+
+
+def relion_coordinates_px(positions_angst: np.ndarray, params: SynthParameters) -> np.ndarray:
+    """(N, 3) RELION rlnCoordinateX/Y/Z: centred Å → px from the corner of the unbinned tomogram."""
+    nz, ny, nx = unbinned_tomogram_shape_zyx(params)
+    return np.asarray(positions_angst) / params.pixel_size_angst + np.array([nx // 2, ny // 2, nz // 2])
+
+
+def _tilt_series_entry(tilt_series: TiltSeriesData, files: dict[str, str], params: SynthParameters,
+                       tomogram_shape_zyx: tuple[int, ...], noise_sd: float) -> dict[str, object]:
+    pre = tilt_series.pre_exposure_e_per_angst2
+    return {
+        "ts_id": tilt_series.ts_id, "files": files, "stack": files["stack"], "tomogram": files["tomogram"],
+        "tomogram_file": files["tomogram"], "image_shape_yx": list(tilt_series.image_shape_yx),
+        "pixel_size_angst": tilt_series.pixel_size_angst, "tilt_axis_angle_deg": params.tilt_axis_angle_deg,
+        "tilt_angles_deg": tilt_series.tilt_angles_deg.tolist(), "xf": tilt_series.xf.tolist(),
+        "defocus_u_angst": tilt_series.defocus_u_angst.tolist(),
+        "defocus_v_angst": tilt_series.defocus_v_angst.tolist(),
+        "defocus_angle_deg": tilt_series.defocus_angle_deg.tolist(),
+        "phase_shift_deg": tilt_series.phase_shift_deg.tolist(),
+        "dose_e_per_angst2": tilt_series.dose_e_per_angst2.tolist(), "pre_exposure_e_per_angst2": pre.tolist(),
+        "dose_per_tilt_e_per_angst2": (tilt_series.dose_e_per_angst2 - pre).tolist(),
+        "acquisition_order": tilt_series.acquisition_order.tolist(), "excluded": tilt_series.excluded.tolist(),
+        "tomogram_shape_zyx": list(tomogram_shape_zyx),
+        "tomogram_pixel_size_angst": params.pixel_size_angst * params.tomogram_binning,
+        "tomogram_binning": params.tomogram_binning,
+        "unbinned_tomogram_shape_zyx": list(unbinned_tomogram_shape_zyx(params)),
+        "thickness_angst": params.thickness_angst, "noise_sd": noise_sd,
+    }
+
+
+def _star_tables(params: SynthParameters, particles: list[dict[str, object]], stacks: dict[str, str]
+                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"],
+                           "rlnImagePixelSize": [params.pixel_size_angst], "rlnVoltage": [params.voltage_kv],
+                           "rlnSphericalAberration": [params.cs_mm],
+                           "rlnAmplitudeContrast": [params.amplitude_contrast]})
+    coords = np.array([p["relion_coordinate_px"] for p in particles])
+    angles = np.array([p["euler_zyz_deg"] for p in particles])
+    table = pd.DataFrame({
+        "rlnTomoName": [p["ts_id"] for p in particles], "rlnMicrographName": [stacks[p["ts_id"]] for p in particles],
+        "rlnCoordinateX": coords[:, 0], "rlnCoordinateY": coords[:, 1], "rlnCoordinateZ": coords[:, 2],
+        "rlnAngleRot": angles[:, 0], "rlnAngleTilt": angles[:, 1], "rlnAnglePsi": angles[:, 2],
+        "rlnOpticsGroup": np.ones(len(particles), dtype=np.int64)})
+    return optics, table
+
+
+def generate_dataset(out_dir: str | Path, **parameters: object) -> Path:
+    """Generate the synthetic dataset and its manifest in ``out_dir``.
+
+    Parameters
+    ----------
+    out_dir
+        Output folder (created; must not be a file).
+    **parameters
+        Any :class:`SynthParameters` field: ``seed=0, n_tomograms=1, n_particles=50, n_tilts=41, box_px=64,
+        pixel_size_angst=4.0, image_shape_yx=(512, 512), thickness_angst=1000.0, snr=0.05, tomogram_binning=4``,
+        optics, acquisition and defocus settings.
+
+    Returns
+    -------
+    Path of ``manifest.json``. Files: ``ground_truth.mrc``, ``particles.star``, per tilt series ``TS_xx/``
+    with the raw stack, ``.tlt``, ``.xf``, ``.defocus``, ``_ctffind.txt``, ``_dose.txt``, ``.mrc.mdoc`` and the
+    binned WBP tomogram.
+    """
+    unknown = set(parameters) - set(SynthParameters.__dataclass_fields__)
+    if unknown:
+        raise InputError(f"generate_dataset: unknown parameters {sorted(unknown)}")
+    params = SynthParameters(**parameters)  # type: ignore[arg-type]
+    out = _prepare_out_dir(out_dir)
+    started = time.perf_counter()
+    model = make_blob_model(params.box_px, params.pixel_size_angst)
+    write_mrc(out / "ground_truth.mrc", render_blob_map(model, params.box_px, params.pixel_size_angst),
+              params.pixel_size_angst)
+    entries, particles, stacks = [], [], {}
+    for index in range(params.n_tomograms):
+        ts_id = f"TS_{index + 1:02d}"
+        rng = np.random.default_rng([params.seed, index])
+        tilt_series = make_tilt_series(params, ts_id, rng)
+        positions = place_particles(tilt_series, params.n_particles, params, rng)
+        euler = random_euler_angles(params.n_particles, rng)
+        stack, noise_sd = simulate_tilt_series(tilt_series, positions, euler, model, box_px=params.box_px,
+                                               snr=params.snr, rng=rng,
+                                               defocus_gradient_sign=params.defocus_gradient_sign)
+        nz_binned = max(1, int(round(params.thickness_angst / (params.pixel_size_angst * params.tomogram_binning))))
+        tomogram = weighted_back_projection(align_and_bin_stack(stack, tilt_series.xf, params.tomogram_binning),
+                                            tilt_series.tilt_angles_deg, nz_binned)
+        files = write_tilt_series_files(out, tilt_series, stack, tomogram, params)
+        stacks[ts_id] = files["stack"]
+        entries.append(_tilt_series_entry(tilt_series, files, params, tomogram.shape, noise_sd))
+        coords = relion_coordinates_px(positions, params)
+        particles += [{"ts_id": ts_id, "position_angst": positions[i].tolist(), "euler_zyz_deg": euler[i].tolist(),
+                       "relion_coordinate_px": coords[i].tolist()} for i in range(params.n_particles)]
+    write_relion31_particles(out / "particles.star", *_star_tables(params, particles, stacks))
+    manifest = _manifest(params, model, entries, particles, time.perf_counter() - started)
+    path = out / "manifest.json"
+    path.write_text(json.dumps(manifest, indent=1))
+    return path
+
+
+def _manifest(params: SynthParameters, model: BlobModel, entries: list[dict[str, object]],
+              particles: list[dict[str, object]], seconds: float) -> dict[str, object]:
+    files = ["ground_truth.mrc", "particles.star", "manifest.json"]
+    files += [path for entry in entries for path in entry["files"].values()]  # type: ignore[union-attr]
+    settings = {key: value for key, value in asdict(params).items() if key != "extra"}
+    return {
+        "format": MANIFEST_FORMAT, "conventions": CONVENTIONS, "files": files,
+        "seed": params.seed, "pixel_size_angst": params.pixel_size_angst, "voltage_kv": params.voltage_kv,
+        "cs_mm": params.cs_mm, "amplitude_contrast": params.amplitude_contrast,
+        "defocus_gradient_sign": params.defocus_gradient_sign, "box_px": params.box_px,
+        "snr": None if params.noise_free else params.snr,
+        "ground_truth_map": "ground_truth.mrc",
+        "map": {"file": "ground_truth.mrc", "pixel_size_angst": params.pixel_size_angst, "box_px": params.box_px,
+                "polarity": "white protein"},
+        "blob_model": {"centres_angst": model.centres_angst.tolist(), "sigmas_angst": model.sigmas_angst.tolist(),
+                       "masses": model.masses.tolist()},
+        "particles_star": "particles.star", "parameters": settings,
+        "tilt_series": entries, "particles": particles, "generation_seconds": round(seconds, 3),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- manifest
+
+
+def load_manifest(path: str | Path) -> dict[str, object]:
+    """Read ``manifest.json``; adds ``root`` (its folder, absolute) to resolve the relative file paths."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: manifest not found")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise InputError(f"{path}: not valid JSON ({error})") from error
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise InputError(f"{path}: expected format {MANIFEST_FORMAT!r}, got {manifest.get('format')!r}")
+    manifest["root"] = str(path.resolve().parent)
+    return manifest
+
+
+def manifest_microscope(manifest: dict[str, object]) -> Microscope:
+    """The optics of a manifest."""
+    return Microscope(float(manifest["voltage_kv"]), float(manifest["cs_mm"]), float(manifest["amplitude_contrast"]))
+
+
+def manifest_tilt_series(manifest: dict[str, object], ts_id: str) -> TiltSeriesData:
+    """Ground-truth :class:`TiltSeriesData` of one tilt series (``stack_path`` absolute when ``root`` is known)."""
+    entries = {entry["ts_id"]: entry for entry in manifest["tilt_series"]}  # type: ignore[union-attr]
+    if ts_id not in entries:
+        raise InputError(f"ts_id: {ts_id!r} not in the manifest (has {sorted(entries)})")
+    entry = entries[ts_id]
+    root = Path(str(manifest.get("root", ".")))
+    return TiltSeriesData(
+        ts_id=ts_id, pixel_size_angst=entry["pixel_size_angst"], image_shape_yx=tuple(entry["image_shape_yx"]),
+        tilt_angles_deg=entry["tilt_angles_deg"], xf=entry["xf"], defocus_u_angst=entry["defocus_u_angst"],
+        defocus_v_angst=entry["defocus_v_angst"], defocus_angle_deg=entry["defocus_angle_deg"],
+        dose_e_per_angst2=entry["dose_e_per_angst2"], acquisition_order=entry["acquisition_order"],
+        excluded=entry["excluded"], microscope=manifest_microscope(manifest),
+        stack_path=str(root / entry["files"]["stack"]), phase_shift_deg=entry["phase_shift_deg"])
+
+
+def manifest_particles(manifest: dict[str, object]) -> ParticlePoses:
+    """Ground-truth :class:`ParticlePoses` of all particles (centred Å, RELION Euler, tomogram names)."""
+    particles = manifest["particles"]
+    return ParticlePoses(np.array([p["position_angst"] for p in particles]).reshape(-1, 3),  # type: ignore[union-attr]
+                         np.array([p["euler_zyz_deg"] for p in particles]).reshape(-1, 3),  # type: ignore[union-attr]
+                         np.array([p["ts_id"] for p in particles], dtype=object))  # type: ignore[union-attr]
+
+
+# ----------------------------------------------------------------------------------------------- self-check
+
+
+def _files_tilt_series(root: Path, entry: dict[str, object], microscope: Microscope) -> tuple[np.ndarray,
+                                                                                               TiltSeriesData]:
+    """Raw stack and geometry read back from the written files (stack, .tlt, .xf, .defocus)."""
+    files = entry["files"]
+    stack, pixel = read_mrc(root / files["stack"], mmap=True)  # type: ignore[index]
+    angles = imod.read_tlt(root / files["tlt"])  # type: ignore[index]
+    ctf = imod.read_imod_defocus(root / files["defocus"])  # type: ignore[index]
+    n = angles.size
+    tilt_series = TiltSeriesData(
+        ts_id=str(entry["ts_id"]), pixel_size_angst=pixel, image_shape_yx=stack.shape[1:], tilt_angles_deg=angles,
+        xf=imod.read_xf(root / files["xf"]), defocus_u_angst=ctf["defocus_u_angst"],  # type: ignore[index]
+        defocus_v_angst=ctf["defocus_v_angst"], defocus_angle_deg=ctf["defocus_angle_deg"],
+        dose_e_per_angst2=np.zeros(n), acquisition_order=np.arange(n), excluded=np.zeros(n, bool),
+        microscope=microscope)
+    return stack, tilt_series
+
+
+def extract_patches(stack: np.ndarray, raw_px: np.ndarray, size_px: int) -> tuple[np.ndarray, np.ndarray]:
+    """Integer-cropped (N, T, S, S) patches around raw positions and the fractional remainder.
+
+    Parameters
+    ----------
+    stack
+        (T, ny, nx) raw images.
+    raw_px
+        (N, T, 2) (x, y) raw pixel positions.
+    size_px
+        Patch size S; the position lands at patch pixel ``S // 2 + fraction`` (zeros outside the image).
+
+    Returns
+    -------
+    patches (N, T, S, S) float64 and fraction (N, T, 2) in [−0.5, 0.5] px.
+    """
+    n_tilts = stack.shape[0]
+    padded = np.pad(np.asarray(stack, dtype=np.float32), ((0, 0), (size_px, size_px), (size_px, size_px)))
+    nearest = np.rint(raw_px).astype(np.int64)
+    corner = nearest - size_px // 2 + size_px
+    steps = np.arange(size_px)
+    rows = np.clip(corner[..., 1, None] + steps, 0, padded.shape[1] - 1)  # (N, T, S)
+    cols = np.clip(corner[..., 0, None] + steps, 0, padded.shape[2] - 1)
+    tilt_index = np.arange(n_tilts)[None, :, None, None]
+    patches = padded[tilt_index, rows[..., :, None], cols[..., None, :]]
+    return patches.astype(np.float64), raw_px - nearest
+
+
+def _average_patches(stack: np.ndarray, tilt_series: TiltSeriesData, positions_angst: np.ndarray, size_px: int,
+                     lowpass_angst: float, defocus_gradient_sign: int, chunk: int = 16) -> np.ndarray:
+    """(T, S, S) average over particles of re-centred, phase-flipped, low-passed, contrast-inverted patches."""
+    pixel = tilt_series.pixel_size_angst
+    raw, height = geometry.project_positions_to_tilts(positions_angst, tilt_series)
+    defocus_u, defocus_v = geometry.particle_defocus_angst(tilt_series, height, defocus_gradient_sign)
+    freq_x, freq_y = rfft_grid(size_px, pixel)
+    lowpass = np.exp(-(freq_x**2 + freq_y**2) * lowpass_angst**2 / 2)
+    cx, cy = freq_x * pixel, freq_y * pixel  # cycles per pixel
+    total = np.zeros((tilt_series.n_tilts, size_px, size_px // 2 + 1), dtype=np.complex128)
+    for start in range(0, raw.shape[0], chunk):
+        stop = start + chunk
+        patches, fraction = extract_patches(stack, raw[start:stop], size_px)
+        spectrum = scipy.fft.rfft2(patches, workers=WORKERS)
+        shift = np.exp(2j * np.pi * (cx * fraction[..., 0, None, None] + cy * fraction[..., 1, None, None]))
+        flip = np.sign(ctf_2d(freq_x, freq_y, defocus_u[start:stop, :, None, None],
+                              defocus_v[start:stop, :, None, None], tilt_series.defocus_angle_deg[:, None, None],
+                              tilt_series.microscope))
+        total -= np.sum(spectrum * shift * flip, axis=0)
+    # WBP weight |k| perpendicular to the tilt axis: the aligned x frequency of each raw frequency (xf rotation).
+    ramp = np.abs(tilt_series.xf[:, 0, 0, None, None] * cx + tilt_series.xf[:, 0, 1, None, None] * cy) + 1.0 / size_px
+    total *= lowpass * ramp
+    return scipy.fft.irfft2(total / raw.shape[0], s=(size_px, size_px), workers=WORKERS)
+
+
+def back_project_local(average: np.ndarray, tilt_series: TiltSeriesData) -> np.ndarray:
+    """Real-space back-projection of (T, S, S) particle-centred raw patches into an (S, S, S) local volume.
+
+    Voxel offset v = (x, y, z) px from the particle maps to raw offset ``A_t⁻¹ (R_θ v)[:2]`` (the ``.xf``
+    shift cancels for offsets). Returns the unweighted sum over tilts, indexed [z, y, x], centre at S // 2.
+    """
+    size = average.shape[-1]
+    offsets = np.arange(size) - size // 2
+    z, y, x = np.meshgrid(offsets, offsets, offsets, indexing="ij")
+    voxels = np.stack([x.ravel(), y.ravel(), z.ravel()], axis=1).astype(np.float64)
+    aligned = np.einsum("tij,vj->tvi", geometry.tilt_rotation(tilt_series.tilt_angles_deg)[:, :2, :], voxels)
+    raw = np.einsum("tij,tvj->tvi", np.linalg.inv(tilt_series.xf[:, :, :2]), aligned) + size // 2
+    volume = np.zeros(voxels.shape[0])
+    for t in range(tilt_series.n_tilts):
+        volume += ndimage.map_coordinates(average[t], [raw[t, :, 1], raw[t, :, 0]], order=1, mode="constant")
+    return volume.reshape(size, size, size)
+
+
+def volume_peak_metrics(volume: np.ndarray, radius_px: float, iterations: int = 20) -> dict[str, float]:
+    """Blob centre (px from the box centre) and central contrast of a white-protein local volume.
+
+    ``peak_xyz_px``: mean-shift centroid of the positive density within ``radius_px`` (start at the centre,
+    re-centre the sphere on the centroid until it moves < 0.01 px); ``peak_offset_px`` its distance from the
+    centre. ``contrast``: mean density within ``radius_px / 2`` of the centre divided by the volume's sd.
+    """
+    size = volume.shape[0]
+    grid = np.stack(np.meshgrid(*(np.arange(size),) * 3, indexing="ij"), -1).reshape(-1, 3) - size // 2
+    values = np.clip(volume.reshape(-1), 0.0, None)
+    centre = np.zeros(3)
+    for _ in range(iterations):
+        weight = values * (np.linalg.norm(grid - centre, axis=1) <= radius_px)
+        if weight.sum() <= 0:
+            break
+        previous, centre = centre, weight @ grid / weight.sum()
+        if np.linalg.norm(centre - previous) < 0.01:
+            break
+    central = np.linalg.norm(grid, axis=1) <= radius_px / 2
+    return {"peak_offset_px": float(np.linalg.norm(centre)), "peak_xyz_px": [float(v) for v in centre[::-1]],
+            "contrast": float(np.mean(volume.reshape(-1)[central]) / np.std(volume))}
+
+
+def self_check(manifest_path: str | Path, *, displacement_px: float = 8.0, lowpass_angst: float = 30.0
+               ) -> dict[str, object]:
+    """Show, from the written files alone, that the particles are where the STAR file says.
+
+    For every tilt series the stack, ``.tlt``, ``.xf`` and ``.defocus`` are read back, the STAR coordinates are
+    converted to centred positions, and each particle's patch is cut at its projected raw position in every tilt
+    (sub-pixel re-centring, CTF phase flip, Gaussian low-pass ``lowpass_angst``, contrast inversion). The patches
+    are averaged over particles per tilt and back-projected into a local volume: with random orientations the
+    average is a round white blob that must sit at the centre. The same is done with the positions displaced by
+    ``displacement_px`` along x, and with the tilt angles negated; both must be clearly worse.
+
+    Returns
+    -------
+    dict (also written to ``self_check.json`` beside the manifest): ``peak_offset_px``, ``contrast`` and their
+    ``displaced_`` / ``tilt_flipped_`` counterparts, ``contrast_ratio_displaced`` and ``contrast_ratio_flipped``
+    (true / perturbed), ``displaced_error_px`` (distance of the displaced blob centre from where the displacement
+    must put it, (−d, 0, 0)), ``n_particles``, ``seconds`` and ``passed``: true offset < 1 px, displaced error
+    < 1.5 px, and the tilt-flipped volume worse (contrast ratio > 1.3 or its blob > 2 px off centre). The
+    particle (≈ 0.6 box wide) is larger than the displacement, so the displaced test is judged by where the
+    blob moves (its contrast ratio is only reported).
+    """
+    started = time.perf_counter()
+    manifest = load_manifest(manifest_path)
+    root = Path(str(manifest["root"]))
+    optics, table = read_relion31_particles(root / str(manifest["particles_star"]))
+    microscope = Microscope(float(optics["rlnVoltage"].iloc[0]), float(optics["rlnSphericalAberration"].iloc[0]),
+                            float(optics["rlnAmplitudeContrast"].iloc[0]))
+    box = int(manifest["box_px"])
+    sign = int(manifest["defocus_gradient_sign"])
+    volumes = {"true": 0.0, "displaced": 0.0, "tilt_flipped": 0.0}
+    for entry in manifest["tilt_series"]:  # type: ignore[union-attr]
+        stack, tilt_series = _files_tilt_series(root, entry, microscope)
+        rows = table[table["rlnTomoName"] == entry["ts_id"]]
+        nz, ny, nx = entry["unbinned_tomogram_shape_zyx"]
+        centred_px = rows[["rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ"]].to_numpy(float) \
+            - np.array([nx // 2, ny // 2, nz // 2])
+        positions = centred_px * tilt_series.pixel_size_angst
+        flipped = dataclasses.replace(tilt_series, tilt_angles_deg=-tilt_series.tilt_angles_deg)
+        displaced = positions + np.array([displacement_px * tilt_series.pixel_size_angst, 0.0, 0.0])
+        for key, geometry_, where in (("true", tilt_series, positions), ("displaced", tilt_series, displaced),
+                                      ("tilt_flipped", flipped, positions)):
+            average = _average_patches(stack, geometry_, where, box, lowpass_angst, sign)
+            volumes[key] = volumes[key] + back_project_local(average, geometry_) * len(rows)
+    metrics = {key: volume_peak_metrics(np.asarray(volume), 0.3 * box) for key, volume in volumes.items()}
+    result: dict[str, object] = {"n_particles": int(len(table)), "displacement_px": displacement_px}
+    for key, values in metrics.items():
+        prefix = "" if key == "true" else f"{key}_"
+        result.update({f"{prefix}{name}": value for name, value in values.items()})
+    result["contrast_ratio_displaced"] = metrics["true"]["contrast"] / max(metrics["displaced"]["contrast"], 1e-12)
+    result["contrast_ratio_flipped"] = metrics["true"]["contrast"] / max(metrics["tilt_flipped"]["contrast"], 1e-12)
+    expected = np.array([-displacement_px, 0.0, 0.0])  # content sits at −displacement relative to the shifted centre
+    result["displaced_error_px"] = float(np.linalg.norm(np.array(metrics["displaced"]["peak_xyz_px"]) - expected))
+    result["passed"] = bool(metrics["true"]["peak_offset_px"] < 1.0 and result["displaced_error_px"] < 1.5
+                            and (result["contrast_ratio_flipped"] > 1.3
+                                 or metrics["tilt_flipped"]["peak_offset_px"] > 2.0))
+    result["seconds"] = round(time.perf_counter() - started, 3)
+    (root / "self_check.json").write_text(json.dumps(result, indent=1))
+    return result

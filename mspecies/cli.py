@@ -59,7 +59,8 @@ def _add_synth_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_synth(args: argparse.Namespace) -> int:
-    from mspecies.core.synth import generate_dataset, self_check
+    from mspecies.core.synth import generate_dataset
+    from mspecies.core.synth_check import self_check
 
     started = time.perf_counter()
     manifest = generate_dataset(

@@ -9,7 +9,7 @@ import pytest
 from scipy import ndimage
 
 from mspecies import cli
-from mspecies.core import geometry, synth
+from mspecies.core import geometry, synth, synth_check
 from mspecies.core.ctf import ctf_2d
 from mspecies.core.phantom import (
     BlobModel,
@@ -180,7 +180,7 @@ def test_tomogram_shows_dark_particles_at_their_positions(small_dataset):
 
 
 def test_self_check_passes_on_small_noisy_dataset(small_dataset):
-    result = synth.self_check(small_dataset)
+    result = synth_check.self_check(small_dataset)
     assert result["passed"], result
     assert result["peak_offset_px"] < 1.0
     assert result["displaced_peak_offset_px"] > 6.0
@@ -197,7 +197,7 @@ def test_self_check_fails_when_star_positions_are_displaced(small_dataset, tmp_p
     from mspecies.formats.star import write_relion31_particles
 
     write_relion31_particles(star, optics, particles)
-    result = synth.self_check(copy / "manifest.json")
+    result = synth_check.self_check(copy / "manifest.json")
     assert not result["passed"]
     assert result["peak_offset_px"] > 6.0
 

@@ -26,6 +26,16 @@ class Plugin(pwem.Plugin):
     def getEnviron(cls):
         return pwutils.Environ(os.environ)
 
+    # The class lives in mspecies.plugin (so that ``import mspecies.core`` never loads pwem), while pyworkflow
+    # derives the plugin's name and folder from the class's module: answer for the package instead.
+    def getName(self):
+        """The plugin (package) name, shown in protocol labels and passed to queue templates."""
+        return __package__
+
+    def getPath(self):
+        """The package folder (pyworkflow would look for ``__path__`` on this non-package module)."""
+        return os.path.dirname(os.path.abspath(__file__))
+
     @classmethod
     def defineBinaries(cls, env):
         """Nothing to build: mspecies is installed with pip (``[gpu]`` extra for CuPy)."""

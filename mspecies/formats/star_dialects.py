@@ -1,0 +1,481 @@
+"""RELION 3.0/3.1/4/5, Warp 3D-export and M species particle STAR files ⇄ :class:`ParticleTable`.
+
+A :class:`ParticleTable` holds the core :class:`~mspecies.core.types.ParticlePoses` (Å centred on the tomogram
+centre, origins already subtracted, RELION Euler angles) plus everything needed to write the file back: the
+origins as read, pixel sizes kept apart (coordinate grid vs particle images), tomogram sizes for corner-based
+dialects, subsets, image names, the optics table and every column it does not interpret, as text.
+
+Positions (``docs/conventions.md``): ``position_angst = coordinate_px · coord_pixel_angst − (N // 2) · coord_pixel_angst
+− origin_angst`` for corner-based dialects, with ``origin_angst = rlnOriginX/Y/ZAngst`` or ``rlnOriginX/Y/Z ·
+coord_pixel_angst`` (RELION 3.0: shifts are in the same pixels as the coordinates). RELION 5 stores centred Å
+(``rlnCenteredCoordinate*Angst``); M species store Å from the tomogram corner (``wrpCoordinateX1``...) and carry
+no shifts, so origins are folded into the coordinates when writing them.
+
+Limits, by design: the tomogram centre is ``(N // 2) · pixel`` for every corner-based dialect (M uses ``N · pixel / 2``:
+the same for even sizes); only the first temporal sample of an M species table is interpreted (``wrpCoordinateX2``...
+are carried as extra columns); RELION 4/5 ``rlnTomoSubtomogramRot/Tilt/Psi`` are carried as extra columns and *not*
+composed into the pose (``poses`` holds ``rlnAngleRot/Tilt/Psi``); a RELION 5 file's ``rlnCoordinateX/Y/Z`` are
+checked against ``rlnCenteredCoordinate*Angst`` when pixel and tomogram sizes are known, and not written to RELION 5.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mspecies.core.types import InputError, ParticlePoses
+from mspecies.formats.star import StarBlock, read_star_text
+from mspecies.formats.tomo_names import normalise_tomo_name
+
+
+class Dialect(StrEnum):
+    """Particle STAR dialects; values are the names the CLI accepts."""
+
+    RELION30 = "3.0"
+    RELION31 = "3.1"
+    RELION4 = "4"
+    RELION5 = "5"
+    WARP3D = "warp3d"  # Warp 1.x / WarpTools 3D export: RELION 3.0 layout, rlnMicrographName TS.tomostar, rlnPixelSize
+    M_SPECIES = "warp"  # M species table: wrpCoordinateX1 (Å from the corner), wrpAngleRot1, wrpSourceName/Hash
+
+
+CORNER_DIALECTS = frozenset({Dialect.RELION30, Dialect.RELION31, Dialect.RELION4, Dialect.WARP3D, Dialect.M_SPECIES})
+PX_ORIGIN_DIALECTS = frozenset({Dialect.RELION30, Dialect.WARP3D})
+OPTICS_DIALECTS = frozenset({Dialect.RELION31, Dialect.RELION4, Dialect.RELION5})
+
+# Role → column per dialect (coordinates, shifts, angles, names, subsets, images).
+_XYZ = ("X", "Y", "Z")
+_COMMON = {"rot": "rlnAngleRot", "tilt": "rlnAngleTilt", "psi": "rlnAnglePsi", "subset": "rlnRandomSubset",
+           "image": "rlnImageName", "ctf": "rlnCtfImage"}
+_ORIGIN_PX = {f"origin_{a.lower()}": f"rlnOrigin{a}" for a in _XYZ}
+_ORIGIN_ANGST = {f"origin_{a.lower()}": f"rlnOrigin{a}Angst" for a in _XYZ}
+_CORNER_PX = {a.lower(): f"rlnCoordinate{a}" for a in _XYZ}
+ROLE_COLUMNS: dict[Dialect, dict[str, str]] = {
+    Dialect.RELION30: {"name": "rlnMicrographName", **_CORNER_PX, **_ORIGIN_PX, **_COMMON},
+    Dialect.WARP3D: {"name": "rlnMicrographName", **_CORNER_PX, **_ORIGIN_PX, **_COMMON},
+    Dialect.RELION31: {"name": "rlnMicrographName", **_CORNER_PX, **_ORIGIN_ANGST, **_COMMON},
+    Dialect.RELION4: {"name": "rlnTomoName", **_CORNER_PX, **_ORIGIN_ANGST, **_COMMON},
+    Dialect.RELION5: {"name": "rlnTomoName", **{a.lower(): f"rlnCenteredCoordinate{a}Angst" for a in _XYZ},
+                      **_ORIGIN_ANGST, **_COMMON},
+    Dialect.M_SPECIES: {**{a.lower(): f"wrpCoordinate{a}1" for a in _XYZ}, "rot": "wrpAngleRot1",
+                        "tilt": "wrpAngleTilt1", "psi": "wrpAnglePsi1", "subset": "wrpRandomSubset",
+                        "name": "wrpSourceName", "hash": "wrpSourceHash"},
+}
+_PIXEL_COLUMNS_30 = ("rlnMagnification", "rlnDetectorPixelSize", "rlnPixelSize")
+# Per-particle in RELION 3.0, per optics group from 3.1 on (moved between the two when converting).
+OPTICS_LABELS = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast", "rlnImageSize",
+                 "rlnImageDimensionality", "rlnCtfDataAreCtfPremultiplied", "rlnBeamTiltX", "rlnBeamTiltY")
+_OPTICS_PIXEL = ("rlnImagePixelSize", "rlnMicrographPixelSize", "rlnMicrographOriginalPixelSize",
+                 "rlnTomoTiltSeriesPixelSize")
+# Where each dialect finds the pixel size of its coordinate grid, in order of preference.
+COORD_PIXEL_COLUMNS: dict[Dialect, tuple[str, ...]] = {
+    Dialect.RELION30: ("rlnDetectorPixelSize·1e4/rlnMagnification", "rlnPixelSize"),
+    Dialect.WARP3D: ("rlnDetectorPixelSize·1e4/rlnMagnification", "rlnPixelSize"),
+    Dialect.RELION31: ("rlnMicrographPixelSize", "rlnImagePixelSize"),
+    Dialect.RELION4: ("rlnTomoTiltSeriesPixelSize", "rlnMicrographOriginalPixelSize"),
+    Dialect.RELION5: ("rlnTomoTiltSeriesPixelSize", "rlnMicrographOriginalPixelSize"),
+    Dialect.M_SPECIES: (),
+}
+MICROSCOPE_LABELS = {"rlnVoltage": "voltage_kv", "rlnSphericalAberration": "cs_mm",
+                     "rlnAmplitudeContrast": "amplitude_contrast"}
+TomoShapes = Mapping[str, Sequence[int]] | Sequence[int] | None
+
+
+@dataclass(frozen=True)
+class ParticleTable:
+    """A particle STAR read into core poses plus what is needed to write it back.
+
+    Attributes
+    ----------
+    poses
+        Positions (N, 3) Å centred on the tomogram centre with origins subtracted, RELION Euler angles (N, 3) deg,
+        tomogram names (N,) exactly as in the file's name column.
+    dialect
+        Dialect the table was read as.
+    origins_angst
+        (N, 3) shifts in Å as read (zeros when the file has none); ``poses`` already has them subtracted.
+    origin_units
+        ``"angst"`` (rlnOriginX/Y/ZAngst), ``"px"`` (rlnOriginX/Y/Z) or ``None`` (no shift columns).
+    coord_pixel_size_angst
+        (N,) Å/px of the coordinate grid (and of ``tomo_shape_px``), or ``None`` when unknown.
+    image_pixel_size_angst
+        (N,) Å/px of the particle images (optics ``rlnImagePixelSize``; RELION 3.0: the single pixel size), or None.
+    tomo_shape_px
+        Tomogram size (nx, ny, nz) per file name at ``coord_pixel_size_angst`` (corner-based dialects), or None.
+    random_subset
+        (N,) 1-based half sets, or None. ``image_names``, ``ctf_image_names``, ``source_hashes``: (N,) or None.
+    has_angles
+        False when the file had no angle columns (angles are then zeros and are not written back).
+    optics, optics_group
+        Optics table as text (3.1/4/5) and (N,) group per particle, or None.
+    general
+        RELION 5 ``data_general`` key-value block as text, or None.
+    extras
+        Columns not interpreted, as text, rows in table order (index 0..N-1), written back unchanged.
+    column_order
+        Particle columns in file order. ``source_row``: (N,) 0-based row of each particle in the file.
+    """
+
+    poses: ParticlePoses
+    dialect: Dialect
+    origins_angst: np.ndarray
+    origin_units: str | None
+    coord_pixel_size_angst: np.ndarray | None
+    image_pixel_size_angst: np.ndarray | None
+    tomo_shape_px: dict[str, tuple[int, int, int]] | None
+    random_subset: np.ndarray | None
+    image_names: np.ndarray | None
+    ctf_image_names: np.ndarray | None
+    source_hashes: np.ndarray | None
+    has_angles: bool
+    optics: pd.DataFrame | None
+    optics_group: np.ndarray | None
+    general: pd.DataFrame | None
+    extras: pd.DataFrame
+    column_order: tuple[str, ...]
+    source_row: np.ndarray
+    header_comments: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.poses)
+
+    def take(self, index: np.ndarray) -> ParticleTable:
+        """Rows ``index`` (integer indices or a boolean mask), in that order; everything else kept."""
+        index = np.arange(len(self))[np.asarray(index)]
+
+        def pick(values: np.ndarray | None) -> np.ndarray | None:
+            return None if values is None else values[index]
+
+        return replace(self, poses=self.poses.subset(index), origins_angst=self.origins_angst[index],
+                       coord_pixel_size_angst=pick(self.coord_pixel_size_angst),
+                       image_pixel_size_angst=pick(self.image_pixel_size_angst),
+                       random_subset=pick(self.random_subset), image_names=pick(self.image_names),
+                       ctf_image_names=pick(self.ctf_image_names), source_hashes=pick(self.source_hashes),
+                       optics_group=pick(self.optics_group), source_row=self.source_row[index],
+                       extras=self.extras.iloc[index].reset_index(drop=True))
+
+
+# --- detection -------------------------------------------------------------------------------------------------------
+
+
+def particle_block_name(blocks: Mapping[str, StarBlock]) -> str:
+    """The particle table: ``data_particles`` if present, else the only loop block besides optics/general."""
+    if "particles" in blocks:
+        return "particles"
+    loops = [name for name, block in blocks.items() if block.is_loop and name not in ("optics", "general")]
+    if len(loops) != 1:
+        raise InputError(f"no data_particles block and {len(loops)} other loop blocks ({loops}); expected one")
+    return loops[0]
+
+
+def detect_dialect(blocks: Mapping[str, StarBlock]) -> Dialect:
+    """Dialect from blocks and particle columns (rules in order; the first that applies wins).
+
+    1. any ``wrpCoordinateX1`` / ``wrpSourceName`` column → M species;
+    2. ``rlnCenteredCoordinateXAngst`` → RELION 5;
+    3. a ``data_optics`` block: RELION 4 if there is ``rlnTomoName`` together with ``rlnTomoParticleName``,
+       ``rlnTomoParticleId``, ``rlnTomoSubtomogramRot`` or an optics ``rlnTomoTiltSeriesPixelSize``; else 3.1;
+    4. no optics: ``rlnTomoName`` → RELION 4; ``rlnPixelSize`` or ``.tomostar`` micrograph names → Warp 3D
+       export; ``rlnMicrographName`` → RELION 3.0.
+    """
+    columns = set(blocks[particle_block_name(blocks)].table.columns)
+    optics = blocks.get("optics")
+    if {"wrpCoordinateX1", "wrpSourceName"} & columns:
+        return Dialect.M_SPECIES
+    if "rlnCenteredCoordinateXAngst" in columns:
+        return Dialect.RELION5
+    tomo_markers = {"rlnTomoParticleName", "rlnTomoParticleId", "rlnTomoSubtomogramRot"}
+    if optics is not None:
+        tomo = bool(tomo_markers & columns) or "rlnTomoTiltSeriesPixelSize" in optics.table.columns
+        return Dialect.RELION4 if "rlnTomoName" in columns and tomo else Dialect.RELION31
+    if "rlnTomoName" in columns:
+        return Dialect.RELION4
+    table = blocks[particle_block_name(blocks)].table
+    if "rlnPixelSize" in columns or ("rlnMicrographName" in columns and len(table)
+                                     and table["rlnMicrographName"].str.endswith(".tomostar").any()):
+        return Dialect.WARP3D
+    if "rlnMicrographName" in columns or "rlnCoordinateX" in columns:
+        return Dialect.RELION30
+    raise InputError(f"cannot tell the STAR dialect from columns {sorted(columns)[:12]}: expected rlnCoordinateX, "
+                     "rlnCenteredCoordinateXAngst or wrpCoordinateX1")
+
+
+def _check_mixed(path: Path, dialect: Dialect, columns: set[str], has_optics: bool) -> None:
+    """Columns of two dialects in one file → InputError naming them."""
+    if "rlnOriginX" in columns and "rlnOriginXAngst" in columns:
+        raise InputError(f"{path}: both rlnOriginX (px, RELION 3.0) and rlnOriginXAngst (Å, RELION 3.1+) columns")
+    if has_optics:
+        old = sorted(columns & {"rlnMagnification", "rlnDetectorPixelSize", "rlnOriginX"})
+        if old:
+            raise InputError(f"{path}: RELION 3.0 column(s) {old} in a file with a data_optics table ({dialect})")
+        return
+    new = sorted(columns & {"rlnOpticsGroup", "rlnImagePixelSize", "rlnMicrographPixelSize", "rlnOriginXAngst"})
+    if dialect in PX_ORIGIN_DIALECTS and new:
+        raise InputError(f"{path}: optics-table column(s) {new} in a RELION {dialect} file without data_optics")
+    if "rlnOpticsGroup" in columns:
+        raise InputError(f"{path}: rlnOpticsGroup refers to a data_optics table that the file does not have")
+
+
+# --- reading ---------------------------------------------------------------------------------------------------------
+
+
+def _numeric(table: pd.DataFrame, column: str, where: str) -> np.ndarray:
+    """Text column → float64; a value that is not a number is an InputError naming column, row and value."""
+    values = pd.to_numeric(table[column], errors="coerce").to_numpy(dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        row = int(bad[0])
+        raise InputError(f"{where}: column {column}, row {row + 1}: expected a number, got "
+                         f"{table[column].iloc[row]!r} ({bad.size} bad value(s))")
+    return values
+
+
+def _integers(table: pd.DataFrame, column: str, where: str) -> np.ndarray:
+    values = _numeric(table, column, where)
+    bad = np.flatnonzero(values != np.round(values))
+    if bad.size:
+        raise InputError(f"{where}: column {column}, row {int(bad[0]) + 1}: expected an integer, got "
+                         f"{table[column].iloc[int(bad[0])]!r}")
+    return values.astype(np.int64)
+
+
+def _xyz(table: pd.DataFrame, columns: Sequence[str], where: str) -> np.ndarray:
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise InputError(f"{where}: missing column(s) {missing} (have {list(table.columns)[:12]})")
+    return np.stack([_numeric(table, c, where) for c in columns], axis=1)
+
+
+def _optics_values(optics: pd.DataFrame, groups: np.ndarray, column: str, where: str) -> np.ndarray:
+    """Per-particle value of optics ``column`` through ``rlnOpticsGroup``."""
+    by_group = pd.Series(_numeric(optics, column, f"{where} data_optics"),
+                         index=_integers(optics, "rlnOpticsGroup", f"{where} data_optics"))
+    if by_group.index.has_duplicates:
+        raise InputError(f"{where}: data_optics lists an rlnOpticsGroup twice")
+    values = by_group.reindex(groups).to_numpy()
+    bad = np.flatnonzero(np.isnan(values))
+    if bad.size:
+        raise InputError(f"{where}: column rlnOpticsGroup, row {int(bad[0]) + 1}: group {groups[bad[0]]} is not in "
+                         "data_optics")
+    return values
+
+
+def _pixel_sizes(dialect: Dialect, table: pd.DataFrame, optics: pd.DataFrame | None, groups: np.ndarray | None,
+                 where: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(coordinate, image) pixel sizes (N,) Å/px found in the file; None where the file does not carry one."""
+    if dialect in PX_ORIGIN_DIALECTS:
+        if {"rlnDetectorPixelSize", "rlnMagnification"} <= set(table.columns):
+            pixel = _numeric(table, "rlnDetectorPixelSize", where) * 1e4 / _numeric(table, "rlnMagnification", where)
+        elif "rlnPixelSize" in table.columns:
+            pixel = _numeric(table, "rlnPixelSize", where)
+        else:
+            return None, None
+        return pixel, pixel
+    if optics is None or groups is None:
+        return None, None
+    found = [c for c in COORD_PIXEL_COLUMNS[dialect] if c in optics.columns]
+    coord = _optics_values(optics, groups, found[0], where) if found else None
+    image = (_optics_values(optics, groups, "rlnImagePixelSize", where)
+             if "rlnImagePixelSize" in optics.columns else None)
+    return coord, image
+
+
+def _resolve_pixel(found: np.ndarray | None, given: float | None, n: int, dialect: Dialect,
+                   needed: bool, where: str) -> np.ndarray | None:
+    """Coordinate pixel size: the file's, else the caller's; InputError when needed and neither is there."""
+    if found is not None:
+        if given is not None and not np.allclose(found, given, rtol=1e-4):
+            raise InputError(f"{where}: the file gives a coordinate pixel size of {found[0]:g} Å "
+                             f"({' or '.join(COORD_PIXEL_COLUMNS[dialect])}) but {given:g} Å was passed")
+        if np.any(found <= 0):
+            raise InputError(f"{where}: coordinate pixel size must be > 0, got {found.min():g}")
+        return found
+    if given is not None:
+        if not given > 0:
+            raise InputError(f"coord_pixel_size_angst must be > 0, got {given}")
+        return np.full(n, float(given))
+    if not needed:
+        return None
+    looked = " or ".join(COORD_PIXEL_COLUMNS[dialect]) or "no column (M species tables carry none)"
+    raise InputError(f"{where}: RELION/Warp dialect {dialect}: the coordinate pixel size is missing (looked for "
+                     f"{looked}); pass it (--coord-pixel-size)")
+
+
+def tomo_shape_lookup(shapes: TomoShapes, names: Sequence[str]) -> dict[str, tuple[int, int, int]] | None:
+    """Tomogram size (nx, ny, nz) px for each of ``names``: one size for all, or a mapping by name.
+
+    A mapping key matches a name exactly or after :func:`~mspecies.formats.tomo_names.normalise_tomo_name`.
+    Returns None when ``shapes`` is None; names without a size are an InputError listing them.
+    """
+    if shapes is None:
+        return None
+    if not isinstance(shapes, Mapping):
+        shape = tuple(int(v) for v in shapes)
+        if len(shape) != 3 or min(shape) < 1:
+            raise InputError(f"tomogram size must be three positive integers (nx, ny, nz), got {shapes}")
+        return {name: shape for name in names}  # type: ignore[misc]
+    normalised = {normalise_tomo_name(str(key)).lower(): key for key in shapes}
+    out: dict[str, tuple[int, int, int]] = {}
+    for name in names:
+        key = name if name in shapes else normalised.get(normalise_tomo_name(name).lower())
+        if key is not None:
+            out[name] = tuple(int(v) for v in shapes[key])  # type: ignore[assignment]
+    missing = [name for name in names if name not in out]
+    if missing:
+        raise InputError(f"no tomogram size for {len(missing)} tomogram(s): {missing[:5]} (sizes given for "
+                         f"{list(shapes)[:5]})")
+    return out
+
+
+def _centres_angst(names: np.ndarray, shapes: dict[str, tuple[int, int, int]], pixel_angst: np.ndarray) -> np.ndarray:
+    """(N, 3) tomogram centres in Å from the corner: (shape // 2) · pixel (``docs/conventions.md``)."""
+    codes, uniques = pd.factorize(pd.Series(names, dtype=object))
+    centre_px = np.array([[s // 2 for s in shapes[str(u)]] for u in uniques], dtype=np.float64).reshape(-1, 3)
+    return centre_px[codes] * pixel_angst[:, None]
+
+
+def _require_shapes(shapes: TomoShapes, names: np.ndarray, dialect: Dialect, where: str
+                    ) -> dict[str, tuple[int, int, int]]:
+    if shapes is None:
+        raise InputError(f"{where}: dialect {dialect} stores coordinates from the tomogram corner; the tomogram size "
+                         "is needed to centre them (pass --tomo-size NX NY NZ or --tomo-sizes FILE)")
+    return tomo_shape_lookup(shapes, [str(u) for u in pd.unique(pd.Series(names, dtype=object))])  # type: ignore
+
+
+def _angles(table: pd.DataFrame, roles: Mapping[str, str], where: str) -> tuple[np.ndarray, bool]:
+    columns = [roles[r] for r in ("rot", "tilt", "psi")]
+    present = [c for c in columns if c in table.columns]
+    if not present:
+        return np.zeros((len(table), 3)), False
+    if len(present) != 3:
+        raise InputError(f"{where}: angle column(s) {present} without {[c for c in columns if c not in present]}; "
+                         "RELION ZYZ Euler angles need all three (rot, tilt, psi)")
+    return np.stack([_numeric(table, c, where) for c in columns], axis=1), True
+
+
+def _origins(dialect: Dialect, table: pd.DataFrame, pixel: np.ndarray | None, where: str
+             ) -> tuple[np.ndarray, str | None]:
+    """(N, 3) shifts in Å and their unit in the file."""
+    if dialect == Dialect.M_SPECIES:
+        return np.zeros((len(table), 3)), None
+    columns = set(table.columns)
+    if "rlnOriginXAngst" in columns or "rlnOriginYAngst" in columns:
+        names = [f"rlnOrigin{a}Angst" for a in _XYZ]
+        return np.stack([_numeric(table, c, where) if c in columns else np.zeros(len(table)) for c in names], 1), \
+            "angst"
+    if "rlnOriginX" in columns or "rlnOriginY" in columns:
+        if pixel is None:
+            raise InputError(f"{where}: rlnOriginX is in pixels but the pixel size is unknown")
+        names = [f"rlnOrigin{a}" for a in _XYZ]
+        shifts_px = np.stack([_numeric(table, c, where) if c in columns else np.zeros(len(table)) for c in names], 1)
+        return shifts_px * pixel[:, None], "px"  # RELION 3.0: shifts in the coordinates' pixels
+    return np.zeros((len(table), 3)), None
+
+
+def _optional_text(table: pd.DataFrame, column: str) -> np.ndarray | None:
+    return table[column].to_numpy(dtype=object) if column in table.columns else None
+
+
+def _understood(dialect: Dialect, table: pd.DataFrame, name_column: str) -> set[str]:
+    roles = ROLE_COLUMNS[dialect]
+    used = {c for role, c in roles.items() if role != "name"} | {name_column}
+    used |= {f"rlnOrigin{a}{u}" for a in _XYZ for u in ("", "Angst")} if dialect != Dialect.M_SPECIES else set()
+    if dialect in PX_ORIGIN_DIALECTS:
+        used |= set(_PIXEL_COLUMNS_30)
+    if dialect in OPTICS_DIALECTS:
+        used.add("rlnOpticsGroup")
+    return used & set(table.columns)
+
+
+def _name_column(dialect: Dialect, columns: Sequence[str], where: str) -> str:
+    candidates = {Dialect.RELION31: ("rlnTomoName", "rlnMicrographName"),
+                  Dialect.RELION4: ("rlnTomoName",), Dialect.RELION5: ("rlnTomoName",)}.get(
+        dialect, (ROLE_COLUMNS[dialect]["name"],))
+    for column in candidates:
+        if column in columns:
+            return column
+    raise InputError(f"{where}: dialect {dialect} needs a tomogram name column ({' or '.join(candidates)})")
+
+
+def _check_centred_vs_corner(table: pd.DataFrame, positions_angst: np.ndarray, origins: np.ndarray,
+                             pixel: np.ndarray | None, shapes: dict | None, names: np.ndarray, where: str) -> bool:
+    """RELION 5 file that also has rlnCoordinateX: check both agree (True) when pixel and sizes allow it."""
+    if "rlnCoordinateX" not in table.columns or pixel is None or shapes is None:
+        return False
+    corner = _xyz(table, list(_CORNER_PX.values()), where) * pixel[:, None] - _centres_angst(names, shapes, pixel)
+    error = np.abs(corner - origins - positions_angst).max(axis=1)
+    bad = np.flatnonzero(error > 0.01)
+    if bad.size:
+        raise InputError(f"{where}: row {int(bad[0]) + 1}: rlnCoordinateX/Y/Z and rlnCenteredCoordinateX/Y/ZAngst "
+                         f"disagree by {error[bad[0]]:.3f} Å (mixed dialects?)")
+    return True
+
+
+def read_particle_star(path: str | Path, dialect: Dialect | str | None = None, *,
+                       coord_pixel_size_angst: float | None = None, tomo_shape_px: TomoShapes = None
+                       ) -> ParticleTable:
+    """Read a particle STAR of any supported dialect.
+
+    Parameters
+    ----------
+    path
+        STAR file.
+    dialect
+        Force a dialect; detected by :func:`detect_dialect` when None.
+    coord_pixel_size_angst
+        Å/px of the coordinate grid, used only when the file does not carry it (must agree when it does).
+    tomo_shape_px
+        (nx, ny, nz) for all tomograms or a mapping name → (nx, ny, nz), px at the coordinate pixel size;
+        needed by corner-based dialects (3.0, 3.1, 4, warp3d, warp).
+    """
+    path = Path(path)
+    blocks, comments = read_star_text(path)
+    block_name = particle_block_name(blocks)
+    where = f"{path} data_{block_name}"
+    table = blocks[block_name].table.reset_index(drop=True)
+    dialect = Dialect(dialect) if dialect is not None else detect_dialect(blocks)
+    optics = blocks["optics"].table if "optics" in blocks else None
+    _check_mixed(path, dialect, set(table.columns), optics is not None)
+    n = len(table)
+    roles = ROLE_COLUMNS[dialect]
+    name_column = _name_column(dialect, list(table.columns), where)
+    names = table[name_column].to_numpy(dtype=object)
+    groups = None
+    if dialect in OPTICS_DIALECTS and optics is not None:
+        if "rlnOpticsGroup" not in table.columns:
+            raise InputError(f"{where}: the file has data_optics but no rlnOpticsGroup column")
+        groups = _integers(table, "rlnOpticsGroup", where)
+    found_pixel, image_pixel = _pixel_sizes(dialect, table, optics, groups, where)
+    corner = dialect in CORNER_DIALECTS
+    pixel = _resolve_pixel(found_pixel, coord_pixel_size_angst, n, dialect, corner and n > 0, where)
+    shapes = _require_shapes(tomo_shape_px, names, dialect, where) if corner else \
+        (tomo_shape_lookup(tomo_shape_px, [str(u) for u in pd.unique(pd.Series(names, dtype=object))])
+         if tomo_shape_px is not None else None)
+    origins, origin_units = _origins(dialect, table, pixel, where)
+    coordinates = _xyz(table, [roles[a] for a in ("x", "y", "z")], where)
+    if corner:
+        scale = 1.0 if dialect == Dialect.M_SPECIES else pixel[:, None]  # M coordinates are already in Å
+        positions = coordinates * scale - _centres_angst(names, shapes, pixel) - origins
+    else:
+        positions = coordinates - origins
+    understood = _understood(dialect, table, name_column)
+    if dialect == Dialect.RELION5 and _check_centred_vs_corner(table, positions, origins, pixel, shapes, names, where):
+        understood |= set(_CORNER_PX.values())
+    angles, has_angles = _angles(table, roles, where)
+    subset_column = roles["subset"]
+    return ParticleTable(
+        poses=ParticlePoses(positions, angles, names), dialect=dialect, origins_angst=origins,
+        origin_units=origin_units, coord_pixel_size_angst=pixel, image_pixel_size_angst=image_pixel,
+        tomo_shape_px=shapes,
+        random_subset=_integers(table, subset_column, where) if subset_column in table.columns else None,
+        image_names=_optional_text(table, roles.get("image", "")), ctf_image_names=_optional_text(
+            table, roles.get("ctf", "")), source_hashes=_optional_text(table, "wrpSourceHash"),
+        has_angles=has_angles, optics=optics, optics_group=groups,
+        general=blocks["general"].table if "general" in blocks else None,
+        extras=table[[c for c in table.columns if c not in understood]].copy(),
+        column_order=tuple(table.columns), source_row=np.arange(n), header_comments=tuple(comments))

@@ -15,6 +15,7 @@ from mspecies.convert.particles import coordinates_to_poses
 from mspecies.convert.tilt_series import tilt_series_set_to_data
 from mspecies.core.geometry import euler_to_matrix, project_positions_to_tilts
 from mspecies.core.synth import generate_dataset, load_manifest, manifest_particles, manifest_tilt_series
+from mspecies.core.types import InputError
 from mspecies.protocols import ProtMSpeciesImportCoordinates3D, ProtMSpeciesImportTsAlignment
 from mspecies.workflow import import_synthetic_dataset, inside_project
 
@@ -146,3 +147,11 @@ class TestImportBadInput(BaseTest):
         prot = self.newProtocol(ProtMSpeciesImportCoordinates3D, inputTomograms=self.imported["tomograms"],
                                 starFile=str(bad))
         self._expectFailure(prot, "no_pixel.star", "no pixel size", "Coordinates pixel size")
+
+    def test_bridge_rejects_tilt_series_without_alignment(self):
+        with inside_project(self.proj), self.assertRaisesRegex(InputError, "TS_01: it has no alignment"):
+            tilt_series_set_to_data(self.imported["prot_ts"].TiltSeries, self.imported["ctfs"])
+
+    def test_bridge_rejects_tilt_series_without_ctf(self):
+        with inside_project(self.proj), self.assertRaisesRegex(InputError, "TS_01: no CTF estimation"):
+            tilt_series_set_to_data(self.imported["tilt_series"], None)

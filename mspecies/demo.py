@@ -125,13 +125,13 @@ def _write_figure(out_dir: Path, manifest_path: Path, manifest: dict) -> Path:
     particles = [p for p in manifest["particles"] if p["ts_id"] == first["ts_id"]]
     xy = np.array([p["position_angst"][:2] for p in particles]) / tomo_pixel_angst + np.array(slab.shape[::-1]) // 2
     axes[3].scatter(xy[:, 0], xy[:, 1], s=40, facecolors="none", edgecolors="tab:orange")
-    axes[3].set_title(f"{first['ts_id']} tomogram (central slab) + particles")
+    axes[3].set_title(f"{first['ts_id']}: tomogram central slab, all particles (xy)")
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
     path = out_dir / "demo_overview.png"
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
     return path
 

@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from mspecies import cli_convert, cli_demo
+from mspecies import cli_convert, cli_demo, cli_export
 from mspecies.core.types import InputError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -81,6 +81,7 @@ def _run_synth(args: argparse.Namespace) -> int:
 
 SUBCOMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], int]]] = {
     "synth": (_add_synth_parser, _run_synth),
+    "export": (cli_export.add_parser, cli_export.run),
     "convert": (cli_convert.add_parser, cli_convert.run),
     "demo": (cli_demo.add_parser, cli_demo.run),
 }

@@ -1,0 +1,108 @@
+"""Export speed: particles/s of the engine (NumPy; CuPy where a GPU exists) and 3D CTFs vs RELION's way.
+
+Usage: ``python benchmarks/export/bench_export.py [--boxes 64 128] [--particles 48] [--relion-particles 8]``
+
+* Engine: one synthetic tilt series (41 tilts, 1024² px at 4 Å/px, realistic CTF and dose), random particles,
+  not pre-rotated, full pipeline (preprocessing excluded from the per-particle rate, reported separately).
+* RELION's way to make a per-particle 3D CTF: ``relion_reconstruct --reconstruct_ctf <box>`` on a STAR with one
+  row per tilt (41 rows: angles of the tilt, the particle's own defocus, dose-weight B-factor), one call per particle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mspecies.core.backend import cupy_unavailable_reason
+from mspecies.core.geometry import particle_defocus_angst, project_positions_to_tilts
+from mspecies.core.reconstruct import ExportOptions, TiltSeriesEngine
+from mspecies.core.synth import SynthParameters, make_tilt_series, random_euler_angles
+from mspecies.core.types import ParticlePoses
+from mspecies.formats.star import write_relion31_particles
+
+
+def make_inputs(box_px: int, n_particles: int, seed: int = 0):
+    params = SynthParameters(box_px=box_px, image_shape_yx=(1024, 1024), n_tilts=41)
+    rng = np.random.default_rng(seed)
+    tilt_series = make_tilt_series(params, "TS", rng)
+    stack = rng.normal(size=(41, 1024, 1024)).astype(np.float32)
+    positions = rng.uniform(-1200, 1200, (n_particles, 3)) * [1, 1, 0.2]
+    particles = ParticlePoses(positions, random_euler_angles(n_particles, rng), np.array(["TS"] * n_particles, object))
+    return tilt_series, stack, particles
+
+
+def bench_engine(box_px: int, n_particles: int, backend: str) -> dict[str, float]:
+    tilt_series, stack, particles = make_inputs(box_px, n_particles)
+    started = time.perf_counter()
+    engine = TiltSeriesEngine.create(tilt_series, stack, ExportOptions(4.0, box_px, 0.6 * box_px * 4.0,
+                                                                       backend=backend))
+    setup = time.perf_counter() - started
+    started = time.perf_counter()
+    count = sum(1 for _ in engine.reconstruct(particles))
+    seconds = time.perf_counter() - started
+    return {"box": box_px, "M": engine.padded_box_px, "setup_s": setup, "particles_per_s": count / seconds,
+            "ctf_s_per_particle": seconds / count}
+
+
+def relion_ctf_star(path: Path, tilt_series, position: np.ndarray, box_px: int) -> Path:
+    """41 rows: per tilt the projection angles (rot 0, tilt θ, psi = in-plane from the .xf), own defocus, dose B."""
+    _, height = project_positions_to_tilts(position[None], tilt_series)
+    defocus_u, defocus_v = particle_defocus_angst(tilt_series, height)
+    psi = np.rad2deg(np.arctan2(tilt_series.xf[:, 1, 0], tilt_series.xf[:, 0, 0]))
+    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["g1"], "rlnImagePixelSize": [4.0],
+                           "rlnImageSize": [box_px], "rlnImageDimensionality": [2], "rlnVoltage": [300.0],
+                           "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.07]})
+    rows = pd.DataFrame({"rlnImageName": [f"{t + 1}@dummy.mrcs" for t in range(tilt_series.n_tilts)],
+                         "rlnAngleRot": 0.0, "rlnAngleTilt": tilt_series.tilt_angles_deg, "rlnAnglePsi": psi,
+                         "rlnDefocusU": defocus_u[0], "rlnDefocusV": defocus_v[0],
+                         "rlnDefocusAngle": tilt_series.defocus_angle_deg,
+                         "rlnCtfBfactor": -4.0 * tilt_series.pre_exposure_e_per_angst2,
+                         "rlnCtfScalefactor": np.cos(np.deg2rad(tilt_series.tilt_angles_deg)), "rlnOpticsGroup": 1})
+    return write_relion31_particles(path, optics, rows)
+
+
+def bench_relion(box_px: int, n_particles: int) -> float | None:
+    """Seconds per particle for ``relion_reconstruct --reconstruct_ctf`` (None without RELION)."""
+    program = shutil.which("relion_reconstruct")
+    if program is None:
+        return None
+    tilt_series, _, particles = make_inputs(box_px, n_particles)
+    with tempfile.TemporaryDirectory() as folder:
+        started = time.perf_counter()
+        for p in range(n_particles):
+            star = relion_ctf_star(Path(folder) / f"p{p}.star", tilt_series, particles.positions_angst[p], box_px)
+            subprocess.run([program, "--i", str(star), "--o", str(Path(folder) / f"ctf{p}.mrc"), "--reconstruct_ctf",
+                            str(box_px), "--angpix", "4"], check=True, capture_output=True, cwd=folder)
+        return (time.perf_counter() - started) / n_particles
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--boxes", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--particles", type=int, default=48)
+    parser.add_argument("--relion-particles", type=int, default=8)
+    args = parser.parse_args()
+    backends = ["numpy"] + (["cupy"] if cupy_unavailable_reason() is None else [])
+    for box in args.boxes:
+        for backend in backends:
+            result = bench_engine(box, args.particles if box <= 64 else max(8, args.particles // 4), backend)
+            print(f"box {box} (M {result['M']}), {backend}: {result['particles_per_s']:.1f} particles/s "
+                  f"(setup {result['setup_s']:.1f} s)")
+        relion = bench_relion(box, args.relion_particles)
+        if relion is not None:
+            ours = result["ctf_s_per_particle"]
+            print(f"box {box}: relion_reconstruct --reconstruct_ctf {relion:.2f} s/particle (3D CTF only); "
+                  f"engine {ours:.3f} s/particle (sub-tomogram + 3D CTF) -> {relion / ours:.0f}x")
+    if "cupy" not in backends:
+        print(f"CuPy not benchmarked: {cupy_unavailable_reason()}")
+
+
+if __name__ == "__main__":
+    main()

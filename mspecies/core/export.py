@@ -1,0 +1,158 @@
+"""Export one tilt series: reconstruct every particle, check it, write MRCs, return the STAR rows.
+
+File names follow M (m_reference §6.1): ``{ts_id}_{p:07d}_{pixel:.2f}A.mrc`` and
+``{ts_id}_{p:07d}_ctf_{pixel:.2f}A.mrc`` (p = 0-based index within the tilt series); image series:
+``{ts_id}_{pixel:.2f}A_{p+1:06d}.mrcs``. Every volume is checked before it is written (finite, not all zero,
+not constant); a bad one stops the export with :class:`~mspecies.core.reconstruct.ReconstructionError` and no
+file is written for it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mspecies.formats.mrc import write_mrc
+
+from .reconstruct import ExportOptions, TiltSeriesEngine, check_volume, shifted_positions_angst
+from .types import InputError, ParticlePoses, TiltSeriesData
+
+
+@dataclass(frozen=True)
+class ExportSummary:
+    """What one tilt-series export did: particles written, seconds, padded box, backend and memory plan."""
+
+    ts_id: str
+    n_particles: int
+    seconds: float
+    padded_box_px: int
+    backend: str
+    memory_plan: str
+
+    @property
+    def particles_per_second(self) -> float:
+        return self.n_particles / self.seconds if self.seconds > 0 else float("inf")
+
+    def describe(self) -> str:
+        return (f"{self.ts_id}: {self.n_particles} particles in {self.seconds:.1f} s "
+                f"({self.particles_per_second:.1f} particles/s), padded box M = {self.padded_box_px}, "
+                f"backend {self.backend}, memory: {self.memory_plan}")
+
+
+def relion_coordinates_px(positions_angst: np.ndarray, tomogram_shape_xyz_px: tuple[int, int, int],
+                          data_pixel_angst: float, output_pixel_angst: float) -> np.ndarray:
+    """(N, 3) ``rlnCoordinateX/Y/Z``: output pixels from the corner of the tomogram rescaled to the output pixel.
+
+    The tomogram of ``tomogram_shape_xyz_px`` voxels at ``data_pixel_angst`` becomes
+    ``round(n · data / output)`` voxels; coordinate = centred position / output pixel + that size // 2.
+    """
+    shape = np.array([round(n * data_pixel_angst / output_pixel_angst) for n in tomogram_shape_xyz_px])
+    return np.asarray(positions_angst, dtype=np.float64) / output_pixel_angst + shape // 2
+
+
+def _relative(path: Path, star_dir: Path) -> str:
+    try:
+        return path.relative_to(star_dir).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def export_tilt_series(tilt_series: TiltSeriesData, stack: np.ndarray, particles: ParticlePoses,
+                       options: ExportOptions, out_dir: str | Path, *,
+                       tomogram_shape_xyz_px: tuple[int, int, int], star_dir: str | Path | None = None,
+                       first_subset_index: int = 0, log: Callable[[str], None] | None = None
+                       ) -> tuple[pd.DataFrame, ExportSummary]:
+    """Reconstruct and write the particles of one tilt series.
+
+    Parameters
+    ----------
+    tilt_series, stack, particles, options
+        As for :func:`~mspecies.core.reconstruct.reconstruct_particles`.
+    out_dir
+        Folder for the MRC files (created).
+    tomogram_shape_xyz_px
+        Unbinned tomogram size (x, y, z) at the tilt-series pixel size, for ``rlnCoordinate*``.
+    star_dir
+        Folder of the STAR file that will list the rows (image paths are relative to it; default ``out_dir``).
+    first_subset_index
+        Global index of the first particle; random subsets alternate 1, 2 over global indices.
+
+    Returns
+    -------
+    rows
+        One STAR row per particle (columns of :data:`mspecies.formats.relion_subtomo.PARTICLE_COLUMNS`; for the
+        image-series mode also the per-tilt table in ``rows.attrs["tilts"]``).
+    summary
+        :class:`ExportSummary`.
+    """
+    if len(particles) == 0:
+        raise InputError(f"particles: no particles for tilt series {tilt_series.ts_id}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    star_folder = Path(star_dir) if star_dir is not None else out
+    started = time.perf_counter()
+    engine = TiltSeriesEngine.create(tilt_series, stack, options)
+    if log is not None:
+        log(f"{tilt_series.ts_id}: {len(particles)} particles, padded box M = {engine.padded_box_px}, backend "
+            f"{engine.xp.__name__}, memory plan: {engine.plan.describe()}")
+    pixel = options.output_pixel_size_angst
+    names, ctf_names, tilt_rows = [], [], []
+    for result in engine.reconstruct(particles):
+        p = result.index
+        if options.mode == "series":
+            if result.series is None or result.series.shape[0] == 0:
+                raise InputError(f"{tilt_series.ts_id}: particle {p} is visible in no used tilt")
+            check_volume(result.series, f"{tilt_series.ts_id} particle {p} image series")
+            path = write_mrc(out / f"{tilt_series.ts_id}_{pixel:.2f}A_{p + 1:06d}.mrcs", result.series, pixel)
+            names.append(_relative(path, star_folder))
+            ctf_names.append("")
+            tilt_rows += _series_tilt_rows(result, names[-1], tilt_series.ts_id, p)
+        else:
+            check_volume(result.volume, f"{tilt_series.ts_id} particle {p} sub-tomogram")
+            check_volume(result.ctf, f"{tilt_series.ts_id} particle {p} 3D CTF")
+            volume_path = write_mrc(out / f"{tilt_series.ts_id}_{p:07d}_{pixel:.2f}A.mrc", result.volume, pixel)
+            ctf_path = write_mrc(out / f"{tilt_series.ts_id}_{p:07d}_ctf_{pixel:.2f}A.mrc", result.ctf, pixel)
+            names.append(_relative(volume_path, star_folder))
+            ctf_names.append(_relative(ctf_path, star_folder))
+        if log is not None and (p + 1) % 100 == 0:
+            elapsed = time.perf_counter() - started
+            log(f"{tilt_series.ts_id}: {p + 1}/{len(particles)} particles, {(p + 1) / elapsed:.1f} particles/s")
+    rows = _star_rows(tilt_series, particles, options, names, ctf_names, tomogram_shape_xyz_px, first_subset_index)
+    if options.mode == "series":
+        rows.attrs["tilts"] = pd.DataFrame(tilt_rows)
+    summary = ExportSummary(tilt_series.ts_id, len(particles), time.perf_counter() - started, engine.padded_box_px,
+                            engine.xp.__name__, engine.plan.describe())
+    if log is not None:
+        log(summary.describe())
+    return rows, summary
+
+
+def _star_rows(tilt_series: TiltSeriesData, particles: ParticlePoses, options: ExportOptions, names: list[str],
+               ctf_names: list[str], tomogram_shape_xyz_px: tuple[int, int, int], first_subset_index: int
+               ) -> pd.DataFrame:
+    positions = shifted_positions_angst(particles, options.shift_angst)
+    coords = relion_coordinates_px(positions, tomogram_shape_xyz_px, tilt_series.pixel_size_angst,
+                                   options.output_pixel_size_angst)
+    angles = np.zeros_like(particles.euler_zyz_deg) if options.prerotate else particles.euler_zyz_deg
+    subsets = (np.arange(len(particles)) + first_subset_index) % 2 + 1
+    return pd.DataFrame({
+        "rlnImageName": names, "rlnCtfImage": ctf_names,
+        "rlnAngleRot": angles[:, 0], "rlnAngleTilt": angles[:, 1], "rlnAnglePsi": angles[:, 2],
+        "rlnCoordinateX": coords[:, 0], "rlnCoordinateY": coords[:, 1], "rlnCoordinateZ": coords[:, 2],
+        "rlnTomoName": tilt_series.ts_id, "rlnMicrographName": tilt_series.ts_id,
+        "rlnRandomSubset": subsets.astype(np.int64)})
+
+
+def _series_tilt_rows(result: object, stack_name: str, ts_id: str, particle_index: int) -> list[dict[str, object]]:
+    meta = result.metadata  # type: ignore[attr-defined]
+    return [{"rlnTomoName": ts_id, "rlnTomoParticleId": particle_index + 1, "rlnImageName": f"{k + 1}@{stack_name}",
+             "rlnTomoTiltIndex": int(meta["tilt_index"][k]), "rlnAngleTilt": float(meta["tilt_angle_deg"][k]),
+             "rlnDefocusU": float(meta["defocus_u_angst"][k]), "rlnDefocusV": float(meta["defocus_v_angst"][k]),
+             "rlnMicrographPreExposure": float(meta["pre_exposure_e_per_angst2"][k]),
+             "rlnCoordinateX": float(meta["position_px"][k][0]), "rlnCoordinateY": float(meta["position_px"][k][1])}
+            for k in range(len(meta["tilt_index"]))]

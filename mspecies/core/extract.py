@@ -1,0 +1,260 @@
+"""Tilt-image preparation and particle-patch extraction for the export (M/Warp §4.4, §5.1–5.4).
+
+Images are indexed ``[y, x]``; pixel index i is centred at coordinate i. Positions are (x, y) pixel index
+coordinates of the (rescaled) raw image. Spectra follow ``rfft2`` (``[ky, kx]``, kx ≥ 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+import numpy as np
+
+from .ctf import electron_wavelength_angst
+from .types import InputError, Microscope, TiltSeriesData
+
+
+def fft_module(xp: ModuleType) -> ModuleType:
+    """``scipy.fft`` for NumPy arrays, ``cupyx.scipy.fft`` for CuPy arrays."""
+    if xp is np:
+        import scipy.fft
+
+        return scipy.fft
+    import cupyx.scipy.fft
+
+    return cupyx.scipy.fft
+
+
+def fft_kwargs(xp: ModuleType, workers: int) -> dict[str, int]:
+    """``workers=`` for scipy.fft on the CPU; nothing for CuPy."""
+    return {"workers": workers} if xp is np else {}
+
+
+# ----------------------------------------------------------------------------------------------- box sizes
+
+
+def aliasing_free_size_px(microscope: Microscope, defocus_angst: float, phase_shift_deg: float,
+                          pixel_size_angst: float, diameter_px: float) -> int:
+    """Warp ``CTF.GetAliasingFreeSize(maxRes = 2p, diameter)``: box keeping the CTF phase change per Fourier
+    pixel below π/1.1 up to Nyquist, plus the particle diameter (px). Astigmatism is ignored."""
+    wavelength = electron_wavelength_angst(microscope.voltage_kv)
+    k = (np.arange(1000) + 1) / 1000.0 / (2.0 * pixel_size_angst)
+    gamma = (np.pi * wavelength * (-defocus_angst) * k**2 + np.pi / 2 * microscope.cs_mm * 1e7 * wavelength**3 * k**4
+             - np.deg2rad(phase_shift_deg))
+    steps = np.abs(np.diff(gamma / np.pi))
+    return int(np.ceil(steps.max() / 0.5 * 1000 * 1.1 + diameter_px))
+
+
+def padded_box_px(tilt_series: TiltSeriesData, box_px: int, pixel_size_angst: float, diameter_angst: float) -> int:
+    """``M = min(1024, max(2N, even-rounded aliasing-free size of the lowest-dose tilt's CTF))``."""
+    t = int(np.argmin(tilt_series.dose_e_per_angst2))
+    defocus = 0.5 * (tilt_series.defocus_u_angst[t] + tilt_series.defocus_v_angst[t])
+    size = aliasing_free_size_px(tilt_series.microscope, float(defocus), float(tilt_series.phase_shift_deg[t]),
+                                 pixel_size_angst, diameter_angst / pixel_size_angst)
+    minimum = int(round(size / 2)) * 2  # Python round is half-to-even like .NET Math.Round
+    return int(min(1024, max(2 * box_px, minimum)))
+
+
+# ----------------------------------------------------------------------------------------------- images
+
+
+def rescaled_shape(image_shape_yx: tuple[int, int], data_pixel_angst: float, output_pixel_angst: float
+                   ) -> tuple[int, int]:
+    """Even image shape after Fourier rescaling to the output pixel size (unchanged when equal)."""
+    if output_pixel_angst == data_pixel_angst:
+        return tuple(int(v) for v in image_shape_yx)  # type: ignore[return-value]
+    factor = data_pixel_angst / output_pixel_angst
+    return tuple(int(round(n * factor / 2)) * 2 for n in image_shape_yx)  # type: ignore[return-value]
+
+
+def fourier_rescale(image: np.ndarray, shape_yx: tuple[int, int], *, xp: ModuleType = np, workers: int = 1
+                    ) -> np.ndarray:
+    """Fourier-crop a (ny, nx) image to ``shape_yx`` (smaller or equal), keeping the mean value."""
+    ny, nx = image.shape
+    my, mx = shape_yx
+    if (my, mx) == (ny, nx):
+        return image
+    fft = fft_module(xp)
+    spectrum = fft.rfft2(image, **fft_kwargs(xp, workers))
+    rows = xp.concatenate([xp.arange(my // 2), xp.arange(ny - my // 2, ny)])
+    cropped = spectrum[rows][:, : mx // 2 + 1]
+    return fft.irfft2(cropped, s=(my, mx), **fft_kwargs(xp, workers)) * (my * mx / (ny * nx))
+
+
+def subtract_plane(image: np.ndarray, *, xp: ModuleType = np) -> np.ndarray:
+    """Subtract the least-squares plane ``a x + b y + c`` (Warp ``SubtractMeanGrid(1×1)``)."""
+    ny, nx = image.shape
+    x = xp.arange(nx, dtype=xp.float64) - (nx - 1) / 2
+    y = xp.arange(ny, dtype=xp.float64) - (ny - 1) / 2
+    a = (image * x[None, :]).sum() / (ny * (x * x).sum())
+    b = (image * y[:, None]).sum() / (nx * (y * y).sum())
+    return image - image.mean() - a * x[None, :] - b * y[:, None]
+
+
+def bandpass(image: np.ndarray, box_px: int, *, xp: ModuleType = np, workers: int = 1) -> np.ndarray:
+    """Keep frequencies with ``r ∈ [1/N, 1]``, r = radius in per-axis Nyquist units (Warp ``Bandpass``, hard)."""
+    fft = fft_module(xp)
+    ny, nx = image.shape
+    spectrum = fft.rfft2(image, **fft_kwargs(xp, workers))
+    ry = xp.fft.fftfreq(ny)[:, None] * 2.0
+    rx = xp.fft.rfftfreq(nx)[None, :] * 2.0
+    radius = xp.sqrt(rx * rx + ry * ry)
+    spectrum *= (radius >= 1.0 / box_px) & (radius <= 1.0)
+    return fft.irfft2(spectrum, s=(ny, nx), **fft_kwargs(xp, workers))
+
+
+def preprocess_image(image: np.ndarray, box_px: int, *, normalize: bool, invert: bool, xp: ModuleType = np,
+                     workers: int = 1) -> np.ndarray:
+    """Warp §5.1: [plane subtraction] → band-pass [1/N, Nyquist] → [mean 0, sd 1] → [× −1]; float32."""
+    image = xp.asarray(image, dtype=xp.float64)
+    if normalize:
+        image = subtract_plane(image, xp=xp)
+    image = bandpass(image, box_px, xp=xp, workers=workers)
+    if normalize:
+        sd = float(image.std())
+        if not sd > 0:
+            raise InputError("stack: a tilt image is constant after band-pass filtering; cannot normalise it")
+        image = (image - image.mean()) / sd
+    if invert:
+        image = -image
+    return image.astype(xp.float32)
+
+
+@dataclass(frozen=True)
+class PreparedStack:
+    """Preprocessed tilt images at the output pixel size.
+
+    Attributes
+    ----------
+    images
+        (T, ny', nx') float32 in the array namespace of the engine.
+    scale_xy
+        (2,) factor from raw index coordinates to rescaled index coordinates (``nx'/nx``, ``ny'/ny``).
+    """
+
+    images: np.ndarray
+    scale_xy: np.ndarray
+
+
+def prepare_stack(stack: np.ndarray, tilt_series: TiltSeriesData, output_pixel_angst: float, box_px: int, *,
+                  normalize: bool, invert: bool, xp: ModuleType = np, workers: int = 1,
+                  tilts: np.ndarray | None = None) -> PreparedStack:
+    """Read each tilt once (the stack may be memory-mapped), rescale it and preprocess it.
+
+    Parameters
+    ----------
+    stack
+        (T, ny, nx) raw images in stack order (any float dtype; read tilt by tilt).
+    tilts
+        Stack indices to prepare (default all); the others are left zero.
+    """
+    if stack.ndim != 3 or stack.shape[0] != tilt_series.n_tilts:
+        raise InputError(f"stack: expected shape ({tilt_series.n_tilts}, ny, nx) for {tilt_series.ts_id}, "
+                         f"got {stack.shape}")
+    if tuple(stack.shape[1:]) != tuple(tilt_series.image_shape_yx):
+        raise InputError(f"stack: images are {stack.shape[1:]} (ny, nx) but the tilt series says "
+                         f"{tilt_series.image_shape_yx}")
+    shape = rescaled_shape(tilt_series.image_shape_yx, tilt_series.pixel_size_angst, output_pixel_angst)
+    if min(shape) < 2:
+        raise InputError(f"output_pixel_size_angst: {output_pixel_angst} Å shrinks the images to {shape} px")
+    images = xp.zeros((tilt_series.n_tilts,) + shape, dtype=xp.float32)
+    for t in (range(tilt_series.n_tilts) if tilts is None else tilts):
+        image = xp.asarray(np.asarray(stack[int(t)], dtype=np.float32))
+        image = fourier_rescale(image.astype(xp.float64), shape, xp=xp, workers=workers)
+        images[int(t)] = preprocess_image(image, box_px, normalize=normalize, invert=invert, xp=xp, workers=workers)
+    ny, nx = tilt_series.image_shape_yx
+    return PreparedStack(images, np.array([shape[1] / nx, shape[0] / ny]))
+
+
+# ----------------------------------------------------------------------------------------------- patches
+
+
+def extract_patches(images: np.ndarray, positions_px: np.ndarray, tilts: np.ndarray, box_px: int, *,
+                    xp: ModuleType = np) -> tuple[np.ndarray, np.ndarray]:
+    """Cut box × box patches around sub-pixel positions with edge clamping (Warp §5.3).
+
+    Parameters
+    ----------
+    images
+        (T_all, ny, nx) prepared images.
+    positions_px
+        (B, T, 2) (x, y) index coordinates of the particle centres in the images ``tilts``.
+    tilts
+        (T,) image indices.
+
+    Returns
+    -------
+    patches
+        (B, T, box, box) float32; the particle centre is at patch coordinate ``box/2 − residual``.
+    residual_px
+        (B, T, 2) ``−(c − trunc(c))`` with ``c = position − box/2``: shifting a patch by
+        ``residual`` puts the particle centre at pixel ``box/2``.
+    """
+    _, ny, nx = images.shape
+    corner = xp.asarray(positions_px) - box_px // 2
+    origin = xp.trunc(corner)
+    residual = -(corner - origin)
+    origin = origin.astype(xp.int64)
+    offsets = xp.arange(box_px, dtype=xp.int64)
+    ix = xp.clip(origin[..., 0:1] + offsets, 0, nx - 1)  # (B, T, box)
+    iy = xp.clip(origin[..., 1:2] + offsets, 0, ny - 1)
+    t = xp.asarray(tilts, dtype=xp.int64)[None, :, None, None]
+    return images[t, iy[..., :, None], ix[..., None, :]], residual
+
+
+def shift_phase(kx: np.ndarray, ky: np.ndarray, shift_px: np.ndarray, size_px: int, *, xp: ModuleType = np
+                ) -> np.ndarray:
+    """(..., S) complex64 ``exp(−2πi k·s/size)``: multiplying a spectrum by it moves the content by +s.
+
+    ``kx, ky`` (S,) are integer-valued frequency indices; ``shift_px`` (..., 2) is (sx, sy) in pixels.
+    Separable: one exponential per distinct kx and ky value, then a gather and a product.
+    """
+    kx_index = xp.asarray(kx).astype(xp.int64) % size_px
+    ky_index = xp.asarray(ky).astype(xp.int64) % size_px
+    k = xp.asarray(np.fft.fftfreq(size_px, 1.0 / size_px), dtype=xp.float64)  # value of index j
+    shift = xp.asarray(shift_px, dtype=xp.float64)
+    along_x = xp.exp((-2j * np.pi / size_px) * shift[..., 0:1] * k).astype(xp.complex64)
+    along_y = xp.exp((-2j * np.pi / size_px) * shift[..., 1:2] * k).astype(xp.complex64)
+    return along_x[..., kx_index] * along_y[..., ky_index]
+
+
+@dataclass(frozen=True)
+class CtfTables:
+    """Per-sample frequency terms of the RELION CTF on a sample list (float32): k² (1/Å²), cos 2α, sin 2α."""
+
+    k2: np.ndarray
+    cos2: np.ndarray
+    sin2: np.ndarray
+
+    @classmethod
+    def from_samples(cls, kx: np.ndarray, ky: np.ndarray, size_px: int, pixel_size_angst: float, *,
+                     xp: ModuleType = np) -> CtfTables:
+        fx = xp.asarray(kx, dtype=xp.float64) / (size_px * pixel_size_angst)
+        fy = xp.asarray(ky, dtype=xp.float64) / (size_px * pixel_size_angst)
+        angle = xp.arctan2(fy, fx)
+        return cls((fx * fx + fy * fy).astype(xp.float32), xp.cos(2 * angle).astype(xp.float32),
+                   xp.sin(2 * angle).astype(xp.float32))
+
+
+def ctf_samples(tables: CtfTables, defocus_u_angst: np.ndarray, defocus_v_angst: np.ndarray,
+                defocus_angle_deg: np.ndarray, phase_shift_deg: np.ndarray, microscope: Microscope, *,
+                xp: ModuleType = np) -> np.ndarray:
+    """RELION CTF (no envelope) on the samples → (..., S) float32 (same formula as :func:`~mspecies.core.ctf.ctf_2d`).
+
+    Defocus and angles have shape (...,), broadcast against the S samples.
+    """
+    wavelength = electron_wavelength_angst(microscope.voltage_kv)
+    q0 = microscope.amplitude_contrast
+    k1 = np.pi * wavelength
+    k2 = np.pi / 2 * microscope.cs_mm * 1e7 * wavelength**3
+    k3 = np.arctan(q0 / np.sqrt(1.0 - q0 * q0))
+    angle = xp.deg2rad(xp.asarray(defocus_angle_deg, dtype=xp.float64))
+    average = (-(xp.asarray(defocus_u_angst) + xp.asarray(defocus_v_angst)) / 2).astype(xp.float32)[..., None]
+    deviation = (-(xp.asarray(defocus_u_angst) - xp.asarray(defocus_v_angst)) / 2)
+    dev_cos = (deviation * xp.cos(2 * angle)).astype(xp.float32)[..., None]
+    dev_sin = (deviation * xp.sin(2 * angle)).astype(xp.float32)[..., None]
+    phase = (xp.deg2rad(xp.asarray(phase_shift_deg, dtype=xp.float64)) + k3).astype(xp.float32)[..., None]
+    delta_f = average + dev_cos * tables.cos2 + dev_sin * tables.sin2
+    gamma = np.float32(k1) * delta_f * tables.k2 + np.float32(k2) * tables.k2 * tables.k2 - phase
+    return -xp.sin(gamma)

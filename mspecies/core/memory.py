@@ -1,0 +1,134 @@
+"""Memory planning for the sub-tomogram export: estimate bytes before any work, choose the batch size.
+
+Every estimate is in bytes and counts the arrays the engine (:mod:`mspecies.core.reconstruct`) holds at
+its peak: the preprocessed stack of one tilt series, the shared Fourier-insertion operator, and per particle
+of a batch the extracted patches, their spectra, the per-sample values, the accumulated half volumes and the
+inverse-FFT buffers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .types import InputError
+
+DEFAULT_BUDGET_FRACTION = 0.25
+MAX_BATCH = 32
+# Trilinear splatting touches 8 voxels per sample, plus a few mirrored ones on the x = 0 plane.
+NONZEROS_PER_SAMPLE = 8.5
+
+
+def available_memory_bytes() -> int:
+    """Memory available to new allocations (``MemAvailable`` of /proc/meminfo, else physical memory)."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def disc_sample_count(padded_box_px: int) -> int:
+    """Number of 2D half-plane Fourier samples strictly inside radius M/2 (about π M² / 8)."""
+    half = padded_box_px // 2
+    ky = np.arange(-half, half)[:, None]
+    kx = np.arange(0, half + 1)[None, :]
+    inside = (kx * kx + ky * ky < half * half) & ~((kx == 0) & (ky < 0))
+    return int(inside.sum())
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes needed and the batch size chosen for one tilt series.
+
+    Attributes
+    ----------
+    fixed_bytes
+        Independent of the batch: preprocessed stack, insertion operator, frequency tables.
+    per_particle_bytes
+        Added by each particle of a batch.
+    batch_size
+        Particles reconstructed together.
+    budget_bytes
+        The budget the plan had to fit.
+    """
+
+    fixed_bytes: int
+    per_particle_bytes: int
+    batch_size: int
+    budget_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.fixed_bytes + self.batch_size * self.per_particle_bytes
+
+    def describe(self) -> str:
+        mib = 1024**2
+        return (f"batch {self.batch_size} particles, {self.total_bytes / mib:.0f} MiB "
+                f"(fixed {self.fixed_bytes / mib:.0f} MiB + {self.per_particle_bytes / mib:.1f} MiB/particle) "
+                f"of a {self.budget_bytes / mib:.0f} MiB budget")
+
+
+def estimate_bytes(padded_box_px: int, box_px: int, n_tilts: int, stack_pixels: int, *,
+                   shared_geometry: bool) -> tuple[int, int]:
+    """Fixed and per-particle bytes of the volume export.
+
+    Parameters
+    ----------
+    padded_box_px
+        M, the aliasing-free padded box.
+    box_px
+        N, the output box.
+    n_tilts
+        Tilts inserted per particle.
+    stack_pixels
+        Pixels of the preprocessed (rescaled) stack, all tilts.
+    shared_geometry
+        True when all particles share the insertion operator (not pre-rotated): it is built once
+        (fixed cost); otherwise each particle builds its own (per-particle cost).
+    """
+    m, n = padded_box_px, box_px
+    half_voxels = m * m * (m // 2 + 1)
+    samples = n_tilts * disc_sample_count(m)
+    nonzeros = int(samples * NONZEROS_PER_SAMPLE)
+    operator = nonzeros * (4 + 4 + 4 + 8) * 2  # two CSR matrices (data, column index) + building buffers
+    fixed = stack_pixels * 4 + samples * 8 * 4
+    per_particle = (n_tilts * m * m * 4            # real patches
+                    + n_tilts * m * (m // 2 + 1) * 8  # their spectra (complex64)
+                    + samples * 8 * 4             # values: complex data, |C_u|, C_u C_w, phases
+                    + half_voxels * 4 * 5         # accumulators Re D, Im D, W1, D2, W0
+                    + half_voxels * 8 * 2 * 2     # complex sub-tomogram and CTF spectra, partial-iFFT buffers
+                    + n ** 3 * 4 * 4)             # cropped outputs
+    if shared_geometry:
+        fixed += operator
+    else:
+        per_particle += nonzeros * (8 + 4 + 4 + 8 * 3)  # indices, weights, signs, gathered values (float64)
+    return int(fixed), int(per_particle)
+
+
+def plan_batches(padded_box_px: int, box_px: int, n_tilts: int, stack_pixels: int, *, shared_geometry: bool,
+                 budget_bytes: int | None = None, max_batch: int = MAX_BATCH) -> MemoryPlan:
+    """Choose the largest batch (≤ ``max_batch``) that fits the budget, or raise :class:`InputError`.
+
+    Parameters
+    ----------
+    budget_bytes
+        Bytes the export may use; None = ``DEFAULT_BUDGET_FRACTION`` of the available memory.
+    """
+    budget = int(budget_bytes if budget_bytes is not None else DEFAULT_BUDGET_FRACTION * available_memory_bytes())
+    fixed, per_particle = estimate_bytes(padded_box_px, box_px, n_tilts, stack_pixels,
+                                         shared_geometry=shared_geometry)
+    batch = min(max_batch, (budget - fixed) // per_particle) if budget > fixed else 0
+    if batch < 1:
+        mib = 1024**2
+        raise InputError(
+            f"memory: one particle needs {(fixed + per_particle) / mib:.0f} MiB (fixed {fixed / mib:.0f} MiB for the "
+            f"stack and insertion operator + {per_particle / mib:.0f} MiB per particle at padded box M = "
+            f"{padded_box_px}, {n_tilts} tilts) but the budget is {budget / mib:.0f} MiB; raise the memory budget, "
+            f"use a larger output pixel size or a smaller box")
+    return MemoryPlan(fixed, per_particle, int(batch), budget)

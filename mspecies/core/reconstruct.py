@@ -1,0 +1,465 @@
+"""Sub-tomograms and 3D CTFs reconstructed from raw tilt images (M/Warp ``ReconstructSubtomos``, m_reference §5).
+
+For a tilt series, its raw stack and its particles, every particle gets
+
+* a (N, N, N) float32 sub-tomogram ``[z, y, x]`` centred on voxel N/2 (tomogram frame, or the reference frame
+  when pre-rotated), white protein when ``invert_contrast``;
+* its 3D CTF: (N, N, N//2+1) float32 in the FFTW/numpy ``rfftn`` half layout (RELION's (N/2+1)×N×N), or a
+  centred (N, N, N) cube.
+
+Per tilt t and 2D frequency k of the particle's M × M patch (M = aliasing-free padded box):
+
+* ``C_u`` = RELION CTF with the particle's own defocus (tilt defocus + sign · height);
+* ``C_w`` = ``C_u · cos θ_t · exp(−pre-exposure_t · k²)`` (Warp dose filter, B = −4 · pre-exposure) × the
+  first-N-by-dose mask (on ``C_w`` only);
+* inserted: data ``F_t · C_w``, weight ``|C_u|``, CTF ``C_u · C_w``, multiplicity 1 (:mod:`mspecies.core.insert`);
+* ``F = D · min(1, W0) / max(W1, 1e-4)`` inside |k| < M/2, centred inverse FFT (× M²), ÷ sinc²(r/M), crop N;
+* the 3D CTF is the same reconstruction of the CTF numerator, cropped in real space and transformed back
+  (÷ M²), real part.
+
+Excluded tilts (``TiltSeriesData.excluded``) are left out altogether (M down-weights them by 1e-4 in the
+numerator but keeps them in the denominator; leaving them out is the cleaner choice for bad images).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from types import ModuleType
+
+import numpy as np
+
+from . import extract, insert
+from .backend import select_backend, to_numpy
+from .geometry import euler_to_matrix, particle_defocus_angst, project_positions_to_tilts
+from .memory import MemoryPlan, plan_batches
+from .types import InputError, ParticlePoses, TiltSeriesData
+
+MODES = ("volumes", "series")
+CTF_LAYOUTS = ("half", "centred")
+WEIGHT_FLOOR = 1e-4
+SPARSE_THRESHOLD = 0.01
+
+
+class ReconstructionError(RuntimeError):
+    """A reconstructed volume is unusable (constant, all zero or not finite); nothing is written for it."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Options of the sub-tomogram export (M's dialog, m_reference §3.1).
+
+    Attributes
+    ----------
+    output_pixel_size_angst
+        Output pixel size p (Å), ≥ the tilt-series pixel size; images are Fourier-rescaled to it.
+    box_px
+        Output box N (even).
+    particle_diameter_angst
+        Diameter (Å): output-normalisation mask and a term of the padded-box size.
+    mode
+        ``volumes`` (sub-tomogram + 3D CTF) or ``series`` (2D tilt images per particle).
+    shift_angst
+        (3,) shift of every particle in the reference-map frame (Å), applied as ``position += A · shift``.
+    prerotate
+        Reconstruct in the reference frame (STAR angles become 0).
+    n_tilts_by_dose
+        Keep CTF weight only for the first N tilts by dose (None = all).
+    invert_contrast, normalize_input, normalize_output, sparse_ctf
+        As in M; sparse sets 3D-CTF voxels with |v| < 0.01 to 0.
+    ctf_layout
+        ``half`` (numpy rfftn (N, N, N//2+1)) or ``centred`` (N, N, N) with DC at N/2.
+    defocus_gradient_sign
+        Sign s of ``defocus = tilt defocus + s · height`` (−1: IMOD/Dynamo).
+    apply_ctf
+        Diagnostic switch: False uses ``C_u = C_w = 1`` (no CTF, no dose or tilt weighting).
+    backend
+        ``auto``, ``numpy`` or ``cupy``.
+    memory_budget_bytes
+        Budget for the memory plan (None = 25 % of the available memory).
+    max_batch
+        Upper bound on particles per batch.
+    workers
+        CPU threads for scipy.fft (None = all cores).
+    """
+
+    output_pixel_size_angst: float
+    box_px: int
+    particle_diameter_angst: float
+    mode: str = "volumes"
+    shift_angst: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    prerotate: bool = False
+    n_tilts_by_dose: int | None = None
+    invert_contrast: bool = True
+    normalize_input: bool = True
+    normalize_output: bool = True
+    sparse_ctf: bool = False
+    ctf_layout: str = "half"
+    defocus_gradient_sign: int = -1
+    apply_ctf: bool = True
+    backend: str = "numpy"
+    memory_budget_bytes: int | None = None
+    max_batch: int = 16
+    workers: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("output_pixel_size_angst", self.output_pixel_size_angst > 0, "a number > 0"),
+            ("box_px", int(self.box_px) == self.box_px and self.box_px >= 4 and self.box_px % 2 == 0,
+             "an even integer >= 4"),
+            ("particle_diameter_angst", self.particle_diameter_angst > 0, "a number > 0"),
+            ("mode", self.mode in MODES, f"one of {MODES}"),
+            ("ctf_layout", self.ctf_layout in CTF_LAYOUTS, f"one of {CTF_LAYOUTS}"),
+            ("n_tilts_by_dose", self.n_tilts_by_dose is None or self.n_tilts_by_dose >= 1, "None or an integer >= 1"),
+            ("defocus_gradient_sign", self.defocus_gradient_sign in (-1, 1), "-1 or +1"),
+            ("backend", self.backend in ("auto", "numpy", "cupy"), "auto, numpy or cupy"),
+            ("max_batch", self.max_batch >= 1, "an integer >= 1"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise InputError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
+        shift = tuple(float(v) for v in np.asarray(self.shift_angst, dtype=np.float64).reshape(-1))
+        if len(shift) != 3:
+            raise InputError(f"shift_angst: expected 3 values (x, y, z) in Å, got {self.shift_angst!r}")
+        object.__setattr__(self, "shift_angst", shift)
+        object.__setattr__(self, "box_px", int(self.box_px))
+
+    @property
+    def n_workers(self) -> int:
+        return self.workers or max(1, os.cpu_count() or 1)
+
+
+# ----------------------------------------------------------------------------------------------- poses
+
+
+def shifted_positions_angst(particles: ParticlePoses, shift_angst: tuple[float, float, float]) -> np.ndarray:
+    """(N, 3) positions moved by ``A · shift`` (shift in the reference-map frame, Å)."""
+    shift = np.asarray(shift_angst, dtype=np.float64)
+    if not np.any(shift):
+        return particles.positions_angst.copy()
+    return particles.positions_angst + np.einsum("nij,j->ni", euler_to_matrix(particles.euler_zyz_deg), shift)
+
+
+def dose_limit_mask(tilt_series: TiltSeriesData, n_tilts_by_dose: int | None) -> np.ndarray:
+    """(T,) 1 for the first ``n`` tilts by accumulated dose among the used (not excluded) tilts, else 0."""
+    used = np.flatnonzero(~tilt_series.excluded)
+    mask = np.zeros(tilt_series.n_tilts, dtype=np.float32)
+    order = used[np.argsort(tilt_series.dose_e_per_angst2[used], kind="stable")]
+    mask[order if n_tilts_by_dose is None else order[:n_tilts_by_dose]] = 1.0
+    return mask
+
+
+def validate_inputs(tilt_series: TiltSeriesData, options: ExportOptions) -> None:
+    """Raise :class:`InputError` for options that cannot work with this tilt series."""
+    if options.output_pixel_size_angst < tilt_series.pixel_size_angst * (1 - 1e-6):
+        raise InputError(f"output_pixel_size_angst: {options.output_pixel_size_angst} Å is smaller than the "
+                         f"tilt-series pixel size {tilt_series.pixel_size_angst} Å of {tilt_series.ts_id}")
+    shape = extract.rescaled_shape(tilt_series.image_shape_yx, tilt_series.pixel_size_angst,
+                                   options.output_pixel_size_angst)
+    if options.box_px > min(shape):
+        raise InputError(f"box_px: {options.box_px} px is larger than the images of {tilt_series.ts_id} "
+                         f"({shape[1]} x {shape[0]} px at {options.output_pixel_size_angst} Å/px)")
+    if not np.any(~tilt_series.excluded):
+        raise InputError(f"{tilt_series.ts_id}: every tilt is excluded")
+    radius = round(options.particle_diameter_angst / options.output_pixel_size_angst / 2)
+    if options.normalize_output and radius >= options.box_px * np.sqrt(3) / 2 - 0.5:
+        raise InputError(f"particle_diameter_angst: {options.particle_diameter_angst} Å leaves no background "
+                         f"in a {options.box_px} px box for output normalisation")
+
+
+# ----------------------------------------------------------------------------------------------- engine
+
+
+@dataclass
+class ParticleResult:
+    """One exported particle: ``index`` into the particle set, and its arrays (host NumPy, float32)."""
+
+    index: int
+    volume: np.ndarray | None = None
+    ctf: np.ndarray | None = None
+    series: np.ndarray | None = None
+    series_tilts: np.ndarray | None = None
+    metadata: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class TiltSeriesEngine:
+    """Everything about one tilt series that all of its particles share.
+
+    Build with :meth:`create`; then :meth:`reconstruct` yields one :class:`ParticleResult` per particle.
+    """
+
+    tilt_series: TiltSeriesData
+    options: ExportOptions
+    xp: ModuleType
+    prepared: extract.PreparedStack
+    tilts: np.ndarray
+    padded_box_px: int
+    grid: insert.SampleGrid
+    ctf_tables: extract.CtfTables
+    tilt_weights: np.ndarray
+    plan: MemoryPlan
+    operator: insert.InsertionOperator | None = None
+    multiplicity: np.ndarray | None = None
+    gridding: np.ndarray | None = None
+
+    @classmethod
+    def create(cls, tilt_series: TiltSeriesData, stack: np.ndarray, options: ExportOptions) -> TiltSeriesEngine:
+        """Validate, plan memory, read and preprocess the stack once, and build the shared insertion."""
+        validate_inputs(tilt_series, options)
+        xp = select_backend(options.backend)
+        tilts = np.flatnonzero(~tilt_series.excluded)
+        pixel = options.output_pixel_size_angst
+        series = options.mode == "series"
+        m = options.box_px if series else extract.padded_box_px(tilt_series, options.box_px, pixel,
+                                                                options.particle_diameter_angst)
+        shape = extract.rescaled_shape(tilt_series.image_shape_yx, tilt_series.pixel_size_angst, pixel)
+        plan = plan_batches(m, options.box_px, tilts.size, tilts.size * shape[0] * shape[1],
+                            shared_geometry=not options.prerotate, budget_bytes=options.memory_budget_bytes,
+                            max_batch=options.max_batch)
+        prepared = extract.prepare_stack(stack, tilt_series, pixel, options.box_px,
+                                         normalize=options.normalize_input, invert=options.invert_contrast, xp=xp,
+                                         workers=options.n_workers, tilts=tilts)
+        grid = insert.make_sample_grid(m)
+        tables = extract.CtfTables.from_samples(grid.kx, grid.ky, m, pixel, xp=xp)
+        engine = cls(tilt_series, options, xp, prepared, tilts, m, grid, tables,
+                     _tilt_weights(tilt_series, options, tilts, tables, xp), plan,
+                     gridding=_gridding_sinc2(options.box_px, m, xp))
+        if not series and not options.prerotate:
+            orientation = insert.slice_orientation(tilt_series.tilt_angles_deg[tilts], tilt_series.xf[tilts])
+            engine.operator = insert.InsertionOperator.from_splat(insert.splat_entries(orientation, grid, xp=xp),
+                                                                  xp=xp)
+            engine.multiplicity = insert.operator_multiplicity(engine.operator, xp=xp)
+        return engine
+
+    # ------------------------------------------------------------------------------------------- batches
+
+    def reconstruct(self, particles: ParticlePoses) -> Iterator[ParticleResult]:
+        """Yield one result per particle, in order, batch by batch."""
+        positions = shifted_positions_angst(particles, self.options.shift_angst)
+        for start in range(0, len(particles), self.plan.batch_size):
+            index = np.arange(start, min(start + self.plan.batch_size, len(particles)))
+            if self.options.mode == "series":
+                yield from self._series_batch(index, positions[index])
+            else:
+                yield from self._volume_batch(index, positions[index], particles.euler_zyz_deg[index])
+
+    def _projections(self, positions_angst: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rescaled image positions (B, T, 2) and defocus U, V (B, T) of the used tilts."""
+        raw_px, height = project_positions_to_tilts(positions_angst, self.tilt_series)
+        defocus_u, defocus_v = particle_defocus_angst(self.tilt_series, height, self.options.defocus_gradient_sign)
+        t = self.tilts
+        return raw_px[:, t] * self.prepared.scale_xy, defocus_u[:, t], defocus_v[:, t]
+
+    def _sample_values(self, positions_angst: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-sample values of a batch → data F·C_w (B, C) complex64, |C_u| and C_u·C_w (B, C) float32."""
+        xp, m, grid = self.xp, self.padded_box_px, self.grid
+        image_px, defocus_u, defocus_v = self._projections(positions_angst)
+        patches, residual = extract.extract_patches(self.prepared.images, image_px, self.tilts, m, xp=xp)
+        fft = extract.fft_module(xp)
+        spectra = fft.rfft2(patches, **extract.fft_kwargs(xp, self.options.n_workers))
+        batch, n_tilts = patches.shape[:2]
+        samples = spectra.reshape(batch, n_tilts, -1)[:, :, xp.asarray(grid.flat_index)]
+        kx, ky = xp.asarray(grid.kx, dtype=xp.float32), xp.asarray(grid.ky, dtype=xp.float32)
+        samples = samples * extract.shift_phase(kx, ky, xp.asarray(residual) + m // 2, m, xp=xp)
+        samples *= np.float32(1.0 / (m * m))
+        if not self.options.apply_ctf:
+            ones = xp.ones(samples.shape, dtype=xp.float32)
+            return samples.reshape(batch, -1).astype(xp.complex64), ones.reshape(batch, -1), ones.reshape(batch, -1)
+        c_u = self._ctf_u(self.ctf_tables, defocus_u, defocus_v)
+        c_w = c_u * self.tilt_weights
+        data = (samples * c_w).astype(xp.complex64)
+        return data.reshape(batch, -1), xp.abs(c_u).reshape(batch, -1), (c_u * c_w).reshape(batch, -1)
+
+    def _ctf_u(self, tables: extract.CtfTables, defocus_u: np.ndarray, defocus_v: np.ndarray) -> np.ndarray:
+        """(B, T, S) unweighted CTF of the used tilts with the particles' own defocus."""
+        xp, ts = self.xp, self.tilt_series
+        return extract.ctf_samples(tables, xp.asarray(defocus_u), xp.asarray(defocus_v),
+                                   xp.asarray(ts.defocus_angle_deg[self.tilts]),
+                                   xp.asarray(ts.phase_shift_deg[self.tilts]), ts.microscope, xp=xp)
+
+    def _volume_batch(self, index: np.ndarray, positions_angst: np.ndarray, euler_zyz_deg: np.ndarray
+                      ) -> Iterator[ParticleResult]:
+        xp = self.xp
+        data, weight, ctf = self._sample_values(positions_angst)
+        if self.operator is not None:
+            rows = insert.insert_shared(self.operator, data, weight, ctf, self.multiplicity, xp=xp)
+        else:
+            matrices = euler_to_matrix(euler_zyz_deg)
+            orientation = insert.slice_orientation(self.tilt_series.tilt_angles_deg[self.tilts],
+                                                   self.tilt_series.xf[self.tilts], matrices)
+            rows = [insert.insert_one(insert.splat_entries(orientation[b], self.grid, xp=xp), data[b], weight[b],
+                                      ctf[b], xp=xp) for b in range(index.size)]
+        for b, (d_re, d_im, w1, d2, w0) in enumerate(rows):
+            volume, ctf_volume = self._finish(d_re, d_im, w1, d2, w0)
+            yield ParticleResult(int(index[b]), volume=volume, ctf=ctf_volume)
+
+    def _finish(self, d_re: np.ndarray, d_im: np.ndarray, w1: np.ndarray, d2: np.ndarray, w0: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """Normalise the accumulated half volumes, invert, correct, crop → (sub-tomogram, 3D CTF) on the host."""
+        xp, m = self.xp, self.padded_box_px
+        factor = xp.minimum(w0, 1.0) / xp.maximum(w1, WEIGHT_FLOOR)
+        half_shape = (m, m, m // 2 + 1)
+        spectrum = ((d_re + 1j * d_im) * factor).astype(xp.complex64).reshape(half_shape)
+        ctf_spectrum = (d2 * factor).astype(xp.complex64).reshape(half_shape)
+        volume = self._centred_crop(spectrum)
+        psf = self._centred_crop(ctf_spectrum)
+        fft = extract.fft_module(xp)
+        ctf_volume = fft.rfftn(xp.fft.ifftshift(psf), **extract.fft_kwargs(xp, self.options.n_workers)).real
+        ctf_volume = (ctf_volume / np.float32(m * m)).astype(xp.float32)
+        if self.options.sparse_ctf:
+            ctf_volume = xp.where(xp.abs(ctf_volume) < SPARSE_THRESHOLD, xp.float32(0), ctf_volume)
+        if self.options.ctf_layout == "centred":
+            ctf_volume = half_to_centred_cube(ctf_volume, xp=xp)
+        if self.options.normalize_output:
+            volume = normalize_outside_radius(volume, self._mask_radius_px(), xp=xp)
+        return to_numpy(volume.astype(xp.float32)), to_numpy(ctf_volume)
+
+    def _mask_radius_px(self) -> int:
+        return int(round(self.options.particle_diameter_angst / self.options.output_pixel_size_angst / 2))
+
+    def _centred_crop(self, half_spectrum: np.ndarray) -> np.ndarray:
+        """Inverse FFT of a (M, M, M//2+1) half spectrum, cropped to the central N³ around the origin
+        (which lands on voxel N/2), × M² (C#: unnormalised C2R and 1/M) ÷ sinc²(r/M). Axis by axis, cropping
+        after each one so only the needed lines are transformed.
+
+        The spectrum must be zero at |k| ≥ M/2 (the insertion never reaches those voxels, so their
+        multiplicity and hence the normalised value is 0: the C# ``DecenterKernel`` mask)."""
+        xp, m, n = self.xp, self.padded_box_px, self.options.box_px
+        fft = extract.fft_module(xp)
+        kwargs = extract.fft_kwargs(xp, self.options.n_workers)
+        keep = xp.asarray((np.arange(n) - n // 2) % m)
+        gridding = self.gridding if self.gridding is not None else _gridding_sinc2(n, m, xp)
+        partial = fft.ifft(half_spectrum, axis=0, **kwargs)[keep]
+        partial = fft.ifft(partial, axis=1, **kwargs)[:, keep]
+        volume = fft.irfft(partial, n=m, axis=2, **kwargs)[:, :, keep]
+        return (volume * np.float32(m * m) / gridding).astype(xp.float32)
+
+    # ------------------------------------------------------------------------------------------- series
+
+    def _series_batch(self, index: np.ndarray, positions_angst: np.ndarray) -> Iterator[ParticleResult]:
+        """2D tilt images per particle, sub-pixel centred on N/2 and CTF-premultiplied (m_reference §6.4)."""
+        xp, n = self.xp, self.options.box_px
+        image_px, defocus_u, defocus_v = self._projections(positions_angst)
+        patches, residual = extract.extract_patches(self.prepared.images, image_px, self.tilts, n, xp=xp)
+        fft = extract.fft_module(xp)
+        kwargs = extract.fft_kwargs(xp, self.options.n_workers)
+        spectra = fft.rfft2(patches, **kwargs)
+        ky = xp.asarray(np.fft.fftfreq(n, 1.0 / n), dtype=xp.float32)[:, None]
+        kx = xp.asarray(np.arange(n // 2 + 1), dtype=xp.float32)[None, :]
+        residual = xp.asarray(residual)
+        phase = (-2.0 * np.pi / n) * (residual[..., 0, None, None] * kx + residual[..., 1, None, None] * ky)
+        spectra = spectra * xp.exp(1j * phase.astype(xp.float32))
+        if self.options.apply_ctf:
+            spectra = spectra * self._series_filter(defocus_u, defocus_v)
+        images = fft.irfft2(spectra, s=(n, n), **kwargs).astype(xp.float32)
+        visible = self._visible(image_px)
+        pre_exposure = self.tilt_series.pre_exposure_e_per_angst2[self.tilts]
+        limited = self.tilt_weights_by_tilt > 0
+        for b in range(index.size):
+            used = visible[b] & limited
+            yield ParticleResult(int(index[b]), series=to_numpy(images[b][xp.asarray(used)]),
+                                 series_tilts=self.tilts[used],
+                                 metadata={"tilt_index": self.tilts[used],
+                                           "tilt_angle_deg": self.tilt_series.tilt_angles_deg[self.tilts][used],
+                                           "defocus_u_angst": defocus_u[b][used], "defocus_v_angst": defocus_v[b][used],
+                                           "pre_exposure_e_per_angst2": pre_exposure[used],
+                                           "position_px": image_px[b][used]})
+
+    @property
+    def tilt_weights_by_tilt(self) -> np.ndarray:
+        return dose_limit_mask(self.tilt_series, self.options.n_tilts_by_dose)[self.tilts]
+
+    def _series_filter(self, defocus_u: np.ndarray, defocus_v: np.ndarray) -> np.ndarray:
+        """(B, T, N, N//2+1) ``C_u · exp(−0.5 dose / d0(k)) · cos θ`` (Grant–Grigorieff critical exposure)."""
+        xp, n, pixel = self.xp, self.options.box_px, self.options.output_pixel_size_angst
+        ky = np.fft.fftfreq(n, 1.0 / n)[:, None] * np.ones((1, n // 2 + 1))
+        kx = np.arange(n // 2 + 1)[None, :] * np.ones((n, 1))
+        tables = extract.CtfTables.from_samples(kx.ravel(), ky.ravel(), n, pixel, xp=xp)
+        ts = self.tilt_series
+        c_u = self._ctf_u(tables, defocus_u, defocus_v)
+        k = np.sqrt(tables.k2.astype(np.float64)) if xp is np else xp.sqrt(tables.k2.astype(xp.float64))
+        with np.errstate(divide="ignore"):
+            critical = 0.245 * xp.where(k > 0, k, 1.0) ** -1.665 + 2.81
+        pre = xp.asarray(ts.pre_exposure_e_per_angst2[self.tilts])[:, None]
+        weight = xp.where(k > 0, xp.exp(-0.5 * pre / critical), 1.0)
+        weight = weight * xp.asarray(np.cos(np.deg2rad(ts.tilt_angles_deg[self.tilts])))[:, None]
+        filt = (c_u * weight.astype(xp.float32)).reshape(c_u.shape[:2] + (n, n // 2 + 1))
+        return filt
+
+    def _visible(self, image_px: np.ndarray) -> np.ndarray:
+        """(B, T) bool: the particle centre lies farther than half a diameter from every image edge."""
+        ny, nx = self.prepared.images.shape[1:]
+        margin = self.options.particle_diameter_angst / self.options.output_pixel_size_angst / 2
+        x, y = image_px[..., 0], image_px[..., 1]
+        return (x > margin) & (x < nx - margin) & (y > margin) & (y < ny - margin)
+
+
+def _tilt_weights(tilt_series: TiltSeriesData, options: ExportOptions, tilts: np.ndarray, tables: extract.CtfTables,
+                  xp: ModuleType) -> np.ndarray:
+    """(T_used, S) float32 ``cos θ · exp(−pre-exposure · k²) · dose-limit mask`` (C_w / C_u)."""
+    scale = np.cos(np.deg2rad(tilt_series.tilt_angles_deg[tilts]))
+    scale = scale * dose_limit_mask(tilt_series, options.n_tilts_by_dose)[tilts]
+    pre = xp.asarray(tilt_series.pre_exposure_e_per_angst2[tilts], dtype=xp.float32)[:, None]
+    return (xp.asarray(scale, dtype=xp.float32)[:, None] * xp.exp(-pre * tables.k2[None, :])).astype(xp.float32)
+
+
+def _gridding_sinc2(n: int, m: int, xp: ModuleType) -> np.ndarray:
+    """(N, N, N) ``sinc²(|v − N/2| / M)`` (trilinear-interpolation attenuation)."""
+    axis = np.arange(n) - n // 2
+    r = np.sqrt(axis[:, None, None] ** 2 + axis[None, :, None] ** 2 + axis[None, None, :] ** 2) / m
+    return xp.asarray((np.sinc(r) ** 2).astype(np.float32))
+
+
+def normalize_outside_radius(volume: np.ndarray, radius_px: float, *, xp: ModuleType = np) -> np.ndarray:
+    """Mean 0, population sd 1 over the voxels farther than ``radius_px`` from the centre N/2."""
+    n = volume.shape[0]
+    axis = xp.arange(n) - n // 2
+    r2 = axis[:, None, None] ** 2 + axis[None, :, None] ** 2 + axis[None, None, :] ** 2
+    background = volume[r2 > radius_px**2].astype(xp.float64)
+    sd = float(background.std())
+    factor = 1.0 / sd if sd > 0 else 0.0
+    return ((volume - background.mean()) * factor).astype(xp.float32)
+
+
+def half_to_centred_cube(half: np.ndarray, *, xp: ModuleType = np) -> np.ndarray:
+    """(N, N, N//2+1) real Hermitian half spectrum → (N, N, N) full cube with DC at voxel N/2."""
+    n = half.shape[0]
+    full = xp.empty((n, n, n), dtype=half.dtype)
+    full[:, :, : n // 2 + 1] = half
+    mirror_x = xp.arange(n // 2 + 1, n)
+    flip = (-xp.arange(n)) % n
+    full[:, :, n // 2 + 1:] = half[flip][:, flip][:, :, (n - mirror_x)]
+    return xp.fft.fftshift(full)
+
+
+def check_volume(volume: np.ndarray, what: str) -> None:
+    """Raise :class:`ReconstructionError` if the volume is not finite, all zero or constant."""
+    if not np.all(np.isfinite(volume)):
+        raise ReconstructionError(f"{what}: the volume has non-finite values")
+    if not np.any(volume):
+        raise ReconstructionError(f"{what}: the volume is all zero")
+    if float(np.ptp(volume)) == 0.0:
+        raise ReconstructionError(f"{what}: the volume is constant ({float(volume.flat[0])})")
+
+
+def reconstruct_particles(tilt_series: TiltSeriesData, stack: np.ndarray, particles: ParticlePoses,
+                          options: ExportOptions) -> Iterator[ParticleResult]:
+    """Sub-tomograms + 3D CTFs (or image series) of the particles of one tilt series, in particle order.
+
+    Parameters
+    ----------
+    tilt_series
+        Geometry, CTF and dose of the raw tilt series.
+    stack
+        (T, ny, nx) raw stack (may be memory-mapped; each tilt is read once).
+    particles
+        Particles of this tilt series (centred Å positions, RELION angles).
+    options
+        :class:`ExportOptions`.
+    """
+    if len(particles) == 0:
+        raise InputError(f"particles: no particles for tilt series {tilt_series.ts_id}")
+    engine = TiltSeriesEngine.create(tilt_series, stack, options)
+    yield from engine.reconstruct(particles)

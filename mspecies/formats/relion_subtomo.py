@@ -1,0 +1,96 @@
+"""STAR files for exported sub-tomograms with 3D CTFs, as RELION 3.1 (and 3.0) read them.
+
+RELION 3.1 flavour: ``data_optics`` (one group: pixel size, box, ``rlnImageDimensionality 3`` — without it
+RELION treats the images as 2D —, voltage, Cs, amplitude contrast) and ``data_particles`` (image, 3D CTF,
+angles, coordinates in output pixels from the tomogram corner, zero origins, tomogram name, random subset).
+RELION 3.0 flavour (what M writes): a single ``data_`` table with ``rlnMagnification 10000`` and
+``rlnDetectorPixelSize`` = pixel size in Å (RELION computes pixel = detector pixel · 1e4 / magnification).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import starfile
+
+from mspecies.core.types import InputError, Microscope
+
+FLAVOURS = ("3.1", "3.0")
+PARTICLE_COLUMNS = ("rlnImageName", "rlnCtfImage", "rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnCoordinateX",
+                    "rlnCoordinateY", "rlnCoordinateZ", "rlnTomoName", "rlnMicrographName", "rlnRandomSubset")
+
+
+def optics_table(pixel_size_angst: float, box_px: int, microscope: Microscope, *, dimensionality: int = 3,
+                 group_name: str = "opticsGroup1") -> pd.DataFrame:
+    """One-row RELION 3.1 ``data_optics`` table for sub-tomograms (group 1)."""
+    return pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": [group_name],
+                         "rlnImagePixelSize": [float(pixel_size_angst)], "rlnImageSize": [int(box_px)],
+                         "rlnImageDimensionality": [int(dimensionality)], "rlnVoltage": [float(microscope.voltage_kv)],
+                         "rlnSphericalAberration": [float(microscope.cs_mm)],
+                         "rlnAmplitudeContrast": [float(microscope.amplitude_contrast)]})
+
+
+def subtomo_particles_table(particles: pd.DataFrame, flavour: str, pixel_size_angst: float,
+                            microscope: Microscope) -> pd.DataFrame:
+    """The particle rows in a flavour: 3.1 adds zero ``rlnOrigin*Angst`` and ``rlnOpticsGroup``; 3.0 adds
+    zero ``rlnOriginX/Y/Z`` (px) and the optics per row (magnification, detector pixel, V, Cs, Q0)."""
+    missing = [name for name in PARTICLE_COLUMNS if name not in particles.columns]
+    if missing:
+        raise InputError(f"particles: missing columns {missing}")
+    table = particles.copy()
+    if flavour == "3.1":
+        for axis in "XYZ":
+            table[f"rlnOrigin{axis}Angst"] = 0.0
+        table["rlnOpticsGroup"] = 1
+        return table
+    for axis in "XYZ":
+        table[f"rlnOrigin{axis}"] = 0.0
+    table["rlnMagnification"] = 10000.0
+    table["rlnDetectorPixelSize"] = float(pixel_size_angst)
+    table["rlnVoltage"] = float(microscope.voltage_kv)
+    table["rlnSphericalAberration"] = float(microscope.cs_mm)
+    table["rlnAmplitudeContrast"] = float(microscope.amplitude_contrast)
+    return table
+
+
+def write_subtomo_star(path: str | Path, particles: pd.DataFrame, *, pixel_size_angst: float, box_px: int,
+                       microscope: Microscope, flavour: str = "3.1") -> Path:
+    """Write the sub-tomogram STAR.
+
+    Parameters
+    ----------
+    particles
+        One row per particle with :data:`PARTICLE_COLUMNS` (image paths relative to the STAR file).
+    pixel_size_angst, box_px
+        Output pixel size (Å) and box (px).
+    flavour
+        ``3.1`` (optics + particles) or ``3.0`` (single table).
+    """
+    if flavour not in FLAVOURS:
+        raise InputError(f"flavour: expected one of {FLAVOURS}, got {flavour!r}")
+    if len(particles) == 0:
+        raise InputError(f"{path}: no particles to write")
+    table = subtomo_particles_table(particles, flavour, pixel_size_angst, microscope)
+    path = Path(path)
+    if flavour == "3.1":
+        starfile.write({"optics": optics_table(pixel_size_angst, box_px, microscope), "particles": table}, path,
+                       overwrite=True)
+    else:
+        starfile.write(table, path, overwrite=True)
+    return path
+
+
+def write_series_star(path: str | Path, particles: pd.DataFrame, tilts: pd.DataFrame, *, pixel_size_angst: float,
+                      box_px: int, microscope: Microscope) -> Path:
+    """Image-series export: ``data_optics`` (dimensionality 2, CTF-premultiplied), ``data_particles`` (one row per
+    particle: its stack) and ``data_tilts`` (one row per particle image: ``index@stack`` and per-tilt metadata)."""
+    if len(particles) == 0:
+        raise InputError(f"{path}: no particles to write")
+    optics = optics_table(pixel_size_angst, box_px, microscope, dimensionality=2)
+    optics["rlnCtfDataAreCtfPremultiplied"] = 1
+    table = particles.copy()
+    table["rlnOpticsGroup"] = 1
+    path = Path(path)
+    starfile.write({"optics": optics, "particles": table, "tilts": tilts}, path, overwrite=True)
+    return path

@@ -1,0 +1,127 @@
+"""Memory plan, volume checks, files and STAR of the export; the ``export`` CLI's handling of bad input."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import starfile
+from test_reconstruct import BOX, PIXEL, make_tilt_series, options, poses
+
+from mspecies.cli import main
+from mspecies.core.export import export_tilt_series, relion_coordinates_px
+from mspecies.core.memory import estimate_bytes, plan_batches
+from mspecies.core.reconstruct import ReconstructionError, check_volume
+from mspecies.core.synth import generate_dataset
+from mspecies.core.types import InputError, Microscope
+from mspecies.formats.mrc import read_mrc
+from mspecies.formats.relion_subtomo import write_subtomo_star
+
+
+def test_memory_plan_batches_within_the_budget_and_refuses_with_numbers():
+    fixed, per_particle = estimate_bytes(128, 64, 41, 41 * 512 * 512, shared_geometry=True)
+    assert fixed > 41 * 512 * 512 * 4 and per_particle > 128**3 * 4
+    plan = plan_batches(128, 64, 41, 41 * 512 * 512, shared_geometry=True, budget_bytes=fixed + 3 * per_particle)
+    assert plan.batch_size == 3 and plan.total_bytes <= plan.budget_bytes
+    with pytest.raises(InputError, match=r"memory: one particle needs \d+ MiB .* budget is \d+ MiB"):
+        plan_batches(128, 64, 41, 41 * 512 * 512, shared_geometry=True, budget_bytes=fixed)
+    _, own = estimate_bytes(128, 64, 41, 0, shared_geometry=False)
+    assert own > per_particle  # pre-rotation builds one insertion per particle
+
+def test_engine_refuses_a_budget_too_small_before_any_work():
+    tilt_series = make_tilt_series()
+    with pytest.raises(InputError, match="memory"):
+        export_tilt_series(tilt_series, np.zeros((1, 2, 2)), poses([[0, 0, 0]]), options(memory_budget_bytes=1000),
+                           "/nonexistent-never-created", tomogram_shape_xyz_px=(160, 160, 100))
+
+@pytest.mark.parametrize("volume", [np.zeros((4, 4, 4)), np.full((4, 4, 4), 2.5),
+                                    np.where(np.eye(4)[None] > 0, np.nan, 1.0)])
+def test_check_volume_rejects_zero_constant_and_non_finite(volume):
+    with pytest.raises(ReconstructionError):
+        check_volume(volume, "particle 0")
+
+def test_a_blank_stack_gives_an_error_and_no_file(tmp_path):
+    tilt_series = make_tilt_series(n_tilts=5)
+    stack = np.ones((5, 160, 160), dtype=np.float32)
+    with pytest.raises(ReconstructionError, match="all zero"):
+        export_tilt_series(tilt_series, stack, poses([[0, 0, 0]]), options(), tmp_path / "out",
+                           tomogram_shape_xyz_px=(160, 160, 100))
+    assert not list((tmp_path / "out").glob("*.mrc"))
+
+def test_export_writes_float32_mrcs_with_the_pixel_size_and_star_rows(tmp_path):
+    tilt_series = make_tilt_series(n_tilts=11)
+    rng = np.random.default_rng(0)
+    stack = rng.normal(size=(11, 160, 160)).astype(np.float32)
+    particles = poses([[8.0, -12.0, 4.0], [-40.0, 20.0, 0.0], [30.0, 30.0, -10.0]], rng.uniform(-90, 90, (3, 3)))
+    rows, summary = export_tilt_series(tilt_series, stack, particles, options(normalize_output=True), tmp_path,
+                                       tomogram_shape_xyz_px=(160, 160, 100), first_subset_index=1)
+    assert summary.n_particles == 3 and summary.padded_box_px == 2 * BOX
+    volume, pixel = read_mrc(tmp_path / rows["rlnImageName"][0])
+    ctf, ctf_pixel = read_mrc(tmp_path / rows["rlnCtfImage"][0])
+    assert volume.dtype == np.float32 and volume.shape == (BOX,) * 3 and pixel == pytest.approx(PIXEL)
+    assert ctf.shape == (BOX, BOX, BOX // 2 + 1) and ctf_pixel == pytest.approx(PIXEL)
+    assert rows["rlnImageName"][1] == "TS_0000001_4.00A.mrc" and rows["rlnCtfImage"][1] == "TS_0000001_ctf_4.00A.mrc"
+    assert rows["rlnRandomSubset"].tolist() == [2, 1, 2]
+    assert np.allclose(rows[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy(), particles.euler_zyz_deg)
+    coords = rows[["rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ"]].to_numpy()
+    assert np.allclose((coords - [80, 80, 50]) * PIXEL, particles.positions_angst)
+    prerotated, _ = export_tilt_series(tilt_series, stack, particles, options(prerotate=True), tmp_path / "pre",
+                                       tomogram_shape_xyz_px=(160, 160, 100))
+    assert np.all(prerotated[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy() == 0)
+
+def test_relion_coordinates_at_a_larger_output_pixel():
+    coords = relion_coordinates_px(np.array([[40.0, -20.0, 8.0]]), (1000, 800, 300), 2.0, 4.0)
+    assert np.allclose(coords, [[10 + 250, -5 + 200, 2 + 75]])
+
+def test_star_flavours(tmp_path):
+    table = {"rlnImageName": ["a.mrc"], "rlnCtfImage": ["a_ctf.mrc"], "rlnAngleRot": [1.0], "rlnAngleTilt": [2.0],
+             "rlnAnglePsi": [3.0], "rlnCoordinateX": [4.0], "rlnCoordinateY": [5.0], "rlnCoordinateZ": [6.0],
+             "rlnTomoName": ["TS"], "rlnMicrographName": ["TS"], "rlnRandomSubset": [1]}
+
+    scope = Microscope(300.0, 2.7, 0.07)
+    path31 = write_subtomo_star(tmp_path / "p31.star", pd.DataFrame(table), pixel_size_angst=4.0, box_px=48,
+                                microscope=scope)
+    blocks = starfile.read(path31, always_dict=True)
+    optics, particles = blocks["optics"], blocks["particles"]
+    assert int(optics["rlnImageDimensionality"][0]) == 3 and int(optics["rlnImageSize"][0]) == 48
+    assert {"rlnOriginXAngst", "rlnOpticsGroup", "rlnTomoName", "rlnCtfImage"} <= set(particles.columns)
+    path30 = write_subtomo_star(tmp_path / "p30.star", pd.DataFrame(table), pixel_size_angst=4.0, box_px=48,
+                                microscope=scope, flavour="3.0")
+    single = starfile.read(path30, always_dict=True)
+    (only,) = single.values()
+    assert float(only["rlnMagnification"][0]) == 10000.0 and float(only["rlnDetectorPixelSize"][0]) == 4.0
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli_export")
+    return generate_dataset(folder / "data", n_particles=4, n_tilts=11, box_px=24, image_shape_yx=(128, 128),
+                            thickness_angst=300.0, snr=None)
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--box", "23"], "box_px"),
+    (["--pixel-size-out", "1.0"], "output_pixel_size_angst"),
+    (["--ts-id", "TS_99"], "--ts-id"),
+])
+def test_cli_bad_input_exits_2_with_the_parameter_named(small_dataset, tmp_path, capsys, arguments, message):
+    base = ["export", "--manifest", str(small_dataset), "--out", str(tmp_path / "out"), "--box", "24",
+            "--diameter", "60", "--backend", "numpy"]
+    assert main(base + arguments) == 2
+    assert message in capsys.readouterr().err
+
+def test_cli_missing_files_exit_2(tmp_path, capsys):
+    code = main(["export", "--geometry", str(tmp_path / "missing.json"), "--particles", "p.star", "--out",
+                 str(tmp_path / "o"), "--box", "24", "--diameter", "60"])
+    assert code == 2 and "--geometry" in capsys.readouterr().err
+    code = main(["export", "--stack", "s.mrc", "--particles", "p.star", "--out", str(tmp_path / "o"), "--box", "24",
+                 "--diameter", "60"])
+    assert code == 2 and "--tlt" in capsys.readouterr().err
+
+def test_cli_exports_volumes_and_series(small_dataset, tmp_path, capsys):
+    common = ["export", "--manifest", str(small_dataset), "--box", "24", "--diameter", "60", "--backend", "numpy"]
+    assert main(common + ["--out", str(tmp_path / "v"), "--sparse-ctf", "--ctf-layout", "centred"]) == 0
+    log = capsys.readouterr().out
+    assert "particles/s" in log and "padded box M =" in log and "memory" in log
+    particles = starfile.read(tmp_path / "v" / "particles.star", always_dict=True)["particles"]
+    ctf, _ = read_mrc(tmp_path / "v" / particles["rlnCtfImage"][0])
+    assert len(particles) == 4 and ctf.shape == (24, 24, 24)
+    assert main(common + ["--out", str(tmp_path / "s"), "--mode", "series"]) == 0
+    blocks = starfile.read(tmp_path / "s" / "particles.star", always_dict=True)
+    assert int(blocks["optics"]["rlnImageDimensionality"][0]) == 2 and len(blocks["tilts"]) > 4

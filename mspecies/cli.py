@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from mspecies import cli_convert, cli_demo, cli_export
+from mspecies import cli_convert, cli_demo, cli_export, cli_intersect
 from mspecies.core.types import InputError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -84,6 +84,7 @@ SUBCOMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Calla
     "export": (cli_export.add_parser, cli_export.run),
     "convert": (cli_convert.add_parser, cli_convert.run),
     "demo": (cli_demo.add_parser, cli_demo.run),
+    "intersect": (cli_intersect.add_parser, cli_intersect.run),
 }
 
 

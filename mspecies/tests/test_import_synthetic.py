@@ -17,6 +17,7 @@ from mspecies.core.geometry import euler_to_matrix, project_positions_to_tilts
 from mspecies.core.synth import generate_dataset, load_manifest, manifest_particles, manifest_tilt_series
 from mspecies.core.types import InputError
 from mspecies.protocols import ProtMSpeciesImportCoordinates3D, ProtMSpeciesImportTsAlignment
+from mspecies.tests.checks import registered_outputs
 from mspecies.workflow import import_synthetic_dataset, inside_project
 
 SYNTH = dict(seed=0, n_tomograms=2, n_particles=8, n_tilts=21, box_px=32, image_shape_yx=(256, 256),
@@ -124,7 +125,7 @@ class TestImportBadInput(BaseTest):
         self.assertTrue(prot.isFailed(), f"protocol status {prot.getStatus()}")
         for needle in needles[:1]:
             self.assertIn(needle, prot.getErrorMessage())
-        self.assertFalse(list(prot.iterOutputAttributes()))
+        self.assertEqual(registered_outputs(prot), [])
 
     def test_missing_xf(self):
         prot = self.newProtocol(ProtMSpeciesImportTsAlignment, inputSetOfTiltSeries=self.imported["tilt_series"],

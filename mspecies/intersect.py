@@ -1,0 +1,470 @@
+"""Intersect particle sets: the glue shared by the CLI and the Scipion protocol (no pyworkflow import).
+
+The numerics live in :mod:`mspecies.core.assignment`; this module
+
+* matches the new set's tomogram names to the old set's (tolerant, :mod:`mspecies.formats.tomo_names`) and
+  reports it **before** any matching work;
+* runs the match per tomogram (Å, tomogram-centred positions) and computes the distances to plot;
+* writes the results: per-particle distances, ``summary.json``, the distance histogram (PNG) and, for STAR
+  inputs, ``only_old.star``, ``in_both.star``, ``only_new.star`` and ``selected.star`` in the old file's dialect.
+
+Particles in both sets are represented by the **old** particle (old poses, old columns), as in M.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mspecies.core.assignment import MODES, IntersectionResult, histogram_distances, match_particle_sets, select_union
+from mspecies.core.types import InputError, ParticlePoses
+from mspecies.formats.star_dialects import CORNER_DIALECTS, ParticleTable, TomoShapes, read_particle_star
+from mspecies.formats.star_write import write_particle_star
+from mspecies.formats.tomo_names import NameMatchReport, match_tomo_names
+
+KEEP_CHOICES = ("only_old", "in_both", "only_new")
+"""Names of the three sets, in output order (also the STAR file stems)."""
+
+HISTOGRAM_RADIUS_FACTOR = 3.0
+"""Default histogram radius = this factor x the tolerance (gated mode) ..."""
+
+MIN_HISTOGRAM_RADIUS_ANGST = 20.0
+"""... but at least this many Å, so that a tolerance of 0 still shows the neighbourhood."""
+
+DEFAULT_HISTOGRAM_BINS = 50
+SUMMARY_JSON = "summary.json"
+HISTOGRAM_PNG = "distance_histogram.png"
+HISTOGRAM_DISTANCES_TXT = "histogram_distances.txt"
+PARTICLE_DISTANCES_TSV = "particle_distances.tsv"
+
+
+@dataclass(frozen=True)
+class IntersectOutcome:
+    """Result of :func:`intersect_poses`.
+
+    Attributes
+    ----------
+    result
+        The assignment (old/new partners and distances in Å, per-tomogram counts).
+    name_report
+        How the new set's tomogram names matched the old set's.
+    new_groups
+        (M,) tomogram of each new particle: the matched old name, or its own name when unmatched.
+    histogram_distances_angst
+        (K,) matched distances (Å) at ``histogram_radius_angst``, to plot when choosing the tolerance.
+    histogram_radius_angst
+        Radius (Å) the histogram distances were computed with (may be ``inf``).
+    """
+
+    result: IntersectionResult
+    name_report: NameMatchReport
+    new_groups: np.ndarray
+    histogram_distances_angst: np.ndarray
+    histogram_radius_angst: float
+
+
+def parse_keep(text: str | Sequence[str]) -> tuple[bool, bool, bool]:
+    """``"only_old,in_both"`` (or a list of names) → (keep only old, keep in both, keep only new)."""
+    items = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
+    unknown = [t for t in items if t not in KEEP_CHOICES]
+    if unknown:
+        raise InputError(f"--keep: unknown set(s) {unknown}; choose from {list(KEEP_CHOICES)}")
+    if not items:
+        raise InputError(f"--keep: choose at least one of {list(KEEP_CHOICES)}")
+    return tuple(name in items for name in KEEP_CHOICES)  # type: ignore[return-value]
+
+
+def default_histogram_radius_angst(tolerance_angst: float, mode: str) -> float:
+    """Radius (Å) for the histogram distances: ``inf`` in M-compatible mode (M's histogram), else
+    ``max(HISTOGRAM_RADIUS_FACTOR x tolerance, MIN_HISTOGRAM_RADIUS_ANGST)``."""
+    if mode == "m_compatible":
+        return float("inf")
+    return max(HISTOGRAM_RADIUS_FACTOR * float(tolerance_angst), MIN_HISTOGRAM_RADIUS_ANGST)
+
+
+def match_names(old_names: Sequence[str] | np.ndarray, new_names: Sequence[str] | np.ndarray,
+                mapping: str | dict[str, str] | None = None) -> NameMatchReport:
+    """Match every new particle's tomogram name to the old set's tomogram names (tolerant: directories,
+    extensions such as ``.tomostar``, binning tags and case; ``mapping`` 'new=old, ...' wins). Ambiguous names
+    raise :class:`InputError`."""
+    old_unique = [str(u) for u in pd.unique(pd.Series(np.asarray(old_names, dtype=object)).astype(str))]
+    report = match_tomo_names(np.asarray(new_names, dtype=object).astype(str), old_unique, mapping)
+    report.raise_if_ambiguous()
+    return report
+
+
+def new_group_labels(report: NameMatchReport, new_names: Sequence[str] | np.ndarray) -> np.ndarray:
+    """(M,) group label per new particle: the old tomogram name it matched, else its own name."""
+    names = np.asarray(new_names, dtype=object).astype(str)
+    matched = report.ts_ids_for(names)
+    return np.where(pd.isna(matched), names, matched).astype(object)
+
+
+def name_report_lines(report: NameMatchReport, old_names: Sequence[str] | np.ndarray) -> list[str]:
+    """Per old tomogram: old particles, new particles matched to it and from which new names; then problems."""
+    old_counts = pd.Series(np.asarray(old_names, dtype=object)).astype(str).value_counts(sort=False)
+    per_ts = report.particles_per_ts_id
+    lines = []
+    for name in sorted(old_counts.index):
+        sources = sorted(n for n, t in report.matches.items() if t == name)
+        how = ", ".join(f"{s!r} ({report.methods[s]})" for s in sources) or "no new name"
+        lines.append(f"{name}: {int(old_counts[name])} old, {per_ts.get(name, 0)} new particle(s) from {how}")
+    if report.unmatched:
+        lines.append(f"new tomogram name(s) matching no old tomogram ({report.n_unmatched_particles} particle(s), "
+                     f"all 'only new'): {list(report.unmatched)[:10]}")
+    return lines
+
+
+def intersect_poses(old: ParticlePoses, new: ParticlePoses, tolerance_angst: float, *, mode: str = "gated",
+                    name_mapping: str | dict[str, str] | None = None,
+                    histogram_radius_angst: float | None = None,
+                    log: Callable[[str], None] | None = None) -> IntersectOutcome:
+    """Match ``new`` against ``old`` per tomogram (positions in Å centred on the tomogram centre).
+
+    The name report is passed line by line to ``log`` before the match runs. No common tomogram is an
+    :class:`InputError` (nothing could match).
+    """
+    if mode not in MODES:
+        raise InputError(f"mode must be one of {MODES}, got {mode!r}")
+    if not float(tolerance_angst) >= 0:
+        raise InputError(f"tolerance must be >= 0 Å, got {tolerance_angst}")
+    old_groups = np.asarray(old.tomo_names, dtype=object).astype(str).astype(object)
+    report = match_names(old_groups, new.tomo_names, name_mapping)
+    for line in name_report_lines(report, old_groups):
+        (log or (lambda _: None))(line)
+    if len(old) and len(new) and not report.matches:
+        raise InputError(f"no tomogram of the new set matches one of the old set (old: "
+                         f"{sorted(set(old_groups))[:5]}, new: {list(report.unmatched)[:5]}); "
+                         "give a name mapping 'new_name=old_name, ...'")
+    new_groups = new_group_labels(report, new.tomo_names)
+    result = match_particle_sets(old.positions_angst, new.positions_angst, tolerance_angst,
+                                 old_groups=old_groups, new_groups=new_groups, mode=mode)
+    radius = (default_histogram_radius_angst(tolerance_angst, mode) if histogram_radius_angst is None
+              else float(histogram_radius_angst))
+    distances = histogram_distances(old.positions_angst, new.positions_angst, radius, old_groups=old_groups,
+                                    new_groups=new_groups, mode=mode)
+    return IntersectOutcome(result, report, new_groups, distances, radius)
+
+
+# --- summary ---------------------------------------------------------------------------------------------------------
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
+def summary_dict(outcome: IntersectOutcome, keep: tuple[bool, bool, bool] | None = None) -> dict:
+    """JSON-ready summary: totals, per-tomogram counts with Jaccard index, tolerance (Å), mode, median matched
+    distance (Å), histogram radius (Å), the name-matching report and (with ``keep``) the selected count."""
+    result, report = outcome.result, outcome.name_report
+    matched = result.matched_distances_angst
+    summary = {
+        "tolerance_angst": float(result.tolerance_angst), "mode": result.mode,
+        "n_old": int(result.old_partner.size), "n_new": int(result.new_partner.size),
+        "in_both": result.n_pairs, "only_old": int(result.only_old.sum()), "only_new": int(result.only_new.sum()),
+        "jaccard": _finite_or_none(result.jaccard),
+        "median_distance_angst": float(np.median(matched)) if matched.size else None,
+        "histogram_radius_angst": _finite_or_none(outcome.histogram_radius_angst),
+        "per_tomogram": [{"tomogram": g.group, "n_old": g.n_old, "n_new": g.n_new, "in_both": g.in_both,
+                          "only_old": g.only_old, "only_new": g.only_new, "jaccard": _finite_or_none(g.jaccard)}
+                         for g in result.groups],
+        "name_matching": {"matches": dict(report.matches), "methods": dict(report.methods),
+                          "unmatched_new_names": list(report.unmatched),
+                          "old_tomograms_without_new": list(report.unused_ts_ids)},
+    }
+    if keep is not None:
+        old_idx, new_idx = select_union(result, *keep)
+        summary["keep"] = [name for name, flag in zip(KEEP_CHOICES, keep) if flag]
+        summary["selected"] = int(old_idx.size + new_idx.size)
+    return summary
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """Human-readable lines of a :func:`summary_dict` (for logs and the protocol summary)."""
+    jaccard = summary["jaccard"]
+    median = summary["median_distance_angst"]
+    lines = [f"Tolerance {summary['tolerance_angst']:g} Å ({summary['mode']}): {summary['n_old']} old, "
+             f"{summary['n_new']} new -> {summary['only_old']} only old, {summary['in_both']} in both, "
+             f"{summary['only_new']} only new; Jaccard index "
+             f"{'n/a' if jaccard is None else f'{jaccard:.3f}'}; median matched distance "
+             f"{'n/a' if median is None else f'{median:.2f} Å'}"]
+    for group in summary["per_tomogram"]:
+        jac = group["jaccard"]
+        lines.append(f"  {group['tomogram']}: old {group['n_old']}, new {group['n_new']}, in both "
+                     f"{group['in_both']}, only old {group['only_old']}, only new {group['only_new']}, Jaccard "
+                     f"{'n/a' if jac is None else f'{jac:.3f}'}")
+    if "selected" in summary:
+        lines.append(f"Selected ({' + '.join(summary['keep'])}): {summary['selected']} particle(s)")
+    return lines
+
+
+def write_summary_json(path: str | Path, summary: dict) -> Path:
+    """Write ``summary`` as indented JSON."""
+    path = Path(path)
+    path.write_text(json.dumps(summary, indent=1))
+    return path
+
+
+def read_summary_json(path: str | Path) -> dict:
+    """Read a summary written by :func:`write_summary_json`; missing file → :class:`InputError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: summary not found (has the intersection run?)")
+    return json.loads(path.read_text())
+
+
+# --- distances files -----------------------------------------------------------------------------------------------
+
+
+def write_histogram_distances(path: str | Path, distances_angst: np.ndarray) -> Path:
+    """One matched distance (Å) per line."""
+    path = Path(path)
+    np.savetxt(path, np.asarray(distances_angst, dtype=np.float64).reshape(-1), fmt="%.4f",
+               header="matched pair distance (A) at the histogram radius")
+    return path
+
+
+def read_histogram_distances(path: str | Path) -> np.ndarray:
+    """(K,) distances (Å) written by :func:`write_histogram_distances`."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: distances not found (has the intersection run?)")
+    return np.atleast_1d(np.loadtxt(path, dtype=np.float64, ndmin=1))
+
+
+def write_particle_distances(path: str | Path, outcome: IntersectOutcome, old_groups: np.ndarray) -> Path:
+    """Table of every particle: ``set`` (old/new), ``index`` (0-based row), ``tomogram``, ``partner`` (index in the
+    other set, -1), ``distance_angst`` (-1 when unmatched), ``status`` (in_both/only_old/only_new)."""
+    result = outcome.result
+    frames = []
+    for side, partner, distance, groups in (("old", result.old_partner, result.old_distance_angst, old_groups),
+                                            ("new", result.new_partner, result.new_distance_angst,
+                                             outcome.new_groups)):
+        status = np.where(partner >= 0, "in_both", f"only_{side}")
+        frames.append(pd.DataFrame({"set": side, "index": np.arange(partner.size), "tomogram": groups,
+                                    "partner": partner, "distance_angst": np.nan_to_num(distance, nan=-1.0),
+                                    "status": status}))
+    path = Path(path)
+    pd.concat(frames, ignore_index=True).to_csv(path, sep="\t", index=False, float_format="%.4f")
+    return path
+
+
+# --- histogram -----------------------------------------------------------------------------------------------------
+
+
+def draw_distance_histogram(ax, distances_angst: np.ndarray, tolerance_angst: float, *,
+                            n_bins: int = DEFAULT_HISTOGRAM_BINS, log_scale: bool = False,
+                            title: str = "Matched pair distances") -> None:
+    """Draw the histogram of matched distances (Å) into a matplotlib Axes, with the tolerance as a vertical line."""
+    if n_bins < 1:
+        raise InputError(f"histogram bins must be >= 1, got {n_bins}")
+    values = np.asarray(distances_angst, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    upper = max(1.0, float(values.max()) if values.size else 1.0, 1.05 * float(tolerance_angst))
+    ax.hist(values, bins=n_bins, range=(0.0, upper), color="#4a7ab5", edgecolor="white", linewidth=0.3,
+            log=log_scale, label=f"{values.size} pair(s)")
+    ax.axvline(float(tolerance_angst), color="#c0392b", linestyle="--", linewidth=1.5,
+               label=f"tolerance {float(tolerance_angst):g} Å")
+    ax.set_xlabel("distance to the matched partner (Å)")
+    ax.set_ylabel("pairs (log scale)" if log_scale else "pairs")
+    ax.set_title(title)
+    ax.set_xlim(0.0, upper)
+    ax.legend(loc="upper right", fontsize="small")
+
+
+def histogram_title(histogram_radius_angst: float | None) -> str:
+    """Plot title naming the matching radius (Å) the histogram distances were computed with."""
+    if histogram_radius_angst is None or not np.isfinite(histogram_radius_angst):
+        return "Matched pair distances (all assigned pairs)"
+    return f"Matched pair distances (matching radius {histogram_radius_angst:g} Å)"
+
+
+def save_distance_histogram(path: str | Path, distances_angst: np.ndarray, tolerance_angst: float, *,
+                            n_bins: int = DEFAULT_HISTOGRAM_BINS, log_scale: bool = False,
+                            title: str = "Matched pair distances") -> Path:
+    """Write the histogram of :func:`draw_distance_histogram` as a PNG (Agg canvas, no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.4, 4.0), dpi=100)
+    FigureCanvasAgg(figure)
+    draw_distance_histogram(figure.add_subplot(1, 1, 1), distances_angst, tolerance_angst, n_bins=n_bins,
+                            log_scale=log_scale, title=title)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path)
+    return path
+
+
+def write_match_files(out_dir: str | Path, outcome: IntersectOutcome, old_groups: np.ndarray, *,
+                      keep: tuple[bool, bool, bool] | None = None, n_bins: int = DEFAULT_HISTOGRAM_BINS,
+                      log_scale: bool = False, extra: dict | None = None) -> dict:
+    """Write ``summary.json``, ``histogram_distances.txt``, ``particle_distances.tsv`` and
+    ``distance_histogram.png`` into ``out_dir``; returns the summary (``extra`` items are added to it)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summary_dict(outcome, keep)
+    summary["histogram_bins"] = int(n_bins)
+    summary.update(extra or {})
+    write_histogram_distances(out / HISTOGRAM_DISTANCES_TXT, outcome.histogram_distances_angst)
+    write_particle_distances(out / PARTICLE_DISTANCES_TSV, outcome, old_groups)
+    save_distance_histogram(out / HISTOGRAM_PNG, outcome.histogram_distances_angst,
+                            outcome.result.tolerance_angst, n_bins=n_bins, log_scale=log_scale,
+                            title=histogram_title(outcome.histogram_radius_angst))
+    write_summary_json(out / SUMMARY_JSON, summary)
+    return summary
+
+
+# --- STAR inputs and outputs -----------------------------------------------------------------------------------------
+
+
+def read_star_input(path: str | Path, dialect: str | None, *, role: str, coord_pixel_size_angst: float | None,
+                    tomo_shape_px: TomoShapes) -> ParticleTable:
+    """Read one particle STAR; errors are prefixed with the role (``--old``/``--new``) and name the file."""
+    try:
+        table = read_particle_star(path, dialect, coord_pixel_size_angst=coord_pixel_size_angst,
+                                   tomo_shape_px=tomo_shape_px)
+    except InputError as error:
+        raise InputError(f"{role} {path}: {error}") from error
+    except (ValueError, KeyError) as error:
+        raise InputError(f"{role} {path}: cannot read it as a particle STAR ({error})") from error
+    if not len(table):
+        raise InputError(f"{role} {path}: no particles")
+    return table
+
+
+def _fill_extras(old: ParticleTable, new: ParticleTable, new_names: np.ndarray) -> pd.DataFrame:
+    """Old extra columns for the new rows: the new file's value when it has the column; a value constant per
+    tomogram in the old rows (e.g. ``rlnMicrographName``) is copied from the same tomogram; else ``0`` (numeric
+    columns) or ``None`` (text)."""
+    old_names = pd.Series(old.poses.tomo_names, dtype=object).astype(str)
+    filled = {}
+    for column in old.extras.columns:
+        if column in new.extras.columns:
+            filled[column] = new.extras[column].to_numpy(dtype=object)
+            continue
+        values = old.extras[column].reset_index(drop=True)
+        per_tomo = values.groupby(old_names).agg(["nunique", "first"])
+        constant = per_tomo["first"][per_tomo["nunique"] == 1]
+        numeric = pd.to_numeric(values, errors="coerce").notna().all()
+        default = "0" if numeric else "None"
+        filled[column] = pd.Series(new_names, dtype=object).map(constant).fillna(default).to_numpy(dtype=object)
+    return pd.DataFrame(filled, index=pd.RangeIndex(len(new_names)), columns=list(old.extras.columns), dtype=object)
+
+
+def _optional_concat(old_values: np.ndarray | None, new_values: np.ndarray | None, n_new: int,
+                     fill) -> np.ndarray | None:
+    """Old column followed by the ``n_new`` new rows' values (``fill(n_new)`` when the new table lacks it);
+    None when the old table lacks the column."""
+    if old_values is None:
+        return None
+    return np.concatenate([old_values, new_values if new_values is not None else fill(n_new)])
+
+
+def merge_into_old_dialect(old: ParticleTable, new: ParticleTable, new_group_names: np.ndarray) -> ParticleTable:
+    """One table holding the rows of ``old`` then those of ``new`` (``new`` already subset), written in
+    ``old``'s dialect: new rows are renamed to the old tomogram they matched (``new_group_names``), take the
+    old table's coordinate pixel size and first optics group, keep their positions (Å), shifts and angles;
+    subsets default to ``row % 2 + 1``; image names missing in the new file are written as ``None``."""
+    n_new = len(new)
+    names = np.asarray(new_group_names, dtype=object).astype(str).astype(object)
+    poses = ParticlePoses(np.concatenate([old.poses.positions_angst, new.poses.positions_angst]),
+                          np.concatenate([old.poses.euler_zyz_deg, new.poses.euler_zyz_deg]),
+                          np.concatenate([old.poses.tomo_names, names]))
+    pixel = None if old.coord_pixel_size_angst is None else np.concatenate(
+        [old.coord_pixel_size_angst, np.full(n_new, old.coord_pixel_size_angst[0] if len(old) else np.nan)])
+    image_pixel = None if old.image_pixel_size_angst is None else np.concatenate(
+        [old.image_pixel_size_angst, np.full(n_new, old.image_pixel_size_angst[0] if len(old) else np.nan)])
+    shapes = dict(new.tomo_shape_px or {})
+    shapes = {**{str(n): shapes[str(o)] for n, o in zip(names, new.poses.tomo_names) if str(o) in shapes},
+              **(old.tomo_shape_px or {})}
+    hash_by_name = {} if old.source_hashes is None else dict(zip(old.poses.tomo_names.astype(str),
+                                                                 old.source_hashes))
+    extras = pd.concat([old.extras.reset_index(drop=True), _fill_extras(old, new, names)], ignore_index=True)
+    groups = _optional_concat(old.optics_group, None, n_new, lambda n: np.full(
+        n, old.optics_group[0] if old.optics_group is not None and len(old) else 1, dtype=np.int64))
+    return replace(
+        old, poses=poses, origins_angst=np.concatenate([old.origins_angst, new.origins_angst]),
+        origin_units=old.origin_units or new.origin_units, coord_pixel_size_angst=pixel,
+        image_pixel_size_angst=image_pixel, tomo_shape_px=shapes or None,
+        random_subset=_optional_concat(old.random_subset, new.random_subset, n_new,
+                                       lambda n: np.arange(n, dtype=np.int64) % 2 + 1),
+        image_names=_optional_concat(old.image_names, new.image_names, n_new, lambda n: np.full(n, "None", object)),
+        ctf_image_names=_optional_concat(old.ctf_image_names, new.ctf_image_names, n_new,
+                                         lambda n: np.full(n, "None", object)),
+        source_hashes=_optional_concat(old.source_hashes, None, n_new,
+                                       lambda n: np.array([hash_by_name.get(str(x), "None") for x in names],
+                                                          dtype=object)),
+        optics_group=groups, extras=extras, source_row=np.concatenate([old.source_row, new.source_row]))
+
+
+def write_star_outputs(out_dir: str | Path, old: ParticleTable, new: ParticleTable, outcome: IntersectOutcome,
+                       keep: tuple[bool, bool, bool]) -> dict[str, Path]:
+    """Write ``only_old.star``, ``in_both.star`` (old rows), ``only_new.star`` (new rows, the new file's dialect)
+    and ``selected.star`` (the chosen union in the old file's dialect) → {stem: path}."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = outcome.result
+    paths = {
+        "only_old": write_particle_star(old.take(np.flatnonzero(result.only_old)), out / "only_old.star"),
+        "in_both": write_particle_star(old.take(np.flatnonzero(result.in_both)), out / "in_both.star"),
+        "only_new": write_particle_star(new.take(np.flatnonzero(result.only_new)), out / "only_new.star"),
+    }
+    old_idx, new_idx = select_union(result, *keep)
+    selected = merge_into_old_dialect(old.take(old_idx), new.take(new_idx), outcome.new_groups[new_idx])
+    paths["selected"] = write_particle_star(selected, out / "selected.star")
+    return paths
+
+
+def intersect_star_files(old_path: str | Path, new_path: str | Path, tolerance_angst: float, out_dir: str | Path, *,
+                         keep: tuple[bool, bool, bool] = (True, True, True), mode: str = "gated",
+                         old_dialect: str | None = None, new_dialect: str | None = None,
+                         coord_pixel_size_angst: float | None = None, tomo_shape_px: TomoShapes = None,
+                         name_mapping: str | None = None, histogram_radius_angst: float | None = None,
+                         n_bins: int = DEFAULT_HISTOGRAM_BINS, log_scale: bool = False,
+                         log: Callable[[str], None] = print) -> dict:
+    """Intersect two particle STAR files and write every output into ``out_dir``; returns the summary.
+
+    ``coord_pixel_size_angst`` (Å/px) is used for a file that does not carry its coordinate pixel size;
+    ``tomo_shape_px`` (px at that pixel size) for corner-based dialects. New particles whose tomogram name matches
+    an old tomogram inherit that tomogram's size when the new file needs one.
+    """
+    if not any(keep):
+        raise InputError(f"--keep: choose at least one of {list(KEEP_CHOICES)}")
+    old = read_star_input(old_path, old_dialect, role="--old", coord_pixel_size_angst=coord_pixel_size_angst,
+                          tomo_shape_px=tomo_shape_px)
+    new = read_star_input(new_path, new_dialect, role="--new", coord_pixel_size_angst=coord_pixel_size_angst,
+                          tomo_shape_px=_new_shapes(new_path, new_dialect, old, tomo_shape_px, name_mapping,
+                                                    coord_pixel_size_angst))
+    log(f"old: {old_path} (RELION/Warp dialect {old.dialect}, {len(old)} particles); "
+        f"new: {new_path} (dialect {new.dialect}, {len(new)} particles)")
+    outcome = intersect_poses(old.poses, new.poses, tolerance_angst, mode=mode, name_mapping=name_mapping,
+                              histogram_radius_angst=histogram_radius_angst, log=log)
+    files = write_star_outputs(out_dir, old, new, outcome, keep)
+    extra = {"old_file": str(old_path), "new_file": str(new_path), "old_dialect": str(old.dialect),
+             "new_dialect": str(new.dialect), "files": {k: str(v) for k, v in files.items()}}
+    return write_match_files(out_dir, outcome, old.poses.tomo_names, keep=keep, n_bins=n_bins, log_scale=log_scale,
+                             extra=extra)
+
+
+def _new_shapes(new_path: str | Path, new_dialect: str | None, old: ParticleTable, given: TomoShapes,
+                name_mapping: str | None, coord_pixel_size_angst: float | None) -> TomoShapes:
+    """Tomogram sizes for the new file: the given ones; else, when the new file is corner-based and the old table
+    knows sizes, the old sizes under the new file's names (through tolerant name matching)."""
+    if given is not None or not old.tomo_shape_px:
+        return given
+    try:
+        probe = read_particle_star(new_path, new_dialect, coord_pixel_size_angst=coord_pixel_size_angst,
+                                   tomo_shape_px=(2, 2, 2))
+    except InputError:
+        return given  # the real read reports the problem
+    if probe.dialect not in CORNER_DIALECTS:
+        return given
+    report = match_tomo_names(probe.poses.tomo_names.astype(str), list(old.tomo_shape_px), name_mapping)
+    shapes = {name: old.tomo_shape_px[ts] for name, ts in report.matches.items()}
+    return shapes or given

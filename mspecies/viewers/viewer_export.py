@@ -1,0 +1,48 @@
+"""Viewer of the sub-tomogram export: per tilt series, central slices and the rotationally averaged power spectrum
+of the CTF-weighted average of its exported sub-tomograms (in the reference frame), and central sections of one
+3D CTF (plots from :mod:`mspecies.qc`; the output step also writes them as ``extra/qc_<tsId>.png``)."""
+
+from __future__ import annotations
+
+import pyworkflow.protocol.params as params
+from pyworkflow.gui.plotter import Plotter
+from pyworkflow.viewer import DESKTOP_TKINTER, ProtocolViewer
+
+from mspecies import qc
+from mspecies.protocols.protocol_export_subtomograms import ProtMSpeciesExportSubtomograms
+
+
+class MSpeciesExportViewer(ProtocolViewer):
+    """QC of an export run, one tilt series at a time."""
+
+    _label = "mspecies export viewer"
+    _targets = [ProtMSpeciesExportSubtomograms]
+    _environments = [DESKTOP_TKINTER]
+
+    def _defineParams(self, form):
+        form.addSection(label="Visualization")
+        form.addParam("tsId", params.StringParam, default="", label="Tilt series (tsId)",
+                      help="Empty: the first exported tilt series.")
+        form.addParam("maxParticles", params.IntParam, default=200, validators=[params.Positive],
+                      label="Particles to average (at most)")
+        form.addParam("displayQc", params.LabelParam, label="Show the average and a 3D CTF",
+                      help="Central XY/XZ/YZ slices and the radial power spectrum of the CTF-weighted average of "
+                           "the tilt series' sub-tomograms (rotated back by their poses unless pre-rotated), and "
+                           "central sections of its first 3D CTF.")
+
+    def _getVisualizeDict(self):
+        return {"displayQc": self._showQc}
+
+    def _tsIdToShow(self) -> str:
+        chosen = (self.tsId.get() or "").strip()
+        if chosen:
+            return chosen
+        return self.protocol._exportTsIds()[0]
+
+    def _showQc(self, paramName=None):
+        """[Plotter] with the QC figure of the chosen tilt series."""
+        tsId = self._tsIdToShow()
+        average, ctf = self.protocol.exportAverage(tsId, maxParticles=int(self.maxParticles.get()))
+        plotter = Plotter(windowTitle=f"Export QC: {tsId}", figsize=(16, 8))
+        qc.draw_volume_qc(plotter.getFigure(), average, self.protocol._outputPixel(), ctf, title=tsId)
+        return [plotter]

@@ -1,0 +1,258 @@
+"""``python -m mspecies intersect``: M's recipes, name matching, mixed dialects, outputs, summary, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mspecies.cli import main
+from mspecies.formats.star import StarBlock, write_star_text
+from mspecies.formats.star_dialects import Dialect, read_particle_star
+from mspecies.intersect import merge_into_old_dialect, parse_keep
+
+PIXEL = 5.0
+SHAPE = (400, 400, 200)  # px at PIXEL; centre (200, 200, 100)
+TOMOS = ("TS_01", "TS_02")
+
+
+def grid_positions(n_per_tomo: int, spacing_angst: float = 120.0) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 3) centred Å on a grid (particles far apart) and (N,) tomogram names."""
+    side = int(np.ceil(np.sqrt(n_per_tomo)))
+    ij = np.array([(i, j) for i in range(side) for j in range(side)][:n_per_tomo], dtype=float)
+    one = np.column_stack([(ij - side / 2) * spacing_angst, np.zeros(n_per_tomo)])
+    return np.vstack([one] * len(TOMOS)), np.repeat(np.array(TOMOS, dtype=object), n_per_tomo)
+
+
+def write_star(path, positions_angst: np.ndarray, names: np.ndarray, dialect: str = "3.1",
+               angles: np.ndarray | None = None, score: np.ndarray | None = None) -> None:
+    """RELION 3.1 (corner px, optics) or 5 (centred Å) particle STAR with angles and an extra ``myScore``."""
+    n = len(names)
+    angles = np.zeros((n, 3)) if angles is None else angles
+    frame: dict = {"rlnTomoName" if dialect == "5" else "rlnMicrographName": names}
+    if dialect == "5":
+        frame |= {f"rlnCenteredCoordinate{a}Angst": positions_angst[:, k] for k, a in enumerate("XYZ")}
+    else:
+        corner = positions_angst / PIXEL + np.array([s // 2 for s in SHAPE])
+        frame |= {f"rlnCoordinate{a}": corner[:, k] for k, a in enumerate("XYZ")}
+    frame |= {"rlnAngleRot": angles[:, 0], "rlnAngleTilt": angles[:, 1], "rlnAnglePsi": angles[:, 2],
+              "rlnOpticsGroup": np.ones(n, dtype=int), "rlnRandomSubset": np.arange(n) % 2 + 1}
+    if score is not None:
+        frame["myScore"] = score
+    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"],
+                           "rlnVoltage": [300.0], "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.07],
+                           ("rlnTomoTiltSeriesPixelSize" if dialect == "5" else "rlnImagePixelSize"): [PIXEL]})
+    header = ["Relion star file version 50001"] if dialect == "5" else ["version 30001"]
+    write_star_text(path, [StarBlock("optics", optics), StarBlock("particles", pd.DataFrame(frame))], header)
+
+
+def run_cli(old, new, out, tolerance: float, *extra: str) -> int:
+    return main(["intersect", "--old", str(old), "--new", str(new), "--tolerance-angst", str(tolerance),
+                 "--out", str(out), "--tomo-size", *map(str, SHAPE), *extra])
+
+
+def read(path):
+    return read_particle_star(path, tomo_shape_px=SHAPE)
+
+
+@pytest.fixture()
+def pair(tmp_path):
+    """Old: 2 x 16 particles. New: the first 10 per tomogram jittered by 2 Å, 6 dropped, 3 added per tomogram."""
+    rng = np.random.default_rng(1)
+    old_pos, names = grid_positions(16)
+    keep = np.concatenate([np.arange(10), 16 + np.arange(10)])
+    jitter = rng.normal(size=(keep.size, 3))
+    jitter *= 2.0 / np.linalg.norm(jitter, axis=1, keepdims=True)
+    added = np.array([[700.0, 700.0, 60.0], [-700.0, 700.0, -60.0], [700.0, -700.0, 0.0]] * 2)
+    new_pos = np.vstack([old_pos[keep] + jitter, added])
+    new_names = np.concatenate([names[keep], np.repeat(np.array(TOMOS, dtype=object), 3)])
+    angles = rng.uniform(-180, 180, (len(names), 3))
+    write_star(tmp_path / "old.star", old_pos, names, angles=angles, score=np.arange(len(names)) * 0.5)
+    write_star(tmp_path / "new.star", new_pos, new_names)
+    return tmp_path, old_pos, angles
+
+
+def test_outputs_counts_and_summary(pair, capsys):
+    folder, old_pos, angles = pair
+    out = folder / "out"
+    assert run_cli(folder / "old.star", folder / "new.star", out, 5.0) == 0
+    stdout = capsys.readouterr().out
+    assert stdout.index("TS_01: 16 old, 13 new") < stdout.index("Tolerance 5 Å")
+    for name in ("only_old.star", "in_both.star", "only_new.star", "selected.star", "distance_histogram.png",
+                 "summary.json", "particle_distances.tsv", "histogram_distances.txt"):
+        assert (out / name).is_file(), name
+    assert (out / "distance_histogram.png").read_bytes()[:4] == b"\x89PNG"
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["n_old"], summary["n_new"], summary["in_both"], summary["only_old"], summary["only_new"]) == \
+        (32, 26, 20, 12, 6)
+    assert summary["jaccard"] == pytest.approx(20 / 38)
+    assert summary["median_distance_angst"] == pytest.approx(2.0, abs=1e-3)
+    assert summary["tolerance_angst"] == 5.0 and summary["mode"] == "gated"
+    assert summary["selected"] == 38
+    by_tomo = {g["tomogram"]: g for g in summary["per_tomogram"]}
+    assert by_tomo["TS_02"] == {"tomogram": "TS_02", "n_old": 16, "n_new": 13, "in_both": 10, "only_old": 6,
+                                "only_new": 3, "jaccard": pytest.approx(10 / 19)}
+    assert summary["name_matching"]["methods"] == {"TS_01": "exact", "TS_02": "exact"}
+    in_both = read(out / "in_both.star")
+    assert len(in_both) == 20 and len(read(out / "only_old.star")) == 12 and len(read(out / "only_new.star")) == 6
+    # in both keeps the OLD poses and the old extra columns
+    rows = np.concatenate([np.arange(10), 16 + np.arange(10)])
+    np.testing.assert_allclose(in_both.poses.positions_angst, old_pos[rows], atol=1e-4)
+    np.testing.assert_allclose(in_both.poses.euler_zyz_deg, angles[rows], atol=1e-4)
+    np.testing.assert_allclose(pd.to_numeric(in_both.extras["myScore"]), rows * 0.5)
+    distances = np.loadtxt(out / "histogram_distances.txt")
+    assert distances.size == 20 and np.allclose(distances, 2.0, atol=1e-3)
+
+
+def test_recipe_add_new_particles_tolerance_zero(tmp_path):
+    """M's "add new particles" (tol 0, only old + only new) concatenates disjoint sets; exact duplicates are in
+    both, so that recipe drops both copies, while only old + in both + only new keeps one (the old) copy."""
+    old_pos, names = grid_positions(9)
+    extra = np.array([[900.0, 0.0, 0.0], [0.0, 900.0, 0.0]])
+    new_pos = np.vstack([old_pos[:5], extra])  # exact duplicates of 5 old ones, 2 genuinely new
+    write_star(tmp_path / "old.star", old_pos, names)
+    write_star(tmp_path / "new.star", new_pos, np.array(["TS_01"] * 7, dtype=object))
+
+    def selected(keep: str):
+        assert run_cli(tmp_path / "old.star", tmp_path / "new.star", tmp_path / keep, 0.0, "--keep", keep) == 0
+        table = read(tmp_path / keep / "selected.star")
+        keys = [tuple(np.round(p, 3)) + (n,) for p, n in zip(table.poses.positions_angst, table.poses.tomo_names)]
+        assert len(set(keys)) == len(keys)  # never a duplicate
+        return table
+
+    assert len(selected("only_old,only_new")) == len(old_pos) - 5 + 2
+    union = selected("only_old,in_both,only_new")
+    assert len(union) == len(old_pos) + 2
+    np.testing.assert_allclose(union.poses.positions_angst[-2:], extra, atol=1e-4)
+
+
+def test_recipe_only_old_plus_in_both_is_old(pair):
+    folder, old_pos, angles = pair
+    assert run_cli(folder / "old.star", folder / "new.star", folder / "out", 5.0, "--keep", "only_old,in_both") == 0
+    selected = read(folder / "out" / "selected.star")
+    order = np.argsort(selected.source_row)
+    assert len(selected) == len(old_pos)
+    np.testing.assert_allclose(np.sort(selected.poses.positions_angst[order], axis=0), np.sort(old_pos, axis=0),
+                               atol=1e-4)
+    summary = json.loads((folder / "out" / "summary.json").read_text())
+    assert summary["keep"] == ["only_old", "in_both"] and summary["selected"] == 32
+
+
+def test_recipe_in_both_against_first_star_drops_moved_particles(tmp_path):
+    first, names = grid_positions(8)
+    refined = first.copy()
+    moved = np.array([1, 4, 10])
+    refined[moved, 0] += 30.0  # drifted during refinement
+    refined[np.setdiff1d(np.arange(len(first)), moved), 1] += 1.0
+    write_star(tmp_path / "refined.star", refined, names)
+    write_star(tmp_path / "first.star", first, names)
+    assert run_cli(tmp_path / "refined.star", tmp_path / "first.star", tmp_path / "out", 5.0,
+                   "--keep", "in_both") == 0
+    selected = read(tmp_path / "out" / "selected.star")
+    assert len(selected) == len(first) - moved.size
+    kept = np.setdiff1d(np.arange(len(first)), moved)
+    np.testing.assert_allclose(selected.poses.positions_angst, refined[kept], atol=1e-4)  # refined (old) poses
+
+
+def test_name_matching_with_suffixes(pair, capsys):
+    folder, old_pos, _ = pair
+    new = read_particle_star(folder / "new.star", tomo_shape_px=SHAPE)
+    renamed = np.array([f"{n}.tomostar" for n in new.poses.tomo_names], dtype=object)
+    write_star(folder / "renamed.star", new.poses.positions_angst, renamed)
+    assert run_cli(folder / "old.star", folder / "renamed.star", folder / "out", 5.0) == 0
+    out = capsys.readouterr().out
+    assert "'TS_01.tomostar' (normalised)" in out
+    summary = json.loads((folder / "out" / "summary.json").read_text())
+    assert summary["in_both"] == 20 and summary["name_matching"]["matches"]["TS_02.tomostar"] == "TS_02"
+    only_new = read(folder / "out" / "only_new.star")
+    assert set(only_new.poses.tomo_names) == {"TS_01.tomostar", "TS_02.tomostar"}
+    selected = read(folder / "out" / "selected.star")
+    assert set(selected.poses.tomo_names) == {"TS_01", "TS_02"}  # new rows renamed to the old tomograms
+
+
+def test_name_map_and_unmatched_names(pair, capsys):
+    folder, old_pos, _ = pair
+    new = read_particle_star(folder / "new.star", tomo_shape_px=SHAPE)
+    renamed = np.where(new.poses.tomo_names == "TS_01", "tomoA", "tomoB").astype(object)
+    write_star(folder / "renamed.star", new.poses.positions_angst, renamed)
+    assert run_cli(folder / "old.star", folder / "renamed.star", folder / "out", 5.0, "--name-map", "tomoA=TS_01") == 0
+    out = capsys.readouterr().out
+    assert "'tomoA' (mapping)" in out and "matching no old tomogram" in out and "tomoB" in out
+    summary = json.loads((folder / "out" / "summary.json").read_text())
+    assert summary["in_both"] == 10 and summary["only_new"] == 16
+    assert summary["name_matching"]["unmatched_new_names"] == ["tomoB"]
+
+
+def test_mixed_dialects_selected_written_in_old_dialect(pair):
+    folder, old_pos, _ = pair
+    new = read_particle_star(folder / "new.star", tomo_shape_px=SHAPE)
+    write_star(folder / "new5.star", new.poses.positions_angst, new.poses.tomo_names, dialect="5")
+    assert read_particle_star(folder / "new5.star").dialect == Dialect.RELION5
+    out = folder / "out"
+    assert run_cli(folder / "old.star", folder / "new5.star", out, 5.0, "--keep", "only_old,only_new") == 0
+    selected = read(out / "selected.star")
+    assert selected.dialect == Dialect.RELION31
+    assert len(selected) == 12 + 6
+    expected = np.vstack([old_pos[np.r_[10:16, 26:32]], new.poses.positions_angst[-6:]])
+    np.testing.assert_allclose(np.sort(selected.poses.positions_angst, axis=0), np.sort(expected, axis=0), atol=1e-4)
+    assert read_particle_star(out / "only_new.star").dialect == Dialect.RELION5
+    # new rows carry defaults for the old-only column myScore
+    assert set(selected.extras["myScore"].iloc[12:]) == {"0"}
+
+
+def test_merge_keeps_row_counts_and_subsets(pair):
+    folder, _, _ = pair
+    old, new = read(folder / "old.star"), read(folder / "new.star")
+    merged = merge_into_old_dialect(old.take(np.arange(3)), new.take(np.arange(4)), new.poses.tomo_names[:4])
+    assert len(merged) == 7 and merged.random_subset.tolist()[3:] == [1, 2, 1, 2]
+    assert len(merged.extras) == 7 and merged.optics_group.tolist() == [1] * 7
+
+
+def test_m_compatible_mode_and_histogram_options(pair):
+    folder, _, _ = pair
+    out = folder / "out"
+    assert run_cli(folder / "old.star", folder / "new.star", out, 5.0, "--mode", "m_compatible", "--bins", "10",
+                   "--log-scale") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "m_compatible" and summary["histogram_radius_angst"] is None  # inf: M's histogram
+    assert summary["in_both"] == 20 and summary["histogram_bins"] == 10
+    assert np.loadtxt(out / "histogram_distances.txt").size == 26 - 6 + 6  # min(n_old, n_new) per tomogram
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--keep", "only_old,everything"], "--keep: unknown set"),
+    (["--tolerance-angst", "-1"], "tolerance"),
+])
+def test_bad_options(pair, capsys, args, message):
+    folder, _, _ = pair
+    argv = ["intersect", "--old", str(folder / "old.star"), "--new", str(folder / "new.star"), "--out",
+            str(folder / "out"), "--tomo-size", *map(str, SHAPE), "--tolerance-angst", "5", *args]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_files(pair, capsys):
+    folder, _, _ = pair
+    assert run_cli(folder / "missing.star", folder / "new.star", folder / "out", 5.0) == 2
+    assert "--old" in (err := capsys.readouterr().err) and "missing.star" in err
+    text = (folder / "new.star").read_text().replace("_rlnCoordinateZ", "_rlnSomethingElse")
+    (folder / "broken.star").write_text(text)
+    assert run_cli(folder / "old.star", folder / "broken.star", folder / "out", 5.0) == 2
+    assert "broken.star" in (err := capsys.readouterr().err) and "rlnCoordinateZ" in err
+    assert main(["intersect", "--old", str(folder / "old.star"), "--new", str(folder / "new.star"),
+                 "--tolerance-angst", "5", "--out", str(folder / "out")]) == 2
+    assert "tomogram size" in capsys.readouterr().err
+
+
+def test_no_common_tomogram_is_an_error(pair, capsys):
+    folder, old_pos, _ = pair
+    write_star(folder / "other.star", old_pos[:3], np.array(["XX_9"] * 3, dtype=object))
+    assert run_cli(folder / "old.star", folder / "other.star", folder / "out", 5.0) == 2
+    assert "no tomogram of the new set" in capsys.readouterr().err
+
+
+def test_parse_keep():
+    assert parse_keep("in_both") == (False, True, False)
+    assert parse_keep(["only_old", "only_new"]) == (True, False, True)

@@ -2,12 +2,14 @@
 
 Matches the new particles to the old ones per tomogram (one-to-one, within the tolerance; M's "Intersect particle
 sets") and writes into ``DIR``: ``only_old.star``, ``in_both.star`` (old particles, old poses and columns),
-``only_new.star``, ``selected.star`` (the union chosen with ``--keep``, in the old file's dialect),
+``only_new.star``, ``selected.star`` (the union chosen with ``--keep``), all in the old file's dialect with new rows
+renamed to the old tomograms,
 ``distance_histogram.png``, ``summary.json``, ``particle_distances.tsv`` and ``histogram_distances.txt``.
 Bad input ends with exit code 2 and one line naming the file or column.
 
-Recipes (M): add new particles = ``--tolerance-angst 0 --keep only_old,only_new``; remove particles =
-``--keep only_old``; keep the survivors of a classification = ``--keep in_both``.
+Recipes (M): add new particles = ``--tolerance-angst 0 --keep only_old,only_new`` (exact duplicates are "in
+both" at tolerance 0, so add ``in_both`` to keep one copy of each); remove particles = ``--keep only_old``;
+keep the survivors of a classification = ``--keep in_both``.
 """
 
 from __future__ import annotations

@@ -366,28 +366,36 @@ def _optional_concat(old_values: np.ndarray | None, new_values: np.ndarray | Non
     return np.concatenate([old_values, new_values if new_values is not None else fill(n_new)])
 
 
-def merge_into_old_dialect(old: ParticleTable, new: ParticleTable, new_group_names: np.ndarray) -> ParticleTable:
+def _first(values: np.ndarray | None, default: object) -> object:
+    """First element of an optional per-row array, or ``default`` when absent or empty."""
+    return values[0] if values is not None and len(values) else default
+
+
+def merge_into_old_dialect(old: ParticleTable, new: ParticleTable, new_group_names: np.ndarray, *,
+                           template: ParticleTable | None = None) -> ParticleTable:
     """One table holding the rows of ``old`` then those of ``new`` (``new`` already subset), written in
     ``old``'s dialect: new rows are renamed to the old tomogram they matched (``new_group_names``), take the
-    old table's coordinate pixel size and first optics group, keep their positions (Å), shifts and angles;
+    coordinate pixel size, first optics group and source hashes of ``template`` (default: ``old``; pass the
+    whole old table when ``old`` is an empty subset), keep their positions (Å), shifts and angles;
     subsets default to ``row % 2 + 1``; image names missing in the new file are written as ``None``."""
+    template = old if template is None else template
     n_new = len(new)
     names = np.asarray(new_group_names, dtype=object).astype(str).astype(object)
     poses = ParticlePoses(np.concatenate([old.poses.positions_angst, new.poses.positions_angst]),
                           np.concatenate([old.poses.euler_zyz_deg, new.poses.euler_zyz_deg]),
                           np.concatenate([old.poses.tomo_names, names]))
     pixel = None if old.coord_pixel_size_angst is None else np.concatenate(
-        [old.coord_pixel_size_angst, np.full(n_new, old.coord_pixel_size_angst[0] if len(old) else np.nan)])
+        [old.coord_pixel_size_angst, np.full(n_new, _first(template.coord_pixel_size_angst, np.nan))])
     image_pixel = None if old.image_pixel_size_angst is None else np.concatenate(
-        [old.image_pixel_size_angst, np.full(n_new, old.image_pixel_size_angst[0] if len(old) else np.nan)])
+        [old.image_pixel_size_angst, np.full(n_new, _first(template.image_pixel_size_angst, np.nan))])
     shapes = dict(new.tomo_shape_px or {})
     shapes = {**{str(n): shapes[str(o)] for n, o in zip(names, new.poses.tomo_names) if str(o) in shapes},
               **(old.tomo_shape_px or {})}
-    hash_by_name = {} if old.source_hashes is None else dict(zip(old.poses.tomo_names.astype(str),
-                                                                 old.source_hashes))
+    hash_by_name = {} if template.source_hashes is None else dict(zip(template.poses.tomo_names.astype(str),
+                                                                      template.source_hashes))
     extras = pd.concat([old.extras.reset_index(drop=True), _fill_extras(old, new, names)], ignore_index=True)
     groups = _optional_concat(old.optics_group, None, n_new, lambda n: np.full(
-        n, old.optics_group[0] if old.optics_group is not None and len(old) else 1, dtype=np.int64))
+        n, _first(template.optics_group, 1), dtype=np.int64))
     return replace(
         old, poses=poses, origins_angst=np.concatenate([old.origins_angst, new.origins_angst]),
         origin_units=old.origin_units or new.origin_units, coord_pixel_size_angst=pixel,
@@ -405,18 +413,23 @@ def merge_into_old_dialect(old: ParticleTable, new: ParticleTable, new_group_nam
 
 def write_star_outputs(out_dir: str | Path, old: ParticleTable, new: ParticleTable, outcome: IntersectOutcome,
                        keep: tuple[bool, bool, bool]) -> dict[str, Path]:
-    """Write ``only_old.star``, ``in_both.star`` (old rows), ``only_new.star`` (new rows, the new file's dialect)
-    and ``selected.star`` (the chosen union in the old file's dialect) → {stem: path}."""
+    """Write ``only_old.star``, ``in_both.star`` (old rows), ``only_new.star`` (new rows) and ``selected.star``
+    (the chosen union), all in the old file's dialect → {stem: path}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = outcome.result
     paths = {
         "only_old": write_particle_star(old.take(np.flatnonzero(result.only_old)), out / "only_old.star"),
         "in_both": write_particle_star(old.take(np.flatnonzero(result.in_both)), out / "in_both.star"),
-        "only_new": write_particle_star(new.take(np.flatnonzero(result.only_new)), out / "only_new.star"),
     }
+    only_new = np.flatnonzero(result.only_new)
+    paths["only_new"] = write_particle_star(
+        merge_into_old_dialect(old.take(np.arange(0)), new.take(only_new), outcome.new_groups[only_new],
+                               template=old),
+        out / "only_new.star")
     old_idx, new_idx = select_union(result, *keep)
-    selected = merge_into_old_dialect(old.take(old_idx), new.take(new_idx), outcome.new_groups[new_idx])
+    selected = merge_into_old_dialect(old.take(old_idx), new.take(new_idx), outcome.new_groups[new_idx],
+                                      template=old)
     paths["selected"] = write_particle_star(selected, out / "selected.star")
     return paths
 

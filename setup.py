@@ -23,7 +23,7 @@ setup(
     license="GPL-3.0-or-later",
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["mspecies", "mspecies.*"]),
-    package_data={"mspecies": ["protocols.conf", "icon.png"]},
+    package_data={"mspecies": ["protocols.conf", "icon.png", "templates/*"]},
     install_requires=[line.strip() for line in (HERE / "requirements.txt").read_text().splitlines()
                       if line.strip() and not line.startswith("#")],
     extras_require={

@@ -1,17 +1,24 @@
 """The main job on the embedded default dataset (``python -m mspecies demo``; ``scripts/demo.sh``).
 
 It generates the synthetic tilt-series dataset, creates a headless Scipion project, imports
-everything into it, checks the imported objects against the ground truth and writes a short report.
+everything into it and checks the imported objects against the ground truth; then runs the particle chain
+(:func:`run_export_chain`): a second particle set (the dataset's STAR with particles dropped, jittered by a few Å
+and decoys added) is intersected with the imported coordinates, the selected union is exported from the tilt
+series by ``ProtMSpeciesExportSubtomograms``, reconstructed by ``relion_reconstruct --ctf`` (or, without RELION,
+by the CTF-weighted average of the export) and compared with the ground truth (FSC, CC). Writes report.md + JSON.
 Imports pyworkflow: :func:`mspecies.scipion_env.configure_headless_scipion` must have run first.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from .core import synth, synth_check
 from .core.geometry import project_positions_to_tilts
@@ -43,9 +50,11 @@ def run_demo(out_dir: Path, *, seed: int = 0, n_tomograms: int = 2, n_particles:
     with inside_project(project):  # set files are stored relative to the project folder
         checks = _check_against_truth(imported, manifest)
         imported_summary = _describe_imported(imported)
+    chain = run_export_chain(project, imported, manifest_path, out_dir)
+    timings.update(chain["timings"])
     figure = _write_figure(out_dir, manifest_path, manifest)
     report = _write_report(out_dir, project.getPath(), manifest_path, self_check, checks, timings, imported_summary,
-                           figure)
+                           figure, chain)
     print(f"Scipion project: {project.getPath()}")
     print(f"Report:          {report}")
     return report
@@ -137,13 +146,15 @@ def _write_figure(out_dir: Path, manifest_path: Path, manifest: dict) -> Path:
 
 
 def _write_report(out_dir: Path, project_path: str, manifest_path: Path, self_check: dict,
-                  checks: dict[str, float], timings: dict[str, float], imported: list[str], figure: Path) -> Path:
+                  checks: dict[str, float], timings: dict[str, float], imported: list[str], figure: Path,
+                  chain: dict) -> Path:
     lines = ["# mspecies demo report", "",
              f"- Scipion project: `{project_path}`",
              f"- Dataset manifest: `{manifest_path}`",
              f"- Overview figure: `{figure.name}`", "",
              "## Imported into Scipion", ""]
     lines += imported
+    lines += ["", "## Intersect, export, reconstruct", ""] + chain["report_lines"]
     lines += ["", "## Imported values vs ground truth (largest deviation)", ""]
     lines += [f"- {name}: {value:.3g}" for name, value in checks.items()]
     lines += ["", "## Dataset self-check", "", "```", json.dumps(self_check, indent=2, default=str), "```",
@@ -152,6 +163,172 @@ def _write_report(out_dir: Path, project_path: str, manifest_path: Path, self_ch
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     (out_dir / "report.json").write_text(json.dumps({"project": project_path, "checks": checks,
-                                                     "timings": timings, "self_check": self_check},
+                                                     "timings": timings, "self_check": self_check,
+                                                     "chain": chain["scores"]},
                                                     indent=2, default=str))
     return path
+
+
+# ----------------------------------------------------------------------------------------------- export chain
+
+JITTER_ANGST = 3.0
+TOLERANCE_ANGST = 10.0
+DROP_EVERY = 5  # the derived set lacks every 5th particle
+DECOYS_PER_TOMOGRAM = 1
+
+
+def derive_particle_star(manifest_path: Path, out_path: Path, *, seed: int = 0) -> dict[str, int]:
+    """A second particle set from the dataset's ``particles.star`` (RELION 3.1, corner px): every
+    ``DROP_EVERY``-th particle dropped, the others jittered by ``JITTER_ANGST`` in a random direction, and
+    ``DECOYS_PER_TOMOGRAM`` decoys per tomogram (a copy of a particle moved by 20 x the tolerance in x, towards
+    the centre) added. Returns the counts."""
+    from .formats.star import StarBlock, read_star_text, write_star_text
+
+    manifest = synth.load_manifest(manifest_path)
+    blocks, _ = read_star_text(Path(manifest_path).parent / manifest.get("particles_star", "particles.star"))
+    optics, particles = blocks["optics"].table.copy(), blocks["particles"].table.copy()
+    pixel = float(optics["rlnImagePixelSize"].iloc[0])
+    rng = np.random.default_rng(seed)
+    kept = particles[np.arange(len(particles)) % DROP_EVERY != 0].reset_index(drop=True)
+    direction = rng.normal(size=(len(kept), 3))
+    direction *= JITTER_ANGST / pixel / np.linalg.norm(direction, axis=1, keepdims=True)
+    for k, axis in enumerate("XYZ"):
+        kept[f"rlnCoordinate{axis}"] = kept[f"rlnCoordinate{axis}"].astype(float) + direction[:, k]
+    decoys = kept.groupby("rlnTomoName", sort=True).head(DECOYS_PER_TOMOGRAM).copy()
+    x = decoys["rlnCoordinateX"].astype(float)
+    towards_centre = np.where(x > manifest["tilt_series"][0]["unbinned_tomogram_shape_zyx"][2] / 2, -1.0, 1.0)
+    decoys["rlnCoordinateX"] = x + towards_centre * 20 * TOLERANCE_ANGST / pixel
+    derived = pd.concat([kept, decoys], ignore_index=True)
+    for column in derived.columns:
+        if column.startswith(("rlnCoordinate", "rlnAngle")):
+            derived[column] = derived[column].astype(float)
+    write_star_text(out_path, [StarBlock("optics", optics), StarBlock("particles", derived)],
+                    ["mspecies demo: derived particle set (dropped, jittered, decoys)"])
+    return {"original": len(particles), "dropped": len(particles) - len(kept), "jittered": len(kept),
+            "decoys": len(decoys)}
+
+
+def export_parameters(manifest: dict) -> dict[str, float]:
+    """Box (px, the dataset's) and particle diameter (Å, ~0.73 of the box: the phantom spans ~60 %)."""
+    box = int(manifest["box_px"])
+    pixel = float(manifest["tilt_series"][0]["pixel_size_angst"])
+    return {"box_px": box, "diameter_angst": round(0.73 * box * pixel), "pixel_size_angst": pixel}
+
+
+def reconstruct(prot_export, project_path: str, box_px: int) -> tuple[np.ndarray, str]:
+    """``relion_reconstruct --ctf`` of the export's merged STAR when RELION is on PATH, else the CTF-weighted
+    average of the exported volumes (rotated back by their poses) → (map, method)."""
+    from .formats.mrc import read_mrc
+
+    extra = Path(project_path) / prot_export.getMergedStar()
+    relion = shutil.which("relion_reconstruct")
+    if relion:
+        run = subprocess.run([relion, "--i", extra.name, "--o", "rec.mrc", "--ctf"], cwd=extra.parent,
+                             capture_output=True, text=True, timeout=1800)
+        if run.returncode != 0:
+            raise RuntimeError(f"relion_reconstruct failed: {run.stderr[-2000:]}")
+        return read_mrc(extra.parent / "rec.mrc")[0], "relion_reconstruct --ctf"
+    from . import qc
+
+    sums = None
+    for ts_id in sorted(prot_export.inputParticles.get().getTSIds()):
+        average, _ = prot_export.exportAverage(ts_id, maxParticles=10**6)
+        sums = average if sums is None else sums + average
+    return np.asarray(sums), f"mspecies CTF-weighted average (ε = {qc.WIENER_FRACTION} x mean weight)"
+
+
+def score_against_truth(volume: np.ndarray, manifest: dict, pixel_size_angst: float) -> dict:
+    """FSC (per shell) and CC inside a sphere of the map against the ground truth rendered at the output pixel
+    size (no alignment: the synthetic positions are exact)."""
+    from . import qc
+    from .core.phantom import make_blob_model, render_blob_map
+    from .core.volume import fourier_shell_correlation, normalized_cross_correlation, spherical_mask
+
+    box = volume.shape[0]
+    model = make_blob_model(int(manifest["box_px"]), float(manifest["tilt_series"][0]["pixel_size_angst"]))
+    truth = render_blob_map(model, box, pixel_size_angst)
+    fsc = fourier_shell_correlation(volume, truth)
+    cc = normalized_cross_correlation(volume, truth, spherical_mask(volume.shape, box // 2 - 2))
+    return {"cc": cc, "fsc": fsc.tolist(), "box_px": box, "pixel_size_angst": pixel_size_angst,
+            "fsc_0.5_angst": qc.fsc_resolution_angst(fsc, box, pixel_size_angst, 0.5),
+            "fsc_0.143_angst": qc.fsc_resolution_angst(fsc, box, pixel_size_angst, 0.143)}
+
+
+def run_export_chain(project, imported: dict, manifest_path: Path, out_dir: Path, *, n_threads: int = 3) -> dict:
+    """Intersect (imported coordinates vs a derived STAR), export the selected union, reconstruct, score.
+
+    Runs inside the project folder (set files are stored relative to it). Returns ``prot_intersect``,
+    ``prot_export``, ``scores`` (JSON-able), ``timings`` (s), ``report_lines`` and the figure paths ``fsc_png``,
+    ``histogram_png``, ``qc_png``.
+    """
+    from .workflow import inside_project
+
+    with inside_project(project):
+        return _run_export_chain(project, imported, Path(manifest_path).resolve(), Path(out_dir).resolve(),
+                                 n_threads)
+
+
+def _run_export_chain(project, imported: dict, manifest_path: Path, out_dir: Path, n_threads: int) -> dict:
+    from . import qc
+    from .protocols import ProtMSpeciesExportSubtomograms, ProtMSpeciesIntersect
+    from .protocols.protocol_intersect import SOURCE_STAR
+    from .workflow import launch
+
+    out_dir = Path(out_dir)
+    manifest = synth.load_manifest(manifest_path)
+    timings: dict[str, float] = {}
+    derived = out_dir / "derived_particles.star"
+    counts = derive_particle_star(Path(manifest_path), derived)
+    tomo_size = " ".join(str(v) for v in manifest["tilt_series"][0]["unbinned_tomogram_shape_zyx"][::-1])
+    start = time.perf_counter()
+    prot_intersect = launch(project, ProtMSpeciesIntersect, "intersect imported vs derived STAR",
+                            inputOld=imported["coordinates"], newSource=SOURCE_STAR, newStarFile=str(derived),
+                            starTomoSize=tomo_size, tolerance=TOLERANCE_ANGST, keepOnlyOld=True, keepInBoth=True,
+                            keepOnlyNew=True)
+    timings["intersect protocol (s)"] = time.perf_counter() - start
+    settings = export_parameters(manifest)
+    start = time.perf_counter()
+    prot_export = launch(project, ProtMSpeciesExportSubtomograms, "export sub-tomograms",
+                         inputParticles=prot_intersect.selected, inputTiltSeries=imported["tilt_series"],
+                         inputCtf=imported["ctfs"], boxSize=settings["box_px"],
+                         particleDiameter=settings["diameter_angst"], numberOfThreads=n_threads)
+    timings["export protocol (s)"] = time.perf_counter() - start
+    start = time.perf_counter()
+    volume, method = reconstruct(prot_export, project.getPath(), settings["box_px"])
+    timings["reconstruction (s)"] = time.perf_counter() - start
+    scores = score_against_truth(volume, manifest, settings["pixel_size_angst"])
+    scores.update(method=method, counts=counts, intersect=prot_intersect.getOutcomeSummary(),
+                  exported=prot_export.SubTomograms.getSize(), export_summary=prot_export.summary())
+    figures = _chain_figures(project.getPath(), prot_intersect, prot_export, scores, out_dir, qc)
+    lines = _chain_report_lines(scores, figures, prot_intersect, prot_export)
+    return {"prot_intersect": prot_intersect, "prot_export": prot_export, "scores": scores, "timings": timings,
+            "report_lines": lines, **figures}
+
+
+def _chain_figures(project_path: str, prot_intersect, prot_export, scores: dict, out_dir: Path, qc) -> dict:  # noqa: ANN001
+    """Copy the histogram and QC PNGs next to the report; draw the FSC plot."""
+    fsc_png = qc.save_figure(qc.fsc_figure({scores["method"]: np.array(scores["fsc"])}, scores["box_px"],
+                                           scores["pixel_size_angst"]), out_dir / "demo_fsc.png")
+    histogram = out_dir / "demo_distance_histogram.png"
+    shutil.copyfile(Path(project_path) / prot_intersect.getHistogramPath(), histogram)
+    first = sorted(prot_export.inputParticles.get().getTSIds())[0]
+    qc_png = out_dir / "demo_export_qc.png"
+    shutil.copyfile(Path(project_path) / prot_export.getQcPng(first), qc_png)
+    return {"fsc_png": fsc_png, "histogram_png": histogram, "qc_png": qc_png}
+
+
+def _chain_report_lines(scores: dict, figures: dict, prot_intersect, prot_export) -> list[str]:  # noqa: ANN001
+    counts = scores["counts"]
+    lines = [f"- Derived set: {counts['original']} particles, {counts['dropped']} dropped, {counts['jittered']} "
+             f"jittered by {JITTER_ANGST:g} Å, {counts['decoys']} decoys added",
+             f"- `{prot_intersect.getObjLabel()}` (tolerance {TOLERANCE_ANGST:g} Å, selected = only old + in both "
+             f"+ only new):"]
+    lines += [f"  - {line}" for line in prot_intersect.summary()]
+    lines += [f"- `{prot_export.getObjLabel()}`: {scores['exported']} sub-tomograms"]
+    lines += [f"  - {line}" for line in scores["export_summary"]]
+    lines += [f"- Reconstruction: {scores['method']}",
+              f"- Against the ground truth: CC {scores['cc']:.3f}, FSC 0.5 at {scores['fsc_0.5_angst']:.1f} Å, "
+              f"FSC 0.143 at {scores['fsc_0.143_angst']:.1f} Å (Nyquist {2 * scores['pixel_size_angst']:g} Å)",
+              f"- Figures: `{figures['fsc_png'].name}` (FSC), `{figures['histogram_png'].name}` (intersect "
+              f"distances), `{figures['qc_png'].name}` (export QC)"]
+    return lines

@@ -1,0 +1,515 @@
+"""Export sub-tomograms (+ 3D CTFs) reconstructed from the raw tilt series (M's "Export sub-tomograms"), as a
+Scipion protocol.
+
+Steps: ``prepareStep`` writes, per tilt series, ``extra/<tsId>/geometry.json`` + ``particles_in.star``
+(:mod:`mspecies.convert.export_geometry`); one ``exportStep`` per tilt series runs the CLI worker
+(``python -m mspecies export --geometry … --particles … --out extra/<tsId>``) through ``runJob``, so a queue can
+send each tilt series to a node and ``%(GPU)s`` picks its GPU; ``createOutputStep`` builds the
+``SetOfSubTomograms`` (each item: MRC, its 3D CTF in ``_ctfImage``, cloned coordinate at the exported centre,
+pose), the merged ``extra/particles.star`` and QC PNGs. A tilt series whose folder holds
+``export_done.json`` is not exported again ("continue" mode redoes only the unfinished ones).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pandas as pd
+import pyworkflow.protocol.params as params
+from pwem.objects import Transform
+from pwem.protocols import EMProtocol
+from pyworkflow import BETA
+from pyworkflow.object import String
+from pyworkflow.protocol import STEPS_PARALLEL
+from pyworkflow.utils import Message
+from tomo.constants import SCIPION, TR_SCIPION
+from tomo.objects import SetOfSubTomograms, SubTomogram
+from tomo.protocols import ProtTomoBase
+
+from mspecies.convert.export_geometry import (
+    GEOMETRY_JSON,
+    PARTICLES_IN_STAR,
+    tomogram_mismatch_errors,
+    tomogram_shape_px,
+    write_geometry_json,
+    write_particles_star,
+)
+from mspecies.convert.particles import particles_to_poses
+from mspecies.convert.poses import relion_to_scipion_matrix
+from mspecies.convert.tilt_series import tilt_series_set_to_data
+from mspecies.core.types import InputError, ParticlePoses
+
+MODE_VOLUMES, MODE_SERIES = 0, 1
+MODES = ("volumes", "series")
+STAR_FLAVOURS = ("3.1", "3.0")
+CTF_LAYOUTS = ("half", "centred")
+BACKEND_AUTO, BACKEND_CPU, BACKEND_GPU = 0, 1, 2
+BACKENDS = ("auto", "numpy", "cupy")
+DONE_JSON = "export_done.json"
+IDS_JSON = "particle_ids.json"
+CLI_STAR = "particles.star"
+MERGED_STAR = "particles.star"
+SUMMARY_JSON = "export_summary.json"
+CTF_ATTR = "_ctfImage"
+
+
+def qcPngName(tsId: str) -> str:
+    """File name (in ``extra/``) of the QC figure of one tilt series."""
+    return f"qc_{tsId}.png"
+
+
+class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
+    """Reconstruct, for every particle, a sub-tomogram and its 3D CTF directly from the aligned raw tilt series
+    (not cropped from a tomogram), with an aliasing-free padded box, at a chosen pixel size and box; output a
+    SetOfSubTomograms and a RELION 3.1 STAR ready for relion_refine / relion_reconstruct."""
+
+    _label = "export sub-tomograms from tilt series"
+    _devStatus = BETA
+    _possibleOutputs = {"SubTomograms": SetOfSubTomograms}
+    stepsExecutionMode = STEPS_PARALLEL
+
+    # --------------------------- DEFINE param functions ----------------------
+    def _defineParams(self, form):
+        form.addSection(label=Message.LABEL_INPUT)
+        form.addHidden(params.USE_GPU, params.BooleanParam, default=True, label="Use GPU for the export?",
+                       help="Used when the backend is 'auto' or 'GPU'; each tilt series runs on the GPU assigned "
+                            "to its step (CUDA_VISIBLE_DEVICES=%(GPU)s).")
+        form.addHidden(params.GPU_LIST, params.StringParam, default="0", label="GPU IDs",
+                       help="GPUs for the export steps; with several threads each step gets its own slot.")
+        form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfCoordinates3D, SetOfSubTomograms",
+                      important=True, label="Particles",
+                      help="Coordinates or sub-tomograms (their poses are used; sub-tomogram shifts move the "
+                           "centre). Matched to the tilt series by tomogram id (tsId).")
+        form.addParam("inputTiltSeries", params.PointerParam, pointerClass="SetOfTiltSeries", important=True,
+                      label="Tilt series (with alignment)",
+                      help="Raw (non-interpolated) tilt series carrying their alignment transforms.")
+        form.addParam("inputCtf", params.PointerParam, pointerClass="SetOfCTFTomoSeries", important=True,
+                      label="CTF estimation", help="Per-tilt defocus of every tilt series used.")
+        form.addParam("outputPixelSize", params.FloatParam, allowsNull=True, label="Output pixel size (Å/px)",
+                      help="Empty: the tilt-series pixel size. Not finer than the data; the highest resolution "
+                           "of the output is 2 x the pixel size (Nyquist). The tilt images are Fourier-cropped.")
+        form.addParam("boxSize", params.IntParam, default=64, validators=[params.Positive], label="Box size (px)",
+                      help="Output box (even). Each tilt is reconstructed in an aliasing-free padded box "
+                           "(min(1024, max(2 x box, the size the CTF of the lowest-dose tilt needs))) and cropped "
+                           "to this box. High-defocus Thon rings oscillate faster than a small box can sample, so "
+                           "they may vanish from the 3D CTF of small boxes: the padded box keeps the data right, "
+                           "but choose a box well above the particle diameter for a faithful CTF.")
+        form.addParam("particleDiameter", params.FloatParam, default=150.0, validators=[params.Positive],
+                      label="Particle diameter (Å)",
+                      help="Sets the output-normalisation mask and enters the aliasing-free padded box size.")
+        form.addParam("outputMode", params.EnumParam, choices=["volumes", "image series"], default=MODE_VOLUMES,
+                      display=params.EnumParam.DISPLAY_HLIST, label="Export",
+                      help="volumes: sub-tomogram + 3D CTF per particle (SetOfSubTomograms). image series: the 2D "
+                           "tilt images of each particle (STAR only, no Scipion set).")
+        form.addParam("shiftX", params.FloatParam, default=0.0, label="Shift X (Å)",
+                      help="Shift of every particle, in the map frame when the particles have poses "
+                           "(position += A . shift).")
+        form.addParam("shiftY", params.FloatParam, default=0.0, label="Shift Y (Å)")
+        form.addParam("shiftZ", params.FloatParam, default=0.0, label="Shift Z (Å)")
+        form.addParam("preRotate", params.BooleanParam, default=False, label="Pre-rotate particles",
+                      help="Reconstruct in the reference frame: output angles become 0 (identity poses).")
+        form.addParam("limitTilts", params.BooleanParam, default=False, label="Limit to the first N tilts by dose")
+        form.addParam("nTilts", params.IntParam, default=20, condition="limitTilts", label="N tilts",
+                      help="Only the N tilts with the lowest accumulated dose get CTF weight.")
+        form.addParam("invertContrast", params.BooleanParam, default=True, label="Invert contrast",
+                      help="Raw cryo images have dark protein; RELION expects white.")
+        form.addParam("normalizeInput", params.BooleanParam, default=True, label="Normalise input images")
+        form.addParam("normalizeOutput", params.BooleanParam, default=True, label="Normalise output",
+                      help="Mean 0, sd 1 outside the particle diameter. Required for RELION.")
+        form.addParam("sparseCtf", params.BooleanParam, default=False, expertLevel=params.LEVEL_ADVANCED,
+                      label="Sparse 3D CTF",
+                      help="Set 3D-CTF voxels with |value| < 0.01 to 0. Warning: needs a patched RELION.")
+        form.addParam("starFlavour", params.EnumParam, choices=["RELION 3.1", "RELION 3.0"], default=0,
+                      expertLevel=params.LEVEL_ADVANCED, label="STAR flavour",
+                      help="3.1: optics + particles tables. 3.0: single table (M's style).")
+        form.addParam("ctfLayout", params.EnumParam, choices=["FFTW half", "centred cube"], default=0,
+                      expertLevel=params.LEVEL_ADVANCED, label="3D CTF layout",
+                      help="Both are read by RELION 3.1.")
+        form.addParam("relativePaths", params.BooleanParam, default=True, expertLevel=params.LEVEL_ADVANCED,
+                      label="Relative paths in the STAR", help="Relative to extra/ (else absolute).")
+        form.addParam("backend", params.EnumParam, choices=["auto", "CPU", "GPU"], default=BACKEND_AUTO,
+                      expertLevel=params.LEVEL_ADVANCED, label="Backend",
+                      help="auto: CuPy when a GPU answers, else NumPy (the MSPECIES_BACKEND variable can force it).")
+        form.addParallelSection(threads=1, mpi=0)
+
+    # --------------------------- INSERT steps functions ----------------------
+    def _insertAllSteps(self):
+        prepare = self._insertFunctionStep(self.prepareStep, needsGPU=False)
+        gpu = self._stepsNeedGpu()
+        exports = [self._insertFunctionStep(self.exportStep, tsId, prerequisites=[prepare], needsGPU=gpu)
+                   for tsId in self._exportTsIds()]
+        self._insertFunctionStep(self.createOutputStep, prerequisites=exports, needsGPU=False)
+
+    # --------------------------- STEPS functions -----------------------------
+    def prepareStep(self):
+        """Check tomogram ids, then write per tilt series its geometry JSON, particle STAR and particle ids."""
+        poses, objIds = self._particlePoses()
+        tsSet, ctfSet = self.inputTiltSeries.get(), self.inputCtf.get()
+        errors = tomogram_mismatch_errors(sorted(set(poses.tomo_names.astype(str))), list(tsSet.getTSIds()),
+                                          list(ctfSet.getTSIds()))
+        if errors:
+            raise InputError(" ".join(errors))
+        tsIds = self._exportTsIds()
+        data = tilt_series_set_to_data(tsSet, ctfSet, tsIds)
+        tomos = self._tomograms()
+        for tsId in tsIds:
+            rows = np.flatnonzero(poses.tomo_names.astype(str) == tsId)
+            tomo = tomos.get(tsId)
+            shape = tomogram_shape_px(tomo.getDim() if tomo is not None else None,
+                                      tomo.getSamplingRate() if tomo is not None else None, data[tsId])
+            folder = self._getExtraPath(tsId)
+            write_geometry_json(os.path.join(folder, GEOMETRY_JSON), data[tsId], shape)
+            write_particles_star(os.path.join(folder, PARTICLES_IN_STAR), poses.subset(rows), tsId, shape,
+                                 data[tsId].pixel_size_angst)
+            with open(os.path.join(folder, IDS_JSON), "w") as handle:
+                json.dump({"obj_ids": [int(objIds[r]) for r in rows]}, handle)
+            self.info(f"{tsId}: {rows.size} particles, tomogram {shape[0]}x{shape[1]}x{shape[2]} px at "
+                      f"{data[tsId].pixel_size_angst:g} Å/px")
+        unused = sorted(set(tsSet.getTSIds()) - set(tsIds))
+        if unused:
+            self.info(f"Tilt series without particles (not exported): {unused[:20]}")
+
+    def exportStep(self, tsId: str):
+        """Run the CLI worker on one tilt series (skipped if its completion marker exists)."""
+        folder = self._getExtraPath(tsId)
+        marker = os.path.join(folder, DONE_JSON)
+        if os.path.isfile(marker):
+            self.info(f"{tsId}: already exported ({marker}), skipped")
+            return
+        for partial in (os.path.join(folder, tsId), os.path.join(folder, CLI_STAR)):
+            if os.path.isdir(partial):
+                shutil.rmtree(partial)
+            elif os.path.isfile(partial):
+                os.remove(partial)
+        self.info(f"{tsId}: exporting")
+        self.runJob(self._program(), self._cliArgs(folder))
+        with open(os.path.join(folder, DONE_JSON), "w") as handle:
+            json.dump(self._stepReport(tsId), handle)
+        self.info(f"{tsId}: done")
+
+    def createOutputStep(self):
+        """Merged STAR, QC figures, summary; then the SetOfSubTomograms (volumes mode), registered only if all
+        tilt series finished."""
+        tsIds = self._exportTsIds()
+        missing = [t for t in tsIds if not os.path.isfile(self._getExtraPath(t, DONE_JSON))]
+        if missing:
+            raise InputError(f"tilt series not exported: {missing}")
+        merged = self._writeMergedStar(tsIds)
+        reports = {t: self._readJson(self._getExtraPath(t, DONE_JSON)) for t in tsIds}
+        summary = {"n_particles": int(sum(r["n_particles"] for r in reports.values())),
+                   "n_tilt_series": len(tsIds), "pixel_size_angst": self._outputPixel(),
+                   "box_px": int(self.boxSize.get()),
+                   "padded_box_px": sorted({int(r["padded_box_px"]) for r in reports.values()}),
+                   "star": merged, "mode": MODES[self.outputMode.get()], "per_tilt_series": reports}
+        if self.outputMode.get() == MODE_VOLUMES:
+            self._writeQcFigures(tsIds)
+        with open(self._getExtraPath(SUMMARY_JSON), "w") as handle:
+            json.dump(summary, handle, indent=1)
+        if self.outputMode.get() == MODE_VOLUMES:
+            output = self._buildSubtomograms(tsIds)
+            self._defineOutputs(SubTomograms=output)
+            self._defineSourceRelation(self.inputParticles, output)
+            self._defineSourceRelation(self.inputTiltSeries, output)
+
+    # --------------------------- UTILS functions -----------------------------
+    def _isSubtomos(self) -> bool:
+        return isinstance(self.inputParticles.get(), SetOfSubTomograms)
+
+    def _coordinates(self):
+        particles = self.inputParticles.get()
+        return particles.getCoordinates3D() if self._isSubtomos() else particles
+
+    def _iterParticles(self):
+        """Items in the order :func:`particles_to_poses` reads them."""
+        particles = self.inputParticles.get()
+        return particles.iterSubtomos() if self._isSubtomos() else particles.iterCoordinates()
+
+    def _particlePoses(self) -> tuple[ParticlePoses, np.ndarray]:
+        """(poses centred Å, object ids in the same order)."""
+        poses = particles_to_poses(self.inputParticles.get())
+        objIds = np.array([item.getObjId() for item in self._iterParticles()], dtype=np.int64)
+        return poses, objIds
+
+    def _particleTsIds(self) -> list[str]:
+        particles = self.inputParticles.get()
+        if self._isSubtomos():
+            field = SubTomogram.COORD_VOL_NAME_FIELD
+            return sorted(str(row[field]) for row in particles.aggregate(["count"], field, [field]))
+        return sorted(str(t) for t in particles.getTSIds())
+
+    def _exportTsIds(self) -> list[str]:
+        """tsIds with particles and a tilt series (sorted)."""
+        tsIds = set(self.inputTiltSeries.get().getTSIds())
+        return [t for t in self._particleTsIds() if t in tsIds]
+
+    def _tomograms(self) -> dict:
+        coords = self._coordinates()
+        precedents = coords.getPrecedents() if coords is not None else None
+        return {tomo.getTsId(): tomo.clone() for tomo in precedents.iterItems()} if precedents is not None else {}
+
+    def _dataPixel(self) -> float:
+        return float(self.inputTiltSeries.get().getSamplingRate())
+
+    def _outputPixel(self) -> float:
+        return float(self.outputPixelSize.get() or self._dataPixel())
+
+    def _shift(self) -> tuple[float, float, float]:
+        return float(self.shiftX.get()), float(self.shiftY.get()), float(self.shiftZ.get())
+
+    def _prerotated(self) -> bool:
+        return bool(self.preRotate.get()) or self.outputMode.get() == MODE_SERIES
+
+    def _stepsNeedGpu(self) -> bool:
+        """GPU steps: backend GPU, or auto with a usable CuPy device here; 'Use GPU' on and a GPU list given.
+        (On a CPU-only machine 'auto' steps take no GPU slot, so they run in parallel threads.)"""
+        if self.backend.get() == BACKEND_CPU or not (self.usesGpu() and self.getGpuList()):
+            return False
+        if self.backend.get() == BACKEND_AUTO:
+            from mspecies.core.backend import cupy_unavailable_reason
+
+            return self._backend() != "numpy" and cupy_unavailable_reason() is None
+        return True
+
+    def _backend(self) -> str:
+        if self.backend.get() == BACKEND_AUTO:
+            from mspecies.plugin import MSPECIES_BACKEND, Plugin
+
+            value = Plugin.getVar(MSPECIES_BACKEND) or "auto"
+            return value if value in BACKENDS else "auto"
+        return BACKENDS[self.backend.get()]
+
+    def _program(self) -> str:
+        """Python of this environment; on GPU steps prefixed with the step's GPU (``%(GPU)s``)."""
+        python = sys.executable or "python3"
+        return f"CUDA_VISIBLE_DEVICES=%(GPU)s {python}" if self._stepsNeedGpu() else python
+
+    def _cliArgs(self, folder: str) -> str:
+        """Arguments of ``python -m mspecies export`` for one tilt series (folder = extra/<tsId>)."""
+        args = ["-m", "mspecies", "export", "--geometry", os.path.join(folder, GEOMETRY_JSON),
+                "--particles", os.path.join(folder, PARTICLES_IN_STAR), "--out", folder,
+                "--pixel-size-out", f"{self._outputPixel():.6g}", "--box", str(self.boxSize.get()),
+                "--diameter", f"{self.particleDiameter.get():.6g}", "--mode", MODES[self.outputMode.get()],
+                "--shift", *(f"{v:.6g}" for v in self._shift()), "--ctf-layout", CTF_LAYOUTS[self.ctfLayout.get()],
+                "--backend", self._backend(), "--star-flavour", "3.1"]
+        flags = {"--prerotate": self._prerotated(), "--no-invert": not self.invertContrast.get(),
+                 "--no-normalize-input": not self.normalizeInput.get(),
+                 "--no-normalize-output": not self.normalizeOutput.get(), "--sparse-ctf": self.sparseCtf.get()}
+        args += [flag for flag, on in flags.items() if on]
+        if self.limitTilts.get():
+            args += ["--n-tilts-by-dose", str(self.nTilts.get())]
+        return " ".join(f'"{a}"' if " " in a else a for a in args)
+
+    def _stepReport(self, tsId: str) -> dict:
+        """Particles written and the padded box of one finished tilt series."""
+        from mspecies.cli_export import tilt_series_from_geometry
+        from mspecies.core.extract import padded_box_px
+
+        folder = self._getExtraPath(tsId)
+        tiltSeries, _ = tilt_series_from_geometry(os.path.join(folder, GEOMETRY_JSON))
+        box = int(self.boxSize.get())
+        padded = box if self.outputMode.get() == MODE_SERIES else padded_box_px(
+            tiltSeries, box, self._outputPixel(), float(self.particleDiameter.get()))
+        count = len(self._readJson(os.path.join(folder, IDS_JSON))["obj_ids"])
+        return {"ts_id": tsId, "n_particles": count, "padded_box_px": int(padded), "backend": self._backend()}
+
+    @staticmethod
+    def _readJson(path: str) -> dict:
+        with open(path) as handle:
+            return json.load(handle)
+
+    def _cliTables(self, tsId: str) -> dict[str, pd.DataFrame]:
+        from mspecies.formats.star import read_star_blocks
+
+        return read_star_blocks(self._getExtraPath(tsId, CLI_STAR))
+
+    def _starPath(self, tsId: str, name: str) -> str:
+        """A CLI STAR path (relative to extra/<tsId>) → relative to extra/ or absolute."""
+        if not name:
+            return name
+        path = os.path.join(tsId, name)
+        return path if self.relativePaths.get() else os.path.abspath(self._getExtraPath(path))
+
+    def _writeMergedStar(self, tsIds: list[str]) -> str:
+        """``extra/particles.star`` over all tilt series (random subsets alternate over the merged rows)."""
+        from mspecies.core.types import Microscope
+        from mspecies.formats.relion_subtomo import PARTICLE_COLUMNS, write_series_star, write_subtomo_star
+
+        particles, tilts = [], []
+        for tsId in tsIds:
+            blocks = self._cliTables(tsId)
+            table = blocks["particles"][list(PARTICLE_COLUMNS)].copy()
+            for column in ("rlnImageName", "rlnCtfImage"):
+                table[column] = [self._starPath(tsId, str(v)) for v in table[column]]
+            particles.append(table)
+            if "tilts" in blocks:
+                tilt = blocks["tilts"].copy()
+                tilt["rlnImageName"] = [f"{v.split('@')[0]}@{self._starPath(tsId, v.split('@', 1)[1])}"
+                                        for v in tilt["rlnImageName"].astype(str)]
+                tilts.append(tilt)
+        merged = pd.concat(particles, ignore_index=True)
+        for column in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnCoordinateX", "rlnCoordinateY",
+                       "rlnCoordinateZ"):
+            merged[column] = merged[column].astype(float)
+        merged["rlnRandomSubset"] = np.arange(len(merged)) % 2 + 1
+        geometry = self._readJson(self._getExtraPath(tsIds[0], GEOMETRY_JSON))
+        microscope = Microscope(geometry["voltage_kv"], geometry["cs_mm"], geometry["amplitude_contrast"])
+        path = self._getExtraPath(MERGED_STAR)
+        optics = {"pixel_size_angst": self._outputPixel(), "box_px": int(self.boxSize.get()),
+                  "microscope": microscope}
+        if self.outputMode.get() == MODE_SERIES:
+            write_series_star(path, merged.drop(columns=["rlnCtfImage"]), pd.concat(tilts, ignore_index=True),
+                              **optics)
+        else:
+            write_subtomo_star(path, merged, flavour=STAR_FLAVOURS[self.starFlavour.get()], **optics)
+        return path
+
+    def _exportedRows(self, tsId: str) -> list[tuple[int, str, str]]:
+        """(input object id, volume path, 3D CTF path) per exported particle of one tilt series (paths relative
+        to the project)."""
+        table = self._cliTables(tsId)["particles"]
+        objIds = self._readJson(self._getExtraPath(tsId, IDS_JSON))["obj_ids"]
+        if len(table) != len(objIds):
+            raise InputError(f"{tsId}: {len(table)} exported particles but {len(objIds)} requested")
+        return [(int(i), self._getExtraPath(tsId, str(v)), self._getExtraPath(tsId, str(c)))
+                for i, v, c in zip(objIds, table["rlnImageName"], table["rlnCtfImage"])]
+
+    def _buildSubtomograms(self, tsIds: list[str]) -> SetOfSubTomograms:
+        """The output set at the output pixel size (all items built before it is registered)."""
+        from mspecies.core.reconstruct import shifted_positions_angst
+
+        rows = {objId: (tsId, volume, ctf) for tsId in tsIds for objId, volume, ctf in self._exportedRows(tsId)}
+        poses, objIds = self._particlePoses()
+        centres = shifted_positions_angst(poses, self._shift())
+        index = {int(i): k for k, i in enumerate(objIds)}
+        coordSr = float(self._coordinates().getSamplingRate())
+        pixel = self._outputPixel()
+        acquisition = self.inputTiltSeries.get().getAcquisition()
+        tomos = self._tomograms()
+        output = self._createSetOfSubTomograms()
+        output.setSamplingRate(pixel)
+        output.setAcquisition(acquisition)
+        output.setCoordinates3D(self.inputParticles if not self._isSubtomos()
+                                else self.inputParticles.get().getCoordinates3D())
+        for item in self._iterParticles():
+            objId = item.getObjId()
+            if objId not in rows:
+                continue
+            tsId, volume, ctf = rows[objId]
+            k = index[objId]
+            coord = (item.getCoordinate3D() if self._isSubtomos() else item).clone()
+            coord.setPosition(*(centres[k] / coordSr), SCIPION)
+            euler = np.zeros(3) if self._prerotated() else poses.euler_zyz_deg[k]
+            subtomo = SubTomogram()
+            subtomo.setLocation(volume)
+            subtomo.setSamplingRate(pixel)
+            subtomo.setCoordinate3D(coord)
+            subtomo.setTransform(Transform(relion_to_scipion_matrix(euler, None, pixel)), convention=TR_SCIPION)
+            subtomo.setAcquisition(acquisition)
+            if tsId in tomos:
+                subtomo.setVolName(tomos[tsId].getFileName())
+            setattr(subtomo, CTF_ATTR, String(ctf))
+            output.append(subtomo)
+        return output
+
+    def _writeQcFigures(self, tsIds: list[str]) -> None:
+        """``extra/qc_<tsId>.png`` per tilt series (CTF-weighted average + one 3D CTF)."""
+        from mspecies import qc
+
+        for tsId in tsIds:
+            average, ctf = self.exportAverage(tsId)
+            qc.save_figure(qc.volume_qc_figure(average, self._outputPixel(), ctf, title=tsId),
+                           self._getExtraPath(qcPngName(tsId)))
+
+    def exportAverage(self, tsId: str, maxParticles: int = 200) -> tuple[np.ndarray, np.ndarray]:
+        """(CTF-weighted average in the reference frame, first 3D CTF) of the exported particles of one tilt
+        series (at most ``maxParticles``)."""
+        from mspecies import qc
+        from mspecies.formats.mrc import read_mrc
+
+        table = self._cliTables(tsId)["particles"].head(maxParticles)
+        angles = table[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy(dtype=np.float64)
+        first = read_mrc(self._getExtraPath(tsId, str(table["rlnCtfImage"].iloc[0])))[0]
+
+        def particles():
+            for row, euler in zip(table.itertuples(), angles):
+                yield (read_mrc(self._getExtraPath(tsId, row.rlnImageName))[0],
+                       read_mrc(self._getExtraPath(tsId, row.rlnCtfImage))[0], euler)
+
+        return qc.ctf_weighted_average(particles()), first
+
+    # --------------------------- INFO functions ------------------------------
+    def _validate(self):
+        errors = []
+        box = self.boxSize.get()
+        if box is None or box % 2 or box < 4:
+            errors.append(f"Box size: must be an even number of pixels >= 4, got {box}.")
+        if self.limitTilts.get() and (self.nTilts.get() is None or self.nTilts.get() < 1):
+            errors.append(f"N tilts: must be >= 1, got {self.nTilts.get()}.")
+        particles, tsSet, ctfSet = self.inputParticles.get(), self.inputTiltSeries.get(), self.inputCtf.get()
+        if particles is None or not particles.getSize():
+            return errors + ["Particles: the set is empty."]
+        if tsSet is None or ctfSet is None:
+            return errors
+        errors += tomogram_mismatch_errors(self._particleTsIds(), list(tsSet.getTSIds()), list(ctfSet.getTSIds()))
+        errors += self._validateTiltSeries(tsSet, box)
+        diameter = self.particleDiameter.get()
+        if box and diameter and diameter > box * self._outputPixel():
+            errors.append(f"Particle diameter {diameter:g} Å is larger than the box ({box} px x "
+                          f"{self._outputPixel():g} Å = {box * self._outputPixel():g} Å).")
+        return errors
+
+    def _validateTiltSeries(self, tsSet, box: int | None) -> list[str]:
+        errors = []
+        dataPixel = self._dataPixel()
+        if self.outputPixelSize.get() is not None and self.outputPixelSize.get() < dataPixel * (1 - 1e-4):
+            errors.append(f"Output pixel size {self.outputPixelSize.get():g} Å is finer than the tilt-series "
+                          f"pixel size {dataPixel:g} Å.")
+        wanted = set(self._particleTsIds())
+        for ts in tsSet.iterItems():
+            if ts.getTsId() not in wanted:
+                continue
+            if not ts.hasAlignment() or ts.interpolated():
+                errors.append(f"Tilt series {ts.getTsId()}: no alignment (or interpolated); the export needs the "
+                              "raw tilt series with its alignment transforms.")
+            first = ts.getFirstItem()
+            dims = first.getDim() if first is not None else None
+            if box and dims and box * self._outputPixel() > min(dims[:2]) * dataPixel:
+                errors.append(f"Box {box} px x {self._outputPixel():g} Å is larger than the tilt images of "
+                              f"{ts.getTsId()} ({dims[0]}x{dims[1]} px x {dataPixel:g} Å).")
+        return errors
+
+    def _exportSummary(self) -> dict | None:
+        path = self._getExtraPath(SUMMARY_JSON)
+        return self._readJson(path) if os.path.isfile(path) else None
+
+    def _summary(self):
+        summary = self._exportSummary()
+        if summary is None:
+            return ["Output not ready yet."]
+        return [f"{summary['n_particles']} particles from {summary['n_tilt_series']} tilt series exported as "
+                f"{summary['mode']}",
+                f"Pixel size {summary['pixel_size_angst']:g} Å, box {summary['box_px']} px, padded box "
+                f"{', '.join(str(m) for m in summary['padded_box_px'])} px",
+                f"STAR (RELION): {summary['star']}"]
+
+    def _methods(self):
+        summary = self._exportSummary()
+        if summary is None:
+            return []
+        return [f"{summary['n_particles']} sub-tomograms and their 3D CTFs were reconstructed directly from the "
+                f"aligned raw tilt series of {summary['n_tilt_series']} tomograms at {summary['pixel_size_angst']:g} "
+                f"Å/px in a {summary['box_px']} px box (aliasing-free padded box "
+                f"{', '.join(str(m) for m in summary['padded_box_px'])} px, per-particle defocus, dose weighting) "
+                "with mspecies, following M's sub-tomogram export."]
+
+    def getQcPng(self, tsId: str) -> str:
+        """Path of the QC figure of one tilt series written by the output step."""
+        return self._getExtraPath(qcPngName(tsId))
+
+    def getMergedStar(self) -> str:
+        """Path of the merged RELION STAR of all tilt series."""
+        return self._getExtraPath(MERGED_STAR)

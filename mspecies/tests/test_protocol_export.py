@@ -1,0 +1,212 @@
+"""Headless Scipion project: the demo chain (import → intersect → export sub-tomograms → reconstruct) on a small
+noise-free dataset; the export's outputs, merged STAR, QC figures, viewer, "continue" skip, a failing run that
+registers nothing, every validation message, and the workflow template."""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pyworkflow.plugin import Domain
+from pyworkflow.tests import BaseTest, setupTestProject
+from tomo.constants import SCIPION, TR_SCIPION
+from tomo.objects import SetOfSubTomograms
+
+from mspecies.convert.particles import coordinates_to_poses
+from mspecies.convert.poses import scipion_matrix_to_relion
+from mspecies.core.geometry import euler_to_matrix
+from mspecies.core.synth import generate_dataset, load_manifest
+from mspecies.demo import run_export_chain
+from mspecies.formats.mrc import read_mrc
+from mspecies.formats.star import read_relion31_particles
+from mspecies.protocols import (
+    ProtMSpeciesExportSubtomograms,
+    ProtMSpeciesImportTiltSeries,
+    ProtMSpeciesImportTsAlignment,
+    ProtMSpeciesImportTsCtf,
+    ProtMSpeciesIntersect,
+)
+from mspecies.protocols.protocol_export_subtomograms import CTF_ATTR, DONE_JSON
+from mspecies.tests.checks import registered_outputs
+from mspecies.workflow import import_synthetic_dataset, inside_project, launch
+
+SYNTH = dict(seed=5, n_tomograms=2, n_particles=20, n_tilts=31, box_px=32, image_shape_yx=(320, 320),
+             pixel_size_angst=4.0, thickness_angst=500.0, snr=None)
+
+pytestmark = [pytest.mark.scipion, pytest.mark.slow]
+
+
+class TestExportProtocol(BaseTest):
+    """One import and one chain (intersect + export with 3 threads + reconstruction)."""
+
+    @classmethod
+    def setUpClass(cls):
+        setupTestProject(cls)
+        cls.tmp = Path(tempfile.mkdtemp(prefix="mspecies-export-"))
+        cls.manifest_path = generate_dataset(cls.tmp / "data", **SYNTH)
+        cls.manifest = load_manifest(cls.manifest_path)
+        cls.imported = import_synthetic_dataset(cls.proj, cls.manifest_path)
+        cls.chain = run_export_chain(cls.proj, cls.imported, cls.manifest_path, cls.tmp)
+        cls.prot = cls.chain["prot_export"]
+
+    def _path(self, relative: str) -> Path:
+        return Path(self.proj.getPath()) / relative
+
+    def test_output_set_items(self):
+        output = self.prot.SubTomograms
+        selected = self.chain["prot_intersect"].selected
+        self.assertIsInstance(output, SetOfSubTomograms)
+        self.assertEqual(output.getSize(), selected.getSize())
+        self.assertAlmostEqual(output.getSamplingRate(), SYNTH["pixel_size_angst"])
+        poses = coordinates_to_poses(selected)
+        by_position = {tuple(np.round(p, 2)): e for p, e in zip(poses.positions_angst, poses.euler_zyz_deg)}
+        coord_sr = output.getCoordinates3D().getSamplingRate()
+        with inside_project(self.proj):
+            for subtomo in output.iterSubtomos():
+                volume, pixel = read_mrc(subtomo.getFileName())
+                self.assertEqual(volume.shape, (SYNTH["box_px"],) * 3)
+                self.assertAlmostEqual(pixel, SYNTH["pixel_size_angst"], places=3)
+                ctf = getattr(subtomo, CTF_ATTR).get()
+                self.assertEqual(read_mrc(ctf)[0].shape, (32, 32, 17))
+                coord = subtomo.getCoordinate3D()
+                self.assertIn(coord.getTomoId(), {"TS_01", "TS_02"})
+                position = tuple(np.round(np.asarray(coord.getPosition(SCIPION)) * coord_sr, 2))
+                self.assertIn(position, by_position)
+                euler, origin = scipion_matrix_to_relion(subtomo.getTransform(convention=TR_SCIPION).getMatrix(),
+                                                         pixel)
+                np.testing.assert_allclose(origin, 0.0, atol=1e-6)
+                np.testing.assert_allclose(euler_to_matrix(euler), euler_to_matrix(by_position[position]),
+                                           atol=1e-6)
+
+    def test_merged_star_and_summary(self):
+        star = self._path(self.prot.getMergedStar())
+        optics, particles = read_relion31_particles(star)
+        self.assertEqual(int(optics["rlnImageDimensionality"][0]), 3)
+        self.assertEqual(len(particles), self.prot.SubTomograms.getSize())
+        self.assertEqual(set(particles["rlnTomoName"]), {"TS_01", "TS_02"})
+        for name in list(particles["rlnImageName"][:3]) + list(particles["rlnCtfImage"][:3]):
+            self.assertTrue((star.parent / name).is_file(), name)
+        summary = "\n".join(self.prot.summary())
+        self.assertIn(f"{len(particles)} particles from 2 tilt series", summary)
+        self.assertIn("padded box", summary)
+        self.assertTrue(self.prot.methods())
+        for ts_id in ("TS_01", "TS_02"):
+            self.assertEqual(self._path(self.prot.getQcPng(ts_id)).read_bytes()[:4], b"\x89PNG")
+
+    def test_chain_reconstruction_matches_ground_truth(self):
+        scores = self.chain["scores"]
+        print(f"chain: {scores['method']} CC {scores['cc']:.3f}, FSC 0.5 at {scores['fsc_0.5_angst']:.1f} Å")
+        self.assertGreater(scores["cc"], 0.8)
+        for key in ("fsc_png", "histogram_png", "qc_png"):
+            self.assertEqual(Path(self.chain[key]).read_bytes()[:4], b"\x89PNG")
+
+    def test_logs_carry_the_worker_progress(self):
+        log = "\n".join(self.prot.getLogsLastLines(400))
+        stdout = self._path(self.prot.getLogsPath()).read_text() if hasattr(self.prot, "getLogsPath") else log
+        for text in ("particles/s", "padded box M", "memory plan", "python"):
+            self.assertIn(text, stdout + log)
+
+    def test_viewer(self):
+        from mspecies.viewers import MSpeciesExportViewer
+
+        self.assertIn(MSpeciesExportViewer, Domain.findViewers(self.prot, "tkinter"))
+        viewer = MSpeciesExportViewer(project=self.proj, protocol=self.prot)
+        viewer.setProtocol(self.prot)
+        with inside_project(self.proj):
+            plotters = viewer._showQc()
+        png = self.tmp / "viewer_qc.png"
+        plotters[0].getFigure().savefig(png)
+        self.assertEqual(png.read_bytes()[:4], b"\x89PNG")
+
+    def test_continue_skips_finished_tilt_series(self):
+        marker = self._path(self.prot._getExtraPath("TS_01", DONE_JSON))
+        self.assertTrue(marker.is_file())
+        before = {p: p.stat().st_mtime for p in marker.parent.rglob("*.mrc")}
+        with inside_project(self.proj):
+            self.prot.exportStep("TS_01")
+        after = {p: p.stat().st_mtime for p in marker.parent.rglob("*.mrc")}
+        self.assertEqual(before, after)
+
+    def test_failed_run_registers_nothing(self):
+        prot = self.proj.newProtocol(ProtMSpeciesExportSubtomograms, inputParticles=self.imported["coordinates"],
+                                     inputTiltSeries=self.imported["tilt_series"], inputCtf=self.imported["ctfs"],
+                                     boxSize=32, particleDiameter=100.0, outputPixelSize=2.0)
+        with inside_project(self.proj):
+            self.proj.launchProtocol(prot, wait=True)
+        self.assertTrue(prot.isFailed())
+        self.assertFalse(hasattr(prot, "SubTomograms") and prot.SubTomograms is not None)
+        self.assertEqual(registered_outputs(prot), [])
+
+    def _errors(self, **changes) -> str:
+        values = dict(inputParticles=self.imported["coordinates"], inputTiltSeries=self.imported["tilt_series"],
+                      inputCtf=self.imported["ctfs"], boxSize=32, particleDiameter=100.0)
+        values.update(changes)
+        return "\n".join(self.proj.newProtocol(ProtMSpeciesExportSubtomograms, **values).validate())
+
+    def test_validation_messages(self):
+        self.assertEqual(self._errors(), "")
+        self.assertIn("finer than the tilt-series pixel size", self._errors(outputPixelSize=2.0))
+        self.assertIn("must be an even number", self._errors(boxSize=31))
+        self.assertIn("larger than the tilt images", self._errors(boxSize=400))
+        self.assertIn("larger than the box", self._errors(particleDiameter=200.0))
+        self.assertIn("N tilts: must be >= 1", self._errors(limitTilts=True, nTilts=0))
+        self.assertIn("no alignment", self._errors(inputTiltSeries=self.imported["prot_ts"].TiltSeries))
+        self_intersect = launch(self.proj, ProtMSpeciesIntersect, "self intersect (empty only-old)",
+                                inputOld=self.imported["coordinates"], inputNew=self.imported["coordinates"],
+                                tolerance=1.0)
+        empty = self_intersect.onlyOld
+        self.assertEqual(empty.getSize(), 0)
+        self.assertIn("Particles: the set is empty", self._errors(inputParticles=empty))
+        partial = self._partialImport()
+        self.assertIn("No CTF estimation for the tilt series ['TS_02']", self._errors(inputCtf=partial["ctfs"]))
+        self.assertIn("Particles on tomograms with no tilt series: ['TS_02']",
+                      self._errors(inputTiltSeries=partial["tilt_series"]))
+
+    def _partialImport(self) -> dict:
+        """Tilt series (aligned) and CTFs of TS_01 only, imported from a folder holding TS_01 alone."""
+        folder = self.tmp / "only_ts01"
+        if not folder.exists():
+            folder.mkdir()
+            (folder / "TS_01").symlink_to(self.tmp / "data" / "TS_01")
+        if not hasattr(self, "_partial"):
+            info = dict(filesPath=str(folder))
+            prot_ts = launch(self.proj, ProtMSpeciesImportTiltSeries, "import TS_01 only",
+                             filesPattern="{TS}/{TS}.mrc.mdoc", samplingRate=SYNTH["pixel_size_angst"], voltage=300.0,
+                             sphericalAberration=2.7, amplitudeContrast=0.07, **info)
+            prot_ali = launch(self.proj, ProtMSpeciesImportTsAlignment, "alignment TS_01 only",
+                              inputSetOfTiltSeries=prot_ts.TiltSeries, filesPattern="{TS}/{TS}.xf", **info)
+            prot_ctf = launch(self.proj, ProtMSpeciesImportTsCtf, "CTF TS_01 only",
+                              inputSetOfTiltSeries=prot_ali.TiltSeries, filesPattern="{TS}/{TS}.defocus",
+                              fileFormat=0, **info)
+            type(self)._partial = {"tilt_series": prot_ali.TiltSeries, "ctfs": prot_ctf.CTFs}
+        return self._partial
+
+    def test_workflow_template_loads(self):
+        from pyworkflow.template import LocalTemplate
+
+        template_path = Path(__file__).resolve().parents[1] / "templates" / "mspecies_export.json.template"
+        template = LocalTemplate("mspecies", str(template_path))
+        template.replaceEnvVariables()
+        template.parseContent()
+        aliases = {p.getAlias() for p in template.getParams().values()}
+        self.assertIn("dataFolder", aliases)
+        template.setParamValue("dataFolder", str(self.tmp / "data"))
+        workflow = template.createTemplateFile()
+        try:
+            protocols = json.loads(Path(workflow).read_text())
+            project = self.proj
+            with inside_project(project):
+                loaded = project.loadProtocols(workflow)
+        finally:
+            os.remove(workflow)
+        classes = [p.getClassName() for p in loaded.values()]
+        for name in ("ProtMSpeciesImportTiltSeries", "ProtMSpeciesImportTsAlignment", "ProtMSpeciesImportTsCtf",
+                     "ProtMSpeciesImportCoordinates3D", "ProtMSpeciesIntersect", "ProtMSpeciesExportSubtomograms"):
+            self.assertIn(name, classes)
+        export = next(p for p in loaded.values() if isinstance(p, ProtMSpeciesExportSubtomograms))
+        intersect = next(p for p in loaded.values() if isinstance(p, ProtMSpeciesIntersect))
+        self.assertIs(export.inputParticles.getObjValue(), intersect)
+        self.assertEqual(export.inputParticles.getExtended(), "selected")
+        self.assertEqual(len(protocols), len(loaded))

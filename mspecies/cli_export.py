@@ -26,10 +26,10 @@ Three ways to give the input (no Scipion needed):
 3. IMOD-style files: ``--stack --tlt --xf --defocus (IMOD .defocus) --dose (two columns: prior dose, own dose)
    --particles --pixel-size --voltage --cs --amplitude-contrast --tomo-shape X Y Z [--ts-id]``.
 
-Particles STAR (RELION 3.0/3.1/4 style): ``rlnCoordinateX/Y/Z`` in pixels from the tomogram corner at
-``--coords-pixel-size`` (default: the tilt-series pixel size), minus ``rlnOriginX/Y/ZAngst`` (or ``rlnOriginX/Y/Z``
-px), angles ``rlnAngleRot/Tilt/Psi`` (0 if absent), tomogram name from ``rlnTomoName`` (else
-``rlnMicrographName``, basename without extension).
+Particles STAR: any dialect of :func:`mspecies.formats.star_dialects.read_particle_star` (RELION 3.0/3.1/4/5, Warp,
+M); corner-based coordinates are in pixels at the file's pixel size, else ``--coords-pixel-size`` (default: the
+tilt-series pixel size), origins subtracted, angles 0 if absent. Rows belong to the tilt series whose name equals the
+tomogram name, or its normalised form (``/a/TS_01.mrc`` → ``TS_01``).
 
 Writes the MRCs and ``particles.star`` (RELION 3.1 with optics; ``--star-flavour 3.0`` for M's style) into
 ``--out``; logs per tilt series the particles done, particles/s, padded box, backend and memory plan.
@@ -188,39 +188,32 @@ def _tilt_series_from_imod(args: argparse.Namespace) -> TiltSeriesData:
 
 
 def read_particles_star(path: str | Path, ts_id: str, tomogram_shape_xyz_px: tuple[int, int, int],
-                        coords_pixel_angst: float) -> ParticlePoses:
-    """Particles of one tomogram from a RELION-style STAR (see the module docstring) → centred Å poses."""
-    from mspecies.formats.star import read_star_blocks
+                        data_pixel_angst: float, coords_pixel_angst: float | None) -> ParticlePoses:
+    """Particles of one tomogram from a particle STAR of any RELION/Warp/M dialect → centred Å poses.
 
-    blocks = read_star_blocks(path)
-    table = blocks.get("particles", next(iter(blocks.values())))
-    for axis in "XYZ":
-        if f"rlnCoordinate{axis}" not in table.columns:
-            raise InputError(f"--particles: {path} has no rlnCoordinate{axis} column")
-    names = _tomo_names(table, path)
-    table = table[names == ts_id]
-    if len(table) == 0:
+    Parameters
+    ----------
+    tomogram_shape_xyz_px
+        Unbinned tomogram size at ``data_pixel_angst`` (rescaled to the coordinate grid for corner-based dialects).
+    coords_pixel_angst
+        Å/px of ``rlnCoordinate*`` when the file does not say (default: the tilt-series pixel size).
+    """
+    from mspecies.formats.star_dialects import read_particle_star
+    from mspecies.formats.tomo_names import normalise_tomo_name
+
+    if not Path(path).is_file():
+        raise InputError(f"--particles: {path} not found")
+    pixel = coords_pixel_angst or data_pixel_angst
+    shape = tuple(int(round(n * data_pixel_angst / pixel)) for n in tomogram_shape_xyz_px)
+    poses = read_particle_star(path, coord_pixel_size_angst=pixel, tomo_shape_px=shape).poses
+    names = np.array([normalise_tomo_name(str(name)) for name in poses.tomo_names], dtype=object)
+    mine = (poses.tomo_names.astype(str) == ts_id) | (names == normalise_tomo_name(ts_id))
+    if not np.any(mine):
         raise InputError(f"--particles: no particle of {path} belongs to tomogram {ts_id!r} "
-                         f"(names found: {sorted(set(names))[:5]})")
-    centre = np.array(tomogram_shape_xyz_px) // 2
-    coords = table[[f"rlnCoordinate{a}" for a in "XYZ"]].to_numpy(dtype=np.float64)
-    positions = (coords - centre) * coords_pixel_angst
-    if all(f"rlnOrigin{a}Angst" in table.columns for a in "XYZ"):
-        positions -= table[[f"rlnOrigin{a}Angst" for a in "XYZ"]].to_numpy(dtype=np.float64)
-    elif all(f"rlnOrigin{a}" in table.columns for a in "XYZ"):
-        positions -= table[[f"rlnOrigin{a}" for a in "XYZ"]].to_numpy(dtype=np.float64) * coords_pixel_angst
-    angle_columns = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
-    angles = (table[angle_columns].to_numpy(dtype=np.float64) if all(c in table.columns for c in angle_columns)
-              else np.zeros((len(table), 3)))
-    return ParticlePoses(positions, angles, np.array([ts_id] * len(table), dtype=object))
-
-
-def _tomo_names(table: pd.DataFrame, path: str | Path) -> np.ndarray:
-    if "rlnTomoName" in table.columns:
-        return table["rlnTomoName"].astype(str).to_numpy()
-    if "rlnMicrographName" in table.columns:
-        return np.array([Path(str(name)).name.split(".")[0] for name in table["rlnMicrographName"]])
-    raise InputError(f"--particles: {path} has neither rlnTomoName nor rlnMicrographName")
+                         f"(names found: {sorted(set(poses.tomo_names.astype(str)))[:5]})")
+    selected = poses.subset(mine)
+    return ParticlePoses(selected.positions_angst, selected.euler_zyz_deg,
+                         np.array([ts_id] * len(selected), dtype=object))
 
 
 def load_inputs(args: argparse.Namespace) -> list[tuple[TiltSeriesData, ParticlePoses, tuple[int, ...]]]:
@@ -232,8 +225,9 @@ def load_inputs(args: argparse.Namespace) -> list[tuple[TiltSeriesData, Particle
         tilt_series, shape = tilt_series_from_geometry(args.geometry)
     else:
         tilt_series, shape = _tilt_series_from_imod(args), tuple(args.tomo_shape)
-    coords_pixel = args.coords_pixel_size or tilt_series.pixel_size_angst
-    return [(tilt_series, read_particles_star(args.particles, tilt_series.ts_id, shape, coords_pixel), shape)]
+    particles = read_particles_star(args.particles, tilt_series.ts_id, shape, tilt_series.pixel_size_angst,
+                                    args.coords_pixel_size)
+    return [(tilt_series, particles, shape)]
 
 
 def export_options(args: argparse.Namespace, data_pixel_angst: float):  # noqa: ANN201 (lazy import)

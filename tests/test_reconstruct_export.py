@@ -1,5 +1,7 @@
 """Memory plan, volume checks, files and STAR of the export; the ``export`` CLI's handling of bad input."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,7 +11,7 @@ from test_reconstruct import BOX, PIXEL, make_tilt_series, options, poses
 from mspecies.cli import main
 from mspecies.core.export import export_tilt_series, relion_coordinates_px
 from mspecies.core.memory import estimate_bytes, plan_batches
-from mspecies.core.reconstruct import ReconstructionError, check_volume
+from mspecies.core.reconstruct import ReconstructionError, TiltSeriesEngine, check_volume
 from mspecies.core.synth import generate_dataset
 from mspecies.core.types import InputError, Microscope
 from mspecies.formats.mrc import read_mrc
@@ -125,3 +127,49 @@ def test_cli_exports_volumes_and_series(small_dataset, tmp_path, capsys):
     assert main(common + ["--out", str(tmp_path / "s"), "--mode", "series"]) == 0
     blocks = starfile.read(tmp_path / "s" / "particles.star", always_dict=True)
     assert int(blocks["optics"]["rlnImageDimensionality"][0]) == 2 and len(blocks["tilts"]) > 4
+
+
+def test_cli_imod_style_input_gives_the_manifest_volumes(small_dataset, tmp_path):
+    """The IMOD-style files written by the synthetic generator (stack, .tlt, .xf, .defocus, dose, particle STAR read
+    through the dialect reader) give the same sub-tomograms and 3D CTFs as the manifest's ground-truth geometry; the
+    text files round defocus to 0.01 nm, hence a tolerance above float32 round-off."""
+    manifest = json.loads(small_dataset.read_text())
+    entry = manifest["tilt_series"][0]
+    root, ts_id = small_dataset.parent, entry["ts_id"]
+    files = {role: str(root / path) for role, path in entry["files"].items()}
+    nz, ny, nx = entry["unbinned_tomogram_shape_zyx"]
+    common = ["export", "--box", "24", "--diameter", "60", "--backend", "numpy", "--ts-id", ts_id]
+    assert main(common + ["--manifest", str(small_dataset), "--out", str(tmp_path / "manifest")]) == 0
+    imod = ["--stack", files["stack"], "--tlt", files["tlt"], "--xf", files["xf"], "--defocus", files["defocus"],
+            "--dose", files["dose"], "--particles", str(root / "particles.star"),
+            "--pixel-size", str(manifest["pixel_size_angst"]), "--voltage", str(manifest["voltage_kv"]),
+            "--cs", str(manifest["cs_mm"]), "--amplitude-contrast", str(manifest["amplitude_contrast"]),
+            "--tomo-shape", str(nx), str(ny), str(nz)]
+    assert main(common + imod + ["--out", str(tmp_path / "imod")]) == 0
+    reference = starfile.read(tmp_path / "manifest" / "particles.star", always_dict=True)["particles"]
+    exported = starfile.read(tmp_path / "imod" / "particles.star", always_dict=True)["particles"]
+    assert len(reference) == len(exported) == int(np.sum(np.array(manifest_names(root)) == ts_id)) > 0
+    for column in ("rlnImageName", "rlnCtfImage"):
+        for a, b in zip(reference[column], exported[column]):
+            assert a == b
+            ours, _ = read_mrc(tmp_path / "imod" / b)
+            theirs, _ = read_mrc(tmp_path / "manifest" / a)
+            assert np.abs(ours - theirs).max() <= 1e-3 * np.abs(theirs).max()
+    coords = [f"rlnCoordinate{axis}" for axis in "XYZ"] + ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
+    assert np.allclose(reference[coords].to_numpy(), exported[coords].to_numpy(), atol=1e-4)
+
+
+def manifest_names(root) -> list[str]:
+    """Tomogram name of every particle of the synthetic dataset's particles.star."""
+    return starfile.read(root / "particles.star", always_dict=True)["particles"]["rlnTomoName"].astype(str).tolist()
+
+
+def test_ctf_only_engine_gives_the_full_pipeline_ctfs():
+    tilt_series = make_tilt_series(n_tilts=11, microscope=Microscope(300.0, 2.7, 0.07))
+    stack = np.random.default_rng(1).normal(size=(11, 160, 160)).astype(np.float32)
+    particles = poses([[8.0, -12.0, 4.0], [-40.0, 20.0, 0.0], [30.0, 30.0, -10.0]])
+    full = list(TiltSeriesEngine.create(tilt_series, stack, options(max_batch=2)).reconstruct(particles))
+    alone = list(TiltSeriesEngine.create(tilt_series, None, options(max_batch=2)).reconstruct_ctfs(particles))
+    assert [r.volume for r in alone] == [None] * 3
+    for a, b in zip(full, alone):
+        assert np.array_equal(a.ctf, b.ctf)

@@ -4,8 +4,11 @@ Usage: ``python benchmarks/export/bench_export.py [--boxes 64 128] [--particles 
 
 * Engine: one synthetic tilt series (41 tilts, 1024² px at 4 Å/px, realistic CTF and dose), random particles,
   not pre-rotated, full pipeline (preprocessing excluded from the per-particle rate, reported separately).
+* 3D CTF only: the same engine built without a stack (:meth:`TiltSeriesEngine.reconstruct_ctfs`, bit for bit the
+  CTF of the full pipeline).
 * RELION's way to make a per-particle 3D CTF: ``relion_reconstruct --reconstruct_ctf <box>`` on a STAR with one
   row per tilt (41 rows: angles of the tilt, the particle's own defocus, dose-weight B-factor), one call per particle.
+  Its output is checked: shape box³, non-zero, and empty in the missing wedge (cone within 20° of the beam axis).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from mspecies.core.geometry import particle_defocus_angst, project_positions_to_
 from mspecies.core.reconstruct import ExportOptions, TiltSeriesEngine
 from mspecies.core.synth import SynthParameters, make_tilt_series, random_euler_angles
 from mspecies.core.types import ParticlePoses
+from mspecies.formats.mrc import read_mrc
 from mspecies.formats.star import write_relion31_particles
 
 
@@ -39,16 +43,21 @@ def make_inputs(box_px: int, n_particles: int, seed: int = 0):
 
 
 def bench_engine(box_px: int, n_particles: int, backend: str) -> dict[str, float]:
+    """Particles/s of the full pipeline and of the 3D CTF alone (setup excluded, reported separately)."""
     tilt_series, stack, particles = make_inputs(box_px, n_particles)
+    options = ExportOptions(4.0, box_px, 0.6 * box_px * 4.0, backend=backend)
     started = time.perf_counter()
-    engine = TiltSeriesEngine.create(tilt_series, stack, ExportOptions(4.0, box_px, 0.6 * box_px * 4.0,
-                                                                       backend=backend))
+    engine = TiltSeriesEngine.create(tilt_series, stack, options)
     setup = time.perf_counter() - started
     started = time.perf_counter()
     count = sum(1 for _ in engine.reconstruct(particles))
     seconds = time.perf_counter() - started
+    ctf_engine = TiltSeriesEngine.create(tilt_series, None, options)
+    started = time.perf_counter()
+    ctf_count = sum(1 for _ in ctf_engine.reconstruct_ctfs(particles))
+    ctf_seconds = time.perf_counter() - started
     return {"box": box_px, "M": engine.padded_box_px, "setup_s": setup, "particles_per_s": count / seconds,
-            "ctf_s_per_particle": seconds / count}
+            "s_per_particle": seconds / count, "ctf_s_per_particle": ctf_seconds / ctf_count}
 
 
 def relion_ctf_star(path: Path, tilt_series, position: np.ndarray, box_px: int) -> Path:
@@ -68,10 +77,24 @@ def relion_ctf_star(path: Path, tilt_series, position: np.ndarray, box_px: int) 
     return write_relion31_particles(path, optics, rows)
 
 
-def bench_relion(box_px: int, n_particles: int) -> float | None:
-    """Seconds per particle for ``relion_reconstruct --reconstruct_ctf`` (None without RELION)."""
+def relion_ctf_check(path: Path, box_px: int) -> str:
+    """Describe RELION's 3D CTF: shape, non-zero fraction in 4 < r < box/2 − 4, and in the beam-axis cone."""
+    volume, _ = read_mrc(path)
+    axis = np.arange(box_px) - box_px // 2
+    z, y, x = np.meshgrid(axis, axis, axis, indexing="ij")
+    radius = np.sqrt(x * x + y * y + z * z)
+    shell = (radius > 4) & (radius < box_px // 2 - 4)
+    cone = shell & (np.abs(z) > np.cos(np.deg2rad(20)) * radius)
+    nonzero = np.abs(volume) > 1e-3 * np.abs(volume).max()
+    return (f"shape {volume.shape}, non-zero {nonzero[shell].mean():.0%} of the shell, {nonzero[cone].mean():.0%} "
+            f"of the 20° beam-axis cone (missing wedge), range [{volume.min():.2f}, {volume.max():.2f}]")
+
+
+def bench_relion(box_px: int, n_particles: int) -> tuple[float, str] | None:
+    """Seconds per particle for ``relion_reconstruct --reconstruct_ctf`` and a check of its last output
+    (None without RELION)."""
     program = shutil.which("relion_reconstruct")
-    if program is None:
+    if program is None or n_particles < 1:
         return None
     tilt_series, _, particles = make_inputs(box_px, n_particles)
     with tempfile.TemporaryDirectory() as folder:
@@ -80,7 +103,8 @@ def bench_relion(box_px: int, n_particles: int) -> float | None:
             star = relion_ctf_star(Path(folder) / f"p{p}.star", tilt_series, particles.positions_angst[p], box_px)
             subprocess.run([program, "--i", str(star), "--o", str(Path(folder) / f"ctf{p}.mrc"), "--reconstruct_ctf",
                             str(box_px), "--angpix", "4"], check=True, capture_output=True, cwd=folder)
-        return (time.perf_counter() - started) / n_particles
+        seconds = (time.perf_counter() - started) / n_particles
+        return seconds, relion_ctf_check(Path(folder) / f"ctf{n_particles - 1}.mrc", box_px)
 
 
 def main() -> None:
@@ -94,12 +118,14 @@ def main() -> None:
         for backend in backends:
             result = bench_engine(box, args.particles if box <= 64 else max(8, args.particles // 4), backend)
             print(f"box {box} (M {result['M']}), {backend}: {result['particles_per_s']:.1f} particles/s "
-                  f"(setup {result['setup_s']:.1f} s)")
+                  f"(sub-tomogram + 3D CTF; setup {result['setup_s']:.1f} s), 3D CTF only "
+                  f"{result['ctf_s_per_particle'] * 1e3:.0f} ms/particle")
         relion = bench_relion(box, args.relion_particles)
         if relion is not None:
+            seconds, check = relion
             ours = result["ctf_s_per_particle"]
-            print(f"box {box}: relion_reconstruct --reconstruct_ctf {relion:.2f} s/particle (3D CTF only); "
-                  f"engine {ours:.3f} s/particle (sub-tomogram + 3D CTF) -> {relion / ours:.0f}x")
+            print(f"box {box}: relion_reconstruct --reconstruct_ctf {seconds * 1e3:.0f} ms/particle ({check}); "
+                  f"engine 3D CTF only {ours * 1e3:.0f} ms/particle -> RELION/engine = {seconds / ours:.2f}")
     if "cupy" not in backends:
         print(f"CuPy not benchmarked: {cupy_unavailable_reason()}")
 

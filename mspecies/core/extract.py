@@ -171,7 +171,7 @@ def prepare_stack(stack: np.ndarray, tilt_series: TiltSeriesData, output_pixel_a
 
 
 def extract_patches(images: np.ndarray, positions_px: np.ndarray, tilts: np.ndarray, box_px: int, *,
-                    xp: ModuleType = np) -> tuple[np.ndarray, np.ndarray]:
+                    xp: ModuleType = np, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Cut box × box patches around sub-pixel positions with edge clamping (Warp §5.3).
 
     Parameters
@@ -182,6 +182,8 @@ def extract_patches(images: np.ndarray, positions_px: np.ndarray, tilts: np.ndar
         (B, T, 2) (x, y) index coordinates of the particle centres in the images ``tilts``.
     tilts
         (T,) image indices.
+    out
+        Optional (B, T, box, box) buffer to fill.
 
     Returns
     -------
@@ -190,33 +192,54 @@ def extract_patches(images: np.ndarray, positions_px: np.ndarray, tilts: np.ndar
     residual_px
         (B, T, 2) ``−(c − trunc(c))`` with ``c = position − box/2``: shifting a patch by
         ``residual`` puts the particle centre at pixel ``box/2``.
+
+    Patches inside the image are plain slices; only those crossing an edge are gathered with clamped indices.
     """
     _, ny, nx = images.shape
     corner = xp.asarray(positions_px) - box_px // 2
     origin = xp.trunc(corner)
     residual = -(corner - origin)
-    origin = origin.astype(xp.int64)
-    offsets = xp.arange(box_px, dtype=xp.int64)
-    ix = xp.clip(origin[..., 0:1] + offsets, 0, nx - 1)  # (B, T, box)
-    iy = xp.clip(origin[..., 1:2] + offsets, 0, ny - 1)
-    t = xp.asarray(tilts, dtype=xp.int64)[None, :, None, None]
-    return images[t, iy[..., :, None], ix[..., None, :]], residual
+    origin = to_host(origin).astype(np.int64)
+    batch, n_tilts = origin.shape[:2]
+    shape = (batch, n_tilts, box_px, box_px)
+    patches = out if out is not None and out.shape == shape else xp.empty(shape, dtype=images.dtype)
+    inside = ((origin[..., 0] >= 0) & (origin[..., 0] + box_px <= nx) & (origin[..., 1] >= 0)
+              & (origin[..., 1] + box_px <= ny))
+    offsets = np.arange(box_px, dtype=np.int64)
+    for b, t in np.ndindex(batch, n_tilts):
+        x0, y0 = origin[b, t]
+        image = images[int(tilts[t])]
+        if inside[b, t]:
+            patches[b, t] = image[y0:y0 + box_px, x0:x0 + box_px]
+        else:
+            rows = xp.asarray(np.clip(y0 + offsets, 0, ny - 1))
+            cols = xp.asarray(np.clip(x0 + offsets, 0, nx - 1))
+            patches[b, t] = image[rows[:, None], cols[None, :]]
+    return patches, residual
 
 
-def shift_phase(kx: np.ndarray, ky: np.ndarray, shift_px: np.ndarray, size_px: int, *, xp: ModuleType = np
-                ) -> np.ndarray:
-    """(..., S) complex64 ``exp(−2πi k·s/size)``: multiplying a spectrum by it moves the content by +s.
+def to_host(array: np.ndarray) -> np.ndarray:
+    """NumPy copy of a NumPy or CuPy array (small geometry arrays)."""
+    return array.get() if hasattr(array, "get") else np.asarray(array)
+
+
+def shift_phase(kx: np.ndarray, ky: np.ndarray, shift_px: np.ndarray, size_px: int, *, xp: ModuleType = np,
+                scale: float = 1.0) -> np.ndarray:
+    """(..., S) complex64 ``scale · exp(−2πi k·s/size)``: multiplying a spectrum by it moves the content by +s.
 
     ``kx, ky`` (S,) are integer-valued frequency indices; ``shift_px`` (..., 2) is (sx, sy) in pixels.
-    Separable: one exponential per distinct kx and ky value, then a gather and a product.
+    Separable: one exponential per distinct kx and ky value (``scale`` folded into the x factors), then a
+    gather and a product.
     """
-    kx_index = xp.asarray(kx).astype(xp.int64) % size_px
-    ky_index = xp.asarray(ky).astype(xp.int64) % size_px
+    kx_index = xp.asarray(np.asarray(kx).astype(np.int64) % size_px)
+    ky_index = xp.asarray(np.asarray(ky).astype(np.int64) % size_px)
     k = xp.asarray(np.fft.fftfreq(size_px, 1.0 / size_px), dtype=xp.float64)  # value of index j
     shift = xp.asarray(shift_px, dtype=xp.float64)
-    along_x = xp.exp((-2j * np.pi / size_px) * shift[..., 0:1] * k).astype(xp.complex64)
+    along_x = (scale * xp.exp((-2j * np.pi / size_px) * shift[..., 0:1] * k)).astype(xp.complex64)
     along_y = xp.exp((-2j * np.pi / size_px) * shift[..., 1:2] * k).astype(xp.complex64)
-    return along_x[..., kx_index] * along_y[..., ky_index]
+    phase = xp.take(along_x, kx_index, axis=-1)
+    phase *= xp.take(along_y, ky_index, axis=-1)
+    return phase
 
 
 @dataclass(frozen=True)

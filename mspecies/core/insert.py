@@ -13,8 +13,9 @@ Frames and layouts
   conjugated (except the DC voxel), which keeps that plane Hermitian.
 
 Accumulated quantities are linear in the sample values, so the insertion is a sparse matrix. When all
-particles of a tilt series share it (not pre-rotated) it is built once and applied to a batch with one
-sparse × dense product; otherwise each particle is splatted with ``bincount``.
+particles of a tilt series share it (not pre-rotated) it is built once, split into row blocks, and each block
+is applied to the whole batch in one sparse × dense product (:class:`SharedInsertion`); otherwise each particle
+is splatted with ``bincount``.
 """
 
 from __future__ import annotations
@@ -98,12 +99,14 @@ def slice_orientation(tilt_angles_deg: np.ndarray, xf: np.ndarray,
 @dataclass(frozen=True)
 class Splat:
     """Trilinear splatting entries of all samples of all tilts: sample ``cols`` adds ``weights`` × value
-    (conjugated where ``conj_sign`` is −1) to voxel ``rows`` of the flattened half volume."""
+    (conjugated where ``conj_sign`` is −1) to voxel ``rows`` of the flattened half volume. ``mirror`` marks
+    the entries added at the Friedel mate (−z, −y, 0) of an x = 0 voxel."""
 
     rows: np.ndarray
     cols: np.ndarray
     weights: np.ndarray
     conj_sign: np.ndarray
+    mirror: np.ndarray
     n_voxels: int
     n_columns: int
 
@@ -127,7 +130,7 @@ def splat_entries(orientation: np.ndarray, grid: SampleGrid, *, xp: ModuleType =
     fraction = position - base
     base = base.astype(xp.int64)
     columns = xp.arange(n_tilts * grid.n_samples, dtype=xp.int64)
-    rows, cols, weights, signs = [], [], [], []
+    rows, cols, weights, signs, mirrors = [], [], [], [], []
     for dz in (0, 1):
         for dy in (0, 1):
             for dx in (0, 1):
@@ -141,13 +144,16 @@ def splat_entries(orientation: np.ndarray, grid: SampleGrid, *, xp: ModuleType =
                 cols.append(c)
                 weights.append(w)
                 signs.append(s)
+                mirrors.append(xp.zeros(c.shape, dtype=bool))
                 mirror = (x == 0) & ((y != 0) | (z != 0))
                 rows.append(((-z[mirror] % m) * m + (-y[mirror] % m)) * width)
                 cols.append(c[mirror])
                 weights.append(w[mirror])
                 signs.append(-s[mirror])
+                mirrors.append(xp.ones(c[mirror].shape, dtype=bool))
     return Splat(xp.concatenate(rows), xp.concatenate(cols), xp.concatenate(weights).astype(xp.float32),
-                 xp.concatenate(signs).astype(xp.float32), m * m * width, n_tilts * grid.n_samples)
+                 xp.concatenate(signs).astype(xp.float32), xp.concatenate(mirrors), m * m * width,
+                 n_tilts * grid.n_samples)
 
 
 def _sparse_module(xp: ModuleType) -> ModuleType:
@@ -160,57 +166,145 @@ def _sparse_module(xp: ModuleType) -> ModuleType:
     return cupyx.scipy.sparse
 
 
-@dataclass(frozen=True)
-class InsertionOperator:
-    """A splat as two CSR matrices (n_voxels × n_columns): ``plain`` for real values and real parts,
-    ``signed`` (weights × conjugation sign) for imaginary parts."""
+# Row-block height of the shared insertion: a block's accumulators (rows × 4 quantities × batch, float32) stay
+# in the CPU cache while they are normalised (2 MiB at a batch of 16).
+BLOCK_ROWS = 8192
 
-    plain: object
-    signed: object
+
+@dataclass(frozen=True)
+class SharedInsertion:
+    """The insertion shared by every particle of a tilt series (not pre-rotated), ready for batches.
+
+    The direct entries form CSR row blocks of ``BLOCK_ROWS`` voxels with plain trilinear weights; the
+    conjugation of a sample inserted at −k is a per-column sign (``column_sign``), applied to the imaginary
+    parts of the sample values. The Friedel-mate entries on the x = 0 plane form one small CSR matrix over
+    the voxels ``mirror_rows`` (their conjugation negates the imaginary part once more).
+
+    Attributes
+    ----------
+    blocks
+        CSR matrices (rows of one block × C columns, C = T · S samples).
+    bounds
+        (first, end) voxel of each block.
+    mirror
+        CSR (n_mirror × C) Friedel-mate entries.
+    mirror_rows
+        (n_mirror,) voxel of each mirror row (unique).
+    mirror_by_block
+        Per block, the indices of the mirror rows inside it.
+    column_sign
+        (C,) float32 ±1: −1 where the sample is inserted at −k.
+    multiplicity
+        (n_voxels,) float32 Σ of the trilinear weights W0.
+    """
+
+    blocks: list[object]
+    bounds: list[tuple[int, int]]
+    mirror: object
+    mirror_rows: np.ndarray
+    mirror_by_block: list[np.ndarray]
+    column_sign: np.ndarray
+    multiplicity: np.ndarray
     n_voxels: int
 
     @classmethod
-    def from_splat(cls, splat: Splat, *, xp: ModuleType = np) -> InsertionOperator:
+    def from_splat(cls, splat: Splat, *, xp: ModuleType = np, block_rows: int = BLOCK_ROWS) -> SharedInsertion:
         sparse = _sparse_module(xp)
-        shape = (splat.n_voxels, splat.n_columns)
-        plain = sparse.csr_matrix((splat.weights, (splat.rows, splat.cols)), shape=shape)
-        signed = sparse.csr_matrix((splat.weights * splat.conj_sign, (splat.rows, splat.cols)), shape=shape)
-        plain.sum_duplicates()
-        signed.sum_duplicates()
-        return cls(plain, signed, splat.n_voxels)
+        direct = ~splat.mirror
+        matrix = sparse.csr_matrix((splat.weights[direct], (splat.rows[direct], splat.cols[direct])),
+                                   shape=(splat.n_voxels, splat.n_columns))
+        matrix.sum_duplicates()
+        bounds = [(start, min(start + block_rows, splat.n_voxels)) for start in range(0, splat.n_voxels, block_rows)]
+        blocks = [matrix[start:end] for start, end in bounds]
+        mirror_rows, local = xp.unique(splat.rows[splat.mirror], return_inverse=True)
+        mirror = sparse.csr_matrix((splat.weights[splat.mirror], (local, splat.cols[splat.mirror])),
+                                   shape=(int(mirror_rows.size), splat.n_columns))
+        mirror.sum_duplicates()
+        by_block = [xp.flatnonzero((mirror_rows >= start) & (mirror_rows < end)) for start, end in bounds]
+        column_sign = xp.ones(splat.n_columns, dtype=xp.float32)
+        column_sign[splat.cols[direct]] = splat.conj_sign[direct]
+        multiplicity = xp.bincount(splat.rows, weights=splat.weights, minlength=splat.n_voxels).astype(xp.float32)
+        return cls(blocks, bounds, mirror, mirror_rows, by_block, column_sign, multiplicity, splat.n_voxels)
 
 
-Accumulated = tuple  # (Re D, Im D, W1 = Σ w |C_u|, D2 = Σ w C_u C_w, W0 = Σ w), each (n_voxels,) float32
-
-
-def insert_shared(operator: InsertionOperator, data: np.ndarray, weight: np.ndarray, ctf: np.ndarray,
-                  multiplicity: np.ndarray, *, xp: ModuleType = np) -> list[Accumulated]:
-    """Insert a batch through one shared operator → one accumulated tuple per particle.
+def sample_columns(data: np.ndarray | None, weight: np.ndarray, ctf: np.ndarray, column_sign: np.ndarray | None, *,
+                   xp: ModuleType = np, out: np.ndarray | None = None) -> np.ndarray:
+    """Sample values of a batch as the dense right-hand side of the insertion.
 
     Parameters
     ----------
     data
-        (B, C) complex64 sample values (image spectrum × C_w).
+        (B, C) complex64 image samples × C_w, or None (3D CTF only).
     weight, ctf
         (B, C) float32 |C_u| and C_u · C_w.
-    multiplicity
-        (n_voxels,) Σ w of the operator (computed once).
+    column_sign
+        (C,) conjugation sign applied to the imaginary parts (None: +1).
+    out
+        Optional (C, Q · B) float32 buffer to fill.
 
-    One sparse matrix-vector product per particle and quantity: the outputs are contiguous volumes, where a
-    single (n_voxels × C) · (C × B) product would need a slow transpose of its tall result.
+    Returns
+    -------
+    (C, Q · B) float32: [Re D₀, Im D₀, Re D₁, Im D₁, …] (2B, the complex64 layout; absent without data), then
+    W1 (B), then D2 (B).
     """
+    batch, n_columns = weight.shape
+    n_data = 0 if data is None else 2 * batch
+    shape = (n_columns, n_data + 2 * batch)
+    columns = out if out is not None and out.shape == shape else xp.empty(shape, dtype=xp.float32)
+    if data is not None:
+        complex_view = columns[:, :n_data].view(xp.complex64)
+        complex_view[...] = data.T
+        if column_sign is not None:
+            complex_view.imag *= column_sign[:, None]
+    columns[:, n_data:n_data + batch] = weight.T
+    columns[:, n_data + batch:] = ctf.T
+    return columns
 
-    def apply(matrix: object, values: np.ndarray) -> np.ndarray:
-        return matrix @ xp.ascontiguousarray(values, dtype=xp.float32)
 
-    return [(apply(operator.plain, data[b].real), apply(operator.signed, data[b].imag),
-             apply(operator.plain, weight[b]), apply(operator.plain, ctf[b]), multiplicity)
-            for b in range(data.shape[0])]
+def insert_normalised(insertion: SharedInsertion, columns: np.ndarray, scale: np.ndarray, floor: float, *,
+                      with_data: bool, xp: ModuleType = np, buffers: tuple[np.ndarray, np.ndarray] | None = None
+                      ) -> tuple[np.ndarray | None, np.ndarray]:
+    """Insert a batch through the shared blocks and normalise block by block (still in cache).
 
+    Each voxel gets ``D · scale / max(W1, floor)`` and ``D2 · scale / max(W1, floor)``.
 
-def operator_multiplicity(operator: InsertionOperator, *, xp: ModuleType = np) -> np.ndarray:
-    """(n_voxels,) Σ of the trilinear weights (values 1)."""
-    return operator.plain @ xp.ones(operator.plain.shape[1], dtype=xp.float32)
+    Parameters
+    ----------
+    columns
+        (C, Q · B) from :func:`sample_columns`.
+    scale
+        (n_voxels,) float32 per-voxel numerator factor (shared by the batch).
+    buffers
+        Optional (n_voxels, B) complex64 and (n_voxels, ≥ B) float32 arrays; their first B columns are filled.
+
+    Returns
+    -------
+    spectrum
+        (n_voxels, B) complex64 normalised D (None without data).
+    ctf_spectrum
+        (n_voxels, B) float32 normalised D2.
+    """
+    batch = columns.shape[1] // (4 if with_data else 2)
+    n_data = 2 * batch if with_data else 0
+    mirrored = insertion.mirror @ columns
+    mirrored[:, 1:n_data:2] *= -1  # conjugated at the Friedel mate
+    shape = (insertion.n_voxels, batch)
+    if buffers is not None and buffers[0].shape == shape and buffers[1].shape[0] == shape[0]:
+        spectrum, ctf_spectrum = buffers
+    else:
+        spectrum, ctf_spectrum = xp.empty(shape, dtype=xp.complex64), xp.empty(shape, dtype=xp.float32)
+    spectrum = spectrum if with_data else None
+    floor32 = xp.float32(floor)
+    for block, (start, end), inside in zip(insertion.blocks, insertion.bounds, insertion.mirror_by_block):
+        accumulated = block @ columns
+        if inside.size:
+            accumulated[insertion.mirror_rows[inside] - start] += mirrored[inside]
+        factor = xp.maximum(accumulated[:, n_data:n_data + batch], floor32)
+        xp.divide(scale[start:end, None], factor, out=factor)
+        xp.multiply(accumulated[:, n_data + batch:], factor, out=ctf_spectrum[start:end, :batch])
+        if spectrum is not None:
+            xp.multiply(accumulated[:, :n_data].view(xp.complex64), factor, out=spectrum[start:end])
+    return spectrum, ctf_spectrum
 
 
 def insert_one(splat: Splat, data: np.ndarray, weight: np.ndarray, ctf: np.ndarray, *,

@@ -96,14 +96,15 @@ def estimate_bytes(padded_box_px: int, box_px: int, n_tilts: int, stack_pixels: 
     half_voxels = m * m * (m // 2 + 1)
     samples = n_tilts * disc_sample_count(m)
     nonzeros = int(samples * NONZEROS_PER_SAMPLE)
-    operator = nonzeros * (4 + 4 + 4 + 8) * 2  # two CSR matrices (data, column index) + building buffers
-    fixed = stack_pixels * 4 + samples * 8 * 4
-    per_particle = (n_tilts * m * m * 4            # real patches
-                    + n_tilts * m * (m // 2 + 1) * 8  # their spectra (complex64)
-                    + samples * 8 * 4             # values: complex data, |C_u|, C_u C_w, phases
-                    + half_voxels * 4 * 5         # accumulators Re D, Im D, W1, D2, W0
-                    + half_voxels * 8 * 2 * 2     # complex sub-tomogram and CTF spectra, partial-iFFT buffers
-                    + n ** 3 * 4 * 4)             # cropped outputs
+    operator = nonzeros * (4 + 4) * 2 + half_voxels * 4 * 3  # CSR blocks + building copy; multiplicity, scale
+    fixed = (stack_pixels * 4 + samples * 8 * 4
+             + n_tilts * m * (m // 2 + 1) * 8)  # one particle's patch spectra at a time
+    per_particle = (n_tilts * m * m * 4       # real patches (reused buffer)
+                    + samples * (8 + 8 + 4 + 4 + 16)  # samples, phases, C_u, C_u C_w, insertion columns (4 floats)
+                    + half_voxels * (8 + 4)   # normalised complex spectrum and real CTF spectrum (reused buffers)
+                    + half_voxels * 4         # CTF pair separation and partial inverse FFTs (≤ half a complex volume)
+                    + n * n * m * 4           # last inverse-FFT pass before the crop
+                    + n ** 3 * 4 * 6)         # crops, point-spread function, its transform, outputs
     if shared_geometry:
         fixed += operator
     else:

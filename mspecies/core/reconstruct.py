@@ -187,26 +187,36 @@ class ParticleResult:
 class TiltSeriesEngine:
     """Everything about one tilt series that all of its particles share.
 
-    Build with :meth:`create`; then :meth:`reconstruct` yields one :class:`ParticleResult` per particle.
+    Build with :meth:`create`; then :meth:`reconstruct` yields one :class:`ParticleResult` per particle
+    (:meth:`reconstruct_ctfs`: the 3D CTFs alone).
+
+    Dtype policy: images, patches, CTFs, weights and accumulators are float32, spectra complex64; only the
+    geometry (positions, orientations, splat coordinates), the per-image phase exponentials and the output
+    normalisation statistics are float64. Every array of the batch pipeline keeps the batch as its LAST axis
+    from the insertion on, so the sparse products and the FFTs run once per batch, not once per particle.
     """
 
     tilt_series: TiltSeriesData
     options: ExportOptions
     xp: ModuleType
-    prepared: extract.PreparedStack
+    prepared: extract.PreparedStack | None
     tilts: np.ndarray
     padded_box_px: int
     grid: insert.SampleGrid
     ctf_tables: extract.CtfTables
     tilt_weights: np.ndarray
     plan: MemoryPlan
-    operator: insert.InsertionOperator | None = None
-    multiplicity: np.ndarray | None = None
+    insertion: insert.SharedInsertion | None = None
+    scale: np.ndarray | None = None
     gridding: np.ndarray | None = None
+    buffers: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
-    def create(cls, tilt_series: TiltSeriesData, stack: np.ndarray, options: ExportOptions) -> TiltSeriesEngine:
-        """Validate, plan memory, read and preprocess the stack once, and build the shared insertion."""
+    def create(cls, tilt_series: TiltSeriesData, stack: np.ndarray | None, options: ExportOptions) -> TiltSeriesEngine:
+        """Validate, plan memory, read and preprocess the stack once, and build the shared insertion.
+
+        ``stack`` None builds an engine for :meth:`reconstruct_ctfs` only (the 3D CTF needs no image).
+        """
         validate_inputs(tilt_series, options)
         xp = select_backend(options.backend)
         tilts = np.flatnonzero(~tilt_series.excluded)
@@ -218,9 +228,9 @@ class TiltSeriesEngine:
         plan = plan_batches(m, options.box_px, tilts.size, tilts.size * shape[0] * shape[1],
                             shared_geometry=not options.prerotate, budget_bytes=options.memory_budget_bytes,
                             max_batch=options.max_batch)
-        prepared = extract.prepare_stack(stack, tilt_series, pixel, options.box_px,
-                                         normalize=options.normalize_input, invert=options.invert_contrast, xp=xp,
-                                         workers=options.n_workers, tilts=tilts)
+        prepared = None if stack is None else extract.prepare_stack(
+            stack, tilt_series, pixel, options.box_px, normalize=options.normalize_input,
+            invert=options.invert_contrast, xp=xp, workers=options.n_workers, tilts=tilts)
         grid = insert.make_sample_grid(m)
         tables = extract.CtfTables.from_samples(grid.kx, grid.ky, m, pixel, xp=xp)
         engine = cls(tilt_series, options, xp, prepared, tilts, m, grid, tables,
@@ -228,15 +238,17 @@ class TiltSeriesEngine:
                      gridding=_gridding_sinc2(options.box_px, m, xp))
         if not series and not options.prerotate:
             orientation = insert.slice_orientation(tilt_series.tilt_angles_deg[tilts], tilt_series.xf[tilts])
-            engine.operator = insert.InsertionOperator.from_splat(insert.splat_entries(orientation, grid, xp=xp),
-                                                                  xp=xp)
-            engine.multiplicity = insert.operator_multiplicity(engine.operator, xp=xp)
+            engine.insertion = insert.SharedInsertion.from_splat(insert.splat_entries(orientation, grid, xp=xp),
+                                                                 xp=xp)
+            engine.scale = _normalisation_scale(engine.insertion.multiplicity, m, xp)
         return engine
 
     # ------------------------------------------------------------------------------------------- batches
 
     def reconstruct(self, particles: ParticlePoses) -> Iterator[ParticleResult]:
         """Yield one result per particle, in order, batch by batch."""
+        if self.prepared is None:
+            raise InputError("stack: this engine was built without a stack; it can only make 3D CTFs")
         positions = shifted_positions_angst(particles, self.options.shift_angst)
         for start in range(0, len(particles), self.plan.batch_size):
             index = np.arange(start, min(start + self.plan.batch_size, len(particles)))
@@ -245,32 +257,63 @@ class TiltSeriesEngine:
             else:
                 yield from self._volume_batch(index, positions[index], particles.euler_zyz_deg[index])
 
+    def reconstruct_ctfs(self, particles: ParticlePoses) -> Iterator[ParticleResult]:
+        """Yield the 3D CTF alone of every particle (``ctf`` set, ``volume`` None), bit for bit the one that
+        :meth:`reconstruct` gives: the CTF does not depend on the images, so no patch is cut or transformed."""
+        if self.options.mode != "volumes":
+            raise InputError(f"mode: 3D CTFs need mode 'volumes', got {self.options.mode!r}")
+        positions = shifted_positions_angst(particles, self.options.shift_angst)
+        for start in range(0, len(particles), self.plan.batch_size):
+            index = np.arange(start, min(start + self.plan.batch_size, len(particles)))
+            yield from self._volume_batch(index, positions[index], particles.euler_zyz_deg[index], with_data=False)
+
     def _projections(self, positions_angst: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rescaled image positions (B, T, 2) and defocus U, V (B, T) of the used tilts."""
         raw_px, height = project_positions_to_tilts(positions_angst, self.tilt_series)
         defocus_u, defocus_v = particle_defocus_angst(self.tilt_series, height, self.options.defocus_gradient_sign)
         t = self.tilts
-        return raw_px[:, t] * self.prepared.scale_xy, defocus_u[:, t], defocus_v[:, t]
+        scale_xy = self.prepared.scale_xy if self.prepared is not None else np.ones(2)
+        return raw_px[:, t] * scale_xy, defocus_u[:, t], defocus_v[:, t]
 
-    def _sample_values(self, positions_angst: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per-sample values of a batch → data F·C_w (B, C) complex64, |C_u| and C_u·C_w (B, C) float32."""
+    def _image_samples(self, image_px: np.ndarray) -> np.ndarray:
+        """(B, T, S) complex64 patch spectra on the samples, centred on the particle, ÷ M² (C# FFT scaling).
+
+        One particle's patches are transformed at a time, so the full spectra never exist for the whole batch.
+        """
         xp, m, grid = self.xp, self.padded_box_px, self.grid
+        batch, n_tilts = image_px.shape[:2]
+        patches, residual = extract.extract_patches(self.prepared.images, image_px, self.tilts, m, xp=xp,
+                                                    out=self._buffer("patches", (batch, n_tilts, m, m)))
+        fft, kwargs = self._fft()
+        samples = self._buffer("samples", (batch, n_tilts, grid.n_samples), xp.complex64)
+        flat_index = xp.asarray(grid.flat_index)
+        for b in range(batch):
+            spectra = fft.rfft2(patches[b], **kwargs)
+            xp.take(spectra.reshape(n_tilts, -1), flat_index, axis=1, out=samples[b])
+        samples *= extract.shift_phase(grid.kx, grid.ky, xp.asarray(residual) + m // 2, m, xp=xp,
+                                       scale=1.0 / (m * m))
+        return samples
+
+    def _sample_values(self, positions_angst: np.ndarray, with_data: bool = True
+                       ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        """Per-sample values of a batch → data F·C_w (B, C) complex64 (None without data), |C_u| and C_u·C_w
+        (B, C) float32."""
+        xp = self.xp
         image_px, defocus_u, defocus_v = self._projections(positions_angst)
-        patches, residual = extract.extract_patches(self.prepared.images, image_px, self.tilts, m, xp=xp)
-        fft = extract.fft_module(xp)
-        spectra = fft.rfft2(patches, **extract.fft_kwargs(xp, self.options.n_workers))
-        batch, n_tilts = patches.shape[:2]
-        samples = spectra.reshape(batch, n_tilts, -1)[:, :, xp.asarray(grid.flat_index)]
-        kx, ky = xp.asarray(grid.kx, dtype=xp.float32), xp.asarray(grid.ky, dtype=xp.float32)
-        samples = samples * extract.shift_phase(kx, ky, xp.asarray(residual) + m // 2, m, xp=xp)
-        samples *= np.float32(1.0 / (m * m))
+        samples = self._image_samples(image_px) if with_data else None
+        batch, n_columns = image_px.shape[0], self.tilts.size * self.grid.n_samples
         if not self.options.apply_ctf:
-            ones = xp.ones(samples.shape, dtype=xp.float32)
-            return samples.reshape(batch, -1).astype(xp.complex64), ones.reshape(batch, -1), ones.reshape(batch, -1)
+            ones = xp.ones((batch, n_columns), dtype=xp.float32)
+            return None if samples is None else samples.reshape(batch, -1), ones, ones
         c_u = self._ctf_u(self.ctf_tables, defocus_u, defocus_v)
         c_w = c_u * self.tilt_weights
-        data = (samples * c_w).astype(xp.complex64)
-        return data.reshape(batch, -1), xp.abs(c_u).reshape(batch, -1), (c_u * c_w).reshape(batch, -1)
+        if samples is not None:
+            samples *= c_w
+            samples = samples.reshape(batch, -1)
+        ctf = c_w
+        ctf *= c_u
+        xp.abs(c_u, out=c_u)
+        return samples, c_u.reshape(batch, -1), ctf.reshape(batch, -1)
 
     def _ctf_u(self, tables: extract.CtfTables, defocus_u: np.ndarray, defocus_v: np.ndarray) -> np.ndarray:
         """(B, T, S) unweighted CTF of the used tilts with the particles' own defocus."""
@@ -279,62 +322,138 @@ class TiltSeriesEngine:
                                    xp.asarray(ts.defocus_angle_deg[self.tilts]),
                                    xp.asarray(ts.phase_shift_deg[self.tilts]), ts.microscope, xp=xp)
 
-    def _volume_batch(self, index: np.ndarray, positions_angst: np.ndarray, euler_zyz_deg: np.ndarray
-                      ) -> Iterator[ParticleResult]:
-        xp = self.xp
-        data, weight, ctf = self._sample_values(positions_angst)
-        if self.operator is not None:
-            rows = insert.insert_shared(self.operator, data, weight, ctf, self.multiplicity, xp=xp)
+    def _volume_batch(self, index: np.ndarray, positions_angst: np.ndarray, euler_zyz_deg: np.ndarray,
+                      with_data: bool = True) -> Iterator[ParticleResult]:
+        data, weight, ctf = self._sample_values(positions_angst, with_data)
+        if self.insertion is not None:
+            batch, n_columns = weight.shape
+            columns = insert.sample_columns(data, weight, ctf, self.insertion.column_sign, xp=self.xp,
+                                            out=self._buffer("columns", (n_columns, (4 if with_data else 2) * batch)))
+            del data, weight, ctf
+            shape = (self.insertion.n_voxels, batch)
+            buffers = (self._buffer("spectrum", shape, self.xp.complex64), self._ctf_buffer(shape))
+            spectrum, ctf_spectrum = insert.insert_normalised(self.insertion, columns, self.scale, WEIGHT_FLOOR,
+                                                              with_data=with_data, xp=self.xp, buffers=buffers)
         else:
-            matrices = euler_to_matrix(euler_zyz_deg)
-            orientation = insert.slice_orientation(self.tilt_series.tilt_angles_deg[self.tilts],
-                                                   self.tilt_series.xf[self.tilts], matrices)
-            rows = [insert.insert_one(insert.splat_entries(orientation[b], self.grid, xp=xp), data[b], weight[b],
-                                      ctf[b], xp=xp) for b in range(index.size)]
-        for b, (d_re, d_im, w1, d2, w0) in enumerate(rows):
-            volume, ctf_volume = self._finish(d_re, d_im, w1, d2, w0)
-            yield ParticleResult(int(index[b]), volume=volume, ctf=ctf_volume)
+            spectrum, ctf_spectrum = self._insert_prerotated(data, weight, ctf, euler_zyz_deg)
+        volumes = None
+        if spectrum is not None:
+            volumes = self._inverse_volumes(spectrum)
+            del spectrum
+        ctf_volumes = self._inverse_ctfs(ctf_spectrum, index.size)
+        for b in range(index.size):
+            volume = None if volumes is None else self._finish_volume(volumes[b])
+            yield ParticleResult(int(index[b]), volume=volume, ctf=self._finish_ctf(ctf_volumes[b]))
 
-    def _finish(self, d_re: np.ndarray, d_im: np.ndarray, w1: np.ndarray, d2: np.ndarray, w0: np.ndarray
-                ) -> tuple[np.ndarray, np.ndarray]:
-        """Normalise the accumulated half volumes, invert, correct, crop → (sub-tomogram, 3D CTF) on the host."""
+    def _insert_prerotated(self, data: np.ndarray | None, weight: np.ndarray, ctf: np.ndarray,
+                           euler_zyz_deg: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        """Each particle splatted with its own orientation → normalised spectra (n_voxels, B)."""
         xp, m = self.xp, self.padded_box_px
-        factor = xp.minimum(w0, 1.0) / xp.maximum(w1, WEIGHT_FLOOR)
-        half_shape = (m, m, m // 2 + 1)
-        spectrum = ((d_re + 1j * d_im) * factor).astype(xp.complex64).reshape(half_shape)
-        ctf_spectrum = (d2 * factor).astype(xp.complex64).reshape(half_shape)
-        volume = self._centred_crop(spectrum)
-        psf = self._centred_crop(ctf_spectrum)
-        fft = extract.fft_module(xp)
-        ctf_volume = fft.rfftn(xp.fft.ifftshift(psf), **extract.fft_kwargs(xp, self.options.n_workers)).real
-        ctf_volume = (ctf_volume / np.float32(m * m)).astype(xp.float32)
+        matrices = euler_to_matrix(euler_zyz_deg)
+        orientation = insert.slice_orientation(self.tilt_series.tilt_angles_deg[self.tilts],
+                                               self.tilt_series.xf[self.tilts], matrices)
+        batch = weight.shape[0]
+        n_voxels = m * m * (m // 2 + 1)
+        spectrum = None if data is None else xp.empty((n_voxels, batch), dtype=xp.complex64)
+        ctf_spectrum = self._ctf_buffer((n_voxels, batch))
+        zeros = xp.zeros(weight.shape[1], dtype=xp.complex64)
+        for b in range(batch):
+            splat = insert.splat_entries(orientation[b], self.grid, xp=xp)
+            d_re, d_im, w1, d2, w0 = insert.insert_one(splat, zeros if data is None else data[b], weight[b], ctf[b],
+                                                       xp=xp)
+            factor = _normalisation_scale(w0, m, xp) / xp.maximum(w1, xp.float32(WEIGHT_FLOOR))
+            ctf_spectrum[:, b] = d2 * factor
+            if spectrum is not None:
+                spectrum[:, b] = (d_re * factor) + 1j * (d_im * factor)
+        return spectrum, ctf_spectrum
+
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype: type = np.float32) -> np.ndarray:
+        """A work array kept across batches (uninitialised): fresh large allocations cost more than the
+        arithmetic here (the kernel zeroes every new page)."""
+        array = self.buffers.get(name)
+        if array is None or array.shape != shape or array.dtype != dtype:
+            array = self.buffers[name] = self.xp.empty(shape, dtype=dtype)
+        return array
+
+    def _ctf_buffer(self, shape: tuple[int, int]) -> np.ndarray:
+        """(n_voxels, B rounded up to even) float32: pairs of CTF spectra are read as one complex64 column;
+        the padding column of an odd batch is zero."""
+        n_voxels, batch = shape
+        buffer = self._buffer("ctf_spectrum", (n_voxels, batch + batch % 2))
+        buffer[:, batch:] = 0
+        return buffer
+
+    # ------------------------------------------------------------------------------------------- inverse FFTs
+
+    def _fft(self) -> tuple[ModuleType, dict[str, int]]:
+        return extract.fft_module(self.xp), extract.fft_kwargs(self.xp, self.options.n_workers)
+
+    def _inverse_volumes(self, spectrum: np.ndarray) -> np.ndarray:
+        """Normalised half spectra (n_voxels, B) → (B, N, N, N) sub-tomograms, ÷ sinc²(r/M), float32.
+
+        The spectra carry the checkerboard (−1)^(kz+ky+kx) of :func:`_normalisation_scale`, which moves the
+        particle centre from voxel 0 to M/2: the central N³ crop is a slice, taken after each axis so only the
+        needed lines are transformed, in place. The spectra are zero at |k| ≥ M/2 (the insertion never reaches those
+        voxels, so their multiplicity and hence their value is 0: the C# ``DecenterKernel`` mask).
+        """
+        xp, m, n = self.xp, self.padded_box_px, self.options.box_px
+        fft, kwargs = self._fft()
+        crop = slice(m // 2 - n // 2, m // 2 + n // 2)
+        batch = spectrum.shape[-1]
+        partial = fft.ifft(spectrum.reshape(m, m, m // 2 + 1, batch), axis=0, norm="forward", overwrite_x=True,
+                           **kwargs)[crop]
+        partial = fft.ifft(partial, axis=1, norm="forward", overwrite_x=True, **kwargs)[:, crop]
+        volumes = fft.irfft(partial, n=m, axis=2, norm="forward", **kwargs)[:, :, crop]
+        return xp.divide(xp.moveaxis(volumes, 3, 0), self.gridding, dtype=xp.float32)
+
+    def _inverse_ctfs(self, ctf_spectrum: np.ndarray, batch: int) -> np.ndarray:
+        """Normalised real CTF half spectra (n_voxels, B even) → (B, N, N, N//2+1) float32 3D CTFs (half layout).
+
+        The CTF spectrum P is real and even, so its (checkerboarded) inverse transform p is real and
+        point-symmetric about M/2. Along z, two particles' real spectra are transformed at once as the real
+        and imaginary parts of one complex line (in place) and separated by Hermitian symmetry, only on the
+        planes z ≤ M/2 of the crop; the planes z > M/2 are ``p(M − z, M − y, M − x)``. The crop (÷ sinc²) is
+        then transformed back (÷ M²) and its real part kept, exactly as the full transform would.
+        """
+        xp, m, n = self.xp, self.padded_box_px, self.options.box_px
+        fft, kwargs = self._fft()
+        low = m // 2 - n // 2
+        wide = slice(low, low + n + 1)
+        packed = ctf_spectrum.view(xp.complex64).reshape(m, m, m // 2 + 1, -1)
+        packed = fft.ifft(packed, axis=0, norm="forward", overwrite_x=True, **kwargs)
+        planes = np.arange(low, m // 2 + 1)
+        partial = _separate_pairs(packed[planes], xp.conjugate(packed[(m - planes) % m]), xp)
+        partial = fft.ifft(partial, axis=1, norm="forward", overwrite_x=True, **kwargs)[:, wide]
+        lower = fft.irfft(partial, n=m, axis=2, norm="forward", **kwargs)[:, :, wide]  # (N/2+1, N+1, N+1, B)
+        psf = xp.empty((n, n, n, batch), dtype=xp.float32)
+        psf[: n // 2 + 1] = lower[:, :n, :n, :batch]
+        psf[n // 2 + 1:] = lower[n // 2 - 1:0:-1, n:0:-1, n:0:-1, :batch]
+        psf /= self.gridding[..., None]
+        psf = xp.fft.ifftshift(psf, axes=(0, 1, 2))
+        ctf = fft.rfftn(psf, axes=(0, 1, 2), **kwargs).real
+        ctf *= np.float32(1.0 / (m * m))
+        return xp.moveaxis(ctf.astype(xp.float32, copy=False), 3, 0)
+
+    def _finish_volume(self, volume: np.ndarray) -> np.ndarray:
+        """(N, N, N) sub-tomogram → output-normalised (optional), contiguous host float32."""
+        xp = self.xp
+        volume = xp.ascontiguousarray(volume, dtype=xp.float32)
+        if self.options.normalize_output:
+            volume = normalize_outside_radius(volume, self._mask_radius_px(), xp=xp)
+        return to_numpy(volume)
+
+    def _finish_ctf(self, ctf_volume: np.ndarray) -> np.ndarray:
+        """(N, N, N//2+1) 3D CTF → sparse (optional), layout, contiguous host float32."""
+        xp = self.xp
+        ctf_volume = xp.ascontiguousarray(ctf_volume, dtype=xp.float32)
         if self.options.sparse_ctf:
             ctf_volume = xp.where(xp.abs(ctf_volume) < SPARSE_THRESHOLD, xp.float32(0), ctf_volume)
         if self.options.ctf_layout == "centred":
             ctf_volume = half_to_centred_cube(ctf_volume, xp=xp)
-        if self.options.normalize_output:
-            volume = normalize_outside_radius(volume, self._mask_radius_px(), xp=xp)
-        return to_numpy(volume.astype(xp.float32)), to_numpy(ctf_volume)
+        return to_numpy(ctf_volume)
 
     def _mask_radius_px(self) -> int:
         return int(round(self.options.particle_diameter_angst / self.options.output_pixel_size_angst / 2))
-
-    def _centred_crop(self, half_spectrum: np.ndarray) -> np.ndarray:
-        """Inverse FFT of a (M, M, M//2+1) half spectrum, cropped to the central N³ around the origin
-        (which lands on voxel N/2), × M² (C#: unnormalised C2R and 1/M) ÷ sinc²(r/M). Axis by axis, cropping
-        after each one so only the needed lines are transformed.
-
-        The spectrum must be zero at |k| ≥ M/2 (the insertion never reaches those voxels, so their
-        multiplicity and hence the normalised value is 0: the C# ``DecenterKernel`` mask)."""
-        xp, m, n = self.xp, self.padded_box_px, self.options.box_px
-        fft = extract.fft_module(xp)
-        kwargs = extract.fft_kwargs(xp, self.options.n_workers)
-        keep = xp.asarray((np.arange(n) - n // 2) % m)
-        gridding = self.gridding if self.gridding is not None else _gridding_sinc2(n, m, xp)
-        partial = fft.ifft(half_spectrum, axis=0, **kwargs)[keep]
-        partial = fft.ifft(partial, axis=1, **kwargs)[:, keep]
-        volume = fft.irfft(partial, n=m, axis=2, **kwargs)[:, :, keep]
-        return (volume * np.float32(m * m) / gridding).astype(xp.float32)
 
     # ------------------------------------------------------------------------------------------- series
 
@@ -403,6 +522,32 @@ def _tilt_weights(tilt_series: TiltSeriesData, options: ExportOptions, tilts: np
     scale = scale * dose_limit_mask(tilt_series, options.n_tilts_by_dose)[tilts]
     pre = xp.asarray(tilt_series.pre_exposure_e_per_angst2[tilts], dtype=xp.float32)[:, None]
     return (xp.asarray(scale, dtype=xp.float32)[:, None] * xp.exp(-pre * tables.k2[None, :])).astype(xp.float32)
+
+
+def _normalisation_scale(multiplicity: np.ndarray, m: int, xp: ModuleType) -> np.ndarray:
+    """(n_voxels,) float32 ``min(1, W0) · (−1)^(kz+ky+kx) / M`` on the (M, M, M//2+1) half layout.
+
+    ``min(1, W0)`` is the numerator of the normalisation; the checkerboard moves the reconstructed origin to
+    voxel M/2 (so the central crop is a slice); 1/M is the C# scaling (unnormalised C2R × M² of an FFT that
+    numpy scales by 1/M³).
+    """
+    parity = (np.arange(m)[:, None, None] + np.arange(m)[None, :, None] + np.arange(m // 2 + 1)[None, None, :]) % 2
+    checker = xp.asarray((1.0 - 2.0 * parity).astype(np.float32).reshape(-1) / np.float32(m))
+    return xp.minimum(multiplicity, xp.float32(1.0)).astype(xp.float32) * checker
+
+
+def _separate_pairs(packed: np.ndarray, mirrored_conj: np.ndarray, xp: ModuleType) -> np.ndarray:
+    """Transforms of two real lines from the transform Z of ``a + i b`` → (..., 2 · B/2) complex64.
+
+    With ``packed`` = Z(z) and ``mirrored_conj`` = conj(Z(−z)) (..., B/2): A(z) = (Z(z) + conj Z(−z)) / 2 and
+    B(z) = (Z(z) − conj Z(−z)) / 2i, interleaved as columns 2j (real part's particle) and 2j + 1.
+    """
+    out = xp.empty(packed.shape[:-1] + (2 * packed.shape[-1],), dtype=xp.complex64)
+    xp.add(packed, mirrored_conj, out=out[..., 0::2])
+    out[..., 0::2] *= xp.float32(0.5)
+    xp.subtract(packed, mirrored_conj, out=out[..., 1::2])
+    out[..., 1::2] *= xp.complex64(-0.5j)
+    return out
 
 
 def _gridding_sinc2(n: int, m: int, xp: ModuleType) -> np.ndarray:

@@ -408,7 +408,11 @@ def merge_into_old_dialect(old: ParticleTable, new: ParticleTable, new_group_nam
         source_hashes=_optional_concat(old.source_hashes, None, n_new,
                                        lambda n: np.array([hash_by_name.get(str(x), "None") for x in names],
                                                           dtype=object)),
-        optics_group=groups, extras=extras, source_row=np.concatenate([old.source_row, new.source_row]))
+        optics_group=groups, extras=extras, source_row=np.concatenate([old.source_row, new.source_row]),
+        # RELION 4/5 subtomogram boxes: new rows get an identity box, so their rlnAngle*/origin are the full pose
+        subtomogram_euler_deg=_optional_concat(old.subtomogram_euler_deg, None, n_new, lambda n: np.zeros((n, 3))),
+        box_euler_deg=_optional_concat(old.box_euler_deg, new.poses.euler_zyz_deg, n_new, None),
+        box_origins_angst=_optional_concat(old.box_origins_angst, new.origins_angst, n_new, None))
 
 
 def write_star_outputs(out_dir: str | Path, old: ParticleTable, new: ParticleTable, outcome: IntersectOutcome,

@@ -11,11 +11,24 @@ coord_pixel_angst`` (RELION 3.0: shifts are in the same pixels as the coordinate
 (``rlnCenteredCoordinate*Angst``); M species store Å from the tomogram corner (``wrpCoordinateX1``...) and carry
 no shifts, so origins are folded into the coordinates when writing them.
 
+Subtomogram orientations (RELION 4/5): ``rlnTomoSubtomogramRot/Tilt/Psi`` give the orientation of the
+pseudo-subtomogram box, and ``rlnAngleRot/Tilt/Psi`` and ``rlnOriginX/Y/ZAngst`` are relative to that box. RELION
+(``src/jaz/tomography/particle_set.cpp``) uses ``A = A_subtomogram · A_angle`` for the particle in the tomogram
+(``getMatrix3x3``, used by ``getMatrix4x4``) and subtracts ``A_subtomogram · origin`` from the coordinate
+(``getPosition``), each ``A`` being RELION's ``Euler_angles2matrix`` (our ``euler_to_matrix``). The reader therefore
+stores the composed pose in ``poses.euler_zyz_deg`` and the rotated shift ``A_subtomogram · origin`` in
+``origins_angst`` (both in the tomogram frame, as a file without subtomogram angles would hold them), and keeps the
+values as read (``subtomogram_euler_deg``, ``box_euler_deg``, ``box_origins_angst``). Writing RELION 4/5 from such a
+table writes the subtomogram angles back with ``rlnAngle* = Aᵀ_subtomogram · A`` and ``rlnOrigin* =
+Aᵀ_subtomogram · origin``, using the values as read wherever pose and shift are unchanged (exact round trips);
+other dialects get the composed pose and the rotated shift. A table without subtomogram angles writes ``rlnAngle*``
+only. Subtomogram angles are interpreted only in RELION 4/5 files (other dialects carry them as extra columns, and
+writing RELION 4/5 from a table that does not interpret them drops them, as its pose is already complete).
+
 Limits, by design: the tomogram centre is ``(N // 2) · pixel`` for every corner-based dialect (M uses ``N · pixel / 2``:
 the same for even sizes); only the first temporal sample of an M species table is interpreted (``wrpCoordinateX2``...
-are carried as extra columns); RELION 4/5 ``rlnTomoSubtomogramRot/Tilt/Psi`` are carried as extra columns and *not*
-composed into the pose (``poses`` holds ``rlnAngleRot/Tilt/Psi``); a RELION 5 file's ``rlnCoordinateX/Y/Z`` are
-checked against ``rlnCenteredCoordinate*Angst`` when pixel and tomogram sizes are known, and not written to RELION 5.
+are carried as extra columns); a RELION 5 file's ``rlnCoordinateX/Y/Z`` are checked against
+``rlnCenteredCoordinate*Angst`` when pixel and tomogram sizes are known, and not written to RELION 5.
 """
 
 from __future__ import annotations
@@ -28,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mspecies.core.geometry import euler_to_matrix, matrix_to_euler
 from mspecies.core.types import InputError, ParticlePoses
 from mspecies.formats.star import StarBlock, read_star_text
 from mspecies.formats.tomo_names import normalise_tomo_name
@@ -81,6 +95,9 @@ COORD_PIXEL_COLUMNS: dict[Dialect, tuple[str, ...]] = {
     Dialect.RELION5: ("rlnTomoTiltSeriesPixelSize", "rlnMicrographOriginalPixelSize"),
     Dialect.M_SPECIES: (),
 }
+# RELION 4/5 orientation of the pseudo-subtomogram box (interpreted in SUBTOMOGRAM_DIALECTS only).
+SUBTOMOGRAM_COLUMNS = ("rlnTomoSubtomogramRot", "rlnTomoSubtomogramTilt", "rlnTomoSubtomogramPsi")
+SUBTOMOGRAM_DIALECTS = frozenset({Dialect.RELION4, Dialect.RELION5})
 MICROSCOPE_LABELS = {"rlnVoltage": "voltage_kv", "rlnSphericalAberration": "cs_mm",
                      "rlnAmplitudeContrast": "amplitude_contrast"}
 TomoShapes = Mapping[str, Sequence[int]] | Sequence[int] | None
@@ -93,12 +110,14 @@ class ParticleTable:
     Attributes
     ----------
     poses
-        Positions (N, 3) Å centred on the tomogram centre with origins subtracted, RELION Euler angles (N, 3) deg,
-        tomogram names (N,) exactly as in the file's name column.
+        Positions (N, 3) Å centred on the tomogram centre with origins subtracted, RELION Euler angles (N, 3) deg
+        (RELION 4/5 with subtomogram angles: the composed ``A_subtomogram · A_angle``), tomogram names (N,)
+        exactly as in the file's name column.
     dialect
         Dialect the table was read as.
     origins_angst
-        (N, 3) shifts in Å as read (zeros when the file has none); ``poses`` already has them subtracted.
+        (N, 3) shifts in Å in the tomogram frame (zeros when the file has none): as read, or ``A_subtomogram ·
+        origin`` with subtomogram angles; ``poses`` already has them subtracted.
     origin_units
         ``"angst"`` (rlnOriginX/Y/ZAngst), ``"px"`` (rlnOriginX/Y/Z) or ``None`` (no shift columns).
     coord_pixel_size_angst
@@ -119,6 +138,11 @@ class ParticleTable:
         Columns not interpreted, as text, rows in table order (index 0..N-1), written back unchanged.
     column_order
         Particle columns in file order. ``source_row``: (N,) 0-based row of each particle in the file.
+    subtomogram_euler_deg
+        (N, 3) ``rlnTomoSubtomogramRot/Tilt/Psi`` as read (RELION 4/5), or None when the table has none.
+    box_euler_deg, box_origins_angst
+        (N, 3) ``rlnAngle*`` (zeros when absent) and ``rlnOrigin*Angst`` as read, relative to the subtomogram box;
+        None without subtomogram angles. Used to write RELION 4/5 back unchanged while the pose is unchanged.
     """
 
     poses: ParticlePoses
@@ -140,6 +164,9 @@ class ParticleTable:
     column_order: tuple[str, ...]
     source_row: np.ndarray
     header_comments: tuple[str, ...] = ()
+    subtomogram_euler_deg: np.ndarray | None = None
+    box_euler_deg: np.ndarray | None = None
+    box_origins_angst: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.poses)
@@ -157,7 +184,9 @@ class ParticleTable:
                        random_subset=pick(self.random_subset), image_names=pick(self.image_names),
                        ctf_image_names=pick(self.ctf_image_names), source_hashes=pick(self.source_hashes),
                        optics_group=pick(self.optics_group), source_row=self.source_row[index],
-                       extras=self.extras.iloc[index].reset_index(drop=True))
+                       extras=self.extras.iloc[index].reset_index(drop=True),
+                       subtomogram_euler_deg=pick(self.subtomogram_euler_deg), box_euler_deg=pick(self.box_euler_deg),
+                       box_origins_angst=pick(self.box_origins_angst))
 
 
 # --- detection -------------------------------------------------------------------------------------------------------
@@ -178,8 +207,9 @@ def detect_dialect(blocks: Mapping[str, StarBlock]) -> Dialect:
 
     1. any ``wrpCoordinateX1`` / ``wrpSourceName`` column → M species;
     2. ``rlnCenteredCoordinateXAngst`` → RELION 5;
-    3. a ``data_optics`` block: RELION 4 if there is ``rlnTomoName`` together with ``rlnTomoParticleName``,
-       ``rlnTomoParticleId``, ``rlnTomoSubtomogramRot`` or an optics ``rlnTomoTiltSeriesPixelSize``; else 3.1;
+    3. a ``data_optics`` block: RELION 4 if the optics table has ``rlnTomoTiltSeriesPixelSize`` (RELION 4 writes
+       it in every tomography optics table) or the particles have ``rlnTomoName`` with ``rlnTomoSubtomogramRot``;
+       else 3.1 (a 3.1 file may carry ``rlnTomoName``/``rlnTomoParticleName`` as plain extra columns);
     4. no optics: ``rlnTomoName`` → RELION 4; ``rlnPixelSize`` or ``.tomostar`` micrograph names → Warp 3D
        export; ``rlnMicrographName`` → RELION 3.0.
     """
@@ -189,10 +219,10 @@ def detect_dialect(blocks: Mapping[str, StarBlock]) -> Dialect:
         return Dialect.M_SPECIES
     if "rlnCenteredCoordinateXAngst" in columns:
         return Dialect.RELION5
-    tomo_markers = {"rlnTomoParticleName", "rlnTomoParticleId", "rlnTomoSubtomogramRot"}
     if optics is not None:
-        tomo = bool(tomo_markers & columns) or "rlnTomoTiltSeriesPixelSize" in optics.table.columns
-        return Dialect.RELION4 if "rlnTomoName" in columns and tomo else Dialect.RELION31
+        subtomogram_box = {"rlnTomoName", "rlnTomoSubtomogramRot"} <= columns
+        relion4 = "rlnTomoTiltSeriesPixelSize" in optics.table.columns or subtomogram_box
+        return Dialect.RELION4 if relion4 else Dialect.RELION31
     if "rlnTomoName" in columns:
         return Dialect.RELION4
     table = blocks[particle_block_name(blocks)].table
@@ -358,6 +388,74 @@ def _angles(table: pd.DataFrame, roles: Mapping[str, str], where: str) -> tuple[
     return np.stack([_numeric(table, c, where) for c in columns], axis=1), True
 
 
+# RELION 4/5 subtomogram orientation. Read in 3dem/relion (ver5.0 = master 73f0a3c0),
+# src/jaz/tomography/particle_set.cpp: getSubtomogramMatrix (l. 381) is Euler::anglesToMatrix3 of
+# rlnTomoSubtomogramRot/Tilt/Psi (identity without those columns), getParticleMatrix (l. 400) the same of
+# rlnAngleRot/Tilt/Psi (identity without them), getMatrix3x3 (l. 419-425) returns A_subtomogram * A_particle, and
+# getMatrix4x4 (l. 428, "maps coordinates from particle space to tomogram space") uses that product;
+# getPosition (l. 356-379) subtracts A_subtomogram * (rlnOriginX/Y/ZAngst) / pixel from the coordinate.
+# src/jaz/math/Euler_angles_relion.h, Euler::anglesToMatrix3 (l. 38-48) has the same entries as src/euler.cpp
+# Euler_angles2matrix (l. 52-91), i.e. our euler_to_matrix, not its transpose (Euler::test compares the two).
+def _matrix_to_euler_exact(matrix: np.ndarray) -> np.ndarray:
+    """(N, 3, 3) rotations → (N, 3) RELION (rot, tilt, psi) deg that reproduce them to rounding, even near tilt 0.
+
+    Same angles as :func:`~mspecies.core.geometry.matrix_to_euler` (tilt in [0, 180]) away from gimbal lock; near
+    it psi is taken from the rotation left after rot and tilt, so no part of the rotation is lost.
+    """
+    euler = matrix_to_euler(matrix)
+    m = np.asarray(matrix, dtype=np.float64)
+    sin_tilt = np.hypot(m[..., 2, 0], m[..., 2, 1])
+    rot = np.where(sin_tilt > 0, np.rad2deg(np.arctan2(m[..., 2, 1], m[..., 2, 0])), 0.0)
+    tilt = np.rad2deg(np.arctan2(sin_tilt, m[..., 2, 2]))
+    rest = m @ np.swapaxes(euler_to_matrix(np.stack([rot, tilt, np.zeros_like(rot)], axis=-1)), -1, -2)
+    psi = np.rad2deg(np.arctan2(rest[..., 0, 1], rest[..., 0, 0]))  # rest = euler_to_matrix(0, 0, psi)
+    exact = np.stack([rot, tilt, psi], axis=-1)
+    error = np.abs(euler_to_matrix(euler) - m).max(axis=(-2, -1))
+    return np.where((error > 1e-12)[..., None], exact, euler)
+
+
+def compose_subtomogram_pose(subtomogram_euler_deg: np.ndarray, box_euler_deg: np.ndarray) -> np.ndarray:
+    """RELION 4/5 pose in the tomogram: Euler angles of ``A_subtomogram · A_angle`` (RELION ``getMatrix3x3``)."""
+    matrix = euler_to_matrix(subtomogram_euler_deg) @ euler_to_matrix(box_euler_deg)
+    return _matrix_to_euler_exact(matrix)
+
+
+def _subtomogram_angles(table: pd.DataFrame, where: str) -> np.ndarray | None:
+    present = [c for c in SUBTOMOGRAM_COLUMNS if c in table.columns]
+    if not present:
+        return None
+    if len(present) != 3:
+        raise InputError(f"{where}: subtomogram angle column(s) {present} without "
+                         f"{[c for c in SUBTOMOGRAM_COLUMNS if c not in present]}; all three are needed")
+    return np.stack([_numeric(table, c, where) for c in SUBTOMOGRAM_COLUMNS], axis=1)
+
+
+def subtomogram_box_values(table: ParticleTable) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(subtomogram angles, ``rlnAngle*``, ``rlnOrigin*Angst``) (N, 3) to write RELION 4/5, or None without them.
+
+    ``rlnAngle* = Aᵀ_subtomogram · A`` and ``rlnOrigin* = Aᵀ_subtomogram · origin`` from the table's pose and
+    shift, replaced by the values as read in rows where those give the same rotation (1e-9) and shift (1e-6 Å).
+    """
+    if table.subtomogram_euler_deg is None:
+        return None
+    sub = table.subtomogram_euler_deg
+    sizes = {len(v) for v in (sub, table.box_euler_deg, table.box_origins_angst) if v is not None}
+    if sizes != {len(table)}:
+        raise ValueError(f"subtomogram angles / box values have {sorted(sizes)} rows for a table of {len(table)}; "
+                         "tables built with dataclasses.replace must set them for every row (zeros: identity)")
+    inverse = np.swapaxes(euler_to_matrix(sub), -1, -2)
+    box_matrix = inverse @ euler_to_matrix(table.poses.euler_zyz_deg)
+    box = _matrix_to_euler_exact(box_matrix)
+    origins = np.einsum("nij,nj->ni", inverse, table.origins_angst)
+    if table.box_euler_deg is not None:
+        same = np.abs(euler_to_matrix(table.box_euler_deg) - box_matrix).max(axis=(1, 2), initial=0) <= 1e-9
+        box = np.where(same[:, None], table.box_euler_deg, box)
+    if table.box_origins_angst is not None:
+        same = np.abs(table.box_origins_angst - origins).max(axis=1, initial=0) <= 1e-6
+        origins = np.where(same[:, None], table.box_origins_angst, origins)
+    return sub, box, origins
+
+
 def _origins(dialect: Dialect, table: pd.DataFrame, pixel: np.ndarray | None, where: str
              ) -> tuple[np.ndarray, str | None]:
     """(N, 3) shifts in Å and their unit in the file."""
@@ -457,6 +555,13 @@ def read_particle_star(path: str | Path, dialect: Dialect | str | None = None, *
         (tomo_shape_lookup(tomo_shape_px, [str(u) for u in pd.unique(pd.Series(names, dtype=object))])
          if tomo_shape_px is not None else None)
     origins, origin_units = _origins(dialect, table, pixel, where)
+    angles, has_angles = _angles(table, roles, where)
+    subtomogram = _subtomogram_angles(table, where) if dialect in SUBTOMOGRAM_DIALECTS else None
+    box_angles = box_origins = None
+    if subtomogram is not None:  # RELION 4/5: into the tomogram frame (see compose_subtomogram_pose)
+        box_angles, box_origins = angles, origins
+        angles = compose_subtomogram_pose(subtomogram, box_angles)
+        origins = np.einsum("nij,nj->ni", euler_to_matrix(subtomogram), box_origins)
     coordinates = _xyz(table, [roles[a] for a in ("x", "y", "z")], where)
     if corner:
         scale = 1.0 if dialect == Dialect.M_SPECIES else pixel[:, None]  # M coordinates are already in Å
@@ -464,9 +569,10 @@ def read_particle_star(path: str | Path, dialect: Dialect | str | None = None, *
     else:
         positions = coordinates - origins
     understood = _understood(dialect, table, name_column)
+    if subtomogram is not None:
+        understood |= set(SUBTOMOGRAM_COLUMNS)
     if dialect == Dialect.RELION5 and _check_centred_vs_corner(table, positions, origins, pixel, shapes, names, where):
         understood |= set(_CORNER_PX.values())
-    angles, has_angles = _angles(table, roles, where)
     subset_column = roles["subset"]
     return ParticleTable(
         poses=ParticlePoses(positions, angles, names), dialect=dialect, origins_angst=origins,
@@ -478,4 +584,5 @@ def read_particle_star(path: str | Path, dialect: Dialect | str | None = None, *
         has_angles=has_angles, optics=optics, optics_group=groups,
         general=blocks["general"].table if "general" in blocks else None,
         extras=table[[c for c in table.columns if c not in understood]].copy(),
-        column_order=tuple(table.columns), source_row=np.arange(n), header_comments=tuple(comments))
+        column_order=tuple(table.columns), source_row=np.arange(n), header_comments=tuple(comments),
+        subtomogram_euler_deg=subtomogram, box_euler_deg=box_angles, box_origins_angst=box_origins)

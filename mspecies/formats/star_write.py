@@ -11,6 +11,10 @@ writers require them, from the table or from ``microscope``. Converting from a t
 groups the per-particle optics columns (:data:`OPTICS_LABELS`) into optics groups; converting to 3.0, Warp 3D or
 M joins the optics columns into every particle row. RELION 3.0 has one pixel size, so coordinates, shifts and
 ``rlnDetectorPixelSize`` (with ``rlnMagnification = 10000``) use the coordinate pixel size there.
+
+Subtomogram angles (RELION 4/5 ``rlnTomoSubtomogramRot/Tilt/Psi``, see :mod:`~mspecies.formats.star_dialects`):
+written back to RELION 4/5 with ``rlnAngle*`` and ``rlnOrigin*Angst`` relative to the subtomogram box (the values
+as read while pose and shift are unchanged); every other dialect gets the composed pose and the tomogram-frame shift.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mspecies.core.geometry import euler_to_matrix
 from mspecies.core.types import InputError, Microscope
 from mspecies.formats.star import StarBlock, write_star_text
 from mspecies.formats.star_dialects import (
@@ -32,10 +37,13 @@ from mspecies.formats.star_dialects import (
     OPTICS_LABELS,
     PX_ORIGIN_DIALECTS,
     ROLE_COLUMNS,
+    SUBTOMOGRAM_COLUMNS,
+    SUBTOMOGRAM_DIALECTS,
     Dialect,
     ParticleTable,
     TomoShapes,
     _centres_angst,
+    subtomogram_box_values,
     tomo_shape_lookup,
 )
 
@@ -68,8 +76,9 @@ def _shapes_for_writing(table: ParticleTable, override: TomoShapes, dialect: Dia
 
 
 def _coordinate_columns(table: ParticleTable, dialect: Dialect, pixel: np.ndarray | None,
-                        shapes: dict[str, tuple[int, int, int]] | None) -> dict[str, np.ndarray]:
-    """Coordinates and shifts of ``dialect``: column → (N,) values."""
+                        shapes: dict[str, tuple[int, int, int]] | None,
+                        box_origins: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Coordinates and shifts of ``dialect``: column → (N,) values (shifts ``box_origins`` when given)."""
     roles = ROLE_COLUMNS[dialect]
     absolute = table.poses.positions_angst + table.origins_angst  # centred Å before the shift
     if dialect in CORNER_DIALECTS:
@@ -78,13 +87,19 @@ def _coordinate_columns(table: ParticleTable, dialect: Dialect, pixel: np.ndarra
             absolute = absolute - table.origins_angst  # no shift columns in M: fold the shifts in
         else:
             absolute = absolute / pixel[:, None]  # corner px
-    out = {roles[a]: absolute[:, k] for k, a in enumerate(("x", "y", "z"))}
+    out = {roles[a]: _no_negative_zero(absolute[:, k]) for k, a in enumerate(("x", "y", "z"))}
     write_origins = dialect != Dialect.M_SPECIES and (table.origin_units is not None or
                                                       bool(np.any(table.origins_angst)))
     if write_origins:
-        origins = table.origins_angst / pixel[:, None] if dialect in PX_ORIGIN_DIALECTS else table.origins_angst
-        out.update({roles[f"origin_{a}"]: origins[:, k] for k, a in enumerate(("x", "y", "z"))})
+        origins = table.origins_angst if box_origins is None else box_origins
+        origins = origins / pixel[:, None] if dialect in PX_ORIGIN_DIALECTS else origins
+        out.update({roles[f"origin_{a}"]: _no_negative_zero(origins[:, k]) for k, a in enumerate(("x", "y", "z"))})
     return out
+
+
+def _no_negative_zero(values: np.ndarray) -> np.ndarray:
+    """Values that print as ±0.000000 written as 0 (a shift subtracted and added back can leave −1e-16)."""
+    return np.where(np.abs(values) < 5e-7, 0.0, values)
 
 
 def _role_columns(table: ParticleTable, dialect: Dialect, pixel: np.ndarray | None,
@@ -96,9 +111,16 @@ def _role_columns(table: ParticleTable, dialect: Dialect, pixel: np.ndarray | No
         out = {"rlnTomoName": table.poses.tomo_names}  # RELION 3.1 needs rlnMicrographName too: keep the file's
         if "rlnMicrographName" not in table.extras.columns:
             out["rlnMicrographName"] = table.poses.tomo_names
-    out.update(_coordinate_columns(table, dialect, pixel, shapes))
-    if table.has_angles:
-        out.update({roles[r]: table.poses.euler_zyz_deg[:, k] for k, r in enumerate(("rot", "tilt", "psi"))})
+    box = subtomogram_box_values(table) if dialect in SUBTOMOGRAM_DIALECTS else None
+    out.update(_coordinate_columns(table, dialect, pixel, shapes, None if box is None else box[2]))
+    angles = table.poses.euler_zyz_deg
+    write_angles = table.has_angles or table.subtomogram_euler_deg is not None
+    if box is not None:
+        out.update({column: box[0][:, k] for k, column in enumerate(SUBTOMOGRAM_COLUMNS)})
+        angles = box[1]  # relative to the subtomogram box; left out, like the file, when absent and identity
+        write_angles = table.has_angles or bool(np.any(np.abs(euler_to_matrix(angles) - np.eye(3)) > 1e-9))
+    if write_angles:
+        out.update({roles[r]: angles[:, k] for k, r in enumerate(("rot", "tilt", "psi"))})
     optional = {"subset": table.random_subset, "image": table.image_names, "ctf": table.ctf_image_names,
                 "hash": table.source_hashes}
     out.update({roles[role]: values for role, values in optional.items() if values is not None and role in roles})
@@ -115,7 +137,8 @@ def _source_role_map(table: ParticleTable) -> dict[str, str]:
     mapping = {column: role for role, column in ROLE_COLUMNS[table.dialect].items()}
     for axis in ("X", "Y", "Z"):
         mapping[f"rlnOrigin{axis}"] = mapping[f"rlnOrigin{axis}Angst"] = f"origin_{axis.lower()}"
-    mapping.update({c: c for c in _PIXEL_COLUMNS_30 + ("rlnOpticsGroup", "rlnTomoName", "rlnMicrographName")})
+    mapping.update({c: c for c in _PIXEL_COLUMNS_30 + SUBTOMOGRAM_COLUMNS +
+                    ("rlnOpticsGroup", "rlnTomoName", "rlnMicrographName")})
     mapping[_name_column_of(table)] = "name"
     return mapping
 
@@ -268,8 +291,10 @@ def write_particle_star(table: ParticleTable, path: str | Path, dialect: Dialect
     pixel = _pixel_for_writing(table, coord_pixel_size_angst, dialect)
     shapes = _shapes_for_writing(table, tomo_shape_px, dialect) if dialect in CORNER_DIALECTS and len(table) else None
     columns: dict[str, object] = dict(_role_columns(table, dialect, pixel, shapes))
-    corner_columns = set(_CORNER_PX.values()) if dialect == Dialect.RELION5 else set()
-    extras = table.extras.drop(columns=[c for c in table.extras.columns if c in columns or c in corner_columns])
+    dropped = set(_CORNER_PX.values()) if dialect == Dialect.RELION5 else set()
+    if dialect in SUBTOMOGRAM_DIALECTS:  # uninterpreted subtomogram angles would re-rotate a complete pose
+        dropped |= set(SUBTOMOGRAM_COLUMNS)
+    extras = table.extras.drop(columns=[c for c in table.extras.columns if c in columns or c in dropped])
     blocks: list[StarBlock] = []
     if dialect in OPTICS_DIALECTS:
         optics, groups, extras = _optics_for(table, dialect, pixel, extras, microscope)

@@ -12,3 +12,24 @@ def registered_outputs(prot) -> list[str]:
     possible = prot.getPossibleOutputs() or {}
     keys = possible.keys() if isinstance(possible, dict) else [member.name for member in possible]
     return names + [key for key in keys if key not in names and getattr(prot, key, None) is not None]
+
+
+def setup_synthetic_project(cls, prefix: str, **synth) -> None:
+    """``setupTestProject`` + a synthetic dataset generated in a fresh temporary folder and imported.
+
+    Sets ``cls.proj``, ``cls.tmp`` (the folder), ``cls.manifest_path``, ``cls.manifest`` and ``cls.imported``
+    (:func:`mspecies.workflow.import_synthetic_dataset`); ``synth`` goes to ``generate_dataset``.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from pyworkflow.tests import setupTestProject
+
+    from mspecies.core.synth import generate_dataset, load_manifest
+    from mspecies.workflow import import_synthetic_dataset
+
+    setupTestProject(cls)
+    cls.tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    cls.manifest_path = generate_dataset(cls.tmp / "data", **synth)
+    cls.manifest = load_manifest(cls.manifest_path)
+    cls.imported = import_synthetic_dataset(cls.proj, cls.manifest_path)

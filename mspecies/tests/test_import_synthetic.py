@@ -3,22 +3,20 @@ coordinates with tomo's ``ProtProjectCoordinates`` and compare with :func:`proje
 and check that bad input ends in clear messages with no output registered.
 """
 
-import tempfile
-from pathlib import Path
 
 import numpy as np
-from pyworkflow.tests import BaseTest, setupTestProject
+from pyworkflow.tests import BaseTest
 from tomo.constants import SCIPION
 from tomo.protocols import ProtProjectCoordinates
 
 from mspecies.convert.particles import coordinates_to_poses
 from mspecies.convert.tilt_series import tilt_series_set_to_data
 from mspecies.core.geometry import euler_to_matrix, project_positions_to_tilts
-from mspecies.core.synth import generate_dataset, load_manifest, manifest_particles, manifest_tilt_series
+from mspecies.core.synth import manifest_particles, manifest_tilt_series
 from mspecies.core.types import InputError
 from mspecies.protocols import ProtMSpeciesImportCoordinates3D, ProtMSpeciesImportTsAlignment
-from mspecies.tests.checks import registered_outputs
-from mspecies.workflow import import_synthetic_dataset, inside_project
+from mspecies.tests.checks import registered_outputs, setup_synthetic_project
+from mspecies.workflow import inside_project
 
 SYNTH = dict(seed=0, n_tomograms=2, n_particles=8, n_tilts=21, box_px=32, image_shape_yx=(256, 256),
              pixel_size_angst=4.0, thickness_angst=600.0)
@@ -35,10 +33,7 @@ class TestImportSynthetic(BaseTest):
 
     @classmethod
     def setUpClass(cls):
-        setupTestProject(cls)
-        cls.manifest_path = generate_dataset(Path(tempfile.mkdtemp(prefix="mspecies-synth-")), **SYNTH)
-        cls.manifest = load_manifest(cls.manifest_path)
-        cls.imported = import_synthetic_dataset(cls.proj, cls.manifest_path)
+        setup_synthetic_project(cls, "mspecies-synth-", **SYNTH)
         cls.data = tilt_series_set_to_data(cls.imported["tilt_series"], cls.imported["ctfs"])
 
     def test_tilt_series_match_manifest(self):
@@ -110,10 +105,8 @@ class TestImportBadInput(BaseTest):
 
     @classmethod
     def setUpClass(cls):
-        setupTestProject(cls)
-        cls.root = Path(tempfile.mkdtemp(prefix="mspecies-bad-"))
-        cls.manifest_path = generate_dataset(cls.root, **{**SYNTH, "n_tomograms": 1, "n_particles": 2})
-        cls.imported = import_synthetic_dataset(cls.proj, cls.manifest_path)
+        setup_synthetic_project(cls, "mspecies-bad-", **{**SYNTH, "n_tomograms": 1, "n_particles": 2})
+        cls.root = cls.manifest_path.parent  # the dataset folder, where the bad files are written
 
     def _expectFailure(self, prot, *needles):
         errors = prot.validate()

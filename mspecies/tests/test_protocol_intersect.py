@@ -2,23 +2,23 @@
 ``.tomostar`` names), against the dataset's own RELION 3.1 STAR and against a Scipion set; outputs, distances,
 viewer and validation messages."""
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from pyworkflow.plugin import Domain
-from pyworkflow.tests import BaseTest, setupTestProject
+from pyworkflow.tests import BaseTest
 from tomo.objects import Coordinate3D, SetOfCoordinates3D, SetOfSubTomograms
 
 from mspecies.convert.particles import coordinates_to_poses, subtomograms_to_poses
-from mspecies.core.synth import generate_dataset, load_manifest, manifest_particles
+from mspecies.core.synth import manifest_particles
 from mspecies.formats.mrc import write_mrc
 from mspecies.formats.star import StarBlock, write_star_text
 from mspecies.protocols import ProtMSpeciesIntersect
 from mspecies.protocols.protocol_intersect import DISTANCE_ATTR, SOURCE_SCIPION, SOURCE_STAR
+from mspecies.tests.checks import setup_synthetic_project
 from mspecies.viewers import MSpeciesIntersectViewer
-from mspecies.workflow import import_synthetic_dataset, launch
+from mspecies.workflow import launch
 
 SYNTH = dict(seed=3, n_tomograms=2, n_particles=10, n_tilts=21, box_px=32, image_shape_yx=(256, 256),
              pixel_size_angst=4.0, thickness_angst=600.0)
@@ -73,11 +73,7 @@ class TestIntersectProtocol(BaseTest):
 
     @classmethod
     def setUpClass(cls):
-        setupTestProject(cls)
-        cls.tmp = Path(tempfile.mkdtemp(prefix="mspecies-intersect-"))
-        cls.manifest_path = generate_dataset(cls.tmp / "data", **SYNTH)
-        cls.manifest = load_manifest(cls.manifest_path)
-        cls.imported = import_synthetic_dataset(cls.proj, cls.manifest_path)
+        setup_synthetic_project(cls, "mspecies-intersect-", **SYNTH)
         cls.coords = cls.imported["coordinates"]
         cls.truth = manifest_particles(cls.manifest)
         cls._deriveStar()

@@ -10,20 +10,19 @@ positions (Å, 1e-3), rotation matrices (1e-6), Scipion matrices against poses.p
 
 import json
 import subprocess
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from pyworkflow.tests import BaseTest, setupTestProject
+from pyworkflow.tests import BaseTest
 from tomo.constants import TR_SCIPION
 
 from mspecies.convert.particles import coordinates_to_poses, subtomograms_to_poses
 from mspecies.convert.poses import relion_to_scipion_matrix
 from mspecies.convert.star_sets import CTF_ATTR, EXTRAS_ATTR, SUBSET_ATTR, TomogramInfo, shape_at_pixel
 from mspecies.core.geometry import euler_to_matrix
-from mspecies.core.synth import generate_dataset, load_manifest, manifest_particles
+from mspecies.core.synth import manifest_particles
 from mspecies.core.types import Microscope, ParticlePoses
 from mspecies.formats.mrc import write_mrc
 from mspecies.formats.star import read_star_text, write_star_text
@@ -32,8 +31,8 @@ from mspecies.formats.star_write import write_particle_star
 from mspecies.protocols import ProtMSpeciesExportParticlesStar, ProtMSpeciesImportParticlesStar
 from mspecies.protocols.protocol_export_star import EXPORT_DIALECTS
 from mspecies.protocols.protocol_import_star import DIALECT_CHOICES, IMPORT_COORDINATES
-from mspecies.tests.checks import registered_outputs
-from mspecies.workflow import import_synthetic_dataset, inside_project, launch
+from mspecies.tests.checks import registered_outputs, setup_synthetic_project
+from mspecies.workflow import inside_project, launch
 from tests._relion import require_relion
 
 SYNTH = dict(seed=3, n_tomograms=2, n_particles=8, n_tilts=21, box_px=32, image_shape_yx=(256, 256),
@@ -85,11 +84,9 @@ class TestStarRoundTrip(BaseTest):
 
     @classmethod
     def setUpClass(cls):
-        setupTestProject(cls)
-        cls.root = Path(tempfile.mkdtemp(prefix="mspecies-star-"))
-        cls.manifest_path = generate_dataset(cls.root / "data", **SYNTH)
-        cls.truth = manifest_particles(load_manifest(cls.manifest_path))
-        cls.imported = import_synthetic_dataset(cls.proj, cls.manifest_path)
+        setup_synthetic_project(cls, "mspecies-star-", **SYNTH)
+        cls.root = cls.tmp
+        cls.truth = manifest_particles(cls.manifest)
         cls.tomograms = cls.imported["tomograms"]
         sr = cls.tomograms.getSamplingRate()
         cls.tomo_info = {t.getTsId(): TomogramInfo(tuple(t.getDim()), sr) for t in cls.tomograms.iterItems()}
@@ -232,11 +229,10 @@ class TestStarBadInput(BaseTest):
 
     @classmethod
     def setUpClass(cls):
-        setupTestProject(cls)
-        cls.root = Path(tempfile.mkdtemp(prefix="mspecies-star-bad-"))
-        manifest = generate_dataset(cls.root / "data", **{**SYNTH, "n_tomograms": 1, "n_particles": 4})
-        cls.truth = manifest_particles(load_manifest(manifest))
-        cls.tomograms = import_synthetic_dataset(cls.proj, manifest)["tomograms"]
+        setup_synthetic_project(cls, "mspecies-star-bad-", **{**SYNTH, "n_tomograms": 1, "n_particles": 4})
+        cls.root = cls.tmp
+        cls.truth = manifest_particles(cls.manifest)
+        cls.tomograms = cls.imported["tomograms"]
         cls.good = write_particle_star(truth_table(cls.truth, np.random.default_rng(1), "3.1"),
                                        cls.root / "good.star", "3.1", microscope=MICROSCOPE)
 

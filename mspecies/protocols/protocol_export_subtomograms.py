@@ -8,6 +8,12 @@ send each tilt series to a node and ``%(GPU)s`` picks its GPU; ``createOutputSte
 ``SetOfSubTomograms`` (each item: MRC, its 3D CTF in ``_ctfImage``, cloned coordinate at the exported centre,
 pose), the merged ``extra/particles.star`` and QC PNGs. A tilt series whose folder holds
 ``export_done.json`` is not exported again ("continue" mode redoes only the unfinished ones).
+
+Image-series mode registers no Scipion set: tomo 3.12 has no class for "one 2D tilt stack per particle"
+(``TiltSeries`` means a whole raw acquisition to downstream protocols, ``SetOfParticles`` would lose the
+per-particle grouping and the 3D coordinate). The result is ``extra/particles.star`` (``data_optics``,
+``data_particles``: one stack per particle, ``data_tilts``: one ``index@stack`` row per image) and the stacks
+``extra/<tsId>/<tsId>/*.mrcs``; the summary names the STAR (:meth:`getMergedStar`).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import pyworkflow.protocol.params as params
 from pwem.objects import Transform
 from pwem.protocols import EMProtocol
 from pyworkflow import BETA
-from pyworkflow.object import String
+from pyworkflow.object import Pointer, String
 from pyworkflow.protocol import STEPS_PARALLEL
 from pyworkflow.utils import Message
 from tomo.constants import SCIPION, TR_SCIPION
@@ -103,8 +109,13 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
                       help="Sets the output-normalisation mask and enters the aliasing-free padded box size.")
         form.addParam("outputMode", params.EnumParam, choices=["volumes", "image series"], default=MODE_VOLUMES,
                       display=params.EnumParam.DISPLAY_HLIST, label="Export",
-                      help="volumes: sub-tomogram + 3D CTF per particle (SetOfSubTomograms). image series: the 2D "
-                           "tilt images of each particle (STAR only, no Scipion set).")
+                      help="volumes: sub-tomogram + 3D CTF per particle (output: SetOfSubTomograms). image series: "
+                           "the 2D tilt images of each particle, CTF-premultiplied and centred on the particle, one "
+                           "MRC stack per particle (extra/<tsId>/<tsId>/*.mrcs). Scipion's tomo plugin has no class "
+                           "for per-particle tilt stacks, so this mode registers no Scipion set: its result is the "
+                           "RELION STAR extra/particles.star (optics, particles: one stack each, tilts: one "
+                           "index@stack row per image with tilt angle, defocus and pre-exposure), named in the "
+                           "summary. Poses are applied (pre-rotated): output angles are 0.")
         form.addParam("shiftX", params.FloatParam, default=0.0, label="Shift X (Å)",
                       help="Shift of every particle, in the map frame when the particles have poses "
                            "(position += A . shift).")
@@ -246,6 +257,14 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
         tsIds = set(self.inputTiltSeries.get().getTSIds())
         return [t for t in self._particleTsIds() if t in tsIds]
 
+    def _coordinatesPointer(self) -> Pointer:
+        """A new pointer to the input coordinates for the output set. The form's own ``inputParticles`` pointer
+        must not be given: it would become a child of the output as well, and storing the protocol then fails
+        with "Circular reference ... _coordsPointer found twice"."""
+        source = (self.inputParticles.get().getCoordinates3D(asPointer=True) if self._isSubtomos()
+                  else self.inputParticles)
+        return Pointer(source.getObjValue(), extended=source.getExtended())
+
     def _tomograms(self) -> dict:
         coords = self._coordinates()
         precedents = coords.getPrecedents() if coords is not None else None
@@ -341,8 +360,8 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
         particles, tilts = [], []
         for tsId in tsIds:
             blocks = self._cliTables(tsId)
-            table = blocks["particles"][list(PARTICLE_COLUMNS)].copy()
-            for column in ("rlnImageName", "rlnCtfImage"):
+            table = blocks["particles"][[c for c in PARTICLE_COLUMNS if c in blocks["particles"]]].copy()
+            for column in {"rlnImageName", "rlnCtfImage"} & set(table.columns):
                 table[column] = [self._starPath(tsId, str(v)) for v in table[column]]
             particles.append(table)
             if "tilts" in blocks:
@@ -361,8 +380,8 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
         optics = {"pixel_size_angst": self._outputPixel(), "box_px": int(self.boxSize.get()),
                   "microscope": microscope}
         if self.outputMode.get() == MODE_SERIES:
-            write_series_star(path, merged.drop(columns=["rlnCtfImage"]), pd.concat(tilts, ignore_index=True),
-                              **optics)
+            write_series_star(path, merged.drop(columns=["rlnCtfImage"], errors="ignore"),
+                              pd.concat(tilts, ignore_index=True), **optics)
         else:
             write_subtomo_star(path, merged, flavour=STAR_FLAVOURS[self.starFlavour.get()], **optics)
         return path
@@ -392,8 +411,7 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
         output = self._createSetOfSubTomograms()
         output.setSamplingRate(pixel)
         output.setAcquisition(acquisition)
-        output.setCoordinates3D(self.inputParticles if not self._isSubtomos()
-                                else self.inputParticles.get().getCoordinates3D())
+        output.setCoordinates3D(self._coordinatesPointer())
         for item in self._iterParticles():
             objId = item.getObjId()
             if objId not in rows:
@@ -490,16 +508,25 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
         summary = self._exportSummary()
         if summary is None:
             return ["Output not ready yet."]
-        return [f"{summary['n_particles']} particles from {summary['n_tilt_series']} tilt series exported as "
-                f"{summary['mode']}",
-                f"Pixel size {summary['pixel_size_angst']:g} Å, box {summary['box_px']} px, padded box "
-                f"{', '.join(str(m) for m in summary['padded_box_px'])} px",
-                f"STAR (RELION): {summary['star']}"]
+        lines = [f"{summary['n_particles']} particles from {summary['n_tilt_series']} tilt series exported as "
+                 f"{summary['mode']}"]
+        if summary["mode"] == MODES[MODE_SERIES]:
+            return lines + [f"Pixel size {summary['pixel_size_angst']:g} Å, box {summary['box_px']} px; one "
+                            "CTF-premultiplied 2D stack per particle (no Scipion set: use the STAR)",
+                            f"STAR (RELION, image series): {summary['star']}"]
+        return lines + [f"Pixel size {summary['pixel_size_angst']:g} Å, box {summary['box_px']} px, padded box "
+                        f"{', '.join(str(m) for m in summary['padded_box_px'])} px",
+                        f"STAR (RELION): {summary['star']}"]
 
     def _methods(self):
         summary = self._exportSummary()
         if summary is None:
             return []
+        if summary["mode"] == MODES[MODE_SERIES]:
+            return [f"For {summary['n_particles']} particles of {summary['n_tilt_series']} tomograms, "
+                    f"CTF-premultiplied {summary['box_px']} px tilt images centred on each particle were extracted "
+                    f"from the aligned raw tilt series at {summary['pixel_size_angst']:g} Å/px (per-particle defocus, "
+                    "dose weighting) with mspecies, following M's image-series export."]
         return [f"{summary['n_particles']} sub-tomograms and their 3D CTFs were reconstructed directly from the "
                 f"aligned raw tilt series of {summary['n_tilt_series']} tomograms at {summary['pixel_size_angst']:g} "
                 f"Å/px in a {summary['box_px']} px box (aliasing-free padded box "

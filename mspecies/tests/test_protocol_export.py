@@ -1,6 +1,7 @@
 """Headless Scipion project: the demo chain (import → intersect → export sub-tomograms → reconstruct) on a small
 noise-free dataset; the export's outputs, merged STAR, QC figures, viewer, "continue" skip, a failing run that
-registers nothing, every validation message, and the workflow template."""
+registers nothing, every validation message, the workflow template (loading; the full run is in test_template.py)
+and the image-series mode (STAR, stacks, particle centred in its tilt images)."""
 
 import json
 import os
@@ -16,11 +17,12 @@ from tomo.objects import SetOfSubTomograms
 
 from mspecies.convert.particles import coordinates_to_poses
 from mspecies.convert.poses import scipion_matrix_to_relion
-from mspecies.core.geometry import euler_to_matrix
-from mspecies.core.synth import generate_dataset, load_manifest
+from mspecies.core.ctf import ctf_2d
+from mspecies.core.geometry import euler_to_matrix, project_positions_to_tilts
+from mspecies.core.synth import generate_dataset, load_manifest, manifest_particles, manifest_tilt_series
 from mspecies.demo import run_export_chain
 from mspecies.formats.mrc import read_mrc
-from mspecies.formats.star import read_relion31_particles
+from mspecies.formats.star import read_relion31_particles, read_star_blocks
 from mspecies.protocols import (
     ProtMSpeciesExportSubtomograms,
     ProtMSpeciesImportTiltSeries,
@@ -28,7 +30,7 @@ from mspecies.protocols import (
     ProtMSpeciesImportTsCtf,
     ProtMSpeciesIntersect,
 )
-from mspecies.protocols.protocol_export_subtomograms import CTF_ATTR, DONE_JSON
+from mspecies.protocols.protocol_export_subtomograms import CTF_ATTR, DONE_JSON, MODE_SERIES
 from mspecies.tests.checks import registered_outputs
 from mspecies.workflow import import_synthetic_dataset, inside_project, launch
 
@@ -36,6 +38,29 @@ SYNTH = dict(seed=5, n_tomograms=2, n_particles=20, n_tilts=31, box_px=32, image
              pixel_size_angst=4.0, thickness_angst=500.0, snr=None)
 
 pytestmark = [pytest.mark.scipion, pytest.mark.slow]
+
+
+def series_offset_px(image: np.ndarray, raw: np.ndarray, centre_xy: np.ndarray, ctf: np.ndarray) -> np.ndarray:
+    """(x, y) px of the particle centre in an exported, CTF-premultiplied tilt image minus the image centre N // 2.
+
+    ``raw`` is the raw tilt image, ``centre_xy`` the particle's ground-truth position in it and ``ctf`` the CTF on
+    the box's rfft2 grid. The raw box around the rounded position, multiplied by the CTF, is cross-correlated with
+    the image: both carry the CTF once more, so the cross-spectrum is ``w C^2 |R|^2`` (one sign) and its peak (sub-
+    pixel by a parabola) is the shift between them; the rounding is added back.
+    """
+    n = image.shape[0]
+    corner = np.round(centre_xy).astype(int) - n // 2
+    box = raw[corner[1]:corner[1] + n, corner[0]:corner[0] + n].astype(np.float64)
+    reference = np.fft.rfft2(box - box.mean()) * ctf
+    cc = np.fft.irfft2(np.conj(reference) * np.fft.rfft2(image - image.mean()), s=(n, n))
+    cc = np.fft.fftshift(cc)
+    peak = np.unravel_index(np.argmax(np.abs(cc)), cc.shape)
+    cc = cc * np.sign(cc[peak])
+    shift = []
+    for axis in (1, 0):
+        a, b, c = (cc[tuple(np.add(peak, np.eye(2, dtype=int)[axis] * d))] for d in (-1, 0, 1))
+        shift.append(peak[axis] - n // 2 + 0.5 * (a - c) / (a - 2 * b + c))
+    return np.array(shift) + (centre_xy - np.round(centre_xy))
 
 
 class TestExportProtocol(BaseTest):
@@ -94,6 +119,7 @@ class TestExportProtocol(BaseTest):
         self.assertTrue(self.prot.methods())
         for ts_id in ("TS_01", "TS_02"):
             self.assertEqual(self._path(self.prot.getQcPng(ts_id)).read_bytes()[:4], b"\x89PNG")
+        self.assertNotIn("Traceback", self._path(self.prot.getLogPaths()[1]).read_text())
 
     def test_chain_reconstruction_matches_ground_truth(self):
         scores = self.chain["scores"]
@@ -138,6 +164,63 @@ class TestExportProtocol(BaseTest):
         self.assertTrue(prot.isFailed())
         self.assertFalse(hasattr(prot, "SubTomograms") and prot.SubTomograms is not None)
         self.assertEqual(registered_outputs(prot), [])
+
+    def test_image_series_mode(self):
+        """Series export through the protocol: no Scipion set, the merged STAR reads back, every stack exists and
+        the particle sits at the centre of its tilt images (noise-free data, checked on five tilts per particle)."""
+        prot = launch(self.proj, ProtMSpeciesExportSubtomograms, "export image series",
+                      inputParticles=self.imported["coordinates"], inputTiltSeries=self.imported["tilt_series"],
+                      inputCtf=self.imported["ctfs"], boxSize=32, particleDiameter=100.0, outputMode=MODE_SERIES,
+                      numberOfThreads=3)
+        self.assertEqual(registered_outputs(prot), [])
+        star = self._path(prot.getMergedStar())
+        self.assertIn(f"STAR (RELION, image series): {prot.getMergedStar()}", "\n".join(prot.summary()))
+        blocks = read_star_blocks(star)
+        self.assertEqual(int(blocks["optics"]["rlnImageDimensionality"][0]), 2)
+        self.assertEqual(int(blocks["optics"]["rlnCtfDataAreCtfPremultiplied"][0]), 1)
+        particles, tilts = blocks["particles"], blocks["tilts"]
+        self.assertEqual(len(particles), SYNTH["n_tomograms"] * SYNTH["n_particles"])
+        self.assertEqual(set(particles["rlnTomoName"]), {"TS_01", "TS_02"})
+        np.testing.assert_allclose(particles[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].astype(float), 0.0)
+        stacks = {name: read_mrc(star.parent / name)[0] for name in particles["rlnImageName"]}
+        self.assertTrue(all(stack.shape[1:] == (32, 32) for stack in stacks.values()))
+        used = {name: 0 for name in stacks}
+        for entry in tilts["rlnImageName"]:
+            index, name = entry.split("@")
+            used[name] = max(used[name], int(index))
+        self.assertEqual(used, {name: stack.shape[0] for name, stack in stacks.items()})
+        self._check_series_centred(tilts, stacks)
+
+    def _check_series_centred(self, tilts, stacks: dict[str, np.ndarray]) -> None:
+        """Match each exported particle to its ground-truth particle, then measure the centring on 5 tilts."""
+        manifest = self.manifest
+        truth = manifest_particles(manifest)
+        microscope = manifest_tilt_series(manifest, "TS_01").microscope
+        offsets = []
+        for (ts_id, particle), rows in tilts.groupby(["rlnTomoName", "rlnTomoParticleId"]):
+            series = manifest_tilt_series(manifest, ts_id)
+            raw = read_mrc(series.stack_path, mmap=True)[0]
+            mine = truth.subset(np.flatnonzero(truth.tomo_names.astype(str) == ts_id))
+            projected, _ = project_positions_to_tilts(mine.positions_angst, series)
+            stack_index = rows["rlnTomoTiltIndex"].astype(int).to_numpy()
+            star_xy = rows[["rlnCoordinateX", "rlnCoordinateY"]].astype(float).to_numpy()
+            distance = np.linalg.norm(projected[:, stack_index] - star_xy, axis=2).max(axis=1)
+            match = int(np.argmin(distance))
+            self.assertLess(distance[match], 0.05, f"{ts_id} particle {particle}")
+            for row in rows.iloc[np.linspace(0, len(rows) - 1, 5).astype(int)].itertuples():
+                index, name = row.rlnImageName.split("@")
+                t = int(row.rlnTomoTiltIndex)
+                n = stacks[name].shape[1]
+                fy = np.fft.fftfreq(n, SYNTH["pixel_size_angst"])[:, None] * np.ones((1, n // 2 + 1))
+                fx = np.fft.rfftfreq(n, SYNTH["pixel_size_angst"])[None, :] * np.ones((n, 1))
+                ctf = ctf_2d(fx, fy, float(row.rlnDefocusU), float(row.rlnDefocusV),
+                             float(series.defocus_angle_deg[t]), microscope)
+                offsets.append(series_offset_px(stacks[name][int(index) - 1].astype(np.float64), raw[t],
+                                                projected[match, t], ctf))
+        offsets = np.array(offsets)
+        print(f"image series: {len(offsets)} tilt images, centre offset max {np.abs(offsets).max():.3f} px, "
+              f"rms {np.sqrt(np.mean(offsets ** 2)):.3f} px")
+        self.assertLess(np.abs(offsets).max(), 0.5)
 
     def _errors(self, **changes) -> str:
         values = dict(inputParticles=self.imported["coordinates"], inputTiltSeries=self.imported["tilt_series"],

@@ -4,7 +4,7 @@ One function, :func:`import_synthetic_dataset`, used by the protocol tests and t
 as real protocol subprocesses: our mdoc tilt-series importer (tomo's ``ProtImportTs`` hangs on this
 stack, see protocol_import_tilt_series.py), our
 alignment importer (IMOD ``.xf``), our CTF importer (IMOD ``.defocus``), tomo's
-``ProtImportTomograms`` (binned tomograms) and our coordinate importer (RELION 3.1 STAR).
+``ProtImportTomograms`` (binned tomograms) and our STAR particle importer (oriented coordinates).
 Needs a headless Scipion environment (:func:`mspecies.scipion_env.configure_headless_scipion`).
 """
 
@@ -84,7 +84,7 @@ def import_synthetic_dataset(project, manifest_path: str | os.PathLike[str]) -> 
     from tomo.protocols import ProtImportTomograms
 
     from mspecies.protocols import (
-        ProtMSpeciesImportCoordinates3D,
+        ProtMSpeciesImportParticlesStar,
         ProtMSpeciesImportTiltSeries,
         ProtMSpeciesImportTsAlignment,
         ProtMSpeciesImportTsCtf,
@@ -106,9 +106,9 @@ def import_synthetic_dataset(project, manifest_path: str | os.PathLike[str]) -> 
                        filesPattern="{TS}.mrc", samplingRate=info["tomogram_pixel_size_angst"],
                        voltage=info["voltage_kv"], sphericalAberration=info["cs_mm"],
                        amplitudeContrast=info["amplitude_contrast"])
-    prot_coords = launch(project, ProtMSpeciesImportCoordinates3D, "import coordinates (STAR)",
+    prot_coords = launch(project, ProtMSpeciesImportParticlesStar, "import coordinates (STAR)",
                          inputTomograms=prot_tomo.Tomograms, starFile=info["star"],
-                         starTomoSize=info["unbinned_tomogram_size_xyz"],
+                         tomoSize=info["unbinned_tomogram_size_xyz"],
                          boxSize=max(1, round(info["box_px"] * info["pixel_size_angst"]
                                               / info["tomogram_pixel_size_angst"])))
     return {"prot_ts": prot_ts, "prot_alignment": prot_ali, "prot_ctf": prot_ctf, "prot_tomograms": prot_tomo,

@@ -51,5 +51,5 @@ def test_domain_finds_protocols():
     assert lines[1].startswith("mspecies - "), lines[1]  # the package name, not the module defining Plugin
     assert lines[2] == "True"  # the plugin folder is the package folder (protocols.conf, icon)
     for name in ("ProtMSpeciesImportTiltSeries", "ProtMSpeciesImportTsAlignment", "ProtMSpeciesImportTsCtf",
-                 "ProtMSpeciesImportCoordinates3D"):
+                 "ProtMSpeciesImportParticlesStar"):
         assert name in lines[-1], lines

@@ -1,5 +1,5 @@
 """Thin adapters from :mod:`mspecies.formats.imod` readers to the per-stack-index arrays the
-Scipion import protocols need, and the RELION 3.1 particle STAR table. No parsing happens here.
+Scipion import protocols need. No parsing happens here.
 
 Units: xf in px (IMOD, centred), defocus in Å (underfocus positive), angles in degrees.
 """
@@ -9,15 +9,10 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import pandas as pd
-import starfile
 
 from mspecies.core.types import InputError
 
 DEFOCUS_FORMATS = ("imod", "ctffind")
-STAR_PIXEL_SIZE_LABELS = ("rlnImagePixelSize", "rlnTomoTiltSeriesPixelSize", "rlnMicrographOriginalPixelSize",
-                          "rlnDetectorPixelSize")
-STAR_REQUIRED_LABELS = ("rlnTomoName", "rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ")
 
 
 def require_file(path: str | os.PathLike[str], what: str) -> None:
@@ -58,9 +53,7 @@ def read_defocus_array(path: str | os.PathLike[str], file_format: str, n_tilts: 
 
     require_file(path, f"defocus file ({file_format})")
     if file_format == "imod":
-        table = _defocus_table(imod.read_imod_defocus(path, n_tilts=n_tilts)
-                               if "n_tilts" in imod.read_imod_defocus.__code__.co_varnames
-                               else imod.read_imod_defocus(path))
+        table = _defocus_table(imod.read_imod_defocus(path))
     elif file_format == "ctffind":
         table = _defocus_table(imod.read_ctffind_txt(path))
     else:
@@ -68,28 +61,3 @@ def read_defocus_array(path: str | os.PathLike[str], file_format: str, n_tilts: 
     if table.shape[0] != n_tilts:
         raise InputError(f"{path}: {table.shape[0]} tilts in the defocus file, {n_tilts} in the tilt series")
     return table
-
-
-def read_particle_star(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, float | None]:
-    """RELION 3.1 particle STAR → (particles table, pixel size of the coordinates in Å or None).
-
-    The pixel size comes from the optics table (first of :data:`STAR_PIXEL_SIZE_LABELS`) when present.
-    """
-    require_file(path, "particle STAR")
-    blocks = starfile.read(path, always_dict=True)
-    particles = blocks.get("particles", next(iter(blocks.values())) if len(blocks) == 1 else None)
-    if particles is None or not isinstance(particles, pd.DataFrame):
-        raise InputError(f"{path}: no data_particles table")
-    missing = [label for label in STAR_REQUIRED_LABELS if label not in particles.columns]
-    if missing:
-        raise InputError(f"{path}: missing columns {missing}")
-    return particles, _star_pixel_size(blocks.get("optics"), particles)
-
-
-def _star_pixel_size(optics: pd.DataFrame | None, particles: pd.DataFrame) -> float | None:
-    for table in (optics, particles):
-        if isinstance(table, pd.DataFrame):
-            for label in STAR_PIXEL_SIZE_LABELS:
-                if label in table.columns and float(table[label].iloc[0]) > 0:
-                    return float(table[label].iloc[0])
-    return None

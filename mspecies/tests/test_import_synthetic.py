@@ -14,7 +14,7 @@ from mspecies.convert.tilt_series import tilt_series_set_to_data
 from mspecies.core.geometry import euler_to_matrix, project_positions_to_tilts
 from mspecies.core.synth import manifest_particles, manifest_tilt_series
 from mspecies.core.types import InputError
-from mspecies.protocols import ProtMSpeciesImportCoordinates3D, ProtMSpeciesImportTsAlignment
+from mspecies.protocols import ProtMSpeciesImportParticlesStar, ProtMSpeciesImportTsAlignment
 from mspecies.tests.checks import registered_outputs, setup_synthetic_project
 from mspecies.workflow import inside_project
 
@@ -137,10 +137,10 @@ class TestImportBadInput(BaseTest):
 
         blocks = starfile.read(self.root / "particles.star", always_dict=True)
         bad = self.root / "no_pixel.star"
-        starfile.write({"particles": blocks["particles"]}, bad, overwrite=True)
-        prot = self.newProtocol(ProtMSpeciesImportCoordinates3D, inputTomograms=self.imported["tomograms"],
+        starfile.write({"particles": blocks["particles"].drop(columns=["rlnOpticsGroup"])}, bad, overwrite=True)
+        prot = self.newProtocol(ProtMSpeciesImportParticlesStar, inputTomograms=self.imported["tomograms"],
                                 starFile=str(bad))
-        self._expectFailure(prot, "no_pixel.star", "no pixel size", "Coordinates pixel size")
+        self._expectFailure(prot, "no_pixel.star", "coordinate pixel size is missing", "rlnTomoTiltSeriesPixelSize")
 
     def test_bridge_rejects_tilt_series_without_alignment(self):
         with inside_project(self.proj), self.assertRaisesRegex(InputError, "TS_01: it has no alignment"):

@@ -286,7 +286,7 @@ class TestExportProtocol(BaseTest):
             os.remove(workflow)
         classes = [p.getClassName() for p in loaded.values()]
         for name in ("ProtMSpeciesImportTiltSeries", "ProtMSpeciesImportTsAlignment", "ProtMSpeciesImportTsCtf",
-                     "ProtMSpeciesImportCoordinates3D", "ProtMSpeciesIntersect", "ProtMSpeciesExportSubtomograms"):
+                     "ProtMSpeciesImportParticlesStar", "ProtMSpeciesIntersect", "ProtMSpeciesExportSubtomograms"):
             self.assertIn(name, classes)
         export = next(p for p in loaded.values() if isinstance(p, ProtMSpeciesExportSubtomograms))
         intersect = next(p for p in loaded.values() if isinstance(p, ProtMSpeciesIntersect))

@@ -14,7 +14,7 @@ from mspecies.convert.particles import coordinates_to_poses, subtomograms_to_pos
 from mspecies.core.synth import manifest_particles
 from mspecies.formats.mrc import write_mrc
 from mspecies.formats.star import StarBlock, write_star_text
-from mspecies.protocols import ProtMSpeciesIntersect
+from mspecies.protocols import ProtMSpeciesImportParticlesStar, ProtMSpeciesIntersect
 from mspecies.protocols.protocol_intersect import DISTANCE_ATTR, SOURCE_SCIPION, SOURCE_STAR
 from mspecies.tests.checks import setup_synthetic_project
 from mspecies.viewers import MSpeciesIntersectViewer
@@ -222,10 +222,6 @@ class TestIntersectProtocol(BaseTest):
         return old_star, new_star
 
     def test_subtomograms_old_and_new_from_star(self):
-        try:
-            from mspecies.protocols import ProtMSpeciesImportParticlesStar
-        except ImportError:
-            self.skipTest("ProtMSpeciesImportParticlesStar (sub-tomogram import) is not available")
         old_star, new_star = self._subtomoStars()
         imported = launch(self.proj, ProtMSpeciesImportParticlesStar, "import sub-tomograms", starFile=str(old_star),
                           inputTomograms=self.imported["tomograms"])

@@ -20,6 +20,9 @@ is splatted with ``bincount``.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -28,6 +31,46 @@ import numpy as np
 from .geometry import tilt_rotation
 
 _FLOOR_EPSILON = 1e-5
+
+
+class WorkerPool(ThreadPoolExecutor):
+    """A thread pool that knows its thread count (``threads``)."""
+
+    def __init__(self, threads: int) -> None:
+        super().__init__(threads, thread_name_prefix="mspecies-export")
+        self.threads = threads
+
+
+_POOLS: dict[tuple[int, int], WorkerPool] = {}  # by (process id, threads): a forked child gets its own
+
+
+def thread_pool(threads: int) -> WorkerPool | None:
+    """A process-wide pool of ``threads`` threads (None for 1): SciPy's sparse products, pocketfft and NumPy's
+    large elementwise operations release the GIL, so the batch steps that are single-threaded in those
+    libraries run on all cores when split into runs (:func:`run_split`)."""
+    if threads <= 1:
+        return None
+    key = (os.getpid(), threads)
+    pool = _POOLS.get(key)
+    if pool is None:
+        pool = _POOLS[key] = WorkerPool(threads)
+    return pool
+
+
+def run_split(pool: WorkerPool | None, work: Callable[[int, int], None], size: int,
+              cuts: Sequence[int] | None = None) -> None:
+    """Run ``work(start, end)`` over [0, size) split into one contiguous range per pool thread (``cuts``: the
+    inner boundaries, default even); serially without a pool. ``work`` must not use the pool itself.
+    Exceptions propagate once every range has finished."""
+    if pool is None or size < 2:
+        work(0, size)
+        return
+    parts = pool.threads
+    edges = [0, *(cuts if cuts is not None else [size * i // parts for i in range(1, parts)]), size]
+    futures = [pool.submit(work, a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+    wait(futures)  # all of them, even when one fails: they write into shared buffers
+    for future in futures:
+        future.result()
 
 
 @dataclass(frozen=True)
@@ -228,7 +271,8 @@ class SharedInsertion:
 
 
 def sample_columns(data: np.ndarray | None, weight: np.ndarray, ctf: np.ndarray, column_sign: np.ndarray | None, *,
-                   xp: ModuleType = np, out: np.ndarray | None = None) -> np.ndarray:
+                   xp: ModuleType = np, out: np.ndarray | None = None, pool: WorkerPool | None = None
+                   ) -> np.ndarray:
     """Sample values of a batch as the dense right-hand side of the insertion.
 
     Parameters
@@ -241,6 +285,8 @@ def sample_columns(data: np.ndarray | None, weight: np.ndarray, ctf: np.ndarray,
         (C,) conjugation sign applied to the imaginary parts (None: +1).
     out
         Optional (C, Q · B) float32 buffer to fill.
+    pool
+        Optional thread pool: the transposition is split into column ranges.
 
     Returns
     -------
@@ -251,19 +297,24 @@ def sample_columns(data: np.ndarray | None, weight: np.ndarray, ctf: np.ndarray,
     n_data = 0 if data is None else 2 * batch
     shape = (n_columns, n_data + 2 * batch)
     columns = out if out is not None and out.shape == shape else xp.empty(shape, dtype=xp.float32)
-    if data is not None:
-        complex_view = columns[:, :n_data].view(xp.complex64)
-        complex_view[...] = data.T
-        if column_sign is not None:
-            complex_view.imag *= column_sign[:, None]
-    columns[:, n_data:n_data + batch] = weight.T
-    columns[:, n_data + batch:] = ctf.T
+
+    def fill(start: int, end: int) -> None:
+        part = columns[start:end]
+        if data is not None:
+            complex_view = part[:, :n_data].view(xp.complex64)
+            complex_view[...] = data[:, start:end].T
+            if column_sign is not None:
+                complex_view.imag *= column_sign[start:end, None]
+        part[:, n_data:n_data + batch] = weight[:, start:end].T
+        part[:, n_data + batch:] = ctf[:, start:end].T
+
+    run_split(pool if xp is np else None, fill, n_columns)
     return columns
 
 
 def insert_normalised(insertion: SharedInsertion, columns: np.ndarray, scale: np.ndarray, floor: float, *,
-                      with_data: bool, xp: ModuleType = np, buffers: tuple[np.ndarray, np.ndarray] | None = None
-                      ) -> tuple[np.ndarray | None, np.ndarray]:
+                      with_data: bool, xp: ModuleType = np, buffers: tuple[np.ndarray, np.ndarray] | None = None,
+                      pool: WorkerPool | None = None) -> tuple[np.ndarray | None, np.ndarray]:
     """Insert a batch through the shared blocks and normalise block by block (still in cache).
 
     Each voxel gets ``D · scale / max(W1, floor)`` and ``D2 · scale / max(W1, floor)``.
@@ -276,6 +327,9 @@ def insert_normalised(insertion: SharedInsertion, columns: np.ndarray, scale: np
         (n_voxels,) float32 per-voxel numerator factor (shared by the batch).
     buffers
         Optional (n_voxels, B) complex64 and (n_voxels, ≥ B) float32 arrays; their first B columns are filled.
+    pool
+        Optional thread pool: the row blocks are shared out in contiguous runs of about equal non-zeros (each
+        block writes its own rows, so the result does not depend on the split).
 
     Returns
     -------
@@ -295,15 +349,26 @@ def insert_normalised(insertion: SharedInsertion, columns: np.ndarray, scale: np
         spectrum, ctf_spectrum = xp.empty(shape, dtype=xp.complex64), xp.empty(shape, dtype=xp.float32)
     spectrum = spectrum if with_data else None
     floor32 = xp.float32(floor)
-    for block, (start, end), inside in zip(insertion.blocks, insertion.bounds, insertion.mirror_by_block):
-        accumulated = block @ columns
-        if inside.size:
-            accumulated[insertion.mirror_rows[inside] - start] += mirrored[inside]
-        factor = xp.maximum(accumulated[:, n_data:n_data + batch], floor32)
-        xp.divide(scale[start:end, None], factor, out=factor)
-        xp.multiply(accumulated[:, n_data + batch:], factor, out=ctf_spectrum[start:end, :batch])
-        if spectrum is not None:
-            xp.multiply(accumulated[:, :n_data].view(xp.complex64), factor, out=spectrum[start:end])
+
+    def run_blocks(first: int, last: int) -> None:
+        for i in range(first, last):
+            block, (start, end), inside = insertion.blocks[i], insertion.bounds[i], insertion.mirror_by_block[i]
+            accumulated = block @ columns
+            if inside.size:
+                accumulated[insertion.mirror_rows[inside] - start] += mirrored[inside]
+            factor = xp.maximum(accumulated[:, n_data:n_data + batch], floor32)
+            xp.divide(scale[start:end, None], factor, out=factor)
+            xp.multiply(accumulated[:, n_data + batch:], factor, out=ctf_spectrum[start:end, :batch])
+            if spectrum is not None:
+                xp.multiply(accumulated[:, :n_data].view(xp.complex64), factor, out=spectrum[start:end])
+
+    pool = pool if xp is np else None
+    cuts = None
+    if pool is not None:
+        work = np.cumsum([block.nnz + (end - start) for block, (start, end) in zip(insertion.blocks, insertion.bounds)])
+        parts = pool.threads
+        cuts = [int(np.searchsorted(work, work[-1] * i / parts)) for i in range(1, parts)]
+    run_split(pool, run_blocks, len(insertion.blocks), cuts)
     return spectrum, ctf_spectrum
 
 

@@ -23,6 +23,8 @@ numerator but keeps them in the denominator; leaving them out is the cleaner cho
 
 from __future__ import annotations
 
+import functools
+import itertools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -275,45 +277,67 @@ class TiltSeriesEngine:
         scale_xy = self.prepared.scale_xy if self.prepared is not None else np.ones(2)
         return raw_px[:, t] * scale_xy, defocus_u[:, t], defocus_v[:, t]
 
-    def _image_samples(self, image_px: np.ndarray) -> np.ndarray:
-        """(B, T, S) complex64 patch spectra on the samples, centred on the particle, ÷ M² (C# FFT scaling).
+    def _image_samples(self, image_px: np.ndarray, samples: np.ndarray, kwargs: dict[str, int]) -> None:
+        """Fill ``samples`` (B, T, S) complex64 with the patch spectra on the samples, centred on the particle,
+        ÷ M² (C# FFT scaling).
 
-        One particle's patches are transformed at a time, so the full spectra never exist for the whole batch.
+        One particle's patches are cut and transformed at a time (a (T, M, M) work array that stays in cache),
+        so neither all patches nor the full spectra ever exist for the whole batch.
         """
         xp, m, grid = self.xp, self.padded_box_px, self.grid
         batch, n_tilts = image_px.shape[:2]
-        patches, residual = extract.extract_patches(self.prepared.images, image_px, self.tilts, m, xp=xp,
-                                                    out=self._buffer("patches", (batch, n_tilts, m, m)))
-        fft, kwargs = self._fft()
-        samples = self._buffer("samples", (batch, n_tilts, grid.n_samples), xp.complex64)
+        fft = extract.fft_module(xp)
         flat_index = xp.asarray(grid.flat_index)
+        patches = xp.empty((1, n_tilts, m, m), dtype=self.prepared.images.dtype)
+        residual = np.empty(image_px.shape, dtype=np.float64) if xp is np else xp.empty(image_px.shape)
         for b in range(batch):
-            spectra = fft.rfft2(patches[b], **kwargs)
+            patches, residual[b:b + 1] = extract.extract_patches(self.prepared.images, image_px[b:b + 1], self.tilts,
+                                                                 m, xp=xp, out=patches)
+            spectra = fft.rfft2(patches[0], **kwargs)
             xp.take(spectra.reshape(n_tilts, -1), flat_index, axis=1, out=samples[b])
         samples *= extract.shift_phase(grid.kx, grid.ky, xp.asarray(residual) + m // 2, m, xp=xp,
                                        scale=1.0 / (m * m))
-        return samples
 
     def _sample_values(self, positions_angst: np.ndarray, with_data: bool = True
                        ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
         """Per-sample values of a batch → data F·C_w (B, C) complex64 (None without data), |C_u| and C_u·C_w
-        (B, C) float32."""
+        (B, C) float32 (work buffers, valid until the next batch).
+
+        With a thread pool the batch is split into runs of particles, one per thread (single-threaded FFTs
+        inside): every value is computed per particle, so the split does not change them.
+        """
         xp = self.xp
         image_px, defocus_u, defocus_v = self._projections(positions_angst)
-        samples = self._image_samples(image_px) if with_data else None
-        batch, n_columns = image_px.shape[0], self.tilts.size * self.grid.n_samples
-        if not self.options.apply_ctf:
-            ones = xp.ones((batch, n_columns), dtype=xp.float32)
-            return None if samples is None else samples.reshape(batch, -1), ones, ones
-        c_u = self._ctf_u(self.ctf_tables, defocus_u, defocus_v)
-        c_w = c_u * self.tilt_weights
+        batch, n_tilts = image_px.shape[:2]
+        shape = (batch, n_tilts, self.grid.n_samples)
+        n_columns = n_tilts * self.grid.n_samples
+        apply_ctf = self.options.apply_ctf
+        samples = weight = ctf = None
+        if with_data:
+            samples = self._buffer("samples", shape, xp.complex64)
+        if apply_ctf:
+            weight, ctf = self._buffer("weight", shape), self._buffer("ctf", shape)
+        pool = self._pool()
+        kwargs = extract.fft_kwargs(xp, 1) if pool is not None else self._fft()[1]
+
+        def fill(first: int, last: int) -> None:
+            if with_data:
+                self._image_samples(image_px[first:last], samples[first:last], kwargs)
+            if apply_ctf:
+                c_u = self._ctf_u(self.ctf_tables, defocus_u[first:last], defocus_v[first:last])
+                c_w = c_u * self.tilt_weights
+                if with_data:
+                    samples[first:last] *= c_w
+                xp.multiply(c_w, c_u, out=ctf[first:last])
+                xp.abs(c_u, out=weight[first:last])
+
+        insert.run_split(pool, fill, batch)
         if samples is not None:
-            samples *= c_w
             samples = samples.reshape(batch, -1)
-        ctf = c_w
-        ctf *= c_u
-        xp.abs(c_u, out=c_u)
-        return samples, c_u.reshape(batch, -1), ctf.reshape(batch, -1)
+        if not apply_ctf:
+            ones = xp.ones((batch, n_columns), dtype=xp.float32)
+            return samples, ones, ones
+        return samples, weight.reshape(batch, -1), ctf.reshape(batch, -1)
 
     def _ctf_u(self, tables: extract.CtfTables, defocus_u: np.ndarray, defocus_v: np.ndarray) -> np.ndarray:
         """(B, T, S) unweighted CTF of the used tilts with the particles' own defocus."""
@@ -328,12 +352,14 @@ class TiltSeriesEngine:
         if self.insertion is not None:
             batch, n_columns = weight.shape
             columns = insert.sample_columns(data, weight, ctf, self.insertion.column_sign, xp=self.xp,
-                                            out=self._buffer("columns", (n_columns, (4 if with_data else 2) * batch)))
+                                            out=self._buffer("columns", (n_columns, (4 if with_data else 2) * batch)),
+                                            pool=self._pool())
             del data, weight, ctf
             shape = (self.insertion.n_voxels, batch)
             buffers = (self._buffer("spectrum", shape, self.xp.complex64), self._ctf_buffer(shape))
             spectrum, ctf_spectrum = insert.insert_normalised(self.insertion, columns, self.scale, WEIGHT_FLOOR,
-                                                              with_data=with_data, xp=self.xp, buffers=buffers)
+                                                              with_data=with_data, xp=self.xp, buffers=buffers,
+                                                              pool=self._pool())
         else:
             spectrum, ctf_spectrum = self._insert_prerotated(data, weight, ctf, euler_zyz_deg)
         volumes = None
@@ -341,9 +367,16 @@ class TiltSeriesEngine:
             volumes = self._inverse_volumes(spectrum)
             del spectrum
         ctf_volumes = self._inverse_ctfs(ctf_spectrum, index.size)
+        finished: list[tuple[np.ndarray | None, np.ndarray]] = [None] * index.size  # type: ignore[list-item]
+
+        def finish(first: int, last: int) -> None:
+            for b in range(first, last):
+                finished[b] = (None if volumes is None else self._finish_volume(volumes[b]),
+                               self._finish_ctf(ctf_volumes[b]))
+
+        insert.run_split(self._pool(), finish, index.size)
         for b in range(index.size):
-            volume = None if volumes is None else self._finish_volume(volumes[b])
-            yield ParticleResult(int(index[b]), volume=volume, ctf=self._finish_ctf(ctf_volumes[b]))
+            yield ParticleResult(int(index[b]), volume=finished[b][0], ctf=finished[b][1])
 
     def _insert_prerotated(self, data: np.ndarray | None, weight: np.ndarray, ctf: np.ndarray,
                            euler_zyz_deg: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
@@ -367,6 +400,12 @@ class TiltSeriesEngine:
                 spectrum[:, b] = (d_re * factor) + 1j * (d_im * factor)
         return spectrum, ctf_spectrum
 
+    def _pool(self) -> insert.WorkerPool | None:
+        """Process-wide pool of ``n_workers`` threads for the batch steps that NumPy/SciPy run single-threaded
+        (sparse products, normalisation, sample values, CTF pair separation and assembly, per-particle finish);
+        None (serial) for one worker or CuPy."""
+        return insert.thread_pool(self.options.n_workers) if self.xp is np else None
+
     def _buffer(self, name: str, shape: tuple[int, ...], dtype: type = np.float32) -> np.ndarray:
         """A work array kept across batches (uninitialised): fresh large allocations cost more than the
         arithmetic here (the kernel zeroes every new page)."""
@@ -389,7 +428,8 @@ class TiltSeriesEngine:
         return extract.fft_module(self.xp), extract.fft_kwargs(self.xp, self.options.n_workers)
 
     def _inverse_volumes(self, spectrum: np.ndarray) -> np.ndarray:
-        """Normalised half spectra (n_voxels, B) → (B, N, N, N) sub-tomograms, ÷ sinc²(r/M), float32.
+        """Normalised half spectra (n_voxels, B) → (B, N, N, N) sub-tomogram views, float32, not yet ÷ sinc²(r/M)
+        (:meth:`_finish_volume` divides while it copies each particle out).
 
         The spectra carry the checkerboard (−1)^(kz+ky+kx) of :func:`_normalisation_scale`, which moves the
         particle centre from voxel 0 to M/2: the central N³ crop is a slice, taken after each axis so only the
@@ -404,7 +444,7 @@ class TiltSeriesEngine:
                            **kwargs)[crop]
         partial = fft.ifft(partial, axis=1, norm="forward", overwrite_x=True, **kwargs)[:, crop]
         volumes = fft.irfft(partial, n=m, axis=2, norm="forward", **kwargs)[:, :, crop]
-        return xp.divide(xp.moveaxis(volumes, 3, 0), self.gridding, dtype=xp.float32)
+        return xp.moveaxis(volumes, 3, 0)  # ÷ sinc² per particle in _finish_volume
 
     def _inverse_ctfs(self, ctf_spectrum: np.ndarray, batch: int) -> np.ndarray:
         """Normalised real CTF half spectra (n_voxels, B even) → (B, N, N, N//2+1) float32 3D CTFs (half layout).
@@ -414,6 +454,7 @@ class TiltSeriesEngine:
         and imaginary parts of one complex line (in place) and separated by Hermitian symmetry, only on the
         planes z ≤ M/2 of the crop; the planes z > M/2 are ``p(M − z, M − y, M − x)``. The crop (÷ sinc²) is
         then transformed back (÷ M²) and its real part kept, exactly as the full transform would.
+        The views returned are not yet ÷ M²: :meth:`_finish_ctf` scales while it copies each particle out.
         """
         xp, m, n = self.xp, self.padded_box_px, self.options.box_px
         fft, kwargs = self._fft()
@@ -422,30 +463,46 @@ class TiltSeriesEngine:
         packed = ctf_spectrum.view(xp.complex64).reshape(m, m, m // 2 + 1, -1)
         packed = fft.ifft(packed, axis=0, norm="forward", overwrite_x=True, **kwargs)
         planes = np.arange(low, m // 2 + 1)
-        partial = _separate_pairs(packed[planes], xp.conjugate(packed[(m - planes) % m]), xp)
+        pool = self._pool()
+        partial = xp.empty((planes.size,) + packed.shape[1:-1] + (2 * packed.shape[-1],), dtype=xp.complex64)
+
+        def separate(first: int, last: int) -> None:
+            chunk = planes[first:last]
+            _separate_pairs(packed[chunk], xp.conjugate(packed[(m - chunk) % m]), xp, out=partial[first:last])
+
+        insert.run_split(pool, separate, planes.size)
         partial = fft.ifft(partial, axis=1, norm="forward", overwrite_x=True, **kwargs)[:, wide]
         lower = fft.irfft(partial, n=m, axis=2, norm="forward", **kwargs)[:, :, wide]  # (N/2+1, N+1, N+1, B)
+        # psf = lower (z ≤ N/2) and its point mirror (z > N/2), ÷ sinc², written straight to its ifftshift
+        # position (a permutation): ifftshift(psf)[z'] = psf[(z' + N/2) mod N], likewise along y and x.
         psf = xp.empty((n, n, n, batch), dtype=xp.float32)
-        psf[: n // 2 + 1] = lower[:, :n, :n, :batch]
-        psf[n // 2 + 1:] = lower[n // 2 - 1:0:-1, n:0:-1, n:0:-1, :batch]
-        psf /= self.gridding[..., None]
-        psf = xp.fft.ifftshift(psf, axes=(0, 1, 2))
+        h = n // 2
+
+        def assemble(first: int, last: int) -> None:
+            for z in range(first, last):
+                plane = lower[z, :n, :n, :batch] if z <= h else lower[n - z, n:0:-1, n:0:-1, :batch]
+                sinc2, target = self.gridding[z][..., None], psf[(z - h) % n]
+                for (ys, yd), (xs, xd) in itertools.product(((slice(h, n), slice(0, h)), (slice(0, h), slice(h, n))),
+                                                            repeat=2):
+                    xp.divide(plane[ys, xs], sinc2[ys, xs], out=target[yd, xd])
+
+        insert.run_split(pool, assemble, n)
         ctf = fft.rfftn(psf, axes=(0, 1, 2), **kwargs).real
-        ctf *= np.float32(1.0 / (m * m))
-        return xp.moveaxis(ctf.astype(xp.float32, copy=False), 3, 0)
+        return xp.moveaxis(ctf, 3, 0)  # × 1/M² per particle in _finish_ctf
 
     def _finish_volume(self, volume: np.ndarray) -> np.ndarray:
-        """(N, N, N) sub-tomogram → output-normalised (optional), contiguous host float32."""
+        """(N, N, N) sub-tomogram view → ÷ sinc², output-normalised (optional), contiguous host float32."""
         xp = self.xp
-        volume = xp.ascontiguousarray(volume, dtype=xp.float32)
+        volume = xp.ascontiguousarray(xp.divide(volume, self.gridding, dtype=xp.float32))
         if self.options.normalize_output:
             volume = normalize_outside_radius(volume, self._mask_radius_px(), xp=xp)
         return to_numpy(volume)
 
     def _finish_ctf(self, ctf_volume: np.ndarray) -> np.ndarray:
-        """(N, N, N//2+1) 3D CTF → sparse (optional), layout, contiguous host float32."""
+        """(N, N, N//2+1) 3D CTF view → ÷ M², sparse (optional), layout, contiguous host float32."""
         xp = self.xp
-        ctf_volume = xp.ascontiguousarray(ctf_volume, dtype=xp.float32)
+        m = self.padded_box_px
+        ctf_volume = xp.ascontiguousarray(xp.multiply(ctf_volume, np.float32(1.0 / (m * m)), dtype=xp.float32))
         if self.options.sparse_ctf:
             ctf_volume = xp.where(xp.abs(ctf_volume) < SPARSE_THRESHOLD, xp.float32(0), ctf_volume)
         if self.options.ctf_layout == "centred":
@@ -536,13 +593,15 @@ def _normalisation_scale(multiplicity: np.ndarray, m: int, xp: ModuleType) -> np
     return xp.minimum(multiplicity, xp.float32(1.0)).astype(xp.float32) * checker
 
 
-def _separate_pairs(packed: np.ndarray, mirrored_conj: np.ndarray, xp: ModuleType) -> np.ndarray:
+def _separate_pairs(packed: np.ndarray, mirrored_conj: np.ndarray, xp: ModuleType,
+                    out: np.ndarray | None = None) -> np.ndarray:
     """Transforms of two real lines from the transform Z of ``a + i b`` → (..., 2 · B/2) complex64.
 
     With ``packed`` = Z(z) and ``mirrored_conj`` = conj(Z(−z)) (..., B/2): A(z) = (Z(z) + conj Z(−z)) / 2 and
     B(z) = (Z(z) − conj Z(−z)) / 2i, interleaved as columns 2j (real part's particle) and 2j + 1.
     """
-    out = xp.empty(packed.shape[:-1] + (2 * packed.shape[-1],), dtype=xp.complex64)
+    if out is None:
+        out = xp.empty(packed.shape[:-1] + (2 * packed.shape[-1],), dtype=xp.complex64)
     xp.add(packed, mirrored_conj, out=out[..., 0::2])
     out[..., 0::2] *= xp.float32(0.5)
     xp.subtract(packed, mirrored_conj, out=out[..., 1::2])
@@ -557,12 +616,24 @@ def _gridding_sinc2(n: int, m: int, xp: ModuleType) -> np.ndarray:
     return xp.asarray((np.sinc(r) ** 2).astype(np.float32))
 
 
+@functools.lru_cache(maxsize=8)
+def _outside_mask(n: int, radius_px: float) -> np.ndarray:
+    """(N, N, N) bool (read-only, cached): voxels farther than ``radius_px`` from the centre N/2."""
+    axis = np.arange(n) - n // 2
+    mask = axis[:, None, None] ** 2 + axis[None, :, None] ** 2 + axis[None, None, :] ** 2 > radius_px**2
+    mask.flags.writeable = False
+    return mask
+
+
 def normalize_outside_radius(volume: np.ndarray, radius_px: float, *, xp: ModuleType = np) -> np.ndarray:
     """Mean 0, population sd 1 over the voxels farther than ``radius_px`` from the centre N/2."""
     n = volume.shape[0]
-    axis = xp.arange(n) - n // 2
-    r2 = axis[:, None, None] ** 2 + axis[None, :, None] ** 2 + axis[None, None, :] ** 2
-    background = volume[r2 > radius_px**2].astype(xp.float64)
+    if xp is np:
+        outside = _outside_mask(n, float(radius_px))
+    else:
+        axis = xp.arange(n) - n // 2
+        outside = axis[:, None, None] ** 2 + axis[None, :, None] ** 2 + axis[None, None, :] ** 2 > radius_px**2
+    background = volume[outside].astype(xp.float64)
     sd = float(background.std())
     factor = 1.0 / sd if sd > 0 else 0.0
     return ((volume - background.mean()) * factor).astype(xp.float32)

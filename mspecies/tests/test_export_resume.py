@@ -3,18 +3,16 @@ unfinished copy) registers no output and keeps the first tilt series; after the 
 "continue" mode exports only the second tilt series and registers the complete set."""
 
 import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
 from pyworkflow.protocol.constants import MODE_RESUME
-from pyworkflow.tests import BaseTest, setupTestProject
+from pyworkflow.tests import BaseTest
 
-from mspecies.core.synth import generate_dataset
 from mspecies.protocols import ProtMSpeciesExportSubtomograms
 from mspecies.protocols.protocol_export_subtomograms import DONE_JSON
-from mspecies.tests.checks import registered_outputs
-from mspecies.workflow import import_synthetic_dataset, inside_project
+from mspecies.tests.checks import registered_outputs, setup_synthetic_project
+from mspecies.workflow import inside_project
 
 SYNTH = dict(seed=11, n_tomograms=2, n_particles=5, n_tilts=15, box_px=32, image_shape_yx=(256, 256),
              pixel_size_angst=4.0, thickness_angst=400.0, snr=None)
@@ -34,10 +32,7 @@ class TestExportResume(BaseTest):
 
     @classmethod
     def setUpClass(cls):
-        setupTestProject(cls)
-        cls.tmp = Path(tempfile.mkdtemp(prefix="mspecies-resume-"))
-        cls.manifest_path = generate_dataset(cls.tmp / "data", **SYNTH)
-        cls.imported = import_synthetic_dataset(cls.proj, cls.manifest_path)
+        setup_synthetic_project(cls, "mspecies-resume-", **SYNTH)
 
     @classmethod
     def tearDownClass(cls):

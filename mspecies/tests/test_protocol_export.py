@@ -5,13 +5,12 @@ and the image-series mode (STAR, stacks, particle centred in its tilt images).""
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from pyworkflow.plugin import Domain
-from pyworkflow.tests import BaseTest, setupTestProject
+from pyworkflow.tests import BaseTest
 from tomo.constants import SCIPION, TR_SCIPION
 from tomo.objects import SetOfSubTomograms
 
@@ -19,7 +18,7 @@ from mspecies.convert.particles import coordinates_to_poses
 from mspecies.convert.poses import scipion_matrix_to_relion
 from mspecies.core.ctf import ctf_2d
 from mspecies.core.geometry import euler_to_matrix, project_positions_to_tilts
-from mspecies.core.synth import generate_dataset, load_manifest, manifest_particles, manifest_tilt_series
+from mspecies.core.synth import manifest_particles, manifest_tilt_series
 from mspecies.demo import run_export_chain
 from mspecies.formats.mrc import read_mrc
 from mspecies.formats.star import read_relion31_particles, read_star_blocks
@@ -31,8 +30,8 @@ from mspecies.protocols import (
     ProtMSpeciesIntersect,
 )
 from mspecies.protocols.protocol_export_subtomograms import CTF_ATTR, DONE_JSON, MODE_SERIES
-from mspecies.tests.checks import registered_outputs
-from mspecies.workflow import import_synthetic_dataset, inside_project, launch
+from mspecies.tests.checks import registered_outputs, setup_synthetic_project
+from mspecies.workflow import inside_project, launch
 
 SYNTH = dict(seed=5, n_tomograms=2, n_particles=20, n_tilts=31, box_px=32, image_shape_yx=(320, 320),
              pixel_size_angst=4.0, thickness_angst=500.0, snr=None)
@@ -68,11 +67,7 @@ class TestExportProtocol(BaseTest):
 
     @classmethod
     def setUpClass(cls):
-        setupTestProject(cls)
-        cls.tmp = Path(tempfile.mkdtemp(prefix="mspecies-export-"))
-        cls.manifest_path = generate_dataset(cls.tmp / "data", **SYNTH)
-        cls.manifest = load_manifest(cls.manifest_path)
-        cls.imported = import_synthetic_dataset(cls.proj, cls.manifest_path)
+        setup_synthetic_project(cls, "mspecies-export-", **SYNTH)
         cls.chain = run_export_chain(cls.proj, cls.imported, cls.manifest_path, cls.tmp)
         cls.prot = cls.chain["prot_export"]
 

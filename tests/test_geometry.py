@@ -73,3 +73,14 @@ def test_xf_rotation_maps_raw_tilt_axis_to_aligned_y():
     rotation = rotation_2d(90.0 - axis_deg)
     axis = np.array([np.cos(np.deg2rad(axis_deg)), np.sin(np.deg2rad(axis_deg))])
     np.testing.assert_allclose(rotation @ axis, [0.0, 1.0], atol=1e-12)
+
+
+def test_corner_pixels_put_the_tomogram_centre_at_n_floordiv_2_and_round_trip():
+    from mspecies.core.geometry import centred_angst_to_corner_px, corner_px_to_centred_angst
+
+    shape_xyz = (512, 511, 150)
+    corner = centred_angst_to_corner_px(np.array([[0.0, 0.0, 0.0], [8.0, -4.0, 2.0]]), shape_xyz, 4.0)
+    np.testing.assert_allclose(corner, [[256, 255, 75], [258, 254, 75.5]])
+    positions = np.random.default_rng(3).uniform(-500, 500, (20, 3))
+    np.testing.assert_allclose(corner_px_to_centred_angst(centred_angst_to_corner_px(positions, shape_xyz, 2.5),
+                                                          shape_xyz, 2.5), positions, atol=1e-12)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mspecies.core.geometry import centred_angst_to_corner_px
 from mspecies.core.types import InputError, ParticlePoses, TiltSeriesData
 from mspecies.formats.star import StarBlock, write_star_text
 
@@ -76,7 +77,7 @@ def particles_star_table(poses: ParticlePoses, ts_id: str, tomogram_shape_xyz_px
     """RELION 3.1-style particle rows: corner pixels (``centred Å / pixel + shape // 2``), angles, tomogram name."""
     if len(poses) == 0:
         raise InputError(f"tilt series {ts_id}: no particles")
-    coords = poses.positions_angst / float(pixel_size_angst) + np.array(tomogram_shape_xyz_px) // 2
+    coords = centred_angst_to_corner_px(poses.positions_angst, tomogram_shape_xyz_px, pixel_size_angst)
     return pd.DataFrame({
         "rlnTomoName": [ts_id] * len(poses),
         "rlnCoordinateX": coords[:, 0], "rlnCoordinateY": coords[:, 1], "rlnCoordinateZ": coords[:, 2],

@@ -19,6 +19,7 @@ import pandas as pd
 
 from mspecies.formats.mrc import write_mrc
 
+from .geometry import centred_angst_to_corner_px
 from .reconstruct import ExportOptions, TiltSeriesEngine, check_volume, shifted_positions_angst
 from .types import InputError, ParticlePoses, TiltSeriesData
 
@@ -52,7 +53,7 @@ def relion_coordinates_px(positions_angst: np.ndarray, tomogram_shape_xyz_px: tu
     ``round(n · data / output)`` voxels; coordinate = centred position / output pixel + that size // 2.
     """
     shape = np.array([round(n * data_pixel_angst / output_pixel_angst) for n in tomogram_shape_xyz_px])
-    return np.asarray(positions_angst, dtype=np.float64) / output_pixel_angst + shape // 2
+    return centred_angst_to_corner_px(positions_angst, shape, output_pixel_angst)
 
 
 def _relative(path: Path, star_dir: Path) -> str:

@@ -86,6 +86,23 @@ def image_centre_px(image_shape_yx: tuple[int, int]) -> np.ndarray:
     return np.array([image_shape_yx[1] // 2, image_shape_yx[0] // 2], dtype=np.float64)
 
 
+def centred_angst_to_corner_px(positions_angst: np.ndarray, tomogram_shape_xyz_px: tuple[int, int, int] | np.ndarray,
+                               pixel_size_angst: float) -> np.ndarray:
+    """(N, 3) centred positions (Å) → RELION-style corner pixels: ``position / pixel + shape // 2``.
+
+    ``tomogram_shape_xyz_px`` is the (nx, ny, nz) size of the tomogram at ``pixel_size_angst``.
+    """
+    centre_px = np.asarray(tomogram_shape_xyz_px, dtype=np.int64) // 2
+    return np.asarray(positions_angst, dtype=np.float64) / float(pixel_size_angst) + centre_px
+
+
+def corner_px_to_centred_angst(coordinates_px: np.ndarray, tomogram_shape_xyz_px: tuple[int, int, int] | np.ndarray,
+                               pixel_size_angst: float) -> np.ndarray:
+    """Inverse of :func:`centred_angst_to_corner_px`: (N, 3) corner pixels → centred positions (Å)."""
+    centre_px = np.asarray(tomogram_shape_xyz_px, dtype=np.int64) // 2
+    return (np.asarray(coordinates_px, dtype=np.float64) - centre_px) * float(pixel_size_angst)
+
+
 def project_positions_to_tilts(positions_angst: np.ndarray, tilt_series: TiltSeriesData
                                ) -> tuple[np.ndarray, np.ndarray]:
     """Where each particle lands in each raw tilt image.

@@ -35,7 +35,7 @@ from mspecies.formats.mrc import write_mrc
 from mspecies.formats.star import write_relion31_particles
 
 from . import geometry
-from .ctf import ctf_2d, electron_wavelength_angst
+from .ctf import ctf_2d, electron_wavelength_angst, rfft_frequencies
 from .phantom import BlobModel, make_blob_model, render_blob_map
 from .types import InputError, Microscope, ParticlePoses, TiltSeriesData
 from .wbp import align_and_bin_stack, weighted_back_projection
@@ -329,7 +329,7 @@ def simulate_noise_free(tilt_series: TiltSeriesData, positions_angst: np.ndarray
     extent = float(np.max(np.linalg.norm(model.centres_angst, axis=1) + 3 * model.sigmas_angst)) / pixel
     patch = patch_size_px(tilt_series, int(np.ceil(2 * extent)), float(np.max(defocus_u)))
     offsets = np.rint(centre_raw).astype(np.int64) - patch // 2  # (N, T, 2) raw px of patch pixel [0, 0]
-    freq_x, freq_y = (np.asarray(g) for g in rfft_grid(patch, pixel))
+    freq_x, freq_y = (np.asarray(g) for g in rfft_frequencies((patch, patch), pixel))
     bfactor = _dose_filter_bfactor(tilt_series) if apply_dose else np.zeros(tilt_series.n_tilts)
     pairs = np.stack(np.meshgrid(np.arange(n), np.arange(tilt_series.n_tilts), indexing="ij"), -1).reshape(-1, 2)
     image = np.zeros((tilt_series.n_tilts, ny, nx))
@@ -347,13 +347,6 @@ def simulate_noise_free(tilt_series: TiltSeriesData, positions_angst: np.ndarray
         for k in range(p.size):
             _add_patch(image[t[k]], -patches[k], offsets[p[k], t[k]])
     return image
-
-
-def rfft_grid(patch_px: int, pixel_size_angst: float) -> tuple[np.ndarray, np.ndarray]:
-    """(P, P // 2 + 1) frequency grids (x, y) in 1/Å of an ``rfft2`` of a P × P patch."""
-    fy = scipy.fft.fftfreq(patch_px, d=pixel_size_angst)[:, None]
-    fx = scipy.fft.rfftfreq(patch_px, d=pixel_size_angst)[None, :]
-    return np.broadcast_to(fx, (patch_px, fx.size)), np.broadcast_to(fy, (patch_px, fx.size))
 
 
 def _add_patch(image: np.ndarray, patch: np.ndarray, offset_xy: np.ndarray) -> None:
@@ -478,8 +471,8 @@ def unbinned_tomogram_shape_zyx(params: SynthParameters) -> tuple[int, int, int]
 
 def relion_coordinates_px(positions_angst: np.ndarray, params: SynthParameters) -> np.ndarray:
     """(N, 3) RELION rlnCoordinateX/Y/Z: centred Å → px from the corner of the unbinned tomogram."""
-    nz, ny, nx = unbinned_tomogram_shape_zyx(params)
-    return np.asarray(positions_angst) / params.pixel_size_angst + np.array([nx // 2, ny // 2, nz // 2])
+    return geometry.centred_angst_to_corner_px(positions_angst, unbinned_tomogram_shape_zyx(params)[::-1],
+                                               params.pixel_size_angst)
 
 
 def _tilt_series_entry(tilt_series: TiltSeriesData, files: dict[str, str], params: SynthParameters,

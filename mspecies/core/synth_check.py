@@ -19,8 +19,8 @@ from mspecies.formats.mrc import read_mrc
 from mspecies.formats.star import read_relion31_particles
 
 from . import geometry
-from .ctf import ctf_2d
-from .synth import WORKERS, load_manifest, rfft_grid
+from .ctf import ctf_2d, rfft_frequencies
+from .synth import WORKERS, load_manifest
 from .types import Microscope, TiltSeriesData
 
 
@@ -75,7 +75,7 @@ def _average_patches(stack: np.ndarray, tilt_series: TiltSeriesData, positions_a
     pixel = tilt_series.pixel_size_angst
     raw, height = geometry.project_positions_to_tilts(positions_angst, tilt_series)
     defocus_u, defocus_v = geometry.particle_defocus_angst(tilt_series, height, defocus_gradient_sign)
-    freq_x, freq_y = rfft_grid(size_px, pixel)
+    freq_x, freq_y = rfft_frequencies((size_px, size_px), pixel)
     lowpass = np.exp(-(freq_x**2 + freq_y**2) * lowpass_angst**2 / 2)
     cx, cy = freq_x * pixel, freq_y * pixel  # cycles per pixel
     total = np.zeros((tilt_series.n_tilts, size_px, size_px // 2 + 1), dtype=np.complex128)
@@ -168,10 +168,9 @@ def self_check(manifest_path: str | Path, *, displacement_px: float = 8.0, lowpa
     for entry in manifest["tilt_series"]:  # type: ignore[union-attr]
         stack, tilt_series = _files_tilt_series(root, entry, microscope)
         rows = table[table["rlnTomoName"] == entry["ts_id"]]
-        nz, ny, nx = entry["unbinned_tomogram_shape_zyx"]
-        centred_px = rows[["rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ"]].to_numpy(float) \
-            - np.array([nx // 2, ny // 2, nz // 2])
-        positions = centred_px * tilt_series.pixel_size_angst
+        positions = geometry.corner_px_to_centred_angst(
+            rows[["rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ"]].to_numpy(float),
+            entry["unbinned_tomogram_shape_zyx"][::-1], tilt_series.pixel_size_angst)
         flipped = dataclasses.replace(tilt_series, tilt_angles_deg=-tilt_series.tilt_angles_deg)
         displaced = positions + np.array([displacement_px * tilt_series.pixel_size_angst, 0.0, 0.0])
         for key, geometry_, where in (("true", tilt_series, positions), ("displaced", tilt_series, displaced),

@@ -87,6 +87,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     options.add_argument("--no-normalize-output", action="store_true")
     options.add_argument("--sparse-ctf", action="store_true")
     options.add_argument("--ctf-layout", choices=("half", "centred"), default="half")
+    options.add_argument("--ctf-method", choices=("direct", "padded"), default="direct",
+                         help="3D CTF on the output grid (direct, fast) or M's padded reconstruction + crop (padded)")
     options.add_argument("--defocus-gradient-sign", type=int, choices=(-1, 1), default=-1)
     options.add_argument("--no-ctf", action="store_true", help="diagnostic: C_u = C_w = 1 (no CTF or dose weighting)")
     options.add_argument("--backend", choices=("auto", "numpy", "cupy"), default="auto")
@@ -240,6 +242,7 @@ def export_options(args: argparse.Namespace, data_pixel_angst: float):  # noqa: 
         prerotate=args.prerotate or args.mode == "series", n_tilts_by_dose=args.n_tilts_by_dose,
         invert_contrast=not args.no_invert, normalize_input=not args.no_normalize_input,
         normalize_output=not args.no_normalize_output, sparse_ctf=args.sparse_ctf, ctf_layout=args.ctf_layout,
+        ctf_method=args.ctf_method,
         defocus_gradient_sign=args.defocus_gradient_sign, apply_ctf=not args.no_ctf, backend=args.backend,
         memory_budget_bytes=None if args.memory_gb is None else int(args.memory_gb * 1e9), max_batch=args.max_batch)
 

@@ -11,7 +11,7 @@ from test_reconstruct import BOX, PIXEL, make_tilt_series, options, poses
 from mspecies.cli import main
 from mspecies.core.export import export_tilt_series, relion_coordinates_px
 from mspecies.core.memory import estimate_bytes, plan_batches
-from mspecies.core.reconstruct import ReconstructionError, TiltSeriesEngine, check_volume
+from mspecies.core.reconstruct import CTF_METHODS, ReconstructionError, TiltSeriesEngine, check_volume
 from mspecies.core.synth import generate_dataset
 from mspecies.core.types import InputError, Microscope
 from mspecies.formats.mrc import read_mrc
@@ -164,12 +164,14 @@ def manifest_names(root) -> list[str]:
     return starfile.read(root / "particles.star", always_dict=True)["particles"]["rlnTomoName"].astype(str).tolist()
 
 
-def test_ctf_only_engine_gives_the_full_pipeline_ctfs():
+@pytest.mark.parametrize("method", CTF_METHODS)
+def test_ctf_only_engine_gives_the_full_pipeline_ctfs(method):
     tilt_series = make_tilt_series(n_tilts=11, microscope=Microscope(300.0, 2.7, 0.07))
     stack = np.random.default_rng(1).normal(size=(11, 160, 160)).astype(np.float32)
     particles = poses([[8.0, -12.0, 4.0], [-40.0, 20.0, 0.0], [30.0, 30.0, -10.0]])
-    full = list(TiltSeriesEngine.create(tilt_series, stack, options(max_batch=2)).reconstruct(particles))
-    alone = list(TiltSeriesEngine.create(tilt_series, None, options(max_batch=2)).reconstruct_ctfs(particles))
+    opts = options(max_batch=2, ctf_method=method)
+    full = list(TiltSeriesEngine.create(tilt_series, stack, opts).reconstruct(particles))
+    alone = list(TiltSeriesEngine.create(tilt_series, None, opts).reconstruct_ctfs(particles))
     assert [r.volume for r in alone] == [None] * 3
     for a, b in zip(full, alone):
         assert np.array_equal(a.ctf, b.ctf)

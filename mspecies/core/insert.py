@@ -270,17 +270,19 @@ class SharedInsertion:
         return cls(blocks, bounds, mirror, mirror_rows, by_block, column_sign, multiplicity, splat.n_voxels)
 
 
-def sample_columns(data: np.ndarray | None, weight: np.ndarray, ctf: np.ndarray, column_sign: np.ndarray | None, *,
-                   xp: ModuleType = np, out: np.ndarray | None = None, pool: WorkerPool | None = None
-                   ) -> np.ndarray:
+def sample_columns(data: np.ndarray | None, weight: np.ndarray, ctf: np.ndarray | None,
+                   column_sign: np.ndarray | None, *, xp: ModuleType = np, out: np.ndarray | None = None,
+                   pool: WorkerPool | None = None) -> np.ndarray:
     """Sample values of a batch as the dense right-hand side of the insertion.
 
     Parameters
     ----------
     data
         (B, C) complex64 image samples × C_w, or None (3D CTF only).
-    weight, ctf
-        (B, C) float32 |C_u| and C_u · C_w.
+    weight
+        (B, C) float32 |C_u|.
+    ctf
+        (B, C) float32 C_u · C_w, or None (the 3D CTF is not made on the padded grid).
     column_sign
         (C,) conjugation sign applied to the imaginary parts (None: +1).
     out
@@ -291,11 +293,11 @@ def sample_columns(data: np.ndarray | None, weight: np.ndarray, ctf: np.ndarray,
     Returns
     -------
     (C, Q · B) float32: [Re D₀, Im D₀, Re D₁, Im D₁, …] (2B, the complex64 layout; absent without data), then
-    W1 (B), then D2 (B).
+    W1 (B), then D2 (B; absent without ``ctf``).
     """
     batch, n_columns = weight.shape
     n_data = 0 if data is None else 2 * batch
-    shape = (n_columns, n_data + 2 * batch)
+    shape = (n_columns, n_data + batch * (1 if ctf is None else 2))
     columns = out if out is not None and out.shape == shape else xp.empty(shape, dtype=xp.float32)
 
     def fill(start: int, end: int) -> None:
@@ -306,15 +308,17 @@ def sample_columns(data: np.ndarray | None, weight: np.ndarray, ctf: np.ndarray,
             if column_sign is not None:
                 complex_view.imag *= column_sign[start:end, None]
         part[:, n_data:n_data + batch] = weight[:, start:end].T
-        part[:, n_data + batch:] = ctf[:, start:end].T
+        if ctf is not None:
+            part[:, n_data + batch:] = ctf[:, start:end].T
 
     run_split(pool if xp is np else None, fill, n_columns)
     return columns
 
 
 def insert_normalised(insertion: SharedInsertion, columns: np.ndarray, scale: np.ndarray, floor: float, *,
-                      with_data: bool, xp: ModuleType = np, buffers: tuple[np.ndarray, np.ndarray] | None = None,
-                      pool: WorkerPool | None = None) -> tuple[np.ndarray | None, np.ndarray]:
+                      batch: int, with_data: bool, with_ctf: bool = True, xp: ModuleType = np,
+                      buffers: tuple[np.ndarray, np.ndarray | None] | None = None,
+                      pool: WorkerPool | None = None) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Insert a batch through the shared blocks and normalise block by block (still in cache).
 
     Each voxel gets ``D · scale / max(W1, floor)`` and ``D2 · scale / max(W1, floor)``.
@@ -325,8 +329,13 @@ def insert_normalised(insertion: SharedInsertion, columns: np.ndarray, scale: np
         (C, Q · B) from :func:`sample_columns`.
     scale
         (n_voxels,) float32 per-voxel numerator factor (shared by the batch).
+    batch
+        B, the particles in ``columns``.
+    with_data, with_ctf
+        Which of D (complex data) and D2 (CTF numerator) ``columns`` holds besides W1.
     buffers
-        Optional (n_voxels, B) complex64 and (n_voxels, ≥ B) float32 arrays; their first B columns are filled.
+        Optional (n_voxels, B) complex64 and (n_voxels, ≥ B) float32 arrays (or None); their first B columns are
+        filled.
     pool
         Optional thread pool: the row blocks are shared out in contiguous runs of about equal non-zeros (each
         block writes its own rows, so the result does not depend on the split).
@@ -336,18 +345,21 @@ def insert_normalised(insertion: SharedInsertion, columns: np.ndarray, scale: np
     spectrum
         (n_voxels, B) complex64 normalised D (None without data).
     ctf_spectrum
-        (n_voxels, B) float32 normalised D2.
+        (n_voxels, B) float32 normalised D2 (None without ``with_ctf``).
     """
-    batch = columns.shape[1] // (4 if with_data else 2)
     n_data = 2 * batch if with_data else 0
     mirrored = insertion.mirror @ columns
     mirrored[:, 1:n_data:2] *= -1  # conjugated at the Friedel mate
     shape = (insertion.n_voxels, batch)
-    if buffers is not None and buffers[0].shape == shape and buffers[1].shape[0] == shape[0]:
+    spectrum = ctf_spectrum = None
+    if buffers is not None and buffers[0].shape == shape:
         spectrum, ctf_spectrum = buffers
-    else:
-        spectrum, ctf_spectrum = xp.empty(shape, dtype=xp.complex64), xp.empty(shape, dtype=xp.float32)
+    if spectrum is None:
+        spectrum = xp.empty(shape, dtype=xp.complex64)
+    if ctf_spectrum is None or ctf_spectrum.shape[0] != shape[0]:
+        ctf_spectrum = xp.empty(shape, dtype=xp.float32)
     spectrum = spectrum if with_data else None
+    ctf_spectrum = ctf_spectrum if with_ctf else None
     floor32 = xp.float32(floor)
 
     def run_blocks(first: int, last: int) -> None:
@@ -358,7 +370,8 @@ def insert_normalised(insertion: SharedInsertion, columns: np.ndarray, scale: np
                 accumulated[insertion.mirror_rows[inside] - start] += mirrored[inside]
             factor = xp.maximum(accumulated[:, n_data:n_data + batch], floor32)
             xp.divide(scale[start:end, None], factor, out=factor)
-            xp.multiply(accumulated[:, n_data + batch:], factor, out=ctf_spectrum[start:end, :batch])
+            if ctf_spectrum is not None:
+                xp.multiply(accumulated[:, n_data + batch:], factor, out=ctf_spectrum[start:end, :batch])
             if spectrum is not None:
                 xp.multiply(accumulated[:, :n_data].view(xp.complex64), factor, out=spectrum[start:end])
 
@@ -372,9 +385,10 @@ def insert_normalised(insertion: SharedInsertion, columns: np.ndarray, scale: np
     return spectrum, ctf_spectrum
 
 
-def insert_one(splat: Splat, data: np.ndarray, weight: np.ndarray, ctf: np.ndarray, *,
-               xp: ModuleType = np) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Insert one particle with its own splat (pre-rotated geometry) → Re D, Im D, W1, D2, W0 (n_voxels,)."""
+def insert_one(splat: Splat, data: np.ndarray, weight: np.ndarray, ctf: np.ndarray | None, *,
+               xp: ModuleType = np) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+    """Insert one particle with its own splat (pre-rotated geometry) → Re D, Im D, W1, D2 (None without
+    ``ctf``), W0 (n_voxels,)."""
     cols, w, n = splat.cols, splat.weights, splat.n_voxels
 
     def scatter(values: np.ndarray | None) -> np.ndarray:
@@ -383,4 +397,4 @@ def insert_one(splat: Splat, data: np.ndarray, weight: np.ndarray, ctf: np.ndarr
 
     return (scatter(data.real), xp.bincount(splat.rows, weights=w * splat.conj_sign * data.imag[cols],
                                             minlength=n).astype(xp.float32),
-            scatter(weight), scatter(ctf), scatter(None))
+            scatter(weight), None if ctf is None else scatter(ctf), scatter(None))

@@ -1,6 +1,7 @@
 """Memory plan, volume checks, files and STAR of the export; the ``export`` CLI's handling of bad input."""
 
 import json
+import tracemalloc
 
 import numpy as np
 import pandas as pd
@@ -27,6 +28,27 @@ def test_memory_plan_batches_within_the_budget_and_refuses_with_numbers():
         plan_batches(128, 64, 41, 41 * 512 * 512, shared_geometry=True, budget_bytes=fixed)
     _, own = estimate_bytes(128, 64, 41, 0, shared_geometry=False)
     assert own > per_particle  # pre-rotation builds one insertion per particle
+    _, direct = estimate_bytes(128, 64, 41, 41 * 512 * 512, shared_geometry=True, padded_ctf=False)
+    assert direct < per_particle  # the direct 3D CTF needs no padded CTF spectrum
+
+
+@pytest.mark.parametrize("prerotate", [False, True])
+@pytest.mark.parametrize("method", CTF_METHODS)
+def test_the_memory_plan_covers_what_the_engine_allocates(method, prerotate):
+    """Peak of the NumPy allocations (tracemalloc) while a tilt series is exported ≤ the plan's estimate."""
+    tilt_series = make_tilt_series(n_tilts=41, microscope=Microscope(300.0, 2.7, 0.07), defocus_angst=25000.0,
+                                   shape=(192, 192))
+    stack = np.random.default_rng(0).normal(size=(41, 192, 192)).astype(np.float32)
+    particles = poses(np.random.default_rng(1).uniform(-100, 100, (12, 3)))
+    tracemalloc.start()
+    try:
+        engine = TiltSeriesEngine.create(tilt_series, stack, options(ctf_method=method, max_batch=6,
+                                                                     prerotate=prerotate))
+        assert sum(1 for _ in engine.reconstruct(particles)) == 12
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert engine.plan.batch_size == 6 and peak <= engine.plan.total_bytes
 
 def test_engine_refuses_a_budget_too_small_before_any_work():
     tilt_series = make_tilt_series()

@@ -16,7 +16,8 @@ back: an M³ round trip per particle. The direct method evaluates the same norma
   rounding of the alignment moves values slightly, never switches a voxel on or off.
 * **CTF power over a voxel**: ``⟨C²⟩ = ½ − ½ · sinc(Δ) · cos 2γ`` with γ the RELION phase at k (the
   particle's own defocus, the tilt's astigmatism and phase shift) and ``Δ = |∂γ/∂k| / (N p)`` the phase
-  change across one output voxel: the box average of sin²γ over that voxel. Where the CTF oscillates faster
+  change across one output voxel (from the tilt's defocus: a particle's offset changes it by a few %): the box
+  average of sin²γ over that voxel along the radius. Where the CTF oscillates faster
   than the output grid it averages to ½ instead of aliasing (the padded box exists for the same reason).
 * **normalisation** as M's, with ``|C_u| → √⟨C²⟩`` and ``C_u · C_w → ⟨C²⟩ · w_t(k)``::
 

@@ -75,7 +75,7 @@ class MemoryPlan:
 
 
 def estimate_bytes(padded_box_px: int, box_px: int, n_tilts: int, stack_pixels: int, *,
-                   shared_geometry: bool) -> tuple[int, int]:
+                   shared_geometry: bool, padded_ctf: bool = True) -> tuple[int, int]:
     """Fixed and per-particle bytes of the volume export.
 
     Parameters
@@ -91,6 +91,9 @@ def estimate_bytes(padded_box_px: int, box_px: int, n_tilts: int, stack_pixels: 
     shared_geometry
         True when all particles share the insertion operator (not pre-rotated): it is built once
         (fixed cost); otherwise each particle builds its own (per-particle cost).
+    padded_ctf
+        True for M's padded 3D CTF (a real M³ half spectrum and its transforms per particle); False for the
+        direct one (:mod:`mspecies.core.ctf3d`: slot tables of about 2 voxel layers per tilt slice).
     """
     m, n = padded_box_px, box_px
     half_voxels = m * m * (m // 2 + 1)
@@ -105,15 +108,23 @@ def estimate_bytes(padded_box_px: int, box_px: int, n_tilts: int, stack_pixels: 
                     + half_voxels * 4         # CTF pair separation and partial inverse FFTs (≤ half a complex volume)
                     + n * n * m * 4           # last inverse-FFT pass before the crop
                     + n ** 3 * 4 * 6)         # crops, point-spread function, its transform, outputs
+    # direct 3D CTF: a slice covers about 2 voxel layers of its half disc; 7 float32 tables + 4 work arrays per slot
+    slots = int(2.2 * n_tilts * np.pi * n * n / 8)
+    direct_tables = slots * 4 * 7 + n * n * (n // 2 + 1) * 4 * 4
+    if not padded_ctf:
+        per_particle -= samples * 8 + half_voxels * 4  # no C_u C_w, one insertion column fewer, no CTF spectrum
+        per_particle += n * n * (n // 2 + 1) * 4 * 2 + slots * 4 * 4  # its output, the per-thread work arrays
+        fixed += direct_tables
     if shared_geometry:
         fixed += operator
     else:
         per_particle += nonzeros * (8 + 4 + 4 + 8 * 3)  # indices, weights, signs, gathered values (float64)
+        per_particle += 0 if padded_ctf else direct_tables + slots * 8 * 6  # its own coverage (float64 pairs)
     return int(fixed), int(per_particle)
 
 
 def plan_batches(padded_box_px: int, box_px: int, n_tilts: int, stack_pixels: int, *, shared_geometry: bool,
-                 budget_bytes: int | None = None, max_batch: int = MAX_BATCH) -> MemoryPlan:
+                 budget_bytes: int | None = None, max_batch: int = MAX_BATCH, padded_ctf: bool = True) -> MemoryPlan:
     """Choose the largest batch (≤ ``max_batch``) that fits the budget, or raise :class:`InputError`.
 
     Parameters
@@ -123,7 +134,7 @@ def plan_batches(padded_box_px: int, box_px: int, n_tilts: int, stack_pixels: in
     """
     budget = int(budget_bytes if budget_bytes is not None else DEFAULT_BUDGET_FRACTION * available_memory_bytes())
     fixed, per_particle = estimate_bytes(padded_box_px, box_px, n_tilts, stack_pixels,
-                                         shared_geometry=shared_geometry)
+                                         shared_geometry=shared_geometry, padded_ctf=padded_ctf)
     batch = min(max_batch, (budget - fixed) // per_particle) if budget > fixed else 0
     if batch < 1:
         mib = 1024**2

@@ -237,7 +237,7 @@ class TiltSeriesEngine:
         shape = extract.rescaled_shape(tilt_series.image_shape_yx, tilt_series.pixel_size_angst, pixel)
         plan = plan_batches(m, options.box_px, tilts.size, tilts.size * shape[0] * shape[1],
                             shared_geometry=not options.prerotate, budget_bytes=options.memory_budget_bytes,
-                            max_batch=options.max_batch)
+                            max_batch=options.max_batch, padded_ctf=options.ctf_method == "padded")
         prepared = None if stack is None else extract.prepare_stack(
             stack, tilt_series, pixel, options.box_px, normalize=options.normalize_input,
             invert=options.invert_contrast, xp=xp, workers=options.n_workers, tilts=tilts)

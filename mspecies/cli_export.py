@@ -253,9 +253,12 @@ def export_options(args: argparse.Namespace, data_pixel_angst: float):  # noqa: 
 def run(args: argparse.Namespace) -> int:
     """Export every requested tilt series; write ``particles.star``. Returns the exit code."""
     from mspecies.core.export import export_tilt_series
+    from mspecies.core.memory import retain_freed_memory
     from mspecies.core.reconstruct import ReconstructionError
     from mspecies.formats.mrc import read_mrc
     from mspecies.formats.relion_subtomo import write_series_star, write_subtomo_star
+
+    retain_freed_memory()  # this process is the worker: per-particle arrays reuse freed pages
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():

@@ -6,6 +6,9 @@ these are the properties of the direct method itself.
 """
 
 import dataclasses
+import subprocess
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -164,3 +167,38 @@ def test_without_ctf_the_volume_is_the_slice_multiplicity():
     many = make_tilt_series(n_tilts=21, microscope=FLAT)
     ctf = next(TiltSeriesEngine.create(many, None, options(apply_ctf=False)).reconstruct_ctfs(poses([[0.0] * 3]))).ctf
     assert ctf[0, 0, 0] == 1.0 and ctf.max() == 1.0 and np.all(ctf[4:BOX // 2, 0, 0] == 0)
+
+
+class _NumpyUnderAnotherName(types.ModuleType):
+    """NumPy under another module name: drives the batched (CuPy) branch of the evaluation on the CPU."""
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(np, name)
+
+
+def test_batched_evaluation_of_the_gpu_branch_equals_the_per_particle_one(realistic):  # noqa: F811
+    """The CuPy code path evaluates a whole batch at once ((B, S) arrays, broadcast coefficients, 2-D scatter);
+    run with NumPy under another name it must give the per-particle NumPy results."""
+    tilt_series, _, particles, _ = realistic
+    engine = TiltSeriesEngine.create(tilt_series, None, options())
+    t = engine.tilts
+    alias = _NumpyUnderAnotherName("numpy_alias")
+    kwargs = dict(pixel_size_angst=PIXEL, padded_box_px=engine.padded_box_px,
+                  defocus_u_angst=tilt_series.defocus_u_angst[t], defocus_v_angst=tilt_series.defocus_v_angst[t],
+                  defocus_angle_deg=tilt_series.defocus_angle_deg[t], phase_shift_deg=tilt_series.phase_shift_deg[t],
+                  tilt_weight_scale=np.cos(np.deg2rad(tilt_series.tilt_angles_deg[t])),
+                  pre_exposure_e_per_angst2=tilt_series.pre_exposure_e_per_angst2[t],
+                  offset_basis=-tilt_rotation(tilt_series.tilt_angles_deg[t])[:, 2, :].T, microscope=REAL)
+    coverage = ctf3d.slice_coverage(insert.slice_orientation(tilt_series.tilt_angles_deg[t], tilt_series.xf[t]), BOX)
+    batched = ctf3d.DirectCtf.create(coverage, xp=alias, **kwargs).evaluate(particles.positions_angst)
+    single = ctf3d.DirectCtf.create(coverage, **kwargs).evaluate(particles.positions_angst)
+    shared = [result.ctf for result in engine.reconstruct_ctfs(particles)]
+    for a, b, c in zip(batched, single, shared, strict=True):
+        assert np.allclose(a, b, rtol=1e-6, atol=1e-7) and np.array_equal(b, c)
+
+
+def test_the_worker_keeps_freed_memory_for_the_next_particles():
+    """glibc accepts the allocation settings of the export worker (a subprocess: they are process-wide)."""
+    code = "from mspecies.core.memory import retain_freed_memory; print(retain_freed_memory())"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout.strip() == "True", run.stderr

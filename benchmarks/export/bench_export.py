@@ -28,6 +28,7 @@ import pandas as pd
 
 from mspecies.core.backend import cupy_unavailable_reason
 from mspecies.core.geometry import particle_defocus_angst, project_positions_to_tilts
+from mspecies.core.memory import retain_freed_memory
 from mspecies.core.reconstruct import ExportOptions, TiltSeriesEngine
 from mspecies.core.synth import SynthParameters, make_tilt_series, random_euler_angles
 from mspecies.core.types import ParticlePoses
@@ -137,6 +138,7 @@ def main() -> None:
     parser.add_argument("--relion-particles", type=int, default=8)
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
+    retain_freed_memory()  # as the export worker does
     backends = ["numpy"] + (["cupy"] if cupy_unavailable_reason() is None else [])
     figures = []
     for box in args.boxes:

@@ -203,19 +203,24 @@ def ctf_phase_terms(freq_px: np.ndarray, box_px: int, pixel_size_angst: float, d
 class DirectCtf:
     """The per-slot tables of one coverage, ready to evaluate the 3D CTF of any particle.
 
-    Build with :meth:`create`; :meth:`evaluate` gives (B, N, N, N//2+1) float32 CTFs. A particle's defocus
-    offset in tilt t (``particle − tilt defocus``, Å) is linear in R per-particle coefficients,
+    Build with :meth:`create`; :meth:`evaluate` gives one (N, N, N//2+1) float32 CTF per particle. A particle's
+    defocus offset in tilt t (``particle − tilt defocus``, Å) is linear in R per-particle coefficients,
     ``offset_t = Σ_r coefficient_r · basis_{r,t}`` (for the IMOD geometry: the position in Å and the tilt's
     height direction × the defocus-gradient sign), so each slot's phase is its tilt phase plus R
-    multiply-adds: no per-slot gather. Slot arrays are float32 of length S (slots, class order).
+    multiply-adds: no per-slot gather. Slot arrays are float32 (S slots, class order). The first ``single``
+    slots are the voxels that one slice covers: their value is ``min(1, N/M τ) · w · √⟨C²⟩`` (the ratio with
+    one term), with no sums; only the rest go through the per-voxel sums.
     """
 
     box_px: int
-    layout: SlotLayout
+    voxel: np.ndarray
+    classes: tuple[tuple[int, int, int, int], ...]
+    single: int
     base2: np.ndarray
     offset_tables: np.ndarray
     used_rows: np.ndarray
     half_sinc: np.ndarray
+    single_factor: np.ndarray
     profile: np.ndarray
     weighted_profile: np.ndarray
     multiplicity: np.ndarray
@@ -241,6 +246,7 @@ class DirectCtf:
                                           defocus_v_angst[t], defocus_angle_deg[t], phase_shift_deg[t], microscope)
         weight = tilt_weight_scale[t] * np.exp(-pre_exposure_e_per_angst2[t] * k2)
         covered = np.bincount(coverage.voxel, coverage.profile, minlength=coverage.n_voxels)[layout.voxel]
+        multiplicity = np.minimum(1.0, covered * (n / padded_box_px))
 
         def slots(values: np.ndarray) -> np.ndarray:
             padded = np.concatenate([values, np.zeros(values.shape[:-1] + (1,))], axis=-1)  # the empty pair
@@ -253,54 +259,61 @@ class DirectCtf:
                               * k2)
         # ½ sinc(Δ), a hair below ½ so that ½ − ½ sinc(Δ) cos 2γ can never round below 0
         half_sinc = slots(0.5 * (1 - 1e-6) * np.sinc(step / np.pi))
-        multiplicity = np.minimum(1.0, covered * (n / padded_box_px)).astype(np.float32)
-        return cls(n, SlotLayout(layout.pair, xp.asarray(layout.voxel), layout.classes), xp.asarray(slots(2 * gamma)),
-                   xp.asarray(offset_tables), used_rows, xp.asarray(half_sinc), xp.asarray(slots(coverage.profile)),
-                   xp.asarray(slots(coverage.profile * weight)), xp.asarray(multiplicity), apply_ctf, xp)
+        first = layout.classes[0]
+        single = first[2] if first[3] == 1 else 0
+        classes = tuple((slot - single, voxel - single, count, width) for slot, voxel, count, width in layout.classes
+                        if width > 1)
+        device = xp.asarray
+        return cls(n, device(layout.voxel), classes, single, device(slots(2 * gamma)), device(offset_tables),
+                   used_rows, device(half_sinc), device((multiplicity[:single] * slots(weight)[:single]).astype(
+                       np.float32)), device(slots(coverage.profile)[single:]),
+                   device(slots(coverage.profile * weight)[single:]), device(multiplicity.astype(np.float32)),
+                   apply_ctf, xp)
 
     @property
     def n_slots(self) -> int:
-        return int(self.layout.pair.size)
+        return int(self.base2.shape[-1])
 
-    def evaluate(self, coefficients: np.ndarray, *, out: np.ndarray | None = None,
-                 pool: object | None = None) -> np.ndarray:
+    def evaluate(self, coefficients: np.ndarray, *, pool: object | None = None) -> list[np.ndarray]:
         """3D CTFs of B particles from their (B, R) offset coefficients (see the class docstring).
 
-        Returns (B, N, N, N//2+1) float32 in the numpy ``rfftn`` half layout (``out`` if given). With NumPy
-        one particle is evaluated at a time (its slot arrays stay in the CPU cache) and ``pool`` (a
+        Returns B new (N, N, N//2+1) float32 arrays in the numpy ``rfftn`` half layout. With NumPy one particle
+        is evaluated at a time (its work arrays stay small) and ``pool`` (a
         :class:`mspecies.core.insert.WorkerPool`) shares the particles out over its threads; with CuPy the
-        batch is evaluated at once.
+        batch is evaluated at once (views of one device array).
         """
         from .insert import run_split
 
-        xp = self.xp
-        n = self.box_px
+        xp, n = self.xp, self.box_px
         coefficients = np.asarray(coefficients, dtype=np.float64).reshape(len(coefficients), -1)[:, self.used_rows]
         batch = coefficients.shape[0]
-        if out is None:
-            out = xp.empty((batch, n, n, n // 2 + 1), dtype=xp.float32)
-        flat = out.reshape(batch, -1)
+        shape = (n, n, n // 2 + 1)
         if xp is not np:
-            self._evaluate(coefficients, flat, _work_buffers(xp, batch, self.n_slots, self.layout.voxel.size))
-            return out
+            out = xp.zeros((batch,) + shape, dtype=xp.float32)
+            self._evaluate(coefficients, out.reshape(batch, -1), self._buffers(batch))
+            return list(out)
+        results: list[np.ndarray] = [None] * batch  # type: ignore[list-item]
 
         def work(first: int, last: int) -> None:
-            buffers = _work_buffers(np, 1, self.n_slots, self.layout.voxel.size)
+            buffers = self._buffers(1)
             for b in range(first, last):
-                self._evaluate(coefficients[b:b + 1], flat[b:b + 1], buffers)
+                volume = np.zeros(shape, dtype=np.float32)
+                self._evaluate(coefficients[b:b + 1], volume.reshape(1, -1), buffers)
+                results[b] = volume
 
         run_split(pool, work, batch)
-        return out
+        return results
+
+    def _buffers(self, rows: int) -> dict[str, np.ndarray]:
+        return _work_buffers(self.xp, rows, self.n_slots, self.single, int(self.voxel.size))
 
     def _evaluate(self, coefficients: np.ndarray, out: np.ndarray, buffers: dict[str, np.ndarray]) -> None:
-        """CTFs of (b, R') coefficients into the flat (b, N·N·(N//2+1)) ``out``; ``buffers`` hold (b, S) and
-        (b, U) arrays."""
-        xp = self.xp
-        out[...] = 0
+        """CTFs of (b, R') coefficients into the flat, zeroed (b, N·N·(N//2+1)) ``out``."""
+        xp, single = self.xp, self.single
         if not self.apply_ctf:
-            out[:, self.layout.voxel] = self.multiplicity
+            _scatter(out, self.voxel, self.multiplicity[None, :])
             return
-        phase, work, terms, sums = buffers["phase"], buffers["work"], buffers["terms"], buffers["sums"]
+        phase, work = buffers["phase"], buffers["work"]
         if coefficients.shape[1] == 0:
             phase[...] = self.base2
         for row in range(coefficients.shape[1]):  # 2γ with the particle's own defocus
@@ -311,36 +324,50 @@ class DirectCtf:
         xp.cos(phase, out=phase)
         xp.multiply(phase, self.half_sinc, out=phase)
         xp.subtract(xp.float32(0.5), phase, out=phase)  # ⟨sin²γ⟩ over the voxel (≥ 0)
-        xp.multiply(phase, self.weighted_profile, out=terms[:, 0])  # numerator terms
-        xp.sqrt(phase, out=phase)
-        xp.multiply(phase, self.profile, out=terms[:, 1])  # denominator terms
+        if single:
+            one = phase[:, :single]
+            xp.sqrt(one, out=one)
+            xp.multiply(one, self.single_factor, out=one)
+            _scatter(out, self.voxel[:single], one)
+        if single == phase.shape[1]:
+            return
+        rest, terms, sums = phase[:, single:], buffers["terms"], buffers["sums"]
+        xp.multiply(rest, self.weighted_profile, out=terms[:, 0])  # numerator terms
+        xp.sqrt(rest, out=rest)
+        xp.multiply(rest, self.profile, out=terms[:, 1])  # denominator terms
         rows = coefficients.shape[0]
-        for slot, voxel, count, width in self.layout.classes:
-            block, target = slice(slot, slot + count * width), slice(voxel, voxel + count)
-            if width == 1:
-                sums[:, :, target] = terms[:, :, block]
-            else:
-                terms[:, :, block].reshape(rows, 2, width, count).sum(axis=2, out=sums[:, :, target])
+        for slot, voxel, count, width in self.classes:
+            terms[:, :, slot:slot + count * width].reshape(rows, 2, width, count).sum(
+                axis=2, out=sums[:, :, voxel:voxel + count])
         num, den = sums[:, 0], sums[:, 1]
         xp.maximum(den, buffers["floor"], out=den)
         xp.divide(num, den, out=num)
-        xp.multiply(num, self.multiplicity, out=num)
-        out[:, self.layout.voxel] = num
+        xp.multiply(num, self.multiplicity[single:], out=num)
+        _scatter(out, self.voxel[single:], num)
+
+
+def _scatter(out: np.ndarray, voxels: np.ndarray, values: np.ndarray) -> None:
+    """``out[:, voxels] = values`` for (b, V) ``out``; one row as a 1-D assignment (NumPy's fancy assignment is
+    about 2× faster without the extra axis)."""
+    if out.shape[0] == 1:
+        out[0][voxels] = values[0]
+    else:
+        out[:, voxels] = values
 
 
 _LOCAL = threading.local()
 
 
-def _work_buffers(xp: ModuleType, rows: int, n_slots: int, n_voxels: int) -> dict[str, np.ndarray]:
-    """Per-thread (rows, S) and (rows, U) float32 work arrays, kept between calls (fresh large arrays cost page
-    faults every time)."""
-    key = (xp.__name__, rows, n_slots, n_voxels)
+def _work_buffers(xp: ModuleType, rows: int, n_slots: int, single: int, n_voxels: int) -> dict[str, np.ndarray]:
+    """Per-thread work arrays for ``rows`` particles, kept between calls (fresh large arrays cost page faults
+    every time)."""
+    key = (xp.__name__, rows, n_slots, single, n_voxels)
     buffers = getattr(_LOCAL, "buffers", None)
     if buffers is None or buffers["key"] != key:
         buffers = {name: xp.empty((rows, n_slots), dtype=xp.float32) for name in ("phase", "work")}
-        buffers["terms"] = xp.empty((rows, 2, n_slots), dtype=xp.float32)  # numerator, denominator terms
-        buffers["sums"] = xp.empty((rows, 2, n_voxels), dtype=xp.float32)
-        buffers["floor"] = xp.full((rows, n_voxels), WEIGHT_FLOOR, dtype=xp.float32)  # an array: faster than a scalar
+        buffers["terms"] = xp.empty((rows, 2, n_slots - single), dtype=xp.float32)  # numerator, denominator terms
+        buffers["sums"] = xp.empty((rows, 2, n_voxels - single), dtype=xp.float32)
+        buffers["floor"] = xp.full((rows, n_voxels - single), WEIGHT_FLOOR, dtype=xp.float32)  # faster than a scalar
         buffers["key"] = key
         _LOCAL.buffers = buffers
     return buffers

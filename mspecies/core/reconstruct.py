@@ -417,18 +417,15 @@ class TiltSeriesEngine:
                                         with_data=with_data, with_ctf=ctf is not None, xp=self.xp, buffers=buffers,
                                         pool=self._pool())
 
-    def _direct_ctfs(self, positions_angst: np.ndarray, euler_zyz_deg: np.ndarray) -> np.ndarray:
-        """(B, N, N, N//2+1) output-grid 3D CTFs (:mod:`mspecies.core.ctf3d`), a work buffer; pre-rotated
-        particles each get their own coverage."""
-        n, batch = self.options.box_px, positions_angst.shape[0]
-        out = self._buffer("direct_ctf", (batch, n, n, n // 2 + 1))
+    def _direct_ctfs(self, positions_angst: np.ndarray, euler_zyz_deg: np.ndarray) -> list[np.ndarray]:
+        """B new (N, N, N//2+1) output-grid 3D CTFs (:mod:`mspecies.core.ctf3d`); pre-rotated particles each
+        get their own coverage."""
         if self.direct_ctf is not None:
-            return self.direct_ctf.evaluate(positions_angst, out=out, pool=self._pool())
+            return self.direct_ctf.evaluate(positions_angst, pool=self._pool())
         orientation = insert.slice_orientation(self.tilt_series.tilt_angles_deg[self.tilts],
                                                self.tilt_series.xf[self.tilts], euler_to_matrix(euler_zyz_deg))
-        for b in range(batch):
-            self._make_direct_ctf(orientation[b]).evaluate(positions_angst[b:b + 1], out=out[b:b + 1])
-        return out
+        return [self._make_direct_ctf(orientation[b]).evaluate(positions_angst[b:b + 1])[0]
+                for b in range(positions_angst.shape[0])]
 
     def _insert_prerotated(self, data: np.ndarray | None, weight: np.ndarray, ctf: np.ndarray | None,
                            euler_zyz_deg: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -553,12 +550,12 @@ class TiltSeriesEngine:
         return to_numpy(volume)
 
     def _finish_ctf(self, ctf_volume: np.ndarray, scaled: bool = True) -> np.ndarray:
-        """(N, N, N//2+1) 3D CTF view → ÷ M² (``scaled``, the padded method), sparse (optional), layout,
-        contiguous host float32 (always a new array: the view may be a work buffer)."""
+        """(N, N, N//2+1) 3D CTF → sparse (optional), layout, contiguous host float32. ``scaled`` (the padded
+        method): a view of a work buffer, ÷ M² into a new array; else (direct) a new array of its own, kept."""
         xp = self.xp
         m = self.padded_box_px
-        factor = np.float32(1.0 / (m * m) if scaled else 1.0)
-        ctf_volume = xp.ascontiguousarray(xp.multiply(ctf_volume, factor, dtype=xp.float32))
+        if scaled:
+            ctf_volume = xp.ascontiguousarray(xp.multiply(ctf_volume, np.float32(1.0 / (m * m)), dtype=xp.float32))
         if self.options.sparse_ctf:
             ctf_volume = xp.where(xp.abs(ctf_volume) < SPARSE_THRESHOLD, xp.float32(0), ctf_volume)
         if self.options.ctf_layout == "centred":

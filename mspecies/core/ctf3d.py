@@ -200,6 +200,76 @@ def ctf_phase_terms(freq_px: np.ndarray, box_px: int, pixel_size_angst: float, d
 
 
 @dataclass(frozen=True)
+class PairTables:
+    """Per (voxel, tilt) pair of a coverage, float64: everything but the particle's own defocus offset.
+
+    Attributes
+    ----------
+    coverage
+        The pairs.
+    base2
+        (P,) 2γ with the tilt's defocus (rad).
+    offset_tables
+        (R', P) change of 2γ per unit of each used offset coefficient (rad).
+    used_rows
+        Indices of the offset-basis rows that are not all zero (R').
+    half_sinc
+        (P,) ½ sinc(Δ), a hair below ½ so that ½ − ½ sinc(Δ) cos 2γ can never round below 0.
+    weight
+        (P,) w = cos θ · exp(−pre-exposure · k²) · dose limit.
+    multiplicity
+        (n_voxels,) min(1, N/M Σ τ) of every voxel of the half grid.
+    apply_ctf
+        False: C ≡ 1 (the 3D CTF is the multiplicity).
+    """
+
+    coverage: Coverage
+    base2: np.ndarray
+    offset_tables: np.ndarray
+    used_rows: np.ndarray
+    half_sinc: np.ndarray
+    weight: np.ndarray
+    multiplicity: np.ndarray
+    apply_ctf: bool
+
+
+def pair_tables(coverage: Coverage, *, pixel_size_angst: float, padded_box_px: int, defocus_u_angst: np.ndarray,
+                defocus_v_angst: np.ndarray, defocus_angle_deg: np.ndarray, phase_shift_deg: np.ndarray,
+                tilt_weight_scale: np.ndarray, pre_exposure_e_per_angst2: np.ndarray, offset_basis: np.ndarray,
+                microscope: Microscope, apply_ctf: bool = True) -> PairTables:
+    """Per-tilt arrays (T,) belong to the slices of ``coverage``: tilt defocus U/V (Å), astigmatism angle and
+    phase shift (degrees), ``tilt_weight_scale`` (cos θ × dose-limit mask), pre-exposure (e/Å²);
+    ``offset_basis`` (R, T) maps R per-particle coefficients to defocus offsets (Å)."""
+    n, t = coverage.box_px, coverage.tilt
+    gamma, k2, step = ctf_phase_terms(coverage.freq_px, n, pixel_size_angst, defocus_u_angst[t],
+                                      defocus_v_angst[t], defocus_angle_deg[t], phase_shift_deg[t], microscope)
+    covered = np.bincount(coverage.voxel, coverage.profile, minlength=coverage.n_voxels)
+    basis = np.atleast_2d(np.asarray(offset_basis, dtype=np.float64))
+    used_rows = np.flatnonzero(np.any(basis != 0, axis=1))
+    # 2γ changes by −2πλ · offset · k² (the defocus term of γ, twice)
+    offset_tables = -2 * np.pi * electron_wavelength_angst(microscope.voltage_kv) * basis[used_rows][:, t] * k2
+    return PairTables(coverage, 2 * gamma, offset_tables, used_rows, 0.5 * (1 - 1e-6) * np.sinc(step / np.pi),
+                      tilt_weight_scale[t] * np.exp(-pre_exposure_e_per_angst2[t] * k2),
+                      np.minimum(1.0, covered * (n / padded_box_px)), apply_ctf)
+
+
+def evaluate_pairs(tables: PairTables, coefficients: np.ndarray) -> np.ndarray:
+    """One particle's 3D CTF straight from the pairs (``bincount``; for a coverage used once, as a pre-rotated
+    particle's own): (N, N, N//2+1) float32 from its (R,) offset coefficients."""
+    coverage = tables.coverage
+    n = coverage.box_px
+    if not tables.apply_ctf:
+        volume = np.where(np.bincount(coverage.voxel, minlength=coverage.n_voxels) > 0, tables.multiplicity, 0.0)
+        return volume.astype(np.float32).reshape(n, n, n // 2 + 1)
+    phase = tables.base2 + np.asarray(coefficients, dtype=np.float64)[tables.used_rows] @ tables.offset_tables
+    power = 0.5 - tables.half_sinc * np.cos(phase)
+    numerator = np.bincount(coverage.voxel, coverage.profile * tables.weight * power, minlength=coverage.n_voxels)
+    denominator = np.bincount(coverage.voxel, coverage.profile * np.sqrt(power), minlength=coverage.n_voxels)
+    volume = tables.multiplicity * numerator / np.maximum(denominator, WEIGHT_FLOOR)
+    return volume.astype(np.float32).reshape(n, n, n // 2 + 1)
+
+
+@dataclass(frozen=True)
 class DirectCtf:
     """The per-slot tables of one coverage, ready to evaluate the 3D CTF of any particle.
 
@@ -228,47 +298,31 @@ class DirectCtf:
     xp: ModuleType = np
 
     @classmethod
-    def create(cls, coverage: Coverage, *, pixel_size_angst: float, padded_box_px: int,
-               defocus_u_angst: np.ndarray, defocus_v_angst: np.ndarray, defocus_angle_deg: np.ndarray,
-               phase_shift_deg: np.ndarray, tilt_weight_scale: np.ndarray, pre_exposure_e_per_angst2: np.ndarray,
-               offset_basis: np.ndarray, microscope: Microscope, apply_ctf: bool = True,
-               xp: ModuleType = np) -> DirectCtf:
-        """Per-tilt arrays (T,) belong to the slices of ``coverage``: tilt defocus U/V (Å), astigmatism angle and
-        phase shift (degrees), ``tilt_weight_scale`` (cos θ × dose-limit mask), pre-exposure (e/Å²);
-        ``offset_basis`` (R, T) maps R per-particle coefficients to defocus offsets (Å).
+    def create(cls, coverage: Coverage, *, xp: ModuleType = np, **ctf: object) -> DirectCtf:
+        """Slot tables of ``coverage`` for the CTF arguments of :func:`pair_tables` (on ``xp``'s device)."""
+        return cls.from_pairs(pair_tables(coverage, **ctf), xp=xp)  # type: ignore[arg-type]
 
-        ``apply_ctf`` False gives the multiplicity alone (C ≡ 1, no dose or tilt weight).
-        """
-        n = coverage.box_px
+    @classmethod
+    def from_pairs(cls, tables: PairTables, *, xp: ModuleType = np) -> DirectCtf:
+        """Arrange :class:`PairTables` as per-voxel slots (:func:`slot_layout`), float32."""
+        coverage = tables.coverage
         layout = slot_layout(coverage.voxel)
-        t = coverage.tilt
-        gamma, k2, step = ctf_phase_terms(coverage.freq_px, n, pixel_size_angst, defocus_u_angst[t],
-                                          defocus_v_angst[t], defocus_angle_deg[t], phase_shift_deg[t], microscope)
-        weight = tilt_weight_scale[t] * np.exp(-pre_exposure_e_per_angst2[t] * k2)
-        covered = np.bincount(coverage.voxel, coverage.profile, minlength=coverage.n_voxels)[layout.voxel]
-        multiplicity = np.minimum(1.0, covered * (n / padded_box_px))
 
         def slots(values: np.ndarray) -> np.ndarray:
             padded = np.concatenate([values, np.zeros(values.shape[:-1] + (1,))], axis=-1)  # the empty pair
             return padded[..., layout.pair].astype(np.float32)
 
-        basis = np.atleast_2d(np.asarray(offset_basis, dtype=np.float64))
-        used_rows = np.flatnonzero(np.any(basis != 0, axis=1))
-        # 2γ changes by −2πλ · offset · k² (the defocus term of γ, twice)
-        offset_tables = slots(-2 * np.pi * electron_wavelength_angst(microscope.voltage_kv) * basis[used_rows][:, t]
-                              * k2)
-        # ½ sinc(Δ), a hair below ½ so that ½ − ½ sinc(Δ) cos 2γ can never round below 0
-        half_sinc = slots(0.5 * (1 - 1e-6) * np.sinc(step / np.pi))
+        multiplicity = tables.multiplicity[layout.voxel]
         first = layout.classes[0]
         single = first[2] if first[3] == 1 else 0
         classes = tuple((slot - single, voxel - single, count, width) for slot, voxel, count, width in layout.classes
                         if width > 1)
         device = xp.asarray
-        return cls(n, device(layout.voxel), classes, single, device(slots(2 * gamma)), device(offset_tables),
-                   used_rows, device(half_sinc), device((multiplicity[:single] * slots(weight)[:single]).astype(
-                       np.float32)), device(slots(coverage.profile)[single:]),
-                   device(slots(coverage.profile * weight)[single:]), device(multiplicity.astype(np.float32)),
-                   apply_ctf, xp)
+        return cls(coverage.box_px, device(layout.voxel), classes, single, device(slots(tables.base2)),
+                   device(slots(tables.offset_tables)), tables.used_rows, device(slots(tables.half_sinc)),
+                   device((multiplicity[:single] * slots(tables.weight)[:single]).astype(np.float32)),
+                   device(slots(coverage.profile)[single:]), device(slots(coverage.profile * tables.weight)[single:]),
+                   device(multiplicity.astype(np.float32)), tables.apply_ctf, xp)
 
     @property
     def n_slots(self) -> int:

@@ -253,22 +253,22 @@ class TiltSeriesEngine:
                                                                      xp=xp)
                 engine.scale = _normalisation_scale(engine.insertion.multiplicity, m, xp)
             if options.ctf_method == "direct":
-                engine.direct_ctf = engine._make_direct_ctf(orientation)
+                engine.direct_ctf = ctf3d.DirectCtf.from_pairs(engine._direct_pair_tables(orientation), xp=xp)
         return engine
 
-    def _make_direct_ctf(self, orientation: np.ndarray) -> ctf3d.DirectCtf:
-        """The output-grid 3D CTF tables for (T, 3, 2) slice orientations of the used tilts."""
+    def _direct_pair_tables(self, orientation: np.ndarray) -> ctf3d.PairTables:
+        """Output-grid 3D-CTF pair tables for (T, 3, 2) slice orientations of the used tilts."""
         ts, options, t = self.tilt_series, self.options, self.tilts
         scale = np.cos(np.deg2rad(ts.tilt_angles_deg[t])) * dose_limit_mask(ts, options.n_tilts_by_dose)[t]
         # particle defocus offset = sign · height, and height = (third row of the tilt rotation) · position
         basis = options.defocus_gradient_sign * tilt_rotation(ts.tilt_angles_deg[t])[:, 2, :].T
-        return ctf3d.DirectCtf.create(
+        return ctf3d.pair_tables(
             ctf3d.slice_coverage(orientation, options.box_px), pixel_size_angst=options.output_pixel_size_angst,
             padded_box_px=self.padded_box_px, defocus_u_angst=ts.defocus_u_angst[t],
             defocus_v_angst=ts.defocus_v_angst[t], defocus_angle_deg=ts.defocus_angle_deg[t],
             phase_shift_deg=ts.phase_shift_deg[t], tilt_weight_scale=scale,
             pre_exposure_e_per_angst2=ts.pre_exposure_e_per_angst2[t], offset_basis=basis,
-            microscope=ts.microscope, apply_ctf=options.apply_ctf, xp=self.xp)
+            microscope=ts.microscope, apply_ctf=options.apply_ctf)
 
     # ------------------------------------------------------------------------------------------- batches
 
@@ -419,13 +419,20 @@ class TiltSeriesEngine:
 
     def _direct_ctfs(self, positions_angst: np.ndarray, euler_zyz_deg: np.ndarray) -> list[np.ndarray]:
         """B new (N, N, N//2+1) output-grid 3D CTFs (:mod:`mspecies.core.ctf3d`); pre-rotated particles each
-        get their own coverage."""
+        get their own coverage, evaluated once from its pairs (host arrays, copied to the device)."""
         if self.direct_ctf is not None:
             return self.direct_ctf.evaluate(positions_angst, pool=self._pool())
         orientation = insert.slice_orientation(self.tilt_series.tilt_angles_deg[self.tilts],
                                                self.tilt_series.xf[self.tilts], euler_to_matrix(euler_zyz_deg))
-        return [self._make_direct_ctf(orientation[b]).evaluate(positions_angst[b:b + 1])[0]
-                for b in range(positions_angst.shape[0])]
+        ctfs: list[np.ndarray] = [None] * positions_angst.shape[0]  # type: ignore[list-item]
+
+        def own(first: int, last: int) -> None:
+            for b in range(first, last):
+                ctfs[b] = self.xp.asarray(ctf3d.evaluate_pairs(self._direct_pair_tables(orientation[b]),
+                                                               positions_angst[b]))
+
+        insert.run_split(self._pool(), own, len(ctfs))
+        return ctfs
 
     def _insert_prerotated(self, data: np.ndarray | None, weight: np.ndarray, ctf: np.ndarray | None,
                            euler_zyz_deg: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:

@@ -14,8 +14,9 @@ Per tilt t and 2D frequency k of the particle's M × M patch (M = aliasing-free 
   first-N-by-dose mask (on ``C_w`` only);
 * inserted: data ``F_t · C_w``, weight ``|C_u|``, CTF ``C_u · C_w``, multiplicity 1 (:mod:`mspecies.core.insert`);
 * ``F = D · min(1, W0) / max(W1, 1e-4)`` inside |k| < M/2, centred inverse FFT (× M²), ÷ sinc²(r/M), crop N;
-* the 3D CTF is the same reconstruction of the CTF numerator, cropped in real space and transformed back
-  (÷ M²), real part.
+* the 3D CTF (``ctf_method="padded"``, M's) is the same reconstruction of the CTF numerator, cropped in real
+  space and transformed back (÷ M²), real part; by default (``"direct"``) the same normalised quantity is
+  evaluated on the N³ output grid instead (:mod:`mspecies.core.ctf3d`), without the M³ round trip.
 
 Excluded tilts (``TiltSeriesData.excluded``) are left out altogether (M down-weights them by 1e-4 in the
 numerator but keeps them in the denominator; leaving them out is the cleaner choice for bad images).

@@ -223,6 +223,16 @@ class TestExportProtocol(BaseTest):
         values.update(changes)
         return "\n".join(self.proj.newProtocol(ProtMSpeciesExportSubtomograms, **values).validate())
 
+    def test_3d_ctf_method_reaches_the_worker(self):
+        """The form's 3D-CTF method (default: on the output grid) is what the worker's command line asks for;
+        the chain above ran with the default and passed against the ground truth."""
+        for choice, method in ((0, "direct"), (1, "padded")):
+            values = dict(inputParticles=self.imported["coordinates"], inputTiltSeries=self.imported["tilt_series"],
+                          inputCtf=self.imported["ctfs"], boxSize=32, particleDiameter=100.0, ctfMethod=choice)
+            arguments = self.proj.newProtocol(ProtMSpeciesExportSubtomograms, **values)._cliArgs("extra/TS_01").split()
+            self.assertEqual(arguments[arguments.index("--ctf-method") + 1], method)
+        self.assertEqual(self.prot.ctfMethod.get(), 0)
+
     def test_validation_messages(self):
         self.assertEqual(self._errors(), "")
         self.assertIn("finer than the tilt-series pixel size", self._errors(outputPixelSize=2.0))

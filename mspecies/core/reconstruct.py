@@ -76,8 +76,8 @@ class ExportOptions:
         ``half`` (numpy rfftn (N, N, N//2+1)) or ``centred`` (N, N, N) with DC at N/2.
     ctf_method
         ``direct`` (default): the 3D CTF is evaluated on the N³ output grid (:mod:`mspecies.core.ctf3d`);
-        ``padded``: M's, reconstructed on the padded M³ grid and cropped in real space (about 30× slower at
-        box 64; the same RELION map quality was measured with either).
+        ``padded``: M's, reconstructed on the padded M³ grid and cropped in real space (25× slower at box 64,
+        47× at box 128; the same RELION map quality was measured with either).
     defocus_gradient_sign
         Sign s of ``defocus = tilt defocus + s · height`` (−1: IMOD/Dynamo).
     apply_ctf

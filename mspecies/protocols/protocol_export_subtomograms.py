@@ -145,8 +145,8 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
                       expertLevel=params.LEVEL_ADVANCED, label="3D CTF method",
                       help="On the output grid: each tilt's CTF, averaged over a voxel, laid on its central slice "
                            "of the box³ grid and normalised as the sub-tomogram (fast). Padded: M's way, the "
-                           "CTF reconstructed on the aliasing-free padded grid and cropped in real space (about "
-                           "30x slower). RELION maps of the same quality were measured with both.")
+                           "CTF reconstructed on the aliasing-free padded grid and cropped in real space (25-50x "
+                           "slower). RELION maps of the same quality were measured with both.")
         form.addParam("relativePaths", params.BooleanParam, default=True, expertLevel=params.LEVEL_ADVANCED,
                       label="Relative paths in the STAR", help="Relative to extra/ (else absolute).")
         form.addParam("backend", params.EnumParam, choices=["auto", "CPU", "GPU"], default=BACKEND_AUTO,

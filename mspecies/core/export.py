@@ -99,8 +99,9 @@ def export_tilt_series(tilt_series: TiltSeriesData, stack: np.ndarray, particles
     started = time.perf_counter()
     engine = TiltSeriesEngine.create(tilt_series, stack, options)
     if log is not None:
+        ctf = f", 3D CTF {options.ctf_method}" if options.mode == "volumes" else ""
         log(f"{tilt_series.ts_id}: {len(particles)} particles, padded box M = {engine.padded_box_px}, backend "
-            f"{engine.xp.__name__}, memory plan: {engine.plan.describe()}")
+            f"{engine.xp.__name__}{ctf}, memory plan: {engine.plan.describe()}")
     pixel = options.output_pixel_size_angst
     names, ctf_names, tilt_rows = [], [], []
     for result in engine.reconstruct(particles):

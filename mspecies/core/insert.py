@@ -351,12 +351,10 @@ def insert_normalised(insertion: SharedInsertion, columns: np.ndarray, scale: np
     mirrored = insertion.mirror @ columns
     mirrored[:, 1:n_data:2] *= -1  # conjugated at the Friedel mate
     shape = (insertion.n_voxels, batch)
-    spectrum = ctf_spectrum = None
-    if buffers is not None and buffers[0].shape == shape:
-        spectrum, ctf_spectrum = buffers
-    if spectrum is None:
+    spectrum, ctf_spectrum = buffers if buffers is not None else (None, None)
+    if with_data and (spectrum is None or spectrum.shape != shape):
         spectrum = xp.empty(shape, dtype=xp.complex64)
-    if ctf_spectrum is None or ctf_spectrum.shape[0] != shape[0]:
+    if with_ctf and (ctf_spectrum is None or ctf_spectrum.shape[0] != shape[0]):
         ctf_spectrum = xp.empty(shape, dtype=xp.float32)
     spectrum = spectrum if with_data else None
     ctf_spectrum = ctf_spectrum if with_ctf else None

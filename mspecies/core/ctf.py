@@ -20,6 +20,15 @@ def electron_wavelength_angst(voltage_kv: float) -> float:
     return 12.2643247 / np.sqrt(volts * (1.0 + volts * 0.978466e-6))
 
 
+def phase_constants(microscope: Microscope) -> tuple[float, float, float]:
+    """RELION's ``γ = k1 Δf k² + k2 k⁴ − phase − k3`` constants: k1 = πλ (1/Å), k2 = (π/2) Cs λ³ (Cs in Å),
+    k3 = atan(Q0 / √(1 − Q0²)) (the amplitude contrast as a phase)."""
+    wavelength = electron_wavelength_angst(microscope.voltage_kv)
+    q0 = microscope.amplitude_contrast
+    return (np.pi * wavelength, np.pi / 2 * (microscope.cs_mm * 1e7) * wavelength**3,
+            float(np.arctan(q0 / np.sqrt(1.0 - q0 * q0))))
+
+
 def rfft_frequencies(shape_yx: tuple[int, int], pixel_size_angst: float, *, xp: ModuleType = np
                      ) -> tuple[np.ndarray, np.ndarray]:
     """Frequency grids (1/Å) of an ``rfft2`` half spectrum of an image of shape (ny, nx) → (ny, nx//2+1) each."""
@@ -39,12 +48,7 @@ def ctf_2d(freq_x: np.ndarray, freq_y: np.ndarray, defocus_u_angst: np.ndarray, 
     is ``exp(−B k²/4)`` (negative B damps, RELION sign: ``bfactor_angst2 = −4·dose`` is Warp's dose filter).
     """
     xp = _namespace(freq_x)
-    wavelength = electron_wavelength_angst(microscope.voltage_kv)
-    cs_angst = microscope.cs_mm * 1e7
-    q0 = microscope.amplitude_contrast
-    k1 = np.pi * wavelength
-    k2 = np.pi / 2 * cs_angst * wavelength**3
-    k3 = np.arctan(q0 / np.sqrt(1.0 - q0 * q0))
+    k1, k2, k3 = phase_constants(microscope)
     u2 = freq_x * freq_x + freq_y * freq_y
     azimuth = xp.arctan2(freq_y, freq_x) - xp.deg2rad(xp.asarray(defocus_angle_deg))
     defocus_average = -(xp.asarray(defocus_u_angst) + xp.asarray(defocus_v_angst)) / 2

@@ -48,7 +48,7 @@ from types import ModuleType
 
 import numpy as np
 
-from .ctf import electron_wavelength_angst
+from .ctf import phase_constants
 from .types import Microscope
 
 WEIGHT_FLOOR = 1e-4
@@ -189,11 +189,8 @@ def ctf_phase_terms(freq_px: np.ndarray, box_px: int, pixel_size_angst: float, d
     angle = np.deg2rad(defocus_angle_deg)
     delta_f = (-(defocus_u_angst + defocus_v_angst) / 2
                - (defocus_u_angst - defocus_v_angst) / 2 * (np.cos(2 * angle) * cos2 + np.sin(2 * angle) * sin2))
-    wavelength = electron_wavelength_angst(microscope.voltage_kv)
-    q0 = microscope.amplitude_contrast
-    c1 = np.pi * wavelength
-    c2 = np.pi / 2 * microscope.cs_mm * 1e7 * wavelength**3
-    gamma = c1 * delta_f * k2 + c2 * k2 * k2 - (np.deg2rad(phase_shift_deg) + np.arctan(q0 / np.sqrt(1 - q0 * q0)))
+    c1, c2, c3 = phase_constants(microscope)
+    gamma = c1 * delta_f * k2 + c2 * k2 * k2 - (np.deg2rad(phase_shift_deg) + c3)
     k = np.sqrt(k2)
     step = np.abs(2 * c1 * delta_f * k + 4 * c2 * k2 * k) / (box_px * pixel_size_angst)
     return gamma, k2, step
@@ -247,7 +244,7 @@ def pair_tables(coverage: Coverage, *, pixel_size_angst: float, padded_box_px: i
     basis = np.atleast_2d(np.asarray(offset_basis, dtype=np.float64))
     used_rows = np.flatnonzero(np.any(basis != 0, axis=1))
     # 2γ changes by −2πλ · offset · k² (the defocus term of γ, twice)
-    offset_tables = -2 * np.pi * electron_wavelength_angst(microscope.voltage_kv) * basis[used_rows][:, t] * k2
+    offset_tables = -2 * phase_constants(microscope)[0] * basis[used_rows][:, t] * k2
     return PairTables(coverage, 2 * gamma, offset_tables, used_rows, 0.5 * (1 - 1e-6) * np.sinc(step / np.pi),
                       tilt_weight_scale[t] * np.exp(-pre_exposure_e_per_angst2[t] * k2),
                       np.minimum(1.0, covered * (n / padded_box_px)), apply_ctf)

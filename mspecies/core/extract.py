@@ -11,7 +11,7 @@ from types import ModuleType
 
 import numpy as np
 
-from .ctf import electron_wavelength_angst
+from .ctf import phase_constants
 from .types import InputError, Microscope, TiltSeriesData
 
 
@@ -38,10 +38,9 @@ def aliasing_free_size_px(microscope: Microscope, defocus_angst: float, phase_sh
                           pixel_size_angst: float, diameter_px: float) -> int:
     """Warp ``CTF.GetAliasingFreeSize(maxRes = 2p, diameter)``: box keeping the CTF phase change per Fourier
     pixel below π/1.1 up to Nyquist, plus the particle diameter (px). Astigmatism is ignored."""
-    wavelength = electron_wavelength_angst(microscope.voltage_kv)
+    k1, k2, _ = phase_constants(microscope)
     k = (np.arange(1000) + 1) / 1000.0 / (2.0 * pixel_size_angst)
-    gamma = (np.pi * wavelength * (-defocus_angst) * k**2 + np.pi / 2 * microscope.cs_mm * 1e7 * wavelength**3 * k**4
-             - np.deg2rad(phase_shift_deg))
+    gamma = k1 * (-defocus_angst) * k**2 + k2 * k**4 - np.deg2rad(phase_shift_deg)
     steps = np.abs(np.diff(gamma / np.pi))
     return int(np.ceil(steps.max() / 0.5 * 1000 * 1.1 + diameter_px))
 
@@ -267,11 +266,7 @@ def ctf_samples(tables: CtfTables, defocus_u_angst: np.ndarray, defocus_v_angst:
 
     Defocus and angles have shape (...,), broadcast against the S samples.
     """
-    wavelength = electron_wavelength_angst(microscope.voltage_kv)
-    q0 = microscope.amplitude_contrast
-    k1 = np.pi * wavelength
-    k2 = np.pi / 2 * microscope.cs_mm * 1e7 * wavelength**3
-    k3 = np.arctan(q0 / np.sqrt(1.0 - q0 * q0))
+    k1, k2, k3 = phase_constants(microscope)
     angle = xp.deg2rad(xp.asarray(defocus_angle_deg, dtype=xp.float64))
     average = (-(xp.asarray(defocus_u_angst) + xp.asarray(defocus_v_angst)) / 2).astype(xp.float32)[..., None]
     deviation = (-(xp.asarray(defocus_u_angst) - xp.asarray(defocus_v_angst)) / 2)

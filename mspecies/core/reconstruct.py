@@ -42,7 +42,7 @@ from .types import InputError, ParticlePoses, TiltSeriesData
 MODES = ("volumes", "series")
 CTF_LAYOUTS = ("half", "centred")
 CTF_METHODS = ("direct", "padded")
-WEIGHT_FLOOR = 1e-4
+WEIGHT_FLOOR = ctf3d.WEIGHT_FLOOR  # M's 1e-4 floor of the normalisation, the same for both 3D-CTF methods
 SPARSE_THRESHOLD = 0.01
 
 
@@ -260,7 +260,7 @@ class TiltSeriesEngine:
     def _direct_pair_tables(self, orientation: np.ndarray) -> ctf3d.PairTables:
         """Output-grid 3D-CTF pair tables for (T, 3, 2) slice orientations of the used tilts."""
         ts, options, t = self.tilt_series, self.options, self.tilts
-        scale = np.cos(np.deg2rad(ts.tilt_angles_deg[t])) * dose_limit_mask(ts, options.n_tilts_by_dose)[t]
+        scale = _tilt_scale(ts, options, t)
         # particle defocus offset = sign · height, and height = (third row of the tilt rotation) · position
         basis = options.defocus_gradient_sign * tilt_rotation(ts.tilt_angles_deg[t])[:, 2, :].T
         return ctf3d.pair_tables(
@@ -633,11 +633,16 @@ class TiltSeriesEngine:
         return (x > margin) & (x < nx - margin) & (y > margin) & (y < ny - margin)
 
 
+def _tilt_scale(tilt_series: TiltSeriesData, options: ExportOptions, tilts: np.ndarray) -> np.ndarray:
+    """(T_used,) float64 ``cos θ · dose-limit mask``: the k-independent part of C_w / C_u."""
+    return np.cos(np.deg2rad(tilt_series.tilt_angles_deg[tilts])) * dose_limit_mask(tilt_series,
+                                                                                     options.n_tilts_by_dose)[tilts]
+
+
 def _tilt_weights(tilt_series: TiltSeriesData, options: ExportOptions, tilts: np.ndarray, tables: extract.CtfTables,
                   xp: ModuleType) -> np.ndarray:
     """(T_used, S) float32 ``cos θ · exp(−pre-exposure · k²) · dose-limit mask`` (C_w / C_u)."""
-    scale = np.cos(np.deg2rad(tilt_series.tilt_angles_deg[tilts]))
-    scale = scale * dose_limit_mask(tilt_series, options.n_tilts_by_dose)[tilts]
+    scale = _tilt_scale(tilt_series, options, tilts)
     pre = xp.asarray(tilt_series.pre_exposure_e_per_angst2[tilts], dtype=xp.float32)[:, None]
     return (xp.asarray(scale, dtype=xp.float32)[:, None] * xp.exp(-pre * tables.k2[None, :])).astype(xp.float32)
 

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from mspecies.common.types import InputError
 from mspecies.core.assignment import (
     DISTANCE_EPS_ANGST,
     IntersectionResult,
@@ -16,7 +17,6 @@ from mspecies.core.assignment import (
     match_particle_sets,
     select_union,
 )
-from mspecies.core.types import InputError
 
 PROPERTY = settings(max_examples=80, deadline=None, derandomize=True)
 GATED_METHODS = ("dense", "sparse", "auto")

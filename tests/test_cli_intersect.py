@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 
 from mspecies.cli import main
+from mspecies.cli.intersect_files import merge_into_old_dialect, parse_keep
 from mspecies.formats.star import StarBlock, write_star_text
 from mspecies.formats.star_dialects import Dialect, read_particle_star
-from mspecies.intersect import merge_into_old_dialect, parse_keep
 
 PIXEL = 5.0
 SHAPE = (400, 400, 200)  # px at PIXEL; centre (200, 200, 100)

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
+from mspecies.common.types import Microscope
 from mspecies.core.ctf import ctf_2d, electron_wavelength_angst, rfft_frequencies
-from mspecies.core.types import Microscope
 
 NO_CS = Microscope(voltage_kv=300.0, cs_mm=0.0, amplitude_contrast=0.0)
 

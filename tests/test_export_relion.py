@@ -26,11 +26,11 @@ import pytest
 import scipy.fft
 from _relion import require_relion
 
-from mspecies.core.phantom import make_phantom_map
-from mspecies.core.synth import generate_dataset, load_manifest
 from mspecies.core.volume import fourier_shell_correlation, normalized_cross_correlation, spherical_mask
 from mspecies.formats.mrc import read_mrc, write_mrc
 from mspecies.formats.star import read_relion31_particles
+from mspecies.synth.dataset import generate_dataset, load_manifest
+from mspecies.synth.phantom import make_phantom_map
 
 pytestmark = pytest.mark.relion
 

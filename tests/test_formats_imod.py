@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mspecies.core.types import InputError
+from mspecies.common.types import InputError
 from mspecies.formats import imod
 from mspecies.formats.mrc import read_mrc, write_mrc
 from mspecies.formats.star import read_relion31_particles, write_relion31_particles

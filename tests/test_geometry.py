@@ -2,9 +2,9 @@
 
 import numpy as np
 
+from mspecies.common.types import Microscope, TiltSeriesData
 from mspecies.core import geometry
-from mspecies.core.synth import random_rotation_matrices, rotation_2d
-from mspecies.core.types import Microscope, TiltSeriesData
+from mspecies.synth.dataset import random_rotation_matrices, rotation_2d
 
 
 def _passive_z(angle_deg: float) -> np.ndarray:

@@ -1,6 +1,7 @@
-"""Layering: core/formats/cli never load Scipion; the plugin, its entry point, protocols.conf and protocols
-are discoverable (each check in a fresh interpreter)."""
+"""Layering: the one-way floors of DESIGN.md (read from every module's imports), core/formats/synth/cli never
+load Scipion; the plugin, its entry point, protocols.conf and protocols are discoverable (fresh interpreters)."""
 
+import ast
 import importlib.util
 import os
 import subprocess
@@ -8,9 +9,62 @@ import sys
 import tempfile
 
 SCIPION_PREFIXES = ("pyworkflow", "pwem", "tomo")
-PURE_MODULES = ["mspecies", "mspecies.core.types", "mspecies.core.geometry", "mspecies.core.ctf",
-                "mspecies.core.synth", "mspecies.core.synth_check", "mspecies.core.assignment",
-                "mspecies.formats.imod", "mspecies.formats.star", "mspecies.cli"]
+PURE_MODULES = ["mspecies", "mspecies.common.types", "mspecies.common.euler", "mspecies.core.geometry",
+                "mspecies.core.ctf", "mspecies.core.reconstruct", "mspecies.core.assignment", "mspecies.synth.dataset",
+                "mspecies.synth.check", "mspecies.formats.imod", "mspecies.formats.star", "mspecies.formats.star_write",
+                "mspecies.cli", "mspecies.cli.export", "mspecies.cli.intersect_files", "mspecies.cli.qc"]
+PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mspecies")
+# Which mspecies packages each floor may import (its own always). Data flows Scipion -> convert -> core -> files.
+ALLOWED = {
+    "common": set(),
+    "core": {"common"},
+    "formats": {"common"},
+    "synth": {"common", "core", "formats"},
+    "cli": {"common", "core", "formats", "synth", "convert", "protocols", "scipion_env"},  # the last 3: demo, lazily
+    "convert": {"common", "core", "formats"},
+}
+
+
+def _mspecies_imports(path: str, package: str) -> list[tuple[int, str]]:
+    """(line, first-level mspecies package) of every import in a module, relative ones resolved."""
+    tree = ast.parse(open(path, encoding="utf-8").read(), path)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                names = [node.module or ""]
+            elif node.level == 1:
+                names = [f"mspecies.{package}"]
+            else:
+                names = [f"mspecies.{node.module}" if node.module else "mspecies"]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "mspecies" and len(parts) > 1:
+                found.append((node.lineno, parts[1]))
+    return found
+
+
+def test_floors_import_only_downwards():
+    wrong = []
+    for package, allowed in ALLOWED.items():
+        for folder, _, files in os.walk(os.path.join(PACKAGE, package)):
+            for name in files:
+                if name.endswith(".py"):
+                    path = os.path.join(folder, name)
+                    wrong += [f"{os.path.relpath(path, PACKAGE)}:{line} imports mspecies.{target}"
+                              for line, target in _mspecies_imports(path, package)
+                              if target != package and target not in allowed]
+    assert wrong == [], "\n".join(wrong)
+
+
+def test_floor_check_sees_a_wrong_import(tmp_path):
+    module = tmp_path / "bad.py"
+    module.write_text("from mspecies.formats import mrc\nfrom ..cli import main\nfrom .types import X\n")
+    assert _mspecies_imports(str(module), "core") == [(1, "formats"), (2, "cli"), (3, "core")]
 
 
 def _run(code: str) -> str:

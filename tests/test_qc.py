@@ -1,12 +1,12 @@
-"""QC plots and the CTF-weighted average of :mod:`mspecies.qc` (no Scipion)."""
+"""QC plots and the CTF-weighted average of :mod:`mspecies.cli.qc` (no Scipion)."""
 
 import numpy as np
 import pytest
 
-from mspecies import qc
-from mspecies.core.phantom import make_phantom_map
+from mspecies.cli import qc
 from mspecies.core.reconstruct import half_to_centred_cube
 from mspecies.core.volume import normalized_cross_correlation, rotate_volume_relion, spherical_mask
+from mspecies.synth.phantom import make_phantom_map
 
 BOX, PIXEL = 32, 4.0
 

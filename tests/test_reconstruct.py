@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import scipy.fft
 
+from mspecies.common.types import InputError, Microscope, ParticlePoses, TiltSeriesData
 from mspecies.core import extract, insert
 from mspecies.core.backend import cupy_unavailable_reason
 from mspecies.core.ctf import ctf_2d, rfft_frequencies
-from mspecies.core.phantom import BlobModel, make_blob_model, render_blob_map
 from mspecies.core.reconstruct import (
     CTF_METHODS,
     ExportOptions,
@@ -22,9 +22,9 @@ from mspecies.core.reconstruct import (
     half_to_centred_cube,
     reconstruct_particles,
 )
-from mspecies.core.synth import rotation_2d, simulate_noise_free
-from mspecies.core.types import InputError, Microscope, ParticlePoses, TiltSeriesData
 from mspecies.core.volume import normalized_cross_correlation, rotate_volume_relion, spherical_mask
+from mspecies.synth.dataset import rotation_2d, simulate_noise_free
+from mspecies.synth.phantom import BlobModel, make_blob_model, render_blob_map
 
 PIXEL = 4.0
 BOX = 32

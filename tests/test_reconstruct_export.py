@@ -10,13 +10,13 @@ import starfile
 from test_reconstruct import BOX, PIXEL, make_tilt_series, options, poses
 
 from mspecies.cli import main
-from mspecies.core.export import export_tilt_series, relion_coordinates_px
+from mspecies.cli.export_files import export_tilt_series, relion_coordinates_px
+from mspecies.common.types import InputError, Microscope
 from mspecies.core.memory import estimate_bytes, plan_batches
 from mspecies.core.reconstruct import CTF_METHODS, ReconstructionError, TiltSeriesEngine, check_volume
-from mspecies.core.synth import generate_dataset
-from mspecies.core.types import InputError, Microscope
 from mspecies.formats.mrc import read_mrc
 from mspecies.formats.relion_subtomo import write_subtomo_star
+from mspecies.synth.dataset import generate_dataset
 
 
 def test_memory_plan_batches_within_the_budget_and_refuses_with_numbers():

@@ -14,11 +14,11 @@ import pytest
 from _relion import require_relion
 
 from mspecies.core.geometry import euler_to_matrix, matrix_to_euler
-from mspecies.core.phantom import make_phantom_map
-from mspecies.core.synth import random_rotation_matrices
 from mspecies.core.volume import normalized_cross_correlation, rotate_volume_relion, spherical_mask
 from mspecies.formats.mrc import read_mrc, write_mrc
 from mspecies.formats.star import write_relion31_particles
+from mspecies.synth.dataset import random_rotation_matrices
+from mspecies.synth.phantom import make_phantom_map
 
 pytestmark = pytest.mark.relion
 

@@ -13,12 +13,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mspecies.cli.intersect_files import merge_into_old_dialect
+from mspecies.common.types import InputError, Microscope, ParticlePoses
 from mspecies.core.geometry import euler_to_matrix
-from mspecies.core.types import InputError, Microscope, ParticlePoses
 from mspecies.formats.star import StarBlock, read_star_text, write_star_text
 from mspecies.formats.star_dialects import SUBTOMOGRAM_COLUMNS, Dialect, read_particle_star
 from mspecies.formats.star_write import write_particle_star
-from mspecies.intersect import merge_into_old_dialect
 
 PIXEL = 2.5
 SHAPES = {"TS_01": (400, 380, 151), "TS_02": (512, 512, 200)}

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mspecies.cli import main
+from mspecies.common.types import InputError, Microscope
 from mspecies.core.geometry import euler_to_matrix
-from mspecies.core.types import InputError, Microscope
 from mspecies.formats.star import StarBlock, read_star_text, write_star_text
 from mspecies.formats.star_dialects import Dialect, read_particle_star
 from mspecies.formats.star_write import write_particle_star

@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from mspecies.common.types import InputError, Microscope, ParticlePoses
 from mspecies.convert.star_sets import (
     TomogramInfo,
     extras_from_json,
@@ -13,7 +14,6 @@ from mspecies.convert.star_sets import (
     resolve_star_path,
     shape_at_pixel,
 )
-from mspecies.core.types import InputError, Microscope, ParticlePoses
 from mspecies.formats.star_dialects import Dialect, ParticleTable
 from mspecies.formats.star_write import write_particle_star
 

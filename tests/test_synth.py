@@ -9,19 +9,21 @@ import pytest
 from scipy import ndimage
 
 from mspecies import cli
-from mspecies.core import geometry, synth, synth_check
+from mspecies.common.types import Microscope
+from mspecies.core import geometry
 from mspecies.core.ctf import ctf_2d, rfft_frequencies
-from mspecies.core.phantom import (
+from mspecies.formats import imod
+from mspecies.formats.mrc import read_mrc
+from mspecies.formats.star import read_relion31_particles
+from mspecies.synth import check as synth_check
+from mspecies.synth import dataset as synth
+from mspecies.synth.phantom import (
     BlobModel,
     make_blob_model,
     make_phantom_map,
     mirrored,
     model_correlation,
 )
-from mspecies.core.types import Microscope
-from mspecies.formats import imod
-from mspecies.formats.mrc import read_mrc
-from mspecies.formats.star import read_relion31_particles
 
 SMALL = dict(n_particles=10, n_tilts=21, image_shape_yx=(256, 256), box_px=32, pixel_size_angst=8.0,
              thickness_angst=800.0, tomogram_binning=2, snr=0.05)

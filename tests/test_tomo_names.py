@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mspecies.core.types import InputError
+from mspecies.common.types import InputError
 from mspecies.formats.tomo_names import match_tomo_names, normalise_tomo_name, parse_name_mapping
 
 

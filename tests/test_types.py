@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mspecies.core.types import InputError, Microscope, ParticlePoses, TiltSeriesData
+from mspecies.common.types import InputError, Microscope, ParticlePoses, TiltSeriesData
 
 
 def _tilt_series(n_tilts=5, **overrides):

@@ -26,14 +26,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mspecies.common.types import ParticlePoses
 from mspecies.core.backend import cupy_unavailable_reason
 from mspecies.core.geometry import particle_defocus_angst, project_positions_to_tilts
 from mspecies.core.memory import retain_freed_memory
 from mspecies.core.reconstruct import ExportOptions, TiltSeriesEngine
-from mspecies.core.synth import SynthParameters, make_tilt_series, random_euler_angles
-from mspecies.core.types import ParticlePoses
 from mspecies.formats.mrc import read_mrc, write_mrc
 from mspecies.formats.star import write_relion31_particles
+from mspecies.synth.dataset import SynthParameters, make_tilt_series, random_euler_angles
 
 
 def make_inputs(box_px: int, n_particles: int, seed: int = 0):

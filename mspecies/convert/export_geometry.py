@@ -1,6 +1,6 @@
 """Inputs of the export CLI worker (``python -m mspecies export --geometry ts.json --particles particles.star``).
 
-One geometry JSON per tilt series (schema: :mod:`mspecies.cli_export`) from a :class:`TiltSeriesData`, and one
+One geometry JSON per tilt series (schema: :mod:`mspecies.cli.export`) from a :class:`TiltSeriesData`, and one
 particle STAR per tilt series: ``rlnCoordinateX/Y/Z`` in pixels of the tilt series from the corner of the
 unbinned tomogram (``tomogram_shape_xyz_px`` at the tilt-series pixel size), RELION Euler angles (deg) and
 ``rlnTomoName`` = tsId. No pyworkflow import: the protocol converts Scipion objects first
@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mspecies.common.types import InputError, ParticlePoses, TiltSeriesData
 from mspecies.core.geometry import centred_angst_to_corner_px
-from mspecies.core.types import InputError, ParticlePoses, TiltSeriesData
 from mspecies.formats.star import StarBlock, write_star_text
 
 GEOMETRY_JSON = "geometry.json"

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from mspecies.core.types import InputError
+from mspecies.common.types import InputError
 
 DEFOCUS_FORMATS = ("imod", "ctffind")
 

@@ -12,7 +12,7 @@ from datetime import datetime
 
 import numpy as np
 
-from mspecies.core.types import InputError
+from mspecies.common.types import InputError
 
 DATE_FORMATS = ("%d-%b-%y %H:%M:%S", "%d-%b-%Y %H:%M:%S")
 

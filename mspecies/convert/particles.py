@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from tomo.constants import SCIPION, TR_SCIPION
 
-from mspecies.core.types import InputError, ParticlePoses
+from mspecies.common.types import InputError, ParticlePoses
 
 from .poses import scipion_matrix_to_relion
 

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 from tomo.constants import SCIPION, TR_SCIPION
 
-from mspecies.core.types import InputError, Microscope, ParticlePoses
+from mspecies.common.types import InputError, Microscope, ParticlePoses
 from mspecies.formats.star import read_star_text
 from mspecies.formats.star_dialects import (
     _OPTICS_PIXEL,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mspecies.core.types import InputError, Microscope, TiltSeriesData
+from mspecies.common.types import InputError, Microscope, TiltSeriesData
 
 
 def _sorted_tilt_images(ts) -> list:

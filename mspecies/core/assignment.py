@@ -30,7 +30,7 @@ from scipy.sparse import coo_matrix, csr_matrix
 from scipy.sparse.csgraph import connected_components, min_weight_full_bipartite_matching
 from scipy.spatial import cKDTree
 
-from mspecies.core.types import InputError
+from mspecies.common.types import InputError
 
 DISTANCE_EPS_ANGST = 1e-6
 """Pairs with ``d <= tolerance + DISTANCE_EPS_ANGST`` pass the gate (M: ``d <= tol + 1e-6``)."""

@@ -11,7 +11,7 @@ from types import ModuleType
 
 import numpy as np
 
-from .types import Microscope
+from mspecies.common.types import Microscope
 
 
 def electron_wavelength_angst(voltage_kv: float) -> float:

@@ -48,8 +48,9 @@ from types import ModuleType
 
 import numpy as np
 
+from mspecies.common.types import Microscope
+
 from .ctf import phase_constants
-from .types import Microscope
 
 WEIGHT_FLOOR = 1e-4
 # Slot widths of the per-voxel classes: a voxel covered by c slices goes to the smallest width ≥ c.

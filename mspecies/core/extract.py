@@ -11,8 +11,9 @@ from types import ModuleType
 
 import numpy as np
 
+from mspecies.common.types import InputError, Microscope, TiltSeriesData
+
 from .ctf import phase_constants
-from .types import InputError, Microscope, TiltSeriesData
 
 
 def fft_module(xp: ModuleType) -> ModuleType:

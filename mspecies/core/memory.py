@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .types import InputError
+from mspecies.common.types import InputError
 
 DEFAULT_BUDGET_FRACTION = 0.25
 MAX_BATCH = 32

@@ -33,11 +33,12 @@ from types import ModuleType
 
 import numpy as np
 
+from mspecies.common.types import InputError, ParticlePoses, TiltSeriesData
+
 from . import ctf3d, extract, insert
 from .backend import select_backend, to_numpy
 from .geometry import euler_to_matrix, particle_defocus_angst, project_positions_to_tilts, tilt_rotation
 from .memory import MemoryPlan, plan_batches
-from .types import InputError, ParticlePoses, TiltSeriesData
 
 MODES = ("volumes", "series")
 CTF_LAYOUTS = ("half", "centred")

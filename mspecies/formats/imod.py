@@ -1,7 +1,7 @@
 """IMOD / SerialEM / CTFFIND text files of a tilt series: readers and writers.
 
 All per-tilt arrays are in stack order (line i of a file = image i of the raw stack). Readers fail
-with :class:`~mspecies.core.types.InputError` naming the file and the line (1-based) on a missing
+with :class:`~mspecies.common.types.InputError` naming the file and the line (1-based) on a missing
 file, a wrong column count or a non-numeric value.
 
 Files:
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mspecies.core.types import InputError
+from mspecies.common.types import InputError
 
 DEFOCUS_FLAG_ASTIGMATISM = 1
 DEFOCUS_FLAG_RADIANS = 2

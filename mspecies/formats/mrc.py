@@ -10,7 +10,7 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 
-from mspecies.core.types import InputError
+from mspecies.common.types import InputError
 
 
 def write_mrc(path: str | Path, data: np.ndarray, pixel_size_angst: float, *, overwrite: bool = True) -> Path:

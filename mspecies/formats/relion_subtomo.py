@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import starfile
 
-from mspecies.core.types import InputError, Microscope
+from mspecies.common.types import InputError, Microscope
 
 FLAVOURS = ("3.1", "3.0")
 PARTICLE_COLUMNS = ("rlnImageName", "rlnCtfImage", "rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnCoordinateX",

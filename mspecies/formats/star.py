@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import starfile
 
-from mspecies.core.types import InputError
+from mspecies.common.types import InputError
 
 
 def write_relion31_particles(path: str | Path, optics: pd.DataFrame, particles: pd.DataFrame) -> Path:

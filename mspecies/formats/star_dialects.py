@@ -1,6 +1,6 @@
 """RELION 3.0/3.1/4/5, Warp 3D-export and M species particle STAR files ⇄ :class:`ParticleTable`.
 
-A :class:`ParticleTable` holds the core :class:`~mspecies.core.types.ParticlePoses` (Å centred on the tomogram
+A :class:`ParticleTable` holds the core :class:`~mspecies.common.types.ParticlePoses` (Å centred on the tomogram
 centre, origins already subtracted, RELION Euler angles) plus everything needed to write the file back: the
 origins as read, pixel sizes kept apart (coordinate grid vs particle images), tomogram sizes for corner-based
 dialects, subsets, image names, the optics table and every column it does not interpret, as text.
@@ -41,8 +41,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mspecies.core.geometry import euler_to_matrix, matrix_to_euler
-from mspecies.core.types import InputError, ParticlePoses
+from mspecies.common.euler import euler_to_matrix, matrix_to_euler
+from mspecies.common.types import InputError, ParticlePoses
 from mspecies.formats.star import StarBlock, read_star_text
 from mspecies.formats.tomo_names import normalise_tomo_name
 
@@ -399,7 +399,7 @@ def _angles(table: pd.DataFrame, roles: Mapping[str, str], where: str) -> tuple[
 def _matrix_to_euler_exact(matrix: np.ndarray) -> np.ndarray:
     """(N, 3, 3) rotations → (N, 3) RELION (rot, tilt, psi) deg that reproduce them to rounding, even near tilt 0.
 
-    Same angles as :func:`~mspecies.core.geometry.matrix_to_euler` (tilt in [0, 180]) away from gimbal lock; near
+    Same angles as :func:`~mspecies.common.euler.matrix_to_euler` (tilt in [0, 180]) away from gimbal lock; near
     it psi is taken from the rotation left after rot and tilt, so no part of the rotation is lost.
     """
     euler = matrix_to_euler(matrix)

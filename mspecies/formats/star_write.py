@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mspecies.core.geometry import euler_to_matrix
-from mspecies.core.types import InputError, Microscope
+from mspecies.common.euler import euler_to_matrix
+from mspecies.common.types import InputError, Microscope
 from mspecies.formats.star import StarBlock, write_star_text
 from mspecies.formats.star_dialects import (
     _CORNER_PX,

@@ -17,7 +17,7 @@ from pathlib import PurePosixPath, PureWindowsPath
 import numpy as np
 import pandas as pd
 
-from mspecies.core.types import InputError
+from mspecies.common.types import InputError
 
 # Stripped repeatedly from the end: file extensions, reconstruction/binning/pixel-size tags.
 _SUFFIXES = re.compile(

@@ -10,7 +10,7 @@ from pyworkflow import BETA
 from pyworkflow.utils import Message
 from tomo.protocols import ProtTomoBase
 
-from mspecies.core.types import InputError
+from mspecies.common.types import InputError
 
 TS_TAG = "{TS}"
 

@@ -11,8 +11,8 @@ from pyworkflow.object import Integer, String
 from pyworkflow.utils import Message
 from tomo.protocols import ProtTomoBase
 
+from mspecies.common.types import InputError, Microscope
 from mspecies.convert.star_sets import TomogramInfo, export_set_to_star, parse_tomo_size
-from mspecies.core.types import InputError, Microscope
 from mspecies.formats.star_dialects import CORNER_DIALECTS, Dialect
 
 EXPORT_DIALECTS = (Dialect.RELION30, Dialect.RELION31, Dialect.RELION4, Dialect.RELION5, Dialect.M_SPECIES)

@@ -36,6 +36,7 @@ from tomo.constants import SCIPION, TR_SCIPION
 from tomo.objects import SetOfSubTomograms, SubTomogram
 from tomo.protocols import ProtTomoBase
 
+from mspecies.common.types import InputError, ParticlePoses
 from mspecies.convert.export_geometry import (
     GEOMETRY_JSON,
     PARTICLES_IN_STAR,
@@ -47,7 +48,6 @@ from mspecies.convert.export_geometry import (
 from mspecies.convert.particles import particles_to_poses
 from mspecies.convert.poses import relion_to_scipion_matrix
 from mspecies.convert.tilt_series import tilt_series_set_to_data
-from mspecies.core.types import InputError, ParticlePoses
 
 MODE_VOLUMES, MODE_SERIES = 0, 1
 MODES = ("volumes", "series")
@@ -332,7 +332,7 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
 
     def _stepReport(self, tsId: str) -> dict:
         """Particles written and the padded box of one finished tilt series."""
-        from mspecies.cli_export import tilt_series_from_geometry
+        from mspecies.cli.export import tilt_series_from_geometry
         from mspecies.core.extract import padded_box_px
 
         folder = self._getExtraPath(tsId)
@@ -362,7 +362,7 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
 
     def _writeMergedStar(self, tsIds: list[str]) -> str:
         """``extra/particles.star`` over all tilt series (random subsets alternate over the merged rows)."""
-        from mspecies.core.types import Microscope
+        from mspecies.common.types import Microscope
         from mspecies.formats.relion_subtomo import PARTICLE_COLUMNS, write_series_star, write_subtomo_star
 
         particles, tilts = [], []
@@ -443,7 +443,7 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
 
     def _writeQcFigures(self, tsIds: list[str]) -> None:
         """``extra/qc_<tsId>.png`` per tilt series (CTF-weighted average + one 3D CTF)."""
-        from mspecies import qc
+        from mspecies.cli import qc
 
         for tsId in tsIds:
             average, ctf = self.exportAverage(tsId)
@@ -453,7 +453,7 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
     def exportAverage(self, tsId: str, maxParticles: int = 200) -> tuple[np.ndarray, np.ndarray]:
         """(CTF-weighted average in the reference frame, first 3D CTF) of the exported particles of one tilt
         series (at most ``maxParticles``)."""
-        from mspecies import qc
+        from mspecies.cli import qc
         from mspecies.formats.mrc import read_mrc
 
         table = self._cliTables(tsId)["particles"].head(maxParticles)

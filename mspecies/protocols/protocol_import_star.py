@@ -14,6 +14,7 @@ from tomo.constants import SCIPION, TR_SCIPION
 from tomo.objects import Coordinate3D, SetOfCoordinates3D, SetOfSubTomograms, SubTomogram
 from tomo.protocols import ProtTomoBase
 
+from mspecies.common.types import InputError
 from mspecies.convert.star_sets import (
     CTF_ATTR,
     EXTRAS_ATTR,
@@ -26,7 +27,6 @@ from mspecies.convert.star_sets import (
     resolve_star_path,
     star_import_to_scipion,
 )
-from mspecies.core.types import InputError
 
 DIALECT_CHOICES = ("auto", "3.0", "3.1", "4", "5", "warp3d", "warp")
 DIALECT_LABELS = ["auto", "RELION 3.0", "RELION 3.1", "RELION 4", "RELION 5", "Warp 3D export", "M species"]

@@ -18,8 +18,8 @@ from pyworkflow.utils import Message
 from tomo.objects import SetOfTiltSeries, TiltImage, TiltSeries, TomoAcquisition
 from tomo.protocols import ProtTomoBase
 
+from mspecies.common.types import InputError
 from mspecies.convert.mdoc import read_mdoc_tilts
-from mspecies.core.types import InputError
 
 TS_TAG = "{TS}"
 

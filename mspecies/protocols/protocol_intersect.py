@@ -2,8 +2,8 @@
 
 Old set: ``SetOfCoordinates3D`` or ``SetOfSubTomograms``. New set: another Scipion set or a RELION/Warp/M particle
 STAR. Particles are matched one-to-one per tomogram within a tolerance (Å) by :mod:`mspecies.core.assignment`,
-through the shared glue :mod:`mspecies.intersect`. Outputs (all of the old set's class): ``onlyOld``, ``inBoth``
-(old particles, old poses), ``onlyNew`` and ``selected`` (the union chosen in the form). Every item carries
+through the shared glue :mod:`mspecies.cli.intersect_files`. Outputs (all of the old set's class): ``onlyOld``,
+``inBoth`` (old particles, old poses), ``onlyNew`` and ``selected`` (the union chosen in the form). Every item carries
 ``_mspeciesMatchDistance`` (Å to its partner, -1 when it has none).
 """
 
@@ -22,11 +22,7 @@ from tomo.constants import SCIPION, TR_SCIPION
 from tomo.objects import Coordinate3D, SetOfCoordinates3D, SetOfSubTomograms, SubTomogram
 from tomo.protocols import ProtTomoBase
 
-from mspecies.convert.particles import particles_to_poses
-from mspecies.convert.poses import relion_to_scipion_matrix
-from mspecies.core.types import InputError, ParticlePoses
-from mspecies.formats.star_dialects import CORNER_DIALECTS, ParticleTable, read_particle_star
-from mspecies.intersect import (
+from mspecies.cli.intersect_files import (
     HISTOGRAM_PNG,
     SUMMARY_JSON,
     intersect_poses,
@@ -36,6 +32,10 @@ from mspecies.intersect import (
     summary_lines,
     write_match_files,
 )
+from mspecies.common.types import InputError, ParticlePoses
+from mspecies.convert.particles import particles_to_poses
+from mspecies.convert.poses import relion_to_scipion_matrix
+from mspecies.formats.star_dialects import CORNER_DIALECTS, ParticleTable, read_particle_star
 
 SOURCE_SCIPION, SOURCE_STAR = 0, 1
 MODE_CHOICES = ("gated", "m_compatible")

@@ -18,15 +18,15 @@ def setup_synthetic_project(cls, prefix: str, **synth) -> None:
     """``setupTestProject`` + a synthetic dataset generated in a fresh temporary folder and imported.
 
     Sets ``cls.proj``, ``cls.tmp`` (the folder), ``cls.manifest_path``, ``cls.manifest`` and ``cls.imported``
-    (:func:`mspecies.workflow.import_synthetic_dataset`); ``synth`` goes to ``generate_dataset``.
+    (:func:`mspecies.cli.workflow.import_synthetic_dataset`); ``synth`` goes to ``generate_dataset``.
     """
     import tempfile
     from pathlib import Path
 
     from pyworkflow.tests import setupTestProject
 
-    from mspecies.core.synth import generate_dataset, load_manifest
-    from mspecies.workflow import import_synthetic_dataset
+    from mspecies.cli.workflow import import_synthetic_dataset
+    from mspecies.synth.dataset import generate_dataset, load_manifest
 
     setupTestProject(cls)
     cls.tmp = Path(tempfile.mkdtemp(prefix=prefix))

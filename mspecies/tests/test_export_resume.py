@@ -9,10 +9,10 @@ import pytest
 from pyworkflow.protocol.constants import MODE_RESUME
 from pyworkflow.tests import BaseTest
 
+from mspecies.cli.workflow import inside_project
 from mspecies.protocols import ProtMSpeciesExportSubtomograms
 from mspecies.protocols.protocol_export_subtomograms import DONE_JSON
 from mspecies.tests.checks import registered_outputs, setup_synthetic_project
-from mspecies.workflow import inside_project
 
 SYNTH = dict(seed=11, n_tomograms=2, n_particles=5, n_tilts=15, box_px=32, image_shape_yx=(256, 256),
              pixel_size_angst=4.0, thickness_angst=400.0, snr=None)

@@ -9,14 +9,14 @@ from pyworkflow.tests import BaseTest
 from tomo.constants import SCIPION
 from tomo.protocols import ProtProjectCoordinates
 
+from mspecies.cli.workflow import inside_project
+from mspecies.common.types import InputError
 from mspecies.convert.particles import coordinates_to_poses
 from mspecies.convert.tilt_series import tilt_series_set_to_data
 from mspecies.core.geometry import euler_to_matrix, project_positions_to_tilts
-from mspecies.core.synth import manifest_particles, manifest_tilt_series
-from mspecies.core.types import InputError
 from mspecies.protocols import ProtMSpeciesImportParticlesStar, ProtMSpeciesImportTsAlignment
+from mspecies.synth.dataset import manifest_particles, manifest_tilt_series
 from mspecies.tests.checks import registered_outputs, setup_synthetic_project
-from mspecies.workflow import inside_project
 
 SYNTH = dict(seed=0, n_tomograms=2, n_particles=8, n_tilts=21, box_px=32, image_shape_yx=(256, 256),
              pixel_size_angst=4.0, thickness_angst=600.0)

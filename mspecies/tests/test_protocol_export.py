@@ -14,12 +14,12 @@ from pyworkflow.tests import BaseTest
 from tomo.constants import SCIPION, TR_SCIPION
 from tomo.objects import SetOfSubTomograms
 
+from mspecies.cli.demo_chain import run_export_chain
+from mspecies.cli.workflow import inside_project, launch
 from mspecies.convert.particles import coordinates_to_poses
 from mspecies.convert.poses import scipion_matrix_to_relion
 from mspecies.core.ctf import ctf_2d
 from mspecies.core.geometry import euler_to_matrix, project_positions_to_tilts
-from mspecies.core.synth import manifest_particles, manifest_tilt_series
-from mspecies.demo import run_export_chain
 from mspecies.formats.mrc import read_mrc
 from mspecies.formats.star import read_relion31_particles, read_star_blocks
 from mspecies.protocols import (
@@ -30,8 +30,8 @@ from mspecies.protocols import (
     ProtMSpeciesIntersect,
 )
 from mspecies.protocols.protocol_export_subtomograms import CTF_ATTR, DONE_JSON, MODE_SERIES
+from mspecies.synth.dataset import manifest_particles, manifest_tilt_series
 from mspecies.tests.checks import registered_outputs, setup_synthetic_project
-from mspecies.workflow import inside_project, launch
 
 SYNTH = dict(seed=5, n_tomograms=2, n_particles=20, n_tilts=31, box_px=32, image_shape_yx=(320, 320),
              pixel_size_angst=4.0, thickness_angst=500.0, snr=None)

@@ -10,15 +10,15 @@ from pyworkflow.plugin import Domain
 from pyworkflow.tests import BaseTest
 from tomo.objects import Coordinate3D, SetOfCoordinates3D, SetOfSubTomograms
 
+from mspecies.cli.workflow import launch
 from mspecies.convert.particles import coordinates_to_poses, subtomograms_to_poses
-from mspecies.core.synth import manifest_particles
 from mspecies.formats.mrc import write_mrc
 from mspecies.formats.star import StarBlock, write_star_text
 from mspecies.protocols import ProtMSpeciesImportParticlesStar, ProtMSpeciesIntersect
 from mspecies.protocols.protocol_intersect import DISTANCE_ATTR, SOURCE_SCIPION, SOURCE_STAR
+from mspecies.synth.dataset import manifest_particles
 from mspecies.tests.checks import setup_synthetic_project
 from mspecies.viewers import MSpeciesIntersectViewer
-from mspecies.workflow import launch
 
 SYNTH = dict(seed=3, n_tomograms=2, n_particles=10, n_tilts=21, box_px=32, image_shape_yx=(256, 256),
              pixel_size_angst=4.0, thickness_angst=600.0)

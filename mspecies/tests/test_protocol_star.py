@@ -18,12 +18,12 @@ import pandas as pd
 from pyworkflow.tests import BaseTest
 from tomo.constants import TR_SCIPION
 
+from mspecies.cli.workflow import inside_project, launch
+from mspecies.common.types import Microscope, ParticlePoses
 from mspecies.convert.particles import coordinates_to_poses, subtomograms_to_poses
 from mspecies.convert.poses import relion_to_scipion_matrix
 from mspecies.convert.star_sets import CTF_ATTR, EXTRAS_ATTR, SUBSET_ATTR, TomogramInfo, shape_at_pixel
 from mspecies.core.geometry import euler_to_matrix
-from mspecies.core.synth import manifest_particles
-from mspecies.core.types import Microscope, ParticlePoses
 from mspecies.formats.mrc import write_mrc
 from mspecies.formats.star import read_star_text, write_star_text
 from mspecies.formats.star_dialects import Dialect, ParticleTable, particle_block_name, read_particle_star
@@ -31,8 +31,8 @@ from mspecies.formats.star_write import write_particle_star
 from mspecies.protocols import ProtMSpeciesExportParticlesStar, ProtMSpeciesImportParticlesStar
 from mspecies.protocols.protocol_export_star import EXPORT_DIALECTS
 from mspecies.protocols.protocol_import_star import DIALECT_CHOICES, IMPORT_COORDINATES
+from mspecies.synth.dataset import manifest_particles
 from mspecies.tests.checks import registered_outputs, setup_synthetic_project
-from mspecies.workflow import inside_project, launch
 from tests._relion import require_relion
 
 SYNTH = dict(seed=3, n_tomograms=2, n_particles=8, n_tilts=21, box_px=32, image_shape_yx=(256, 256),

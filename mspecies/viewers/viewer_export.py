@@ -1,6 +1,6 @@
 """Viewer of the sub-tomogram export: per tilt series, central slices and the rotationally averaged power spectrum
 of the CTF-weighted average of its exported sub-tomograms (in the reference frame), and central sections of one
-3D CTF (plots from :mod:`mspecies.qc`; the output step also writes them as ``extra/qc_<tsId>.png``)."""
+3D CTF (plots from :mod:`mspecies.cli.qc`; the output step also writes them as ``extra/qc_<tsId>.png``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pyworkflow.protocol.params as params
 from pyworkflow.gui.plotter import Plotter
 from pyworkflow.viewer import DESKTOP_TKINTER, ProtocolViewer
 
-from mspecies import qc
+from mspecies.cli import qc
 from mspecies.protocols.protocol_export_subtomograms import ProtMSpeciesExportSubtomograms
 
 

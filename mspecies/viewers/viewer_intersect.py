@@ -6,7 +6,7 @@ import pyworkflow.protocol.params as params
 from pyworkflow.gui.plotter import Plotter
 from pyworkflow.viewer import DESKTOP_TKINTER, ProtocolViewer
 
-from mspecies.intersect import (
+from mspecies.cli.intersect_files import (
     DEFAULT_HISTOGRAM_BINS,
     HISTOGRAM_DISTANCES_TXT,
     SUMMARY_JSON,

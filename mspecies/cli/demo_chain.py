@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .core import synth, synth_check
-from .core.geometry import project_positions_to_tilts
+from mspecies.core.geometry import project_positions_to_tilts
+from mspecies.synth import check as synth_check
+from mspecies.synth import dataset as synth
 
 PROJECT_NAME = "mspecies_demo"
 
@@ -71,8 +72,8 @@ def _fresh_project(name: str):  # pyworkflow Project
 
 def _check_against_truth(imported: dict, manifest: dict) -> dict[str, float]:
     """Largest deviations of the imported (and converted) objects from the manifest ground truth."""
-    from .convert.particles import coordinates_to_poses
-    from .convert.tilt_series import tilt_series_set_to_data
+    from mspecies.convert.particles import coordinates_to_poses
+    from mspecies.convert.tilt_series import tilt_series_set_to_data
 
     tilt_series = tilt_series_set_to_data(imported["tilt_series"], imported["ctfs"])
     poses = coordinates_to_poses(imported["coordinates"])
@@ -117,7 +118,7 @@ def _write_figure(out_dir: Path, manifest_path: Path, manifest: dict) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .formats.mrc import read_mrc
+    from mspecies.formats.mrc import read_mrc
 
     root = manifest_path.parent
     reference, _ = read_mrc(root / manifest["ground_truth_map"])
@@ -182,7 +183,7 @@ def derive_particle_star(manifest_path: Path, out_path: Path, *, seed: int = 0) 
     ``DROP_EVERY``-th particle dropped, the others jittered by ``JITTER_ANGST`` in a random direction, and
     ``DECOYS_PER_TOMOGRAM`` decoys per tomogram (a copy of a particle moved by 20 x the tolerance in x, towards
     the centre) added. Returns the counts."""
-    from .formats.star import StarBlock, read_star_text, write_star_text
+    from mspecies.formats.star import StarBlock, read_star_text, write_star_text
 
     manifest = synth.load_manifest(manifest_path)
     blocks, _ = read_star_text(Path(manifest_path).parent / manifest.get("particles_star", "particles.star"))
@@ -218,7 +219,7 @@ def export_parameters(manifest: dict) -> dict[str, float]:
 def reconstruct(prot_export, project_path: str, box_px: int) -> tuple[np.ndarray, str]:
     """``relion_reconstruct --ctf`` of the export's merged STAR when RELION is on PATH, else the CTF-weighted
     average of the exported volumes (rotated back by their poses) → (map, method)."""
-    from .formats.mrc import read_mrc
+    from mspecies.formats.mrc import read_mrc
 
     extra = Path(project_path) / prot_export.getMergedStar()
     relion = shutil.which("relion_reconstruct")
@@ -240,9 +241,10 @@ def reconstruct(prot_export, project_path: str, box_px: int) -> tuple[np.ndarray
 def score_against_truth(volume: np.ndarray, manifest: dict, pixel_size_angst: float) -> dict:
     """FSC (per shell) and CC inside a sphere of the map against the ground truth rendered at the output pixel
     size (no alignment: the synthetic positions are exact)."""
+    from mspecies.core.volume import fourier_shell_correlation, normalized_cross_correlation, spherical_mask
+    from mspecies.synth.phantom import make_blob_model, render_blob_map
+
     from . import qc
-    from .core.phantom import make_blob_model, render_blob_map
-    from .core.volume import fourier_shell_correlation, normalized_cross_correlation, spherical_mask
 
     box = volume.shape[0]
     model = make_blob_model(int(manifest["box_px"]), float(manifest["tilt_series"][0]["pixel_size_angst"]))
@@ -269,9 +271,10 @@ def run_export_chain(project, imported: dict, manifest_path: Path, out_dir: Path
 
 
 def _run_export_chain(project, imported: dict, manifest_path: Path, out_dir: Path, n_threads: int) -> dict:
+    from mspecies.protocols import ProtMSpeciesExportSubtomograms, ProtMSpeciesIntersect
+    from mspecies.protocols.protocol_intersect import SOURCE_STAR
+
     from . import qc
-    from .protocols import ProtMSpeciesExportSubtomograms, ProtMSpeciesIntersect
-    from .protocols.protocol_intersect import SOURCE_STAR
     from .workflow import launch
 
     out_dir = Path(out_dir)

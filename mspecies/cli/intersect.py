@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import argparse
 
-from mspecies.cli_convert import DIALECTS, read_tomo_sizes
+from mspecies.cli.convert import DIALECTS, read_tomo_sizes
+from mspecies.cli.intersect_files import DEFAULT_HISTOGRAM_BINS, intersect_star_files, parse_keep, summary_lines
 from mspecies.core.assignment import MODES
-from mspecies.intersect import DEFAULT_HISTOGRAM_BINS, intersect_star_files, parse_keep, summary_lines
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

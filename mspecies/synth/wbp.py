@@ -13,7 +13,7 @@ import numpy as np
 import scipy.fft
 from scipy import ndimage
 
-from .types import InputError
+from mspecies.common.types import InputError
 
 
 def lowpass_stack(stack: np.ndarray, cutoff_cycles_per_px: float, *, workers: int = -1) -> np.ndarray:

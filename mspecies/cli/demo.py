@@ -1,4 +1,4 @@
-"""``python -m mspecies demo``: the main job on the embedded default dataset (see :mod:`mspecies.demo`).
+"""``python -m mspecies demo``: the main job on the embedded default dataset (see :mod:`mspecies.cli.demo_chain`).
 
 The headless Scipion environment is configured here, before anything imports pyworkflow.
 """
@@ -23,12 +23,12 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out).resolve()
     if out.exists() and not out.is_dir():
-        from mspecies.core.types import InputError
+        from mspecies.common.types import InputError
 
         raise InputError(f"--out {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     configure_headless_scipion(out / "scipion")
-    from mspecies.demo import run_demo
+    from mspecies.cli.demo_chain import run_demo
 
     run_demo(out, seed=args.seed, n_tomograms=args.n_tomograms, n_particles=args.n_particles)
     return 0

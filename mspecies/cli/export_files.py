@@ -17,11 +17,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mspecies.common.types import InputError, ParticlePoses, TiltSeriesData
+from mspecies.core.geometry import centred_angst_to_corner_px
+from mspecies.core.reconstruct import ExportOptions, TiltSeriesEngine, check_volume, shifted_positions_angst
 from mspecies.formats.mrc import write_mrc
-
-from .geometry import centred_angst_to_corner_px
-from .reconstruct import ExportOptions, TiltSeriesEngine, check_volume, shifted_positions_angst
-from .types import InputError, ParticlePoses, TiltSeriesData
 
 
 @dataclass(frozen=True)

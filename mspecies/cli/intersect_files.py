@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mspecies.common.types import InputError, ParticlePoses
 from mspecies.core.assignment import MODES, IntersectionResult, histogram_distances, match_particle_sets, select_union
-from mspecies.core.types import InputError, ParticlePoses
 from mspecies.formats.star_dialects import CORNER_DIALECTS, ParticleTable, TomoShapes, read_particle_star
 from mspecies.formats.star_write import write_particle_star
 from mspecies.formats.tomo_names import NameMatchReport, match_tomo_names

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mspecies.core.types import InputError, Microscope, ParticlePoses, TiltSeriesData
+from mspecies.common.types import InputError, Microscope, ParticlePoses, TiltSeriesData
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -107,7 +107,7 @@ def _require(args: argparse.Namespace, names: list[str], context: str) -> None:
 
 
 def _load_manifest_inputs(args: argparse.Namespace) -> list[tuple[TiltSeriesData, ParticlePoses, tuple[int, ...]]]:
-    from mspecies.core.synth import load_manifest, manifest_particles, manifest_tilt_series
+    from mspecies.synth.dataset import load_manifest, manifest_particles, manifest_tilt_series
 
     manifest = load_manifest(args.manifest)
     all_particles = manifest_particles(manifest)
@@ -252,7 +252,7 @@ def export_options(args: argparse.Namespace, data_pixel_angst: float):  # noqa: 
 
 def run(args: argparse.Namespace) -> int:
     """Export every requested tilt series; write ``particles.star``. Returns the exit code."""
-    from mspecies.core.export import export_tilt_series
+    from mspecies.cli.export_files import export_tilt_series
     from mspecies.core.memory import retain_freed_memory
     from mspecies.core.reconstruct import ReconstructionError
     from mspecies.formats.mrc import read_mrc

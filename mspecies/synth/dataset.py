@@ -1,6 +1,6 @@
 """Synthetic cryo-ET dataset with known ground truth: raw tilt series, alignment, CTF, dose, particles.
 
-Conventions (those of :mod:`mspecies.core.types`):
+Conventions (those of :mod:`mspecies.common.types`):
 
 * particle positions in Å centred on the tomogram centre; RELION ZYZ Euler angles; a reference blob at
   ``r_b`` lands at ``position + A r_b`` with ``A = euler_to_matrix(angles)``;
@@ -30,14 +30,14 @@ import numpy as np
 import pandas as pd
 import scipy.fft
 
+from mspecies.common.types import InputError, Microscope, ParticlePoses, TiltSeriesData
+from mspecies.core import geometry
+from mspecies.core.ctf import ctf_2d, electron_wavelength_angst, rfft_frequencies
 from mspecies.formats import imod
 from mspecies.formats.mrc import write_mrc
 from mspecies.formats.star import write_relion31_particles
 
-from . import geometry
-from .ctf import ctf_2d, electron_wavelength_angst, rfft_frequencies
 from .phantom import BlobModel, make_blob_model, render_blob_map
-from .types import InputError, Microscope, ParticlePoses, TiltSeriesData
 from .wbp import align_and_bin_stack, weighted_back_projection
 
 MANIFEST_FORMAT = "mspecies-synth-1"

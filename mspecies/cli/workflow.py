@@ -1,4 +1,4 @@
-"""Scipion-side helper: import a synthetic mspecies dataset (``mspecies.core.synth``) into a project.
+"""Scipion-side helper: import a synthetic mspecies dataset (``mspecies.synth.dataset``) into a project.
 
 One function, :func:`import_synthetic_dataset`, used by the protocol tests and the demo. It runs,
 as real protocol subprocesses: our mdoc tilt-series importer (tomo's ``ProtImportTs`` hangs on this
@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from mspecies.core.types import InputError
+from mspecies.common.types import InputError
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mspecies.core.types import InputError, Microscope
+from mspecies.common.types import InputError, Microscope
 from mspecies.formats.star_dialects import Dialect, read_particle_star
 from mspecies.formats.star_write import write_particle_star
 

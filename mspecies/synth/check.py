@@ -1,6 +1,6 @@
 """Self-check of a synthetic dataset: from the written files alone, the particles are where the STAR says.
 
-Kept apart from :mod:`mspecies.core.synth` (which writes the dataset) so that the check reads only files.
+Kept apart from :mod:`mspecies.synth.dataset` (which writes the dataset) so that the check reads only files.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ import numpy as np
 import scipy.fft
 from scipy import ndimage
 
+from mspecies.common.types import Microscope, TiltSeriesData
+from mspecies.core import geometry
+from mspecies.core.ctf import ctf_2d, rfft_frequencies
 from mspecies.formats import imod
 from mspecies.formats.mrc import read_mrc
 from mspecies.formats.star import read_relion31_particles
 
-from . import geometry
-from .ctf import ctf_2d, rfft_frequencies
-from .synth import WORKERS, load_manifest
-from .types import Microscope, TiltSeriesData
+from .dataset import WORKERS, load_manifest
 
 
 def _files_tilt_series(root: Path, entry: dict[str, object], microscope: Microscope) -> tuple[np.ndarray,

@@ -2,7 +2,7 @@
 
 Each subcommand has an ``_add_<name>_parser`` function that declares its arguments and a ``_run_<name>``
 function that does the work and returns an exit code; register new ones in :data:`SUBCOMMANDS`. User errors
-(:class:`~mspecies.core.types.InputError`) end with exit code 2 and one line on stderr naming the parameter.
+(:class:`~mspecies.common.types.InputError`) end with exit code 2 and one line on stderr naming the parameter.
 Nothing here imports pyworkflow, pwem or tomo.
 """
 
@@ -15,8 +15,11 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from mspecies import cli_convert, cli_demo, cli_export, cli_intersect
-from mspecies.core.types import InputError
+from mspecies.cli import convert as cli_convert
+from mspecies.cli import demo as cli_demo
+from mspecies.cli import export as cli_export
+from mspecies.cli import intersect as cli_intersect
+from mspecies.common.types import InputError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -60,8 +63,8 @@ def _add_synth_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_synth(args: argparse.Namespace) -> int:
-    from mspecies.core.synth import generate_dataset
-    from mspecies.core.synth_check import self_check
+    from mspecies.synth.check import self_check
+    from mspecies.synth.dataset import generate_dataset
 
     started = time.perf_counter()
     manifest = generate_dataset(

@@ -15,6 +15,19 @@ Two modes (see ``docs``/``m_reference.md`` §2):
 Raising the tolerance never decreases the number of pairs of a group, but a particular particle can leave
 "in both" when new allowed pairs make a cheaper matching of the same size possible.
 
+**Orientation gate** (optional): with RELION Euler angles for both sets and ``angular_tolerance_deg``, a pair is a
+candidate only when it also passes ``angle <= angular_tolerance_deg + ANGLE_EPS_DEG``, the angle being the
+smallest rotation between the two poses over the reference's point group (:mod:`mspecies.core.symmetry`). The
+distance stays the only cost. **Tie rule**: the angle never enters the cost or breaks a tie; among the gated
+matchings of maximum size, one of minimum total distance is returned (which one, when several have exactly the
+same total, is the solver's deterministic choice for a given input order; size and total are unique). Every
+matched pair carries its angular distance whenever both sets have angles.
+
+**Groups**: particles match only within equal labels (the tomogram, or any composite label such as tomogram and
+class). **Histogram**: :func:`histogram_distances` gives each old particle's distance to its nearest new particle
+of the same group (one KD-tree query, no assignment; see there). **Deduplication**: :func:`deduplicate_particles`
+keeps one particle per cluster of mutual duplicates within one set.
+
 Particles of different groups (tomograms) never match. Distances are Euclidean, in Å, float64
 (M uses float32). Solvers: an exact dense solver (square augmented matrix) and a sparse solver (KD-tree candidate
 pairs, connected components, LAPJVsp on an augmented graph); both give the same cardinality and total distance.
@@ -30,10 +43,15 @@ from scipy.sparse import coo_matrix, csr_matrix
 from scipy.sparse.csgraph import connected_components, min_weight_full_bipartite_matching
 from scipy.spatial import cKDTree
 
+from mspecies.common.euler import euler_to_matrix
 from mspecies.common.types import InputError
+from mspecies.core.symmetry import angular_distance_deg, parse_symmetry
 
 DISTANCE_EPS_ANGST = 1e-6
 """Pairs with ``d <= tolerance + DISTANCE_EPS_ANGST`` pass the gate (M: ``d <= tol + 1e-6``)."""
+
+ANGLE_EPS_DEG = 1e-6
+"""Pairs with ``angle <= angular_tolerance + ANGLE_EPS_DEG`` pass the orientation gate."""
 
 DENSE_MAX_PARTICLES = 400
 """``method='auto'`` uses the dense solver when a group has at most this many particles on each side."""
@@ -76,6 +94,12 @@ class IntersectionResult:
         The tolerance used (Å).
     mode : str
         ``"gated"`` or ``"m_compatible"``.
+    old_angle_deg, new_angle_deg : (N,), (M,) float64
+        Angular distance (deg, smallest over the symmetry) to the partner; NaN when unmatched or without angles.
+    angular_tolerance_deg : float or None
+        The orientation gate (deg), None without one.
+    symmetry : str
+        Point group used for the angular distances.
     """
 
     old_partner: np.ndarray
@@ -85,6 +109,10 @@ class IntersectionResult:
     groups: tuple[GroupCounts, ...]
     tolerance_angst: float
     mode: str
+    old_angle_deg: np.ndarray | None = None
+    new_angle_deg: np.ndarray | None = None
+    angular_tolerance_deg: float | None = None
+    symmetry: str = "C1"
 
     @property
     def in_both(self) -> np.ndarray:
@@ -110,6 +138,13 @@ class IntersectionResult:
     def matched_distances_angst(self) -> np.ndarray:
         """(n_pairs,) float64: distances of the matched pairs (Å), in old-index order."""
         return self.old_distance_angst[self.old_partner >= 0]
+
+    @property
+    def matched_angles_deg(self) -> np.ndarray:
+        """(n_pairs,) float64: angular distances of the matched pairs (deg; NaN without angles), old-index order."""
+        if self.old_angle_deg is None:
+            return np.full(self.n_pairs, np.nan)
+        return self.old_angle_deg[self.old_partner >= 0]
 
     @property
     def total_distance_angst(self) -> float:
@@ -169,29 +204,71 @@ def distance_histogram(distances_angst: np.ndarray, n_bins: int = 100,
     return counts.astype(np.int64), edges
 
 
+
+
 def histogram_distances(old_positions_angst: np.ndarray, new_positions_angst: np.ndarray,
                         histogram_radius_angst: float, *, old_groups: np.ndarray | None = None,
                         new_groups: np.ndarray | None = None, mode: str = "gated") -> np.ndarray:
-    """Matched distances (Å) to plot when choosing the tolerance.
+    """Distances (Å) to plot when choosing the tolerance.
 
-    This is :func:`match_particle_sets` run with ``tolerance = histogram_radius_angst``, a radius chosen
-    generously (e.g. 2-5x the expected tolerance), **independent of the user's tolerance**. In gated mode the
-    histogram typically shows a peak of true pairs (jitter) and a tail of chance neighbours; the tolerance is
-    best put in the valley between them. ``mode="m_compatible"`` with ``histogram_radius_angst=np.inf``
-    reproduces M's histogram (all assigned distances before thresholding).
+    Gated mode: for every old particle, the distance to its **nearest new particle of the same group** when it is
+    within ``histogram_radius_angst`` (:func:`nearest_new_particles`; one KD-tree query, no assignment, so it stays
+    cheap on crowded tomograms). True pairs form a peak at the jitter of the positions; old particles without a
+    partner give the tail of chance neighbours, which starts near the typical spacing of the new particles; the
+    tolerance is best put in the valley between them. It does not depend on the tolerance nor on the orientation
+    gate. ``mode="m_compatible"`` gives M's histogram instead: the distances of the dense assignment at this radius
+    (with ``np.inf``: all assigned pairs before thresholding).
 
     Returns
     -------
-    (K,) float64, the distances of the matched pairs (Å).
+    (K,) float64, distances (Å) in old-index order (gated: old particles with a new particle within the radius).
     """
-    result = match_particle_sets(old_positions_angst, new_positions_angst, histogram_radius_angst,
-                                 old_groups=old_groups, new_groups=new_groups, mode=mode)
-    return result.matched_distances_angst
+    if mode == "m_compatible":
+        result = match_particle_sets(old_positions_angst, new_positions_angst, histogram_radius_angst,
+                                     old_groups=old_groups, new_groups=new_groups, mode=mode)
+        return result.matched_distances_angst
+    _, distance = nearest_new_particles(old_positions_angst, new_positions_angst, histogram_radius_angst,
+                                        old_groups=old_groups, new_groups=new_groups)
+    return distance[np.isfinite(distance)]
+
+
+def nearest_new_particles(old_positions_angst: np.ndarray, new_positions_angst: np.ndarray, radius_angst: float, *,
+                          old_groups: np.ndarray | None = None,
+                          new_groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest new particle of the same group for every old particle, within ``radius_angst`` (finite, Å).
+
+    Returns
+    -------
+    partner : (N,) int64
+        Index of the nearest new particle, -1 when none is within the radius.
+    distance_angst : (N,) float64
+        Its distance (Å), NaN when none.
+    """
+    old = _validate_positions("old_positions_angst", old_positions_angst)
+    new = _validate_positions("new_positions_angst", new_positions_angst)
+    radius = _validate_tolerance(radius_angst)
+    if not np.isfinite(radius):
+        raise InputError(f"radius_angst must be finite for the nearest-neighbour histogram, got {radius_angst}")
+    _, old_codes, new_codes = _group_codes(old_groups, new_groups, len(old), len(new))
+    partner = np.full(len(old), -1, np.int64)
+    distance = np.full(len(old), np.nan)
+    if not len(old) or not len(new):
+        return partner, distance
+    shifted_old, shifted_new, margin = _side_by_side(old, new, old_codes, new_codes, radius)
+    _, j = cKDTree(shifted_new).query(shifted_old, k=1, distance_upper_bound=radius + margin)
+    found = np.flatnonzero(j < len(new))
+    found = found[old_codes[found] == new_codes[j[found]]]
+    d = _pair_distances(old[found], new[j[found]])
+    keep = _gate(d, radius)
+    partner[found[keep]], distance[found[keep]] = j[found[keep]], d[keep]
+    return partner, distance
 
 
 def match_particle_sets(old_positions_angst: np.ndarray, new_positions_angst: np.ndarray, tolerance_angst: float,
                         *, old_groups: np.ndarray | None = None, new_groups: np.ndarray | None = None,
-                        mode: str = "gated", method: str = "auto") -> IntersectionResult:
+                        mode: str = "gated", method: str = "auto", old_euler_zyz_deg: np.ndarray | None = None,
+                        new_euler_zyz_deg: np.ndarray | None = None, angular_tolerance_deg: float | None = None,
+                        symmetry: str = "C1") -> IntersectionResult:
     """Match old to new particles one-to-one within each group (tomogram).
 
     Parameters
@@ -203,13 +280,22 @@ def match_particle_sets(old_positions_angst: np.ndarray, new_positions_angst: np
     tolerance_angst : float
         Maximum pair distance (Å, inclusive up to ``DISTANCE_EPS_ANGST``); ``>= 0``, may be ``inf``.
     old_groups, new_groups : (N,), (M,) labels, optional
-        Tomogram of each particle: integers, or labels compared as strings. Default: everything in one group.
+        Tomogram (or composite label) of each particle: integers, or labels compared as strings. Default:
+        everything in one group.
     mode : {"gated", "m_compatible"}
         See the module docstring.
     method : {"auto", "dense", "sparse"}
         Solver for gated mode (ignored in m_compatible mode, which is always dense). ``"auto"`` uses the
         dense solver when every group has at most ``DENSE_MAX_PARTICLES`` per side, the sparse one
         otherwise. An infinite tolerance always uses the dense solver.
+    old_euler_zyz_deg, new_euler_zyz_deg : (N, 3), (M, 3) float, optional
+        RELION Euler angles (rot, tilt, psi) in degrees, in the tomogram frame. With both, every matched pair
+        carries its angular distance.
+    angular_tolerance_deg : float, optional
+        Largest angular distance (deg, inclusive up to ``ANGLE_EPS_DEG``, >= 0) of a candidate pair; needs both
+        angle arrays. None: no orientation gate.
+    symmetry : str
+        Point group of the reference for the angular distance (RELION names: C1, Cn, Dn, T, O, I...).
 
     Returns
     -------
@@ -223,13 +309,142 @@ def match_particle_sets(old_positions_angst: np.ndarray, new_positions_angst: np
     if method not in METHODS:
         raise InputError(f"method must be one of {METHODS}, got {method!r}")
     names, old_codes, new_codes = _group_codes(old_groups, new_groups, len(old), len(new))
+    gate = _Gate.build(tol, old_euler_zyz_deg, new_euler_zyz_deg, len(old), len(new), angular_tolerance_deg,
+                       symmetry)
     if mode == "m_compatible":
-        pairs = _per_group(old, new, old_codes, new_codes, lambda a, b: _solve_m_compatible(a, b, tol))
+        pairs = _per_group(old, new, old_codes, new_codes, lambda a, b: _solve_m_compatible(old, new, a, b, gate))
     elif method == "dense" or not np.isfinite(tol) or (method == "auto" and _all_small(old_codes, new_codes)):
-        pairs = _per_group(old, new, old_codes, new_codes, lambda a, b: _solve_gated_dense(a, b, tol))
+        pairs = _per_group(old, new, old_codes, new_codes, lambda a, b: _solve_gated_dense(old, new, a, b, gate))
     else:
-        pairs = _solve_gated_sparse(old, new, old_codes, new_codes, tol)
-    return _build_result(pairs, old, new, names, old_codes, new_codes, tol, mode)
+        pairs = _solve_gated_sparse(old, new, old_codes, new_codes, gate)
+    return _build_result(pairs, old, new, names, old_codes, new_codes, gate, mode)
+
+
+def new_pose_wins(result: IntersectionResult, old_scores: np.ndarray, new_scores: np.ndarray) -> np.ndarray:
+    """(N,) bool over old particles: matched, and the new partner's score is strictly higher (a tie keeps the
+    old particle, M's default). Scores are any "higher is better" number (log-likelihood contribution, maximum
+    probability, template-matching score); NaN never wins.
+
+    Parameters
+    ----------
+    old_scores, new_scores : (N,), (M,) float
+    """
+    old_s = np.asarray(old_scores, dtype=np.float64)
+    new_s = np.asarray(new_scores, dtype=np.float64)
+    if old_s.shape != result.old_partner.shape or new_s.shape != result.new_partner.shape:
+        raise InputError(f"scores: expected {result.old_partner.size} old and {result.new_partner.size} new values, "
+                         f"got {old_s.shape} and {new_s.shape}")
+    matched = result.old_partner >= 0
+    wins = np.zeros(matched.shape, bool)
+    partner_scores = new_s[result.old_partner[matched]]
+    wins[matched] = partner_scores > np.where(np.isnan(old_s[matched]), -np.inf, old_s[matched])
+    return wins
+
+
+@dataclass(frozen=True)
+class DuplicateResult:
+    """Outcome of :func:`deduplicate_particles` on one set of N particles.
+
+    Attributes
+    ----------
+    keep : (N,) bool
+        Particles kept (one per cluster of mutual duplicates, and every particle without duplicates).
+    representative : (N,) int64
+        For a removed particle, the kept particle that removed it; for a kept particle, itself.
+    distance_angst, angle_deg : (N,) float64
+        Distance (Å) and angular distance (deg; NaN without angles) to the representative; 0 for kept ones.
+    """
+
+    keep: np.ndarray
+    representative: np.ndarray
+    distance_angst: np.ndarray
+    angle_deg: np.ndarray
+
+    @property
+    def n_removed(self) -> int:
+        return int(np.count_nonzero(~self.keep))
+
+
+def deduplicate_particles(positions_angst: np.ndarray, tolerance_angst: float, *, groups: np.ndarray | None = None,
+                          euler_zyz_deg: np.ndarray | None = None, angular_tolerance_deg: float | None = None,
+                          symmetry: str = "C1", scores: np.ndarray | None = None) -> DuplicateResult:
+    """Remove duplicates within one set (what ``--old X --new X`` means): keep one particle per cluster.
+
+    Two particles are duplicates when they share a group and pass the same gate as :func:`match_particle_sets`
+    (distance, and the orientation over the symmetry when ``angular_tolerance_deg`` is given). Particles are
+    visited from the highest score to the lowest (without scores: in row order, the first row wins; equal scores:
+    the earlier row wins); a visited particle that no kept particle has removed is kept, and removes all its
+    duplicates. So no two kept particles are duplicates of each other, every removed particle is a duplicate of a
+    kept one with a score at least as high, and a cluster of mutual duplicates keeps exactly one particle (its
+    best). A chain a–b–c where a and c are not duplicates keeps a and c.
+
+    Parameters
+    ----------
+    positions_angst : (N, 3); groups : (N,) labels; euler_zyz_deg : (N, 3) RELION angles (deg);
+    scores : (N,) float, higher is better (NaN counts as lowest).
+    """
+    positions = _validate_positions("positions_angst", positions_angst)
+    tol = _validate_tolerance(tolerance_angst)
+    if not np.isfinite(tol):
+        raise InputError(f"tolerance_angst must be finite to remove duplicates, got {tolerance_angst}")
+    n = len(positions)
+    _, codes, _ = _group_codes(groups, groups, n, n)
+    gate = _Gate.build(tol, euler_zyz_deg, euler_zyz_deg, n, n, angular_tolerance_deg, symmetry)
+    i, j, d = _candidate_pairs(positions, positions, codes, codes, gate)
+    other = i != j
+    i, j, d = i[other], j[other], d[other]
+    order = _visit_order(n, scores)
+    rank = np.empty(n, np.int64)
+    rank[order] = np.arange(n)
+    keep, representative = _greedy_keep(n, i, j, rank)
+    distance = np.zeros(n)
+    angle = np.zeros(n) if gate.has_angles else np.full(n, np.nan)
+    removed = np.flatnonzero(~keep)
+    distance[removed] = _pair_distances(positions[removed], positions[representative[removed]])
+    if gate.has_angles and removed.size:
+        angle[removed] = gate.angles_deg(representative[removed], removed)
+    for array in (keep, representative, distance, angle):
+        array.setflags(write=False)
+    return DuplicateResult(keep, representative, distance, angle)
+
+
+def _visit_order(n: int, scores: np.ndarray | None) -> np.ndarray:
+    """(N,) particle indices from the best to the worst score (stable: earlier rows first among equals)."""
+    if scores is None:
+        return np.arange(n)
+    values = np.asarray(scores, dtype=np.float64)
+    if values.shape != (n,):
+        raise InputError(f"scores: expected ({n},) values, got {values.shape}")
+    return np.argsort(-np.where(np.isnan(values), -np.inf, values), kind="stable")
+
+
+def _greedy_keep(n: int, i: np.ndarray, j: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy maximal independent set of the duplicate graph (edges i-j, both directions) in ``rank`` order."""
+    keep = np.ones(n, bool)
+    representative = np.arange(n, dtype=np.int64)
+    if i.size == 0:
+        return keep, representative
+    graph = csr_matrix((np.ones(i.size, np.int8), (i, j)), shape=(n, n))
+    indptr, indices = graph.indptr, graph.indices
+    with_duplicates = np.flatnonzero(np.diff(indptr) > 0)
+    removed = np.zeros(n, bool)
+    for node in with_duplicates[np.argsort(rank[with_duplicates], kind="stable")].tolist():
+        if removed[node]:
+            continue
+        neighbours = indices[indptr[node]:indptr[node + 1]]
+        fresh = neighbours[~removed[neighbours]]
+        removed[fresh] = True
+        representative[fresh] = node
+    keep[removed] = False
+    return keep, representative
+
+
+def group_counts(result: IntersectionResult, old_groups: np.ndarray,
+                 new_groups: np.ndarray) -> tuple[GroupCounts, ...]:
+    """Per-label counts of a result under other labels (e.g. per tomogram when the match used tomogram + class)."""
+    names, old_codes, new_codes = _group_codes(old_groups, new_groups, result.old_partner.size,
+                                               result.new_partner.size)
+    return _group_counts(names, old_codes, new_codes, result.in_both)
 
 
 # --- validation and grouping -------------------------------------------------------------------------------------
@@ -296,7 +511,8 @@ Pairs = tuple[np.ndarray, np.ndarray, np.ndarray]  # old indices, new indices, d
 
 
 def _per_group(old: np.ndarray, new: np.ndarray, old_codes: np.ndarray, new_codes: np.ndarray, solve) -> Pairs:
-    """Run ``solve(old_g, new_g) -> (local_old, local_new, d)`` per group shared by both sets; global indices."""
+    """Run ``solve(old_idx, new_idx) -> (local_old, local_new, d)`` per group shared by both sets (global index
+    arrays in, indices local to them out); returns global indices."""
     old_order, new_order = np.argsort(old_codes, kind="stable"), np.argsort(new_codes, kind="stable")
     shared = np.intersect1d(old_codes, new_codes)
     old_starts = np.searchsorted(old_codes[old_order], shared)
@@ -306,7 +522,7 @@ def _per_group(old: np.ndarray, new: np.ndarray, old_codes: np.ndarray, new_code
     out_i, out_j, out_d = [], [], []
     for a0, a1, b0, b1 in zip(old_starts, old_ends, new_starts, new_ends):
         old_idx, new_idx = old_order[a0:a1], new_order[b0:b1]
-        i, j, d = solve(old[old_idx], new[new_idx])
+        i, j, d = solve(old_idx, new_idx)
         out_i.append(old_idx[i])
         out_j.append(new_idx[j])
         out_d.append(d)
@@ -320,6 +536,65 @@ def _concat_pairs(out_i: list, out_j: list, out_d: list) -> Pairs:
             np.concatenate(out_d).astype(np.float64))
 
 
+@dataclass(frozen=True)
+class _Gate:
+    """Which pairs may match: distance (Å) and, optionally, orientation (deg over the symmetry)."""
+
+    tolerance_angst: float
+    old_matrices: np.ndarray | None  # (N, 3, 3) RELION A, or None without angles
+    new_matrices: np.ndarray | None
+    angular_tolerance_deg: float | None
+    symmetry: str
+
+    @staticmethod
+    def build(tol: float, old_euler: np.ndarray | None, new_euler: np.ndarray | None, n_old: int, n_new: int,
+              angular_tolerance_deg: float | None, symmetry: str) -> _Gate:
+        canonical, _ = parse_symmetry(symmetry)
+        if (old_euler is None) != (new_euler is None):
+            raise InputError("give both old_euler_zyz_deg and new_euler_zyz_deg, or neither")
+        matrices = [None, None]
+        if old_euler is not None:
+            for k, (name, euler, n) in enumerate((("old_euler_zyz_deg", old_euler, n_old),
+                                                  ("new_euler_zyz_deg", new_euler, n_new))):
+                matrices[k] = euler_to_matrix(_validate_angles(name, euler, n))
+        angular = None
+        if angular_tolerance_deg is not None:
+            angular = float(angular_tolerance_deg)
+            if np.isnan(angular) or angular < 0:
+                raise InputError(f"angular_tolerance_deg must be >= 0 deg, got {angular_tolerance_deg}")
+            if old_euler is None:
+                raise InputError("angular_tolerance_deg needs the angles of both sets (old_euler_zyz_deg, "
+                                 "new_euler_zyz_deg)")
+        return _Gate(tol, matrices[0], matrices[1], angular, canonical)
+
+    @property
+    def has_angles(self) -> bool:
+        return self.old_matrices is not None
+
+    def angles_deg(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        """(K,) angular distances (deg) of old ``i[k]`` and new ``j[k]`` (global indices)."""
+        return angular_distance_deg(self.old_matrices[i], self.new_matrices[j], self.symmetry)
+
+    def passes(self, i: np.ndarray, j: np.ndarray, d: np.ndarray) -> np.ndarray:
+        """(K,) bool: pairs passing the distance gate and, with an angular tolerance, the orientation gate."""
+        allowed = _gate(d, self.tolerance_angst)
+        if self.angular_tolerance_deg is not None and allowed.any():
+            where = np.flatnonzero(allowed)
+            angles = self.angles_deg(i[where], j[where])
+            allowed[where] = angles <= self.angular_tolerance_deg + ANGLE_EPS_DEG
+        return allowed
+
+
+def _validate_angles(name: str, euler: np.ndarray, n: int) -> np.ndarray:
+    array = np.asarray(euler, dtype=np.float64)
+    if array.shape != (n, 3):
+        raise InputError(f"{name}: expected shape ({n}, 3) (rot, tilt, psi per particle), got {array.shape}")
+    bad = np.flatnonzero(~np.isfinite(array).all(axis=1))
+    if bad.size:
+        raise InputError(f"{name}: row {bad[0]} is not finite ({array[bad[0]].tolist()})")
+    return array
+
+
 # --- solvers -------------------------------------------------------------------------------------------------------
 
 
@@ -327,14 +602,15 @@ def _gate(d: np.ndarray, tol: float) -> np.ndarray:
     return d <= tol + DISTANCE_EPS_ANGST
 
 
-def _solve_m_compatible(old: np.ndarray, new: np.ndarray, tol: float) -> Pairs:
-    """M 1.x: min-sum assignment on the full distance matrix, then drop pairs beyond the tolerance.
+def _solve_m_compatible(old: np.ndarray, new: np.ndarray, old_idx: np.ndarray, new_idx: np.ndarray,
+                        gate: _Gate) -> Pairs:
+    """M 1.x: min-sum assignment on the full distance matrix, then drop pairs beyond the tolerance(s).
 
     Memory is O(n_old * n_new) per group (about 32 bytes per entry while the matrix is built).
     """
-    dist = _distance_matrix(old, new)
+    dist = _distance_matrix(old[old_idx], new[new_idx])
     rows, cols = linear_sum_assignment(dist)
-    keep = _gate(dist[rows, cols], tol)
+    keep = gate.passes(old_idx[rows], new_idx[cols], dist[rows, cols])
     return rows[keep], cols[keep], dist[rows[keep], cols[keep]]
 
 
@@ -351,7 +627,8 @@ def _dummy_cost(n_nodes: int, max_distance_angst: float) -> float:
     return float(n_nodes) * float(max_distance_angst) + 1.0
 
 
-def _solve_gated_dense(old: np.ndarray, new: np.ndarray, tol: float) -> Pairs:
+def _solve_gated_dense(old: np.ndarray, new: np.ndarray, old_idx: np.ndarray, new_idx: np.ndarray,
+                       gate: _Gate) -> Pairs:
     """Exact gated assignment with a square augmented matrix of size n_old + n_new.
 
     Rows: old particles, then one "unmatched" row per new particle. Columns: new particles, then one
@@ -359,9 +636,10 @@ def _solve_gated_dense(old: np.ndarray, new: np.ndarray, tol: float) -> Pairs:
     real pairs leaves n_old - k old rows on dummy columns and n_new - k dummy rows on new columns (cost C each);
     the remaining k dummy rows take the k free dummy columns at cost 0. See :func:`_dummy_cost`.
     """
-    n_old, n_new = len(old), len(new)
-    dist = _distance_matrix(old, new)
-    allowed = _gate(dist, tol)
+    n_old, n_new = len(old_idx), len(new_idx)
+    dist = _distance_matrix(old[old_idx], new[new_idx])
+    rows_all, cols_all = np.indices(dist.shape).reshape(2, -1)
+    allowed = gate.passes(old_idx[rows_all], new_idx[cols_all], dist.ravel()).reshape(dist.shape)
     if not allowed.any():
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
     cost_c = _dummy_cost(n_old + n_new, dist[allowed].max())
@@ -375,35 +653,42 @@ def _solve_gated_dense(old: np.ndarray, new: np.ndarray, tol: float) -> Pairs:
     return rows, cols, dist[rows, cols]
 
 
-def _candidate_pairs(old: np.ndarray, new: np.ndarray, old_codes: np.ndarray, new_codes: np.ndarray,
-                     tol: float) -> Pairs:
-    """All same-group pairs with ``d <= tol + eps``, from one KD-tree query over all groups.
-
-    Groups are laid side by side along x (shift ``code * span`` with ``span`` > x extent + 2 tol), so pairs of
-    different groups are farther apart than the query radius. Distances are then recomputed from the unshifted
-    positions with the same formula as the dense solvers and gated exactly; the query radius has a margin for
-    the rounding of the shifted coordinates.
-    """
+def _side_by_side(old: np.ndarray, new: np.ndarray, old_codes: np.ndarray, new_codes: np.ndarray,
+                  radius: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """Copies of the positions with the groups laid side by side along x (shift ``code * span``, ``span`` > x
+    extent + 2 radius), so that particles of different groups are farther apart than ``radius``; and the margin
+    (Å) to add to a query radius for the rounding of the shifted coordinates."""
     lo = min(old[:, 0].min(initial=np.inf), new[:, 0].min(initial=np.inf))
     hi = max(old[:, 0].max(initial=-np.inf), new[:, 0].max(initial=-np.inf))
-    span = (hi - lo) + 2.0 * tol + 1.0
+    span = (hi - lo) + 2.0 * radius + 1.0
     shifted_old, shifted_new = old.copy(), new.copy()
     shifted_old[:, 0] += old_codes * span - lo
     shifted_new[:, 0] += new_codes * span - lo
     magnitude = max(np.abs(shifted_old).max(initial=0.0), np.abs(shifted_new).max(initial=0.0))
-    radius = tol + 2.0 * DISTANCE_EPS_ANGST + 4.0 * float(np.spacing(magnitude))
-    found = cKDTree(shifted_old).sparse_distance_matrix(cKDTree(shifted_new), max_distance=radius,
+    return shifted_old, shifted_new, 2.0 * DISTANCE_EPS_ANGST + 4.0 * float(np.spacing(magnitude))
+
+
+def _candidate_pairs(old: np.ndarray, new: np.ndarray, old_codes: np.ndarray, new_codes: np.ndarray,
+                     gate: _Gate) -> Pairs:
+    """All same-group pairs passing the gate, from one KD-tree query over all groups (:func:`_side_by_side`).
+
+    Distances are recomputed from the unshifted positions with the same formula as the dense solvers and gated
+    exactly (then the orientation gate, on the survivors only).
+    """
+    tol = gate.tolerance_angst
+    shifted_old, shifted_new, margin = _side_by_side(old, new, old_codes, new_codes, tol)
+    found = cKDTree(shifted_old).sparse_distance_matrix(cKDTree(shifted_new), max_distance=tol + margin,
                                                         output_type="ndarray")
     i, j = found["i"].astype(np.int64), found["j"].astype(np.int64)
     same = old_codes[i] == new_codes[j]
     i, j = i[same], j[same]
     d = _pair_distances(old[i], new[j])
-    keep = _gate(d, tol)
+    keep = gate.passes(i, j, d)
     return i[keep], j[keep], d[keep]
 
 
 def _solve_gated_sparse(old: np.ndarray, new: np.ndarray, old_codes: np.ndarray, new_codes: np.ndarray,
-                        tol: float) -> Pairs:
+                        gate: _Gate) -> Pairs:
     """Exact gated assignment from KD-tree candidate pairs, split into connected components.
 
     Components with a single candidate pair are matched directly; isolated particles stay unmatched; all other
@@ -411,7 +696,7 @@ def _solve_gated_sparse(old: np.ndarray, new: np.ndarray, old_codes: np.ndarray,
     numbers small). Groups never mix because candidate pairs never cross groups.
     """
     n_old = len(old)
-    i, j, d = _candidate_pairs(old, new, old_codes, new_codes, tol)
+    i, j, d = _candidate_pairs(old, new, old_codes, new_codes, gate)
     if i.size == 0:
         return i, j, d
     n_nodes = n_old + len(new)
@@ -467,7 +752,7 @@ def _solve_components_lapjvsp(i: np.ndarray, j: np.ndarray, d: np.ndarray, comp:
 
 
 def _build_result(pairs: Pairs, old: np.ndarray, new: np.ndarray, names: list[str], old_codes: np.ndarray,
-                  new_codes: np.ndarray, tol: float, mode: str) -> IntersectionResult:
+                  new_codes: np.ndarray, gate: _Gate, mode: str) -> IntersectionResult:
     i, j, d = pairs
     old_partner = np.full(len(old), -1, np.int64)
     new_partner = np.full(len(new), -1, np.int64)
@@ -475,10 +760,14 @@ def _build_result(pairs: Pairs, old: np.ndarray, new: np.ndarray, names: list[st
     new_dist = np.full(len(new), np.nan)
     old_partner[i], new_partner[j] = j, i
     old_dist[i], new_dist[j] = d, d
+    old_angle, new_angle = np.full(len(old), np.nan), np.full(len(new), np.nan)
+    if gate.has_angles and i.size:
+        old_angle[i] = new_angle[j] = gate.angles_deg(i, j)
     groups = _group_counts(names, old_codes, new_codes, old_partner >= 0)
-    for array in (old_partner, new_partner, old_dist, new_dist):
+    for array in (old_partner, new_partner, old_dist, new_dist, old_angle, new_angle):
         array.setflags(write=False)
-    return IntersectionResult(old_partner, old_dist, new_partner, new_dist, groups, tol, mode)
+    return IntersectionResult(old_partner, old_dist, new_partner, new_dist, groups, gate.tolerance_angst, mode,
+                              old_angle, new_angle, gate.angular_tolerance_deg, gate.symmetry)
 
 
 def _group_counts(names: list[str], old_codes: np.ndarray, new_codes: np.ndarray,

@@ -10,13 +10,18 @@ from hypothesis.extra.numpy import arrays
 
 from mspecies.common.types import InputError
 from mspecies.core.assignment import (
+    ANGLE_EPS_DEG,
     DISTANCE_EPS_ANGST,
     IntersectionResult,
+    deduplicate_particles,
     distance_histogram,
     histogram_distances,
     match_particle_sets,
+    nearest_new_particles,
+    new_pose_wins,
     select_union,
 )
+from mspecies.core.symmetry import angular_distance_from_euler_deg
 
 PROPERTY = settings(max_examples=80, deadline=None, derandomize=True)
 GATED_METHODS = ("dense", "sparse", "auto")
@@ -391,3 +396,224 @@ def test_validation_messages(kwargs, message):
     args.update(kwargs)
     with pytest.raises(InputError, match=message):
         match_particle_sets(**args)
+
+
+# --- orientation gate, groups, deduplication ------------------------------------------------------------------------
+
+# angles on a 45° grid: the angular distances hit the gate boundaries exactly
+grid_angle = st.sampled_from([-135.0, -90.0, -45.0, 0.0, 45.0, 90.0, 135.0, 180.0])
+angular_tolerances = st.sampled_from([None, 0.0, 30.0, 45.0, 90.0, 180.0])
+
+
+def oriented_sets(max_size: int = 6):
+    """(positions (n, 3), angles (n, 3), groups (n,)) with n shared by the three arrays."""
+    return st.integers(0, max_size).flatmap(lambda n: st.tuples(
+        arrays(np.float64, (n, 3), elements=grid_coord), arrays(np.float64, (n, 3), elements=grid_angle),
+        arrays(np.int64, (n,), elements=st.integers(0, 1))))
+
+
+def allowed_matrix(old, new, tol, old_angles=None, new_angles=None, ang_tol=None, symmetry="C1",
+                   old_groups=None, new_groups=None):
+    """The gate, written out pair by pair (distance, same group, then the angle)."""
+    dist = np.sqrt(((old[:, None, :] - new[None, :, :]) ** 2).sum(-1))
+    allowed = dist <= tol + DISTANCE_EPS_ANGST
+    if old_groups is not None:
+        allowed &= np.asarray(old_groups)[:, None] == np.asarray(new_groups)[None, :]
+    if ang_tol is not None:
+        for a in range(len(old)):
+            for b in range(len(new)):
+                angle = angular_distance_from_euler_deg(old_angles[a:a + 1], new_angles[b:b + 1], symmetry)[0]
+                allowed[a, b] &= angle <= ang_tol + ANGLE_EPS_DEG
+    return dist, allowed
+
+
+def brute_force_allowed(dist: np.ndarray, allowed: np.ndarray) -> tuple[int, float]:
+    """Best (cardinality, total distance) over all partial matchings using allowed pairs only."""
+    best = (0, 0.0)
+
+    def visit(i: int, used: frozenset, k: int, cost: float) -> None:
+        nonlocal best
+        if i == dist.shape[0]:
+            if k > best[0] or (k == best[0] and cost < best[1]):
+                best = (k, cost)
+            return
+        visit(i + 1, used, k, cost)
+        for j in np.flatnonzero(allowed[i]):
+            if j not in used:
+                visit(i + 1, used | {j}, k + 1, cost + dist[i, j])
+
+    visit(0, frozenset(), 0, 0.0)
+    return best
+
+
+@PROPERTY
+@given(old=oriented_sets(), new=oriented_sets(), tol=tolerances, ang_tol=angular_tolerances,
+       symmetry=st.sampled_from(["C1", "C4", "D2"]), grouped=st.booleans())
+def test_matches_brute_force_with_angular_gate_and_groups(old, new, tol, ang_tol, symmetry, grouped):
+    (old_pos, old_ang, old_grp), (new_pos, new_ang, new_grp) = old, new
+    groups = dict(old_groups=old_grp, new_groups=new_grp) if grouped else {}
+    dist, allowed = allowed_matrix(old_pos, new_pos, tol, old_ang, new_ang, ang_tol, symmetry, **groups)
+    k, cost = brute_force_allowed(dist, allowed)
+    for method in GATED_METHODS:
+        result = match_particle_sets(old_pos, new_pos, tol, method=method, old_euler_zyz_deg=old_ang,
+                                     new_euler_zyz_deg=new_ang, angular_tolerance_deg=ang_tol, symmetry=symmetry,
+                                     **groups)
+        assert_consistent(result, old_pos, new_pos, tol)
+        assert result.n_pairs == k, method
+        assert result.total_distance_angst == pytest.approx(cost, rel=1e-9, abs=1e-9), method
+        i = np.flatnonzero(result.in_both)
+        assert allowed[i, result.old_partner[i]].all()
+        expected = angular_distance_from_euler_deg(old_ang[i], new_ang[result.old_partner[i]], symmetry)
+        np.testing.assert_allclose(result.old_angle_deg[i], expected, atol=1e-9)
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 2**31), n=st.integers(50, 400), ang_tol=st.sampled_from([None, 20.0, 60.0]),
+       spacing_factor=st.sampled_from([0.5, 1.0, 2.0]))
+def test_sparse_equals_dense_on_crowded_random_sets(seed, n, ang_tol, spacing_factor):
+    """Crowded: mean nearest-neighbour spacing 0.5-2x the tolerance, so components are large (percolating at
+    0.5x); with and without the orientation gate and classes."""
+    rng = np.random.default_rng(seed)
+    tol = 10.0
+    side = (n * (spacing_factor * tol / 0.554) ** 3) ** (1 / 3)
+    old = rng.uniform(0, side, (n, 3))
+    new = np.vstack([old[: 2 * n // 3] + rng.normal(0, 3, (2 * n // 3, 3)), rng.uniform(0, side, (n // 2, 3))])
+    old_ang = rng.uniform(-180, 180, (len(old), 3))
+    new_ang = np.vstack([old_ang[: 2 * n // 3] + rng.normal(0, 10, (2 * n // 3, 3)),
+                         rng.uniform(-180, 180, (n // 2, 3))])
+    classes = dict(old_groups=rng.integers(0, 2, len(old)), new_groups=rng.integers(0, 2, len(new)))
+    common = dict(old_euler_zyz_deg=old_ang, new_euler_zyz_deg=new_ang, angular_tolerance_deg=ang_tol,
+                  symmetry="C2", **classes)
+    dense = match_particle_sets(old, new, tol, method="dense", **common)
+    sparse = match_particle_sets(old, new, tol, method="sparse", **common)
+    same_optimum(dense, sparse)
+    assert_consistent(sparse, old, new, tol)
+    if ang_tol is not None:
+        assert np.nanmax(sparse.old_angle_deg, initial=0.0) <= ang_tol + ANGLE_EPS_DEG
+
+
+def test_orientation_controls():
+    """Same place, 90° apart about z: C1 with a 30° gate keeps them apart; C4 matches them at 0°."""
+    position = np.zeros((1, 3))
+    old_ang, new_ang = np.array([[0.0, 0.0, 0.0]]), np.array([[90.0, 0.0, 0.0]])
+    for method in GATED_METHODS:
+        args = dict(method=method, old_euler_zyz_deg=old_ang, new_euler_zyz_deg=new_ang, angular_tolerance_deg=30.0)
+        assert match_particle_sets(position, position, 5.0, symmetry="C1", **args).n_pairs == 0
+        c4 = match_particle_sets(position, position, 5.0, symmetry="C4", **args)
+        assert c4.n_pairs == 1 and c4.old_angle_deg[0] == pytest.approx(0.0, abs=1e-6)
+        ungated = match_particle_sets(position, position, 5.0, method=method, old_euler_zyz_deg=old_ang,
+                                      new_euler_zyz_deg=new_ang)
+        assert ungated.n_pairs == 1 and ungated.old_angle_deg[0] == pytest.approx(90.0)
+        assert ungated.angular_tolerance_deg is None
+
+
+def test_tie_rule_distance_is_the_cost_and_the_gates_are_inclusive():
+    """Old at 0; new A at 1 Å turned 40°, new B at 2 Å turned 0°. Both pass a 40° gate: the closer A wins (the
+    angle never enters the cost). A 39.9° gate removes A and B wins. Boundaries are inclusive."""
+    old, new = np.zeros((1, 3)), np.array([[1.0, 0, 0], [2.0, 0, 0]])
+    old_ang, new_ang = np.zeros((1, 3)), np.array([[40.0, 0, 0], [0.0, 0, 0]])
+    for method in GATED_METHODS:
+        args = dict(method=method, old_euler_zyz_deg=old_ang, new_euler_zyz_deg=new_ang)
+        assert match_particle_sets(old, new, 2.0, angular_tolerance_deg=40.0, **args).old_partner.tolist() == [0]
+        assert match_particle_sets(old, new, 2.0, angular_tolerance_deg=39.9, **args).old_partner.tolist() == [1]
+        assert match_particle_sets(old, new, 1.0, angular_tolerance_deg=39.9, **args).n_pairs == 0
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(angular_tolerance_deg=-1.0), "angular_tolerance_deg must be >= 0"),
+    (dict(angular_tolerance_deg=float("nan")), "angular_tolerance_deg must be >= 0"),
+    (dict(symmetry="Q7"), "symmetry 'Q7' is not known"),
+    (dict(old_euler_zyz_deg=None, new_euler_zyz_deg=None, angular_tolerance_deg=10.0), "needs the angles"),
+    (dict(new_euler_zyz_deg=None), "give both old_euler_zyz_deg"),
+    (dict(old_euler_zyz_deg=np.zeros((3, 3))), r"old_euler_zyz_deg: expected shape \(2, 3\)"),
+])
+def test_orientation_validation_messages(kwargs, message):
+    args = dict(old_positions_angst=np.zeros((2, 3)), new_positions_angst=np.zeros((2, 3)), tolerance_angst=1.0,
+                old_euler_zyz_deg=np.zeros((2, 3)), new_euler_zyz_deg=np.zeros((2, 3)))
+    args.update(kwargs)
+    with pytest.raises(InputError, match=message):
+        match_particle_sets(**args)
+
+
+def test_m_compatible_applies_the_orientation_gate_after_assigning():
+    old, new = np.zeros((1, 3)), np.array([[1.0, 0, 0]])
+    args = dict(mode="m_compatible", old_euler_zyz_deg=np.zeros((1, 3)), new_euler_zyz_deg=np.array([[0, 90.0, 0]]))
+    assert match_particle_sets(old, new, 5.0, angular_tolerance_deg=45.0, **args).n_pairs == 0
+    assert match_particle_sets(old, new, 5.0, angular_tolerance_deg=90.0, **args).n_pairs == 1
+
+
+def test_new_pose_wins_on_strictly_higher_scores():
+    old, new = np.array([[0.0, 0, 0], [50, 0, 0], [100, 0, 0]]), np.array([[1.0, 0, 0], [51, 0, 0], [101, 0, 0]])
+    result = match_particle_sets(old, new, 5.0)
+    wins = new_pose_wins(result, np.array([1.0, 2.0, np.nan]), np.array([2.0, 2.0, 0.0]))
+    assert wins.tolist() == [True, False, True]  # higher wins, a tie keeps old, NaN loses
+    with pytest.raises(InputError, match="scores"):
+        new_pose_wins(result, np.zeros(2), np.zeros(3))
+
+
+@PROPERTY
+@given(old=oriented_sets(8), new=oriented_sets(8), radius=st.sampled_from([0.0, 2.0, 10.0, 40.0]))
+def test_nearest_new_particles_against_brute_force(old, new, radius):
+    (old_pos, _, old_grp), (new_pos, _, new_grp) = old, new
+    partner, distance = nearest_new_particles(old_pos, new_pos, radius, old_groups=old_grp, new_groups=new_grp)
+    dist = np.sqrt(((old_pos[:, None, :] - new_pos[None, :, :]) ** 2).sum(-1))
+    dist[old_grp[:, None] != new_grp[None, :]] = np.inf
+    for a in range(len(old_pos)):
+        best = dist[a].min(initial=np.inf)
+        if best <= radius + DISTANCE_EPS_ANGST:
+            assert distance[a] == pytest.approx(best) and dist[a, partner[a]] == pytest.approx(best)
+        else:
+            assert partner[a] == -1 and np.isnan(distance[a])
+
+
+def test_histogram_is_cheap_on_a_crowded_tomogram():
+    """10⁴ particles at a mean spacing of 2x the tolerance, histogram radius 3x: nearest-neighbour distances show
+    the jitter peak (true pairs) apart from the chance neighbours, without solving an assignment."""
+    rng = np.random.default_rng(5)
+    n, tol = 10_000, 10.0
+    side = (n * (2 * tol / 0.554) ** 3) ** (1 / 3)
+    old = rng.uniform(0, side, (n, 3))
+    shared = rng.random(n) < 0.7
+    new = np.where(shared[:, None], old + rng.normal(0, 1.0, (n, 3)), rng.uniform(0, side, (n, 3)))
+    distances = histogram_distances(old, new, 3 * tol)
+    assert np.count_nonzero(distances < 5.0) >= shared.sum() * 0.99
+    assert np.count_nonzero((distances > 5.0) & (distances < 8.0)) < 0.02 * n  # the valley
+
+
+# --- deduplication ---------------------------------------------------------------------------------------------------
+
+
+@PROPERTY
+@given(points=oriented_sets(9), tol=st.sampled_from([0.0, 2.0, 10.0, 40.0]), ang_tol=angular_tolerances,
+       scored=st.booleans(), seed=st.integers(0, 100))
+def test_deduplicate_keeps_an_independent_maximal_set(points, tol, ang_tol, scored, seed):
+    positions, angles, groups = points
+    scores = np.random.default_rng(seed).integers(0, 3, len(positions)).astype(float) if scored else None
+    result = deduplicate_particles(positions, tol, groups=groups, euler_zyz_deg=angles, angular_tolerance_deg=ang_tol,
+                                   symmetry="C4", scores=scores)
+    _, duplicate = allowed_matrix(positions, positions, tol, angles, angles, ang_tol, "C4", groups, groups)
+    np.fill_diagonal(duplicate, False)
+    kept = np.flatnonzero(result.keep)
+    assert not duplicate[np.ix_(kept, kept)].any()  # no two kept particles are duplicates
+    for r in np.flatnonzero(~result.keep):  # every removed particle has a kept, no-worse duplicate
+        rep = result.representative[r]
+        assert result.keep[rep] and duplicate[r, rep]
+        if scores is not None:
+            assert scores[rep] >= scores[r]
+        assert result.distance_angst[r] == pytest.approx(np.linalg.norm(positions[r] - positions[rep]))
+    assert np.array_equal(result.representative[kept], kept)
+
+
+def test_deduplicate_cluster_of_mutual_duplicates_keeps_its_best():
+    cluster = np.array([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [1, 1, 0]])
+    positions = np.vstack([cluster, cluster + 100, [[50.0, 50, 50]]])
+    result = deduplicate_particles(positions, 2.0)
+    assert result.keep.tolist() == [True, False, False, False, True, False, False, False, True]
+    best = deduplicate_particles(positions, 2.0, scores=np.array([0, 0, 3, 1, 0, 5, 0, 5, 0.0]))
+    assert np.flatnonzero(best.keep).tolist() == [2, 5, 8]  # highest score; equal scores: the earlier row
+    grouped = deduplicate_particles(positions, 2.0, groups=np.array([0, 1, 0, 1, 0, 0, 0, 0, 0]))
+    assert np.flatnonzero(grouped.keep).tolist() == [0, 1, 4, 8]
+    turned = deduplicate_particles(cluster, 2.0, euler_zyz_deg=np.array([[0, 0, 0], [90, 0, 0], [0, 0, 0],
+                                                                        [0, 0, 0.0]]), angular_tolerance_deg=10.0)
+    assert turned.keep.tolist() == [True, True, False, False]
+    assert deduplicate_particles(np.zeros((0, 3)), 1.0).keep.shape == (0,)

@@ -7,9 +7,19 @@ renamed to the old tomograms,
 ``distance_histogram.png``, ``summary.json``, ``particle_distances.tsv`` and ``histogram_distances.txt``.
 Bad input ends with exit code 2 and one line naming the file or column.
 
+Beyond M: ``--angular-tolerance-deg A --symmetry C1`` also requires the two poses to be within A degrees (the
+smallest angle over the reference's point group, RELION's names); the distance stays the cost. ``--group-by
+COLUMN`` matches only particles with equal values of a column (e.g. ``rlnClassNumber``) besides the tomogram.
+``--score COLUMN`` makes "in both" keep the particle of each pair with the higher value (a tie keeps the old one).
+The histogram shows each old particle's distance to its nearest new particle (and, with angles, the angular
+distance of those within the tolerance): the true pairs' peak and the chance neighbours' tail, with the tolerance
+best in the valley. The same file as ``--old`` and ``--new`` removes duplicates (one particle per cluster of
+mutual duplicates, the best-scored or the first; ``in_both.star`` = deduplicated set, ``duplicates.star`` = the
+removed ones; :mod:`mspecies.cli.deduplicate_files`).
+
 Recipes (M): add new particles = ``--tolerance-angst 0 --keep only_old,only_new`` (exact duplicates are "in
 both" at tolerance 0, so add ``in_both`` to keep one copy of each); remove particles = ``--keep only_old``;
-keep the survivors of a classification = ``--keep in_both``.
+keep the survivors of a classification = ``--keep in_both``; remove duplicates = ``--old X --new X``.
 """
 
 from __future__ import annotations
@@ -17,8 +27,17 @@ from __future__ import annotations
 import argparse
 
 from mspecies.cli.convert import DIALECTS, read_tomo_sizes
-from mspecies.cli.intersect_files import DEFAULT_HISTOGRAM_BINS, intersect_star_files, parse_keep, summary_lines
+from mspecies.cli.deduplicate_files import any_summary_lines, deduplicate_star_file
+from mspecies.cli.intersect_files import (
+    DEFAULT_HISTOGRAM_BINS,
+    MatchOptions,
+    intersect_star_files,
+    parse_keep,
+    same_file,
+)
+from mspecies.common.types import InputError
 from mspecies.core.assignment import MODES
+from mspecies.core.symmetry import SYMMETRY_HELP
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -49,6 +68,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                              "inf in m_compatible mode)")
     parser.add_argument("--bins", type=int, default=DEFAULT_HISTOGRAM_BINS, help="histogram bins")
     parser.add_argument("--log-scale", action="store_true", help="histogram counts on a log scale")
+    parser.add_argument("--angular-tolerance-deg", type=float,
+                        help="also require the two poses to be within this angle (deg, smallest over --symmetry); "
+                             "default: no orientation gate")
+    parser.add_argument("--symmetry", default="C1", help=f"point group of the reference: {SYMMETRY_HELP}")
+    parser.add_argument("--group-by", metavar="COLUMN",
+                        help="match only particles with equal values of this column (e.g. rlnClassNumber), "
+                             "besides the tomogram; both files must have it")
+    parser.add_argument("--score", metavar="COLUMN",
+                        help="numeric column, higher is better (e.g. rlnMaxValueProbDistribution, "
+                             "rlnLogLikeliContribution): 'in both' keeps the better particle of each pair "
+                             "(default: the old one, as M)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,12 +86,23 @@ def run(args: argparse.Namespace) -> int:
     keep = parse_keep(args.keep)
     shapes = read_tomo_sizes(args.tomo_sizes) if args.tomo_sizes else (
         tuple(args.tomo_size) if args.tomo_size else None)
-    summary = intersect_star_files(
-        args.old, args.new, args.tolerance_angst, args.out, keep=keep, mode=args.mode,
-        old_dialect=args.old_dialect, new_dialect=args.new_dialect,
-        coord_pixel_size_angst=args.coord_pixel_size_angst, tomo_shape_px=shapes, name_mapping=args.name_map,
-        histogram_radius_angst=args.histogram_radius_angst, n_bins=args.bins, log_scale=args.log_scale)
-    for line in summary_lines(summary):
+    options = MatchOptions(args.angular_tolerance_deg, args.symmetry, args.group_by, args.score)
+    if not args.tolerance_angst >= 0:
+        raise InputError(f"--tolerance-angst must be >= 0 Å, got {args.tolerance_angst}")
+    if same_file(args.old, args.new):
+        summary = deduplicate_star_file(
+            args.old, args.tolerance_angst, args.out, keep=keep, dialect=args.old_dialect,
+            coord_pixel_size_angst=args.coord_pixel_size_angst, tomo_shape_px=shapes,
+            histogram_radius_angst=args.histogram_radius_angst, n_bins=args.bins, log_scale=args.log_scale,
+            options=options)
+    else:
+        summary = intersect_star_files(
+            args.old, args.new, args.tolerance_angst, args.out, keep=keep, mode=args.mode,
+            old_dialect=args.old_dialect, new_dialect=args.new_dialect,
+            coord_pixel_size_angst=args.coord_pixel_size_angst, tomo_shape_px=shapes, name_mapping=args.name_map,
+            histogram_radius_angst=args.histogram_radius_angst, n_bins=args.bins, log_scale=args.log_scale,
+            options=options)
+    for line in any_summary_lines(summary):
         print(line)
     print(f"outputs in {args.out}")
     return 0

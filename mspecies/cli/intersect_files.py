@@ -4,11 +4,15 @@ The numerics live in :mod:`mspecies.core.assignment`; this module
 
 * matches the new set's tomogram names to the old set's (tolerant, :mod:`mspecies.formats.tomo_names`) and
   reports it **before** any matching work;
-* runs the match per tomogram (Å, tomogram-centred positions) and computes the distances to plot;
-* writes the results: per-particle distances, ``summary.json``, the distance histogram (PNG) and, for STAR
-  inputs, ``only_old.star``, ``in_both.star``, ``only_new.star`` and ``selected.star`` in the old file's dialect.
+* runs the match per tomogram, or per tomogram and value of a chosen column (``group_by``), with an optional
+  orientation gate (angular tolerance over a symmetry), and computes the distances and angles to plot;
+* writes the results: per-particle distances and angles, ``summary.json``, the distance histogram and, with
+  orientations, the angular-distance histogram (PNG) and, for STAR inputs, ``only_old.star``, ``in_both.star``,
+  ``only_new.star`` and ``selected.star`` in the old file's dialect.
 
-Particles in both sets are represented by the **old** particle (old poses, old columns), as in M.
+Particles in both sets are represented by the **old** particle (old poses, old columns), as in M; with a score
+column, by the particle of the pair with the higher score (a tie keeps the old one). The same file as old and new
+on the command line removes duplicates instead (:mod:`mspecies.cli.deduplicate_files`).
 """
 
 from __future__ import annotations
@@ -21,8 +25,28 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mspecies.cli.intersect_plots import (
+    ANGLE_HISTOGRAM_PNG,
+    DEFAULT_HISTOGRAM_BINS,
+    HISTOGRAM_PNG,
+    draw_angle_histogram,
+    draw_distance_histogram,
+    histogram_title,
+    save_histogram_png,
+)
 from mspecies.common.types import InputError, ParticlePoses
-from mspecies.core.assignment import MODES, IntersectionResult, histogram_distances, match_particle_sets, select_union
+from mspecies.core.assignment import (
+    DISTANCE_EPS_ANGST,
+    MODES,
+    IntersectionResult,
+    group_counts,
+    histogram_distances,
+    match_particle_sets,
+    nearest_new_particles,
+    new_pose_wins,
+    select_union,
+)
+from mspecies.core.symmetry import angular_distance_from_euler_deg, parse_symmetry
 from mspecies.formats.star_dialects import CORNER_DIALECTS, ParticleTable, TomoShapes, read_particle_star
 from mspecies.formats.star_write import write_particle_star
 from mspecies.formats.tomo_names import NameMatchReport, match_tomo_names
@@ -36,11 +60,51 @@ HISTOGRAM_RADIUS_FACTOR = 3.0
 MIN_HISTOGRAM_RADIUS_ANGST = 20.0
 """... but at least this many Å, so that a tolerance of 0 still shows the neighbourhood."""
 
-DEFAULT_HISTOGRAM_BINS = 50
 SUMMARY_JSON = "summary.json"
-HISTOGRAM_PNG = "distance_histogram.png"
 HISTOGRAM_DISTANCES_TXT = "histogram_distances.txt"
+HISTOGRAM_ANGLES_TXT = "histogram_angles.txt"
 PARTICLE_DISTANCES_TSV = "particle_distances.tsv"
+
+
+@dataclass(frozen=True)
+class MatchOptions:
+    """What may match besides the distance, and which particle of a pair "in both" keeps.
+
+    Attributes
+    ----------
+    angular_tolerance_deg
+        Orientation gate (deg, >= 0) over ``symmetry``; None: none.
+    symmetry
+        Point group of the reference (RELION names: C1, Cn, Dn, T, O, I...).
+    group_by
+        Column (STAR) or attribute (Scipion) whose values must be equal, besides the tomogram; None: tomogram only.
+    score
+        Column / attribute with a "higher is better" number: the pair's better particle represents it in "in
+        both" (tie: old). None: always the old particle (M).
+    """
+
+    angular_tolerance_deg: float | None = None
+    symmetry: str = "C1"
+    group_by: str | None = None
+    score: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.angular_tolerance_deg is not None and not float(self.angular_tolerance_deg) >= 0:
+            raise InputError(f"--angular-tolerance-deg must be >= 0 deg, got {self.angular_tolerance_deg}")
+        object.__setattr__(self, "symmetry", parse_symmetry(self.symmetry)[0])
+
+
+@dataclass(frozen=True)
+class SideColumns:
+    """Per-particle values of one set for the options: ``group_values`` (N,) text and ``scores`` (N,) float."""
+
+    group_values: np.ndarray | None = None
+    scores: np.ndarray | None = None
+
+
+NO_OPTIONS = MatchOptions()
+"""Distance only, tomogram only, old particles represent the pairs (M)."""
+NO_COLUMNS = SideColumns()
 
 
 @dataclass(frozen=True)
@@ -59,6 +123,15 @@ class IntersectOutcome:
         (K,) matched distances (Å) at ``histogram_radius_angst``, to plot when choosing the tolerance.
     histogram_radius_angst
         Radius (Å) the histogram distances were computed with (may be ``inf``).
+    histogram_angles_deg
+        (K2,) angular distances (deg, over the symmetry) of each old particle and its nearest new particle when
+        within the distance tolerance; None when a set has no orientations or in M-compatible mode.
+    options
+        The :class:`MatchOptions` used.
+    new_wins
+        (N,) bool over old particles: "in both" keeps the new partner (higher score); None without a score.
+    old_tomograms
+        (N,) tomogram of each old particle (for per-tomogram counts when groups are finer).
     """
 
     result: IntersectionResult
@@ -66,6 +139,16 @@ class IntersectOutcome:
     new_groups: np.ndarray
     histogram_distances_angst: np.ndarray
     histogram_radius_angst: float
+    histogram_angles_deg: np.ndarray | None = None
+    options: MatchOptions = NO_OPTIONS
+    new_wins: np.ndarray | None = None
+    old_tomograms: np.ndarray | None = None
+
+    def per_tomogram(self):  # noqa: ANN201 (tuple of GroupCounts)
+        """Counts per tomogram (the result's groups when matching used the tomogram alone)."""
+        if self.options.group_by is None or self.old_tomograms is None:
+            return self.result.groups
+        return group_counts(self.result, self.old_tomograms, self.new_groups)
 
 
 def parse_keep(text: str | Sequence[str]) -> tuple[bool, bool, bool]:
@@ -120,14 +203,30 @@ def name_report_lines(report: NameMatchReport, old_names: Sequence[str] | np.nda
     return lines
 
 
+def group_labels(tomograms: np.ndarray, values: np.ndarray | None, column: str | None) -> np.ndarray:
+    """(N,) matching groups: the tomogram, or ``"tomogram | column=value"`` with a group column. Values that read
+    as numbers are compared as numbers (``1`` = ``1.0``), others as text."""
+    names = np.asarray(tomograms, dtype=object).astype(str)
+    if column is None or values is None:
+        return names.astype(object)
+    text = pd.Series(np.asarray(values, dtype=object)).astype(str).str.strip()
+    numbers = pd.to_numeric(text, errors="coerce")
+    normalised = np.where(numbers.notna(), numbers.map(lambda v: f"{v:.12g}"), text)
+    return np.char.add(np.char.add(names, f" | {column}="), normalised.astype(str)).astype(object)
+
+
 def intersect_poses(old: ParticlePoses, new: ParticlePoses, tolerance_angst: float, *, mode: str = "gated",
                     name_mapping: str | dict[str, str] | None = None,
                     histogram_radius_angst: float | None = None,
-                    log: Callable[[str], None] | None = None) -> IntersectOutcome:
+                    log: Callable[[str], None] | None = None, options: MatchOptions = NO_OPTIONS,
+                    old_columns: SideColumns = NO_COLUMNS, new_columns: SideColumns = NO_COLUMNS,
+                    use_angles: bool = True) -> IntersectOutcome:
     """Match ``new`` against ``old`` per tomogram (positions in Å centred on the tomogram centre).
 
     The name report is passed line by line to ``log`` before the match runs. No common tomogram is an
-    :class:`InputError` (nothing could match).
+    :class:`InputError` (nothing could match). ``options`` add the orientation gate, groups and the score;
+    ``old_columns``/``new_columns`` carry the group values and scores they need; ``use_angles=False`` (a set
+    without orientations) refuses an angular tolerance and skips the angles.
     """
     if mode not in MODES:
         raise InputError(f"mode must be one of {MODES}, got {mode!r}")
@@ -141,14 +240,46 @@ def intersect_poses(old: ParticlePoses, new: ParticlePoses, tolerance_angst: flo
         raise InputError(f"no tomogram of the new set matches one of the old set (old: "
                          f"{sorted(set(old_groups))[:5]}, new: {list(report.unmatched)[:5]}); "
                          "give a name mapping 'new_name=old_name, ...'")
+    if options.angular_tolerance_deg is not None and not use_angles:
+        raise InputError("--angular-tolerance-deg: a set has no orientations (no angle columns)")
     new_groups = new_group_labels(report, new.tomo_names)
-    result = match_particle_sets(old.positions_angst, new.positions_angst, tolerance_angst,
-                                 old_groups=old_groups, new_groups=new_groups, mode=mode)
+    for side, columns in (("old", old_columns), ("new", new_columns)):
+        if options.group_by is not None and columns.group_values is None:
+            raise InputError(f"--group-by {options.group_by}: no values for the {side} set")
+        if options.score is not None and columns.scores is None:
+            raise InputError(f"--score {options.score}: no values for the {side} set")
+    old_match = group_labels(old_groups, old_columns.group_values, options.group_by)
+    new_match = group_labels(new_groups, new_columns.group_values, options.group_by)
+    angles = dict(old_euler_zyz_deg=old.euler_zyz_deg, new_euler_zyz_deg=new.euler_zyz_deg) if use_angles else {}
+    result = match_particle_sets(old.positions_angst, new.positions_angst, tolerance_angst, old_groups=old_match,
+                                 new_groups=new_match, mode=mode, angular_tolerance_deg=options.angular_tolerance_deg,
+                                 symmetry=options.symmetry, **angles)
     radius = (default_histogram_radius_angst(tolerance_angst, mode) if histogram_radius_angst is None
               else float(histogram_radius_angst))
-    distances = histogram_distances(old.positions_angst, new.positions_angst, radius, old_groups=old_groups,
-                                    new_groups=new_groups, mode=mode)
-    return IntersectOutcome(result, report, new_groups, distances, radius)
+    distances, hist_angles = _histogram_values(old, new, old_match, new_match, tolerance_angst, radius, mode,
+                                               options.symmetry if use_angles else None)
+    wins = None if options.score is None else new_pose_wins(result, old_columns.scores, new_columns.scores)
+    return IntersectOutcome(result, report, new_groups, distances, radius, hist_angles, options, wins, old_groups)
+
+
+def _histogram_values(old: ParticlePoses, new: ParticlePoses, old_match: np.ndarray, new_match: np.ndarray,
+                      tolerance_angst: float, radius_angst: float, mode: str,
+                      symmetry: str | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Distances (Å) and angles (deg; None without ``symmetry`` or in M-compatible mode) to plot.
+
+    Gated: each old particle's nearest new particle of its group within the radius (distances), and the angular
+    distances of those nearest pairs within the distance tolerance (angles), independent of the angular tolerance.
+    """
+    if mode == "m_compatible":
+        return histogram_distances(old.positions_angst, new.positions_angst, radius_angst, old_groups=old_match,
+                                   new_groups=new_match, mode=mode), None
+    partner, distance = nearest_new_particles(old.positions_angst, new.positions_angst, radius_angst,
+                                              old_groups=old_match, new_groups=new_match)
+    if symmetry is None:
+        return distance[np.isfinite(distance)], None
+    close = np.flatnonzero((partner >= 0) & (distance <= float(tolerance_angst) + DISTANCE_EPS_ANGST))
+    angles = angular_distance_from_euler_deg(old.euler_zyz_deg[close], new.euler_zyz_deg[partner[close]], symmetry)
+    return distance[np.isfinite(distance)], angles
 
 
 # --- summary ---------------------------------------------------------------------------------------------------------
@@ -170,17 +301,36 @@ def summary_dict(outcome: IntersectOutcome, keep: tuple[bool, bool, bool] | None
         "jaccard": _finite_or_none(result.jaccard),
         "median_distance_angst": float(np.median(matched)) if matched.size else None,
         "histogram_radius_angst": _finite_or_none(outcome.histogram_radius_angst),
-        "per_tomogram": [{"tomogram": g.group, "n_old": g.n_old, "n_new": g.n_new, "in_both": g.in_both,
-                          "only_old": g.only_old, "only_new": g.only_new, "jaccard": _finite_or_none(g.jaccard)}
-                         for g in result.groups],
+        "per_tomogram": _counts_rows(outcome.per_tomogram(), "tomogram"),
         "name_matching": {"matches": dict(report.matches), "methods": dict(report.methods),
                           "unmatched_new_names": list(report.unmatched),
                           "old_tomograms_without_new": list(report.unused_ts_ids)},
     }
+    summary |= _options_summary(outcome)
     if keep is not None:
-        old_idx, new_idx = select_union(result, *keep)
+        old_idx, new_idx = select_union(result, *keep, new_wins=outcome.new_wins)
         summary["keep"] = [name for name, flag in zip(KEEP_CHOICES, keep) if flag]
         summary["selected"] = int(old_idx.size + new_idx.size)
+    return summary
+
+
+def _counts_rows(groups, key: str) -> list[dict]:  # noqa: ANN001 (tuple of GroupCounts)
+    return [{key: g.group, "n_old": g.n_old, "n_new": g.n_new, "in_both": g.in_both, "only_old": g.only_old,
+             "only_new": g.only_new, "jaccard": _finite_or_none(g.jaccard)} for g in groups]
+
+
+def _options_summary(outcome: IntersectOutcome) -> dict:
+    """Summary entries of the orientation gate, groups and score."""
+    options, result = outcome.options, outcome.result
+    angles = result.matched_angles_deg
+    angles = angles[np.isfinite(angles)]
+    summary = {"angular_tolerance_deg": options.angular_tolerance_deg, "symmetry": options.symmetry,
+               "median_angle_deg": float(np.median(angles)) if angles.size else None,
+               "group_by": options.group_by, "score": options.score}
+    if options.group_by is not None:
+        summary["per_group"] = _counts_rows(result.groups, "group")
+    if outcome.new_wins is not None:
+        summary["in_both_from_new"] = int(np.count_nonzero(outcome.new_wins))
     return summary
 
 
@@ -193,6 +343,17 @@ def summary_lines(summary: dict) -> list[str]:
              f"{summary['only_new']} only new; Jaccard index "
              f"{'n/a' if jaccard is None else f'{jaccard:.3f}'}; median matched distance "
              f"{'n/a' if median is None else f'{median:.2f} Å'}"]
+    if summary.get("angular_tolerance_deg") is not None or summary.get("median_angle_deg") is not None:
+        gate = summary.get("angular_tolerance_deg")
+        median_angle = summary.get("median_angle_deg")
+        lines.append(f"Orientation: {'no angular gate' if gate is None else f'angular tolerance {gate:g} deg'}, "
+                     f"symmetry {summary.get('symmetry', 'C1')}; median angular distance of the pairs "
+                     f"{'n/a' if median_angle is None else f'{median_angle:.2f} deg'}")
+    if summary.get("group_by"):
+        lines.append(f"Matched within tomogram and {summary['group_by']} ({len(summary['per_group'])} group(s))")
+    if summary.get("score"):
+        lines.append(f"In both keeps the higher {summary['score']}: {summary['in_both_from_new']} pair(s) "
+                     "represented by the new particle, the others by the old one")
     for group in summary["per_tomogram"]:
         jac = group["jaccard"]
         lines.append(f"  {group['tomogram']}: old {group['n_old']}, new {group['n_new']}, in both "
@@ -221,91 +382,57 @@ def read_summary_json(path: str | Path) -> dict:
 # --- distances files -----------------------------------------------------------------------------------------------
 
 
-def write_histogram_distances(path: str | Path, distances_angst: np.ndarray) -> Path:
-    """One matched distance (Å) per line."""
+def write_histogram_distances(path: str | Path, distances_angst: np.ndarray,
+                              header: str = "distance (A) to the nearest new particle, up to the histogram radius"
+                              ) -> Path:
+    """One value per line (distances in Å; also used for the angles in deg with another ``header``)."""
     path = Path(path)
-    np.savetxt(path, np.asarray(distances_angst, dtype=np.float64).reshape(-1), fmt="%.4f",
-               header="matched pair distance (A) at the histogram radius")
+    np.savetxt(path, np.asarray(distances_angst, dtype=np.float64).reshape(-1), fmt="%.4f", header=header)
     return path
 
 
 def read_histogram_distances(path: str | Path) -> np.ndarray:
-    """(K,) distances (Å) written by :func:`write_histogram_distances`."""
+    """(K,) values written by :func:`write_histogram_distances`."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: distances not found (has the intersection run?)")
+        raise InputError(f"{path}: histogram values not found (has the intersection run?)")
     return np.atleast_1d(np.loadtxt(path, dtype=np.float64, ndmin=1))
 
 
 def write_particle_distances(path: str | Path, outcome: IntersectOutcome, old_groups: np.ndarray) -> Path:
     """Table of every particle: ``set`` (old/new), ``index`` (0-based row), ``tomogram``, ``partner`` (index in the
-    other set, -1), ``distance_angst`` (-1 when unmatched), ``status`` (in_both/only_old/only_new)."""
+    other set, -1), ``distance_angst`` and ``angle_deg`` (angular distance over the symmetry; -1 when unmatched or
+    without orientations), ``status`` (in_both/only_old/only_new) and ``represents_pair`` (1 for the particle of
+    the pair that "in both" keeps, else 0)."""
     result = outcome.result
+    wins = np.zeros(result.old_partner.size, bool) if outcome.new_wins is None else outcome.new_wins
+    new_wins = np.zeros(result.new_partner.size, bool)
+    new_wins[result.old_partner[wins]] = True
     frames = []
-    for side, partner, distance, groups in (("old", result.old_partner, result.old_distance_angst, old_groups),
-                                            ("new", result.new_partner, result.new_distance_angst,
-                                             outcome.new_groups)):
+    for side, partner, distance, angle, groups, kept in (
+            ("old", result.old_partner, result.old_distance_angst, result.old_angle_deg, old_groups,
+             (result.old_partner >= 0) & ~wins),
+            ("new", result.new_partner, result.new_distance_angst, result.new_angle_deg, outcome.new_groups,
+             new_wins)):
         status = np.where(partner >= 0, "in_both", f"only_{side}")
         frames.append(pd.DataFrame({"set": side, "index": np.arange(partner.size), "tomogram": groups,
                                     "partner": partner, "distance_angst": np.nan_to_num(distance, nan=-1.0),
-                                    "status": status}))
+                                    "angle_deg": np.nan_to_num(angle, nan=-1.0), "status": status,
+                                    "represents_pair": kept.astype(int)}))
     path = Path(path)
     pd.concat(frames, ignore_index=True).to_csv(path, sep="\t", index=False, float_format="%.4f")
     return path
 
 
-# --- histogram -----------------------------------------------------------------------------------------------------
-
-
-def draw_distance_histogram(ax, distances_angst: np.ndarray, tolerance_angst: float, *,
-                            n_bins: int = DEFAULT_HISTOGRAM_BINS, log_scale: bool = False,
-                            title: str = "Matched pair distances") -> None:
-    """Draw the histogram of matched distances (Å) into a matplotlib Axes, with the tolerance as a vertical line."""
-    if n_bins < 1:
-        raise InputError(f"histogram bins must be >= 1, got {n_bins}")
-    values = np.asarray(distances_angst, dtype=np.float64)
-    values = values[np.isfinite(values)]
-    upper = max(1.0, float(values.max()) if values.size else 1.0, 1.05 * float(tolerance_angst))
-    ax.hist(values, bins=n_bins, range=(0.0, upper), color="#4a7ab5", edgecolor="white", linewidth=0.3,
-            log=log_scale, label=f"{values.size} pair(s)")
-    ax.axvline(float(tolerance_angst), color="#c0392b", linestyle="--", linewidth=1.5,
-               label=f"tolerance {float(tolerance_angst):g} Å")
-    ax.set_xlabel("distance to the matched partner (Å)")
-    ax.set_ylabel("pairs (log scale)" if log_scale else "pairs")
-    ax.set_title(title)
-    ax.set_xlim(0.0, upper)
-    ax.legend(loc="upper right", fontsize="small")
-
-
-def histogram_title(histogram_radius_angst: float | None) -> str:
-    """Plot title naming the matching radius (Å) the histogram distances were computed with."""
-    if histogram_radius_angst is None or not np.isfinite(histogram_radius_angst):
-        return "Matched pair distances (all assigned pairs)"
-    return f"Matched pair distances (matching radius {histogram_radius_angst:g} Å)"
-
-
-def save_distance_histogram(path: str | Path, distances_angst: np.ndarray, tolerance_angst: float, *,
-                            n_bins: int = DEFAULT_HISTOGRAM_BINS, log_scale: bool = False,
-                            title: str = "Matched pair distances") -> Path:
-    """Write the histogram of :func:`draw_distance_histogram` as a PNG (Agg canvas, no display needed)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(6.4, 4.0), dpi=100)
-    FigureCanvasAgg(figure)
-    draw_distance_histogram(figure.add_subplot(1, 1, 1), distances_angst, tolerance_angst, n_bins=n_bins,
-                            log_scale=log_scale, title=title)
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path)
-    return path
+# --- histogram files -------------------------------------------------------------------------------------------
 
 
 def write_match_files(out_dir: str | Path, outcome: IntersectOutcome, old_groups: np.ndarray, *,
                       keep: tuple[bool, bool, bool] | None = None, n_bins: int = DEFAULT_HISTOGRAM_BINS,
                       log_scale: bool = False, extra: dict | None = None) -> dict:
     """Write ``summary.json``, ``histogram_distances.txt``, ``particle_distances.tsv`` and
-    ``distance_histogram.png`` into ``out_dir``; returns the summary (``extra`` items are added to it)."""
+    ``distance_histogram.png`` into ``out_dir``, and with orientations ``histogram_angles.txt`` and
+    ``angle_histogram.png``; returns the summary (``extra`` items are added to it)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = summary_dict(outcome, keep)
@@ -313,9 +440,17 @@ def write_match_files(out_dir: str | Path, outcome: IntersectOutcome, old_groups
     summary.update(extra or {})
     write_histogram_distances(out / HISTOGRAM_DISTANCES_TXT, outcome.histogram_distances_angst)
     write_particle_distances(out / PARTICLE_DISTANCES_TSV, outcome, old_groups)
-    save_distance_histogram(out / HISTOGRAM_PNG, outcome.histogram_distances_angst,
-                            outcome.result.tolerance_angst, n_bins=n_bins, log_scale=log_scale,
-                            title=histogram_title(outcome.histogram_radius_angst))
+    save_histogram_png(out / HISTOGRAM_PNG, draw_distance_histogram, distances_angst=outcome.histogram_distances_angst,
+                       tolerance_angst=outcome.result.tolerance_angst, n_bins=n_bins, log_scale=log_scale,
+                       title=histogram_title(outcome.histogram_radius_angst, outcome.result.mode))
+    summary["angle_histogram"] = outcome.histogram_angles_deg is not None
+    if outcome.histogram_angles_deg is not None:
+        write_histogram_distances(out / HISTOGRAM_ANGLES_TXT, outcome.histogram_angles_deg,
+                                  header="angular distance (deg, over the symmetry) of the nearest pairs within the "
+                                         "distance tolerance")
+        save_histogram_png(out / ANGLE_HISTOGRAM_PNG, draw_angle_histogram, angles_deg=outcome.histogram_angles_deg,
+                           angular_tolerance_deg=outcome.options.angular_tolerance_deg,
+                           symmetry=outcome.options.symmetry, n_bins=n_bins, log_scale=log_scale)
     write_summary_json(out / SUMMARY_JSON, summary)
     return summary
 
@@ -417,21 +552,23 @@ def merge_into_old_dialect(old: ParticleTable, new: ParticleTable, new_group_nam
 
 def write_star_outputs(out_dir: str | Path, old: ParticleTable, new: ParticleTable, outcome: IntersectOutcome,
                        keep: tuple[bool, bool, bool]) -> dict[str, Path]:
-    """Write ``only_old.star``, ``in_both.star`` (old rows), ``only_new.star`` (new rows) and ``selected.star``
-    (the chosen union), all in the old file's dialect → {stem: path}."""
+    """Write ``only_old.star``, ``in_both.star`` (old rows; with a score, the old rows that won then the new rows
+    that won), ``only_new.star`` (new rows) and ``selected.star`` (the chosen union), all in the old file's
+    dialect → {stem: path}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = outcome.result
-    paths = {
-        "only_old": write_particle_star(old.take(np.flatnonzero(result.only_old)), out / "only_old.star"),
-        "in_both": write_particle_star(old.take(np.flatnonzero(result.in_both)), out / "in_both.star"),
-    }
+    paths = {"only_old": write_particle_star(old.take(np.flatnonzero(result.only_old)), out / "only_old.star")}
+    both_old, both_new = select_union(result, False, True, False, new_wins=outcome.new_wins)
+    paths["in_both"] = write_particle_star(
+        merge_into_old_dialect(old.take(both_old), new.take(both_new), outcome.new_groups[both_new], template=old)
+        if both_new.size else old.take(both_old), out / "in_both.star")
     only_new = np.flatnonzero(result.only_new)
     paths["only_new"] = write_particle_star(
         merge_into_old_dialect(old.take(np.arange(0)), new.take(only_new), outcome.new_groups[only_new],
                                template=old),
         out / "only_new.star")
-    old_idx, new_idx = select_union(result, *keep)
+    old_idx, new_idx = select_union(result, *keep, new_wins=outcome.new_wins)
     selected = merge_into_old_dialect(old.take(old_idx), new.take(new_idx), outcome.new_groups[new_idx],
                                       template=old)
     paths["selected"] = write_particle_star(selected, out / "selected.star")
@@ -444,12 +581,14 @@ def intersect_star_files(old_path: str | Path, new_path: str | Path, tolerance_a
                          coord_pixel_size_angst: float | None = None, tomo_shape_px: TomoShapes = None,
                          name_mapping: str | None = None, histogram_radius_angst: float | None = None,
                          n_bins: int = DEFAULT_HISTOGRAM_BINS, log_scale: bool = False,
-                         log: Callable[[str], None] = print) -> dict:
+                         log: Callable[[str], None] = print, options: MatchOptions = NO_OPTIONS) -> dict:
     """Intersect two particle STAR files and write every output into ``out_dir``; returns the summary.
 
     ``coord_pixel_size_angst`` (Å/px) is used for a file that does not carry its coordinate pixel size;
     ``tomo_shape_px`` (px at that pixel size) for corner-based dialects. New particles whose tomogram name matches
-    an old tomogram inherit that tomogram's size when the new file needs one.
+    an old tomogram inherit that tomogram's size when the new file needs one. ``options``: orientation gate,
+    group column, score column (:class:`MatchOptions`). (The command line removes duplicates instead when both
+    paths name the same file: :mod:`mspecies.cli.deduplicate_files`.)
     """
     if not any(keep):
         raise InputError(f"--keep: choose at least one of {list(KEEP_CHOICES)}")
@@ -460,8 +599,15 @@ def intersect_star_files(old_path: str | Path, new_path: str | Path, tolerance_a
                                                     coord_pixel_size_angst))
     log(f"old: {old_path} (RELION/Warp dialect {old.dialect}, {len(old)} particles); "
         f"new: {new_path} (dialect {new.dialect}, {len(new)} particles)")
+    old_columns = star_side_columns(old, options, f"--old {old_path}")
+    new_columns = star_side_columns(new, options, f"--new {new_path}")
+    for role, path, table in (("--old", old_path, old), ("--new", new_path, new)):
+        if options.angular_tolerance_deg is not None and not table.has_angles:
+            raise InputError(f"--angular-tolerance-deg: {role} {path} has no angle columns (rlnAngleRot/Tilt/Psi)")
     outcome = intersect_poses(old.poses, new.poses, tolerance_angst, mode=mode, name_mapping=name_mapping,
-                              histogram_radius_angst=histogram_radius_angst, log=log)
+                              histogram_radius_angst=histogram_radius_angst, log=log, options=options,
+                              old_columns=old_columns, new_columns=new_columns,
+                              use_angles=old.has_angles and new.has_angles)
     files = write_star_outputs(out_dir, old, new, outcome, keep)
     extra = {"old_file": str(old_path), "new_file": str(new_path), "old_dialect": str(old.dialect),
              "new_dialect": str(new.dialect), "files": {k: str(v) for k, v in files.items()}}
@@ -485,3 +631,43 @@ def _new_shapes(new_path: str | Path, new_dialect: str | None, old: ParticleTabl
     report = match_tomo_names(probe.poses.tomo_names.astype(str), list(old.tomo_shape_px), name_mapping)
     shapes = {name: old.tomo_shape_px[ts] for name, ts in report.matches.items()}
     return shapes or given
+
+
+# --- option columns of STAR tables ----------------------------------------------------------------------------------
+
+
+def same_file(first: str | Path, second: str | Path) -> bool:
+    """True when both paths name the same existing file (self-intersection = duplicate removal)."""
+    try:
+        return Path(first).resolve().samefile(Path(second).resolve())
+    except OSError:
+        return False
+
+
+def star_column_values(table: ParticleTable, column: str, where: str, flag: str) -> np.ndarray:
+    """(N,) text values of a particle column (uninterpreted columns, the subset and the optics group); a column
+    absent from the file is an :class:`InputError` naming the flag, the file and the columns it has."""
+    if column in table.extras.columns:
+        return table.extras[column].to_numpy(dtype=object)
+    known = {"rlnRandomSubset": table.random_subset, "rlnOpticsGroup": table.optics_group}
+    if known.get(column) is not None:
+        return np.asarray(known[column]).astype(str).astype(object)
+    raise InputError(f"{flag} {column}: {where} has no column {column} (its other columns: "
+                     f"{sorted(table.extras.columns)[:20]})")
+
+
+def numeric_column(values: np.ndarray, column: str, where: str, flag: str) -> np.ndarray:
+    """(N,) float of a text column; a non-numeric entry is an :class:`InputError` naming its row (1-based)."""
+    numbers = pd.to_numeric(pd.Series(values, dtype=object), errors="coerce").to_numpy(dtype=np.float64)
+    bad = np.flatnonzero(np.isnan(numbers))
+    if bad.size:
+        raise InputError(f"{flag} {column}: {where} row {int(bad[0]) + 1}: {values[bad[0]]!r} is not a number")
+    return numbers
+
+
+def star_side_columns(table: ParticleTable, options: MatchOptions, where: str) -> SideColumns:
+    """The group values and scores that ``options`` need, from one STAR table."""
+    group = None if options.group_by is None else star_column_values(table, options.group_by, where, "--group-by")
+    scores = None if options.score is None else numeric_column(
+        star_column_values(table, options.score, where, "--score"), options.score, where, "--score")
+    return SideColumns(group, scores)

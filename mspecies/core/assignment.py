@@ -159,18 +159,23 @@ class IntersectionResult:
 
 
 def select_union(result: IntersectionResult, keep_only_old: bool, keep_in_both: bool,
-                 keep_only_new: bool) -> tuple[np.ndarray, np.ndarray]:
+                 keep_only_new: bool, new_wins: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Old and new indices forming the chosen union (M's three check-boxes).
 
-    Particles in both sets are represented by the **old** particle (old poses), as in M.
+    Particles in both sets are represented by the **old** particle (old poses), as in M, except the pairs where
+    ``new_wins`` ((N,) bool over old particles, :func:`new_pose_wins`) is True: those are represented by the new
+    partner.
 
     Returns
     -------
     old_indices : (K_old,) int64, ascending
     new_indices : (K_new,) int64, ascending
     """
-    keep_old = (result.only_old & bool(keep_only_old)) | (result.in_both & bool(keep_in_both))
+    wins = np.zeros(result.old_partner.shape, bool) if new_wins is None else np.asarray(new_wins, bool)
+    keep_old = (result.only_old & bool(keep_only_old)) | (result.in_both & ~wins & bool(keep_in_both))
     keep_new = result.only_new & bool(keep_only_new)
+    if keep_in_both:
+        keep_new[result.old_partner[wins]] = True
     return np.flatnonzero(keep_old), np.flatnonzero(keep_new)
 
 
@@ -233,9 +238,11 @@ def histogram_distances(old_positions_angst: np.ndarray, new_positions_angst: np
 
 
 def nearest_new_particles(old_positions_angst: np.ndarray, new_positions_angst: np.ndarray, radius_angst: float, *,
-                          old_groups: np.ndarray | None = None,
-                          new_groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                          old_groups: np.ndarray | None = None, new_groups: np.ndarray | None = None,
+                          exclude_same_index: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Nearest new particle of the same group for every old particle, within ``radius_angst`` (finite, Å).
+
+    ``exclude_same_index=True`` (old and new are the same set): the nearest *other* particle.
 
     Returns
     -------
@@ -255,7 +262,11 @@ def nearest_new_particles(old_positions_angst: np.ndarray, new_positions_angst: 
     if not len(old) or not len(new):
         return partner, distance
     shifted_old, shifted_new, margin = _side_by_side(old, new, old_codes, new_codes, radius)
-    _, j = cKDTree(shifted_new).query(shifted_old, k=1, distance_upper_bound=radius + margin)
+    if exclude_same_index:
+        _, two = cKDTree(shifted_new).query(shifted_old, k=2, distance_upper_bound=radius + margin)
+        j = np.where(two[:, 0] == np.arange(len(old)), two[:, 1], two[:, 0])
+    else:
+        _, j = cKDTree(shifted_new).query(shifted_old, k=1, distance_upper_bound=radius + margin)
     found = np.flatnonzero(j < len(new))
     found = found[old_codes[found] == new_codes[j[found]]]
     d = _pair_distances(old[found], new[j[found]])

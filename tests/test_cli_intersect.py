@@ -257,3 +257,108 @@ def test_no_common_tomogram_is_an_error(pair, capsys):
 def test_parse_keep():
     assert parse_keep("in_both") == (False, True, False)
     assert parse_keep(["only_old", "only_new"]) == (True, False, True)
+
+
+# --- beyond M: orientation gate, groups, score, deduplication ---------------------------------------------------------
+
+
+def write_extra_star(path, positions_angst, names, angles, **columns) -> None:
+    """RELION 3.1 STAR with angles and extra columns (``rlnClassNumber=...``, ``myScore=...``)."""
+    write_star(path, positions_angst, names, angles=angles)
+    text = path.read_text()
+    head, _, body = text.partition("data_particles")
+    lines = body.strip("\n").split("\n")
+    labels = [line for line in lines if line.startswith("_")]
+    rows = [line for line in lines if line.strip() and not line.startswith(("_", "loop_"))]
+    for name, values in columns.items():
+        labels.append(f"_{name} #{len(labels) + 1}")
+        rows = [f"{row} {value}" for row, value in zip(rows, values)]
+    path.write_text(head + "data_particles\n\nloop_\n" + "\n".join(labels) + "\n" + "\n".join(rows) + "\n")
+
+
+@pytest.fixture()
+def oriented(tmp_path):
+    """One tomogram, 4 old particles; new: the same places, particle 1 turned 90° about z, 2 turned 10°, 3 in
+    another class."""
+    old_pos = np.array([[0.0, 0, 0], [300, 0, 0], [0, 300, 0], [300, 300, 0]])
+    names = np.array(["TS_01"] * 4, dtype=object)
+    old_ang = np.zeros((4, 3))
+    new_ang = np.array([[0.0, 0, 0], [90, 0, 0], [10, 0, 0], [0, 0, 0]])
+    write_extra_star(tmp_path / "old.star", old_pos, names, old_ang, rlnClassNumber=[1, 1, 1, 1],
+                     rlnMaxValueProbDistribution=[0.5, 0.5, 0.5, 0.5])
+    write_extra_star(tmp_path / "new.star", old_pos + [1.0, 0, 0], names, new_ang, rlnClassNumber=[1, 1, 1, 2],
+                     rlnMaxValueProbDistribution=[0.9, 0.1, 0.5, 0.7])
+    return tmp_path
+
+
+def test_angular_tolerance_symmetry_and_angle_histogram(oriented):
+    out = oriented / "out"
+    assert run_cli(oriented / "old.star", oriented / "new.star", out, 5.0, "--angular-tolerance-deg", "20") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["in_both"] == 3 and summary["angular_tolerance_deg"] == 20.0 and summary["symmetry"] == "C1"
+    table = pd.read_csv(out / "particle_distances.tsv", sep="\t")
+    old_rows = table[table["set"] == "old"]
+    assert old_rows["status"].tolist() == ["in_both", "only_old", "in_both", "in_both"]
+    np.testing.assert_allclose(old_rows["angle_deg"], [0.0, -1.0, 10.0, 0.0], atol=1e-4)
+    assert (out / "angle_histogram.png").read_bytes()[:4] == b"\x89PNG"
+    np.testing.assert_allclose(np.sort(np.loadtxt(out / "histogram_angles.txt")), [0, 0, 10, 90], atol=1e-4)
+    assert run_cli(oriented / "old.star", oriented / "new.star", out, 5.0, "--angular-tolerance-deg", "20",
+                   "--symmetry", "C4") == 0
+    assert json.loads((out / "summary.json").read_text())["in_both"] == 4  # 90° is 0° under C4
+
+
+def test_group_by_class_and_score(oriented):
+    out = oriented / "out"
+    assert run_cli(oriented / "old.star", oriented / "new.star", out, 5.0, "--group-by", "rlnClassNumber",
+                   "--score", "rlnMaxValueProbDistribution") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["in_both"], summary["only_old"], summary["only_new"]) == (3, 1, 1)  # class 2 never matches 1
+    assert summary["per_tomogram"][0]["tomogram"] == "TS_01" and len(summary["per_group"]) == 2
+    assert summary["in_both_from_new"] == 1  # only pair 0 has a strictly higher new score (0.9 > 0.5)
+    in_both = read(out / "in_both.star")
+    scores = sorted(pd.to_numeric(in_both.extras["rlnMaxValueProbDistribution"]).tolist())
+    assert scores == [0.5, 0.5, 0.9]  # the new particle 0 (0.9) replaces old 0; the tie (0.5) keeps old 2
+    np.testing.assert_allclose(np.sort(in_both.poses.positions_angst[:, 0]), [0.0, 1.0, 300.0], atol=1e-4)
+    selected = read(out / "selected.star")
+    assert len(selected) == 3 + 1 + 1
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--symmetry", "X9"], "symmetry 'X9' is not known"),
+    (["--angular-tolerance-deg", "-5"], "--angular-tolerance-deg must be >= 0"),
+    (["--group-by", "rlnNothing"], "--group-by rlnNothing"),
+    (["--score", "rlnNothing"], "--score rlnNothing"),
+])
+def test_bad_beyond_m_options_write_nothing(oriented, capsys, args, message):
+    out = oriented / "out"
+    assert run_cli(oriented / "old.star", oriented / "new.star", out, 5.0, *args) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_group_column_absent_from_one_set_names_the_file(oriented, capsys):
+    write_star(oriented / "plain.star", np.zeros((2, 3)), np.array(["TS_01"] * 2, dtype=object))
+    assert run_cli(oriented / "old.star", oriented / "plain.star", oriented / "out", 5.0, "--group-by",
+                   "rlnClassNumber") == 2
+    err = capsys.readouterr().err
+    assert "--group-by rlnClassNumber" in err and "plain.star" in err and "no column rlnClassNumber" in err
+    assert not (oriented / "out").exists()
+
+
+def test_same_file_twice_removes_duplicates(tmp_path, capsys):
+    """Two clusters of mutual duplicates (3 and 2 particles) and 2 lone particles: 4 kept, 3 removed."""
+    positions = np.array([[0.0, 0, 0], [2, 0, 0], [0, 2, 0], [500, 0, 0], [501, 0, 0], [0, 500, 0], [-500, 0, 0]])
+    names = np.array(["TS_01"] * 7, dtype=object)
+    write_extra_star(tmp_path / "set.star", positions, names, np.zeros((7, 3)),
+                     myScore=[1, 5, 2, 0, 0, 0, 0])
+    out = tmp_path / "out"
+    assert run_cli(tmp_path / "set.star", tmp_path / "set.star", out, 5.0, "--score", "myScore") == 0
+    assert "removing duplicates" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "deduplicate" and summary["in_both"] == 4 and summary["removed_duplicates"] == 3
+    kept = read(out / "in_both.star")
+    np.testing.assert_allclose(kept.poses.positions_angst[:, :2],
+                               [[2, 0], [500, 0], [0, 500], [-500, 0]], atol=1e-4)  # the best-scored of cluster 1
+    assert len(read(out / "duplicates.star")) == 3 and len(read(out / "selected.star")) == 4
+    assert len(read(out / "only_old.star")) == 0 and len(read(out / "only_new.star")) == 0
+    assert np.loadtxt(out / "histogram_distances.txt").size == 5  # nearest other particle within 20 Å

@@ -65,3 +65,26 @@ def particles_to_poses(particles) -> ParticlePoses:
     if hasattr(particles, "iterCoordinates"):
         return coordinates_to_poses(particles)
     raise InputError(f"expected SetOfCoordinates3D or SetOfSubTomograms, got {type(particles).__name__}")
+
+
+def particle_attribute_values(particles, name: str) -> np.ndarray:
+    """(N,) values of one attribute of every item (id order, as :func:`particles_to_poses`), e.g. ``_classId``
+    or a score stored by another protocol; ``name`` may omit the leading underscore. An item without it is an
+    :class:`InputError` naming the set and the attribute."""
+    values = []
+    for item in particles.iterItems(orderBy="id"):
+        attribute = _find_attribute(item, name)
+        if attribute is None:
+            raise InputError(f"{particles.getObjLabel() or type(particles).__name__}: item {item.getObjId()} has no "
+                             f"attribute {name!r} (e.g. _classId, or a score stored by another protocol)")
+        values.append(attribute.get() if hasattr(attribute, "get") else attribute)
+    return np.asarray(values, dtype=object)
+
+
+def _find_attribute(item, name: str):
+    """``item.name`` or ``item._name`` (Scipion stores attributes with a leading underscore); None when absent."""
+    for candidate in (name, f"_{name.lstrip('_')}"):
+        attribute = getattr(item, candidate, None)
+        if attribute is not None and not callable(attribute):
+            return attribute
+    return None

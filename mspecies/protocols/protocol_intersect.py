@@ -3,8 +3,12 @@
 Old set: ``SetOfCoordinates3D`` or ``SetOfSubTomograms``. New set: another Scipion set or a RELION/Warp/M particle
 STAR. Particles are matched one-to-one per tomogram within a tolerance (Å) by :mod:`mspecies.core.assignment`,
 through the shared glue :mod:`mspecies.cli.intersect_files`. Outputs (all of the old set's class): ``onlyOld``,
-``inBoth`` (old particles, old poses), ``onlyNew`` and ``selected`` (the union chosen in the form). Every item carries
-``_mspeciesMatchDistance`` (Å to its partner, -1 when it has none).
+``inBoth`` (old particles, old poses; with a score attribute/column, the better particle of each pair),
+``onlyNew`` and ``selected`` (the union chosen in the form). Every item carries ``_mspeciesMatchDistance`` (Å to its
+partner, -1 when it has none) and, when both sets have orientations, ``_mspeciesMatchAngle`` (deg over the
+symmetry, -1 when unmatched). Optional: an angular tolerance with a symmetry, a group attribute/column (match only
+equal values) and a score. The same Scipion set as old and new removes duplicates: ``inBoth`` is the deduplicated
+set (one particle per cluster of mutual duplicates), ``onlyOld`` and ``onlyNew`` are empty.
 """
 
 from __future__ import annotations
@@ -22,25 +26,31 @@ from tomo.constants import SCIPION, TR_SCIPION
 from tomo.objects import Coordinate3D, SetOfCoordinates3D, SetOfSubTomograms, SubTomogram
 from tomo.protocols import ProtTomoBase
 
+from mspecies.cli.deduplicate_files import any_summary_lines, deduplicate_poses, write_deduplicate_files
 from mspecies.cli.intersect_files import (
     HISTOGRAM_PNG,
     SUMMARY_JSON,
+    MatchOptions,
+    SideColumns,
     intersect_poses,
     match_names,
     name_report_lines,
+    numeric_column,
     read_summary_json,
-    summary_lines,
+    star_column_values,
     write_match_files,
 )
 from mspecies.common.types import InputError, ParticlePoses
-from mspecies.convert.particles import particles_to_poses
+from mspecies.convert.particles import particle_attribute_values, particles_to_poses
 from mspecies.convert.poses import relion_to_scipion_matrix
+from mspecies.core.symmetry import SYMMETRY_HELP
 from mspecies.formats.star_dialects import CORNER_DIALECTS, ParticleTable, read_particle_star
 
 SOURCE_SCIPION, SOURCE_STAR = 0, 1
 MODE_CHOICES = ("gated", "m_compatible")
 MATCH_NPZ = "match.npz"
 DISTANCE_ATTR = "_mspeciesMatchDistance"
+ANGLE_ATTR = "_mspeciesMatchAngle"
 UNMATCHED_DISTANCE = -1.0
 OUTPUT_NAMES = ("onlyOld", "inBoth", "onlyNew", "selected")
 RECIPES_HELP = ("Recipes (M): add new particles = tolerance 0 + only old + only new (exact duplicates are 'in both'; "
@@ -108,7 +118,31 @@ class ProtMSpeciesIntersect(EMProtocol, ProtTomoBase):
                       help="gated: most pairs within the tolerance, then the smallest total distance. M-compatible: "
                            "M's dense assignment of all particles, then pairs beyond the tolerance are dropped.")
         form.addParam("histogramBins", params.IntParam, default=50, validators=[params.Positive],
-                      expertLevel=params.LEVEL_ADVANCED, label="Histogram bins")
+                      expertLevel=params.LEVEL_ADVANCED, label="Histogram bins",
+                      help="Bins of the histograms. The distance histogram shows, for every old particle, the "
+                           "distance to its nearest new particle (same tomogram and group) up to max(3 x tolerance, "
+                           "20 Å): true pairs make a peak at small distances, unrelated neighbours a tail from about "
+                           "the particle spacing; put the tolerance in the valley between them. The angular "
+                           "histogram shows the angular distance of those nearest pairs within the tolerance.")
+        form.addParam("angularTolerance", params.FloatParam, allowsNull=True, label="Angular tolerance (deg)",
+                      help="Optional. Also require the two poses to be within this angle (the smallest rotation "
+                           "between them over the symmetry group). The distance remains what is minimised. Empty: "
+                           "positions only, as in M.")
+        form.addParam("symmetry", params.StringParam, default="C1", label="Symmetry group",
+                      help=f"Point group of the reference for the angular distance, RELION's names and axes: "
+                           f"{SYMMETRY_HELP}. A C4 particle turned by 90 degrees about its axis is at 0 degrees.")
+        form.addParam("groupBy", params.StringParam, default="", expertLevel=params.LEVEL_ADVANCED,
+                      label="Match within equal values of",
+                      help="Optional attribute (Scipion set, e.g. _classId) or column (STAR, e.g. rlnClassNumber) "
+                           "that both sets have: only particles with equal values (and on the same tomogram) "
+                           "can match.")
+        form.addParam("scoreAttribute", params.StringParam, default="", expertLevel=params.LEVEL_ADVANCED,
+                      label="Keep the higher score of",
+                      help="Optional numeric attribute or STAR column, higher is better (e.g. "
+                           "rlnMaxValueProbDistribution, rlnLogLikeliContribution, a template-matching score): "
+                           "'in both' gets the particle of each pair with the higher value (a tie keeps the old "
+                           "one). Empty: the old particle, as in M. Also decides which particle of a cluster of "
+                           "duplicates is kept when the same set is given as old and new (duplicate removal).")
 
     # --------------------------- INSERT steps functions ----------------------
     def _insertAllSteps(self):
@@ -117,22 +151,49 @@ class ProtMSpeciesIntersect(EMProtocol, ProtTomoBase):
 
     # --------------------------- STEPS functions -----------------------------
     def matchStep(self):
-        """Match the sets; write ``extra/`` files (summary.json, distances, histogram PNG, match.npz)."""
+        """Match the sets (or remove duplicates when old and new are the same set); write ``extra/`` files
+        (summary.json, distances, histogram PNGs, match.npz)."""
         oldSet = self.inputOld.get()
         oldPoses = particles_to_poses(oldSet)
         oldIds = np.array([item.getObjId() for item in oldSet.iterItems(orderBy="id")], dtype=np.int64)
-        newPoses, newIds, newOrigins, newImages, ignored = self._newParticles(oldPoses.tomo_names)
-        outcome = intersect_poses(oldPoses, newPoses, self.tolerance.get(), mode=self._mode(),
-                                  name_mapping=None, log=None)
+        options = self._options()
+        oldColumns = self._scipionColumns(oldSet, options)
+        if self._isSelfIntersection():
+            self._deduplicateStep(oldPoses, oldIds, oldColumns, options)
+            return
+        newPoses, newIds, newOrigins, newImages, newColumns, ignored = self._newParticles(oldPoses.tomo_names,
+                                                                                          options)
+        outcome = intersect_poses(oldPoses, newPoses, self.tolerance.get(), mode=self._mode(), name_mapping=None,
+                                  log=None, options=options, old_columns=oldColumns, new_columns=newColumns)
         write_match_files(self._getExtraPath(), outcome, oldPoses.tomo_names, keep=self._keep(),
                           n_bins=self.histogramBins.get(), extra={"ignored_new_particles": ignored})
-        np.savez(self._getExtraPath(MATCH_NPZ), old_ids=oldIds, old_partner=outcome.result.old_partner,
-                 old_distance=outcome.result.old_distance_angst, new_ids=newIds,
-                 new_partner=outcome.result.new_partner, new_distance=outcome.result.new_distance_angst,
-                 new_positions=newPoses.positions_angst, new_euler=newPoses.euler_zyz_deg,
-                 new_ts_ids=newPoses.tomo_names.astype(str), new_origins=newOrigins,
-                 new_images=np.asarray(newImages, dtype=str))
-        for line in summary_lines(read_summary_json(self._getExtraPath(SUMMARY_JSON))):
+        result = outcome.result
+        newWins = np.zeros(len(oldPoses), bool) if outcome.new_wins is None else outcome.new_wins
+        np.savez(self._getExtraPath(MATCH_NPZ), old_ids=oldIds, old_partner=result.old_partner,
+                 old_distance=result.old_distance_angst, old_angle=result.old_angle_deg, new_wins=newWins,
+                 new_ids=newIds, new_partner=result.new_partner, new_distance=result.new_distance_angst,
+                 new_angle=result.new_angle_deg, new_positions=newPoses.positions_angst,
+                 new_euler=newPoses.euler_zyz_deg, new_ts_ids=newPoses.tomo_names.astype(str),
+                 new_origins=newOrigins, new_images=np.asarray(newImages, dtype=str))
+        for line in any_summary_lines(read_summary_json(self._getExtraPath(SUMMARY_JSON))):
+            self.info(line)
+
+    def _deduplicateStep(self, poses: ParticlePoses, ids: np.ndarray, columns: SideColumns,
+                         options: MatchOptions) -> None:
+        """Old and new are the same set: keep one particle per cluster of mutual duplicates (see
+        :mod:`mspecies.cli.deduplicate_files`), stored in match.npz as a match of the kept particles with
+        themselves (removed ones have no partner and are left out of every output)."""
+        outcome = deduplicate_poses(poses, self.tolerance.get(), options=options, columns=columns)
+        write_deduplicate_files(self._getExtraPath(), outcome, self._keep(), n_bins=self.histogramBins.get())
+        keep = outcome.result.keep
+        partner = np.where(keep, np.arange(len(poses)), -1)
+        zeros = np.where(keep, 0.0, np.nan)
+        np.savez(self._getExtraPath(MATCH_NPZ), old_ids=ids, old_partner=partner, old_distance=zeros,
+                 old_angle=zeros, new_wins=np.zeros(len(poses), bool), removed=~keep, new_ids=ids,
+                 new_partner=partner, new_distance=zeros, new_angle=zeros, new_positions=poses.positions_angst,
+                 new_euler=poses.euler_zyz_deg, new_ts_ids=poses.tomo_names.astype(str),
+                 new_origins=np.zeros((len(poses), 3)), new_images=np.full(len(poses), "", dtype=str))
+        for line in any_summary_lines(read_summary_json(self._getExtraPath(SUMMARY_JSON))):
             self.info(line)
 
     def createOutputStep(self):
@@ -142,18 +203,29 @@ class ProtMSpeciesIntersect(EMProtocol, ProtTomoBase):
         outputs = {name: self._createOutputSet(oldSet, name) for name in OUTPUT_NAMES}
         keepOld, keepBoth, keepNew = self._keep()
         oldRow = {int(objId): row for row, objId in enumerate(match["old_ids"])}
+        removed = match["removed"] if "removed" in match.files else np.zeros(len(match["old_ids"]), bool)
+        angles = self._hasAngles(match)
         for item in self._iterOld(oldSet):
             row = oldRow[item.getObjId()]
             both = match["old_partner"][row] >= 0
+            if removed[row] or match["new_wins"][row]:
+                continue  # a duplicate (self-intersection), or the pair is represented by the new particle
             targets = ["inBoth" if both else "onlyOld"]
             if (both and keepBoth) or (not both and keepOld):
                 targets.append("selected")
-            self._appendTo(outputs, targets, item, match["old_distance"][row])
-        onlyNewRows = np.flatnonzero(match["new_partner"] < 0)
+            self._appendTo(outputs, targets, item, match["old_distance"][row], match["old_angle"][row], angles)
         template = oldSet.getFirstItem().clone()
-        for item in self._newItems(oldSet, match, onlyNewRows):
+        if not removed.any():  # self-intersection: nothing is only new
+            onlyNewRows = np.flatnonzero(match["new_partner"] < 0)
+            for item in self._newItems(oldSet, match, onlyNewRows):
+                _conformTo(item, template)
+                self._appendTo(outputs, ["onlyNew", "selected"] if keepNew else ["onlyNew"], item,
+                               UNMATCHED_DISTANCE, np.nan, angles)
+        winnerRows = match["old_partner"][match["new_wins"]]
+        for row, item in zip(winnerRows, self._newItems(oldSet, match, winnerRows)):
             _conformTo(item, template)
-            self._appendTo(outputs, ["onlyNew", "selected"] if keepNew else ["onlyNew"], item, UNMATCHED_DISTANCE)
+            self._appendTo(outputs, ["inBoth", "selected"] if keepBoth else ["inBoth"], item,
+                           match["new_distance"][row], match["new_angle"][row], angles)
         self._defineOutputs(**outputs)
         for output in outputs.values():
             self._defineSourceRelation(self.inputOld, output)
@@ -163,6 +235,31 @@ class ProtMSpeciesIntersect(EMProtocol, ProtTomoBase):
     # --------------------------- UTILS functions -----------------------------
     def _mode(self) -> str:
         return MODE_CHOICES[self.matchMode.get()]
+
+    def _options(self) -> MatchOptions:
+        """Orientation gate, group attribute and score of the form (empty strings = not used)."""
+        return MatchOptions(self.angularTolerance.get(), (self.symmetry.get() or "C1").strip(),
+                            (self.groupBy.get() or "").strip() or None, (self.scoreAttribute.get() or "").strip()
+                            or None)
+
+    def _isSelfIntersection(self) -> bool:
+        """The same Scipion set as old and new (duplicate removal)."""
+        newSet = self.inputNew.get() if self.newSource.get() == SOURCE_SCIPION else None
+        return newSet is not None and newSet.getObjId() == self.inputOld.get().getObjId()
+
+    @staticmethod
+    def _scipionColumns(particles, options: MatchOptions) -> SideColumns:
+        """Group values and scores of a Scipion set (item attributes, id order)."""
+        group = None if options.group_by is None else particle_attribute_values(particles, options.group_by)
+        scores = None
+        if options.score is not None:
+            scores = numeric_column(particle_attribute_values(particles, options.score), options.score,
+                                    particles.getObjLabel() or "set", "Keep the higher score of")
+        return SideColumns(group, scores)
+
+    @staticmethod
+    def _hasAngles(match) -> bool:
+        return "old_angle" in match.files and bool(np.isfinite(match["old_angle"]).any())
 
     def _keep(self) -> tuple[bool, bool, bool]:
         return bool(self.keepOnlyOld.get()), bool(self.keepInBoth.get()), bool(self.keepOnlyNew.get())
@@ -193,19 +290,22 @@ class ProtMSpeciesIntersect(EMProtocol, ProtTomoBase):
     def _iterOld(self, oldSet):
         return oldSet.iterSubtomos() if self._isSubtomos(oldSet) else oldSet.iterCoordinates()
 
-    def _newParticles(self, oldNames: np.ndarray):
+    def _newParticles(self, oldNames: np.ndarray, options: MatchOptions):
         """New particles on tomograms of the old set → (poses named by tsId, Scipion ids or -1, origins Å (M, 3),
-        image names, info on ignored particles). Particles on tomograms absent from the old set are ignored."""
+        image names, group values and scores, info on ignored particles). Particles on tomograms absent from the
+        old set are ignored."""
         if self.newSource.get() == SOURCE_STAR:
             table = self._readNewStar()
             poses, ids = table.poses, np.full(len(table), -1, dtype=np.int64)
             origins = table.origins_angst
             images = table.image_names if table.image_names is not None else np.full(len(table), "", object)
+            columns = self._starColumns(table, options)
         else:
             newSet = self.inputNew.get()
             poses = particles_to_poses(newSet)
             ids = np.array([item.getObjId() for item in newSet.iterItems(orderBy="id")], dtype=np.int64)
             origins, images = np.zeros((len(poses), 3)), np.full(len(poses), "", object)
+            columns = self._scipionColumns(newSet, options)
         report = match_names(oldNames, poses.tomo_names, self.nameMapping.get() or None)
         for line in name_report_lines(report, oldNames):
             self.info(line)
@@ -217,7 +317,19 @@ class ProtMSpeciesIntersect(EMProtocol, ProtTomoBase):
                       f"{ignored['names'][:10]}")
         named = ParticlePoses(poses.positions_angst[keep], poses.euler_zyz_deg[keep],
                               np.asarray(tsIds[keep], dtype=object))
-        return named, ids[keep], origins[keep], np.asarray(images, dtype=object)[keep], ignored
+        columns = SideColumns(*(None if v is None else v[keep] for v in (columns.group_values, columns.scores)))
+        return named, ids[keep], origins[keep], np.asarray(images, dtype=object)[keep], columns, ignored
+
+    def _starColumns(self, table: ParticleTable, options: MatchOptions) -> SideColumns:
+        """Group values and scores of the new STAR (columns named as the form's attributes)."""
+        where = str(self.newStarFile.get())
+        group = None if options.group_by is None else star_column_values(table, options.group_by, where,
+                                                                          "Match within equal values of")
+        scores = None
+        if options.score is not None:
+            scores = numeric_column(star_column_values(table, options.score, where, "Keep the higher score of"),
+                                    options.score, where, "Keep the higher score of")
+        return SideColumns(group, scores)
 
     def _readNewStar(self) -> ParticleTable:
         """Read the STAR; corner-based dialects get the tomogram sizes from the form or from the old tomograms."""
@@ -260,12 +372,17 @@ class ProtMSpeciesIntersect(EMProtocol, ProtTomoBase):
         return output
 
     @staticmethod
-    def _appendTo(outputs: dict, names: list[str], item, distanceAngst: float) -> None:
-        """Append a copy of ``item`` with its match distance (Å, -1 when unmatched) to each named output."""
+    def _appendTo(outputs: dict, names: list[str], item, distanceAngst: float, angleDeg: float = np.nan,
+                  withAngle: bool = False) -> None:
+        """Append a copy of ``item`` with its match distance (Å) and, ``withAngle``, angular distance (deg) to each
+        named output (-1 when unmatched)."""
         distance = float(distanceAngst) if np.isfinite(distanceAngst) else UNMATCHED_DISTANCE
+        angle = float(angleDeg) if np.isfinite(angleDeg) else UNMATCHED_DISTANCE
         for name in names:
             copy = item.clone()
             setattr(copy, DISTANCE_ATTR, Float(distance))
+            if withAngle:
+                setattr(copy, ANGLE_ATTR, Float(angle))
             outputs[name].append(copy)
 
     def _newItems(self, oldSet, match, rows: np.ndarray):
@@ -342,6 +459,11 @@ class ProtMSpeciesIntersect(EMProtocol, ProtTomoBase):
             errors.append(f"Tolerance: must be >= 0 Å, got {self.tolerance.get()}")
         if not any(self._keep()):
             errors.append("Select at least one of 'only old', 'in both', 'only new' for the selected output.")
+        try:
+            options = self._options()
+        except InputError as error:
+            errors.append(str(error).replace("--angular-tolerance-deg", "Angular tolerance"))
+            options = None
         oldSet = self.inputOld.get()
         if oldSet is None:
             return errors + ["Old particles: no set selected"]
@@ -349,8 +471,33 @@ class ProtMSpeciesIntersect(EMProtocol, ProtTomoBase):
             return errors + ["Old particles: the set is empty"]
         try:
             errors += self._validateNew(oldSet)
+            if options is not None:
+                errors += self._validateAttributes(oldSet, options)
         except InputError as error:
             errors.append(str(error))
+        return errors
+
+    def _validateAttributes(self, oldSet, options: MatchOptions) -> list[str]:
+        """The group and score attributes/columns exist in both sets (first item of a Scipion set; STAR columns)."""
+        errors = []
+        for label, name in (("Match within equal values of", options.group_by),
+                            ("Keep the higher score of", options.score)):
+            if name is None:
+                continue
+            sets = [("old set", oldSet)]
+            if self.newSource.get() == SOURCE_SCIPION and self.inputNew.get() is not None:
+                sets.append(("new set", self.inputNew.get()))
+            for role, particles in sets:
+                first = particles.getFirstItem()
+                if getattr(first, name, None) is None and getattr(first, f"_{name.lstrip('_')}", None) is None:
+                    errors.append(f"{label}: the {role} ({particles.getObjLabel() or particles.getClassName()}) "
+                                  f"has no attribute {name!r}")
+            if self.newSource.get() == SOURCE_STAR:
+                table = self._readNewStar()
+                try:
+                    star_column_values(table, name, str(self.newStarFile.get()), label)
+                except InputError as error:
+                    errors.append(str(error))
         return errors
 
     def _validateNew(self, oldSet) -> list[str]:
@@ -403,7 +550,7 @@ class ProtMSpeciesIntersect(EMProtocol, ProtTomoBase):
         summary = self._outcomeSummary()
         if summary is None:
             return ["Output not ready yet."]
-        lines = summary_lines(summary)
+        lines = any_summary_lines(summary)
         ignored = summary.get("ignored_new_particles", {}).get("count", 0)
         if ignored:
             lines.append(f"{ignored} new particle(s) on tomograms absent from the old set were ignored.")
@@ -414,6 +561,10 @@ class ProtMSpeciesIntersect(EMProtocol, ProtTomoBase):
         if summary is None:
             return []
         jaccard = summary["jaccard"]
+        if summary.get("mode") == "deduplicate":
+            return [f"Duplicates were removed from a set of {summary['n_old']} particles (mspecies): particles on the "
+                    f"same tomogram within {summary['tolerance_angst']:g} Å of a better-scored (or earlier) kept "
+                    f"particle were removed, keeping {summary['in_both']}."]
         return [f"Particle sets of {summary['n_old']} (old) and {summary['n_new']} (new) particles were matched "
                 f"one-to-one per tomogram by an optimal assignment of inter-particle distances with a tolerance of "
                 f"{summary['tolerance_angst']:g} Å ({summary['mode']} mode, mspecies, following M), giving "

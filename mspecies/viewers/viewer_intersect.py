@@ -1,25 +1,34 @@
-"""Viewer of the intersect protocol: histogram of matched-pair distances with the tolerance line."""
+"""Viewer of the intersect protocol: the distance histogram (and, with orientations, the angular-distance histogram)
+with the tolerance lines."""
 
 from __future__ import annotations
+
+import os
 
 import pyworkflow.protocol.params as params
 from pyworkflow.gui.plotter import Plotter
 from pyworkflow.viewer import DESKTOP_TKINTER, ProtocolViewer
 
 from mspecies.cli.intersect_files import (
-    DEFAULT_HISTOGRAM_BINS,
+    HISTOGRAM_ANGLES_TXT,
     HISTOGRAM_DISTANCES_TXT,
     SUMMARY_JSON,
-    draw_distance_histogram,
-    histogram_title,
     read_histogram_distances,
     read_summary_json,
 )
+from mspecies.cli.intersect_plots import (
+    DEFAULT_HISTOGRAM_BINS,
+    draw_angle_histogram,
+    draw_distance_histogram,
+    histogram_title,
+)
+from mspecies.common.types import InputError
 from mspecies.protocols.protocol_intersect import ProtMSpeciesIntersect
 
 
 class MSpeciesIntersectViewer(ProtocolViewer):
-    """Distance histogram of an intersect run (distances of the matched pairs at the histogram radius, Å)."""
+    """Histograms of an intersect run: each old particle's distance to its nearest new particle (Å), and the angular
+    distance of those nearest pairs within the tolerance (deg, over the symmetry)."""
 
     _label = "mspecies intersect viewer"
     _targets = [ProtMSpeciesIntersect]
@@ -31,19 +40,40 @@ class MSpeciesIntersectViewer(ProtocolViewer):
                       label="Histogram bins")
         form.addParam("logScale", params.BooleanParam, default=False, label="Log scale (counts)")
         form.addParam("displayHistogram", params.LabelParam, label="Show the distance histogram",
-                      help="Distances of the matched pairs; the dashed line is the tolerance. Put the tolerance in "
-                           "the valley between the peak of true pairs and the tail of chance neighbours.")
+                      help="For every old particle, the distance to its nearest new particle (same tomogram and "
+                           "group); the dashed line is the tolerance. True pairs make a peak at small distances, "
+                           "unrelated neighbours a tail from about the particle spacing: put the tolerance in the "
+                           "valley between them. M-compatible mode: M's histogram (distances of all assigned "
+                           "pairs).")
+        form.addParam("displayAngles", params.LabelParam, label="Show the angular-distance histogram",
+                      help="Angular distance (smallest over the symmetry) of the nearest pairs within the distance "
+                           "tolerance; the dashed line is the angular tolerance. Same particles picked twice sit "
+                           "near 0 degrees; unrelated neighbours spread over all angles.")
 
     def _getVisualizeDict(self):
-        return {"displayHistogram": self._showHistogram}
+        return {"displayHistogram": self._showHistogram, "displayAngles": self._showAngles}
 
     def _showHistogram(self, paramName=None):
-        """[Plotter] with the histogram read from the run's ``extra/`` folder."""
+        """[Plotter] with the distance histogram read from the run's ``extra/`` folder."""
         summary = read_summary_json(self.protocol._getExtraPath(SUMMARY_JSON))
         distances = read_histogram_distances(self.protocol._getExtraPath(HISTOGRAM_DISTANCES_TXT))
-        plotter = Plotter(windowTitle="Intersect: matched distances", figsize=(6.4, 4.0))
-        ax = plotter.createSubPlot("Matched pair distances", "distance (Å)", "pairs")
+        plotter = Plotter(windowTitle="Intersect: distances", figsize=(6.4, 4.0))
+        ax = plotter.createSubPlot("Distances", "distance (Å)", "pairs")
         draw_distance_histogram(ax, distances, summary["tolerance_angst"], n_bins=int(self.nBins.get()),
                                 log_scale=bool(self.logScale.get()),
-                                title=histogram_title(summary.get("histogram_radius_angst")))
+                                title=histogram_title(summary.get("histogram_radius_angst"),
+                                                      summary.get("mode", "gated")))
+        return [plotter]
+
+    def _showAngles(self, paramName=None):
+        """[Plotter] with the angular-distance histogram (only when both sets had orientations)."""
+        summary = read_summary_json(self.protocol._getExtraPath(SUMMARY_JSON))
+        path = self.protocol._getExtraPath(HISTOGRAM_ANGLES_TXT)
+        if not os.path.isfile(path):
+            raise InputError("No angular distances: the run had no orientations, or used the M-compatible mode.")
+        plotter = Plotter(windowTitle="Intersect: angular distances", figsize=(6.4, 4.0))
+        ax = plotter.createSubPlot("Angular distances", "angle (deg)", "pairs")
+        draw_angle_histogram(ax, read_histogram_distances(path), summary.get("angular_tolerance_deg"),
+                             summary.get("symmetry", "C1"), n_bins=int(self.nBins.get()),
+                             log_scale=bool(self.logScale.get()))
         return [plotter]

@@ -43,7 +43,7 @@ from mspecies.cli.intersect_files import (
 from mspecies.common.types import InputError, ParticlePoses
 from mspecies.convert.particles import particle_attribute_values, particles_to_poses
 from mspecies.convert.poses import relion_to_scipion_matrix
-from mspecies.core.symmetry import SYMMETRY_HELP
+from mspecies.core.symmetry import SYMMETRY_HELP, parse_symmetry
 from mspecies.formats.star_dialects import CORNER_DIALECTS, ParticleTable, read_particle_star
 
 SOURCE_SCIPION, SOURCE_STAR = 0, 1
@@ -459,11 +459,9 @@ class ProtMSpeciesIntersect(EMProtocol, ProtTomoBase):
             errors.append(f"Tolerance: must be >= 0 Å, got {self.tolerance.get()}")
         if not any(self._keep()):
             errors.append("Select at least one of 'only old', 'in both', 'only new' for the selected output.")
-        try:
-            options = self._options()
-        except InputError as error:
-            errors.append(str(error).replace("--angular-tolerance-deg", "Angular tolerance"))
-            options = None
+        errors += self._validateOrientation()
+        options = MatchOptions(None, "C1", (self.groupBy.get() or "").strip() or None,
+                               (self.scoreAttribute.get() or "").strip() or None)
         oldSet = self.inputOld.get()
         if oldSet is None:
             return errors + ["Old particles: no set selected"]
@@ -471,10 +469,20 @@ class ProtMSpeciesIntersect(EMProtocol, ProtTomoBase):
             return errors + ["Old particles: the set is empty"]
         try:
             errors += self._validateNew(oldSet)
-            if options is not None:
-                errors += self._validateAttributes(oldSet, options)
+            errors += self._validateAttributes(oldSet, options)
         except InputError as error:
             errors.append(str(error))
+        return errors
+
+    def _validateOrientation(self) -> list[str]:
+        errors = []
+        angular = self.angularTolerance.get()
+        if angular is not None and not angular >= 0:
+            errors.append(f"Angular tolerance: must be >= 0 deg, got {angular}")
+        try:
+            parse_symmetry((self.symmetry.get() or "C1").strip())
+        except InputError as error:
+            errors.append(f"Symmetry group: {error}")
         return errors
 
     def _validateAttributes(self, oldSet, options: MatchOptions) -> list[str]:

@@ -15,7 +15,7 @@ from mspecies.convert.particles import coordinates_to_poses, subtomograms_to_pos
 from mspecies.formats.mrc import write_mrc
 from mspecies.formats.star import StarBlock, write_star_text
 from mspecies.protocols import ProtMSpeciesImportParticlesStar, ProtMSpeciesIntersect
-from mspecies.protocols.protocol_intersect import DISTANCE_ATTR, SOURCE_SCIPION, SOURCE_STAR
+from mspecies.protocols.protocol_intersect import ANGLE_ATTR, DISTANCE_ATTR, SOURCE_SCIPION, SOURCE_STAR
 from mspecies.synth.dataset import manifest_particles
 from mspecies.tests.checks import setup_synthetic_project
 from mspecies.viewers import MSpeciesIntersectViewer
@@ -169,13 +169,42 @@ class TestIntersectProtocol(BaseTest):
         plotters[0].getFigure().savefig(png)
         self.assertEqual(png.read_bytes()[:4], b"\x89PNG")
 
-    def test_self_intersection_all_in_both(self):
+    def test_self_intersection_removes_duplicates(self):
+        """The same set as old and new: no duplicates within 1 Å (all kept, in both); with a tolerance wider than
+        a tomogram, one particle per tomogram (the first) is kept."""
         prot = self.protSelf
         n = self.coords.getSize()
         self.assertEqual((prot.onlyOld.getSize(), prot.inBoth.getSize(), prot.onlyNew.getSize(),
                           prot.selected.getSize()), (0, n, 0, n))
         self.assertTrue(all(getattr(c, DISTANCE_ATTR).get() < 1e-6 for c in prot.inBoth.iterCoordinates()))
-        self.assertIn("Jaccard index 1.000", "\n".join(prot.summary()))
+        self.assertIn("0 duplicate(s) removed", "\n".join(prot.summary()))
+        wide = launch(self.proj, ProtMSpeciesIntersect, "remove duplicates", inputOld=self.coords,
+                      newSource=SOURCE_SCIPION, inputNew=self.coords, tolerance=1e5)
+        self.assertEqual((wide.onlyOld.getSize(), wide.inBoth.getSize(), wide.onlyNew.getSize()), (0, 2, 0))
+        first = {}
+        for coord in self.coords.iterCoordinates():
+            first.setdefault(coord.getTomoId(), coord.getObjId())
+        self.assertEqual(sorted(c.getObjId() for c in wide.inBoth.iterCoordinates()), sorted(first.values()))
+        self.assertIn("removed", wide.methods()[0])
+
+    def test_angular_tolerance_and_symmetry(self):
+        """The derived STAR with 3 particles per tomogram turned 90 degrees about z: a 20 degree gate (C1) moves
+        them to only old / only new; C4 matches them again at 0 degrees; angles are stored on the items."""
+        new_positions, new_names, euler, kept = self.derived
+        turned = euler.copy()
+        turned[[3, 4, 11], 0] += 90.0  # rot: A·Rz(90), a turn about the reference's own z axis
+        star = self.tmp / "turned.star"
+        write_relion5_star(star, new_positions, new_names, turned)
+        common = dict(inputOld=self.coords, newSource=SOURCE_STAR, newStarFile=str(star), tolerance=TOLERANCE_ANGST,
+                      angularTolerance=20.0)
+        c1 = launch(self.proj, ProtMSpeciesIntersect, "intersect C1 angular", symmetry="C1", **common)
+        self.assertEqual((c1.onlyOld.getSize(), c1.inBoth.getSize(), c1.onlyNew.getSize()), (4 + 3, 16 - 3, 2 + 3))
+        self.assertTrue(all(getattr(c, ANGLE_ATTR).get() <= 20.0 for c in c1.inBoth.iterCoordinates()))
+        c4 = launch(self.proj, ProtMSpeciesIntersect, "intersect C4 angular", symmetry="C4", **common)
+        self.assertEqual(c4.inBoth.getSize(), 16)
+        self.assertTrue(all(getattr(c, ANGLE_ATTR).get() < 1e-3 for c in c4.inBoth.iterCoordinates()))
+        self.assertIn("angular tolerance 20 deg", "\n".join(c4.summary()))
+        self.assertTrue(Path(self.proj.getPath(c4._getExtraPath("angle_histogram.png"))).is_file())
 
     def test_original_relion31_star_matches_imported_coordinates(self):
         info_size = " ".join(str(v) for v in self.manifest["tilt_series"][0]["unbinned_tomogram_shape_zyx"][::-1])
@@ -201,6 +230,17 @@ class TestIntersectProtocol(BaseTest):
         no_common = self.proj.newProtocol(ProtMSpeciesIntersect, inputOld=self.coords, newSource=SOURCE_STAR,
                                           newStarFile=str(other), tolerance=5.0)
         self.assertIn("No common tomograms", "\n".join(no_common.validate()))
+        options = self.proj.newProtocol(ProtMSpeciesIntersect, inputOld=self.coords, newSource=SOURCE_STAR,
+                                        newStarFile=str(self.derived_star), tolerance=5.0, angularTolerance=-3.0,
+                                        groupBy="rlnClassNumber", scoreAttribute="_myScore")
+        errors = "\n".join(options.validate())
+        self.assertIn("Angular tolerance: must be >= 0", errors)
+        self.assertIn("the old set", errors)
+        self.assertIn("has no attribute 'rlnClassNumber'", errors)
+        self.assertIn("no column rlnClassNumber", errors)
+        symmetry = self.proj.newProtocol(ProtMSpeciesIntersect, inputOld=self.coords, newSource=SOURCE_STAR,
+                                         newStarFile=str(self.derived_star), tolerance=5.0, symmetry="X9")
+        self.assertIn("symmetry 'X9' is not known", "\n".join(symmetry.validate()))
 
     def _subtomoStars(self) -> tuple[Path, Path]:
         """Old STAR (truth, random shifts) and new STAR (derived; added particles shifted) with image files."""

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from mspecies.common.types import InputError
+from mspecies.core import assignment
 from mspecies.core.assignment import (
     ANGLE_EPS_DEG,
     DISTANCE_EPS_ANGST,
@@ -617,3 +618,19 @@ def test_deduplicate_cluster_of_mutual_duplicates_keeps_its_best():
                                                                         [0, 0, 0.0]]), angular_tolerance_deg=10.0)
     assert turned.keep.tolist() == [True, True, False, False]
     assert deduplicate_particles(np.zeros((0, 3)), 1.0).keep.shape == (0,)
+
+
+@pytest.mark.parametrize("batch_nodes", [2, 50, 4096])
+def test_sparse_regions_solver_is_exact_on_a_percolating_tomogram(monkeypatch, batch_nodes):
+    """1,200 particles at a mean spacing of half the tolerance (one giant component of the candidate graph):
+    the maximum matching + Dulmage-Mendelsohn regions + per-region full matchings, in batches of any size, give the
+    dense solver's cardinality and total distance."""
+    monkeypatch.setattr(assignment, "LAPJVSP_BATCH_NODES", batch_nodes)
+    rng = np.random.default_rng(11)
+    n, tol = 1200, 10.0
+    side = (n * (0.5 * tol / 0.554) ** 3) ** (1 / 3)
+    old = rng.uniform(0, side, (n, 3))
+    new = np.vstack([old[:900] + rng.normal(0, 2, (900, 3)), rng.uniform(0, side, (250, 3))])
+    sparse = match_particle_sets(old, new, tol, method="sparse")
+    same_optimum(match_particle_sets(old, new, tol, method="dense"), sparse)
+    assert_consistent(sparse, old, new, tol)

@@ -81,6 +81,11 @@ def particle_attribute_values(particles, name: str) -> np.ndarray:
     return np.asarray(values, dtype=object)
 
 
+def has_particle_attribute(particles, name: str) -> bool:
+    """Whether the set's first item has the attribute ``name`` (or ``_name``)."""
+    return _find_attribute(particles.getFirstItem(), name) is not None
+
+
 def _find_attribute(item, name: str):
     """``item.name`` or ``item._name`` (Scipion stores attributes with a leading underscore); None when absent."""
     for candidate in (name, f"_{name.lstrip('_')}"):

@@ -41,7 +41,7 @@ from mspecies.cli.intersect_files import (
     write_match_files,
 )
 from mspecies.common.types import InputError, ParticlePoses
-from mspecies.convert.particles import particle_attribute_values, particles_to_poses
+from mspecies.convert.particles import has_particle_attribute, particle_attribute_values, particles_to_poses
 from mspecies.convert.poses import relion_to_scipion_matrix
 from mspecies.core.symmetry import SYMMETRY_HELP, parse_symmetry
 from mspecies.formats.star_dialects import CORNER_DIALECTS, ParticleTable, read_particle_star
@@ -164,7 +164,8 @@ class ProtMSpeciesIntersect(EMProtocol, ProtTomoBase):
         newPoses, newIds, newOrigins, newImages, newColumns, ignored = self._newParticles(oldPoses.tomo_names,
                                                                                           options)
         outcome = intersect_poses(oldPoses, newPoses, self.tolerance.get(), mode=self._mode(), name_mapping=None,
-                                  log=None, options=options, old_columns=oldColumns, new_columns=newColumns)
+                                  log=None, options=options, old_columns=oldColumns, new_columns=newColumns,
+                                  use_angles=ignored["new_has_angles"])
         write_match_files(self._getExtraPath(), outcome, oldPoses.tomo_names, keep=self._keep(),
                           n_bins=self.histogramBins.get(), extra={"ignored_new_particles": ignored})
         result = outcome.result
@@ -292,8 +293,8 @@ class ProtMSpeciesIntersect(EMProtocol, ProtTomoBase):
 
     def _newParticles(self, oldNames: np.ndarray, options: MatchOptions):
         """New particles on tomograms of the old set → (poses named by tsId, Scipion ids or -1, origins Å (M, 3),
-        image names, group values and scores, info on ignored particles). Particles on tomograms absent from the
-        old set are ignored."""
+        image names, group values and scores, info on ignored particles and whether the new set has angles).
+        Particles on tomograms absent from the old set are ignored."""
         if self.newSource.get() == SOURCE_STAR:
             table = self._readNewStar()
             poses, ids = table.poses, np.full(len(table), -1, dtype=np.int64)
@@ -311,7 +312,8 @@ class ProtMSpeciesIntersect(EMProtocol, ProtTomoBase):
             self.info(line)
         tsIds = report.ts_ids_for(poses.tomo_names.astype(str))
         keep = np.array([t is not None for t in tsIds], dtype=bool)
-        ignored = {"count": int((~keep).sum()), "names": list(report.unmatched)}
+        hasAngles = table.has_angles if self.newSource.get() == SOURCE_STAR else True
+        ignored = {"count": int((~keep).sum()), "names": list(report.unmatched), "new_has_angles": bool(hasAngles)}
         if ignored["count"]:
             self.info(f"{ignored['count']} new particle(s) on tomograms absent from the old set are ignored: "
                       f"{ignored['names'][:10]}")
@@ -496,8 +498,7 @@ class ProtMSpeciesIntersect(EMProtocol, ProtTomoBase):
             if self.newSource.get() == SOURCE_SCIPION and self.inputNew.get() is not None:
                 sets.append(("new set", self.inputNew.get()))
             for role, particles in sets:
-                first = particles.getFirstItem()
-                if getattr(first, name, None) is None and getattr(first, f"_{name.lstrip('_')}", None) is None:
+                if not has_particle_attribute(particles, name):
                     errors.append(f"{label}: the {role} ({particles.getObjLabel() or particles.getClassName()}) "
                                   f"has no attribute {name!r}")
             if self.newSource.get() == SOURCE_STAR:
@@ -523,6 +524,9 @@ class ProtMSpeciesIntersect(EMProtocol, ProtTomoBase):
             if not len(table):
                 return [f"{self.newStarFile.get()}: no particles"]
             errors = self._validateStarSubtomos(oldSet, table)
+            if self.angularTolerance.get() is not None and not table.has_angles:
+                errors.append(f"Angular tolerance: {self.newStarFile.get()} has no angle columns "
+                              "(rlnAngleRot/Tilt/Psi); leave the angular tolerance empty.")
             names = sorted({str(n) for n in table.poses.tomo_names})
         report = match_names(oldTsIds, names, self.nameMapping.get() or None)
         if not report.matches:

@@ -47,6 +47,7 @@ from mspecies.cli.intersect_plots import (
     HISTOGRAM_PNG,
     draw_angle_histogram,
     draw_distance_histogram,
+    histogram_title,
     save_histogram_png,
 )
 from mspecies.common.types import InputError, ParticlePoses
@@ -156,7 +157,7 @@ def write_deduplicate_files(out_dir: str | Path, outcome: DeduplicateOutcome, ke
                               header="distance (A) to the nearest other particle of the set, up to the radius")
     save_histogram_png(out / HISTOGRAM_PNG, draw_distance_histogram, distances_angst=outcome.histogram_distances_angst,
                        tolerance_angst=outcome.tolerance_angst, n_bins=n_bins, log_scale=log_scale,
-                       title=f"Distance to the nearest other particle (up to {outcome.histogram_radius_angst:g} Å)")
+                       title=histogram_title(outcome.histogram_radius_angst, "deduplicate"))
     summary["angle_histogram"] = outcome.histogram_angles_deg is not None
     if outcome.histogram_angles_deg is not None:
         write_histogram_distances(out / HISTOGRAM_ANGLES_TXT, outcome.histogram_angles_deg,

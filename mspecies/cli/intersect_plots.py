@@ -69,7 +69,8 @@ def histogram_title(histogram_radius_angst: float | None, mode: str = "gated") -
         return f"Matched pair distances (M: assignment within {histogram_radius_angst:g} Å)"
     if histogram_radius_angst is None:
         return "Nearest-neighbour distances"
-    return f"Distance to the nearest new particle (up to {histogram_radius_angst:g} Å)"
+    other = "other" if mode == "deduplicate" else "new"
+    return f"Distance to the nearest {other} particle (up to {histogram_radius_angst:g} Å)"
 
 
 def save_histogram_png(path: str | Path, draw, **kwargs) -> Path:  # noqa: ANN001 (a draw_* function)

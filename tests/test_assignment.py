@@ -40,23 +40,7 @@ tolerances = st.sampled_from([0.0, 0.5, 2.0, 5.0, 10.0, 20.0, 80.0])
 
 def brute_force(old: np.ndarray, new: np.ndarray, tol: float) -> tuple[int, float]:
     """Best (cardinality, total distance) over all partial matchings under the gate, by enumeration."""
-    dist = np.sqrt(((old[:, None, :] - new[None, :, :]) ** 2).sum(-1))
-    allowed = dist <= tol + DISTANCE_EPS_ANGST
-    best = (0, 0.0)
-
-    def visit(i: int, used: frozenset, k: int, cost: float) -> None:
-        nonlocal best
-        if i == len(old):
-            if k > best[0] or (k == best[0] and cost < best[1]):
-                best = (k, cost)
-            return
-        visit(i + 1, used, k, cost)
-        for j in np.flatnonzero(allowed[i]):
-            if j not in used:
-                visit(i + 1, used | {j}, k + 1, cost + dist[i, j])
-
-    visit(0, frozenset(), 0, 0.0)
-    return best
+    return brute_force_allowed(*allowed_matrix(old, new, tol))
 
 
 def assert_consistent(result: IntersectionResult, old: np.ndarray, new: np.ndarray, tol: float) -> None:

@@ -98,3 +98,15 @@ def test_distance_is_invariant_under_the_group_and_symmetric(first, second, name
 
 def test_empty_input():
     assert angular_distance_deg(np.zeros((0, 3, 3)), np.zeros((0, 3, 3)), "I").shape == (0,)
+
+
+@pytest.mark.parametrize("name", ["C1", "C3", "D7", "T", "O", "I", "I4"])
+def test_identical_and_symmetric_poses_are_at_zero_to_rounding(name):
+    """Near 0° the angle comes from the skew part (atan2), not arccos: 1e-9° precision, so a 0° angular tolerance
+    (+ ANGLE_EPS_DEG) still matches identical or symmetry-related poses."""
+    a = euler_to_matrix(np.random.default_rng(4).uniform(-180, 180, (50, 3)))
+    group = symmetry_matrices(name)
+    turned = a @ group[np.arange(50) % len(group)]
+    assert angular_distance_deg(a, a, name).max() < 1e-9
+    assert angular_distance_deg(a, turned, name).max() < 1e-9
+    np.testing.assert_allclose(angular_distance_deg(a, a @ axis_rotation(2, (0.6, 0.8, 0.0)), "C1"), 180.0)

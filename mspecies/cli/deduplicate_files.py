@@ -40,6 +40,7 @@ from mspecies.cli.intersect_files import (
     summary_lines,
     write_histogram_distances,
     write_summary_json,
+    write_table_tsv,
 )
 from mspecies.cli.intersect_plots import (
     ANGLE_HISTOGRAM_PNG,
@@ -166,12 +167,12 @@ def write_deduplicate_files(out_dir: str | Path, outcome: DeduplicateOutcome, ke
                            angular_tolerance_deg=outcome.options.angular_tolerance_deg,
                            symmetry=outcome.options.symmetry, n_bins=n_bins, log_scale=log_scale)
     removed = ~result.keep
-    pd.DataFrame({"set": "old", "index": np.arange(result.keep.size), "tomogram": outcome.tomograms,
-                  "partner": np.where(removed, result.representative, -1),
-                  "distance_angst": np.where(removed, result.distance_angst, -1.0),
-                  "angle_deg": np.where(removed, np.nan_to_num(result.angle_deg, nan=-1.0), -1.0),
-                  "status": np.where(removed, "duplicate", "in_both")}).to_csv(
-        out / PARTICLE_DISTANCES_TSV, sep="\t", index=False, float_format="%.4f")
+    write_table_tsv(out / PARTICLE_DISTANCES_TSV, pd.DataFrame({
+        "set": "old", "index": np.arange(result.keep.size), "tomogram": outcome.tomograms,
+        "partner": np.where(removed, result.representative, -1),
+        "distance_angst": np.where(removed, result.distance_angst, -1.0),
+        "angle_deg": np.where(removed, np.nan_to_num(result.angle_deg, nan=-1.0), -1.0),
+        "status": np.where(removed, "duplicate", "in_both")}))
     write_summary_json(out / SUMMARY_JSON, summary)
     return summary
 

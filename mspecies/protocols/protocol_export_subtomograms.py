@@ -6,8 +6,13 @@ Steps: ``prepareStep`` writes, per tilt series, ``extra/<tsId>/geometry.json`` +
 (``python -m mspecies export --geometry … --particles … --out extra/<tsId>``) through ``runJob``, so a queue can
 send each tilt series to a node and ``%(GPU)s`` picks its GPU; ``createOutputStep`` builds the
 ``SetOfSubTomograms`` (each item: MRC, its 3D CTF in ``_ctfImage``, cloned coordinate at the exported centre,
-pose), the merged ``extra/particles.star`` and QC PNGs. A tilt series whose folder holds
-``export_done.json`` is not exported again ("continue" mode redoes only the unfinished ones).
+pose), the merged ``extra/particles.star`` and QC PNGs.
+
+Whatever runs a step (threads, or one queue job per step with ``QUEUE_FOR_JOBS = Y``), success is the worker's
+record ``extra/<tsId>/export_record.json`` (:mod:`mspecies.cli.export_record`), checked with its files after
+``runJob``: a queue only says that a job left it, not how it ended. Only then the step writes its completion marker
+``export_done.json``; a failed, cancelled or killed job fails the step, quoting the job's error file. A tilt series
+with the marker and a valid record is not exported again: "continue" redoes exactly the others.
 
 Image-series mode registers no Scipion set: tomo 3.12 has no class for "one 2D tilt stack per particle"
 (``TiltSeries`` means a whole raw acquisition to downstream protocols, ``SetOfParticles`` would lose the

@@ -171,11 +171,23 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
 
     # --------------------------- INSERT steps functions ----------------------
     def _insertAllSteps(self):
+        self._dropUnprovenMarkers()
         prepare = self._insertFunctionStep(self.prepareStep, needsGPU=False)
         gpu = self._stepsNeedGpu()
         exports = [self._insertFunctionStep(self.exportStep, tsId, prerequisites=[prepare], needsGPU=gpu)
                    for tsId in self._exportTsIds()]
         self._insertFunctionStep(self.createOutputStep, prerequisites=exports, needsGPU=False)
+
+    def _dropUnprovenMarkers(self):
+        """Before a run ("continue"), delete the completion marker of every tilt series whose record no longer
+        proves its export (files deleted or changed since, other settings): its step's result file is then missing,
+        so pyworkflow runs that step again, and only that one."""
+        for tsId in self._exportTsIds():
+            marker = self._getExtraPath(tsId, DONE_JSON)
+            problems = self._recordProblems(tsId) if os.path.isfile(marker) else []
+            if problems:
+                self.info(f"{tsId}: exported again ({'; '.join(problems)})")
+                self._removeFile(marker)
 
     # --------------------------- STEPS functions -----------------------------
     def prepareStep(self):

@@ -70,6 +70,9 @@ start() {
     chown munge:munge "$dir/munge"
     chmod 755 "$dir/munge"  # 700: munged stops with "Socket is inaccessible"
     write_conf "$dir"
+    if [ ! -f /etc/munge/munge.key ]; then  # the Debian package makes one; a trimmed image may not
+        runuser -u munge -- /usr/sbin/mungekey --create --keyfile=/etc/munge/munge.key
+    fi
     runuser -u munge -- /usr/sbin/munged --socket="$dir/munge/munge.socket" --key-file=/etc/munge/munge.key \
         --pid-file="$dir/munge/munged.pid" --log-file="$dir/munge/munged.log" --seed-file="$dir/munge/munged.seed"
     export SLURM_CONF=$dir/etc/slurm.conf

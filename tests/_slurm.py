@@ -23,6 +23,8 @@ QUEUE = "debug"  # the partition of scripts/slurm_cluster.sh
 
 # A usual Scipion SLURM template (its last line makes a job's exit code 0 whatever the command did).
 # MSPECIES_TEST_JOB_DELAY_S keeps a job running before its command, so that a test can cancel it while it runs.
+# "|| exit": scancel's SIGTERM may reach the sleep before the script's shell (proctrack/linuxproc), and the shell
+# would then go on to run the command, which may finish (and prove its work) within KillWait.
 HOSTS_CONF = f"""[localhost]
 PARALLEL_COMMAND = mpirun -np %_(JOB_NODES)d %_(COMMAND)s
 NAME = SLURM
@@ -37,7 +39,7 @@ SUBMIT_TEMPLATE = #!/bin/bash
     #SBATCH -p %_(JOB_QUEUE)s
     #SBATCH --ntasks=%_(JOB_NODES)d --cpus-per-task=%_(JOB_THREADS)d
     #SBATCH --mem=%_(JOB_MEMORY)sM
-    sleep ${{MSPECIES_TEST_JOB_DELAY_S:-0}}
+    sleep ${{MSPECIES_TEST_JOB_DELAY_S:-0}} || exit $?
     %_(JOB_COMMAND)s
     echo "Finished at $(date)"
 QUEUES = {{"{QUEUE}": [["JOB_MEMORY", "1000", "Memory (MB)", "RAM per job"]]}}

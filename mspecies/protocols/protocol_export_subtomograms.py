@@ -27,6 +27,7 @@ import json
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -235,7 +236,9 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
         failure = None
         try:
             self.runJob(self._program(), self._cliArgs(folder))
-        except Exception as error:  # the local executor raises on a non-zero exit, queues never do
+        except subprocess.CalledProcessError as error:  # the local executor raises on a non-zero exit, queues never do
+            failure = f"the worker exited with code {error.returncode}, its error is in the run's error log"
+        except Exception as error:  # e.g. a queue that refused the job
             failure = str(error)
         jobLogs = self._stepJobLogs()
         for path in jobLogs:

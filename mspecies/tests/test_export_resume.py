@@ -59,6 +59,8 @@ class TestExportResume(BaseTest):
         finally:
             stack.write_bytes(content)
         self.assertTrue(prot.isFailed(), prot.getStatus())
+        self.assertIn("TS_02: the export job did not export it", prot.getErrorMessage())
+        self.assertIn("the worker exited with code 2", prot.getErrorMessage())
         self.assertEqual(registered_outputs(prot), [])
         self.assertFalse(self._extra(prot, "particles.star").exists())
         self.assertTrue(self._extra(prot, "TS_01", DONE_JSON).is_file())

@@ -91,11 +91,21 @@ start() {
 }
 
 stop() {
-    local dir=$1 pidfile
+    local dir=$1 pidfile pids=()
     for pidfile in "$dir/run/slurmd.pid" "$dir/run/slurmctld.pid" "$dir/munge/munged.pid"; do
         if [ -f "$pidfile" ]; then
-            kill "$(cat "$pidfile")" 2>/dev/null || true
+            pids+=("$(cat "$pidfile")")
         fi
+    done
+    [ ${#pids[@]} -gt 0 ] || return 0
+    kill "${pids[@]}" 2>/dev/null || true
+    for _ in $(seq 60); do  # up to 15 s for them to write their state and exit
+        local alive=0 pid
+        for pid in "${pids[@]}"; do
+            if kill -0 "$pid" 2>/dev/null; then alive=1; fi
+        done
+        [ "$alive" = 1 ] || return 0
+        sleep 0.25
     done
 }
 

@@ -87,6 +87,7 @@ def slurm_cluster() -> Iterator[str]:
     start = subprocess.run(["bash", str(SCRIPT), "start", folder], capture_output=True, text=True, timeout=120)
     if start.returncode != 0:
         subprocess.run(["bash", str(SCRIPT), "stop", folder], timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
         _unavailable(f"the private SLURM cluster did not start: {start.stderr.strip()[-500:]}")
     conf = str(Path(folder) / "etc" / "slurm.conf")
     with pytest.MonkeyPatch.context() as patch:

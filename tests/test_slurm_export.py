@@ -5,6 +5,7 @@ failure. The cluster comes from :func:`_slurm.slurm_cluster` (skipped where abse
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -37,10 +38,13 @@ def project(slurm_cluster, tmp_path_factory):  # noqa: F811 (pytest fixture argu
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SCIPION_HOSTS", str(hosts))  # the protocol processes read it at import
         patch.setattr(pw.Config, "SCIPION_HOSTS", str(hosts))  # this process read it already
-        setup_synthetic_project(TestSlurmExport, "mspecies-slurm-", **SYNTH)
-        reference = _launch(_new_export("local reference", queued=False, threads=3))
-        assert reference.isFinished(), reference.getErrorMessage()
-        yield TestSlurmExport, reference
+        setup_synthetic_project(TestSlurmExport, "mspecies-slurm-data-", **SYNTH)
+        try:
+            reference = _launch(_new_export("local reference", queued=False, threads=3))
+            assert reference.isFinished(), reference.getErrorMessage()
+            yield TestSlurmExport, reference
+        finally:
+            shutil.rmtree(TestSlurmExport.tmp, ignore_errors=True)
 
 
 def _new_export(label: str, queued: bool, threads: int):

@@ -114,7 +114,7 @@ def preprocess_image(image: np.ndarray, box_px: int, *, normalize: bool, invert:
     if normalize:
         sd = float(image.std())
         if not sd > 0:
-            raise InputError("stack: a tilt image is constant after band-pass filtering; cannot normalise it")
+            raise InputError("stack: a tilt image is constant after band-pass filtering; cannot normalize it")
         image = (image - image.mean()) / sd
     if invert:
         image = -image

@@ -66,10 +66,10 @@ def _is_running_sum(prior: np.ndarray, own: np.ndarray) -> bool:
     return bool(np.all(prior[1:] >= prior[:-1] + own[:-1] - RUNNING_SUM_TOLERANCE))
 
 
-def _auto_two_columns(path: Path, table: np.ndarray, tilt_angles_deg: np.ndarray | None, tilt_source: str
-                      ) -> tuple[str, str]:
+def _auto_two_columns(path: Path, table: np.ndarray, lines: np.ndarray, tilt_angles_deg: np.ndarray | None,
+                      tilt_source: str) -> tuple[str, str]:
     """(layout, reason) for a two-column list, or InputError saying how to tell."""
-    first, second = table[:, 0], table[:, 1]
+    first, second = table[:, 0], check_dose(table[:, 1], str(path), lines)  # a dose in either layout
     if tilt_angles_deg is not None and first.shape == tilt_angles_deg.shape \
             and np.max(np.abs(first - tilt_angles_deg)) <= TILT_MATCH_DEG:
         return "tilt-accumulated", f"its first column equals the tilt angles of {tilt_source}"
@@ -121,7 +121,7 @@ def read_dose_list(path: str | Path, layout: str = "auto", *, tilt_angles_deg: n
     expected = {"prior-own": 2, "tilt-accumulated": 2, "accumulated": 1, "own": 1}
     if layout == "auto":
         if n_columns == 2:
-            layout, reason = _auto_two_columns(path, table, tilt_angles_deg, tilt_source)
+            layout, reason = _auto_two_columns(path, table, lines, tilt_angles_deg, tilt_source)
         elif n_columns == 1:
             raise InputError(f"{path}: one column: accumulated dose or each tilt's own dose? pass --dose-layout "
                              "accumulated or own")

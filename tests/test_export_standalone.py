@@ -7,6 +7,7 @@ rounding), and the same as the manifest's ground-truth geometry within the files
 """
 
 import argparse
+import json
 
 import numpy as np
 import pandas as pd
@@ -177,3 +178,22 @@ def test_every_export_option_has_help():
     undocumented = [action.option_strings[0] for action in export.choices["export"]._actions
                     if action.option_strings and action.option_strings[0] != "-h" and not action.help]
     assert undocumented == []
+
+
+def test_geometry_json_values_go_through_the_same_checks(dataset, tmp_path, capsys):
+    folder, manifest, files = dataset
+    entry = load_manifest(manifest)["tilt_series"][0]
+    geometry = {key: entry[key] for key in ("ts_id", "pixel_size_angst", "image_shape_yx", "tilt_angles_deg", "xf",
+                                            "defocus_u_angst", "defocus_v_angst", "defocus_angle_deg",
+                                            "dose_e_per_angst2")}
+    geometry.update(stack_path=files["stack"], voltage_kv=300000.0, cs_mm=2.7, amplitude_contrast=0.07,
+                    tomogram_shape_xyz_px=[128, 128, 76])
+    path = tmp_path / "ts.json"
+    path.write_text(json.dumps(geometry))
+    arguments = ["--geometry", str(path), "--particles", files["star"], "--out", str(tmp_path / "o")]
+    assert main(COMMON + arguments) == 2
+    assert "voltage_kv: voltage 300000 looks like volts" in capsys.readouterr().err
+    geometry.update(voltage_kv=300.0, defocus_u_angst=[0.0] * len(geometry["defocus_v_angst"]))
+    path.write_text(json.dumps(geometry))
+    assert main(COMMON + arguments) == 2
+    assert "defocus_u_angst, entry 1: defocus 0 Å is not an underfocus" in capsys.readouterr().err

@@ -55,6 +55,7 @@ import numpy as np
 import pandas as pd
 
 from mspecies.common.types import InputError, Microscope, ParticlePoses, TiltSeriesData
+from mspecies.formats import validate
 from mspecies.formats.dose import DOSE_LAYOUTS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -170,6 +171,19 @@ def _load_manifest_inputs(args: argparse.Namespace) -> list[tuple[TiltSeriesData
     return inputs
 
 
+def _check_geometry_values(path: Path, data: dict) -> None:
+    """The validation layer on a geometry JSON's values (finite, physical ranges, units), each named by its key."""
+    where = f"--geometry {path}"
+    validate.check_tilt_angles_deg(data["tilt_angles_deg"], f"{where} tilt_angles_deg")
+    validate.check_xf(np.asarray(data["xf"], dtype=np.float64).reshape(-1, 2, 3), f"{where} xf")
+    for key in ("defocus_u_angst", "defocus_v_angst"):
+        validate.check_defocus_angst(data[key], f"{where} {key}")
+    validate.check_pixel_size_angst(data["pixel_size_angst"], f"{where} pixel_size_angst")
+    validate.check_voltage_kv(data["voltage_kv"], f"{where} voltage_kv")
+    validate.check_cs_mm(data["cs_mm"], f"{where} cs_mm")
+    validate.check_amplitude_contrast(data["amplitude_contrast"], f"{where} amplitude_contrast")
+
+
 def tilt_series_from_geometry(path: str | Path) -> tuple[TiltSeriesData, tuple[int, int, int]]:
     """Read a geometry JSON (schema in the module docstring) → (tilt series, tomogram shape (x, y, z) px)."""
     path = Path(path)
@@ -186,10 +200,13 @@ def tilt_series_from_geometry(path: str | Path) -> tuple[TiltSeriesData, tuple[i
     if missing:
         raise InputError(f"--geometry: {path} lacks {missing}")
     n = len(data["tilt_angles_deg"])
+    _check_geometry_values(path, data)
     dose = np.asarray(data["dose_e_per_angst2"], dtype=np.float64)
     order = data.get("acquisition_order")
     if order is None:
         order = np.argsort(np.argsort(dose, kind="stable"), kind="stable")
+    validate.check_dose(dose, f"--geometry {path} dose_e_per_angst2", acquisition_order=np.asarray(order),
+                        order_source="acquisition_order")
     stack = Path(data["stack_path"])
     stack = stack if stack.is_absolute() else path.parent / stack
     tilt_series = TiltSeriesData(

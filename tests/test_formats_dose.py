@@ -51,7 +51,7 @@ def test_tilt_column_that_disagrees_with_the_tilt_angles_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize(("text", "fragment"), [
-    ("0 3\n3 3\nnan 3\n", "line 3: dose list value is not a finite number"),
+    ("0 3\n3 3\nnan 3\n", "line 3: dose is not a finite number"),
     ("0 3\n3 -3\n", r"line 2: dose -3 e/A\^2 is negative"),
     ("-100 3\n3 3\n", "negative values in the first column that are not tilt angles"),
     ("3\n6\n", "one column: accumulated dose or each tilt's own dose"),

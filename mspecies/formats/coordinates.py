@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from mspecies.common.types import InputError
-from mspecies.formats.text_table import is_numeric_row, parse_row, read_lines
-from mspecies.formats.validate import check_finite
+from mspecies.formats.text_table import read_list
 
 COORDINATE_COLUMNS = (3, 6)
 
@@ -33,18 +32,11 @@ class CoordinateList:
 def read_coordinates(path: str | Path) -> CoordinateList:
     """Read a text particle list (3 or 6 columns, all rows alike) → :class:`CoordinateList`."""
     path = Path(path)
-    data = [(number, text) for number, text in read_lines(path) if not text.startswith("#")]
-    if data and not is_numeric_row(data[0][1]):
-        data = data[1:]
-    if not data:
-        raise InputError(f"{path}: no coordinate rows (expected 'x y z' or 'x y z rot tilt psi' per line, px)")
-    width = len(data[0][1].split())
-    if width not in COORDINATE_COLUMNS:
-        raise InputError(f"{path}, line {data[0][0]}: expected 3 columns (x y z, px) or 6 (x y z rot tilt psi), got "
-                         f"{width}")
-    lines = np.array([number for number, _ in data], dtype=np.int64)
-    table = check_finite(np.vstack([parse_row(path, number, text, width) for number, text in data]),
-                         "coordinate", str(path), lines)
+    table, lines = read_list(path, "coordinate")
+    if table.shape[1] not in COORDINATE_COLUMNS:
+        raise InputError(f"{path}, line {lines[0]}: expected 3 columns (x y z, px) or 6 (x y z rot tilt psi), got "
+                         f"{table.shape[1]}")
+    width = table.shape[1]
     angles = table[:, 3:6] if width == 6 else np.zeros((table.shape[0], 3))
     return CoordinateList(table[:, :3].copy(), angles.copy(), width == 6, lines)
 

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from mspecies.common.types import InputError
-from mspecies.formats.text_table import is_numeric_row, parse_row, read_lines
-from mspecies.formats.validate import check_dose, check_finite, check_tilt_angles_deg
+from mspecies.formats.text_table import read_list
+from mspecies.formats.validate import check_dose, check_tilt_angles_deg
 
 DOSE_LAYOUTS = ("auto", "prior-own", "tilt-accumulated", "accumulated", "own")
 TILT_MATCH_DEG = 0.05
@@ -42,19 +42,6 @@ class DoseList:
     reason: str
     lines: np.ndarray
     tilt_angles_deg: np.ndarray | None = None
-
-
-def _data_rows(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, columns) table and line numbers; ``#`` comments and one leading header line skipped."""
-    lines = [(number, text) for number, text in read_lines(path) if not text.startswith("#")]
-    if lines and not is_numeric_row(lines[0][1]):
-        lines = lines[1:]
-    if not lines:
-        raise InputError(f"{path}: no dose rows")
-    n_columns = len(lines[0][1].split())
-    rows = [parse_row(path, number, text, n_columns) for number, text in lines]
-    table = check_finite(np.vstack(rows), "dose list value", str(path), [number for number, _ in lines])
-    return table, np.array([number for number, _ in lines], dtype=np.int64)
 
 
 def _is_running_sum(prior: np.ndarray, own: np.ndarray) -> bool:
@@ -116,7 +103,7 @@ def read_dose_list(path: str | Path, layout: str = "auto", *, tilt_angles_deg: n
     path = Path(path)
     if layout not in DOSE_LAYOUTS:
         raise InputError(f"--dose-layout: {layout!r} is not one of {DOSE_LAYOUTS}")
-    table, lines = _data_rows(path)
+    table, lines = read_list(path, "dose")
     n_columns = table.shape[1]
     expected = {"prior-own": 2, "tilt-accumulated": 2, "accumulated": 1, "own": 1}
     if layout == "auto":

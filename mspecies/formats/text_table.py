@@ -45,6 +45,26 @@ def is_numeric_row(text: str) -> bool:
     return bool(text.split())
 
 
+def read_list(path: str | Path, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, columns) finite float table of a hand-made list and its (rows,) 1-based line numbers.
+
+    ``#`` lines are comments and a first non-numeric line is a header; every row must have the first row's column
+    count and only finite numbers (InputError naming the file, line and ``what`` otherwise).
+    """
+    data = [(number, text) for number, text in read_lines(path) if not text.startswith("#")]
+    if data and not is_numeric_row(data[0][1]):
+        data = data[1:]
+    if not data:
+        raise InputError(f"{path}: no {what} rows")
+    width = len(data[0][1].split())
+    table = np.vstack([parse_row(path, number, text, width) for number, text in data])
+    lines = np.array([number for number, _ in data], dtype=np.int64)
+    bad = np.flatnonzero(~np.isfinite(table).all(axis=1))
+    if bad.size:
+        raise InputError(f"{path}, line {lines[bad[0]]}: {what} is not a finite number ({table[bad[0]].tolist()})")
+    return table, lines
+
+
 def read_table(path: str | Path, n_columns: int | tuple[int, ...], comment: str | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
     """(rows, columns) float table of a whitespace-separated text file and the (rows,) 1-based line numbers.

@@ -197,3 +197,32 @@ def test_geometry_json_values_go_through_the_same_checks(dataset, tmp_path, caps
     path.write_text(json.dumps(geometry))
     assert main(COMMON + arguments) == 2
     assert "defocus_u_angst, entry 1: defocus 0 Å is not an underfocus" in capsys.readouterr().err
+
+
+def test_aretomo_excluded_views_are_left_out_and_their_tilt_taken_from_the_mdoc(dataset, tmp_path, capsys):
+    from mspecies.formats import aretomo, imod
+
+    _, _, files = dataset
+    xf, angles = imod.read_xf(files["xf"]), imod.read_tlt(files["tlt"])
+    excluded = np.zeros(len(angles), dtype=bool)
+    excluded[[0, 10]] = True  # the two highest tilts
+    aln = aretomo.write_aln(tmp_path / "TS.aln", xf, angles, (128, 128, len(angles)), excluded)
+    aln.write_text("".join(line for line in aln.read_text().splitlines(keepends=True) if "DarkFrame" not in line))
+    arguments = _routes(files)["aln_mdoc_imod_star_shape"]
+    arguments[arguments.index(files["aln"])] = str(aln)
+    table = _export(tmp_path / "out", arguments)
+    log = capsys.readouterr().out
+    assert "11 views, 2 excluded (from --aln" in log and "2 value(s) of views" in log and len(table) == 4
+    full = _export(tmp_path / "full", _routes(files)["aln_mdoc_imod_star_shape"])
+    assert _worst_relative_difference(tmp_path / "full", full, tmp_path / "out", table) > 1e-3
+
+
+def test_a_star_without_particles_names_the_flag(dataset, tmp_path, capsys):
+    _, _, files = dataset
+    empty = tmp_path / "empty.star"
+    empty.write_text("data_optics\n\nloop_\n_rlnOpticsGroup #1\n1\n")
+    arguments = _routes(files)["mdoc_xf_ctffind_star"]
+    arguments[arguments.index(files["star"])] = str(empty)
+    assert main(COMMON + arguments + ["--out", str(tmp_path / "o")]) == 2
+    error = capsys.readouterr().err
+    assert f"--particles {empty}: no data_particles block" in error

@@ -383,10 +383,14 @@ def read_particles(path: str | Path, ts_id: str, tomogram_shape_xyz_px: tuple[in
         (data_pixel_angst, "the tilt-series pixel size")
     if coords_pixel_angst is not None:
         validate.check_pixel_size_angst(coords_pixel_angst, "--coords-pixel-size")
-    if not _is_star(path):
-        pixel = (coords_pixel_angst, "--coords-pixel-size") if coords_pixel_angst else fallback
-        return _text_poses(path, ts_id, tomogram_shape_xyz_px, data_pixel_angst, pixel, log)
-    poses = _star_poses(path, tomogram_shape_xyz_px, data_pixel_angst, coords_pixel_angst, fallback, log)
+    try:
+        if not _is_star(path):
+            pixel = (coords_pixel_angst, "--coords-pixel-size") if coords_pixel_angst else fallback
+            return _text_poses(path, ts_id, tomogram_shape_xyz_px, data_pixel_angst, pixel, log)
+        poses = _star_poses(path, tomogram_shape_xyz_px, data_pixel_angst, coords_pixel_angst, fallback, log)
+    except InputError as error:
+        named = "--particles" if str(path) in str(error) else f"--particles {path}"
+        raise InputError(f"{named}: {error}") from error
     names = np.array([normalise_tomo_name(str(name)) for name in poses.tomo_names], dtype=object)
     mine = (poses.tomo_names.astype(str) == ts_id) | (names == normalise_tomo_name(ts_id))
     if not np.any(mine):

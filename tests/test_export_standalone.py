@@ -99,11 +99,13 @@ def test_minimal_call_logs_every_value_with_its_source(dataset, capsys):
 
 def test_a_flag_overrides_a_file_with_a_warning(dataset, capsys):
     folder, _, files = dataset
-    arguments = _routes(files)["mdoc_xf_ctffind_star"] + ["--voltage", "200", "--amplitude-contrast", "0.1"]
+    arguments = _routes(files)["mdoc_xf_ctffind_star"] + ["--voltage", "200", "--amplitude-contrast", "0.1",
+                                                          "--tomo-shape", "128", "128", "80"]
     _export(folder / "flags", arguments)
     log = capsys.readouterr()
     assert "--voltage 200 kV disagrees with --mdoc" in log.err and "using --voltage" in log.err
     assert "--amplitude-contrast 0.1 disagrees with --ctf" in log.err
+    assert "--tomo-shape (128, 128, 80) disagrees with --tomogram" in log.err
     optics = starfile.read(folder / "flags" / "particles.star", always_dict=True)["optics"]
     assert float(optics["rlnVoltage"][0]) == 200.0 and float(optics["rlnAmplitudeContrast"][0]) == 0.1
 

@@ -191,33 +191,42 @@ def _dose_and_order(args: argparse.Namespace, n: int, mdoc: dict | None, angles:
                                "--dose / --mdoc: no dose: pass --dose FILE or an --mdoc with ExposureDose")
     if order is None:
         order = np.argsort(np.argsort(accumulated, kind="stable"), kind="stable")
-        validate.check_dose(accumulated, "dose")
         log.info("acquisition order: by accumulated dose (no --mdoc)")
     else:
         log.info(f"acquisition order: from {order_source}")
     return accumulated, order
 
 
-def _tomogram_shape(args: argparse.Namespace, pixel_angst: float, log: SourceLog) -> FileInputs:
-    """Unbinned tomogram size (x, y, z) at the tilt-series pixel: ``--tomo-shape``, else ``--tomogram``'s header."""
+def _tomogram_header(args: argparse.Namespace, pixel_angst: float, log: SourceLog
+                     ) -> tuple[tuple[int, int, int] | None, float | None]:
+    """(unbinned size (x, y, z) at the tilt-series pixel, tomogram pixel Å) from ``--tomogram``'s header, or Nones."""
     from mspecies.formats.mrc import read_mrc
 
-    from_header = tomo_pixel = None
-    if args.tomogram is not None:
-        volume, tomo_pixel = read_mrc(args.tomogram, mmap=True)
-        if volume.ndim != 3:
-            raise InputError(f"--tomogram: {args.tomogram} has shape {volume.shape}; expected a 3D tomogram")
-        if tomo_pixel in UNSET_MRC_PIXELS:
+    if args.tomogram is None:
+        return None, None
+    volume, tomo_pixel = read_mrc(args.tomogram, mmap=True)
+    if volume.ndim != 3:
+        raise InputError(f"--tomogram: {args.tomogram} has shape {volume.shape}; expected a 3D tomogram")
+    if tomo_pixel in UNSET_MRC_PIXELS:
+        if args.tomo_shape is None:
             raise InputError(f"--tomogram: {args.tomogram} has no pixel size in its header ({tomo_pixel:g}); pass "
                              "--tomo-shape X Y Z (unbinned size at the tilt-series pixel) instead")
-        binning = tomo_pixel / pixel_angst
-        if abs(binning - round(binning)) > 0.01 * binning:
-            log.warn(f"--tomogram {args.tomogram}: pixel {tomo_pixel:g} Å is {binning:.3f}× the tilt-series pixel, "
-                     "not a whole binning")
-        from_header = tuple(int(round(n * binning)) for n in volume.shape[::-1])
-        log.info(f"tomogram: {volume.shape[2]} × {volume.shape[1]} × {volume.shape[0]} voxels of {tomo_pixel:g} Å "
-                 f"(binning {binning:g}) = {from_header[0]} × {from_header[1]} × {from_header[2]} unbinned "
-                 f"(from --tomogram {args.tomogram})")
+        log.warn(f"--tomogram {args.tomogram}: no pixel size in its header; size from --tomo-shape only")
+        return None, None
+    binning = tomo_pixel / pixel_angst
+    if abs(binning - round(binning)) > 0.01 * binning:
+        log.warn(f"--tomogram {args.tomogram}: pixel {tomo_pixel:g} Å is {binning:.3f}× the tilt-series pixel, "
+                 "not a whole binning")
+    shape = tuple(int(round(n * binning)) for n in volume.shape[::-1])
+    log.info(f"tomogram: {volume.shape[2]} × {volume.shape[1]} × {volume.shape[0]} voxels of {tomo_pixel:g} Å "
+             f"(binning {binning:g}) = {shape[0]} × {shape[1]} × {shape[2]} unbinned (from --tomogram "
+             f"{args.tomogram})")
+    return shape, tomo_pixel  # type: ignore[return-value]
+
+
+def _tomogram_shape(args: argparse.Namespace, pixel_angst: float, log: SourceLog) -> FileInputs:
+    """Unbinned tomogram size (x, y, z) at the tilt-series pixel: ``--tomo-shape``, else ``--tomogram``'s header."""
+    from_header, tomo_pixel = _tomogram_header(args, pixel_angst, log)
     if args.tomo_shape is not None:
         shape = tuple(int(v) for v in args.tomo_shape)
         if from_header is not None and shape != from_header:
@@ -230,7 +239,7 @@ def _tomogram_shape(args: argparse.Namespace, pixel_angst: float, log: SourceLog
         raise InputError("--tomogram / --tomo-shape: the tomogram size is needed (to place the particles and write "
                          "rlnCoordinate*); pass the binned tomogram (--tomogram FILE) or --tomo-shape X Y Z")
     if min(shape) < 1:
-        raise InputError(f"tomogram size must be positive, got {shape}")
+        raise InputError(f"--tomo-shape: tomogram size must be positive, got {shape}")
     return FileInputs(shape, tomo_pixel)  # type: ignore[arg-type]
 
 

@@ -257,6 +257,30 @@ def _tilt_angles(args: argparse.Namespace, n: int, aln_angles: np.ndarray | None
     return validate.check_tilt_angles_deg(angles, source), source
 
 
+def _optics(args: argparse.Namespace, header_pixel: float | None, mdoc: dict | None, fit, log: SourceLog
+            ) -> tuple[float, Microscope]:
+    """(tilt-series pixel size Å, microscope): flags, else the stack header, mdoc and CTFFIND header, else defaults."""
+    ctf = f"--ctf {args.ctf} header"
+    pixel = log.scalar("pixel size", "A", "--pixel-size",
+                       _checked(args.pixel_size, validate.check_pixel_size_angst, "--pixel-size"),
+                       [(header_pixel, f"--stack {args.stack} header"),
+                        (mdoc and mdoc["pixel_size_angst"], f"--mdoc {args.mdoc} PixelSpacing"),
+                        (fit and fit.pixel_size_angst, ctf)])
+    voltage = log.scalar("voltage", "kV", "--voltage", _checked(args.voltage, validate.check_voltage_kv, "--voltage"),
+                         [(mdoc and mdoc["voltage_kv"], f"--mdoc {args.mdoc} Voltage"),
+                          (fit and fit.voltage_kv, ctf)], default=300.0)
+    cs = log.scalar("spherical aberration", "mm", "--cs", _checked(args.cs, validate.check_cs_mm, "--cs"),
+                    [(fit and fit.cs_mm, ctf)], default=2.7)
+    contrast = log.scalar("amplitude contrast", "", "--amplitude-contrast",
+                          _checked(args.amplitude_contrast, validate.check_amplitude_contrast, "--amplitude-contrast"),
+                          [(fit and fit.amplitude_contrast, ctf)], default=0.07)
+    return pixel, Microscope(voltage, cs, contrast)
+
+
+def _checked(value: float | None, check: Callable[[float, str], float], flag: str) -> float | None:
+    return None if value is None else check(value, flag)
+
+
 def tilt_series_from_files(args: argparse.Namespace, log: SourceLog | None = None
                            ) -> tuple[TiltSeriesData, FileInputs]:
     """Assemble the tilt series of ``--stack`` from the side files (module docstring), logging every value."""
@@ -279,23 +303,9 @@ def tilt_series_from_files(args: argparse.Namespace, log: SourceLog | None = Non
     angles, angle_source = _tilt_angles(args, n, aln_angles, mdoc, log)
     u, v, astig, phase, fit = _defocus(args, n, log)
     dose, order = _dose_and_order(args, n, mdoc, angles, angle_source, log)
-    ctf_source = f"--ctf {args.ctf} header"
-    pixel = log.scalar("pixel size", "A", "--pixel-size", _checked(args.pixel_size, validate.check_pixel_size_angst,
-                                                                     "--pixel-size"),
-                       [(header_pixel, f"--stack {args.stack} header"),
-                        (mdoc and mdoc["pixel_size_angst"], f"--mdoc {args.mdoc} PixelSpacing"),
-                        (fit and fit.pixel_size_angst, ctf_source)])
-    microscope = Microscope(
-        log.scalar("voltage", "kV", "--voltage", _checked(args.voltage, validate.check_voltage_kv, "--voltage"),
-                   [(mdoc and mdoc["voltage_kv"], f"--mdoc {args.mdoc} Voltage"),
-                    (fit and fit.voltage_kv, ctf_source)], default=300.0),
-        log.scalar("spherical aberration", "mm", "--cs", _checked(args.cs, validate.check_cs_mm, "--cs"),
-                   [(fit and fit.cs_mm, ctf_source)], default=2.7),
-        log.scalar("amplitude contrast", "", "--amplitude-contrast",
-                   _checked(args.amplitude_contrast, validate.check_amplitude_contrast, "--amplitude-contrast"),
-                   [(fit and fit.amplitude_contrast, ctf_source)], default=0.07))
+    pixel, microscope = _optics(args, header_pixel, mdoc, fit, log)
     files = _tomogram_shape(args, pixel, log)
-    ts_id = args.ts_id or Path(args.stack).name.split(".")[0]
+    ts_id = args.ts_id or Path(args.stack).stem
     log.info(f"tilt series: {ts_id} ({'--ts-id' if args.ts_id else 'the stack file name'}), {n} images of "
              f"{image_yx[1]} × {image_yx[0]} px")
     tilt_series = TiltSeriesData(
@@ -304,10 +314,6 @@ def tilt_series_from_files(args: argparse.Namespace, log: SourceLog | None = Non
         acquisition_order=order, excluded=excluded, microscope=microscope, stack_path=str(args.stack),
         phase_shift_deg=phase)
     return tilt_series, files
-
-
-def _checked(value: float | None, check: Callable[[float, str], float], flag: str) -> float | None:
-    return None if value is None else check(value, flag)
 
 
 # ----------------------------------------------------------------------------------------------- particles

@@ -164,14 +164,18 @@ def test_ambiguous_dose_list_is_refused_and_the_layout_can_be_told(dataset, tmp_
     assert "as accumulated (as told (--dose-layout))" in capsys.readouterr().out
 
 
-def test_text_particles_with_a_bad_row_name_the_file_and_line(dataset, tmp_path, capsys):
+@pytest.mark.parametrize(("name", "text", "fragment"), [
+    ("particles.txt", "10 10 10\n12 12\n", "{path}, line 2: expected 3 columns"),
+    ("empty.star", "data_optics\n\nloop_\n_rlnOpticsGroup #1\n1\n", "--particles {path}: no data_particles block"),
+])
+def test_bad_particle_files_name_the_flag_file_and_line(dataset, tmp_path, capsys, name, text, fragment):
     _, _, files = dataset
-    bad = tmp_path / "particles.txt"
-    bad.write_text("10 10 10\n12 12\n")
+    bad = tmp_path / name
+    bad.write_text(text)
     arguments = _routes(files)["mdoc_xf_ctffind_star"]
     arguments[arguments.index(files["star"])] = str(bad)
     assert main(COMMON + arguments + ["--out", str(tmp_path / "o")]) == 2
-    assert f"{bad}, line 2: expected 3 columns" in capsys.readouterr().err
+    assert fragment.format(path=bad) in capsys.readouterr().err
 
 
 def test_every_export_option_has_help():
@@ -217,14 +221,3 @@ def test_aretomo_excluded_views_are_left_out_and_their_tilt_taken_from_the_mdoc(
     assert "11 views, 2 excluded (from --aln" in log and "2 value(s) of views" in log and len(table) == 4
     full = _export(tmp_path / "full", _routes(files)["aln_mdoc_imod_star_shape"])
     assert _worst_relative_difference(tmp_path / "full", full, tmp_path / "out", table) > 1e-3
-
-
-def test_a_star_without_particles_names_the_flag(dataset, tmp_path, capsys):
-    _, _, files = dataset
-    empty = tmp_path / "empty.star"
-    empty.write_text("data_optics\n\nloop_\n_rlnOpticsGroup #1\n1\n")
-    arguments = _routes(files)["mdoc_xf_ctffind_star"]
-    arguments[arguments.index(files["star"])] = str(empty)
-    assert main(COMMON + arguments + ["--out", str(tmp_path / "o")]) == 2
-    error = capsys.readouterr().err
-    assert f"--particles {empty}: no data_particles block" in error

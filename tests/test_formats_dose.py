@@ -98,6 +98,9 @@ def test_mdoc_tilts_give_dose_order_and_optics(tmp_path):
     summed = serialem.read_mdoc_tilts(_mdoc(tmp_path, sections))
     np.testing.assert_allclose(summed["accumulated_dose_e_per_angst2"], ACCUMULATED)
     for section in sections:
+        section["ExposureDose"] = 0.0  # SerialEM without a dose calibration: no dose, not a zero dose
+    assert serialem.read_mdoc_tilts(_mdoc(tmp_path, sections))["accumulated_dose_e_per_angst2"] is None
+    for section in sections:
         section.pop("ExposureDose")
     assert serialem.read_mdoc_tilts(_mdoc(tmp_path, sections))["accumulated_dose_e_per_angst2"] is None
 

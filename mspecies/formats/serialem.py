@@ -4,7 +4,8 @@ metadata it holds, in stack order.
 ``ZValue`` is the 0-based index in the raw stack. Acquisition order is the rank of ``DateTime`` (file order when
 absent). The accumulated dose (e⁻/Å², including the tilt) is ``PriorRecordDose + ExposureDose`` when
 ``PriorRecordDose`` is present, else the cumulative sum of ``ExposureDose`` in acquisition order; without
-``ExposureDose`` the mdoc gives no dose (None). Values are checked by :mod:`mspecies.formats.validate`.
+``ExposureDose``, or with 0 in every section (SerialEM without a dose calibration), the mdoc gives no dose
+(None). Values are checked by :mod:`mspecies.formats.validate`.
 """
 
 from __future__ import annotations
@@ -158,9 +159,11 @@ def read_mdoc_tilts(path: str | os.PathLike[str]) -> dict[str, object]:
         keys, order_source = np.arange(len(sections), dtype=np.float64), f"{path} section order"
     order = np.argsort(np.argsort(keys, kind="stable"), kind="stable")
     own = accumulated = None
-    dose_source = "none (no ExposureDose)"
-    if all("ExposureDose" in s for s in sections):
-        own = check_dose(_section_values(path, sections, "ExposureDose"), f"{where} ExposureDose")
+    dose_source = "none (no ExposureDose, or 0 in every section: SerialEM without a dose calibration)"
+    exposure = _section_values(path, sections, "ExposureDose") if all("ExposureDose" in s for s in sections) \
+        else None
+    if exposure is not None and np.any(exposure != 0):
+        own = check_dose(exposure, f"{where} ExposureDose")
         if all("PriorRecordDose" in s for s in sections):
             prior = check_dose(_section_values(path, sections, "PriorRecordDose"), f"{where} PriorRecordDose")
             accumulated, dose_source = prior + own, f"{path} PriorRecordDose + ExposureDose"

@@ -136,7 +136,7 @@ def test_cli_missing_files_exit_2(tmp_path, capsys):
     assert code == 2 and "--geometry" in capsys.readouterr().err
     code = main(["export", "--stack", "s.mrc", "--particles", "p.star", "--out", str(tmp_path / "o"), "--box", "24",
                  "--diameter", "60"])
-    assert code == 2 and "--tlt" in capsys.readouterr().err
+    assert code == 2 and "--stack" in capsys.readouterr().err
 
 def test_cli_exports_volumes_and_series(small_dataset, tmp_path, capsys):
     common = ["export", "--manifest", str(small_dataset), "--box", "24", "--diameter", "60", "--backend", "numpy"]

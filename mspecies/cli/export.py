@@ -95,6 +95,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     options.add_argument("--memory-gb", type=float, help="memory budget (GB; default 25%% of the available memory)")
     options.add_argument("--max-batch", type=int, default=16)
     options.add_argument("--star-flavour", choices=("3.1", "3.0"), default="3.1")
+    checks = parser.add_argument_group("particles and outputs")
+    checks.add_argument("--min-visible-tilts", type=int, default=1,
+                        help="skip particles whose box lies inside the images in fewer used tilts (RELION's "
+                             "--min_frames; default 1); skipped ones are listed in excluded_particles.tsv")
+    checks.add_argument("--drop-duplicates", action="store_true",
+                        help="drop particles identical to an earlier one (same tomogram, position, angles); "
+                             "default: keep them and warn")
+    checks.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier export in --out (its STAR and every exported MRC) once this one "
+                             "is complete; without it a folder holding an export is refused")
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -200,6 +210,7 @@ def read_particles_star(path: str | Path, ts_id: str, tomogram_shape_xyz_px: tup
     coords_pixel_angst
         Å/px of ``rlnCoordinate*`` when the file does not say (default: the tilt-series pixel size).
     """
+    from mspecies.cli.errors import reading_text
     from mspecies.formats.star_dialects import read_particle_star
     from mspecies.formats.tomo_names import normalise_tomo_name
 
@@ -207,7 +218,10 @@ def read_particles_star(path: str | Path, ts_id: str, tomogram_shape_xyz_px: tup
         raise InputError(f"--particles: {path} not found")
     pixel = coords_pixel_angst or data_pixel_angst
     shape = tuple(int(round(n * data_pixel_angst / pixel)) for n in tomogram_shape_xyz_px)
-    poses = read_particle_star(path, coord_pixel_size_angst=pixel, tomo_shape_px=shape).poses
+    with reading_text("--particles", path):
+        poses = read_particle_star(path, coord_pixel_size_angst=pixel, tomo_shape_px=shape).poses
+    if not len(poses):
+        raise InputError(f"--particles: {path} holds no particles")
     names = np.array([normalise_tomo_name(str(name)) for name in poses.tomo_names], dtype=object)
     mine = (poses.tomo_names.astype(str) == ts_id) | (names == normalise_tomo_name(ts_id))
     if not np.any(mine):
@@ -251,43 +265,89 @@ def export_options(args: argparse.Namespace, data_pixel_angst: float):  # noqa: 
 
 
 def run(args: argparse.Namespace) -> int:
-    """Export every requested tilt series; write ``particles.star``. Returns the exit code."""
-    from mspecies.cli.export_files import export_tilt_series
+    """Check everything, then export every requested tilt series into a staging folder of ``--out`` and move the
+    files to their final names (``particles.star`` last) under the folder's lock. Returns the exit code."""
+    from mspecies.cli.atomic import check_free_space, folder_lock, output_folder, remove_stale_staging, staging_folder
+    from mspecies.cli.export_checks import check_export_arguments, export_bytes, plan_job
+    from mspecies.cli.export_files import STAR_NAME, earlier_export_files
     from mspecies.core.memory import retain_freed_memory
-    from mspecies.core.reconstruct import ReconstructionError
-    from mspecies.formats.mrc import read_mrc
-    from mspecies.formats.relion_subtomo import write_series_star, write_subtomo_star
 
     retain_freed_memory()  # this process is the worker: per-particle arrays reuse freed pages
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out: {out} is a file, expected a folder")
-    inputs = load_inputs(args)
-    out.mkdir(parents=True, exist_ok=True)
+    check_export_arguments(args)
+    jobs = [plan_job(tilt_series, particles, shape, export_options(args, tilt_series.pixel_size_angst),
+                     min_visible_tilts=args.min_visible_tilts, drop_duplicates=args.drop_duplicates)
+            for tilt_series, particles, shape in load_inputs(args)]
+    output_folder(out, "--out")
+    with folder_lock(out, "--out"):
+        earlier = earlier_export_files(out)
+        if earlier and not args.overwrite:
+            raise InputError(f"--out: {out} holds an earlier export ({len(earlier)} files, e.g. {earlier[0].name}); "
+                             "give --overwrite to replace it, or choose another folder")
+        remove_stale_staging(out)
+        check_free_space(out, export_bytes(jobs), "--out", "the export")
+        with staging_folder(out, "export") as staging:
+            n_written = _write_export(jobs, staging, args)
+            if n_written is None:
+                return EXIT_FAILED
+            publish_export(staging, out, earlier)
+    print(f"wrote {n_written} particles: {out / STAR_NAME}")
+    return EXIT_OK
+
+
+def publish_export(staging: Path, out: Path, earlier: list[Path]) -> None:
+    """Replace the earlier export (if any) by the complete one in ``staging``; say what was removed."""
+    from mspecies.cli.atomic import publish
+    from mspecies.cli.export_files import STAR_NAME
+
+    publish(staging, out, replaced=earlier, last=STAR_NAME)
+    if earlier:
+        print(f"replaced the earlier export in {out}: removed its {len(earlier)} files")
+
+
+def _write_export(jobs: list, staging: Path, args: argparse.Namespace) -> int | None:
+    """Export every job into ``staging`` (MRCs per tilt series, excluded particles, STAR) → particles written,
+    or None after a reconstruction failure (reported)."""
+    from mspecies.cli.export_checks import exclusion_lines
+    from mspecies.cli.export_files import EXCLUDED_TSV, STAR_NAME, export_tilt_series
+    from mspecies.core.reconstruct import ReconstructionError
+    from mspecies.formats.mrc import read_mrc
+    from mspecies.formats.relion_subtomo import write_series_star, write_subtomo_star
+
     tables, tilt_tables, first = [], [], 0
-    options = None
-    for tilt_series, particles, shape in inputs:
-        options = export_options(args, tilt_series.pixel_size_angst)
-        stack, _ = read_mrc(tilt_series.stack_path, mmap=True)
+    for job in jobs:
+        for line in exclusion_lines(job):
+            print(line, file=sys.stderr if line.startswith("warning") else sys.stdout, flush=True)
+    excluded = pd.concat([job.excluded for job in jobs], ignore_index=True)
+    if len(excluded):
+        excluded.to_csv(staging / EXCLUDED_TSV, sep="\t", index=False, float_format="%.3f")
+    if not any(len(job.particles) for job in jobs):
+        raise InputError(f"particles: all {len(excluded)} particles were excluded (see the lines above); "
+                         "nothing to export")
+    for job in (job for job in jobs if len(job.particles)):
+        stack, _ = read_mrc(job.tilt_series.stack_path, mmap=True)
         try:
-            rows, _ = export_tilt_series(tilt_series, stack, particles, options, out / tilt_series.ts_id,
-                                         tomogram_shape_xyz_px=shape, star_dir=out, first_subset_index=first,
+            rows, _ = export_tilt_series(job.tilt_series, stack, job.particles, job.options,
+                                         staging / job.tilt_series.ts_id, star_dir=staging,
+                                         tomogram_shape_xyz_px=job.tomogram_shape_xyz_px, first_subset_index=first,
                                          log=lambda line: print(line, flush=True))
         except ReconstructionError as error:
             print(f"mspecies export: error: {error}", file=sys.stderr)
-            return EXIT_FAILED
+            return None
         tables.append(rows)
         if "tilts" in rows.attrs:
             tilt_tables.append(rows.attrs["tilts"])
-        first += len(particles)
+        first += len(job.particles)
     particles_table = pd.concat(tables, ignore_index=True)
+    options = jobs[0].options
     optics = {"pixel_size_angst": options.output_pixel_size_angst, "box_px": options.box_px,
-              "microscope": inputs[0][0].microscope}
+              "microscope": jobs[0].tilt_series.microscope}
     if args.mode == "series":
-        star = write_series_star(out / "particles.star", particles_table.drop(columns=["rlnCtfImage"]),
-                                 pd.concat(tilt_tables, ignore_index=True), **optics)
+        write_series_star(staging / STAR_NAME, particles_table.drop(columns=["rlnCtfImage"]),
+                          pd.concat(tilt_tables, ignore_index=True), **optics)
     else:
-        star = write_subtomo_star(out / "particles.star", particles_table, flavour=args.star_flavour, **optics)
-    print(f"wrote {len(particles_table)} particles: {star}")
-    return EXIT_OK
+        write_subtomo_star(staging / STAR_NAME, particles_table, flavour=args.star_flavour, **optics)
+    return len(particles_table)

@@ -27,25 +27,27 @@ STAGING_SUFFIX = ".partial"
 STAGING_PREFIX = ".mspecies-"
 
 
-def output_folder(path: str | Path, flag: str) -> Path:
-    """Create the output folder ``path`` (and its parents) or raise :class:`InputError` naming ``flag``.
-
-    Refuses a path that is a file, whose parent chain holds a file, or where this user may not write.
-    """
+def check_output_folder(path: str | Path, flag: str) -> Path:
+    """Check, without creating anything, that the folder ``path`` can be created or written; raise
+    :class:`InputError` naming ``flag`` for a path that is a file, a parent that is a file, or no write access."""
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{flag}: {folder} is a file, expected a folder")
-    for parent in folder.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise InputError(f"{flag}: {folder} cannot be created: {parent} is a file")
-            break
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise InputError(f"{flag}: {folder} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{flag}: {existing} is not writable by this user; choose a folder you can write to")
+    return folder
+
+
+def output_folder(path: str | Path, flag: str) -> Path:
+    """:func:`check_output_folder`, then create the folder (and its parents)."""
+    folder = check_output_folder(path, flag)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise InputError(f"{flag}: cannot create the folder {folder} ({error.strerror or error})") from error
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise InputError(f"{flag}: {folder} is not writable by this user")
     return folder
 
 

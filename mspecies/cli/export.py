@@ -267,16 +267,21 @@ def export_options(args: argparse.Namespace, data_pixel_angst: float):  # noqa: 
 def run(args: argparse.Namespace) -> int:
     """Check everything, then export every requested tilt series into a staging folder of ``--out`` and move the
     files to their final names (``particles.star`` last) under the folder's lock. Returns the exit code."""
-    from mspecies.cli.atomic import check_free_space, folder_lock, output_folder, remove_stale_staging, staging_folder
+    from mspecies.cli.atomic import (
+        check_free_space,
+        check_output_folder,
+        folder_lock,
+        output_folder,
+        remove_stale_staging,
+        staging_folder,
+    )
     from mspecies.cli.export_checks import check_export_arguments, export_bytes, plan_job
     from mspecies.cli.export_files import STAR_NAME, earlier_export_files
     from mspecies.core.memory import retain_freed_memory
 
     retain_freed_memory()  # this process is the worker: per-particle arrays reuse freed pages
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out: {out} is a file, expected a folder")
+    out = check_output_folder(args.out, "--out")
     check_export_arguments(args)
     jobs = [plan_job(tilt_series, particles, shape, export_options(args, tilt_series.pixel_size_angst),
                      min_visible_tilts=args.min_visible_tilts, drop_duplicates=args.drop_duplicates)

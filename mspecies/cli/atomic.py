@@ -77,6 +77,26 @@ def folder_lock(folder: str | Path, flag: str) -> Iterator[Path]:
         handle.close()  # closing releases the lock
 
 
+@contextlib.contextmanager
+def locked_output_folder(path: str | Path, flag: str) -> Iterator[Path]:
+    """Create the output folder (:func:`output_folder`), hold its lock (:func:`folder_lock`) and remove the stale
+    staging folders of killed runs (:func:`remove_stale_staging`) for the block. When the block fails and this
+    run created the folder, the folder is removed again if nothing but the lock is in it: a failed run leaves
+    nothing behind."""
+    folder = Path(path)
+    created = not folder.exists()
+    output_folder(folder, flag)
+    try:
+        with folder_lock(folder, flag):
+            remove_stale_staging(folder)
+            yield folder
+    except BaseException:
+        if created and [p.name for p in folder.iterdir()] == [LOCK_NAME]:
+            (folder / LOCK_NAME).unlink()
+            folder.rmdir()
+        raise
+
+
 def remove_stale_staging(folder: str | Path) -> list[Path]:
     """Remove the staging folders that killed runs left in ``folder`` (call it while holding the lock)."""
     stale = sorted(p for p in Path(folder).glob(f"{STAGING_PREFIX}*{STAGING_SUFFIX}") if p.is_dir())

@@ -267,14 +267,7 @@ def export_options(args: argparse.Namespace, data_pixel_angst: float):  # noqa: 
 def run(args: argparse.Namespace) -> int:
     """Check everything, then export every requested tilt series into a staging folder of ``--out`` and move the
     files to their final names (``particles.star`` last) under the folder's lock. Returns the exit code."""
-    from mspecies.cli.atomic import (
-        check_free_space,
-        check_output_folder,
-        folder_lock,
-        output_folder,
-        remove_stale_staging,
-        staging_folder,
-    )
+    from mspecies.cli.atomic import check_free_space, check_output_folder, locked_output_folder, staging_folder
     from mspecies.cli.export_checks import check_export_arguments, export_bytes, plan_job
     from mspecies.cli.export_files import STAR_NAME, earlier_export_files
     from mspecies.core.memory import retain_freed_memory
@@ -286,13 +279,11 @@ def run(args: argparse.Namespace) -> int:
     jobs = [plan_job(tilt_series, particles, shape, export_options(args, tilt_series.pixel_size_angst),
                      min_visible_tilts=args.min_visible_tilts, drop_duplicates=args.drop_duplicates)
             for tilt_series, particles, shape in load_inputs(args)]
-    output_folder(out, "--out")
-    with folder_lock(out, "--out"):
+    with locked_output_folder(out, "--out"):
         earlier = earlier_export_files(out)
         if earlier and not args.overwrite:
             raise InputError(f"--out: {out} holds an earlier export ({len(earlier)} files, e.g. {earlier[0].name}); "
                              "give --overwrite to replace it, or choose another folder")
-        remove_stale_staging(out)
         check_free_space(out, export_bytes(jobs), "--out", "the export")
         with staging_folder(out, "export") as staging:
             n_written = _write_export(jobs, staging, args)

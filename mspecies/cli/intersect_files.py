@@ -21,14 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mspecies.cli.atomic import (
-    check_output_folder,
-    folder_lock,
-    output_folder,
-    publish,
-    remove_stale_staging,
-    staging_folder,
-)
+from mspecies.cli.atomic import check_output_folder, locked_output_folder, publish, staging_folder
 from mspecies.cli.intersect_checks import check_dense_memory, check_intersect_parameters
 from mspecies.common.types import InputError, ParticlePoses
 from mspecies.core.assignment import MODES, IntersectionResult, histogram_distances, match_particle_sets, select_union
@@ -496,9 +489,7 @@ def intersect_star_files(old_path: str | Path, new_path: str | Path, tolerance_a
     outcome = intersect_poses(old.poses, new.poses, tolerance_angst, mode=mode, name_mapping=name_mapping,
                               histogram_radius_angst=histogram_radius_angst, log=log,
                               max_log_tomograms=max_log_tomograms)
-    out = output_folder(out_dir, "--out")
-    with folder_lock(out, "--out"):
-        remove_stale_staging(out)
+    with locked_output_folder(out_dir, "--out") as out:
         with staging_folder(out, "intersect") as staging:
             files = write_star_outputs(staging, old, new, outcome, keep)
             extra = {"old_file": str(old_path), "new_file": str(new_path), "old_dialect": str(old.dialect),

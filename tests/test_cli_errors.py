@@ -203,3 +203,16 @@ def test_intersect_logs_stay_a_screenful_for_1000_tomograms(tmp_path, capsys):
     assert any("990 more" in line for line in lines)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert len(summary["per_tomogram"]) == 1000 and summary["in_both"] == 2000
+
+
+def test_an_unusable_volume_ends_with_exit_1_and_leaves_nothing(data, tmp_path, capsys, monkeypatch):
+    from mspecies.core.reconstruct import ReconstructionError
+
+    def unusable(volume, what):
+        raise ReconstructionError(f"{what}: the volume has non-finite values")
+
+    monkeypatch.setattr("mspecies.cli.export_files.check_volume", unusable)
+    assert main(export(data, "--out", str(tmp_path / "out"))) == 1
+    err = capsys.readouterr().err
+    assert "TS_01 particle 0 sub-tomogram" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

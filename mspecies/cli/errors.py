@@ -21,6 +21,9 @@ from mspecies.common.types import InputError
 EXPECTED_ERRORS = (InputError, OSError, MemoryError, UnicodeDecodeError)
 """Exception types the command line reports as one message (exit code 2) instead of a traceback."""
 
+_POSITIONAL = ("input", "output")
+"""Positional arguments (named as such in messages, without ``--``)."""
+
 
 @contextlib.contextmanager
 def reading_text(flag: str, path: str | Path) -> Iterator[None]:
@@ -46,9 +49,6 @@ def flag_for_path(args: argparse.Namespace, path: str | os.PathLike | None) -> s
         if (target == given or target.startswith(given.rstrip(os.sep) + os.sep)) and len(given) > best_length:
             best, best_length = ("--" + name.replace("_", "-")) if name not in _POSITIONAL else name, len(given)
     return best
-
-
-_POSITIONAL = ("input", "output")
 
 
 def expected_error_message(error: BaseException, args: argparse.Namespace) -> str | None:

@@ -34,6 +34,13 @@ tomogram name, or its normalised form (``/a/TS_01.mrc`` → ``TS_01``).
 Writes the MRCs and ``particles.star`` (RELION 3.1 with optics; ``--star-flavour 3.0`` for M's style) into
 ``--out``; logs per tilt series the particles done, particles/s, padded box, backend and memory plan.
 Bad input: exit code 2 and a message naming the parameter or file.
+
+Before the first byte is written every parameter, the memory plan of every tilt series, the particles
+(:mod:`mspecies.cli.export_checks`: those outside the tomogram or the images are skipped and listed in
+``excluded_particles.tsv``, duplicates warned or dropped) and the free space are checked. The files are written into
+a hidden staging folder of ``--out`` under the folder's lock and moved to their final names when all are complete,
+``particles.star`` last (:mod:`mspecies.cli.atomic`); a folder that holds an earlier export is refused unless
+``--overwrite``, which replaces that export whole.
 """
 
 from __future__ import annotations
@@ -271,6 +278,7 @@ def run(args: argparse.Namespace) -> int:
     from mspecies.cli.export_checks import check_export_arguments, export_bytes, plan_job
     from mspecies.cli.export_files import STAR_NAME, earlier_export_files
     from mspecies.core.memory import retain_freed_memory
+    from mspecies.core.reconstruct import ReconstructionError
 
     retain_freed_memory()  # this process is the worker: per-particle arrays reuse freed pages
 
@@ -279,17 +287,19 @@ def run(args: argparse.Namespace) -> int:
     jobs = [plan_job(tilt_series, particles, shape, export_options(args, tilt_series.pixel_size_angst),
                      min_visible_tilts=args.min_visible_tilts, drop_duplicates=args.drop_duplicates)
             for tilt_series, particles, shape in load_inputs(args)]
-    with locked_output_folder(out, "--out"):
-        earlier = earlier_export_files(out)
-        if earlier and not args.overwrite:
-            raise InputError(f"--out: {out} holds an earlier export ({len(earlier)} files, e.g. {earlier[0].name}); "
-                             "give --overwrite to replace it, or choose another folder")
-        check_free_space(out, export_bytes(jobs), "--out", "the export")
-        with staging_folder(out, "export") as staging:
-            n_written = _write_export(jobs, staging, args)
-            if n_written is None:
-                return EXIT_FAILED
-            publish_export(staging, out, earlier)
+    try:
+        with locked_output_folder(out, "--out"):
+            earlier = earlier_export_files(out)
+            if earlier and not args.overwrite:
+                raise InputError(f"--out: {out} holds an earlier export ({len(earlier)} files, e.g. "
+                                 f"{earlier[0].name}); give --overwrite to replace it, or choose another folder")
+            check_free_space(out, export_bytes(jobs), "--out", "the export")
+            with staging_folder(out, "export") as staging:
+                n_written = _write_export(jobs, staging, args)
+                publish_export(staging, out, earlier)
+    except ReconstructionError as error:
+        print(f"mspecies export: error: {error}", file=sys.stderr)
+        return EXIT_FAILED
     print(f"wrote {n_written} particles: {out / STAR_NAME}")
     return EXIT_OK
 
@@ -304,12 +314,10 @@ def publish_export(staging: Path, out: Path, earlier: list[Path]) -> None:
         print(f"replaced the earlier export in {out}: removed its {len(earlier)} files")
 
 
-def _write_export(jobs: list, staging: Path, args: argparse.Namespace) -> int | None:
-    """Export every job into ``staging`` (MRCs per tilt series, excluded particles, STAR) → particles written,
-    or None after a reconstruction failure (reported)."""
+def _write_export(jobs: list, staging: Path, args: argparse.Namespace) -> int:
+    """Export every job into ``staging`` (MRCs per tilt series, excluded particles, STAR) → particles written."""
     from mspecies.cli.export_checks import exclusion_lines
     from mspecies.cli.export_files import EXCLUDED_TSV, STAR_NAME, export_tilt_series
-    from mspecies.core.reconstruct import ReconstructionError
     from mspecies.formats.mrc import read_mrc
     from mspecies.formats.relion_subtomo import write_series_star, write_subtomo_star
 
@@ -325,14 +333,10 @@ def _write_export(jobs: list, staging: Path, args: argparse.Namespace) -> int | 
                          "nothing to export")
     for job in (job for job in jobs if len(job.particles)):
         stack, _ = read_mrc(job.tilt_series.stack_path, mmap=True)
-        try:
-            rows, _ = export_tilt_series(job.tilt_series, stack, job.particles, job.options,
-                                         staging / job.tilt_series.ts_id, star_dir=staging,
-                                         tomogram_shape_xyz_px=job.tomogram_shape_xyz_px, first_subset_index=first,
-                                         log=lambda line: print(line, flush=True))
-        except ReconstructionError as error:
-            print(f"mspecies export: error: {error}", file=sys.stderr)
-            return None
+        ts_id = job.tilt_series.ts_id
+        rows, _ = export_tilt_series(job.tilt_series, stack, job.particles, job.options, staging / ts_id,
+                                     star_dir=staging, tomogram_shape_xyz_px=job.tomogram_shape_xyz_px,
+                                     first_subset_index=first, log=lambda line: print(line, flush=True))
         tables.append(rows)
         if "tilts" in rows.attrs:
             tilt_tables.append(rows.attrs["tilts"])

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from mspecies.cli.atomic import format_bytes
 from mspecies.common.types import InputError, ParticlePoses, TiltSeriesData
 from mspecies.core.geometry import project_positions_to_tilts
 from mspecies.core.memory import MemoryPlan, available_memory_bytes
@@ -181,8 +180,3 @@ def exclusion_lines(job: ExportJob, limit: int = 10) -> list[str]:
                      "and angles); exported twice they fall into both random halves and inflate the gold-standard "
                      "FSC; --drop-duplicates drops them")
     return lines
-
-
-def describe_free_space_need(jobs: list[ExportJob]) -> str:
-    """``'123 particles, about 45.6 MiB'`` for the log."""
-    return f"{sum(len(j.particles) for j in jobs)} particles, about {format_bytes(export_bytes(jobs))}"

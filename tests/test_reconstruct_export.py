@@ -62,10 +62,10 @@ def test_check_volume_rejects_zero_constant_and_non_finite(volume):
     with pytest.raises(ReconstructionError):
         check_volume(volume, "particle 0")
 
-def test_a_blank_stack_gives_an_error_and_no_file(tmp_path):
+def test_a_blank_stack_gives_an_error_naming_the_tilt_and_no_file(tmp_path):
     tilt_series = make_tilt_series(n_tilts=5)
     stack = np.ones((5, 160, 160), dtype=np.float32)
-    with pytest.raises(ReconstructionError, match="all zero"):
+    with pytest.raises(InputError, match=r"tilt 0 \(-60.0°\) is blank"):
         export_tilt_series(tilt_series, stack, poses([[0, 0, 0]]), options(), tmp_path / "out",
                            tomogram_shape_xyz_px=(160, 160, 100))
     assert not list((tmp_path / "out").glob("*.mrc"))

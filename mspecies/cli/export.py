@@ -42,6 +42,13 @@ series whose name equals the tomogram name, or its normalised form (``/a/TS_01.m
 Writes the MRCs and ``particles.star`` (RELION 3.1 with optics; ``--star-flavour 3.0`` for M's style) into
 ``--out``; logs per tilt series the particles done, particles/s, padded box, backend and memory plan.
 Bad input: exit code 2 and a message naming the parameter or file.
+
+Before the first byte is written every parameter, the memory plan of every tilt series, the particles
+(:mod:`mspecies.cli.export_checks`: those outside the tomogram or the images are skipped and listed in
+``excluded_particles.tsv``, duplicates warned or dropped) and the free space are checked. The files are written into
+a hidden staging folder of ``--out`` under the folder's lock and moved to their final names when all are complete,
+``particles.star`` last (:mod:`mspecies.cli.atomic`); a folder that holds an earlier export is refused unless
+``--overwrite``, which replaces that export whole.
 """
 
 from __future__ import annotations
@@ -141,6 +148,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                          help="most particles reconstructed at once (the memory plan may use fewer)")
     options.add_argument("--star-flavour", choices=("3.1", "3.0"), default="3.1",
                          help="particles.star: 3.1 = RELION 3.1 with data_optics; 3.0 = one table, as M writes")
+    checks = parser.add_argument_group("particles and outputs")
+    checks.add_argument("--min-visible-tilts", type=int, default=1,
+                        help="skip particles whose box lies inside the images in fewer used tilts (RELION's "
+                             "--min_frames; default 1); skipped ones are listed in excluded_particles.tsv")
+    checks.add_argument("--drop-duplicates", action="store_true",
+                        help="drop particles identical to an earlier one (same tomogram, position, angles); "
+                             "default: keep them and warn")
+    checks.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier export in --out (its STAR and every exported MRC) once this one "
+                             "is complete; without it a folder holding an export is refused")
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -260,43 +277,82 @@ def export_options(args: argparse.Namespace, data_pixel_angst: float):  # noqa: 
 
 
 def run(args: argparse.Namespace) -> int:
-    """Export every requested tilt series; write ``particles.star``. Returns the exit code."""
-    from mspecies.cli.export_files import export_tilt_series
+    """Check everything, then export every requested tilt series into a staging folder of ``--out`` and move the
+    files to their final names (``particles.star`` last) under the folder's lock. Returns the exit code."""
+    from mspecies.cli.atomic import check_free_space, check_output_folder, locked_output_folder, staging_folder
+    from mspecies.cli.export_checks import check_export_arguments, export_bytes, plan_job
+    from mspecies.cli.export_files import STAR_NAME, earlier_export_files
     from mspecies.core.memory import retain_freed_memory
     from mspecies.core.reconstruct import ReconstructionError
-    from mspecies.formats.mrc import read_mrc
-    from mspecies.formats.relion_subtomo import write_series_star, write_subtomo_star
 
     retain_freed_memory()  # this process is the worker: per-particle arrays reuse freed pages
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out: {out} is a file, expected a folder")
-    inputs = load_inputs(args)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_folder(args.out, "--out")
+    check_export_arguments(args)
+    jobs = [plan_job(tilt_series, particles, shape, export_options(args, tilt_series.pixel_size_angst),
+                     min_visible_tilts=args.min_visible_tilts, drop_duplicates=args.drop_duplicates)
+            for tilt_series, particles, shape in load_inputs(args)]
+    try:
+        with locked_output_folder(out, "--out"):
+            earlier = earlier_export_files(out)
+            if earlier and not args.overwrite:
+                raise InputError(f"--out: {out} holds an earlier export ({len(earlier)} files, e.g. "
+                                 f"{earlier[0].name}); give --overwrite to replace it, or choose another folder")
+            check_free_space(out, export_bytes(jobs), "--out", "the export")
+            with staging_folder(out, "export") as staging:
+                n_written = _write_export(jobs, staging, args)
+                publish_export(staging, out, earlier)
+    except ReconstructionError as error:
+        print(f"mspecies export: error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"wrote {n_written} particles: {out / STAR_NAME}")
+    return EXIT_OK
+
+
+def publish_export(staging: Path, out: Path, earlier: list[Path]) -> None:
+    """Replace the earlier export (if any) by the complete one in ``staging``; say what was removed."""
+    from mspecies.cli.atomic import publish
+    from mspecies.cli.export_files import STAR_NAME
+
+    publish(staging, out, replaced=earlier, last=STAR_NAME)
+    if earlier:
+        print(f"replaced the earlier export in {out}: removed its {len(earlier)} files")
+
+
+def _write_export(jobs: list, staging: Path, args: argparse.Namespace) -> int:
+    """Export every job into ``staging`` (MRCs per tilt series, excluded particles, STAR) → particles written."""
+    from mspecies.cli.export_checks import exclusion_lines
+    from mspecies.cli.export_files import EXCLUDED_TSV, STAR_NAME, export_tilt_series
+    from mspecies.formats.mrc import read_mrc
+    from mspecies.formats.relion_subtomo import write_series_star, write_subtomo_star
+
     tables, tilt_tables, first = [], [], 0
-    options = None
-    for tilt_series, particles, shape in inputs:
-        options = export_options(args, tilt_series.pixel_size_angst)
-        stack, _ = read_mrc(tilt_series.stack_path, mmap=True)
-        try:
-            rows, _ = export_tilt_series(tilt_series, stack, particles, options, out / tilt_series.ts_id,
-                                         tomogram_shape_xyz_px=shape, star_dir=out, first_subset_index=first,
-                                         log=lambda line: print(line, flush=True))
-        except ReconstructionError as error:
-            print(f"mspecies export: error: {error}", file=sys.stderr)
-            return EXIT_FAILED
+    for job in jobs:
+        for line in exclusion_lines(job):
+            print(line, file=sys.stderr if line.startswith("warning") else sys.stdout, flush=True)
+    excluded = pd.concat([job.excluded for job in jobs], ignore_index=True)
+    if len(excluded):
+        excluded.to_csv(staging / EXCLUDED_TSV, sep="\t", index=False, float_format="%.3f")
+    if not any(len(job.particles) for job in jobs):
+        raise InputError(f"particles: all {len(excluded)} particles were excluded (see the lines above); "
+                         "nothing to export")
+    for job in (job for job in jobs if len(job.particles)):
+        stack, _ = read_mrc(job.tilt_series.stack_path, mmap=True)
+        ts_id = job.tilt_series.ts_id
+        rows, _ = export_tilt_series(job.tilt_series, stack, job.particles, job.options, staging / ts_id,
+                                     star_dir=staging, tomogram_shape_xyz_px=job.tomogram_shape_xyz_px,
+                                     first_subset_index=first, log=lambda line: print(line, flush=True))
         tables.append(rows)
         if "tilts" in rows.attrs:
             tilt_tables.append(rows.attrs["tilts"])
-        first += len(particles)
+        first += len(job.particles)
     particles_table = pd.concat(tables, ignore_index=True)
+    options = jobs[0].options
     optics = {"pixel_size_angst": options.output_pixel_size_angst, "box_px": options.box_px,
-              "microscope": inputs[0][0].microscope}
+              "microscope": jobs[0].tilt_series.microscope}
     if args.mode == "series":
-        star = write_series_star(out / "particles.star", particles_table.drop(columns=["rlnCtfImage"]),
-                                 pd.concat(tilt_tables, ignore_index=True), **optics)
+        write_series_star(staging / STAR_NAME, particles_table.drop(columns=["rlnCtfImage"]),
+                          pd.concat(tilt_tables, ignore_index=True), **optics)
     else:
-        star = write_subtomo_star(out / "particles.star", particles_table, flavour=args.star_flavour, **optics)
-    print(f"wrote {len(particles_table)} particles: {star}")
-    return EXIT_OK
+        write_subtomo_star(staging / STAR_NAME, particles_table, flavour=args.star_flavour, **optics)
+    return len(particles_table)

@@ -388,6 +388,7 @@ def read_particles(path: str | Path, ts_id: str, tomogram_shape_xyz_px: tuple[in
     tomogram_pixel_angst
         The ``--tomogram``'s pixel size: the default coordinate pixel where the file gives none.
     """
+    from mspecies.cli.errors import reading_text
     from mspecies.formats.tomo_names import normalise_tomo_name
 
     log = log or SourceLog()
@@ -399,13 +400,16 @@ def read_particles(path: str | Path, ts_id: str, tomogram_shape_xyz_px: tuple[in
     if coords_pixel_angst is not None:
         validate.check_pixel_size_angst(coords_pixel_angst, "--coords-pixel-size")
     try:
-        if not _is_star(path):
-            pixel = (coords_pixel_angst, "--coords-pixel-size") if coords_pixel_angst else fallback
-            return _text_poses(path, ts_id, tomogram_shape_xyz_px, data_pixel_angst, pixel, log)
-        poses = _star_poses(path, tomogram_shape_xyz_px, data_pixel_angst, coords_pixel_angst, fallback, log)
+        with reading_text("--particles", path):
+            if not _is_star(path):
+                pixel = (coords_pixel_angst, "--coords-pixel-size") if coords_pixel_angst else fallback
+                return _text_poses(path, ts_id, tomogram_shape_xyz_px, data_pixel_angst, pixel, log)
+            poses = _star_poses(path, tomogram_shape_xyz_px, data_pixel_angst, coords_pixel_angst, fallback, log)
     except InputError as error:
         named = "--particles" if str(path) in str(error) else f"--particles {path}"
         raise InputError(f"{named}: {error}") from error
+    if not len(poses):
+        raise InputError(f"--particles: {path} holds no particles")
     names = np.array([normalise_tomo_name(str(name)) for name in poses.tomo_names], dtype=object)
     mine = (poses.tomo_names.astype(str) == ts_id) | (names == normalise_tomo_name(ts_id))
     if not np.any(mine):

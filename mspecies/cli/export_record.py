@@ -15,7 +15,8 @@ Schema (``format`` = :data:`RECORD_FORMAT`)::
       "per_tilt_series": {"TS_01": {"n_particles": 51, "padded_box_px": 128, "backend": "numpy",
                                     "seconds": 12.3}},
       "star": "particles.star",                   # relative to the output folder
-      "files": {"TS_01/TS_01_0000000_4.00A.mrc": 131328, ...},   # every file written, relative path: bytes
+      "files": {"TS_01/TS_01_0000000_4.00A.mrc": 131328, ...},   # every file written (images, STAR, excluded
+                                                                 # particles), relative path: bytes
       "arguments": {"command": "export", "box": 64, ...},         # the parsed command line
       "finished_utc": "2026-12-06T12:00:00+00:00"
     }
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from mspecies.cli.export_files import EXCLUDED_TSV, STAR_NAME
 from mspecies.common.types import InputError
 
 if TYPE_CHECKING:
@@ -42,24 +44,28 @@ RECORD_FORMAT = "mspecies-export-record/1"
 IMAGE_COLUMNS = ("rlnImageName", "rlnCtfImage")
 
 
-def written_files(out_dir: str | Path, particles: pd.DataFrame, star_path: str | Path) -> dict[str, int]:
-    """{path relative to ``out_dir``: size in bytes} of the STAR file and every image its rows name."""
+def written_files(out_dir: str | Path, particles: pd.DataFrame) -> dict[str, int]:
+    """{path relative to ``out_dir``: size in bytes} of every image the STAR rows name, the STAR file and the
+    excluded-particle table (when there is one)."""
     out = Path(out_dir)
     names = [str(v) for column in IMAGE_COLUMNS if column in particles for v in particles[column] if str(v)]
-    paths = [Path(name) for name in names] + [Path(star_path).resolve().relative_to(out.resolve())]
-    return {path.as_posix(): (out / path).stat().st_size for path in paths}
+    names += [STAR_NAME] + ([EXCLUDED_TSV] if (out / EXCLUDED_TSV).is_file() else [])
+    return {Path(name).as_posix(): (out / name).stat().st_size for name in names}
 
 
-def write_export_record(out_dir: str | Path, particles: pd.DataFrame, star_path: str | Path,
-                        summaries: Iterable[ExportSummary], arguments: Mapping[str, object]) -> Path:
-    """Write ``out_dir/export_record.json`` atomically; return its path.
+def discard_export_record(out_dir: str | Path) -> None:
+    """Remove the record of an earlier export of ``out_dir`` (before its files are replaced)."""
+    (Path(out_dir) / RECORD_JSON).unlink(missing_ok=True)
+
+
+def write_export_record(out_dir: str | Path, particles: pd.DataFrame, summaries: Iterable[ExportSummary],
+                        arguments: Mapping[str, object]) -> Path:
+    """Write ``out_dir/export_record.json`` atomically, after the export's files are in place; return its path.
 
     Parameters
     ----------
     particles
-        The STAR rows written (image paths relative to ``out_dir``).
-    star_path
-        The STAR file written, inside ``out_dir``.
+        The rows of ``out_dir/particles.star`` (image paths relative to ``out_dir``).
     summaries
         One :class:`~mspecies.cli.export_files.ExportSummary` per tilt series, in export order.
     arguments
@@ -69,8 +75,8 @@ def write_export_record(out_dir: str | Path, particles: pd.DataFrame, star_path:
     per_ts = {s.ts_id: {"n_particles": s.n_particles, "padded_box_px": s.padded_box_px, "backend": s.backend,
                         "seconds": round(s.seconds, 3)} for s in summaries}
     record = {"format": RECORD_FORMAT, "ts_ids": list(per_ts), "n_particles": len(particles),
-              "per_tilt_series": per_ts, "star": Path(star_path).resolve().relative_to(out.resolve()).as_posix(),
-              "files": written_files(out, particles, star_path), "arguments": _json_values(arguments),
+              "per_tilt_series": per_ts, "star": STAR_NAME, "files": written_files(out, particles),
+              "arguments": _json_values(arguments),
               "finished_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     path = out / RECORD_JSON
     partial = path.with_name(f".{RECORD_JSON}.{os.getpid()}.tmp")

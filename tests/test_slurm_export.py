@@ -145,6 +145,7 @@ def test_failed_job_fails_its_step_and_continue_redoes_only_that_tilt_series(pro
     message = prot.getErrorMessage()
     failed_job = [job for job in slurm_jobs(_logs_prefix(prot)) if "TS_02" in Path(job.stderr).read_text()]
     assert len(failed_job) == 1
+    assert failed_job[0].state == "COMPLETED"  # the usual template's last line: SLURM saw no failure, the step did
     job_error = [line for line in Path(failed_job[0].stderr).read_text().splitlines() if "error" in line][-1]
     assert "TS_02" in message and job_error.strip() in message, message
     assert not _extra(prot, "TS_02", DONE_JSON).exists()

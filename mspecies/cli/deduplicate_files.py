@@ -24,11 +24,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mspecies.cli.atomic import check_output_folder, locked_output_folder, publish, staging_folder
+from mspecies.cli.intersect_checks import check_intersect_parameters
 from mspecies.cli.intersect_files import (
     HISTOGRAM_ANGLES_TXT,
     HISTOGRAM_DISTANCES_TXT,
     NO_COLUMNS,
     NO_OPTIONS,
+    OUTPUT_FILES,
     PARTICLE_DISTANCES_TSV,
     SUMMARY_JSON,
     MatchOptions,
@@ -56,8 +59,6 @@ from mspecies.core.assignment import DuplicateResult, deduplicate_particles, nea
 from mspecies.core.symmetry import angular_distance_from_euler_deg
 from mspecies.formats.star_dialects import TomoShapes
 from mspecies.formats.star_write import write_particle_star
-
-DUPLICATES_STAR = "duplicates.star"
 
 
 @dataclass(frozen=True)
@@ -130,8 +131,8 @@ def deduplicate_summary(outcome: DeduplicateOutcome, keep: tuple[bool, bool, boo
     }
 
 
-def deduplicate_lines(summary: dict) -> list[str]:
-    """Human-readable lines of a :func:`deduplicate_summary`."""
+def deduplicate_lines(summary: dict, max_tomograms: int | None = None) -> list[str]:
+    """Human-readable lines of a :func:`deduplicate_summary` (at most ``max_tomograms`` per-tomogram lines)."""
     gate = summary["angular_tolerance_deg"]
     lines = [f"Duplicates removed within one set (the same input as old and new): tolerance "
              f"{summary['tolerance_angst']:g} Å"
@@ -140,9 +141,12 @@ def deduplicate_lines(summary: dict) -> list[str]:
              + (f", the higher {summary['score']} kept" if summary["score"] else ", the first row kept")
              + f": {summary['n_old']} particles -> {summary['in_both']} kept ('in both'), "
                f"{summary['removed_duplicates']} duplicate(s) removed"]
-    for group in summary["per_tomogram"]:
+    groups = summary["per_tomogram"]
+    for group in groups if max_tomograms is None else groups[:max_tomograms]:
         lines.append(f"  {group['tomogram']}: {group['n_old']} -> {group['in_both']} kept, "
                      f"{group['removed_duplicates']} removed")
+    if max_tomograms is not None and len(groups) > max_tomograms:
+        lines.append(f"  ... and {len(groups) - max_tomograms} more tomograms (all in {SUMMARY_JSON})")
     return lines
 
 
@@ -183,7 +187,11 @@ def deduplicate_star_file(path: str | Path, tolerance_angst: float, out_dir: str
                           histogram_radius_angst: float | None = None, n_bins: int = DEFAULT_HISTOGRAM_BINS,
                           log_scale: bool = False, log: Callable[[str], None] = print,
                           options: MatchOptions = NO_OPTIONS) -> dict:
-    """Remove duplicates from one particle STAR and write the outputs (see the module docstring) in its dialect."""
+    """Remove duplicates from one particle STAR and write the outputs (see the module docstring) in its dialect,
+    through a staging folder under the lock of ``out_dir``, as :func:`~mspecies.cli.intersect_files.
+    intersect_star_files` (parameters checked before anything is written)."""
+    check_intersect_parameters(tolerance_angst, n_bins, histogram_radius_angst)
+    check_output_folder(out_dir, "--out")
     table = read_star_input(path, dialect, role="--old/--new", coord_pixel_size_angst=coord_pixel_size_angst,
                             tomo_shape_px=tomo_shape_px)
     log(f"old and new are the same file: removing duplicates from {path} (dialect {table.dialect}, "
@@ -193,20 +201,23 @@ def deduplicate_star_file(path: str | Path, tolerance_angst: float, out_dir: str
     outcome = deduplicate_poses(table.poses, tolerance_angst, options=options,
                                 columns=star_side_columns(table, options, str(path)), use_angles=table.has_angles,
                                 histogram_radius_angst=histogram_radius_angst)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     kept, none = np.flatnonzero(outcome.result.keep), np.arange(0)
-    files = {"in_both": write_particle_star(table.take(kept), out / "in_both.star"),
-             "duplicates": write_particle_star(table.take(np.flatnonzero(~outcome.result.keep)),
-                                               out / DUPLICATES_STAR),
-             "only_old": write_particle_star(table.take(none), out / "only_old.star"),
-             "only_new": write_particle_star(table.take(none), out / "only_new.star"),
-             "selected": write_particle_star(table.take(kept if keep[1] else none), out / "selected.star")}
-    extra = {"old_file": str(path), "new_file": str(path), "old_dialect": str(table.dialect),
-             "new_dialect": str(table.dialect), "files": {k: str(v) for k, v in files.items()}}
-    return write_deduplicate_files(out, outcome, keep, n_bins=n_bins, log_scale=log_scale, extra=extra)
+    rows = {"in_both": kept, "duplicates": np.flatnonzero(~outcome.result.keep), "only_old": none,
+            "only_new": none, "selected": kept if keep[1] else none}
+    with locked_output_folder(out_dir, "--out") as out:
+        with staging_folder(out, "deduplicate") as staging:
+            files = {name: write_particle_star(table.take(index), staging / f"{name}.star")
+                     for name, index in rows.items()}
+            extra = {"old_file": str(path), "new_file": str(path), "old_dialect": str(table.dialect),
+                     "new_dialect": str(table.dialect),
+                     "files": {k: str(out / Path(v).relative_to(staging)) for k, v in files.items()}}
+            summary = write_deduplicate_files(staging, outcome, keep, n_bins=n_bins, log_scale=log_scale,
+                                              extra=extra)
+            publish(staging, out, replaced=[out / name for name in OUTPUT_FILES], last=SUMMARY_JSON)
+    return summary
 
 
-def any_summary_lines(summary: dict) -> list[str]:
+def any_summary_lines(summary: dict, max_tomograms: int | None = None) -> list[str]:
     """Lines of an intersection or a deduplication summary (by its ``mode``)."""
-    return deduplicate_lines(summary) if summary.get("mode") == "deduplicate" else summary_lines(summary)
+    lines = deduplicate_lines if summary.get("mode") == "deduplicate" else summary_lines
+    return lines(summary, max_tomograms)

@@ -35,9 +35,12 @@ from mspecies.cli.intersect_files import (
     parse_keep,
     same_file,
 )
-from mspecies.common.types import InputError
 from mspecies.core.assignment import MODES
 from mspecies.core.symmetry import SYMMETRY_HELP
+
+SCREENFUL_TOMOGRAMS = 10
+"""Per-tomogram lines printed in each of the name report and the counts; the others are counted in one line
+(every tomogram is in summary.json)."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -87,8 +90,6 @@ def run(args: argparse.Namespace) -> int:
     shapes = read_tomo_sizes(args.tomo_sizes) if args.tomo_sizes else (
         tuple(args.tomo_size) if args.tomo_size else None)
     options = MatchOptions(args.angular_tolerance_deg, args.symmetry, args.group_by, args.score)
-    if not args.tolerance_angst >= 0:
-        raise InputError(f"--tolerance-angst must be >= 0 Å, got {args.tolerance_angst}")
     if same_file(args.old, args.new):
         summary = deduplicate_star_file(
             args.old, args.tolerance_angst, args.out, keep=keep, dialect=args.old_dialect,
@@ -101,8 +102,8 @@ def run(args: argparse.Namespace) -> int:
             old_dialect=args.old_dialect, new_dialect=args.new_dialect,
             coord_pixel_size_angst=args.coord_pixel_size_angst, tomo_shape_px=shapes, name_mapping=args.name_map,
             histogram_radius_angst=args.histogram_radius_angst, n_bins=args.bins, log_scale=args.log_scale,
-            options=options)
-    for line in any_summary_lines(summary):
+            max_log_tomograms=SCREENFUL_TOMOGRAMS, options=options)
+    for line in any_summary_lines(summary, SCREENFUL_TOMOGRAMS):
         print(line)
     print(f"outputs in {args.out}")
     return 0

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mspecies.cli.atomic import check_output_folder, locked_output_folder, publish, staging_folder
+from mspecies.cli.intersect_checks import check_dense_memory, check_intersect_parameters
 from mspecies.cli.intersect_plots import (
     ANGLE_HISTOGRAM_PNG,
     DEFAULT_HISTOGRAM_BINS,
@@ -64,6 +66,12 @@ SUMMARY_JSON = "summary.json"
 HISTOGRAM_DISTANCES_TXT = "histogram_distances.txt"
 HISTOGRAM_ANGLES_TXT = "histogram_angles.txt"
 PARTICLE_DISTANCES_TSV = "particle_distances.tsv"
+DUPLICATES_STAR = "duplicates.star"
+OUTPUT_FILES = (SUMMARY_JSON, *(f"{name}.star" for name in KEEP_CHOICES), "selected.star", HISTOGRAM_PNG,
+                HISTOGRAM_DISTANCES_TXT, PARTICLE_DISTANCES_TSV, ANGLE_HISTOGRAM_PNG, HISTOGRAM_ANGLES_TXT,
+                DUPLICATES_STAR)
+"""Every file an intersection (or a duplicate removal) writes, the one that lists the others first; a run removes
+the earlier run's files first, so none is left from another kind of run."""
 
 
 @dataclass(frozen=True)
@@ -188,15 +196,23 @@ def new_group_labels(report: NameMatchReport, new_names: Sequence[str] | np.ndar
     return np.where(pd.isna(matched), names, matched).astype(object)
 
 
-def name_report_lines(report: NameMatchReport, old_names: Sequence[str] | np.ndarray) -> list[str]:
-    """Per old tomogram: old particles, new particles matched to it and from which new names; then problems."""
+def name_report_lines(report: NameMatchReport, old_names: Sequence[str] | np.ndarray,
+                      max_tomograms: int | None = None) -> list[str]:
+    """Per old tomogram: old particles, new particles matched to it and from which new names (the first
+    ``max_tomograms``, then one line counting the others); then problems."""
     old_counts = pd.Series(np.asarray(old_names, dtype=object)).astype(str).value_counts(sort=False)
     per_ts = report.particles_per_ts_id
     lines = []
-    for name in sorted(old_counts.index):
+    names = sorted(old_counts.index)
+    if max_tomograms is not None and len(names) > max_tomograms:
+        lines.append(f"{len(names)} old tomograms; the first {max_tomograms} (all in {SUMMARY_JSON}):")
+        names = names[:max_tomograms]
+    for name in names:
         sources = sorted(n for n, t in report.matches.items() if t == name)
         how = ", ".join(f"{s!r} ({report.methods[s]})" for s in sources) or "no new name"
         lines.append(f"{name}: {int(old_counts[name])} old, {per_ts.get(name, 0)} new particle(s) from {how}")
+    if max_tomograms is not None and len(old_counts) > max_tomograms:
+        lines.append(f"... and {len(old_counts) - max_tomograms} more old tomograms")
     if report.unmatched:
         lines.append(f"new tomogram name(s) matching no old tomogram ({report.n_unmatched_particles} particle(s), "
                      f"all 'only new'): {list(report.unmatched)[:10]}")
@@ -218,15 +234,17 @@ def group_labels(tomograms: np.ndarray, values: np.ndarray | None, column: str |
 def intersect_poses(old: ParticlePoses, new: ParticlePoses, tolerance_angst: float, *, mode: str = "gated",
                     name_mapping: str | dict[str, str] | None = None,
                     histogram_radius_angst: float | None = None,
-                    log: Callable[[str], None] | None = None, options: MatchOptions = NO_OPTIONS,
-                    old_columns: SideColumns = NO_COLUMNS, new_columns: SideColumns = NO_COLUMNS,
-                    use_angles: bool = True) -> IntersectOutcome:
+                    log: Callable[[str], None] | None = None, max_log_tomograms: int | None = None,
+                    options: MatchOptions = NO_OPTIONS, old_columns: SideColumns = NO_COLUMNS,
+                    new_columns: SideColumns = NO_COLUMNS, use_angles: bool = True) -> IntersectOutcome:
     """Match ``new`` against ``old`` per tomogram (positions in Å centred on the tomogram centre).
 
-    The name report is passed line by line to ``log`` before the match runs. No common tomogram is an
-    :class:`InputError` (nothing could match). ``options`` add the orientation gate, groups and the score;
-    ``old_columns``/``new_columns`` carry the group values and scores they need; ``use_angles=False`` (a set
-    without orientations) refuses an angular tolerance and skips the angles.
+    The name report (at most ``max_log_tomograms`` per-tomogram lines) is passed line by line to ``log`` before
+    the match runs. No common tomogram is an :class:`InputError` (nothing could match); a dense solve that cannot
+    fit this machine's memory is refused before it starts (:func:`~mspecies.cli.intersect_checks.check_dense_memory`).
+    ``options`` add the orientation gate, groups and the score; ``old_columns``/``new_columns`` carry the group
+    values and scores they need; ``use_angles=False`` (a set without orientations) refuses an angular tolerance
+    and skips the angles.
     """
     if mode not in MODES:
         raise InputError(f"mode must be one of {MODES}, got {mode!r}")
@@ -234,7 +252,7 @@ def intersect_poses(old: ParticlePoses, new: ParticlePoses, tolerance_angst: flo
         raise InputError(f"tolerance must be >= 0 Å, got {tolerance_angst}")
     old_groups = np.asarray(old.tomo_names, dtype=object).astype(str).astype(object)
     report = match_names(old_groups, new.tomo_names, name_mapping)
-    for line in name_report_lines(report, old_groups):
+    for line in name_report_lines(report, old_groups, max_log_tomograms):
         (log or (lambda _: None))(line)
     if len(old) and len(new) and not report.matches:
         raise InputError(f"no tomogram of the new set matches one of the old set (old: "
@@ -250,12 +268,17 @@ def intersect_poses(old: ParticlePoses, new: ParticlePoses, tolerance_angst: flo
             raise InputError(f"--score {options.score}: no values for the {side} set")
     old_match = group_labels(old_groups, old_columns.group_values, options.group_by)
     new_match = group_labels(new_groups, new_columns.group_values, options.group_by)
+    radius = (default_histogram_radius_angst(tolerance_angst, mode) if histogram_radius_angst is None
+              else float(histogram_radius_angst))
+    if mode != "m_compatible" and not np.isfinite(radius):
+        raise InputError(f"--histogram-radius-angst: the nearest-neighbour histogram needs a finite radius, got "
+                         f"{radius:g} (an infinite radius is M's histogram: --mode m_compatible)")
+    # gated: the solve is dense only at an infinite tolerance; the histogram is never dense
+    check_dense_memory(old_match, new_match, mode, radius if mode == "m_compatible" else float(tolerance_angst))
     angles = dict(old_euler_zyz_deg=old.euler_zyz_deg, new_euler_zyz_deg=new.euler_zyz_deg) if use_angles else {}
     result = match_particle_sets(old.positions_angst, new.positions_angst, tolerance_angst, old_groups=old_match,
                                  new_groups=new_match, mode=mode, angular_tolerance_deg=options.angular_tolerance_deg,
                                  symmetry=options.symmetry, **angles)
-    radius = (default_histogram_radius_angst(tolerance_angst, mode) if histogram_radius_angst is None
-              else float(histogram_radius_angst))
     distances, hist_angles = _histogram_values(old, new, old_match, new_match, tolerance_angst, radius, mode,
                                                options.symmetry if use_angles else None)
     wins = None if options.score is None else new_pose_wins(result, old_columns.scores, new_columns.scores)
@@ -334,8 +357,10 @@ def _options_summary(outcome: IntersectOutcome) -> dict:
     return summary
 
 
-def summary_lines(summary: dict) -> list[str]:
-    """Human-readable lines of a :func:`summary_dict` (for logs and the protocol summary)."""
+def summary_lines(summary: dict, max_tomograms: int | None = None) -> list[str]:
+    """Human-readable lines of a :func:`summary_dict` (for logs and the protocol summary); at most
+    ``max_tomograms`` per-tomogram lines, then one line counting the others."""
+
     jaccard = summary["jaccard"]
     median = summary["median_distance_angst"]
     lines = [f"Tolerance {summary['tolerance_angst']:g} Å ({summary['mode']}): {summary['n_old']} old, "
@@ -354,11 +379,14 @@ def summary_lines(summary: dict) -> list[str]:
     if summary.get("score"):
         lines.append(f"In both keeps the higher {summary['score']}: {summary['in_both_from_new']} pair(s) "
                      "represented by the new particle, the others by the old one")
-    for group in summary["per_tomogram"]:
+    groups = summary["per_tomogram"]
+    for group in groups if max_tomograms is None else groups[:max_tomograms]:
         jac = group["jaccard"]
         lines.append(f"  {group['tomogram']}: old {group['n_old']}, new {group['n_new']}, in both "
                      f"{group['in_both']}, only old {group['only_old']}, only new {group['only_new']}, Jaccard "
                      f"{'n/a' if jac is None else f'{jac:.3f}'}")
+    if max_tomograms is not None and len(groups) > max_tomograms:
+        lines.append(f"  ... and {len(groups) - max_tomograms} more tomograms (all in {SUMMARY_JSON})")
     if "selected" in summary:
         lines.append(f"Selected ({' + '.join(summary['keep'])}): {summary['selected']} particle(s)")
     return lines
@@ -593,7 +621,8 @@ def intersect_star_files(old_path: str | Path, new_path: str | Path, tolerance_a
                          coord_pixel_size_angst: float | None = None, tomo_shape_px: TomoShapes = None,
                          name_mapping: str | None = None, histogram_radius_angst: float | None = None,
                          n_bins: int = DEFAULT_HISTOGRAM_BINS, log_scale: bool = False,
-                         log: Callable[[str], None] = print, options: MatchOptions = NO_OPTIONS) -> dict:
+                         log: Callable[[str], None] = print, max_log_tomograms: int | None = None,
+                         options: MatchOptions = NO_OPTIONS) -> dict:
     """Intersect two particle STAR files and write every output into ``out_dir``; returns the summary.
 
     ``coord_pixel_size_angst`` (Å/px) is used for a file that does not carry its coordinate pixel size;
@@ -601,9 +630,15 @@ def intersect_star_files(old_path: str | Path, new_path: str | Path, tolerance_a
     an old tomogram inherit that tomogram's size when the new file needs one. ``options``: orientation gate,
     group column, score column (:class:`MatchOptions`). (The command line removes duplicates instead when both
     paths name the same file: :mod:`mspecies.cli.deduplicate_files`.)
+
+    Every parameter is checked before anything is written; the outputs are written into a staging folder under
+    the lock of ``out_dir`` and replace the earlier run's outputs only once all are complete (``summary.json``,
+    which lists the others, removed first and written last; :mod:`mspecies.cli.atomic`).
     """
     if not any(keep):
         raise InputError(f"--keep: choose at least one of {list(KEEP_CHOICES)}")
+    check_intersect_parameters(tolerance_angst, n_bins, histogram_radius_angst)
+    check_output_folder(out_dir, "--out")
     old = read_star_input(old_path, old_dialect, role="--old", coord_pixel_size_angst=coord_pixel_size_angst,
                           tomo_shape_px=tomo_shape_px)
     new = read_star_input(new_path, new_dialect, role="--new", coord_pixel_size_angst=coord_pixel_size_angst,
@@ -617,14 +652,19 @@ def intersect_star_files(old_path: str | Path, new_path: str | Path, tolerance_a
         if options.angular_tolerance_deg is not None and not table.has_angles:
             raise InputError(f"--angular-tolerance-deg: {role} {path} has no angle columns (rlnAngleRot/Tilt/Psi)")
     outcome = intersect_poses(old.poses, new.poses, tolerance_angst, mode=mode, name_mapping=name_mapping,
-                              histogram_radius_angst=histogram_radius_angst, log=log, options=options,
-                              old_columns=old_columns, new_columns=new_columns,
-                              use_angles=old.has_angles and new.has_angles)
-    files = write_star_outputs(out_dir, old, new, outcome, keep)
-    extra = {"old_file": str(old_path), "new_file": str(new_path), "old_dialect": str(old.dialect),
-             "new_dialect": str(new.dialect), "files": {k: str(v) for k, v in files.items()}}
-    return write_match_files(out_dir, outcome, old.poses.tomo_names, keep=keep, n_bins=n_bins, log_scale=log_scale,
-                             extra=extra)
+                              histogram_radius_angst=histogram_radius_angst, log=log,
+                              max_log_tomograms=max_log_tomograms, options=options, old_columns=old_columns,
+                              new_columns=new_columns, use_angles=old.has_angles and new.has_angles)
+    with locked_output_folder(out_dir, "--out") as out:
+        with staging_folder(out, "intersect") as staging:
+            files = write_star_outputs(staging, old, new, outcome, keep)
+            extra = {"old_file": str(old_path), "new_file": str(new_path), "old_dialect": str(old.dialect),
+                     "new_dialect": str(new.dialect),
+                     "files": {k: str(out / Path(v).relative_to(staging)) for k, v in files.items()}}
+            summary = write_match_files(staging, outcome, old.poses.tomo_names, keep=keep, n_bins=n_bins,
+                                        log_scale=log_scale, extra=extra)
+            publish(staging, out, replaced=[out / name for name in OUTPUT_FILES], last=SUMMARY_JSON)
+    return summary
 
 
 def _new_shapes(new_path: str | Path, new_dialect: str | None, old: ParticleTable, given: TomoShapes,

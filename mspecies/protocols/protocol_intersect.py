@@ -87,7 +87,9 @@ class ProtMSpeciesIntersect(EMProtocol, ProtTomoBase):
                       important=True, label="Old particles",
                       help="Reference set; particles in both sets are output as these (their poses and attributes).")
         form.addParam("newSource", params.EnumParam, choices=["Scipion set", "STAR file"], default=SOURCE_SCIPION,
-                      display=params.EnumParam.DISPLAY_HLIST, label="New particles from")
+                      display=params.EnumParam.DISPLAY_HLIST, label="New particles from",
+                      help="Scipion set: coordinates or sub-tomograms of this project. STAR file: a particle STAR "
+                           "written by RELION, Warp or M, read directly (no import protocol needed).")
         form.addParam("inputNew", params.PointerParam, pointerClass="SetOfCoordinates3D, SetOfSubTomograms",
                       condition=f"newSource == {SOURCE_SCIPION}", allowsNull=True, label="New particles",
                       help="Coordinates or sub-tomograms on the same tomograms (matched by tsId).")
@@ -119,7 +121,8 @@ class ProtMSpeciesIntersect(EMProtocol, ProtTomoBase):
                            "M's dense assignment of all particles, then pairs beyond the tolerance are dropped.")
         form.addParam("histogramBins", params.IntParam, default=50, validators=[params.Positive],
                       expertLevel=params.LEVEL_ADVANCED, label="Histogram bins",
-                      help="Bins of the histograms. The distance histogram shows, for every old particle, the "
+                      help="Bins of the histograms written to extra/ (the viewer has its own; it does not change the "
+                           "matching). The distance histogram shows, for every old particle, the "
                            "distance to its nearest new particle (same tomogram and group) up to max(3 x tolerance, "
                            "20 Å): true pairs make a peak at small distances, unrelated neighbours a tail from about "
                            "the particle spacing; put the tolerance in the valley between them. The angular "

@@ -30,15 +30,19 @@ class MSpeciesIntersectViewer(ProtocolViewer):
     """Histograms of an intersect run: each old particle's distance to its nearest new particle (Å), and the angular
     distance of those nearest pairs within the tolerance (deg, over the symmetry)."""
 
-    _label = "mspecies intersect viewer"
+    _label = "intersect distance histogram"
     _targets = [ProtMSpeciesIntersect]
     _environments = [DESKTOP_TKINTER]
 
     def _defineParams(self, form):
         form.addSection(label="Visualization")
         form.addParam("nBins", params.IntParam, default=DEFAULT_HISTOGRAM_BINS, validators=[params.Positive],
-                      label="Histogram bins")
-        form.addParam("logScale", params.BooleanParam, default=False, label="Log scale (counts)")
+                      label="Histogram bins",
+                      help="Number of bins between 0 and the largest matched distance (at least just past the "
+                           "tolerance).")
+        form.addParam("logScale", params.BooleanParam, default=False, label="Log scale (counts)",
+                      help="Logarithmic count axis: shows the few chance neighbours in the tail next to the peak "
+                           "of true pairs.")
         form.addParam("displayHistogram", params.LabelParam, label="Show the distance histogram",
                       help="For every old particle, the distance to its nearest new particle (same tomogram and "
                            "group); the dashed line is the tolerance. True pairs make a peak at small distances, "

@@ -362,3 +362,21 @@ def test_same_file_twice_removes_duplicates(tmp_path, capsys):
     assert len(read(out / "duplicates.star")) == 3 and len(read(out / "selected.star")) == 4
     assert len(read(out / "only_old.star")) == 0 and len(read(out / "only_new.star")) == 0
     assert np.loadtxt(out / "histogram_distances.txt").size == 5  # nearest other particle within 20 Å
+
+
+def test_infinite_histogram_radius_is_refused_in_gated_mode(oriented, capsys):
+    assert run_cli(oriented / "old.star", oriented / "new.star", oriented / "out", 5.0,
+                   "--histogram-radius-angst", "inf") == 2
+    assert "--histogram-radius-angst: the nearest-neighbour histogram needs a finite radius" in capsys.readouterr().err
+    assert not (oriented / "out" / "summary.json").exists()
+
+
+def test_a_run_replaces_every_file_of_an_earlier_run(oriented):
+    """Duplicate removal then an intersection into the same folder: duplicates.star of the first run is gone."""
+    out = oriented / "out"
+    assert run_cli(oriented / "old.star", oriented / "old.star", out, 5.0) == 0
+    assert (out / "duplicates.star").is_file() and json.loads((out / "summary.json").read_text())["mode"] == \
+        "deduplicate"
+    assert run_cli(oriented / "old.star", oriented / "new.star", out, 5.0) == 0
+    assert not (out / "duplicates.star").exists() and (out / "angle_histogram.png").is_file()
+    assert json.loads((out / "summary.json").read_text())["mode"] == "gated"

@@ -380,3 +380,11 @@ def test_a_run_replaces_every_file_of_an_earlier_run(oriented):
     assert run_cli(oriented / "old.star", oriented / "new.star", out, 5.0) == 0
     assert not (out / "duplicates.star").exists() and (out / "angle_histogram.png").is_file()
     assert json.loads((out / "summary.json").read_text())["mode"] == "gated"
+
+
+def test_group_by_scipion_class_name_reads_the_relion_label(oriented):
+    """``_classId`` (Scipion's name) reads a STAR's rlnClassNumber, so one name serves a Scipion set and a STAR."""
+    for column in ("_classId", "rlnClassNumber"):
+        out = oriented / column
+        assert run_cli(oriented / "old.star", oriented / "new.star", out, 5.0, "--group-by", column) == 0
+        assert json.loads((out / "summary.json").read_text())["in_both"] == 3

@@ -696,11 +696,18 @@ def same_file(first: str | Path, second: str | Path) -> bool:
         return False
 
 
+RELION_LABELS = {"classId": "rlnClassNumber"}
+"""Scipion attribute names (without the leading underscore) whose values a STAR holds under a RELION label."""
+
+
 def star_column_values(table: ParticleTable, column: str, where: str, flag: str) -> np.ndarray:
-    """(N,) text values of a particle column (uninterpreted columns, the subset and the optics group); a column
-    absent from the file is an :class:`InputError` naming the flag, the file and the columns it has."""
-    if column in table.extras.columns:
-        return table.extras[column].to_numpy(dtype=object)
+    """(N,) text values of a particle column (uninterpreted columns, the subset and the optics group; a Scipion
+    name of :data:`RELION_LABELS` reads its RELION label); a column absent from the file is an
+    :class:`InputError` naming the flag, the file and the columns it has."""
+    relion = RELION_LABELS.get(column.lstrip("_"), column)
+    for name in (column, relion):
+        if name in table.extras.columns:
+            return table.extras[name].to_numpy(dtype=object)
     known = {"rlnRandomSubset": table.random_subset, "rlnOpticsGroup": table.optics_group}
     if known.get(column) is not None:
         return np.asarray(known[column]).astype(str).astype(object)

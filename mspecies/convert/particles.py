@@ -86,9 +86,16 @@ def has_particle_attribute(particles, name: str) -> bool:
     return _find_attribute(particles.getFirstItem(), name) is not None
 
 
+SCIPION_NAMES = {"rlnClassNumber": "_classId"}
+"""RELION labels whose value Scipion items store under another name (so one form entry serves both sources)."""
+
+
 def _find_attribute(item, name: str):
-    """``item.name`` or ``item._name`` (Scipion stores attributes with a leading underscore); None when absent."""
-    for candidate in (name, f"_{name.lstrip('_')}"):
+    """``item.name`` or ``item._name`` (Scipion stores attributes with a leading underscore), or the Scipion name of
+    a RELION label (:data:`SCIPION_NAMES`); None when absent."""
+    for candidate in (name, f"_{name.lstrip('_')}", SCIPION_NAMES.get(name, "")):
+        if not candidate:
+            continue
         attribute = getattr(item, candidate, None)
         if attribute is not None and not callable(attribute):
             return attribute

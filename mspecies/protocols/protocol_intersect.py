@@ -138,7 +138,8 @@ class ProtMSpeciesIntersect(EMProtocol, ProtTomoBase):
                       label="Match within equal values of",
                       help="Optional attribute (Scipion set, e.g. _classId) or column (STAR, e.g. rlnClassNumber) "
                            "that both sets have: only particles with equal values (and on the same tomogram) "
-                           "can match.")
+                           "can match. rlnClassNumber also reads a Scipion set's _classId, and _classId a STAR's "
+                           "rlnClassNumber.")
         form.addParam("scoreAttribute", params.StringParam, default="", expertLevel=params.LEVEL_ADVANCED,
                       label="Keep the higher score of",
                       help="Optional numeric attribute or STAR column, higher is better (e.g. "

@@ -34,6 +34,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -224,6 +225,7 @@ def write_relion5(path: Path, positions: np.ndarray, euler: np.ndarray, groups: 
 def run_cli(source: Path, old: Path, new: Path, out: Path, tol: float, timeout_s: float, extra: list[str]) -> dict:
     command = [sys.executable, "-m", "mspecies", "intersect", "--old", str(old), "--new", str(new),
                "--tolerance-angst", str(tol), "--out", str(out), *extra]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     try:
         subprocess.run(command, env=dict(os.environ, PYTHONPATH=str(source), MPLBACKEND="Agg"), cwd=source,
@@ -231,8 +233,10 @@ def run_cli(source: Path, old: Path, new: Path, out: Path, tol: float, timeout_s
     except subprocess.TimeoutExpired:
         return dict(seconds=None, timeout_s=timeout_s)
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     summary = json.loads((out / "summary.json").read_text())
-    return dict(seconds=seconds, pairs=summary["in_both"])
+    return dict(seconds=seconds, cpu_s=cpu, pairs=summary["in_both"])
 
 
 # --- driver --------------------------------------------------------------------------------------------------------

@@ -305,7 +305,8 @@ def markdown_table(rows: list[dict]) -> str:
         pairs = f"{r['pairs']:,}" if "pairs" in r else "n/a"
         total = _seconds(r.get("seconds"), r.get("timeout_s"))
         cpu = _seconds(r.get("cpu_s"), r.get("timeout_s"))
-        solve, histogram = _seconds(r.get("solve_s")), _seconds(r.get("histogram_s"), r.get("timeout_s"))
+        solve = _seconds(r.get("solve_s"))
+        histogram = _seconds(r.get("histogram_s"), r.get("timeout_s")) if "histogram_s" in r else "n/a"
         lines.append(f"| {r['scenario']} | {r['n']:,} | {r['method']} | {total} | {cpu} | {solve} | {histogram} | "
                      f"{ratio} | {pairs} | {recall} |")
     return "\n".join(lines)

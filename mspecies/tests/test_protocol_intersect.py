@@ -2,6 +2,7 @@
 ``.tomostar`` names), against the dataset's own RELION 3.1 STAR and against a Scipion set; outputs, distances,
 viewer and validation messages."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -163,7 +164,6 @@ class TestIntersectProtocol(BaseTest):
         png = self.tmp / "viewer.png"
         cwd = Path.cwd()
         try:
-            import os
             os.chdir(self.proj.getPath())
             plotters = viewer._showHistogram()
         finally:
@@ -207,6 +207,17 @@ class TestIntersectProtocol(BaseTest):
         self.assertTrue(all(getattr(c, ANGLE_ATTR).get() < 1e-3 for c in c4.inBoth.iterCoordinates()))
         self.assertIn("angular tolerance 20 deg", "\n".join(c4.summary()))
         self.assertTrue(Path(self.proj.getPath(c4._getExtraPath("angle_histogram.png"))).is_file())
+        viewer = MSpeciesIntersectViewer(project=self.proj, protocol=c4)
+        viewer.setProtocol(c4)
+        cwd = Path.cwd()
+        try:
+            os.chdir(self.proj.getPath())
+            plotters = viewer._showAngles()
+        finally:
+            os.chdir(cwd)
+        png = self.tmp / "viewer_angles.png"
+        plotters[0].getFigure().savefig(png)
+        self.assertEqual(png.read_bytes()[:4], b"\x89PNG")
 
     def test_original_relion31_star_matches_imported_coordinates(self):
         info_size = " ".join(str(v) for v in self.manifest["tilt_series"][0]["unbinned_tomogram_shape_zyx"][::-1])

@@ -251,8 +251,9 @@ class TiltSeriesEngine:
         if not series and not options.prerotate:
             orientation = insert.slice_orientation(tilt_series.tilt_angles_deg[tilts], tilt_series.xf[tilts])
             if stack is not None or options.ctf_method == "padded":
-                engine.insertion = insert.SharedInsertion.from_splat(insert.splat_entries(orientation, grid, xp=xp),
-                                                                     xp=xp)
+                engine.insertion = insert.SharedInsertion.from_splat(
+                    insert.splat_entries(orientation, grid, xp=xp), xp=xp,
+                    y_major_box_px=m if engine.by_lines else None)
                 engine.scale = _normalisation_scale(engine.insertion.multiplicity, m, xp)
             if options.ctf_method == "direct":
                 engine.direct_ctf = ctf3d.DirectCtf.from_pairs(engine._direct_pair_tables(orientation), xp=xp)
@@ -271,6 +272,12 @@ class TiltSeriesEngine:
             phase_shift_deg=ts.phase_shift_deg[t], tilt_weight_scale=scale,
             pre_exposure_e_per_angst2=ts.pre_exposure_e_per_angst2[t], offset_basis=basis,
             microscope=ts.microscope, apply_ctf=options.apply_ctf)
+
+    @property
+    def by_lines(self) -> bool:
+        """True when the sub-tomograms are inserted and transformed line by line (:meth:`_line_volumes`: NumPy,
+        direct 3D CTF, shared insertion); else through whole padded spectra (:meth:`_padded_spectra`)."""
+        return self.xp is np and self.options.ctf_method == "direct" and not self.options.prerotate
 
     # ------------------------------------------------------------------------------------------- batches
 
@@ -380,9 +387,10 @@ class TiltSeriesEngine:
                       with_data: bool = True) -> Iterator[ParticleResult]:
         direct = self.options.ctf_method == "direct"
         spectrum = ctf_spectrum = None
-        if with_data or not direct:
+        by_lines = with_data and self.by_lines
+        if (with_data or not direct) and not by_lines:
             spectrum, ctf_spectrum = self._padded_spectra(positions_angst, euler_zyz_deg, with_data)
-        volumes = None
+        volumes = self._line_volumes(positions_angst) if by_lines else None
         if spectrum is not None:
             volumes = self._inverse_volumes(spectrum)
             del spectrum
@@ -394,7 +402,7 @@ class TiltSeriesEngine:
 
         def finish(first: int, last: int) -> None:
             for b in range(first, last):
-                finished[b] = (None if volumes is None else self._finish_volume(volumes[b]),
+                finished[b] = (None if volumes is None else self._finish_volume(volumes[b], divided=by_lines),
                                self._finish_ctf(ctf_volumes[b], scaled=not direct))
 
         insert.run_split(self._pool(), finish, index.size)
@@ -418,6 +426,54 @@ class TiltSeriesEngine:
         return insert.insert_normalised(self.insertion, columns, self.scale, WEIGHT_FLOOR, batch=batch,
                                         with_data=with_data, with_ctf=ctf is not None, xp=self.xp, buffers=buffers,
                                         pool=self._pool())
+
+    def _line_volumes(self, positions_angst: np.ndarray) -> list[np.ndarray]:
+        """B new (N, N, N) float32 sub-tomograms (÷ sinc², not output-normalised), inserted and transformed line
+        by line: the values of :meth:`_padded_spectra` and :meth:`_inverse_volumes`, without whole spectra.
+
+        The insertion is y-major (one row block per y, :meth:`SharedInsertion.from_splat`): each block is
+        inserted, normalised and transformed along z while it is in cache, and only the N central planes are
+        kept, in a (N, M, M//2+1, B) array (half a padded spectrum); each of those planes is then transformed
+        along y, cropped, transformed along x (C2R), cropped and divided by sinc² into the particles' volumes.
+        The threads of the pool share the lines (single-threaded transforms); every line is transformed as
+        in the whole-spectrum passes, so the values are the same.
+        """
+        m, n = self.padded_box_px, self.options.box_px
+        fft = extract.fft_module(np)
+        data, weight, _ = self._sample_values(positions_angst)
+        batch, n_columns = weight.shape
+        pool = self._pool()
+        columns = insert.sample_columns(data, weight, None, self.insertion.column_sign,
+                                        out=self._buffer("columns", (n_columns, 3 * batch)), pool=pool)
+        del data, weight
+        mirrored = insert.mirrored_columns(self.insertion, columns, 2 * batch)
+        crop = slice(m // 2 - n // 2, m // 2 + n // 2)
+        partial = self._buffer("partial", (n, m, m // 2 + 1, batch), np.complex64)
+
+        def along_z(first: int, last: int) -> None:
+            line = np.empty((m, m // 2 + 1, batch), dtype=np.complex64)
+            for y in range(first, last):
+                voxels = self.insertion.block_voxels[y]
+                values = np.empty((voxels.size, batch), dtype=np.complex64)
+                insert.normalise_block(self.insertion, y, columns, mirrored, self.scale, WEIGHT_FLOOR, batch=batch,
+                                       n_data=2 * batch, spectrum=values)
+                flat = line.reshape(-1, batch)
+                flat.fill(0)  # the voxels no sample reaches
+                flat[voxels - self.insertion.bounds[y][0]] = values
+                partial[:, y] = fft.ifft(line, axis=0, norm="forward", overwrite_x=True, workers=1)[crop]
+
+        insert.run_split(pool, along_z, m, insert.block_cuts(self.insertion, pool))
+        volumes = [np.empty((n, n, n), dtype=np.float32) for _ in range(batch)]
+
+        def along_y_x(first: int, last: int) -> None:
+            for z in range(first, last):
+                plane = fft.ifft(partial[z], axis=0, norm="forward", overwrite_x=True, workers=1)[crop]
+                real = fft.irfft(plane, n=m, axis=1, norm="forward", workers=1)[:, crop]
+                for b in range(batch):
+                    np.divide(real[..., b], self.gridding[z], out=volumes[b][z])
+
+        insert.run_split(pool, along_y_x, n)
+        return volumes
 
     def _direct_ctfs(self, positions_angst: np.ndarray, euler_zyz_deg: np.ndarray) -> list[np.ndarray]:
         """B new (N, N, N//2+1) output-grid 3D CTFs (:mod:`mspecies.core.ctf3d`); pre-rotated particles each
@@ -468,11 +524,13 @@ class TiltSeriesEngine:
 
     def _buffer(self, name: str, shape: tuple[int, ...], dtype: type = np.float32) -> np.ndarray:
         """A work array kept across batches (uninitialised): fresh large allocations cost more than the
-        arithmetic here (the kernel zeroes every new page)."""
-        array = self.buffers.get(name)
-        if array is None or array.shape != shape or array.dtype != dtype:
-            array = self.buffers[name] = self.xp.empty(shape, dtype=dtype)
-        return array
+        arithmetic here (the kernel zeroes every new page). The storage only grows: a smaller batch (the
+        last one) gets a contiguous view of the front of it."""
+        size = int(np.prod(shape))
+        storage = self.buffers.get(name)
+        if storage is None or storage.size < size or storage.dtype != dtype:
+            storage = self.buffers[name] = self.xp.empty(size, dtype=dtype)
+        return storage[:size].reshape(shape)
 
     def _ctf_buffer(self, shape: tuple[int, int]) -> np.ndarray:
         """(n_voxels, B rounded up to even) float32: pairs of CTF spectra are read as one complex64 column;
@@ -550,12 +608,14 @@ class TiltSeriesEngine:
         ctf = fft.rfftn(psf, axes=(0, 1, 2), **kwargs).real
         return xp.moveaxis(ctf, 3, 0)  # × 1/M² per particle in _finish_ctf
 
-    def _finish_volume(self, volume: np.ndarray) -> np.ndarray:
-        """(N, N, N) sub-tomogram view → ÷ sinc², output-normalised (optional), contiguous host float32."""
+    def _finish_volume(self, volume: np.ndarray, divided: bool = False) -> np.ndarray:
+        """(N, N, N) sub-tomogram view → ÷ sinc², output-normalised (optional), contiguous host float32.
+        ``divided``: a new contiguous array of its own, already ÷ sinc² (normalised in place)."""
         xp = self.xp
-        volume = xp.ascontiguousarray(xp.divide(volume, self.gridding, dtype=xp.float32))
+        if not divided:
+            volume = xp.ascontiguousarray(xp.divide(volume, self.gridding, dtype=xp.float32))
         if self.options.normalize_output:
-            volume = normalize_outside_radius(volume, self._mask_radius_px(), xp=xp)
+            volume = normalize_outside_radius(volume, self._mask_radius_px(), xp=xp, in_place=divided)
         return to_numpy(volume)
 
     def _finish_ctf(self, ctf_volume: np.ndarray, scaled: bool = True) -> np.ndarray:
@@ -692,8 +752,10 @@ def _outside_mask(n: int, radius_px: float) -> np.ndarray:
     return mask
 
 
-def normalize_outside_radius(volume: np.ndarray, radius_px: float, *, xp: ModuleType = np) -> np.ndarray:
-    """Mean 0, population sd 1 over the voxels farther than ``radius_px`` from the centre N/2."""
+def normalize_outside_radius(volume: np.ndarray, radius_px: float, *, xp: ModuleType = np,
+                             in_place: bool = False) -> np.ndarray:
+    """Mean 0, population sd 1 over the voxels farther than ``radius_px`` from the centre N/2 (float32;
+    ``in_place``: ``volume``, a float32 array, is changed and returned)."""
     n = volume.shape[0]
     if xp is np:
         outside = _outside_mask(n, float(radius_px))
@@ -703,6 +765,10 @@ def normalize_outside_radius(volume: np.ndarray, radius_px: float, *, xp: Module
     background = volume[outside].astype(xp.float64)
     sd = float(background.std())
     factor = 1.0 / sd if sd > 0 else 0.0
+    if in_place:
+        volume -= background.mean()
+        volume *= factor
+        return volume
     return ((volume - background.mean()) * factor).astype(xp.float32)
 
 

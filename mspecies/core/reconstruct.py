@@ -239,7 +239,8 @@ class TiltSeriesEngine:
         shape = extract.rescaled_shape(tilt_series.image_shape_yx, tilt_series.pixel_size_angst, pixel)
         plan = plan_batches(m, options.box_px, tilts.size, tilts.size * shape[0] * shape[1],
                             shared_geometry=not options.prerotate, budget_bytes=options.memory_budget_bytes,
-                            max_batch=options.max_batch, padded_ctf=options.ctf_method == "padded")
+                            max_batch=options.max_batch, padded_ctf=options.ctf_method == "padded",
+                            by_lines=_by_lines(xp, options) and not series)
         prepared = None if stack is None else extract.prepare_stack(
             stack, tilt_series, pixel, options.box_px, normalize=options.normalize_input,
             invert=options.invert_contrast, xp=xp, workers=options.n_workers, tilts=tilts)
@@ -277,7 +278,7 @@ class TiltSeriesEngine:
     def by_lines(self) -> bool:
         """True when the sub-tomograms are inserted and transformed line by line (:meth:`_line_volumes`: NumPy,
         direct 3D CTF, shared insertion); else through whole padded spectra (:meth:`_padded_spectra`)."""
-        return self.xp is np and self.options.ctf_method == "direct" and not self.options.prerotate
+        return _by_lines(self.xp, self.options)
 
     # ------------------------------------------------------------------------------------------- batches
 
@@ -692,6 +693,11 @@ class TiltSeriesEngine:
         margin = self.options.particle_diameter_angst / self.options.output_pixel_size_angst / 2
         x, y = image_px[..., 0], image_px[..., 1]
         return (x > margin) & (x < nx - margin) & (y > margin) & (y < ny - margin)
+
+
+def _by_lines(xp: ModuleType, options: ExportOptions) -> bool:
+    """See :attr:`TiltSeriesEngine.by_lines`."""
+    return xp is np and options.ctf_method == "direct" and not options.prerotate
 
 
 def _tilt_scale(tilt_series: TiltSeriesData, options: ExportOptions, tilts: np.ndarray) -> np.ndarray:

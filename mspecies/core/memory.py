@@ -146,7 +146,7 @@ def estimate_bytes(padded_box_px: int, box_px: int, n_tilts: int, stack_pixels: 
     if by_lines:
         per_particle += (n * m * (m // 2 + 1) * 8  # the N central z planes after the transform along z
                          + m * (m // 2 + 1) * 8 * 4  # lines of two threads (spectrum, transform)
-                         - half_voxels * (8 + 4 + 4) - n * n * m * 4)  # no whole spectra, no whole C2R output
+                         - half_voxels * (8 + 4) - n * n * m * 4)  # no whole spectra, no whole C2R output
     if shared_geometry:
         fixed += operator
     else:

@@ -506,15 +506,19 @@ class TiltSeriesEngine:
         spectrum = None if data is None else xp.empty((n_voxels, batch), dtype=xp.complex64)
         ctf_spectrum = None if ctf is None else self._ctf_buffer((n_voxels, batch))
         zeros = xp.zeros(weight.shape[1], dtype=xp.complex64)
-        for b in range(batch):
-            splat = insert.splat_entries(orientation[b], self.grid, xp=xp)
-            d_re, d_im, w1, d2, w0 = insert.insert_one(splat, zeros if data is None else data[b], weight[b],
-                                                       None if ctf is None else ctf[b], xp=xp)
-            factor = _normalisation_scale(w0, m, xp) / xp.maximum(w1, xp.float32(WEIGHT_FLOOR))
-            if ctf_spectrum is not None:
-                ctf_spectrum[:, b] = d2 * factor
-            if spectrum is not None:
-                spectrum[:, b] = (d_re * factor) + 1j * (d_im * factor)
+
+        def own(first: int, last: int) -> None:
+            for b in range(first, last):
+                splat = insert.splat_entries(orientation[b], self.grid, xp=xp)
+                d_re, d_im, w1, d2, w0 = insert.insert_one(splat, zeros if data is None else data[b], weight[b],
+                                                           None if ctf is None else ctf[b], xp=xp)
+                factor = _normalisation_scale(w0, m, xp) / xp.maximum(w1, xp.float32(WEIGHT_FLOOR))
+                if ctf_spectrum is not None:
+                    ctf_spectrum[:, b] = d2 * factor
+                if spectrum is not None:
+                    spectrum[:, b] = (d_re * factor) + 1j * (d_im * factor)
+
+        insert.run_split(self._pool(), own, batch)  # each particle writes its own columns
         return spectrum, ctf_spectrum
 
     def _pool(self) -> insert.WorkerPool | None:
@@ -721,9 +725,16 @@ def _normalisation_scale(multiplicity: np.ndarray, m: int, xp: ModuleType) -> np
     voxel M/2 (so the central crop is a slice); 1/M is the C# scaling (unnormalised C2R × M² of an FFT that
     numpy scales by 1/M³).
     """
+    return xp.minimum(multiplicity, xp.float32(1.0)).astype(xp.float32) * xp.asarray(_checkerboard(m))
+
+
+@functools.lru_cache(maxsize=4)
+def _checkerboard(m: int) -> np.ndarray:
+    """(M·M·(M//2+1),) float32 ``(−1)^(kz+ky+kx) / M`` (read-only, cached: pre-rotated particles each need it)."""
     parity = (np.arange(m)[:, None, None] + np.arange(m)[None, :, None] + np.arange(m // 2 + 1)[None, None, :]) % 2
-    checker = xp.asarray((1.0 - 2.0 * parity).astype(np.float32).reshape(-1) / np.float32(m))
-    return xp.minimum(multiplicity, xp.float32(1.0)).astype(xp.float32) * checker
+    checker = (1.0 - 2.0 * parity).astype(np.float32).reshape(-1) / np.float32(m)
+    checker.flags.writeable = False
+    return checker
 
 
 def _separate_pairs(packed: np.ndarray, mirrored_conj: np.ndarray, xp: ModuleType,

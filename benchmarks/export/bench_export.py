@@ -38,7 +38,8 @@ from mspecies.synth.dataset import SynthParameters, make_tilt_series, random_eul
 
 
 def make_inputs(box_px: int, n_particles: int, seed: int = 0):
-    params = SynthParameters(box_px=box_px, image_shape_yx=(1024, 1024), n_tilts=41)
+    params = SynthParameters(box_px=box_px, image_shape_yx=(1024, 1024), n_tilts=41,
+                             thickness_angst=max(1000.0, 1.25 * box_px * 4.0))  # 1000 Å up to box 200
     rng = np.random.default_rng(seed)
     tilt_series = make_tilt_series(params, "TS", rng)
     stack = rng.normal(size=(41, 1024, 1024)).astype(np.float32)

@@ -139,7 +139,7 @@ class PreparedStack:
 
 def prepare_stack(stack: np.ndarray, tilt_series: TiltSeriesData, output_pixel_angst: float, box_px: int, *,
                   normalize: bool, invert: bool, xp: ModuleType = np, workers: int = 1,
-                  tilts: np.ndarray | None = None) -> PreparedStack:
+                  tilts: np.ndarray | None = None, pool: object | None = None) -> PreparedStack:
     """Read each tilt once (the stack may be memory-mapped), rescale it and preprocess it.
 
     Parameters
@@ -148,7 +148,13 @@ def prepare_stack(stack: np.ndarray, tilt_series: TiltSeriesData, output_pixel_a
         (T, ny, nx) raw images in stack order (any float dtype; read tilt by tilt).
     tilts
         Stack indices to prepare (default all); the others are left zero.
+    pool
+        Optional :class:`mspecies.core.insert.WorkerPool` (NumPy only): its threads share the tilts out, each
+        tilt read and filtered on one thread (single-threaded transforms), so reading overlaps filtering and
+        the element-wise steps run on all cores; the values are those of the serial loop.
     """
+    from .insert import run_split
+
     if stack.ndim != 3 or stack.shape[0] != tilt_series.n_tilts:
         raise InputError(f"stack: expected shape ({tilt_series.n_tilts}, ny, nx) for {tilt_series.ts_id}, "
                          f"got {stack.shape}")
@@ -159,10 +165,18 @@ def prepare_stack(stack: np.ndarray, tilt_series: TiltSeriesData, output_pixel_a
     if min(shape) < 2:
         raise InputError(f"output_pixel_size_angst: {output_pixel_angst} Å shrinks the images to {shape} px")
     images = xp.zeros((tilt_series.n_tilts,) + shape, dtype=xp.float32)
-    for t in (range(tilt_series.n_tilts) if tilts is None else tilts):
-        image = xp.asarray(np.asarray(stack[int(t)], dtype=np.float32))
-        image = fourier_rescale(image.astype(xp.float64), shape, xp=xp, workers=workers)
-        images[int(t)] = preprocess_image(image, box_px, normalize=normalize, invert=invert, xp=xp, workers=workers)
+    used = [int(t) for t in (range(tilt_series.n_tilts) if tilts is None else tilts)]
+    pool = pool if xp is np else None
+    fft_workers = 1 if pool is not None else workers
+
+    def prepare(first: int, last: int) -> None:
+        for t in used[first:last]:
+            image = xp.asarray(np.asarray(stack[t], dtype=np.float32))
+            image = fourier_rescale(image.astype(xp.float64), shape, xp=xp, workers=fft_workers)
+            images[t] = preprocess_image(image, box_px, normalize=normalize, invert=invert, xp=xp,
+                                         workers=fft_workers)
+
+    run_split(pool, prepare, len(used))  # type: ignore[arg-type]
     ny, nx = tilt_series.image_shape_yx
     return PreparedStack(images, np.array([shape[1] / nx, shape[0] / ny]))
 

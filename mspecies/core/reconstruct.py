@@ -243,7 +243,8 @@ class TiltSeriesEngine:
                             by_lines=_by_lines(xp, options) and not series)
         prepared = None if stack is None else extract.prepare_stack(
             stack, tilt_series, pixel, options.box_px, normalize=options.normalize_input,
-            invert=options.invert_contrast, xp=xp, workers=options.n_workers, tilts=tilts)
+            invert=options.invert_contrast, xp=xp, workers=options.n_workers, tilts=tilts,
+            pool=insert.thread_pool(options.n_workers) if xp is np else None)
         grid = insert.make_sample_grid(m)
         tables = extract.CtfTables.from_samples(grid.kx, grid.ky, m, pixel, xp=xp)
         engine = cls(tilt_series, options, xp, prepared, tilts, m, grid, tables,

@@ -87,72 +87,111 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
                             "to its step (CUDA_VISIBLE_DEVICES=%(GPU)s).")
         form.addHidden(params.GPU_LIST, params.StringParam, default="0", label="GPU IDs",
                        help="GPUs for the export steps; with several threads each step gets its own slot.")
-        form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfCoordinates3D, SetOfSubTomograms",
-                      important=True, label="Particles",
-                      help="Coordinates or sub-tomograms (their poses are used; sub-tomogram shifts move the "
-                           "centre). Matched to the tilt series by tomogram id (tsId).")
-        form.addParam("inputTiltSeries", params.PointerParam, pointerClass="SetOfTiltSeries", important=True,
-                      label="Tilt series (with alignment)",
-                      help="Raw (non-interpolated) tilt series carrying their alignment transforms.")
-        form.addParam("inputCtf", params.PointerParam, pointerClass="SetOfCTFTomoSeries", important=True,
-                      label="CTF estimation", help="Per-tilt defocus of every tilt series used.")
-        form.addParam("outputPixelSize", params.FloatParam, allowsNull=True, label="Output pixel size (Å/px)",
-                      help="Empty: the tilt-series pixel size. Not finer than the data; the highest resolution "
-                           "of the output is 2 x the pixel size (Nyquist). The tilt images are Fourier-cropped.")
-        form.addParam("boxSize", params.IntParam, default=64, validators=[params.Positive], label="Box size (px)",
-                      help="Output box (even). Each tilt is reconstructed in an aliasing-free padded box "
-                           "(min(1024, max(2 x box, the size the CTF of the lowest-dose tilt needs))) and cropped "
-                           "to this box. High-defocus Thon rings oscillate faster than a small box can sample, so "
-                           "they may vanish from the 3D CTF of small boxes: the padded box keeps the data right, "
-                           "but choose a box well above the particle diameter for a faithful CTF.")
-        form.addParam("particleDiameter", params.FloatParam, default=150.0, validators=[params.Positive],
-                      label="Particle diameter (Å)",
-                      help="Sets the output-normalisation mask and enters the aliasing-free padded box size.")
-        form.addParam("outputMode", params.EnumParam, choices=["volumes", "image series"], default=MODE_VOLUMES,
-                      display=params.EnumParam.DISPLAY_HLIST, label="Export",
-                      help="volumes: sub-tomogram + 3D CTF per particle (output: SetOfSubTomograms). image series: "
-                           "the 2D tilt images of each particle, CTF-premultiplied and centred on the particle, one "
-                           "MRC stack per particle (extra/<tsId>/<tsId>/*.mrcs). Scipion's tomo plugin has no class "
-                           "for per-particle tilt stacks, so this mode registers no Scipion set: its result is the "
-                           "RELION STAR extra/particles.star (optics, particles: one stack each, tilts: one "
-                           "index@stack row per image with tilt angle, defocus and pre-exposure), named in the "
-                           "summary. Poses are applied (pre-rotated): output angles are 0.")
-        form.addParam("shiftX", params.FloatParam, default=0.0, label="Shift X (Å)",
-                      help="Shift of every particle, in the map frame when the particles have poses "
-                           "(position += A . shift).")
-        form.addParam("shiftY", params.FloatParam, default=0.0, label="Shift Y (Å)")
-        form.addParam("shiftZ", params.FloatParam, default=0.0, label="Shift Z (Å)")
-        form.addParam("preRotate", params.BooleanParam, default=False, label="Pre-rotate particles",
-                      help="Reconstruct in the reference frame: output angles become 0 (identity poses).")
-        form.addParam("limitTilts", params.BooleanParam, default=False, label="Limit to the first N tilts by dose")
-        form.addParam("nTilts", params.IntParam, default=20, condition="limitTilts", label="N tilts",
-                      help="Only the N tilts with the lowest accumulated dose get CTF weight.")
-        form.addParam("invertContrast", params.BooleanParam, default=True, label="Invert contrast",
-                      help="Raw cryo images have dark protein; RELION expects white.")
-        form.addParam("normalizeInput", params.BooleanParam, default=True, label="Normalise input images")
-        form.addParam("normalizeOutput", params.BooleanParam, default=True, label="Normalise output",
-                      help="Mean 0, sd 1 outside the particle diameter. Required for RELION.")
-        form.addParam("sparseCtf", params.BooleanParam, default=False, expertLevel=params.LEVEL_ADVANCED,
-                      label="Sparse 3D CTF",
-                      help="Set 3D-CTF voxels with |value| < 0.01 to 0. Warning: needs a patched RELION.")
-        form.addParam("starFlavour", params.EnumParam, choices=["RELION 3.1", "RELION 3.0"], default=0,
-                      expertLevel=params.LEVEL_ADVANCED, label="STAR flavour",
-                      help="3.1: optics + particles tables. 3.0: single table (M's style).")
-        form.addParam("ctfLayout", params.EnumParam, choices=["FFTW half", "centred cube"], default=0,
-                      expertLevel=params.LEVEL_ADVANCED, label="3D CTF layout",
-                      help="Both are read by RELION 3.1.")
-        form.addParam("ctfMethod", params.EnumParam, choices=["on the output grid", "padded (M)"], default=0,
-                      expertLevel=params.LEVEL_ADVANCED, label="3D CTF method",
-                      help="On the output grid: each tilt's CTF, averaged over a voxel, laid on its central slice "
-                           "of the box³ grid and normalised as the sub-tomogram (fast). Padded: M's way, the "
-                           "CTF reconstructed on the aliasing-free padded grid and cropped in real space (25-50x "
-                           "slower). RELION maps of the same quality were measured with both.")
-        form.addParam("relativePaths", params.BooleanParam, default=True, expertLevel=params.LEVEL_ADVANCED,
-                      label="Relative paths in the STAR", help="Relative to extra/ (else absolute).")
-        form.addParam("backend", params.EnumParam, choices=["auto", "CPU", "GPU"], default=BACKEND_AUTO,
-                      expertLevel=params.LEVEL_ADVANCED, label="Backend",
-                      help="auto: CuPy when a GPU answers, else NumPy (the MSPECIES_BACKEND variable can force it).")
+        self._defineInputParams(form.addGroup("Input"))
+        self._defineGeometryParams(form.addGroup("Output geometry"))
+        self._defineParticleParams(form.addGroup("Particle operations"))
+        self._defineImageParams(form.addGroup("Image processing"))
+        self._defineAdvancedParams(form.addGroup("Advanced", expertLevel=params.LEVEL_ADVANCED))
         form.addParallelSection(threads=1, mpi=0)
+
+    @staticmethod
+    def _defineInputParams(group):
+        group.addParam("inputParticles", params.PointerParam, pointerClass="SetOfCoordinates3D, SetOfSubTomograms",
+                       important=True, label="Particles",
+                       help="Coordinates or sub-tomograms (their poses are used; sub-tomogram shifts move the "
+                            "centre). Matched to the tilt series by tomogram id (tsId).")
+        group.addParam("inputTiltSeries", params.PointerParam, pointerClass="SetOfTiltSeries", important=True,
+                       label="Tilt series (with alignment)",
+                       help="Raw (non-interpolated) tilt series carrying their alignment transforms.")
+        group.addParam("inputCtf", params.PointerParam, pointerClass="SetOfCTFTomoSeries", important=True,
+                       label="CTF estimation", help="Per-tilt defocus of every tilt series used.")
+
+    @staticmethod
+    def _defineGeometryParams(group):
+        group.addParam("outputPixelSize", params.FloatParam, allowsNull=True, important=True,
+                       label="Output pixel size (Å/px)",
+                       help="Empty: the tilt-series pixel size. Not finer than the data; the highest resolution "
+                            "of the output is 2 x the pixel size (Nyquist). The tilt images are Fourier-cropped.")
+        group.addParam("boxSize", params.IntParam, default=64, validators=[params.Positive], important=True,
+                       label="Box size (px)",
+                       help="Output box (even), in px at the output pixel size. Each tilt is reconstructed in an "
+                            "aliasing-free padded box (min(1024, max(2 x box, the size the CTF of the lowest-dose "
+                            "tilt needs))) and cropped to this box. High-defocus Thon rings oscillate faster than "
+                            "a small box can sample, so they may vanish from the 3D CTF of small boxes: the padded "
+                            "box keeps the data right, but choose a box well above the particle diameter for a "
+                            "faithful CTF.")
+        group.addParam("particleDiameter", params.FloatParam, default=150.0, validators=[params.Positive],
+                       label="Particle diameter (Å)",
+                       help="Sets the mask of the output normalization (the background is the box outside this "
+                            "diameter) and enters the aliasing-free padded box size. At most the box size x the "
+                            "output pixel size.")
+        group.addParam("outputMode", params.EnumParam, choices=["volumes", "image series"], default=MODE_VOLUMES,
+                       display=params.EnumParam.DISPLAY_HLIST, label="Export",
+                       help="volumes: sub-tomogram + 3D CTF per particle (output: SetOfSubTomograms). image series: "
+                            "the 2D tilt images of each particle, CTF-premultiplied and centred on the particle, "
+                            "one MRC stack per particle (extra/<tsId>/<tsId>/*.mrcs). Scipion's tomo plugin has no "
+                            "class for per-particle tilt stacks, so this mode registers no Scipion set: its result "
+                            "is the RELION STAR extra/particles.star (optics, particles: one stack each, tilts: one "
+                            "index@stack row per image with tilt angle, defocus and pre-exposure), named in the "
+                            "summary. Poses are applied (pre-rotated): output angles are 0.")
+
+    @staticmethod
+    def _defineParticleParams(group):
+        shift = group.addLine("Shift (Å)",
+                              help="Shift of every particle along X, Y, Z (Å), in the map frame when the particles "
+                                   "have poses (position += A . shift), else in the tomogram frame: to centre the "
+                                   "export on a part of the particle. 0 0 0: the particle positions as they are.")
+        for axis in "XYZ":
+            shift.addParam(f"shift{axis}", params.FloatParam, default=0.0, label=axis,
+                           help=f"{axis} component of the shift (Å).")
+        group.addParam("preRotate", params.BooleanParam, default=False, label="Pre-rotate particles",
+                       help="Reconstruct in the reference frame: output angles become 0 (identity poses). Always on "
+                            "for image series.")
+        group.addParam("limitTilts", params.BooleanParam, default=False, label="Limit to the first N tilts by dose",
+                       help="Yes: only the N tilts with the lowest accumulated dose enter the sub-tomogram and its "
+                            "3D CTF (image series: only these tilts are written); the others get zero weight. No: "
+                            "every tilt is used, weighted by its dose.")
+        group.addParam("nTilts", params.IntParam, default=20, condition="limitTilts", label="N tilts",
+                       help="Only the N tilts with the lowest accumulated dose get CTF weight.")
+
+    @staticmethod
+    def _defineImageParams(group):
+        group.addParam("invertContrast", params.BooleanParam, default=True, label="Invert contrast",
+                       help="Raw cryo images have dark protein; RELION expects white.")
+        group.addParam("normalizeInput", params.BooleanParam, default=True, label="Normalize input images",
+                       help="Yes (as Warp and M): subtract a fitted plane from every tilt image and, after the "
+                            "band-pass, scale it to mean 0, standard deviation 1, so that tilts of different "
+                            "exposure enter with the same scale. No: the band-pass only.")
+        group.addParam("normalizeOutput", params.BooleanParam, default=True, label="Normalize output",
+                       help="Mean 0, sd 1 outside the particle diameter. Required for RELION.")
+
+    @staticmethod
+    def _defineAdvancedParams(group):
+        group.addParam("sparseCtf", params.BooleanParam, default=False, expertLevel=params.LEVEL_ADVANCED,
+                       label="Sparse 3D CTF",
+                       help="Set 3D-CTF voxels with |value| < 0.01 to 0. Warning: needs a patched RELION.")
+        group.addParam("starFlavour", params.EnumParam, choices=["RELION 3.1", "RELION 3.0"], default=0,
+                       expertLevel=params.LEVEL_ADVANCED, label="STAR flavour",
+                       help="3.1: optics + particles tables. 3.0: single table (M's style).")
+        group.addParam("ctfLayout", params.EnumParam, choices=["FFTW half", "centred cube"], default=0,
+                       expertLevel=params.LEVEL_ADVANCED, label="3D CTF layout",
+                       help="FFTW half: the non-redundant half of the 3D CTF (box x box x (box/2 + 1)), RELION's "
+                            "own layout. Centred cube: the full box³ with the origin at the centre, easier to "
+                            "look at. Both are read by RELION 3.1.")
+        group.addParam("ctfMethod", params.EnumParam, choices=["on the output grid", "padded (M)"], default=0,
+                       expertLevel=params.LEVEL_ADVANCED, label="3D CTF method",
+                       help="On the output grid: each tilt's CTF, averaged over a voxel, laid on its central slice "
+                            "of the box³ grid and normalized as the sub-tomogram (fast). Padded: M's way, the "
+                            "CTF reconstructed on the aliasing-free padded grid and cropped in real space (25-50x "
+                            "slower). RELION maps of the same quality were measured with both.")
+        group.addParam("relativePaths", params.BooleanParam, default=True, expertLevel=params.LEVEL_ADVANCED,
+                       label="Relative paths in the STAR",
+                       help="Yes: image paths in extra/particles.star are relative to extra/ (the STAR moves with "
+                            "the folder). No: absolute paths.")
+        group.addParam("backend", params.EnumParam, choices=["auto", "CPU", "GPU"], default=BACKEND_AUTO,
+                       expertLevel=params.LEVEL_ADVANCED, label="Backend",
+                       help="auto: CuPy when a GPU answers, else NumPy (the MSPECIES_BACKEND variable can force "
+                            "it). CPU: NumPy. GPU: CuPy on the step's GPU (fails without one).")
 
     # --------------------------- INSERT steps functions ----------------------
     def _insertAllSteps(self):
@@ -321,7 +360,7 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
                 "--diameter", f"{self.particleDiameter.get():.6g}", "--mode", MODES[self.outputMode.get()],
                 "--shift", *(f"{v:.6g}" for v in self._shift()), "--ctf-layout", CTF_LAYOUTS[self.ctfLayout.get()],
                 "--ctf-method", CTF_METHODS[self.ctfMethod.get()], "--backend", self._backend(),
-                "--star-flavour", "3.1"]
+                "--star-flavour", "3.1", "--overwrite"]
         flags = {"--prerotate": self._prerotated(), "--no-invert": not self.invertContrast.get(),
                  "--no-normalize-input": not self.normalizeInput.get(),
                  "--no-normalize-output": not self.normalizeOutput.get(), "--sparse-ctf": self.sparseCtf.get()}
@@ -329,6 +368,18 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
         if self.limitTilts.get():
             args += ["--n-tilts-by-dose", str(self.nTilts.get())]
         return " ".join(f'"{a}"' if " " in a else a for a in args)
+
+    def _exportedObjIds(self, tsId: str) -> list[int]:
+        """Object ids of the particles the CLI exported, in its order: the requested ones less those it skipped
+        (outside the images) or dropped, listed by input row in its ``excluded_particles.tsv``."""
+        from mspecies.cli.export_files import EXCLUDED_TSV
+
+        objIds = self._readJson(self._getExtraPath(tsId, IDS_JSON))["obj_ids"]
+        excludedPath = self._getExtraPath(tsId, EXCLUDED_TSV)
+        if not os.path.isfile(excludedPath):
+            return objIds
+        excluded = set(pd.read_csv(excludedPath, sep="\t")["particle"].astype(int))
+        return [objId for row, objId in enumerate(objIds) if row not in excluded]
 
     def _stepReport(self, tsId: str) -> dict:
         """Particles written and the padded box of one finished tilt series."""
@@ -340,7 +391,7 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
         box = int(self.boxSize.get())
         padded = box if self.outputMode.get() == MODE_SERIES else padded_box_px(
             tiltSeries, box, self._outputPixel(), float(self.particleDiameter.get()))
-        count = len(self._readJson(os.path.join(folder, IDS_JSON))["obj_ids"])
+        count = len(self._exportedObjIds(tsId))
         return {"ts_id": tsId, "n_particles": count, "padded_box_px": int(padded), "backend": self._backend()}
 
     @staticmethod
@@ -398,7 +449,7 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
         """(input object id, volume path, 3D CTF path) per exported particle of one tilt series (paths relative
         to the project)."""
         table = self._cliTables(tsId)["particles"]
-        objIds = self._readJson(self._getExtraPath(tsId, IDS_JSON))["obj_ids"]
+        objIds = self._exportedObjIds(tsId)
         if len(table) != len(objIds):
             raise InputError(f"{tsId}: {len(table)} exported particles but {len(objIds)} requested")
         return [(int(i), self._getExtraPath(tsId, str(v)), self._getExtraPath(tsId, str(c)))

@@ -5,7 +5,6 @@ unfinished copy) registers no output and keeps the first tilt series; after the 
 import shutil
 from pathlib import Path
 
-import pytest
 from pyworkflow.protocol.constants import MODE_RESUME
 from pyworkflow.tests import BaseTest
 
@@ -17,7 +16,8 @@ from mspecies.tests.checks import registered_outputs, setup_synthetic_project
 SYNTH = dict(seed=11, n_tomograms=2, n_particles=5, n_tilts=15, box_px=32, image_shape_yx=(256, 256),
              pixel_size_angst=4.0, thickness_angst=400.0, snr=None)
 
-pytestmark = [pytest.mark.scipion]
+# pytest marks (conftest.py adds them; the package's tests never import pytest)
+PYTEST_MARKS = ("scipion",)
 
 
 def _truncate(path: Path, keep_bytes: int) -> bytes:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -268,7 +269,7 @@ class TiltSeriesEngine:
         tables = extract.CtfTables.from_samples(grid.kx, grid.ky, m, pixel, xp=xp)
         engine = cls(tilt_series, options, xp, prepared, tilts, m, grid, tables,
                      _tilt_weights(tilt_series, options, tilts, tables, xp), plan,
-                     gridding=_gridding_sinc2(options.box_px, m, xp))
+                     gridding=_gridding_sinc2(options.box_px, m, xp), buffers=thread_work_buffers(xp))
         if not series and not options.prerotate:
             orientation = insert.slice_orientation(tilt_series.tilt_angles_deg[tilts], tilt_series.xf[tilts])
             if stack is not None or options.ctf_method == "padded":
@@ -548,9 +549,9 @@ class TiltSeriesEngine:
         return insert.thread_pool(self.options.n_workers) if self.xp is np else None
 
     def _buffer(self, name: str, shape: tuple[int, ...], dtype: type = np.float32) -> np.ndarray:
-        """A work array kept across batches (uninitialised): fresh large allocations cost more than the
-        arithmetic here (the kernel zeroes every new page). The storage only grows: a smaller batch (the
-        last one) gets a contiguous view of the front of it."""
+        """A work array kept across batches and engines (uninitialised, :func:`thread_work_buffers`): fresh
+        large allocations cost more than the arithmetic here (the kernel zeroes every new page). The storage
+        only grows: a smaller batch (the last one) gets a contiguous view of the front of it."""
         size = int(np.prod(shape))
         storage = self.buffers.get(name)
         if storage is None or storage.size < size or storage.dtype != dtype:
@@ -717,6 +718,29 @@ class TiltSeriesEngine:
         margin = self.options.particle_diameter_angst / self.options.output_pixel_size_angst / 2
         x, y = image_px[..., 0], image_px[..., 1]
         return (x > margin) & (x < nx - margin) & (y > margin) & (y < ny - margin)
+
+
+_THREAD_BUFFERS = threading.local()
+
+
+def thread_work_buffers(xp: ModuleType) -> dict[str, np.ndarray]:
+    """The work arrays of the engines of this thread on ``xp``'s device, by name (:meth:`TiltSeriesEngine._buffer`).
+
+    Engines are built one per tilt series; sharing their work arrays spares every tilt series after the first
+    the page faults of arrays of hundreds of MB (the first pass of an engine cost 1.5–2× a warm one). A batch
+    uses them only while it is computed (its results are new arrays), so engines of one thread may alternate;
+    engines on other threads get their own. The arrays stay allocated for the life of the thread, at the size
+    of the largest batch seen; :func:`release_work_buffers` frees them.
+    """
+    by_module = getattr(_THREAD_BUFFERS, "by_module", None)
+    if by_module is None:
+        by_module = _THREAD_BUFFERS.by_module = {}
+    return by_module.setdefault(xp.__name__, {})
+
+
+def release_work_buffers() -> None:
+    """Free this thread's kept work arrays (engines built later allocate new ones)."""
+    _THREAD_BUFFERS.by_module = {}
 
 
 def _by_lines(xp: ModuleType, options: ExportOptions) -> bool:

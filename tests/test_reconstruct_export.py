@@ -148,7 +148,10 @@ def test_cli_exports_volumes_and_series(small_dataset, tmp_path, capsys):
     assert len(particles) == 4 and ctf.shape == (24, 24, 24)
     assert main(common + ["--out", str(tmp_path / "s"), "--mode", "series"]) == 0
     blocks = starfile.read(tmp_path / "s" / "particles.star", always_dict=True)
-    assert int(blocks["optics"]["rlnImageDimensionality"][0]) == 2 and len(blocks["tilts"]) > 4
+    assert int(blocks["optics"]["rlnImageDimensionality"][0]) == 2 and int(blocks["general"]
+                                                                          ["rlnTomoSubTomosAre2DStacks"]) == 1
+    assert {"TS_01", "TS_02"} >= set(blocks["particles"]["rlnTomoName"])
+    assert (tmp_path / "s" / "tomograms.star").is_file() and (tmp_path / "s" / "optimisation_set.star").is_file()
 
 
 def test_cli_imod_style_input_gives_the_manifest_volumes(small_dataset, tmp_path):

@@ -77,7 +77,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     options.add_argument("--pixel-size-out", type=float, help="output pixel size (A; default: tilt series)")
     options.add_argument("--box", type=int, required=True, help="output box (px, even)")
     options.add_argument("--diameter", type=float, required=True, help="particle diameter (A)")
-    options.add_argument("--mode", choices=("volumes", "series"), default="volumes")
+    options.add_argument("--mode", choices=("volumes", "series"), default="volumes",
+                         help="volumes: sub-tomograms + 3D CTFs (RELION 3.1 STAR); series: RELION 5 particle "
+                              "series (2D stacks, tomograms.star, optimisation_set.star; --no-ctf: raw stacks)")
     options.add_argument("--shift", type=float, nargs=3, default=(0.0, 0.0, 0.0), metavar=("X", "Y", "Z"),
                          help="shift in the reference frame (A)")
     options.add_argument("--prerotate", action="store_true")
@@ -239,7 +241,7 @@ def export_options(args: argparse.Namespace, data_pixel_angst: float):  # noqa: 
     return ExportOptions(
         output_pixel_size_angst=args.pixel_size_out or data_pixel_angst, box_px=args.box,
         particle_diameter_angst=args.diameter, mode=args.mode, shift_angst=tuple(args.shift),
-        prerotate=args.prerotate or args.mode == "series", n_tilts_by_dose=args.n_tilts_by_dose,
+        prerotate=args.prerotate, n_tilts_by_dose=args.n_tilts_by_dose,
         invert_contrast=not args.no_invert, normalize_input=not args.no_normalize_input,
         normalize_output=not args.no_normalize_output, sparse_ctf=args.sparse_ctf, ctf_layout=args.ctf_layout,
         ctf_method=args.ctf_method,
@@ -253,10 +255,11 @@ def export_options(args: argparse.Namespace, data_pixel_angst: float):  # noqa: 
 def run(args: argparse.Namespace) -> int:
     """Export every requested tilt series; write ``particles.star``. Returns the exit code."""
     from mspecies.cli.export_files import export_tilt_series
+    from mspecies.cli.relion5_files import write_particle_series, write_tomogram
     from mspecies.core.memory import retain_freed_memory
     from mspecies.core.reconstruct import ReconstructionError
     from mspecies.formats.mrc import read_mrc
-    from mspecies.formats.relion_subtomo import write_series_star, write_subtomo_star
+    from mspecies.formats.relion_subtomo import write_subtomo_star
 
     retain_freed_memory()  # this process is the worker: per-particle arrays reuse freed pages
 
@@ -265,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--out: {out} is a file, expected a folder")
     inputs = load_inputs(args)
     out.mkdir(parents=True, exist_ok=True)
-    tables, tilt_tables, first = [], [], 0
+    tables, tomograms, first = [], [], 0
     options = None
     for tilt_series, particles, shape in inputs:
         options = export_options(args, tilt_series.pixel_size_angst)
@@ -278,15 +281,17 @@ def run(args: argparse.Namespace) -> int:
             print(f"mspecies export: error: {error}", file=sys.stderr)
             return EXIT_FAILED
         tables.append(rows)
-        if "tilts" in rows.attrs:
-            tilt_tables.append(rows.attrs["tilts"])
+        if args.mode == "series":
+            tomograms.append(write_tomogram(tilt_series, shape, out / tilt_series.ts_id, out,
+                                            defocus_gradient_sign=options.defocus_gradient_sign,
+                                            log=lambda line: print(line, flush=True)))
         first += len(particles)
     particles_table = pd.concat(tables, ignore_index=True)
     optics = {"pixel_size_angst": options.output_pixel_size_angst, "box_px": options.box_px,
               "microscope": inputs[0][0].microscope}
     if args.mode == "series":
-        star = write_series_star(out / "particles.star", particles_table.drop(columns=["rlnCtfImage"]),
-                                 pd.concat(tilt_tables, ignore_index=True), **optics)
+        star = write_particle_series(out, particles_table, tomograms, image_pixel_angst=options.output_pixel_size_angst,
+                                     box_px=options.box_px, premultiplied=options.apply_ctf)
     else:
         star = write_subtomo_star(out / "particles.star", particles_table, flavour=args.star_flavour, **optics)
     print(f"wrote {len(particles_table)} particles: {star}")

@@ -38,11 +38,15 @@ def exported(tmp_path_factory):
                                               box_px=BOX, pixel_size_angst=4.0, image_shape_yx=(256, 256),
                                               thickness_angst=400.0, snr=None))
     out = folder / "series"
-    command = [sys.executable, "-m", "mspecies", "export", "--manifest", str(Path(manifest["root"]) / "manifest.json"),
-               "--out", str(out), "--box", str(BOX), "--diameter", "100", "--backend", "numpy", "--mode", "series"]
+    _export_series(Path(manifest["root"]) / "manifest.json", out)
+    return out, manifest
+
+
+def _export_series(manifest: Path, out: Path, *extra: str, box: int = BOX, diameter: float = 100.0) -> None:
+    command = [sys.executable, "-m", "mspecies", "export", "--manifest", str(manifest), "--out", str(out),
+               "--box", str(box), "--diameter", str(diameter), "--backend", "numpy", "--mode", "series", *extra]
     run = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
-    return out, manifest
 
 
 def _blocks(path: Path) -> dict:
@@ -101,11 +105,7 @@ def test_stacks_equal_an_independent_relion_reader(exported):
 def test_raw_stacks_are_not_premultiplied(tmp_path, exported):
     _, manifest = exported
     out = tmp_path / "raw"
-    command = [sys.executable, "-m", "mspecies", "export", "--manifest", str(Path(manifest["root"]) / "manifest.json"),
-               "--out", str(out), "--box", str(BOX), "--diameter", "100", "--backend", "numpy", "--mode", "series",
-               "--no-ctf"]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
+    _export_series(Path(manifest["root"]) / "manifest.json", out, "--no-ctf")
     assert int(_blocks(out / "particles.star")["optics"]["rlnCtfDataAreCtfPremultiplied"][0]) == 0
     assert _slice_correlations(out, tilt_sign=1.0, with_ctf=False).min() >= SLICE_CC
 
@@ -116,10 +116,7 @@ def test_two_tilt_series_share_one_particles_and_tomograms_star(tmp_path):
     manifest = generate_dataset(tmp_path / "data", seed=1, n_tomograms=2, n_particles=3, n_tilts=7, box_px=24,
                                 image_shape_yx=(96, 96), thickness_angst=200.0, snr=None)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "mspecies", "export", "--manifest", str(manifest), "--out", str(out), "--box", "24",
-               "--diameter", "60", "--backend", "numpy", "--mode", "series"]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
+    _export_series(manifest, out, box=24, diameter=60.0)
     tomograms = _blocks(out / "tomograms.star")["global"]
     particles = _blocks(out / "particles.star")["particles"]
     assert list(tomograms["rlnTomoName"]) == ["TS_01", "TS_02"]

@@ -88,3 +88,35 @@ def write_particle_series(out: str | Path, particles: pd.DataFrame, tomograms: S
     relion5.write_particles_star(out / PARTICLES_STAR, table, optics)
     relion5.write_tomograms_star(out / TOMOGRAMS_STAR, tomograms)
     return relion5.write_optimisation_set(out / OPTIMISATION_SET, PARTICLES_STAR, TOMOGRAMS_STAR)
+
+
+def merge_particle_series(out: str | Path, folders: Sequence[str | Path], *, absolute_images: bool = False) -> Path:
+    """Merge the particle series that the CLI wrote per tilt series (``folders``, one export each) into ``out``.
+
+    Paths inside every STAR become relative to ``out`` (stacks absolute with ``absolute_images``): the per-tilt
+    tables are rewritten as ``out/<folder name>/<ts_id>_merged.star``. Returns the merged optimisation set.
+    """
+    from mspecies.formats.star import read_star_blocks
+
+    out = Path(out)
+    particles, tomograms, optics = [], [], None
+    for folder in map(Path, folders):
+        blocks = read_star_blocks(folder / PARTICLES_STAR)
+        optics = blocks["optics"] if optics is None else optics
+        table = blocks["particles"].copy()
+        table["rlnImageName"] = [(folder / name).absolute().as_posix() if absolute_images
+                                 else _relative(folder / name, out) for name in table["rlnImageName"].astype(str)]
+        particles.append(table)
+        for row in read_star_blocks(folder / TOMOGRAMS_STAR)["global"].to_dict("records"):
+            (tilts,) = read_star_blocks(folder / str(row["rlnTomoTiltSeriesStarFile"])).values()
+            tilts = tilts.copy()
+            tilts["rlnMicrographName"] = [f"{ref.split('@')[0]}@{_relative(folder / ref.split('@', 1)[1], out)}"
+                                          for ref in tilts["rlnMicrographName"].astype(str)]
+            merged_star = out / folder.name / f"{row['rlnTomoName']}_merged.star"
+            merged_star.parent.mkdir(parents=True, exist_ok=True)
+            relion5.write_tilt_star(merged_star, str(row["rlnTomoName"]), tilts)
+            tomograms.append({**row, "rlnTomoTiltSeriesStarFile": _relative(merged_star, out)})
+    return write_particle_series(out, pd.concat(particles, ignore_index=True), tomograms,
+                                 image_pixel_angst=float(optics["rlnImagePixelSize"][0]),
+                                 box_px=int(optics["rlnImageSize"][0]),
+                                 premultiplied=bool(int(optics["rlnCtfDataAreCtfPremultiplied"][0])))

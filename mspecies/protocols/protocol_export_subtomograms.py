@@ -9,11 +9,11 @@ send each tilt series to a node and ``%(GPU)s`` picks its GPU; ``createOutputSte
 pose), the merged ``extra/particles.star`` and QC PNGs. A tilt series whose folder holds
 ``export_done.json`` is not exported again ("continue" mode redoes only the unfinished ones).
 
-Image-series mode registers no Scipion set: tomo 3.12 has no class for "one 2D tilt stack per particle"
-(``TiltSeries`` means a whole raw acquisition to downstream protocols, ``SetOfParticles`` would lose the
-per-particle grouping and the 3D coordinate). The result is ``extra/particles.star`` (``data_optics``,
-``data_particles``: one stack per particle, ``data_tilts``: one ``index@stack`` row per image) and the stacks
-``extra/<tsId>/<tsId>/*.mrcs``; the summary names the STAR (:meth:`getMergedStar`).
+The RELION 5 particle-series mode registers no Scipion set: tomo 3.12 has no class for "one 2D tilt stack per
+particle" (``TiltSeries`` means a whole raw acquisition to downstream protocols, ``SetOfParticles`` would lose the
+per-particle grouping and the 3D coordinate). The result is ``extra/optimisation_set.star`` with
+``extra/particles.star`` and ``extra/tomograms.star`` (:mod:`mspecies.cli.relion5_files`) and the stacks
+``extra/<tsId>/<tsId>/*.mrcs``; the summary names them (:meth:`getMergedStar`).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from tomo.constants import SCIPION, TR_SCIPION
 from tomo.objects import SetOfSubTomograms, SubTomogram
 from tomo.protocols import ProtTomoBase
 
+from mspecies.cli.relion5_files import OPTIMISATION_SET
 from mspecies.common.types import InputError, ParticlePoses
 from mspecies.convert.export_geometry import (
     GEOMETRY_JSON,
@@ -125,15 +126,15 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
                        help="Sets the mask of the output normalization (the background is the box outside this "
                             "diameter) and enters the aliasing-free padded box size. At most the box size x the "
                             "output pixel size.")
-        group.addParam("outputMode", params.EnumParam, choices=["volumes", "image series"], default=MODE_VOLUMES,
-                       display=params.EnumParam.DISPLAY_HLIST, label="Export",
-                       help="volumes: sub-tomogram + 3D CTF per particle (output: SetOfSubTomograms). image series: "
-                            "the 2D tilt images of each particle, CTF-premultiplied and centred on the particle, "
-                            "one MRC stack per particle (extra/<tsId>/<tsId>/*.mrcs). Scipion's tomo plugin has no "
-                            "class for per-particle tilt stacks, so this mode registers no Scipion set: its result "
-                            "is the RELION STAR extra/particles.star (optics, particles: one stack each, tilts: one "
-                            "index@stack row per image with tilt angle, defocus and pre-exposure), named in the "
-                            "summary. Poses are applied (pre-rotated): output angles are 0.")
+        group.addParam("outputMode", params.EnumParam, choices=["volumes", "RELION 5 particle series"],
+                       default=MODE_VOLUMES, display=params.EnumParam.DISPLAY_HLIST, label="Export",
+                       help="volumes: sub-tomogram + 3D CTF per particle (output: SetOfSubTomograms; STAR for "
+                            "RELION 3.1 and 5). RELION 5 particle series: the visible tilt images of each "
+                            "particle, centred on it, inverted, CTF- and dose-premultiplied as RELION 5 does "
+                            "(extra/<tsId>/*.mrcs), with extra/particles.star, extra/tomograms.star (the real tilt "
+                            "series: alignment, defocus, dose) and extra/optimisation_set.star for relion_refine "
+                            "--ios and RELION's tilt-series programs (reconstruct particle, CTF refinement, frame "
+                            "alignment). Registers no Scipion set: give the optimisation set to RELION 5.")
 
     @staticmethod
     def _defineParticleParams(group):
@@ -145,11 +146,11 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
             shift.addParam(f"shift{axis}", params.FloatParam, default=0.0, label=axis,
                            help=f"{axis} component of the shift (Å).")
         group.addParam("preRotate", params.BooleanParam, default=False, label="Pre-rotate particles",
-                       help="Reconstruct in the reference frame: output angles become 0 (identity poses). Always on "
-                            "for image series.")
+                       help="Reconstruct in the reference frame: output angles become 0 (identity poses). RELION 5 "
+                            "particle series: the poses go to rlnTomoSubtomogramRot/Tilt/Psi and the angles are 0.")
         group.addParam("limitTilts", params.BooleanParam, default=False, label="Limit to the first N tilts by dose",
                        help="Yes: only the N tilts with the lowest accumulated dose enter the sub-tomogram and its "
-                            "3D CTF (image series: only these tilts are written); the others get zero weight. No: "
+                            "3D CTF (particle series: only these tilts are visible); the others get zero weight. No: "
                             "every tilt is used, weighted by its dose.")
         group.addParam("nTilts", params.IntParam, default=20, condition="limitTilts", label="N tilts",
                        help="Only the N tilts with the lowest accumulated dose get CTF weight.")
@@ -330,7 +331,7 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
         return float(self.shiftX.get()), float(self.shiftY.get()), float(self.shiftZ.get())
 
     def _prerotated(self) -> bool:
-        return bool(self.preRotate.get()) or self.outputMode.get() == MODE_SERIES
+        return bool(self.preRotate.get())
 
     def _stepsNeedGpu(self) -> bool:
         """GPU steps: backend GPU, or auto with a usable CuPy device here; 'Use GPU' on and a GPU list given.
@@ -406,20 +407,21 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
     def _writeMergedStar(self, tsIds: list[str]) -> str:
         """``extra/particles.star`` over all tilt series (random subsets alternate over the merged rows)."""
         from mspecies.common.types import Microscope
-        from mspecies.formats.relion_subtomo import PARTICLE_COLUMNS, write_series_star, write_subtomo_star
+        from mspecies.formats.relion_subtomo import PARTICLE_COLUMNS, write_subtomo_star
 
-        particles, tilts = [], []
+        if self.outputMode.get() == MODE_SERIES:
+            from mspecies.cli.relion5_files import merge_particle_series
+
+            merge_particle_series(self._getExtraPath(), [self._getExtraPath(t) for t in tsIds],
+                                  absolute_images=not self.relativePaths.get())
+            return self._getExtraPath(MERGED_STAR)
+        particles = []
         for tsId in tsIds:
             blocks = self._cliTables(tsId)
             table = blocks["particles"][[c for c in PARTICLE_COLUMNS if c in blocks["particles"]]].copy()
             for column in {"rlnImageName", "rlnCtfImage"} & set(table.columns):
                 table[column] = [self._starPath(tsId, str(v)) for v in table[column]]
             particles.append(table)
-            if "tilts" in blocks:
-                tilt = blocks["tilts"].copy()
-                tilt["rlnImageName"] = [f"{v.split('@')[0]}@{self._starPath(tsId, v.split('@', 1)[1])}"
-                                        for v in tilt["rlnImageName"].astype(str)]
-                tilts.append(tilt)
         merged = pd.concat(particles, ignore_index=True)
         for column in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnCoordinateX", "rlnCoordinateY",
                        "rlnCoordinateZ"):
@@ -430,11 +432,7 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
         path = self._getExtraPath(MERGED_STAR)
         optics = {"pixel_size_angst": self._outputPixel(), "box_px": int(self.boxSize.get()),
                   "microscope": microscope}
-        if self.outputMode.get() == MODE_SERIES:
-            write_series_star(path, merged.drop(columns=["rlnCtfImage"], errors="ignore"),
-                              pd.concat(tilts, ignore_index=True), **optics)
-        else:
-            write_subtomo_star(path, merged, flavour=STAR_FLAVOURS[self.starFlavour.get()], **optics)
+        write_subtomo_star(path, merged, flavour=STAR_FLAVOURS[self.starFlavour.get()], **optics)
         return path
 
     def _exportedRows(self, tsId: str) -> list[tuple[int, str, str]]:
@@ -563,8 +561,9 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
                  f"{summary['mode']}"]
         if summary["mode"] == MODES[MODE_SERIES]:
             return lines + [f"Pixel size {summary['pixel_size_angst']:g} Å, box {summary['box_px']} px; one "
-                            "CTF-premultiplied 2D stack per particle (no Scipion set: use the STAR)",
-                            f"STAR (RELION, image series): {summary['star']}"]
+                            "2D stack per particle (no Scipion set: give RELION 5 the optimisation set)",
+                            f"STAR (RELION 5 particle series): {summary['star']}",
+                            f"optimisation set: {os.path.join(os.path.dirname(summary['star']), OPTIMISATION_SET)}"]
         return lines + [f"Pixel size {summary['pixel_size_angst']:g} Å, box {summary['box_px']} px, padded box "
                         f"{', '.join(str(m) for m in summary['padded_box_px'])} px",
                         f"STAR (RELION): {summary['star']}"]
@@ -575,9 +574,10 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
             return []
         if summary["mode"] == MODES[MODE_SERIES]:
             return [f"For {summary['n_particles']} particles of {summary['n_tilt_series']} tomograms, "
-                    f"CTF-premultiplied {summary['box_px']} px tilt images centred on each particle were extracted "
-                    f"from the aligned raw tilt series at {summary['pixel_size_angst']:g} Å/px (per-particle defocus, "
-                    "dose weighting) with mspecies, following M's image-series export."]
+                    f"{summary['box_px']} px tilt images centred on each particle were extracted from the aligned "
+                    f"raw tilt series at {summary['pixel_size_angst']:g} Å/px with mspecies as RELION 5 particle "
+                    "series (2D stacks with per-particle defocus and dose weighting, tomograms.star of the tilt "
+                    "series)."]
         return [f"{summary['n_particles']} sub-tomograms and their 3D CTFs were reconstructed directly from the "
                 f"aligned raw tilt series of {summary['n_tilt_series']} tomograms at {summary['pixel_size_angst']:g} "
                 f"Å/px in a {summary['box_px']} px box (aliasing-free padded box "

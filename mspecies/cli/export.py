@@ -1,4 +1,4 @@
-"""``python -m mspecies export``: sub-tomograms + 3D CTFs (or image series) from raw tilt series.
+"""``python -m mspecies export``: sub-tomograms + 3D CTFs (or RELION 5 particle series) from raw tilt series.
 
 Three ways to give the input (no Scipion needed):
 
@@ -30,6 +30,9 @@ Particles STAR: any dialect of :func:`mspecies.formats.star_dialects.read_partic
 M); corner-based coordinates are in pixels at the file's pixel size, else ``--coords-pixel-size`` (default: the
 tilt-series pixel size), origins subtracted, angles 0 if absent. Rows belong to the tilt series whose name equals the
 tomogram name, or its normalised form (``/a/TS_01.mrc`` → ``TS_01``).
+
+``--mode series``: RELION 5 particle series instead (``.mrcs`` stacks, ``particles.star``, ``tomograms.star``,
+``optimisation_set.star``; :mod:`mspecies.cli.relion5_files`).
 
 Writes the MRCs and ``particles.star`` (RELION 3.1 with optics; ``--star-flavour 3.0`` for M's style) into
 ``--out``; logs per tilt series the particles done, particles/s, padded box, backend and memory plan.

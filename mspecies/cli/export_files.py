@@ -110,7 +110,7 @@ def export_tilt_series(tilt_series: TiltSeriesData, stack: np.ndarray, particles
         if options.mode == "series":
             if result.series is None or result.series.shape[0] == 0:
                 raise InputError(f"{tilt_series.ts_id}: particle {p} is visible in no used tilt")
-            check_volume(result.series, f"{tilt_series.ts_id} particle {p} image series")
+            check_volume(result.series, f"{tilt_series.ts_id} particle {p} particle series")
             path = write_mrc(out / f"{tilt_series.ts_id}_{pixel:.2f}A_{p + 1:06d}.mrcs", result.series, pixel)
             names.append(_relative(path, star_folder))
             ctf_names.append("")

@@ -733,7 +733,7 @@ def check_volume(volume: np.ndarray, what: str) -> None:
 
 def reconstruct_particles(tilt_series: TiltSeriesData, stack: np.ndarray, particles: ParticlePoses,
                           options: ExportOptions) -> Iterator[ParticleResult]:
-    """Sub-tomograms + 3D CTFs (or image series) of the particles of one tilt series, in particle order.
+    """Sub-tomograms + 3D CTFs (or particle series) of the particles of one tilt series, in particle order.
 
     Parameters
     ----------

@@ -96,20 +96,6 @@ def write_subtomo_star(path: str | Path, particles: pd.DataFrame, *, pixel_size_
     return path
 
 
-def write_series_star(path: str | Path, particles: pd.DataFrame, tilts: pd.DataFrame, *, pixel_size_angst: float,
-                      box_px: int, microscope: Microscope) -> Path:
-    """Image-series export: ``data_optics`` (dimensionality 2, CTF-premultiplied), ``data_particles`` (one row per
-    particle: its stack) and ``data_tilts`` (one row per particle image: ``index@stack`` and per-tilt metadata)."""
-    if len(particles) == 0:
-        raise InputError(f"{path}: no particles to write")
-    optics = optics_table(pixel_size_angst, box_px, microscope, dimensionality=2, premultiplied=True)
-    table = particles.copy()
-    table["rlnOpticsGroup"] = 1
-    path = Path(path)
-    starfile.write({"optics": optics, "particles": table, "tilts": tilts}, path, overwrite=True)
-    return path
-
-
 def prepend_comment(path: Path, comment: str) -> None:
     """Put ``comment`` (``#`` lines) at the top of a written STAR file (RELION and starfile skip them)."""
     path.write_text(comment + path.read_text())

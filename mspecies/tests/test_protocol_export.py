@@ -1,7 +1,7 @@
 """Headless Scipion project: the demo chain (import → intersect → export sub-tomograms → reconstruct) on a small
 noise-free dataset; the export's outputs, merged STAR, QC figures, viewer, "continue" skip, a failing run that
 registers nothing, every validation message, the workflow template (loading; the full run is in test_template.py)
-and the image-series mode (STAR, stacks, particle centred in its tilt images)."""
+and the RELION 5 particle-series mode (STAR files, stacks, particle centred in its tilt images)."""
 
 import json
 import os

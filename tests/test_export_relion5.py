@@ -7,7 +7,7 @@ RELION's CTF (``ctf.cpp``) at the depth-corrected defocus ``Δf + hand·px·dept
 (``damage.cpp``), contrast inversion; it cuts the box around q from the tilt stack (through the ``n@….mrcs``
 link) at round(q) − N/2 with a Fourier shift of the rest, as RELION does. Measured (noise-free synthetic, 12
 particles, 21 tilts, box 32): every slice of ours correlates ≥ 0.99997 with it inside a disc of radius 0.35·N
-(our tilt preprocessing, Warp's band-pass and normalisation, is all that differs); before our box was placed as
+(our tilt preprocessing, Warp's band-pass and normalization, is all that differs); before our box was placed as
 RELION places it (truncated corner, sub-pixel shift up to 1 px) the minimum was 0.983. With the tilt angles' sign
 flipped in the reader (the control) the median correlation is 0.00.
 """

@@ -6,7 +6,7 @@ angles, coordinates in output pixels from the tomogram corner, zero origins, tom
 RELION 3.0 flavour (what M writes): a single ``data_`` table with ``rlnMagnification 10000`` and
 ``rlnDetectorPixelSize`` = pixel size in Å (RELION computes pixel = detector pixel · 1e4 / magnification).
 
-What the 3D CTF means (``docs/conventions.md``, "3D CTF and RELION"): the sub-tomogram is M's normalised
+What the 3D CTF means (``docs/conventions.md``, "3D CTF and RELION"): the sub-tomogram is M's normalized
 reconstruction, data = V · reference with V = Σ C·C_w / Σ|C| ≥ 0 the 3D CTF volume written beside it. In RELION's
 terms that is *not* CTF-premultiplied data with CTF V, so the optics say ``rlnCtfDataAreCtfPremultiplied 0``
 explicitly. ``relion_refine`` 3.1 and 5 then model the data as V · reference with their default flags
@@ -26,7 +26,7 @@ from mspecies.common.types import InputError, Microscope
 
 FLAVOURS = ("3.1", "3.0")
 CTF3D_COMMENT = (
-    "# 3D CTFs (rlnCtfImage): M's normalised CTF volume V >= 0, data = V x reference, not CTF-premultiplied\n"
+    "# 3D CTFs (rlnCtfImage): M's normalized CTF volume V >= 0, data = V x reference, not CTF-premultiplied\n"
     "# (rlnCtfDataAreCtfPremultiplied 0). relion_refine 3.1 and 5: default flags. relion_reconstruct: RELION 3.1\n"
     "# default flags; RELION 5 needs --ctf3d_not_squared (it does not square 3D CTFs by default).\n")
 PARTICLE_COLUMNS = ("rlnImageName", "rlnCtfImage", "rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnCoordinateX",

@@ -174,7 +174,7 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
         group.addParam("starFlavour", params.EnumParam, choices=["RELION 3.1", "RELION 3.0"], default=0,
                        expertLevel=params.LEVEL_ADVANCED, label="STAR flavour",
                        help="3.1: optics + particles tables. 3.0: single table (M's style). Either way the 3D "
-                            "CTF is M's normalised CTF volume and the data are not CTF-premultiplied "
+                            "CTF is M's normalized CTF volume and the data are not CTF-premultiplied "
                             "(rlnCtfDataAreCtfPremultiplied 0): relion_refine 3.1 and 5 and RELION 3.1's "
                             "relion_reconstruct read it right with default flags; RELION 5's relion_reconstruct "
                             "needs --ctf3d_not_squared.")

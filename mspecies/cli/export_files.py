@@ -10,6 +10,7 @@ written (finite, not all zero, not constant); a bad one stops the export with
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,11 +19,38 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mspecies.cli.relion5_files import OPTIMISATION_SET, TOMOGRAMS_STAR
 from mspecies.common.types import InputError, ParticlePoses, TiltSeriesData
 from mspecies.core.geometry import centred_angst_to_corner_px
 from mspecies.core.reconstruct import ExportOptions, TiltSeriesEngine, check_volume, shifted_positions_angst
 from mspecies.formats import relion5
 from mspecies.formats.mrc import write_mrc
+
+STAR_NAME = "particles.star"
+"""The export's STAR, beside the per-tilt-series folders of MRCs."""
+
+EXCLUDED_TSV = "excluded_particles.tsv"
+"""Particles the export skipped or dropped, one row each (tilt series, input row, reason)."""
+
+SERIES_STARS = (TOMOGRAMS_STAR, OPTIMISATION_SET)
+"""The RELION 5 particle series' other STAR files, beside ``particles.star``."""
+
+_EXPORT_FILE = re.compile(r"_(\d{7}_(ctf_)?\d+\.\d{2}A\.mrc|\d+\.\d{2}A_\d{6}\.mrcs)")
+
+
+def earlier_export_files(out_dir: str | Path) -> list[Path]:
+    """Files of an earlier export in ``out_dir``: its STAR first (it lists the others), the excluded-particle
+    table, then every file named like an export's MRC (``<ts>/<ts>_<p>_...A.mrc``) in a subfolder. Other files
+    (inputs such as a geometry JSON) are not part of it."""
+    out = Path(out_dir)
+    files = [path for path in (out / STAR_NAME, out / EXCLUDED_TSV, *(out / name for name in SERIES_STARS))
+             if path.is_file()]
+    for folder in sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files += sorted(path for path in folder.iterdir() if path.is_file() and path.name.startswith(folder.name + "_")
+                        and _EXPORT_FILE.fullmatch(path.name[len(folder.name):]))
+        files += [path for path in (folder / f"{folder.name}.star", folder / f"{folder.name}_tilts.mrcs")
+                  if path.is_file() or path.is_symlink()]  # a particle series' per-tilt STAR and stack link
+    return files
 
 
 @dataclass(frozen=True)

@@ -564,8 +564,9 @@ def read_particle_star(path: str | Path, dialect: Dialect | str | None = None, *
         origins = np.einsum("nij,nj->ni", euler_to_matrix(subtomogram), box_origins)
     coordinates = _xyz(table, [roles[a] for a in ("x", "y", "z")], where)
     if corner:
-        scale = 1.0 if dialect == Dialect.M_SPECIES else pixel[:, None]  # M coordinates are already in Å
-        positions = coordinates * scale - _centres_angst(names, shapes, pixel) - origins
+        grid = pixel if pixel is not None else np.zeros(0)  # None only for a file without rows
+        scale = 1.0 if dialect == Dialect.M_SPECIES else grid[:, None]  # M coordinates are already in Å
+        positions = coordinates * scale - _centres_angst(names, shapes, grid) - origins
     else:
         positions = coordinates - origins
     understood = _understood(dialect, table, name_column)

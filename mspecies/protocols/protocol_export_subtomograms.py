@@ -365,7 +365,7 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
                 "--diameter", f"{self.particleDiameter.get():.6g}", "--mode", MODES[self.outputMode.get()],
                 "--shift", *(f"{v:.6g}" for v in self._shift()), "--ctf-layout", CTF_LAYOUTS[self.ctfLayout.get()],
                 "--ctf-method", CTF_METHODS[self.ctfMethod.get()], "--backend", self._backend(),
-                "--star-flavour", "3.1"]
+                "--star-flavour", "3.1", "--overwrite"]
         flags = {"--prerotate": self._prerotated(), "--no-invert": not self.invertContrast.get(),
                  "--no-normalize-input": not self.normalizeInput.get(),
                  "--no-normalize-output": not self.normalizeOutput.get(), "--sparse-ctf": self.sparseCtf.get()}
@@ -373,6 +373,18 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
         if self.limitTilts.get():
             args += ["--n-tilts-by-dose", str(self.nTilts.get())]
         return " ".join(f'"{a}"' if " " in a else a for a in args)
+
+    def _exportedObjIds(self, tsId: str) -> list[int]:
+        """Object ids of the particles the CLI exported, in its order: the requested ones less those it skipped
+        (outside the images) or dropped, listed by input row in its ``excluded_particles.tsv``."""
+        from mspecies.cli.export_files import EXCLUDED_TSV
+
+        objIds = self._readJson(self._getExtraPath(tsId, IDS_JSON))["obj_ids"]
+        excludedPath = self._getExtraPath(tsId, EXCLUDED_TSV)
+        if not os.path.isfile(excludedPath):
+            return objIds
+        excluded = set(pd.read_csv(excludedPath, sep="\t")["particle"].astype(int))
+        return [objId for row, objId in enumerate(objIds) if row not in excluded]
 
     def _stepReport(self, tsId: str) -> dict:
         """Particles written and the padded box of one finished tilt series."""
@@ -384,7 +396,7 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
         box = int(self.boxSize.get())
         padded = box if self.outputMode.get() == MODE_SERIES else padded_box_px(
             tiltSeries, box, self._outputPixel(), float(self.particleDiameter.get()))
-        count = len(self._readJson(os.path.join(folder, IDS_JSON))["obj_ids"])
+        count = len(self._exportedObjIds(tsId))
         return {"ts_id": tsId, "n_particles": count, "padded_box_px": int(padded), "backend": self._backend()}
 
     @staticmethod
@@ -439,7 +451,7 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
         """(input object id, volume path, 3D CTF path) per exported particle of one tilt series (paths relative
         to the project)."""
         table = self._cliTables(tsId)["particles"]
-        objIds = self._readJson(self._getExtraPath(tsId, IDS_JSON))["obj_ids"]
+        objIds = self._exportedObjIds(tsId)
         if len(table) != len(objIds):
             raise InputError(f"{tsId}: {len(table)} exported particles but {len(objIds)} requested")
         return [(int(i), self._getExtraPath(tsId, str(v)), self._getExtraPath(tsId, str(c)))

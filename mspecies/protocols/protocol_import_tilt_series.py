@@ -19,7 +19,7 @@ from tomo.objects import SetOfTiltSeries, TiltImage, TiltSeries, TomoAcquisition
 from tomo.protocols import ProtTomoBase
 
 from mspecies.common.types import InputError
-from mspecies.convert.mdoc import read_mdoc_tilts
+from mspecies.formats.serialem import read_mdoc_tilts
 
 TS_TAG = "{TS}"
 
@@ -74,8 +74,9 @@ class ProtMSpeciesImportTiltSeries(EMProtocol, ProtTomoBase):
             tilts = read_mdoc_tilts(path)
             tilts["pixel_size_angst"] = self.samplingRate.get() or tilts["pixel_size_angst"]
             tilts["voltage_kv"] = self.voltage.get() or tilts["voltage_kv"]
-            for field, label in (("pixel_size_angst", "PixelSpacing"), ("voltage_kv", "Voltage")):
-                if not tilts[field]:
+            for field, label in (("pixel_size_angst", "PixelSpacing"), ("voltage_kv", "Voltage"),
+                                 ("accumulated_dose_e_per_angst2", "ExposureDose")):
+                if tilts[field] is None:
                     raise InputError(f"{path}: no {label} in the mdoc and the form field is empty")
             if not os.path.isfile(tilts["stack"]):
                 raise InputError(f"{path}: stack not found: {tilts['stack']}")

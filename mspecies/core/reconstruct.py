@@ -650,9 +650,10 @@ class TiltSeriesEngine:
         return filt
 
     def _visible(self, image_px: np.ndarray) -> np.ndarray:
-        """(B, T) bool: the particle centre lies farther than half a diameter from every image edge."""
+        """(B, T) bool: the particle centre lies farther than half a box from every image edge (RELION 5's rule,
+        ``tomogram.cpp:155-161`` with radius = binning · box / 2, so that ``rlnTomoVisibleFrames`` is RELION's)."""
         ny, nx = self.prepared.images.shape[1:]
-        margin = self.options.particle_diameter_angst / self.options.output_pixel_size_angst / 2
+        margin = self.options.box_px / 2
         x, y = image_px[..., 0], image_px[..., 1]
         return (x > margin) & (x < nx - margin) & (y > margin) & (y < ny - margin)
 

@@ -27,6 +27,7 @@ PARTICLE_COLUMNS = ("rlnTomoName", "rlnTomoParticleName", "rlnImageName", "rlnTo
                     "rlnCenteredCoordinateXAngst", "rlnCenteredCoordinateYAngst", "rlnCenteredCoordinateZAngst",
                     "rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnRandomSubset")
 PRE_ROTATION_COLUMNS = ("rlnTomoSubtomogramRot", "rlnTomoSubtomogramTilt", "rlnTomoSubtomogramPsi")
+OPTICS_GROUP = "opticsGroup1"  # in tomograms.star too: RELION reads it only without optics, zarr-particle-tools always
 TILT_COLUMNS = ("rlnMicrographName", "rlnTomoNominalStageTiltAngle", "rlnTomoXTilt", "rlnTomoYTilt", "rlnTomoZRot",
                 "rlnTomoXShiftAngst", "rlnTomoYShiftAngst", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle",
                 "rlnPhaseShift", "rlnCtfScalefactor", "rlnMicrographPreExposure")
@@ -50,7 +51,7 @@ def tomogram_row(ts_id: str, tilt_star: str, *, tilt_series_pixel_angst: float, 
     if hand not in (-1, 1):
         raise InputError(f"rlnTomoHand: expected -1 or 1, got {hand}")
     x, y, z = (even_size(n) for n in tomogram_shape_xyz_px)
-    return {"rlnTomoName": ts_id, "rlnVoltage": float(microscope.voltage_kv),
+    return {"rlnTomoName": ts_id, "rlnOpticsGroupName": OPTICS_GROUP, "rlnVoltage": float(microscope.voltage_kv),
             "rlnSphericalAberration": float(microscope.cs_mm),
             "rlnAmplitudeContrast": float(microscope.amplitude_contrast),
             "rlnTomoTiltSeriesPixelSize": float(tilt_series_pixel_angst), "rlnTomoHand": int(hand),
@@ -99,7 +100,7 @@ def write_tomograms_star(path: str | Path, rows: Sequence[dict[str, object]]) ->
 def optics_table(*, image_pixel_angst: float, tilt_series_pixel_angst: float, box_px: int, microscope: Microscope,
                  premultiplied: bool) -> pd.DataFrame:
     """One optics group of 2D stacks: the stack pixel (Å) and the tilt-series pixel (Å) both, as RELION needs."""
-    return pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"],
+    return pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": [OPTICS_GROUP],
                          "rlnVoltage": [float(microscope.voltage_kv)],
                          "rlnSphericalAberration": [float(microscope.cs_mm)],
                          "rlnAmplitudeContrast": [float(microscope.amplitude_contrast)],

@@ -70,8 +70,9 @@ def write_tomogram(tilt_series: TiltSeriesData, tomogram_shape_xyz_px: Sequence[
 
 
 def write_particle_series(out: str | Path, particles: pd.DataFrame, tomograms: Sequence[dict[str, object]], *,
-                          image_pixel_angst: float, box_px: int, premultiplied: bool) -> Path:
-    """``particles.star`` + ``tomograms.star`` + ``optimisation_set.star`` in ``out``; returns the optimisation set.
+                          image_pixel_angst: float, box_px: int, premultiplied: bool, root: Path | None = None) -> Path:
+    """``particles.star`` + ``tomograms.star`` + ``optimisation_set.star`` in ``out``; returns the optimisation set
+    (which names the other two relative to ``root``, default ``out``).
 
     ``particles``: rows of every tomogram (:data:`mspecies.formats.relion5.PARTICLE_COLUMNS`); random subsets are
     renumbered 1, 2, 1, … over the merged rows.
@@ -87,36 +88,43 @@ def write_particle_series(out: str | Path, particles: pd.DataFrame, tomograms: S
     table["rlnRandomSubset"] = np.arange(len(table)) % 2 + 1
     relion5.write_particles_star(out / PARTICLES_STAR, table, optics)
     relion5.write_tomograms_star(out / TOMOGRAMS_STAR, tomograms)
-    return relion5.write_optimisation_set(out / OPTIMISATION_SET, PARTICLES_STAR, TOMOGRAMS_STAR)
+    if root is None:
+        return relion5.write_optimisation_set(out / OPTIMISATION_SET, PARTICLES_STAR, TOMOGRAMS_STAR)
+    return relion5.write_optimisation_set(out / OPTIMISATION_SET, _relative(out / PARTICLES_STAR, root),
+                                          _relative(out / TOMOGRAMS_STAR, root))
 
 
-def merge_particle_series(out: str | Path, folders: Sequence[str | Path], *, absolute_images: bool = False) -> Path:
+def merge_particle_series(out: str | Path, folders: Sequence[str | Path], *, absolute_images: bool = False,
+                          root: str | Path | None = None) -> Path:
     """Merge the particle series that the CLI wrote per tilt series (``folders``, one export each) into ``out``.
 
-    Paths inside every STAR become relative to ``out`` (stacks absolute with ``absolute_images``): the per-tilt
-    tables are rewritten as ``out/<folder name>/<ts_id>_merged.star``. Returns the merged optimisation set.
+    Paths inside every STAR become relative to ``root`` (default ``out``: where RELION will run; stacks absolute
+    with ``absolute_images``): the per-tilt tables are rewritten as ``out/<folder name>/<ts_id>_merged.star``.
+    Returns the merged optimisation set.
     """
     from mspecies.formats.star import read_star_blocks
 
     out = Path(out)
+    base = out if root is None else Path(root)
     particles, tomograms, optics = [], [], None
     for folder in map(Path, folders):
         blocks = read_star_blocks(folder / PARTICLES_STAR)
         optics = blocks["optics"] if optics is None else optics
         table = blocks["particles"].copy()
         table["rlnImageName"] = [(folder / name).absolute().as_posix() if absolute_images
-                                 else _relative(folder / name, out) for name in table["rlnImageName"].astype(str)]
+                                 else _relative(folder / name, base) for name in table["rlnImageName"].astype(str)]
         particles.append(table)
         for row in read_star_blocks(folder / TOMOGRAMS_STAR)["global"].to_dict("records"):
             (tilts,) = read_star_blocks(folder / str(row["rlnTomoTiltSeriesStarFile"])).values()
             tilts = tilts.copy()
-            tilts["rlnMicrographName"] = [f"{ref.split('@')[0]}@{_relative(folder / ref.split('@', 1)[1], out)}"
+            tilts["rlnMicrographName"] = [f"{ref.split('@')[0]}@{_relative(folder / ref.split('@', 1)[1], base)}"
                                           for ref in tilts["rlnMicrographName"].astype(str)]
             merged_star = out / folder.name / f"{row['rlnTomoName']}_merged.star"
             merged_star.parent.mkdir(parents=True, exist_ok=True)
             relion5.write_tilt_star(merged_star, str(row["rlnTomoName"]), tilts)
-            tomograms.append({**row, "rlnTomoTiltSeriesStarFile": _relative(merged_star, out)})
+            tomograms.append({**row, "rlnTomoTiltSeriesStarFile": _relative(merged_star, base)})
     return write_particle_series(out, pd.concat(particles, ignore_index=True), tomograms,
                                  image_pixel_angst=float(optics["rlnImagePixelSize"][0]),
                                  box_px=int(optics["rlnImageSize"][0]),
-                                 premultiplied=bool(int(optics["rlnCtfDataAreCtfPremultiplied"][0])))
+                                 premultiplied=bool(int(optics["rlnCtfDataAreCtfPremultiplied"][0])),
+                                 root=None if root is None else base)

@@ -61,6 +61,7 @@ DONE_JSON = "export_done.json"
 IDS_JSON = "particle_ids.json"
 CLI_STAR = "particles.star"
 MERGED_STAR = "particles.star"
+RELIONTOMO_DIR, RELIONTOMO_OUTPUT = "reliontomo", "RelionParticles"  # particle series as reliontomo's set
 SUMMARY_JSON = "export_summary.json"
 CTF_ATTR = "_ctfImage"
 
@@ -134,7 +135,9 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
                             "(extra/<tsId>/*.mrcs), with extra/particles.star, extra/tomograms.star (the real tilt "
                             "series: alignment, defocus, dose) and extra/optimisation_set.star for relion_refine "
                             "--ios and RELION's tilt-series programs (reconstruct particle, CTF refinement, frame "
-                            "alignment). Registers no Scipion set: give the optimisation set to RELION 5.")
+                            "alignment). With scipion-em-reliontomo installed it is also registered as its "
+                            "RelionSetOfPseudoSubtomograms (output RelionParticles) for reliontomo's refine and "
+                            "classify; without it no Scipion set: give the optimisation set to RELION 5.")
 
     @staticmethod
     def _defineParticleParams(group):
@@ -276,6 +279,30 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
             self._defineOutputs(SubTomograms=output)
             self._defineSourceRelation(self.inputParticles, output)
             self._defineSourceRelation(self.inputTiltSeries, output)
+        else:
+            self._registerPseudoSubtomograms(tsIds)
+
+    def _registerPseudoSubtomograms(self, tsIds: list[str]) -> None:
+        """With scipion-em-reliontomo: the particle series also as its RelionSetOfPseudoSubtomograms (files in
+        extra/reliontomo/, paths relative to the project, as reliontomo's steps run there)."""
+        from mspecies.cli.relion5_files import merge_particle_series
+        from mspecies.convert.reliontomo import pseudo_subtomograms, reliontomo_missing
+
+        reason = reliontomo_missing()
+        if reason is not None:
+            self.info(f"No RelionSetOfPseudoSubtomograms registered ({reason}); the STAR files are the output.")
+            return
+        optimisation = merge_particle_series(self._getExtraPath(RELIONTOMO_DIR),
+                                             [self._getExtraPath(t) for t in tsIds], root=os.getcwd())
+        coordinates = (self.inputParticles.get().getCoordinates3D(asPointer=True) if self._isSubtomos()
+                       else self.inputParticles)
+        output = pseudo_subtomograms(self._getPath(), os.path.relpath(optimisation), coordinates,
+                                     tilt_series_pixel_angst=self._dataPixel(), output_pixel_angst=self._outputPixel(),
+                                     box_px=int(self.boxSize.get()),
+                                     acquisition=self.inputTiltSeries.get().getAcquisition())
+        self._defineOutputs(**{RELIONTOMO_OUTPUT: output})
+        self._defineSourceRelation(self.inputParticles, output)
+        self._defineSourceRelation(self.inputTiltSeries, output)
 
     # --------------------------- UTILS functions -----------------------------
     def _isSubtomos(self) -> bool:

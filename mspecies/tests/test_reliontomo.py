@@ -29,11 +29,11 @@ PYTEST_MARKS = ("scipion", "slow")
 class TestReliontomoTakesTheParticleSeries(BaseTest):
     @classmethod
     def setUpClass(cls):
-        setup_synthetic_project(cls, "mspecies-reliontomo-", **SYNTH)
         reason = reliontomo_missing()
         if reason is not None:
             print(f"SKIPPED: {reason}")
             raise unittest.SkipTest(reason)
+        setup_synthetic_project(cls, "mspecies-reliontomo-", **SYNTH)
         cls.prot = launch(cls.proj, ProtMSpeciesExportSubtomograms, "particle series for reliontomo",
                           inputParticles=cls.imported["coordinates"], inputTiltSeries=cls.imported["tilt_series"],
                           inputCtf=cls.imported["ctfs"], boxSize=24, particleDiameter=60.0, outputMode=MODE_SERIES)

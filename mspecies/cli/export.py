@@ -44,7 +44,8 @@ series whose name equals the tomogram name, or its normalised form (``/a/TS_01.m
 
 Writes the MRCs and ``particles.star`` (RELION 3.1 with optics; ``--star-flavour 3.0`` for M's style) into
 ``--out``; logs per tilt series the particles done, particles/s, padded box, backend and memory plan.
-Bad input: exit code 2 and a message naming the parameter or file.
+Bad input: exit code 2 and a message naming the parameter or file. Its last act is the success record
+``export_record.json`` (:mod:`mspecies.cli.export_record`): no record, no success, whatever the exit code says.
 
 Before the first byte is written every parameter, the memory plan of every tilt series, the particles
 (:mod:`mspecies.cli.export_checks`: those outside the tomogram or the images are skipped and listed in
@@ -285,6 +286,7 @@ def run(args: argparse.Namespace) -> int:
     from mspecies.cli.atomic import check_free_space, check_output_folder, locked_output_folder, staging_folder
     from mspecies.cli.export_checks import check_export_arguments, export_bytes, plan_job
     from mspecies.cli.export_files import STAR_NAME, earlier_export_files
+    from mspecies.cli.export_record import discard_export_record, write_export_record
     from mspecies.core.memory import retain_freed_memory
     from mspecies.core.reconstruct import ReconstructionError
 
@@ -303,12 +305,14 @@ def run(args: argparse.Namespace) -> int:
                                  f"{earlier[0].name}); give --overwrite to replace it, or choose another folder")
             check_free_space(out, export_bytes(jobs), "--out", "the export")
             with staging_folder(out, "export") as staging:
-                n_written = _write_export(jobs, staging, args)
+                table, summaries = _write_export(jobs, staging, args)
+                discard_export_record(out)
                 publish_export(staging, out, earlier)
+                print(f"success record: {write_export_record(out, table, summaries, vars(args))}", flush=True)
     except ReconstructionError as error:
         print(f"mspecies export: error: {error}", file=sys.stderr)
         return EXIT_FAILED
-    print(f"wrote {n_written} particles: {out / STAR_NAME}")
+    print(f"wrote {len(table)} particles: {out / STAR_NAME}")
     return EXIT_OK
 
 
@@ -322,15 +326,16 @@ def publish_export(staging: Path, out: Path, earlier: list[Path]) -> None:
         print(f"replaced the earlier export in {out}: removed its {len(earlier)} files")
 
 
-def _write_export(jobs: list, staging: Path, args: argparse.Namespace) -> int:
-    """Export every job into ``staging`` (MRCs per tilt series, excluded particles, STAR) → particles written."""
+def _write_export(jobs: list, staging: Path, args: argparse.Namespace) -> tuple[pd.DataFrame, list]:
+    """Export every job into ``staging`` (MRCs per tilt series, excluded particles, STAR) → (STAR rows written,
+    :class:`~mspecies.cli.export_files.ExportSummary` per tilt series)."""
     from mspecies.cli.export_checks import exclusion_lines
     from mspecies.cli.export_files import EXCLUDED_TSV, STAR_NAME, export_tilt_series
     from mspecies.cli.relion5_files import write_particle_series, write_tomogram
     from mspecies.formats.mrc import read_mrc
     from mspecies.formats.relion_subtomo import write_subtomo_star
 
-    tables, tomograms, first = [], [], 0
+    tables, tomograms, summaries, first = [], [], [], 0
     for job in jobs:
         for line in exclusion_lines(job):
             print(line, file=sys.stderr if line.startswith("warning") else sys.stdout, flush=True)
@@ -343,10 +348,11 @@ def _write_export(jobs: list, staging: Path, args: argparse.Namespace) -> int:
     for job in (job for job in jobs if len(job.particles)):
         stack, _ = read_mrc(job.tilt_series.stack_path, mmap=True)
         ts_id = job.tilt_series.ts_id
-        rows, _ = export_tilt_series(job.tilt_series, stack, job.particles, job.options, staging / ts_id,
-                                     star_dir=staging, tomogram_shape_xyz_px=job.tomogram_shape_xyz_px,
-                                     first_subset_index=first, log=lambda line: print(line, flush=True))
+        rows, summary = export_tilt_series(job.tilt_series, stack, job.particles, job.options, staging / ts_id,
+                                           star_dir=staging, tomogram_shape_xyz_px=job.tomogram_shape_xyz_px,
+                                           first_subset_index=first, log=lambda line: print(line, flush=True))
         tables.append(rows)
+        summaries.append(summary)
         if args.mode == "series":
             tomograms.append(write_tomogram(job.tilt_series, job.tomogram_shape_xyz_px, staging / ts_id, staging,
                                             defocus_gradient_sign=job.options.defocus_gradient_sign,
@@ -361,4 +367,4 @@ def _write_export(jobs: list, staging: Path, args: argparse.Namespace) -> int:
                               box_px=options.box_px, premultiplied=options.apply_ctf)
     else:
         write_subtomo_star(staging / STAR_NAME, particles_table, flavour=args.star_flavour, **optics)
-    return len(particles_table)
+    return particles_table, summaries

@@ -10,7 +10,7 @@ link with the ``.mrcs`` name points at the raw stack (no copy); a ``.mrcs``/``.s
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +46,8 @@ def _stack_reference(tilt_series: TiltSeriesData, folder: Path, star_dir: Path) 
 
 
 def write_tomogram(tilt_series: TiltSeriesData, tomogram_shape_xyz_px: Sequence[int], folder: str | Path,
-                   star_dir: str | Path, *, defocus_gradient_sign: int, log=None) -> dict[str, object]:  # noqa: ANN001
+                   star_dir: str | Path, *, defocus_gradient_sign: int,
+                   log: Callable[[str], None] | None = None) -> dict[str, object]:
     """Write ``<folder>/<ts_id>.star`` (per-tilt table) and the stack link; return the ``tomograms.star`` row."""
     folder, star_dir = Path(folder), Path(star_dir)
     folder.mkdir(parents=True, exist_ok=True)

@@ -154,6 +154,11 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
                             "alignment). With scipion-em-reliontomo installed it is also registered as its "
                             "RelionSetOfPseudoSubtomograms (output RelionParticles) for reliontomo's refine and "
                             "classify; without it no Scipion set: give the optimisation set to RELION 5.")
+        group.addParam("premultiplyCtf", params.BooleanParam, default=True, condition=f"outputMode == {MODE_SERIES}",
+                       label="CTF-premultiply the stacks",
+                       help="Yes (RELION's default): each tilt image is multiplied by its CTF and dose weight "
+                            "(rlnCtfDataAreCtfPremultiplied 1). No: raw stacks (inverted, centred), as cryoDRGN-ET "
+                            "and OPUS-TOMO read them (rlnCtfDataAreCtfPremultiplied 0).")
 
     @staticmethod
     def _defineParticleParams(group):
@@ -442,7 +447,8 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
                 "--star-flavour", "3.1", "--overwrite"]
         flags = {"--prerotate": self._prerotated(), "--no-invert": not self.invertContrast.get(),
                  "--no-normalize-input": not self.normalizeInput.get(),
-                 "--no-normalize-output": not self.normalizeOutput.get(), "--sparse-ctf": self.sparseCtf.get()}
+                 "--no-normalize-output": not self.normalizeOutput.get(), "--sparse-ctf": self.sparseCtf.get(),
+                 "--no-ctf": self.outputMode.get() == MODE_SERIES and not self.premultiplyCtf.get()}
         args += [flag for flag, on in flags.items() if on]
         if self.limitTilts.get():
             args += ["--n-tilts-by-dose", str(self.nTilts.get())]

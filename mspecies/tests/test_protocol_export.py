@@ -248,6 +248,14 @@ class TestExportProtocol(BaseTest):
             self.assertEqual(arguments[arguments.index("--ctf-method") + 1], method)
         self.assertEqual(self.prot.ctfMethod.get(), 0)
 
+    def test_raw_particle_series_reaches_the_worker(self):
+        """'CTF-premultiply the stacks' = No asks the worker for raw stacks (--no-ctf), in the particle series only."""
+        values = dict(inputParticles=self.imported["coordinates"], inputTiltSeries=self.imported["tilt_series"],
+                      inputCtf=self.imported["ctfs"], boxSize=32, particleDiameter=100.0, premultiplyCtf=False)
+        for mode, raw in ((MODE_SERIES, True), (0, False)):
+            protocol = self.proj.newProtocol(ProtMSpeciesExportSubtomograms, outputMode=mode, **values)
+            self.assertEqual("--no-ctf" in protocol._cliArgs("extra/TS_01").split(), raw)
+
     def test_validation_messages(self):
         self.assertEqual(self._errors(), "")
         self.assertIn("finer than the tilt-series pixel size", self._errors(outputPixelSize=2.0))

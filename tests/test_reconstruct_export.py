@@ -112,6 +112,12 @@ def test_star_flavours(tmp_path):
     single = starfile.read(path30, always_dict=True)
     (only,) = single.values()
     assert float(only["rlnMagnification"][0]) == 10000.0 and float(only["rlnDetectorPixelSize"][0]) == 4.0
+    assert int(optics["rlnCtfDataAreCtfPremultiplied"][0]) == 0 and "--ctf3d_not_squared" in path31.read_text()
+    path5 = write_subtomo_star(tmp_path / "p5.star", pd.DataFrame(table), pixel_size_angst=4.0, box_px=48,
+                               microscope=scope, flavour="5")
+    relion5 = starfile.read(path5, always_dict=True)
+    assert int(relion5["optics"]["rlnCtfDataAreCtfPremultiplied"][0]) == 1
+    assert relion5["particles"].equals(particles) and "NOT with --ctf3d_not_squared" in path5.read_text()
 
 @pytest.fixture(scope="module")
 def small_dataset(tmp_path_factory):

@@ -150,8 +150,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     options.add_argument("--memory-gb", type=float, help="memory budget (GB; default 25%% of the available memory)")
     options.add_argument("--max-batch", type=int, default=16,
                          help="most particles reconstructed at once (the memory plan may use fewer)")
-    options.add_argument("--star-flavour", choices=("3.1", "3.0"), default="3.1",
-                         help="particles.star: 3.1 = RELION 3.1 with data_optics; 3.0 = one table, as M writes")
+    options.add_argument("--star-flavour", choices=("3.1", "3.0", "5"), default="3.1",
+                         help="particles.star: 3.1 = RELION 3.1 with data_optics (relion_refine 3.1 and 5 with "
+                         "default flags); 3.0 = one table, as M writes; 5 = as 3.1 but the data declared "
+                         "CTF-premultiplied, for RELION 5's default flags (relion_refine and relion_reconstruct)")
     checks = parser.add_argument_group("particles and outputs")
     checks.add_argument("--min-visible-tilts", type=int, default=1,
                         help="skip particles whose box lies inside the images in fewer used tilts (RELION's "

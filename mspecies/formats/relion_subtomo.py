@@ -12,7 +12,8 @@ terms that is *not* CTF-premultiplied data with CTF V, so the optics say ``rlnCt
 explicitly. ``relion_refine`` 3.1 and 5 then model the data as V · reference with their default flags
 (``ml_optimiser.cpp``: reference × Fctf, back-projection X += V·img, W += V²). RELION 5's ``relion_reconstruct``
 alone does not square a 3D CTF by default (``reconstructor.cpp:662``): it needs ``--ctf3d_not_squared``. Every
-3.1 STAR says so in a header comment (:data:`CTF3D_COMMENT`).
+3.1 STAR says so in a header comment (:data:`CTF3D_COMMENT`). Flavour ``5`` declares the same files premultiplied
+(V = CTF²), which RELION 5's default ``ctf3d_squared`` reads right in both programs and RELION 3.1 reads wrong.
 """
 
 from __future__ import annotations
@@ -24,11 +25,15 @@ import starfile
 
 from mspecies.common.types import InputError, Microscope
 
-FLAVOURS = ("3.1", "3.0")
+FLAVOURS = ("3.1", "3.0", "5")
 CTF3D_COMMENT = (
     "# 3D CTFs (rlnCtfImage): M's normalized CTF volume V >= 0, data = V x reference, not CTF-premultiplied\n"
     "# (rlnCtfDataAreCtfPremultiplied 0). relion_refine 3.1 and 5: default flags. relion_reconstruct: RELION 3.1\n"
     "# default flags; RELION 5 needs --ctf3d_not_squared (it does not square 3D CTFs by default).\n")
+CTF3D_COMMENT_RELION5 = (
+    "# 3D CTFs (rlnCtfImage): M's normalized CTF volume V >= 0, data = V x reference, written for RELION 5 as\n"
+    "# premultiplied data whose CTF^2 is V (rlnCtfDataAreCtfPremultiplied 1): relion_refine and relion_reconstruct\n"
+    "# 5 with default flags, NOT with --ctf3d_not_squared; RELION 3.1 reads it wrong (use flavour 3.1 there).\n")
 PARTICLE_COLUMNS = ("rlnImageName", "rlnCtfImage", "rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnCoordinateX",
                     "rlnCoordinateY", "rlnCoordinateZ", "rlnTomoName", "rlnMicrographName", "rlnRandomSubset")
 
@@ -53,7 +58,7 @@ def subtomo_particles_table(particles: pd.DataFrame, flavour: str, pixel_size_an
     if missing:
         raise InputError(f"particles: missing columns {missing}")
     table = particles.copy()
-    if flavour == "3.1":
+    if flavour in ("3.1", "5"):
         for axis in "XYZ":
             table[f"rlnOrigin{axis}Angst"] = 0.0
         table["rlnOpticsGroup"] = 1
@@ -79,7 +84,8 @@ def write_subtomo_star(path: str | Path, particles: pd.DataFrame, *, pixel_size_
     pixel_size_angst, box_px
         Output pixel size (Å) and box (px).
     flavour
-        ``3.1`` (optics + particles) or ``3.0`` (single table).
+        ``3.1`` (optics + particles), ``3.0`` (single table) or ``5`` (as 3.1, but the data declared
+        premultiplied, so that RELION 5's default ``ctf3d_squared`` reads V right: :data:`CTF3D_COMMENT_RELION5`).
     """
     if flavour not in FLAVOURS:
         raise InputError(f"flavour: expected one of {FLAVOURS}, got {flavour!r}")
@@ -87,10 +93,11 @@ def write_subtomo_star(path: str | Path, particles: pd.DataFrame, *, pixel_size_
         raise InputError(f"{path}: no particles to write")
     table = subtomo_particles_table(particles, flavour, pixel_size_angst, microscope)
     path = Path(path)
-    if flavour == "3.1":
-        starfile.write({"optics": optics_table(pixel_size_angst, box_px, microscope), "particles": table}, path,
-                       overwrite=True)
-        prepend_comment(path, CTF3D_COMMENT)
+    if flavour in ("3.1", "5"):
+        relion5 = flavour == "5"
+        starfile.write({"optics": optics_table(pixel_size_angst, box_px, microscope, premultiplied=relion5),
+                        "particles": table}, path, overwrite=True)
+        prepend_comment(path, CTF3D_COMMENT_RELION5 if relion5 else CTF3D_COMMENT)
     else:
         starfile.write(table, path, overwrite=True)
     return path

@@ -62,7 +62,7 @@ from mspecies.convert.tilt_series import tilt_series_set_to_data
 
 MODE_VOLUMES, MODE_SERIES = 0, 1
 MODES = ("volumes", "series")
-STAR_FLAVOURS = ("3.1", "3.0")
+STAR_FLAVOURS = ("3.1", "3.0", "5")
 CTF_LAYOUTS = ("half", "centred")
 CTF_METHODS = ("direct", "padded")
 BACKEND_AUTO, BACKEND_CPU, BACKEND_GPU = 0, 1, 2
@@ -195,13 +195,15 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
         group.addParam("sparseCtf", params.BooleanParam, default=False, expertLevel=params.LEVEL_ADVANCED,
                        label="Sparse 3D CTF",
                        help="Set 3D-CTF voxels with |value| < 0.01 to 0. Warning: needs a patched RELION.")
-        group.addParam("starFlavour", params.EnumParam, choices=["RELION 3.1", "RELION 3.0"], default=0,
-                       expertLevel=params.LEVEL_ADVANCED, label="STAR flavour",
-                       help="3.1: optics + particles tables. 3.0: single table (M's style). Either way the 3D "
-                            "CTF is M's normalized CTF volume and the data are not CTF-premultiplied "
-                            "(rlnCtfDataAreCtfPremultiplied 0): relion_refine 3.1 and 5 and RELION 3.1's "
-                            "relion_reconstruct read it right with default flags; RELION 5's relion_reconstruct "
-                            "needs --ctf3d_not_squared.")
+        group.addParam("starFlavour", params.EnumParam, choices=["RELION 3.1", "RELION 3.0", "RELION 5"],
+                       default=0, expertLevel=params.LEVEL_ADVANCED, label="STAR flavour",
+                       help="The 3D CTF is M's normalized CTF volume. RELION 3.1: optics + particles tables, data "
+                            "not CTF-premultiplied (rlnCtfDataAreCtfPremultiplied 0): relion_refine 3.1 and 5 and "
+                            "RELION 3.1's relion_reconstruct read it right with default flags; RELION 5's "
+                            "relion_reconstruct needs --ctf3d_not_squared. RELION 3.0: single table (M's style), "
+                            "read as 3.1. RELION 5: the same files declared premultiplied, right for RELION 5's "
+                            "relion_refine and relion_reconstruct with default flags (not --ctf3d_not_squared), "
+                            "wrong for RELION 3.1.")
         group.addParam("ctfLayout", params.EnumParam, choices=["FFTW half", "centred cube"], default=0,
                        expertLevel=params.LEVEL_ADVANCED, label="3D CTF layout",
                        help="FFTW half: the non-redundant half of the 3D CTF (box x box x (box/2 + 1)), RELION's "

@@ -58,6 +58,13 @@ class Dialect(StrEnum):
     M_SPECIES = "warp"  # M species table: wrpCoordinateX1 (Å from the corner), wrpAngleRot1, wrpSourceName/Hash
 
 
+class PositionFrame(StrEnum):
+    """Origin of :attr:`ParticleTable.poses` positions (Å): the tomogram centre, or its corner (voxel 0 at 0 Å)."""
+
+    CENTRED = "centred"
+    CORNER = "corner"
+
+
 CORNER_DIALECTS = frozenset({Dialect.RELION30, Dialect.RELION31, Dialect.RELION4, Dialect.WARP3D, Dialect.M_SPECIES})
 PX_ORIGIN_DIALECTS = frozenset({Dialect.RELION30, Dialect.WARP3D})
 OPTICS_DIALECTS = frozenset({Dialect.RELION31, Dialect.RELION4, Dialect.RELION5})
@@ -167,6 +174,7 @@ class ParticleTable:
     subtomogram_euler_deg: np.ndarray | None = None
     box_euler_deg: np.ndarray | None = None
     box_origins_angst: np.ndarray | None = None
+    frame: PositionFrame = PositionFrame.CENTRED
 
     def __len__(self) -> int:
         return len(self.poses)

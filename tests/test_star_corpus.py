@@ -16,8 +16,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import starfile
-from _star_corpus import ACCEPTED, EXPECTED, REFUSED, corpus_dir, raw_blocks, raw_particles, raw_pixel, \
-    raw_positions, raw_rotations
+from _star_corpus import (
+    ACCEPTED,
+    EXPECTED,
+    REFUSED,
+    corpus_dir,
+    raw_blocks,
+    raw_particles,
+    raw_pixel,
+    raw_positions,
+    raw_rotations,
+)
 
 from mspecies.cli import main
 from mspecies.cli.intersect_files import intersect_star_files

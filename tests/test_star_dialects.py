@@ -15,7 +15,7 @@ from mspecies.cli import main
 from mspecies.common.types import InputError, Microscope
 from mspecies.core.geometry import euler_to_matrix
 from mspecies.formats.star import StarBlock, read_star_text, write_star_text
-from mspecies.formats.star_dialects import Dialect, read_particle_star
+from mspecies.formats.star_dialects import Dialect, PositionFrame, read_particle_star
 from mspecies.formats.star_write import write_particle_star
 
 PIXEL = 2.5
@@ -236,8 +236,13 @@ def test_missing_pixel_size_and_tomo_size(tmp_path):
         read(tmp_path / "a.star")
     table = read(tmp_path / "a.star", coord_pixel_size_angst=2.0)
     assert table.coord_pixel_size_angst[0] == 2.0
-    with pytest.raises(InputError, match="tomogram size"):
-        read_particle_star(tmp_path / "a.star", coord_pixel_size_angst=2.0)
+    corner = read_particle_star(tmp_path / "a.star", coord_pixel_size_angst=2.0)  # no size: from the corner
+    assert corner.frame == PositionFrame.CORNER and corner.tomo_shape_px is None
+    np.testing.assert_allclose(corner.poses.positions_angst, table.poses.positions_angst +
+                               np.array(SHAPE) // 2 * 2.0)
+    write_particle_star(corner, tmp_path / "b.star", Dialect.RELION31, microscope=SCOPE)  # corner to corner
+    with pytest.raises(InputError, match="tomogram size.*--tomo-size"):
+        write_particle_star(corner, tmp_path / "c.star", Dialect.RELION5)
     write_example(tmp_path / "m.star", Dialect.M_SPECIES, _base(3, np.random.default_rng(0)))
     with pytest.raises(InputError, match="coordinate pixel size is missing"):
         read(tmp_path / "m.star")

@@ -45,7 +45,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--coord-pixel-size", type=float, help="Å/px of the coordinates, if the file lacks it")
     sizes = parser.add_mutually_exclusive_group()
     sizes.add_argument("--tomo-size", type=int, nargs=3, metavar=("NX", "NY", "NZ"),
-                       help="tomogram size in px at the coordinate pixel size (corner-based dialects)")
+                       help="tomogram size in px at the coordinate pixel size; only needed where coordinates from the "
+                            "tomogram corner (3.0, 3.1, 4, warp3d, warp) meet centred ones (RELION 5)")
     sizes.add_argument("--tomo-sizes", help="file with one 'name NX NY NZ' line per tomogram")
     parser.add_argument("--voltage", type=float, help="kV, for optics tables that lack rlnVoltage")
     parser.add_argument("--cs", type=float, help="mm, for optics tables that lack rlnSphericalAberration")

@@ -6,9 +6,11 @@ origins as read, pixel sizes kept apart (coordinate grid vs particle images), to
 dialects, subsets, image names, the optics table and every column it does not interpret, as text.
 
 Positions (``docs/conventions.md``): ``position_angst = coordinate_px · coord_pixel_angst − (N // 2) · coord_pixel_angst
-− origin_angst`` for corner-based dialects, with ``origin_angst = rlnOriginX/Y/ZAngst`` or ``rlnOriginX/Y/Z ·
-coord_pixel_angst`` (RELION 3.0: shifts are in the same pixels as the coordinates). RELION 5 stores centred Å
-(``rlnCenteredCoordinate*Angst``); M species store Å from the tomogram corner (``wrpCoordinateX1``...) and carry
+− origin_angst`` for corner-based dialects read with the tomogram size N (without it the ``(N // 2)`` term is left
+out and the table's ``frame`` says the positions are from the corner: converting between corner-based dialects and
+comparing files of the same tomograms does not depend on N), with ``origin_angst = rlnOriginX/Y/ZAngst`` or
+``rlnOriginX/Y/Z · coord_pixel_angst`` (RELION 3.0: shifts are in the same pixels as the coordinates). RELION 5
+stores centred Å (``rlnCenteredCoordinate*Angst``); M species store Å from the tomogram corner (``wrpCoordinateX1``...) and carry
 no shifts, so origins are folded into the coordinates when writing them.
 
 Subtomogram orientations (RELION 4/5): ``rlnTomoSubtomogramRot/Tilt/Psi`` give the orientation of the
@@ -117,7 +119,9 @@ class ParticleTable:
     Attributes
     ----------
     poses
-        Positions (N, 3) Å centred on the tomogram centre with origins subtracted, RELION Euler angles (N, 3) deg
+        Positions (N, 3) Å with origins subtracted, from the tomogram centre (``frame`` CENTRED) or, for a
+        corner-based file read without tomogram sizes, from the tomogram corner (``frame`` CORNER), RELION Euler
+        angles (N, 3) deg
         (RELION 4/5 with subtomogram angles: the composed ``A_subtomogram · A_angle``), tomogram names (N,)
         exactly as in the file's name column.
     dialect
@@ -150,6 +154,8 @@ class ParticleTable:
     box_euler_deg, box_origins_angst
         (N, 3) ``rlnAngle*`` (zeros when absent) and ``rlnOrigin*Angst`` as read, relative to the subtomogram box;
         None without subtomogram angles. Used to write RELION 4/5 back unchanged while the pose is unchanged.
+    frame
+        Origin of the positions: :attr:`PositionFrame.CENTRED` (default) or :attr:`PositionFrame.CORNER`.
     """
 
     poses: ParticlePoses
@@ -377,12 +383,6 @@ def _centres_angst(names: np.ndarray, shapes: dict[str, tuple[int, int, int]], p
     return centre_px[codes] * pixel_angst[:, None]
 
 
-def _require_shapes(shapes: TomoShapes, names: np.ndarray, dialect: Dialect, where: str
-                    ) -> dict[str, tuple[int, int, int]]:
-    if shapes is None:
-        raise InputError(f"{where}: dialect {dialect} stores coordinates from the tomogram corner; the tomogram size "
-                         "is needed to centre them (pass --tomo-size NX NY NZ or --tomo-sizes FILE)")
-    return tomo_shape_lookup(shapes, [str(u) for u in pd.unique(pd.Series(names, dtype=object))])  # type: ignore
 
 
 def _angles(table: pd.DataFrame, roles: Mapping[str, str], where: str) -> tuple[np.ndarray, bool]:
@@ -536,8 +536,11 @@ def read_particle_star(path: str | Path, dialect: Dialect | str | None = None, *
     coord_pixel_size_angst
         Å/px of the coordinate grid, used only when the file does not carry it (must agree when it does).
     tomo_shape_px
-        (nx, ny, nz) for all tomograms or a mapping name → (nx, ny, nz), px at the coordinate pixel size;
-        needed by corner-based dialects (3.0, 3.1, 4, warp3d, warp).
+        (nx, ny, nz) for all tomograms or a mapping name → (nx, ny, nz), px at the coordinate pixel size. With it,
+        corner-based dialects (3.0, 3.1, 4, warp3d, warp) are centred (``frame`` CENTRED); without it their
+        positions stay in Å from the tomogram corner (``frame`` CORNER), which is all that converting between
+        corner-based dialects or comparing files of the same tomograms needs. A size changes the result only where
+        the corner and centred frames meet (RELION 5 ⇄ the others, Scipion).
     """
     path = Path(path)
     blocks, comments = read_star_text(path)
@@ -558,10 +561,10 @@ def read_particle_star(path: str | Path, dialect: Dialect | str | None = None, *
         groups = _integers(table, "rlnOpticsGroup", where)
     found_pixel, image_pixel = _pixel_sizes(dialect, table, optics, groups, where)
     corner = dialect in CORNER_DIALECTS
-    pixel = _resolve_pixel(found_pixel, coord_pixel_size_angst, n, dialect, corner and n > 0, where)
-    shapes = _require_shapes(tomo_shape_px, names, dialect, where) if corner else \
-        (tomo_shape_lookup(tomo_shape_px, [str(u) for u in pd.unique(pd.Series(names, dtype=object))])
-         if tomo_shape_px is not None else None)
+    shapes = tomo_shape_lookup(tomo_shape_px, [str(u) for u in pd.unique(pd.Series(names, dtype=object))])
+    # px coordinates need the pixel size; M species' Å from the corner only to be centred ((N // 2) · pixel)
+    needs_pixel = corner and n > 0 and (dialect != Dialect.M_SPECIES or shapes is not None)
+    pixel = _resolve_pixel(found_pixel, coord_pixel_size_angst, n, dialect, needs_pixel, where)
     origins, origin_units = _origins(dialect, table, pixel, where)
     angles, has_angles = _angles(table, roles, where)
     subtomogram = _subtomogram_angles(table, where) if dialect in SUBTOMOGRAM_DIALECTS else None
@@ -571,9 +574,12 @@ def read_particle_star(path: str | Path, dialect: Dialect | str | None = None, *
         angles = compose_subtomogram_pose(subtomogram, box_angles)
         origins = np.einsum("nij,nj->ni", euler_to_matrix(subtomogram), box_origins)
     coordinates = _xyz(table, [roles[a] for a in ("x", "y", "z")], where)
+    frame = PositionFrame.CORNER if corner and shapes is None else PositionFrame.CENTRED
     if corner:
         scale = 1.0 if dialect == Dialect.M_SPECIES else pixel[:, None]  # M coordinates are already in Å
-        positions = coordinates * scale - _centres_angst(names, shapes, pixel) - origins
+        positions = coordinates * scale - origins
+        if shapes is not None:
+            positions = positions - _centres_angst(names, shapes, pixel)
     else:
         positions = coordinates - origins
     understood = _understood(dialect, table, name_column)
@@ -593,4 +599,4 @@ def read_particle_star(path: str | Path, dialect: Dialect | str | None = None, *
         general=blocks["general"].table if "general" in blocks else None,
         extras=table[[c for c in table.columns if c not in understood]].copy(),
         column_order=tuple(table.columns), source_row=np.arange(n), header_comments=tuple(comments),
-        subtomogram_euler_deg=subtomogram, box_euler_deg=box_angles, box_origins_angst=box_origins)
+        subtomogram_euler_deg=subtomogram, box_euler_deg=box_angles, box_origins_angst=box_origins, frame=frame)

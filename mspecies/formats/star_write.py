@@ -41,6 +41,7 @@ from mspecies.formats.star_dialects import (
     SUBTOMOGRAM_DIALECTS,
     Dialect,
     ParticleTable,
+    PositionFrame,
     TomoShapes,
     _centres_angst,
     subtomogram_box_values,
@@ -51,15 +52,23 @@ _HEADER = {Dialect.RELION31: ("version 30001",), Dialect.RELION4: ("version 3000
            Dialect.RELION5: ("Relion star file version 50001",)}
 
 
-def _pixel_for_writing(table: ParticleTable, override_angst: float | None, dialect: Dialect) -> np.ndarray | None:
+def _pixel_for_writing(table: ParticleTable, override_angst: float | None, dialect: Dialect,
+                       between_frames: bool) -> np.ndarray | None:
     if override_angst is not None:
         if not override_angst > 0:
             raise InputError(f"coord_pixel_size_angst must be > 0, got {override_angst}")
         return np.full(len(table), float(override_angst))
-    if table.coord_pixel_size_angst is None and dialect in CORNER_DIALECTS and len(table):
+    needed = (dialect in CORNER_DIALECTS and dialect != Dialect.M_SPECIES) or between_frames
+    if table.coord_pixel_size_angst is None and needed and len(table):
         raise InputError(f"writing dialect {dialect} needs the coordinate pixel size, which the {table.dialect} "
-                         "table does not carry; pass it (--coord-pixel-size)")
+                         "table does not carry; pass it (--coord-pixel-size-angst)")
     return table.coord_pixel_size_angst
+
+
+def _needs_centres(table: ParticleTable, dialect: Dialect) -> bool:
+    """True where the table's frame and the dialect's differ (corner-based ⇄ RELION 5): only there does the
+    tomogram size change the written coordinates."""
+    return (dialect in CORNER_DIALECTS) != (table.frame == PositionFrame.CORNER)
 
 
 def _shapes_for_writing(table: ParticleTable, override: TomoShapes, dialect: Dialect
@@ -70,8 +79,12 @@ def _shapes_for_writing(table: ParticleTable, override: TomoShapes, dialect: Dia
     known = table.tomo_shape_px or {}
     missing = [name for name in names if name not in known]
     if missing:
-        raise InputError(f"writing dialect {dialect} (coordinates from the tomogram corner) needs the tomogram size "
-                         f"of {missing[:5]}; pass --tomo-size NX NY NZ or --tomo-sizes FILE")
+        have, want = (("the tomogram corner", "its centre") if table.frame == PositionFrame.CORNER
+                      else ("the tomogram centre", "its corner"))
+        raise InputError(f"writing dialect {dialect} from a {table.dialect} table: the coordinates are stored from "
+                         f"{have} and must be written from {want}, so the centre of each tomogram is needed: give "
+                         f"the tomogram size of {missing[:5]} (--tomo-size NX NY NZ or --tomo-sizes FILE, px at the "
+                         "coordinate pixel size)")
     return known
 
 
@@ -80,9 +93,11 @@ def _coordinate_columns(table: ParticleTable, dialect: Dialect, pixel: np.ndarra
                         box_origins: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Coordinates and shifts of ``dialect``: column → (N,) values (shifts ``box_origins`` when given)."""
     roles = ROLE_COLUMNS[dialect]
-    absolute = table.poses.positions_angst + table.origins_angst  # centred Å before the shift
+    absolute = table.poses.positions_angst + table.origins_angst  # Å in the table's frame, before the shift
+    if shapes is not None:  # between frames: Å from the corner = centred Å + (N // 2) · pixel
+        centres = _centres_angst(table.poses.tomo_names, shapes, pixel)
+        absolute = absolute + centres if dialect in CORNER_DIALECTS else absolute - centres
     if dialect in CORNER_DIALECTS:
-        absolute = absolute + _centres_angst(table.poses.tomo_names, shapes, pixel)  # Å from the corner
         if dialect == Dialect.M_SPECIES:
             absolute = absolute - table.origins_angst  # no shift columns in M: fold the shifts in
         else:
@@ -279,17 +294,19 @@ def write_particle_star(table: ParticleTable, path: str | Path, dialect: Dialect
     coord_pixel_size_angst
         Å/px of the output coordinate grid; default the table's own (needed for corner-based dialects).
     tomo_shape_px
-        (nx, ny, nz) or name → (nx, ny, nz) px at the output coordinate pixel size; default the table's
-        (corner-based dialects). Pass it together with a new ``coord_pixel_size_angst``.
+        (nx, ny, nz) or name → (nx, ny, nz) px at the output coordinate pixel size; default the table's. Used
+        only between frames (a corner-based table written as RELION 5, a centred one written corner-based); pass
+        it together with a new ``coord_pixel_size_angst`` there.
     microscope
         Voltage, Cs and amplitude contrast for optics that lack them (required by RELION 3.1.3 in 3.0 and 3.1).
     """
     dialect = Dialect(dialect) if dialect is not None else table.dialect
+    between_frames = _needs_centres(table, dialect) and len(table) > 0
     if (coord_pixel_size_angst is not None and tomo_shape_px is None and table.coord_pixel_size_angst is not None
-            and dialect in CORNER_DIALECTS and not np.allclose(table.coord_pixel_size_angst, coord_pixel_size_angst)):
+            and between_frames and not np.allclose(table.coord_pixel_size_angst, coord_pixel_size_angst)):
         raise InputError("a new coordinate pixel size needs the tomogram sizes at that pixel size (tomo_shape_px)")
-    pixel = _pixel_for_writing(table, coord_pixel_size_angst, dialect)
-    shapes = _shapes_for_writing(table, tomo_shape_px, dialect) if dialect in CORNER_DIALECTS and len(table) else None
+    pixel = _pixel_for_writing(table, coord_pixel_size_angst, dialect, between_frames)
+    shapes = _shapes_for_writing(table, tomo_shape_px, dialect) if between_frames else None
     columns: dict[str, object] = dict(_role_columns(table, dialect, pixel, shapes))
     dropped = set(_CORNER_PX.values()) if dialect == Dialect.RELION5 else set()
     if dialect in SUBTOMOGRAM_DIALECTS:  # uninterpreted subtomogram angles would re-rotate a complete pose

@@ -10,8 +10,8 @@ Positions (``docs/conventions.md``): ``position_angst = coordinate_px · coord_p
 out and the table's ``frame`` says the positions are from the corner: converting between corner-based dialects and
 comparing files of the same tomograms does not depend on N), with ``origin_angst = rlnOriginX/Y/ZAngst`` or
 ``rlnOriginX/Y/Z · coord_pixel_angst`` (RELION 3.0: shifts are in the same pixels as the coordinates). RELION 5
-stores centred Å (``rlnCenteredCoordinate*Angst``); M species store Å from the tomogram corner (``wrpCoordinateX1``...) and carry
-no shifts, so origins are folded into the coordinates when writing them.
+stores centred Å (``rlnCenteredCoordinate*Angst``); M species store Å from the tomogram corner
+(``wrpCoordinateX1``...) and carry no shifts, so origins are folded into the coordinates when writing them.
 
 Subtomogram orientations (RELION 4/5): ``rlnTomoSubtomogramRot/Tilt/Psi`` give the orientation of the
 pseudo-subtomogram box, and ``rlnAngleRot/Tilt/Psi`` and ``rlnOriginX/Y/ZAngst`` are relative to that box. RELION

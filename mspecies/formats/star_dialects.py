@@ -97,8 +97,8 @@ _OPTICS_PIXEL = ("rlnImagePixelSize", "rlnMicrographPixelSize", "rlnMicrographOr
                  "rlnTomoTiltSeriesPixelSize")
 # Where each dialect finds the pixel size of its coordinate grid, in order of preference.
 COORD_PIXEL_COLUMNS: dict[Dialect, tuple[str, ...]] = {
-    Dialect.RELION30: ("rlnDetectorPixelSize·1e4/rlnMagnification", "rlnPixelSize"),
-    Dialect.WARP3D: ("rlnDetectorPixelSize·1e4/rlnMagnification", "rlnPixelSize"),
+    Dialect.RELION30: ("rlnDetectorPixelSize·1e4/rlnMagnification", "rlnPixelSize", "rlnDetectorPixelSize"),
+    Dialect.WARP3D: ("rlnDetectorPixelSize·1e4/rlnMagnification", "rlnPixelSize", "rlnDetectorPixelSize"),
     Dialect.RELION31: ("rlnMicrographPixelSize", "rlnImagePixelSize"),
     Dialect.RELION4: ("rlnTomoTiltSeriesPixelSize", "rlnMicrographOriginalPixelSize"),
     Dialect.RELION5: ("rlnTomoTiltSeriesPixelSize", "rlnMicrographOriginalPixelSize"),
@@ -156,6 +156,8 @@ class ParticleTable:
         None without subtomogram angles. Used to write RELION 4/5 back unchanged while the pose is unchanged.
     frame
         Origin of the positions: :attr:`PositionFrame.CENTRED` (default) or :attr:`PositionFrame.CORNER`.
+    coord_pixel_column
+        Column the file gave the coordinate pixel size in (``rlnPixelSize``, ``rlnImagePixelSize``, ...), or None.
     """
 
     poses: ParticlePoses
@@ -181,6 +183,7 @@ class ParticleTable:
     box_euler_deg: np.ndarray | None = None
     box_origins_angst: np.ndarray | None = None
     frame: PositionFrame = PositionFrame.CENTRED
+    coord_pixel_column: str | None = None
 
     def __len__(self) -> int:
         return len(self.poses)
@@ -224,8 +227,9 @@ def detect_dialect(blocks: Mapping[str, StarBlock]) -> Dialect:
     3. a ``data_optics`` block: RELION 4 if the optics table has ``rlnTomoTiltSeriesPixelSize`` (RELION 4 writes
        it in every tomography optics table) or the particles have ``rlnTomoName`` with ``rlnTomoSubtomogramRot``;
        else 3.1 (a 3.1 file may carry ``rlnTomoName``/``rlnTomoParticleName`` as plain extra columns);
-    4. no optics: ``rlnTomoName`` → RELION 4; ``rlnPixelSize`` or ``.tomostar`` micrograph names → Warp 3D
-       export; ``rlnMicrographName`` → RELION 3.0.
+    4. no optics: ``rlnTomoName`` without ``rlnMagnification`` → RELION 4 (TOMOMAN writes it so); ``rlnPixelSize``
+       or ``.tomostar`` micrograph names → Warp 3D export; ``rlnMicrographName`` → RELION 3.0 (a carried
+       ``rlnTomoName`` stays an extra column there).
     """
     columns = set(blocks[particle_block_name(blocks)].table.columns)
     optics = blocks.get("optics")
@@ -237,7 +241,7 @@ def detect_dialect(blocks: Mapping[str, StarBlock]) -> Dialect:
         subtomogram_box = {"rlnTomoName", "rlnTomoSubtomogramRot"} <= columns
         relion4 = "rlnTomoTiltSeriesPixelSize" in optics.table.columns or subtomogram_box
         return Dialect.RELION4 if relion4 else Dialect.RELION31
-    if "rlnTomoName" in columns:
+    if "rlnTomoName" in columns and "rlnMagnification" not in columns:  # RELION 4 keeps optics per group
         return Dialect.RELION4
     table = blocks[particle_block_name(blocks)].table
     if "rlnPixelSize" in columns or ("rlnMicrographName" in columns and len(table)
@@ -310,23 +314,35 @@ def _optics_values(optics: pd.DataFrame, groups: np.ndarray, column: str, where:
 
 
 def _pixel_sizes(dialect: Dialect, table: pd.DataFrame, optics: pd.DataFrame | None, groups: np.ndarray | None,
-                 where: str) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """(coordinate, image) pixel sizes (N,) Å/px found in the file; None where the file does not carry one."""
+                 where: str) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:
+    """(coordinate, image) pixel sizes (N,) Å/px found in the file, None where it carries none, and the column
+    the coordinate pixel size came from.
+
+    RELION 3.0 layouts: ``rlnDetectorPixelSize · 1e4 / rlnMagnification``, else a per-particle ``rlnPixelSize``
+    (Warp), else ``rlnDetectorPixelSize`` alone (tomoDRGN writes its pixel size there, without a magnification:
+    RELION's own 3.0 default magnification is 10000). Optics dialects: :data:`COORD_PIXEL_COLUMNS` of the optics
+    table; a file without optics table (TOMOMAN's RELION 4 layout): a per-particle ``rlnPixelSize``.
+    """
+    columns = set(table.columns)
     if dialect in PX_ORIGIN_DIALECTS:
-        if {"rlnDetectorPixelSize", "rlnMagnification"} <= set(table.columns):
+        if {"rlnDetectorPixelSize", "rlnMagnification"} <= columns:
             pixel = _numeric(table, "rlnDetectorPixelSize", where) * 1e4 / _numeric(table, "rlnMagnification", where)
-        elif "rlnPixelSize" in table.columns:
-            pixel = _numeric(table, "rlnPixelSize", where)
-        else:
-            return None, None
-        return pixel, pixel
+            return pixel, pixel, "rlnDetectorPixelSize"
+        for column in ("rlnPixelSize", "rlnDetectorPixelSize"):
+            if column in columns:
+                pixel = _numeric(table, column, where)
+                return pixel, pixel, column
+        return None, None, None
     if optics is None or groups is None:
-        return None, None
+        if "rlnPixelSize" in columns and dialect in SUBTOMOGRAM_DIALECTS:
+            pixel = _numeric(table, "rlnPixelSize", where)
+            return pixel, None, "rlnPixelSize"
+        return None, None, None
     found = [c for c in COORD_PIXEL_COLUMNS[dialect] if c in optics.columns]
     coord = _optics_values(optics, groups, found[0], where) if found else None
     image = (_optics_values(optics, groups, "rlnImagePixelSize", where)
              if "rlnImagePixelSize" in optics.columns else None)
-    return coord, image
+    return coord, image, found[0] if found else None
 
 
 def _resolve_pixel(found: np.ndarray | None, given: float | None, n: int, dialect: Dialect,
@@ -487,12 +503,16 @@ def _optional_text(table: pd.DataFrame, column: str) -> np.ndarray | None:
     return table[column].to_numpy(dtype=object) if column in table.columns else None
 
 
-def _understood(dialect: Dialect, table: pd.DataFrame, name_column: str) -> set[str]:
+def _understood(dialect: Dialect, table: pd.DataFrame, name_column: str, pixel_column: str | None) -> set[str]:
+    """Columns the reader interprets (rewritten by the writer); ``rlnPixelSize`` only where it gave the
+    coordinate pixel size (elsewhere it is carried as read)."""
     roles = ROLE_COLUMNS[dialect]
     used = {c for role, c in roles.items() if role != "name"} | {name_column}
     used |= {f"rlnOrigin{a}{u}" for a in _XYZ for u in ("", "Angst")} if dialect != Dialect.M_SPECIES else set()
     if dialect in PX_ORIGIN_DIALECTS:
-        used |= set(_PIXEL_COLUMNS_30)
+        used |= {"rlnMagnification", "rlnDetectorPixelSize"}
+    if pixel_column == "rlnPixelSize":
+        used.add(pixel_column)
     if dialect in OPTICS_DIALECTS:
         used.add("rlnOpticsGroup")
     return used & set(table.columns)
@@ -559,7 +579,7 @@ def read_particle_star(path: str | Path, dialect: Dialect | str | None = None, *
         if "rlnOpticsGroup" not in table.columns:
             raise InputError(f"{where}: the file has data_optics but no rlnOpticsGroup column")
         groups = _integers(table, "rlnOpticsGroup", where)
-    found_pixel, image_pixel = _pixel_sizes(dialect, table, optics, groups, where)
+    found_pixel, image_pixel, pixel_column = _pixel_sizes(dialect, table, optics, groups, where)
     corner = dialect in CORNER_DIALECTS
     shapes = tomo_shape_lookup(tomo_shape_px, [str(u) for u in pd.unique(pd.Series(names, dtype=object))])
     # px coordinates need the pixel size; M species' Å from the corner only to be centred ((N // 2) · pixel)
@@ -582,7 +602,7 @@ def read_particle_star(path: str | Path, dialect: Dialect | str | None = None, *
             positions = positions - _centres_angst(names, shapes, pixel)
     else:
         positions = coordinates - origins
-    understood = _understood(dialect, table, name_column)
+    understood = _understood(dialect, table, name_column, pixel_column if found_pixel is not None else None)
     if subtomogram is not None:
         understood |= set(SUBTOMOGRAM_COLUMNS)
     if dialect == Dialect.RELION5 and _check_centred_vs_corner(table, positions, origins, pixel, shapes, names, where):
@@ -599,4 +619,5 @@ def read_particle_star(path: str | Path, dialect: Dialect | str | None = None, *
         general=blocks["general"].table if "general" in blocks else None,
         extras=table[[c for c in table.columns if c not in understood]].copy(),
         column_order=tuple(table.columns), source_row=np.arange(n), header_comments=tuple(comments),
-        subtomogram_euler_deg=subtomogram, box_euler_deg=box_angles, box_origins_angst=box_origins, frame=frame)
+        subtomogram_euler_deg=subtomogram, box_euler_deg=box_angles, box_origins_angst=box_origins, frame=frame,
+        coord_pixel_column=pixel_column if found_pixel is not None else None)

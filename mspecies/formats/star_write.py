@@ -121,7 +121,10 @@ def _role_columns(table: ParticleTable, dialect: Dialect, pixel: np.ndarray | No
                   shapes: dict[str, tuple[int, int, int]] | None) -> dict[str, np.ndarray]:
     """Every interpreted column of ``dialect`` (without optics groups), in canonical order."""
     roles = ROLE_COLUMNS[dialect]
-    out: dict[str, np.ndarray] = {roles["name"]: table.poses.tomo_names}
+    name_column = roles["name"]
+    if name_column in table.extras.columns and dialect != Dialect.M_SPECIES:
+        name_column = "rlnTomoName"  # the file's own rlnMicrographName is carried as read
+    out: dict[str, np.ndarray] = {name_column: table.poses.tomo_names}
     if dialect == Dialect.RELION31 and _name_column_of(table) == "rlnTomoName":
         out = {"rlnTomoName": table.poses.tomo_names}  # RELION 3.1 needs rlnMicrographName too: keep the file's
         if "rlnMicrographName" not in table.extras.columns:
@@ -142,8 +145,9 @@ def _role_columns(table: ParticleTable, dialect: Dialect, pixel: np.ndarray | No
     if dialect in PX_ORIGIN_DIALECTS and pixel is not None:
         out["rlnMagnification"] = np.full(len(table), 10000.0)
         out["rlnDetectorPixelSize"] = pixel
-        if dialect == Dialect.WARP3D or "rlnPixelSize" in table.column_order:
-            out["rlnPixelSize"] = pixel
+    carried = "rlnPixelSize" in table.extras.columns
+    if pixel is not None and not carried and (dialect == Dialect.WARP3D or table.coord_pixel_column == "rlnPixelSize"):
+        out["rlnPixelSize"] = pixel  # Warp's per-particle pixel size, and kept where the file gave it
     return out
 
 

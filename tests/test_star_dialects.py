@@ -288,6 +288,20 @@ def test_writer_requires_microscope_for_relion31(tmp_path):
     assert read_star_text(tmp_path / "b.star")[0]["optics"].table["rlnVoltage"].tolist() == ["200.000000"]
 
 
+def test_written_back_in_its_own_layout_a_file_needs_no_microscope(tmp_path):
+    """Warp-written 3.1 files lack rlnAmplitudeContrast: written back as 3.1 they keep exactly their optics."""
+    write_example(tmp_path / "a.star", Dialect.RELION31, _base(4, np.random.default_rng(7)))
+    blocks, _ = read_star_text(tmp_path / "a.star")
+    blocks["optics"].table = blocks["optics"].table.drop(columns=["rlnAmplitudeContrast"])
+    write_star_text(tmp_path / "a.star", list(blocks.values()))
+    table = read(tmp_path / "a.star")
+    write_particle_star(table, tmp_path / "b.star")
+    assert list(read_star_text(tmp_path / "b.star")[0]["optics"].table.columns) == list(
+        blocks["optics"].table.columns)
+    with pytest.raises(InputError, match="rlnAmplitudeContrast"):
+        write_particle_star(table, tmp_path / "c.star", Dialect.RELION30)
+
+
 def test_cli_convert(tmp_path, capsys):
     data = _base(20, np.random.default_rng(8))
     write_example(tmp_path / "a.star", Dialect.RELION5, data)

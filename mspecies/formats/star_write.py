@@ -6,11 +6,13 @@ take the place of their counterpart in the source file, new ones follow. Shifts 
 trips are exact; M species tables have no shift columns, so there the shifts are folded into the coordinates.
 
 Optics: RELION 3.1.3 ignores a ``data_optics`` table without ``rlnVoltage``, ``rlnSphericalAberration`` and
-``rlnAmplitudeContrast`` (and converts a 3.0 file only when those are per-particle columns), so the 3.0 and 3.1
-writers require them, from the table or from ``microscope``. Converting from a table without an optics table
-groups the per-particle optics columns (:data:`OPTICS_LABELS`) into optics groups; converting to 3.0, Warp 3D or
-M joins the optics columns into every particle row. RELION 3.0 has one pixel size, so coordinates, shifts and
-``rlnDetectorPixelSize`` (with ``rlnMagnification = 10000``) use the coordinate pixel size there.
+``rlnAmplitudeContrast`` (and converts a 3.0 file only when those are per-particle columns), so converting into 3.0
+or 3.1 requires them, from the table or from ``microscope``. A table written back in its own layout (3.1 as 3.1, 3.0
+or Warp 3D as 3.0) carries what the input carried and needs nothing more: Warp-written 3.1 files and RELION's
+refinements of them lack the amplitude contrast, and RELION read them as input. Converting from a table without an
+optics table groups the per-particle optics columns (:data:`OPTICS_LABELS`) into optics groups; converting to 3.0,
+Warp 3D or M joins the optics columns into every particle row. RELION 3.0 has one pixel size, so coordinates, shifts
+and ``rlnDetectorPixelSize`` (with ``rlnMagnification = 10000``) use the coordinate pixel size there.
 
 Subtomogram angles (RELION 4/5 ``rlnTomoSubtomogramRot/Tilt/Psi``, see :mod:`~mspecies.formats.star_dialects`):
 written back to RELION 4/5 with ``rlnAngle*`` and ``rlnOrigin*Angst`` relative to the subtomogram box (the values
@@ -319,7 +321,7 @@ def write_particle_star(table: ParticleTable, path: str | Path, dialect: Dialect
     blocks: list[StarBlock] = []
     if dialect in OPTICS_DIALECTS:
         optics, groups, extras = _optics_for(table, dialect, pixel, extras, microscope)
-        if dialect == Dialect.RELION31:
+        if dialect == Dialect.RELION31 and table.dialect != dialect:
             _require_microscope(optics.columns, dialect, "data_optics")
         columns["rlnOpticsGroup"] = groups
         if dialect == Dialect.RELION5:
@@ -330,7 +332,7 @@ def write_particle_star(table: ParticleTable, path: str | Path, dialect: Dialect
     else:
         extras = _joined_optics(table, extras)
         _fill_microscope(extras, microscope)
-        if dialect == Dialect.RELION30:
+        if dialect == Dialect.RELION30 and table.dialect not in PX_ORIGIN_DIALECTS:
             _require_microscope(extras.columns, dialect, "the particle table")
     particles = _ordered(table, dialect, columns, extras)
     blocks.append(StarBlock("particles" if dialect in OPTICS_DIALECTS else "", particles))

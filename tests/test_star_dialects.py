@@ -379,3 +379,22 @@ def test_take_keeps_rows_aligned(tmp_path):
     assert part.extras["myScore"].tolist() == table.extras["myScore"].to_numpy()[part.source_row].tolist()
     write_particle_star(part, tmp_path / "b.star")
     assert_same_particles(part, read(tmp_path / "b.star"))
+
+
+def test_warptools_export_coordinates_are_in_particle_pixels(tmp_path):
+    """WarpTools ts_export_particles (rlnTomoName *.tomostar, optics with rlnTomoSubtomogramBinning): coordinates
+    at rlnImagePixelSize, not rlnTomoTiltSeriesPixelSize; written back as RELION 4 the optics stay as read."""
+    optics = pd.DataFrame({"rlnOpticsGroup": ["1"], "rlnOpticsGroupName": ["opticsGroup1"],
+                           "rlnTomoTiltSeriesPixelSize": ["1.66700"], "rlnTomoSubtomogramBinning": ["7.19856"],
+                           "rlnImagePixelSize": ["12.00000"], "rlnVoltage": ["300.000"]})
+    particles = pd.DataFrame({"rlnTomoName": ["TS_1.tomostar"] * 2, "rlnCoordinateX": ["100.000", "400.000"],
+                              "rlnCoordinateY": ["50.000", "60.000"], "rlnCoordinateZ": ["20.000", "90.000"],
+                              "rlnOpticsGroup": ["1", "1"]})
+    write_star_text(tmp_path / "w.star", [StarBlock("optics", optics), StarBlock("particles", particles)])
+    table = read_particle_star(tmp_path / "w.star")
+    np.testing.assert_allclose(table.poses.positions_angst, particles.filter(like="Coordinate").astype(float) * 12)
+    write_particle_star(table, tmp_path / "b.star")
+    assert read_star_text(tmp_path / "b.star")[0]["optics"].table.astype(str).to_dict("list") == optics.to_dict("list")
+    renamed = particles.assign(rlnTomoName=["TS_1"] * 2)  # RELION's own names: tilt-series pixels
+    write_star_text(tmp_path / "r.star", [StarBlock("optics", optics), StarBlock("particles", renamed)])
+    np.testing.assert_allclose(read_particle_star(tmp_path / "r.star").coord_pixel_size_angst, 1.667)

@@ -313,6 +313,28 @@ def _optics_values(optics: pd.DataFrame, groups: np.ndarray, column: str, where:
     return values
 
 
+# Which pixel size each writer's coordinates use (read in warpem/warp at e321344 and 3dem/relion at tag 5.0.1):
+# * RELION 4/5: rlnCoordinateX/Y/Z are in (unbinned) tilt-series pixels, rlnTomoTiltSeriesPixelSize
+#   (src/jaz/tomography/particle_set.cpp:606-614, see ../shared/reference/relion5_contract.md §B5); RELION 5 writes
+#   rlnCenteredCoordinate*Angst instead, which the reader prefers wherever present.
+# * WarpTools ts_export_particles --2d: WarpLib/TiltSeries/TiltSeries.ReconstructParticleSeries.cs:200 writes
+#   Position0 = position_Å / options.BinnedPixelSizeMean, i.e. particle pixels (= rlnImagePixelSize), with
+#   rlnTomoName = RootName + ".tomostar" (:208). Older WarpTools put the tilt-series pixel size in
+#   rlnTomoTiltSeriesPixelSize (the corpus' 1.667 and 0.789 Å files, coordinates 7.2x and 5.1x too small at it);
+#   newer ones write the particle pixel size there (WarpTools/Commands/Tiltseries/ExportParticlesTiltseries.cs:
+#   889-894: "keeps legacy rlnCoordinateX/Y/Z in particle pixels"), so rlnImagePixelSize is right for both.
+# * WarpTools --3d (and Warp 1.x): ExportParticlesTiltseries.cs:786-790 write position_Å / output pixel size, the
+#   same value as rlnDetectorPixelSize (magnification 10000) and rlnPixelSize.
+# * WarpTools ts_template_match: TiltSeries.MatchFull.cs:1260 writes fractions of the volume (see _check_fractions).
+def is_warptools_export(table: pd.DataFrame, optics: pd.DataFrame | None) -> bool:
+    """A WarpTools ``ts_export_particles`` table: every ``rlnTomoName`` is a ``.tomostar`` and the optics carry
+    ``rlnTomoSubtomogramBinning`` and ``rlnImagePixelSize`` (RELION's own files name tomograms without ``.tomostar``;
+    mspecies' optics tables carry no binning)."""
+    return (optics is not None and {"rlnTomoSubtomogramBinning", "rlnImagePixelSize"} <= set(optics.columns)
+            and "rlnTomoName" in table.columns and len(table) > 0
+            and bool(table["rlnTomoName"].astype(str).str.endswith(".tomostar").all()))
+
+
 def _pixel_sizes(dialect: Dialect, table: pd.DataFrame, optics: pd.DataFrame | None, groups: np.ndarray | None,
                  where: str) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:
     """(coordinate, image) pixel sizes (N,) Å/px found in the file, None where it carries none, and the column
@@ -321,7 +343,8 @@ def _pixel_sizes(dialect: Dialect, table: pd.DataFrame, optics: pd.DataFrame | N
     RELION 3.0 layouts: ``rlnDetectorPixelSize · 1e4 / rlnMagnification``, else a per-particle ``rlnPixelSize``
     (Warp), else ``rlnDetectorPixelSize`` alone (tomoDRGN writes its pixel size there, without a magnification:
     RELION's own 3.0 default magnification is 10000). Optics dialects: :data:`COORD_PIXEL_COLUMNS` of the optics
-    table; a file without optics table (TOMOMAN's RELION 4 layout): a per-particle ``rlnPixelSize``.
+    table, ``rlnImagePixelSize`` for a WarpTools export (:func:`is_warptools_export`); a file without optics table
+    (TOMOMAN's RELION 4 layout): a per-particle ``rlnPixelSize``.
     """
     columns = set(table.columns)
     if dialect in PX_ORIGIN_DIALECTS:
@@ -338,7 +361,8 @@ def _pixel_sizes(dialect: Dialect, table: pd.DataFrame, optics: pd.DataFrame | N
             pixel = _numeric(table, "rlnPixelSize", where)
             return pixel, None, "rlnPixelSize"
         return None, None, None
-    found = [c for c in COORD_PIXEL_COLUMNS[dialect] if c in optics.columns]
+    candidates = ("rlnImagePixelSize",) if is_warptools_export(table, optics) else COORD_PIXEL_COLUMNS[dialect]
+    found = [c for c in candidates if c in optics.columns]
     coord = _optics_values(optics, groups, found[0], where) if found else None
     image = (_optics_values(optics, groups, "rlnImagePixelSize", where)
              if "rlnImagePixelSize" in optics.columns else None)

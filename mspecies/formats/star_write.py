@@ -255,6 +255,8 @@ def _optics_for(table: ParticleTable, dialect: Dialect, pixel: np.ndarray | None
             image = pd.to_numeric(optics.get("rlnImagePixelSize"), errors="coerce")
             if "rlnMicrographPixelSize" in optics.columns or image is None or not np.allclose(image, group_pixel):
                 _set_optics_column(optics, "rlnMicrographPixelSize", group_pixel)
+        elif table.coord_pixel_column == "rlnImagePixelSize" and table.dialect in SUBTOMOGRAM_DIALECTS:
+            _set_optics_column(optics, "rlnImagePixelSize", group_pixel)  # WarpTools: particle pixels, as read
         else:
             _set_optics_column(optics, "rlnTomoTiltSeriesPixelSize", group_pixel)
     _fill_microscope(optics, microscope)

@@ -398,3 +398,12 @@ def test_warptools_export_coordinates_are_in_particle_pixels(tmp_path):
     renamed = particles.assign(rlnTomoName=["TS_1"] * 2)  # RELION's own names: tilt-series pixels
     write_star_text(tmp_path / "r.star", [StarBlock("optics", optics), StarBlock("particles", renamed)])
     np.testing.assert_allclose(read_particle_star(tmp_path / "r.star").coord_pixel_size_angst, 1.667)
+
+
+def test_coordinates_given_as_fractions_of_the_tomogram_are_refused(tmp_path):
+    frame = {k: v for k, v in GOOD.items() if k != "rlnOpticsGroup"}
+    frame |= {"rlnMicrographName": ["TS_1.tomostar"] * 2, "rlnCoordinateX": [0.25, 0.5], "rlnCoordinateY": [0.1, 1.0],
+              "rlnCoordinateZ": [0.0, 0.3]}
+    write_star_text(tmp_path / "f.star", [StarBlock("", pd.DataFrame(frame))])
+    with pytest.raises(InputError, match=r"f.star.*within \[0, 1\]: these are fractions"):
+        read_particle_star(tmp_path / "f.star", coord_pixel_size_angst=10.0)

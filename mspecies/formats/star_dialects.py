@@ -566,6 +566,17 @@ def _check_centred_vs_corner(table: pd.DataFrame, positions_angst: np.ndarray, o
     return True
 
 
+def _check_fractions(coordinates_px: np.ndarray, columns: Sequence[str], where: str) -> None:
+    """Refuse coordinates that are all within [0, 1] and not all whole: fractions of the tomogram (WarpTools
+    ts_template_match, TiltSeries.MatchFull.cs:1260, position / volume size), which read as pixels would put every
+    particle within a pixel of the corner."""
+    if coordinates_px.size and coordinates_px.min() >= 0 and coordinates_px.max() <= 1 and \
+            np.any(coordinates_px != np.round(coordinates_px)):
+        raise InputError(f"{where}: every {'/'.join(columns)} is within [0, 1]: these are fractions of the tomogram "
+                         "(as WarpTools ts_template_match writes them), not pixels. Convert them to pixels first, "
+                         "e.g. WarpTools ts_export_particles --normalized_coords (x (size - 1) in tilt-series pixels)")
+
+
 def read_particle_star(path: str | Path, dialect: Dialect | str | None = None, *,
                        coord_pixel_size_angst: float | None = None, tomo_shape_px: TomoShapes = None
                        ) -> ParticleTable:
@@ -603,8 +614,11 @@ def read_particle_star(path: str | Path, dialect: Dialect | str | None = None, *
         if "rlnOpticsGroup" not in table.columns:
             raise InputError(f"{where}: the file has data_optics but no rlnOpticsGroup column")
         groups = _integers(table, "rlnOpticsGroup", where)
-    found_pixel, image_pixel, pixel_column = _pixel_sizes(dialect, table, optics, groups, where)
     corner = dialect in CORNER_DIALECTS
+    coordinates = _xyz(table, [roles[a] for a in ("x", "y", "z")], where)
+    if corner and dialect != Dialect.M_SPECIES:
+        _check_fractions(coordinates, [roles[a] for a in ("x", "y", "z")], where)
+    found_pixel, image_pixel, pixel_column = _pixel_sizes(dialect, table, optics, groups, where)
     shapes = tomo_shape_lookup(tomo_shape_px, [str(u) for u in pd.unique(pd.Series(names, dtype=object))])
     # px coordinates need the pixel size; M species' Å from the corner only to be centred ((N // 2) · pixel)
     needs_pixel = corner and n > 0 and (dialect != Dialect.M_SPECIES or shapes is not None)
@@ -617,7 +631,6 @@ def read_particle_star(path: str | Path, dialect: Dialect | str | None = None, *
         box_angles, box_origins = angles, origins
         angles = compose_subtomogram_pose(subtomogram, box_angles)
         origins = np.einsum("nij,nj->ni", euler_to_matrix(subtomogram), box_origins)
-    coordinates = _xyz(table, [roles[a] for a in ("x", "y", "z")], where)
     frame = PositionFrame.CORNER if corner and shapes is None else PositionFrame.CENTRED
     if corner:
         scale = 1.0 if dialect == Dialect.M_SPECIES else pixel[:, None]  # M coordinates are already in Å

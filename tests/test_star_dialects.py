@@ -407,3 +407,35 @@ def test_coordinates_given_as_fractions_of_the_tomogram_are_refused(tmp_path):
     write_star_text(tmp_path / "f.star", [StarBlock("", pd.DataFrame(frame))])
     with pytest.raises(InputError, match=r"f.star.*within \[0, 1\]: these are fractions"):
         read_particle_star(tmp_path / "f.star", coord_pixel_size_angst=10.0)
+
+
+def test_every_flag_named_in_a_star_message_exists_on_the_commands():
+    """One spelling per concept: each ``--flag`` the STAR layer's messages name is an option of convert or
+    intersect (the commands that read and write particle STARs)."""
+    import argparse
+    import inspect
+    import re
+
+    from mspecies.cli import convert, intersect_files
+    from mspecies.cli.main import build_parser
+    from mspecies.formats import star, star_dialects, star_write
+
+    text = "".join(inspect.getsource(m) for m in (star, star_dialects, star_write, intersect_files, convert))
+    named = set(re.findall(r"--[a-z][a-z-]+[a-z](?![\w-])", text)) - {"--to", "--from"}  # not WarpTools' a_b
+    commands = build_parser()._subparsers._group_actions[0].choices  # noqa: SLF001
+    options = {flag for name in ("convert", "intersect") for action in commands[name]._actions  # noqa: SLF001
+               if not isinstance(action, argparse._HelpAction) for flag in action.option_strings}  # noqa: SLF001
+    assert named and named <= options, sorted(named - options)
+    assert {"--coord-pixel-size-angst", "--tomo-size", "--tomo-sizes"} <= {
+        f for a in commands["convert"]._actions for f in a.option_strings} & {  # noqa: SLF001
+        f for a in commands["intersect"]._actions for f in a.option_strings}  # noqa: SLF001
+
+
+def test_pixel_size_message_names_the_pixel_columns_the_file_carries(tmp_path):
+    frame = {k: v for k, v in GOOD.items() if k != "rlnOpticsGroup"} | {"rlnTomoName": ["TS_01"] * 2}
+    optics = pd.DataFrame({"rlnOpticsGroup": ["1"], "rlnImagePixelSize": ["3.5"]})
+    write_star_text(tmp_path / "p.star", [StarBlock("optics", optics),
+                                          StarBlock("particles", pd.DataFrame(frame | {"rlnOpticsGroup": [1, 1]}))])
+    with pytest.raises(InputError, match=r"p.star.*--coord-pixel-size-angst") as error:
+        read_particle_star(tmp_path / "p.star", Dialect.RELION4)
+    assert "data_optics rlnImagePixelSize 3.5" in str(error.value)

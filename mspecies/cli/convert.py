@@ -42,7 +42,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--to", required=True, choices=DIALECTS, help="output dialect")
     parser.add_argument("output", help="output particle STAR")
     parser.add_argument("--from", dest="from_dialect", choices=DIALECTS, help="input dialect (default: detected)")
-    parser.add_argument("--coord-pixel-size", type=float, help="Å/px of the coordinates, if the file lacks it")
+    parser.add_argument("--coord-pixel-size-angst", type=float,
+                        help="Å/px of the coordinates, for a file that does not carry it")
     sizes = parser.add_mutually_exclusive_group()
     sizes.add_argument("--tomo-size", type=int, nargs=3, metavar=("NX", "NY", "NZ"),
                        help="tomogram size in px at the coordinate pixel size; only needed where coordinates from the "
@@ -65,7 +66,7 @@ def _microscope(args: argparse.Namespace) -> Microscope | None:
 def run(args: argparse.Namespace) -> int:
     shapes = read_tomo_sizes(args.tomo_sizes) if args.tomo_sizes else (tuple(args.tomo_size) if args.tomo_size
                                                                         else None)
-    table = read_particle_star(args.input, args.from_dialect, coord_pixel_size_angst=args.coord_pixel_size,
+    table = read_particle_star(args.input, args.from_dialect, coord_pixel_size_angst=args.coord_pixel_size_angst,
                                tomo_shape_px=shapes)
     write_particle_star(table, args.output, args.to, microscope=_microscope(args))
     print(f"{args.input} ({table.dialect}, {len(table)} particles) -> {args.output} ({args.to})")

@@ -27,7 +27,7 @@ Three ways to give the input (no Scipion needed):
    --particles --pixel-size --voltage --cs --amplitude-contrast --tomo-shape X Y Z [--ts-id]``.
 
 Particles STAR: any dialect of :func:`mspecies.formats.star_dialects.read_particle_star` (RELION 3.0/3.1/4/5, Warp,
-M); corner-based coordinates are in pixels at the file's pixel size, else ``--coords-pixel-size`` (default: the
+M); corner-based coordinates are in pixels at the file's pixel size, else ``--coord-pixel-size-angst`` (default: the
 tilt-series pixel size), origins subtracted, angles 0 if absent. Rows belong to the tilt series whose name equals the
 tomogram name, or its normalised form (``/a/TS_01.mrc`` → ``TS_01``).
 
@@ -65,7 +65,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--dose", help="dose text file: prior dose and own dose per tilt (e/A^2)")
     source.add_argument("--particles", help="particles STAR file")
     source.add_argument("--pixel-size", type=float, help="tilt-series pixel size (A)")
-    source.add_argument("--coords-pixel-size", type=float,
+    source.add_argument("--coord-pixel-size-angst", type=float,
                         help="pixel size of rlnCoordinate* (A; default: tilt-series pixel)")
     source.add_argument("--voltage", type=float, default=300.0, help="kV")
     source.add_argument("--cs", type=float, default=2.7, help="mm")
@@ -228,7 +228,7 @@ def load_inputs(args: argparse.Namespace) -> list[tuple[TiltSeriesData, Particle
     else:
         tilt_series, shape = _tilt_series_from_imod(args), tuple(args.tomo_shape)
     particles = read_particles_star(args.particles, tilt_series.ts_id, shape, tilt_series.pixel_size_angst,
-                                    args.coords_pixel_size)
+                                    args.coord_pixel_size_angst)
     return [(tilt_series, particles, shape)]
 
 

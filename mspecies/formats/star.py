@@ -133,6 +133,11 @@ def _read_block(path: Path, name: str, lines: list[str], i: int) -> tuple[StarBl
             i += 1
         start = i
         while i < len(lines) and not lines[i].startswith("data_"):
+            if lines[i].startswith("loop_"):
+                label = next((line.split()[0] for line in lines[i + 1:] if line.startswith("_")), "no label")
+                raise InputError(f"{path}: line {i + 1}: data_{name} holds a second loop ({label} ...) after its "
+                                 f"{len(columns)}-column loop; a STAR data block holds one loop (RELION reads one "
+                                 "table per block): put it in a data block of its own")
             i += 1
         data = [line for line in lines[start:i] if line and not line.startswith("#")]
         _check_unique(path, name, columns)

@@ -209,17 +209,18 @@ class ParticleTable:
 # --- detection -------------------------------------------------------------------------------------------------------
 
 
-def particle_block_name(blocks: Mapping[str, StarBlock]) -> str:
+def particle_block_name(blocks: Mapping[str, StarBlock], where: str = "particle STAR") -> str:
     """The particle table: ``data_particles`` if present, else the only loop block besides optics/general."""
     if "particles" in blocks:
         return "particles"
     loops = [name for name, block in blocks.items() if block.is_loop and name not in ("optics", "general")]
     if len(loops) != 1:
-        raise InputError(f"no data_particles block and {len(loops)} other loop blocks ({loops}); expected one")
+        raise InputError(f"{where}: no data_particles block and {len(loops)} other loop blocks ({loops}); "
+                         "expected one")
     return loops[0]
 
 
-def detect_dialect(blocks: Mapping[str, StarBlock]) -> Dialect:
+def detect_dialect(blocks: Mapping[str, StarBlock], where: str = "particle STAR") -> Dialect:
     """Dialect from blocks and particle columns (rules in order; the first that applies wins).
 
     1. any ``wrpCoordinateX1`` / ``wrpSourceName`` column → M species;
@@ -231,7 +232,7 @@ def detect_dialect(blocks: Mapping[str, StarBlock]) -> Dialect:
        or ``.tomostar`` micrograph names → Warp 3D export; ``rlnMicrographName`` → RELION 3.0 (a carried
        ``rlnTomoName`` stays an extra column there).
     """
-    columns = set(blocks[particle_block_name(blocks)].table.columns)
+    columns = set(blocks[particle_block_name(blocks, where)].table.columns)
     optics = blocks.get("optics")
     if {"wrpCoordinateX1", "wrpSourceName"} & columns:
         return Dialect.M_SPECIES
@@ -243,14 +244,17 @@ def detect_dialect(blocks: Mapping[str, StarBlock]) -> Dialect:
         return Dialect.RELION4 if relion4 else Dialect.RELION31
     if "rlnTomoName" in columns and "rlnMagnification" not in columns:  # RELION 4 keeps optics per group
         return Dialect.RELION4
-    table = blocks[particle_block_name(blocks)].table
+    table = blocks[particle_block_name(blocks, where)].table
     if "rlnPixelSize" in columns or ("rlnMicrographName" in columns and len(table)
                                      and table["rlnMicrographName"].str.endswith(".tomostar").any()):
         return Dialect.WARP3D
     if "rlnMicrographName" in columns or "rlnCoordinateX" in columns:
         return Dialect.RELION30
-    raise InputError(f"cannot tell the STAR dialect from columns {sorted(columns)[:12]}: expected rlnCoordinateX, "
-                     "rlnCenteredCoordinateXAngst or wrpCoordinateX1")
+    stopgap = " (a STOPGAP motivelist, not a RELION particle STAR: convert it to RELION first)" \
+        if {"motl_idx", "orig_x"} <= columns else ""
+    raise InputError(f"{where}: cannot tell the STAR dialect{stopgap}: no particle coordinates (expected "
+                     f"rlnCoordinateX/Y/Z, rlnCenteredCoordinateX/Y/ZAngst or wrpCoordinateX1; columns are "
+                     f"{sorted(columns)[:12]})")
 
 
 def _check_mixed(path: Path, dialect: Dialect, columns: set[str], has_optics: bool) -> None:
@@ -369,8 +373,17 @@ def _pixel_sizes(dialect: Dialect, table: pd.DataFrame, optics: pd.DataFrame | N
     return coord, image, found[0] if found else None
 
 
+def _carried_pixel_sizes(table: pd.DataFrame, optics: pd.DataFrame | None) -> str:
+    """Pixel-size columns present in the file with their first value, for messages (``"rlnPixelSize 1.96"``)."""
+    parts = []
+    for prefix, frame in (("", table), ("data_optics ", optics)):
+        if frame is not None and len(frame):
+            parts += [f"{prefix}{label} {frame[label].iloc[0]}" for label in frame.columns if "PixelSize" in label]
+    return ", ".join(parts)
+
+
 def _resolve_pixel(found: np.ndarray | None, given: float | None, n: int, dialect: Dialect,
-                   needed: bool, where: str) -> np.ndarray | None:
+                   needed: bool, where: str, carried: str = "") -> np.ndarray | None:
     """Coordinate pixel size: the file's, else the caller's; InputError when needed and neither is there."""
     if found is not None:
         if given is not None and not np.allclose(found, given, rtol=1e-4):
@@ -386,8 +399,10 @@ def _resolve_pixel(found: np.ndarray | None, given: float | None, n: int, dialec
     if not needed:
         return None
     looked = " or ".join(COORD_PIXEL_COLUMNS[dialect]) or "no column (M species tables carry none)"
+    other = f"; the file carries {carried}, which this dialect does not define as the coordinate pixel size " \
+            "(pass its value if the coordinates are in those pixels)" if carried else ""
     raise InputError(f"{where}: RELION/Warp dialect {dialect}: the coordinate pixel size is missing (looked for "
-                     f"{looked}); pass it (--coord-pixel-size)")
+                     f"{looked}){other}; pass it (--coord-pixel-size-angst)")
 
 
 def tomo_shape_lookup(shapes: TomoShapes, names: Sequence[str]) -> dict[str, tuple[int, int, int]] | None:
@@ -566,6 +581,17 @@ def _check_centred_vs_corner(table: pd.DataFrame, positions_angst: np.ndarray, o
     return True
 
 
+def _check_3d(table: pd.DataFrame, where: str) -> None:
+    """A file with rlnCoordinateX/Y but no rlnCoordinateZ (nor centred Å) holds 2D single-particle picks: refuse it
+    for that, before any question about pixel or tomogram sizes."""
+    columns = set(table.columns)
+    if {"rlnCoordinateX", "rlnCoordinateY"} <= columns and "rlnCoordinateZ" not in columns and \
+            "rlnCenteredCoordinateZAngst" not in columns:
+        raise InputError(f"{where}: no rlnCoordinateZ: a 2D (single-particle) file with rlnCoordinateX/Y only; "
+                         "sub-tomogram particles need 3D positions (rlnCoordinateX/Y/Z or "
+                         "rlnCenteredCoordinateX/Y/ZAngst)")
+
+
 def _check_fractions(coordinates_px: np.ndarray, columns: Sequence[str], where: str) -> None:
     """Refuse coordinates that are all within [0, 1] and not all whole: fractions of the tomogram (WarpTools
     ts_template_match, TiltSeries.MatchFull.cs:1260, position / volume size), which read as pixels would put every
@@ -599,10 +625,11 @@ def read_particle_star(path: str | Path, dialect: Dialect | str | None = None, *
     """
     path = Path(path)
     blocks, comments = read_star_text(path)
-    block_name = particle_block_name(blocks)
+    block_name = particle_block_name(blocks, str(path))
     where = f"{path} data_{block_name}"
     table = blocks[block_name].table.reset_index(drop=True)
-    dialect = Dialect(dialect) if dialect is not None else detect_dialect(blocks)
+    _check_3d(table, where)
+    dialect = Dialect(dialect) if dialect is not None else detect_dialect(blocks, str(path))
     optics = blocks["optics"].table if "optics" in blocks else None
     _check_mixed(path, dialect, set(table.columns), optics is not None)
     n = len(table)
@@ -622,7 +649,8 @@ def read_particle_star(path: str | Path, dialect: Dialect | str | None = None, *
     shapes = tomo_shape_lookup(tomo_shape_px, [str(u) for u in pd.unique(pd.Series(names, dtype=object))])
     # px coordinates need the pixel size; M species' Å from the corner only to be centred ((N // 2) · pixel)
     needs_pixel = corner and n > 0 and (dialect != Dialect.M_SPECIES or shapes is not None)
-    pixel = _resolve_pixel(found_pixel, coord_pixel_size_angst, n, dialect, needs_pixel, where)
+    pixel = _resolve_pixel(found_pixel, coord_pixel_size_angst, n, dialect, needs_pixel, where,
+                           _carried_pixel_sizes(table, optics))
     origins, origin_units = _origins(dialect, table, pixel, where)
     angles, has_angles = _angles(table, roles, where)
     subtomogram = _subtomogram_angles(table, where) if dialect in SUBTOMOGRAM_DIALECTS else None

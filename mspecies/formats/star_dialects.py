@@ -45,7 +45,7 @@ import pandas as pd
 
 from mspecies.common.euler import euler_to_matrix, matrix_to_euler
 from mspecies.common.types import InputError, ParticlePoses
-from mspecies.formats.star import StarBlock, read_star_text
+from mspecies.formats.star import FloatColumns, StarBlock, read_star_text
 from mspecies.formats.tomo_names import normalise_tomo_name
 
 
@@ -603,6 +603,31 @@ def _check_fractions(coordinates_px: np.ndarray, columns: Sequence[str], where: 
                          "e.g. WarpTools ts_export_particles --normalized_coords (x (size - 1) in tilt-series pixels)")
 
 
+def _interpreted_numbers(forced: Dialect | None) -> FloatColumns:
+    """For :func:`read_star_text`: the particle columns this reader turns into numbers (coordinates, angles, shifts,
+    subsets, optics groups, RELION 3.0 pixel columns), parsed as float64 by the C parser. Every other column,
+    carried back unchanged, stays text."""
+
+    def choose(headers: Mapping[str, list[str]]) -> dict[str, set[str]]:
+        blocks = {name: StarBlock(name, pd.DataFrame(columns=columns)) for name, columns in headers.items()}
+        try:
+            name = particle_block_name(blocks)
+            dialect = forced or detect_dialect(blocks)
+        except InputError:
+            return {}  # the full read reports it
+        roles = ROLE_COLUMNS[dialect]
+        wanted = {roles[r] for r in ("x", "y", "z", "rot", "tilt", "psi", "subset")}
+        if dialect != Dialect.M_SPECIES:
+            wanted |= {f"rlnOrigin{a}{u}" for a in _XYZ for u in ("", "Angst")} | {"rlnOpticsGroup"}
+        if dialect in SUBTOMOGRAM_DIALECTS:
+            wanted |= set(SUBTOMOGRAM_COLUMNS)
+        if dialect in PX_ORIGIN_DIALECTS:
+            wanted |= {"rlnMagnification", "rlnDetectorPixelSize"}
+        return {name: wanted & set(headers[name])}
+
+    return choose
+
+
 def read_particle_star(path: str | Path, dialect: Dialect | str | None = None, *,
                        coord_pixel_size_angst: float | None = None, tomo_shape_px: TomoShapes = None
                        ) -> ParticleTable:
@@ -624,7 +649,8 @@ def read_particle_star(path: str | Path, dialect: Dialect | str | None = None, *
         the corner and centred frames meet (RELION 5 ⇄ the others, Scipion).
     """
     path = Path(path)
-    blocks, comments = read_star_text(path)
+    forced = Dialect(dialect) if dialect is not None else None
+    blocks, comments = read_star_text(path, _interpreted_numbers(forced))
     block_name = particle_block_name(blocks, str(path))
     where = f"{path} data_{block_name}"
     table = blocks[block_name].table.reset_index(drop=True)

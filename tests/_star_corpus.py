@@ -4,7 +4,6 @@ what each file is expected to be read as and why, and the expected values comput
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,20 +12,9 @@ import pandas as pd
 import starfile
 
 from mspecies.common.euler import euler_to_matrix
+from mspecies.tests.corpus import corpus_dir
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def corpus_dir() -> Path | None:
-    """``$MSPECIES_SHARED/real_star/files``, else ``../shared/real_star/files`` beside the repository (or beside
-    the folder holding a git worktree of it); None when absent."""
-    candidates = [Path(os.environ["MSPECIES_SHARED"])] if "MSPECIES_SHARED" in os.environ else []
-    candidates += [ROOT.parent / "shared", ROOT.parent.parent / "shared"]
-    for shared in candidates:
-        if (shared / "real_star" / "files").is_dir():
-            return shared / "real_star" / "files"
-    return None
-
+__all__ = ["corpus_dir"]
 
 @dataclass(frozen=True)
 class Accepted:

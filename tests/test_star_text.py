@@ -52,6 +52,8 @@ def test_c_parser_keeps_every_carried_value_as_written(tmp_path):
 def test_quoted_values_and_bad_rows_take_the_python_tokenizer(tmp_path):
     (tmp_path / "q.star").write_text('data_\nloop_\n_a\n_b\n"x y" 1\n\'z\' 2\n')
     assert read_star_text(tmp_path / "q.star")[0][""].table.to_dict("list") == {"a": ["x y", "z"], "b": ["1", "2"]}
+    (tmp_path / "d.star").write_text('data_\nloop_\n_a\n_b\n"x y" 1\n"" 2\n')  # double quotes only: C parser
+    assert read_star_text(tmp_path / "d.star")[0][""].table.to_dict("list") == {"a": ["x y", ""], "b": ["1", "2"]}
     (tmp_path / "b.star").write_text("data_\nloop_\n_a\n_b\n1 2\n3\n")
     with pytest.raises(InputError, match=r"b.star: line 6: 1 values for 2 columns"):
         read_star_text(tmp_path / "b.star")

@@ -66,7 +66,7 @@ def read_relion31_particles(path: str | Path) -> tuple[pd.DataFrame, pd.DataFram
 #
 # Loops are parsed by pandas' C engine (whitespace-separated tokens, no type inference: text columns stay the strings
 # of the file). A caller may name columns it interprets as numbers (``float_columns``): those are parsed straight to
-# float64, which skips creating a Python string per value (the main cost of reading 10^6 rows). Lines with quotes,
+# float64, which skips creating a Python string per value (the main cost of reading 10^6 rows). Single quotes,
 # rows with the wrong number of values and non-numeric values in such columns take the Python tokenizer below,
 # which keeps every value as text and names the offending line.
 
@@ -113,14 +113,15 @@ def _python_table(path: Path, columns: list[str], data: bytes, first_line_no: in
 
 
 def _c_table(columns: list[str], data: bytes, floats: Collection[str]) -> pd.DataFrame | None:
-    """Data lines → DataFrame with pandas' C parser (text as read, ``floats`` as float64); None where the C parser
-    cannot give the exact table (quotes, wrong field counts, a non-number in a float column)."""
-    if b'"' in data or b"'" in data:
+    """Data lines → DataFrame with pandas' C parser (text as read, "double-quoted" values unquoted, ``floats`` as
+    float64); None where it cannot give the exact table (single quotes, wrong field counts, a non-number in a float
+    column, an empty last value that may be a short row)."""
+    if b"'" in data:
         return None
     dtypes = {c: (np.float64 if c in floats else object) for c in columns}
     try:
         table = pd.read_csv(io.BytesIO(data), sep=r"\s+", header=None, names=columns, dtype=dtypes,
-                            na_filter=False, engine="c", quoting=csv.QUOTE_NONE, index_col=False)
+                            na_filter=False, engine="c", quotechar='"', quoting=csv.QUOTE_MINIMAL, index_col=False)
     except (ValueError, pd.errors.ParserError):
         return None
     last = columns[-1]
@@ -292,9 +293,8 @@ def _text_matrix(texts: list[str]) -> np.ndarray:
 def _fixed_matrix(values: np.ndarray) -> np.ndarray:
     """(N,) float64 → (N, width) bytes of ``f"{x:.6f}"`` (Python's correctly rounded text, NUL-padded)."""
     x = np.asarray(values, dtype=np.float64)
-    scaled = np.abs(x) * 10.0 ** _DECIMALS
     safe = np.isfinite(x) & (np.abs(x) < _EXACT_LIMIT)
-    scaled = np.where(safe, scaled, 0.0)
+    scaled = np.abs(np.where(safe, x, 0.0)) * 10.0 ** _DECIMALS
     units = np.rint(scaled)
     safe &= np.abs(scaled - np.floor(scaled) - 0.5) > 1e-3  # near a half unit: Python decides
     units = units.astype(np.int64)

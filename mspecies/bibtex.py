@@ -1,9 +1,10 @@
 """
 @misc{mspecies2026,
   title = {mspecies: particle-set intersection and sub-tomogram export from tilt series for Scipion},
-  author = {{mspecies developers}},
+  author = {mspecies developers},
+  journal = {Scipion plugin scipion-em-mspecies},
   year = {2026},
-  howpublished = {\\url{https://github.com/mspecies/scipion-em-mspecies}}
+  url = {https://github.com/mspecies/scipion-em-mspecies}
 }
 
 @article{Tegunov2021,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite from a fresh clone: creates ./.venv, installs mspecies with its test
-# extras, installs RELION 3.1 from Debian when missing and running as root, checks ruff, runs pytest.
-# Extra arguments go to pytest (e.g. scripts/test.sh -m "not slow").
+# extras, installs RELION 3.1 from Debian when missing and running as root, checks ruff, runs pytest on
+# tests/ and then the plugin's own tests (mspecies/tests) through Scipion's test runner, so each test runs
+# once. With arguments, they go to pytest instead (e.g. scripts/test.sh -m "not slow", or a test file).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/_venv.sh test
@@ -13,4 +14,10 @@ if ! command -v relion_reconstruct >/dev/null 2>&1; then
     fi
 fi
 .venv/bin/ruff check .
-.venv/bin/python -m pytest "$@"
+if [ "$#" -gt 0 ]; then
+    exec .venv/bin/python -m pytest "$@"
+fi
+.venv/bin/python -m pytest tests
+# mspecies/tests through pyworkflow's test runner (what `scipion3 tests mspecies.tests...` runs): non-zero exit
+# when any test fails or errors, or a module cannot be imported in a plugin's environment (e.g. needs pytest)
+.venv/bin/python scripts/scipion_tests.py

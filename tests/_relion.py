@@ -1,21 +1,6 @@
-"""Locate RELION binaries for tests: skip with a printed reason where absent, fail in CI.
+"""Locate RELION binaries for the pytest tests: one implementation, shared with the package's Scipion tests
+(:func:`mspecies.tests.checks.require_relion`: skip with a printed reason where absent, fail in CI)."""
 
-CI sets ``MSPECIES_REQUIRE_RELION=1`` (``.ci/run``), so a missing RELION there is an error and the
-end-to-end checks against the real consumer can never silently vanish.
-"""
+from mspecies.tests.checks import require_relion
 
-import os
-import shutil
-
-import pytest
-
-
-def require_relion(program: str = "relion_reconstruct") -> str:
-    """Path of a RELION program, or skip (locally) / fail (CI) when it is not installed."""
-    path = shutil.which(program)
-    if path:
-        return path
-    reason = f"{program} not found on PATH (install RELION 3.1: apt-get install relion)"
-    if os.environ.get("MSPECIES_REQUIRE_RELION") == "1":
-        pytest.fail(reason + " — required because MSPECIES_REQUIRE_RELION=1")
-    pytest.skip(reason)
+__all__ = ["require_relion"]

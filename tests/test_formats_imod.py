@@ -1,11 +1,11 @@
-"""Round trips and error messages of the IMOD / SerialEM / CTFFIND / MRC / STAR readers and writers."""
+"""Round trips and error messages of the IMOD / SerialEM / CTFFIND / dose / MRC / STAR readers and writers."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from mspecies.common.types import InputError
-from mspecies.formats import imod
+from mspecies.formats import ctffind, dose, imod, serialem
 from mspecies.formats.mrc import read_mrc, write_mrc
 from mspecies.formats.star import read_relion31_particles, write_relion31_particles
 
@@ -49,24 +49,26 @@ def test_imod_defocus_version2_view_ranges_are_expanded(tmp_path):
 
 def test_ctffind_round_trip(tmp_path):
     u, v, ang = RNG.uniform(2e4, 4e4, 4), RNG.uniform(2e4, 4e4, 4), RNG.uniform(-90, 90, 4)
-    out = imod.read_ctffind_txt(imod.write_ctffind_txt(tmp_path / "c.txt", u, v, ang))
-    np.testing.assert_allclose(out["defocus_u_angst"], u, atol=1e-5)
-    np.testing.assert_allclose(out["defocus_v_angst"], v, atol=1e-5)
-    np.testing.assert_allclose(out["defocus_angle_deg"], ang, atol=1e-5)
-    np.testing.assert_array_equal(out["micrograph_number"], [1, 2, 3, 4])
+    out = ctffind.read_ctffind(ctffind.write_ctffind(tmp_path / "c.txt", u, v, ang, pixel_size_angst=1.35,
+                                                     voltage_kv=300.0, cs_mm=2.7, amplitude_contrast=0.1))
+    np.testing.assert_allclose(out.defocus_u_angst, u, atol=1e-5)
+    np.testing.assert_allclose(out.defocus_v_angst, v, atol=1e-5)
+    np.testing.assert_allclose(out.defocus_angle_deg, ang, atol=1e-5)
+    assert (out.pixel_size_angst, out.voltage_kv, out.cs_mm, out.amplitude_contrast) == (1.35, 300.0, 2.7, 0.1)
 
 
 def test_dose_round_trip_gives_accumulated_dose_including_the_tilt(tmp_path):
-    out = imod.read_dose_txt(imod.write_dose_txt(tmp_path / "d.txt", [3.0, 0.0, 6.0], 3.0))
-    np.testing.assert_allclose(out["accumulated_dose_e_per_angst2"], [6.0, 3.0, 9.0])
-    np.testing.assert_allclose(out["pre_exposure_e_per_angst2"], [3.0, 0.0, 6.0])
+    out = dose.read_dose_list(dose.write_dose_list(tmp_path / "d.txt", [3.0, 0.0, 6.0], 3.0))
+    np.testing.assert_allclose(out.accumulated_e_per_angst2, [6.0, 3.0, 9.0])
+    assert out.layout == "prior-own"
 
 
 def test_mdoc_round_trip(tmp_path):
     header = {"PixelSpacing": 4.0, "Voltage": 300.0, "ImageFile": "TS_01.mrc", "ImageSize": [512, 256]}
     sections = [{"ZValue": i, "TiltAngle": a, "DateTime": f"01-Jan-24  10:0{i}:00", "SubFramePath": f"X:\\f\\{i}.tif"}
                 for i, a in enumerate([-3.0, 0.0, 3.5])]
-    out = imod.read_mdoc(imod.write_mdoc(tmp_path / "a.mrc.mdoc", header, sections, ["Tilt axis angle = 85.0"]))
+    out = serialem.read_mdoc(serialem.write_mdoc(tmp_path / "a.mrc.mdoc", header, sections,
+                                                 ["Tilt axis angle = 85.0"]))
     assert out["header"] == {"PixelSpacing": 4.0, "Voltage": 300.0, "ImageFile": "TS_01.mrc", "ImageSize": [512, 256]}
     assert out["titles"] == ["Tilt axis angle = 85.0"]
     assert out["sections"] == sections
@@ -92,10 +94,10 @@ def test_star_round_trip_with_optics(tmp_path):
 @pytest.mark.parametrize(("reader", "text", "fragment"), [
     (imod.read_xf, "1 0 0 1 2\n", "line 1: expected 6 columns"),
     (imod.read_tlt, "0.0\nabc\n", "line 2: non-numeric"),
-    (imod.read_dose_txt, "1 2 3\n", "line 1: expected 2 columns"),
-    (imod.read_ctffind_txt, "# c\n1 2 3\n", "line 2: expected 7 columns"),
+    (dose.read_dose_list, "1 2 3\n", "line 1: expected 1 or 2 columns"),
+    (ctffind.read_ctffind, "# c\n1 2 3\n", "line 2: expected 7 or 8 or 9 or 10 columns"),
     (imod.read_imod_defocus, "1 0 0.0 0.0 0.0 3\n1 1 0.0 0.0 3000\n", "line 2: expected 7 columns"),
-    (imod.read_mdoc, "PixelSpacing 4\n", "line 1: expected 'key = value'"),
+    (serialem.read_mdoc, "PixelSpacing 4\n", "line 1: expected 'key = value'"),
 ])
 def test_readers_name_file_and_line_on_bad_content(tmp_path, reader, text, fragment):
     path = tmp_path / "bad.txt"
@@ -105,8 +107,8 @@ def test_readers_name_file_and_line_on_bad_content(tmp_path, reader, text, fragm
     assert str(path) in str(error.value)
 
 
-@pytest.mark.parametrize("reader", [imod.read_tlt, imod.read_xf, imod.read_imod_defocus, imod.read_ctffind_txt,
-                                    imod.read_dose_txt, imod.read_mdoc, read_mrc])
+@pytest.mark.parametrize("reader", [imod.read_tlt, imod.read_xf, imod.read_imod_defocus, ctffind.read_ctffind,
+                                    dose.read_dose_list, serialem.read_mdoc, read_mrc])
 def test_readers_report_missing_file(tmp_path, reader):
     with pytest.raises(InputError, match="not found"):
         reader(tmp_path / "missing.file")

@@ -1,9 +1,12 @@
 """Layering: the one-way floors of DESIGN.md (read from every module's imports), core/formats/synth/cli never
-load Scipion; the plugin, its entry point, protocols.conf and protocols are discoverable (fresh interpreters)."""
+load Scipion; the plugin, its entry point, protocols.conf and protocols are discoverable (fresh interpreters); the
+package's tests import only what an installed plugin's Scipion environment holds."""
 
 import ast
+import importlib.metadata
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -107,3 +110,41 @@ def test_domain_finds_protocols():
     for name in ("ProtMSpeciesImportTiltSeries", "ProtMSpeciesImportTsAlignment", "ProtMSpeciesImportTsCtf",
                  "ProtMSpeciesImportParticlesStar"):
         assert name in lines[-1], lines
+
+
+def _top_level_imports(path: str) -> list[tuple[int, str]]:
+    """(line, top-level module) of every absolute import in a module."""
+    tree = ast.parse(open(path, encoding="utf-8").read(), path)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name.split(".")[0]) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.lineno, node.module.split(".")[0]))
+    return found
+
+
+def _outside_plugin_environment(path: str) -> list[tuple[int, str]]:
+    """Imports of a module that neither the standard library, mspecies nor a distribution the plugin requires
+    (requirements.txt: Scipion, tomo, numpy, ...) provides: what Scipion's runner could not import."""
+    requirements = os.path.join(os.path.dirname(PACKAGE), "requirements.txt")
+    required = {re.split(r"[<>=!~\[; ]", line.strip())[0].lower().replace("_", "-")
+                for line in open(requirements, encoding="utf-8") if line.strip() and not line.startswith("#")}
+    providers = importlib.metadata.packages_distributions()
+    return [(line, name) for line, name in _top_level_imports(path)
+            if name not in sys.stdlib_module_names and name != "mspecies"
+            and not {d.lower().replace("_", "-") for d in providers.get(name, [])} & required]
+
+
+def test_package_tests_import_only_what_a_plugin_environment_holds():
+    folder = os.path.join(PACKAGE, "tests")
+    wrong = [f"mspecies/tests/{name}:{line} imports {module}" for name in sorted(os.listdir(folder))
+             if name.endswith(".py") for line, module in _outside_plugin_environment(os.path.join(folder, name))]
+    assert wrong == [], "\n".join(wrong)
+
+
+def test_plugin_environment_check_sees_pytest_and_the_repository_tests(tmp_path):
+    module = tmp_path / "test_bad.py"
+    module.write_text("import os\nimport numpy as np\nimport pytest\nfrom tests._relion import require_relion\n"
+                      "from pyworkflow.tests import BaseTest\nfrom mspecies.tests.checks import require_relion\n")
+    assert _outside_plugin_environment(str(module)) == [(3, "pytest"), (4, "tests")]

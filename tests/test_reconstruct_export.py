@@ -62,10 +62,10 @@ def test_check_volume_rejects_zero_constant_and_non_finite(volume):
     with pytest.raises(ReconstructionError):
         check_volume(volume, "particle 0")
 
-def test_a_blank_stack_gives_an_error_and_no_file(tmp_path):
+def test_a_blank_stack_gives_an_error_naming_the_tilt_and_no_file(tmp_path):
     tilt_series = make_tilt_series(n_tilts=5)
     stack = np.ones((5, 160, 160), dtype=np.float32)
-    with pytest.raises(ReconstructionError, match="all zero"):
+    with pytest.raises(InputError, match=r"tilt 0 \(-60.0°\) is blank"):
         export_tilt_series(tilt_series, stack, poses([[0, 0, 0]]), options(), tmp_path / "out",
                            tomogram_shape_xyz_px=(160, 160, 100))
     assert not list((tmp_path / "out").glob("*.mrc"))
@@ -136,7 +136,7 @@ def test_cli_missing_files_exit_2(tmp_path, capsys):
     assert code == 2 and "--geometry" in capsys.readouterr().err
     code = main(["export", "--stack", "s.mrc", "--particles", "p.star", "--out", str(tmp_path / "o"), "--box", "24",
                  "--diameter", "60"])
-    assert code == 2 and "--tlt" in capsys.readouterr().err
+    assert code == 2 and "--stack" in capsys.readouterr().err
 
 def test_cli_exports_volumes_and_series(small_dataset, tmp_path, capsys):
     common = ["export", "--manifest", str(small_dataset), "--box", "24", "--diameter", "60", "--backend", "numpy"]

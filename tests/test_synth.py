@@ -12,7 +12,7 @@ from mspecies import cli
 from mspecies.common.types import Microscope
 from mspecies.core import geometry
 from mspecies.core.ctf import ctf_2d, rfft_frequencies
-from mspecies.formats import imod
+from mspecies.formats import dose, imod, serialem
 from mspecies.formats.mrc import read_mrc
 from mspecies.formats.star import read_relion31_particles
 from mspecies.synth import check as synth_check
@@ -146,9 +146,9 @@ def test_manifest_lists_existing_files_and_rebuilds_core_objects(small_dataset):
     np.testing.assert_allclose(imod.read_tlt(root / "TS_01" / "TS_01.tlt"), ts.tilt_angles_deg, atol=1e-3)
     defocus = imod.read_imod_defocus(root / "TS_01" / "TS_01.defocus")
     np.testing.assert_allclose(defocus["defocus_u_angst"], ts.defocus_u_angst, atol=0.1)
-    dose = imod.read_dose_txt(root / "TS_01" / "TS_01_dose.txt")
-    np.testing.assert_allclose(dose["accumulated_dose_e_per_angst2"], ts.dose_e_per_angst2, atol=1e-3)
-    mdoc = imod.read_mdoc(root / "TS_01" / "TS_01.mrc.mdoc")
+    doses = dose.read_dose_list(root / "TS_01" / "TS_01_dose.txt")
+    np.testing.assert_allclose(doses.accumulated_e_per_angst2, ts.dose_e_per_angst2, atol=1e-3)
+    mdoc = serialem.read_mdoc(root / "TS_01" / "TS_01.mrc.mdoc")
     assert mdoc["header"]["PixelSpacing"] == SMALL["pixel_size_angst"]
     stamps = [s["DateTime"] for s in sorted(mdoc["sections"], key=lambda s: ts.acquisition_order[s["ZValue"]])]
     assert stamps == sorted(stamps)

@@ -1,7 +1,9 @@
 """``python -m mspecies convert IN.star --to DIALECT OUT.star``: particle STAR dialect conversion.
 
 Dialects: RELION ``3.0``, ``3.1``, ``4``, ``5``, ``warp3d`` (Warp/WarpTools 3D export table) and ``warp``
-(M species table). Bad input ends with exit code 2 and one line naming the column and row.
+(M species table). Bad input ends with exit code 2 and one line naming the column and row. The output is
+written under a temporary name beside it and renamed when complete: a failed run leaves no file, and an existing
+output is replaced only by a complete one.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mspecies.cli.atomic import atomic_file, check_output_folder, output_folder
+from mspecies.cli.errors import reading_text
 from mspecies.common.types import InputError, Microscope
 from mspecies.formats.star_dialects import Dialect, read_particle_star
 from mspecies.formats.star_write import write_particle_star
@@ -64,10 +68,20 @@ def _microscope(args: argparse.Namespace) -> Microscope | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    output = Path(args.output)
+    if output.is_dir():
+        raise InputError(f"output: {output} is a folder, expected a STAR file name")
+    check_output_folder(output.parent, "output")
+    microscope = _microscope(args)
     shapes = read_tomo_sizes(args.tomo_sizes) if args.tomo_sizes else (tuple(args.tomo_size) if args.tomo_size
                                                                         else None)
-    table = read_particle_star(args.input, args.from_dialect, coord_pixel_size_angst=args.coord_pixel_size_angst,
-                               tomo_shape_px=shapes)
-    write_particle_star(table, args.output, args.to, microscope=_microscope(args))
+    if not Path(args.input).is_file():
+        raise InputError(f"input: {args.input} not found")
+    with reading_text("input", args.input):
+        table = read_particle_star(args.input, args.from_dialect, coord_pixel_size_angst=args.coord_pixel_size_angst,
+                                   tomo_shape_px=shapes)
+    output_folder(output.parent, "output")
+    with atomic_file(output) as temporary:
+        write_particle_star(table, temporary, args.to, microscope=microscope)
     print(f"{args.input} ({table.dialect}, {len(table)} particles) -> {args.output} ({args.to})")
     return 0

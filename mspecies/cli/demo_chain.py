@@ -2,8 +2,8 @@
 
 It generates the synthetic tilt-series dataset, creates a headless Scipion project, imports
 everything into it and checks the imported objects against the ground truth; then runs the particle chain
-(:func:`run_export_chain`): a second particle set (the dataset's STAR with particles dropped, jittered by a few Å
-and decoys added) is intersected with the imported coordinates, the selected union is exported from the tilt
+(:func:`run_export_chain`): a second particle set (the dataset's STAR with particles dropped, jittered by a Gaussian
+of a few Å and decoys added) is intersected with the imported coordinates, the selected union is exported from the tilt
 series by ``ProtMSpeciesExportSubtomograms``, reconstructed by ``relion_reconstruct --ctf`` (or, without RELION,
 by the CTF-weighted average of the export) and compared with the ground truth (FSC, CC). Writes report.md + JSON.
 Imports pyworkflow: :func:`mspecies.scipion_env.configure_headless_scipion` must have run first.
@@ -172,15 +172,16 @@ def _write_report(out_dir: Path, project_path: str, manifest_path: Path, self_ch
 
 # ----------------------------------------------------------------------------------------------- export chain
 
-JITTER_ANGST = 3.0
+JITTER_SD_ANGST = 2.0  # sd of the Gaussian jitter along each axis: distances spread over ~1-7 Å (mean ~3.2 Å)
 TOLERANCE_ANGST = 10.0
+JITTER_MAX_ANGST = 0.8 * TOLERANCE_ANGST  # jitters beyond (p < 1e-4 each) are drawn again: all stay true pairs
 DROP_EVERY = 5  # the derived set lacks every 5th particle
 DECOYS_PER_TOMOGRAM = 1
 
 
 def derive_particle_star(manifest_path: Path, out_path: Path, *, seed: int = 0) -> dict[str, int]:
     """A second particle set from the dataset's ``particles.star`` (RELION 3.1, corner px): every
-    ``DROP_EVERY``-th particle dropped, the others jittered by ``JITTER_ANGST`` in a random direction, and
+    ``DROP_EVERY``-th particle dropped, the others jittered (:func:`gaussian_jitter_angst`), and
     ``DECOYS_PER_TOMOGRAM`` decoys per tomogram (a copy of a particle moved by 20 x the tolerance in x, towards
     the centre) added. Returns the counts."""
     from mspecies.formats.star import StarBlock, read_star_text, write_star_text
@@ -191,10 +192,9 @@ def derive_particle_star(manifest_path: Path, out_path: Path, *, seed: int = 0) 
     pixel = float(optics["rlnImagePixelSize"].iloc[0])
     rng = np.random.default_rng(seed)
     kept = particles[np.arange(len(particles)) % DROP_EVERY != 0].reset_index(drop=True)
-    direction = rng.normal(size=(len(kept), 3))
-    direction *= JITTER_ANGST / pixel / np.linalg.norm(direction, axis=1, keepdims=True)
+    jitter_px = gaussian_jitter_angst(len(kept), rng) / pixel
     for k, axis in enumerate("XYZ"):
-        kept[f"rlnCoordinate{axis}"] = kept[f"rlnCoordinate{axis}"].astype(float) + direction[:, k]
+        kept[f"rlnCoordinate{axis}"] = kept[f"rlnCoordinate{axis}"].astype(float) + jitter_px[:, k]
     decoys = kept.groupby("rlnTomoName", sort=True).head(DECOYS_PER_TOMOGRAM).copy()
     x = decoys["rlnCoordinateX"].astype(float)
     towards_centre = np.where(x > manifest["tilt_series"][0]["unbinned_tomogram_shape_zyx"][2] / 2, -1.0, 1.0)
@@ -207,6 +207,16 @@ def derive_particle_star(manifest_path: Path, out_path: Path, *, seed: int = 0) 
                     ["mspecies demo: derived particle set (dropped, jittered, decoys)"])
     return {"original": len(particles), "dropped": len(particles) - len(kept), "jittered": len(kept),
             "decoys": len(decoys)}
+
+
+def gaussian_jitter_angst(n: int, rng: np.random.Generator) -> np.ndarray:
+    """(n, 3) offsets (Å): Gaussian with ``JITTER_SD_ANGST`` along each axis, so the distances follow a Maxwell
+    distribution (a peak near 2.8 Å and a tail) as a real re-picking would, not one spike; an offset longer than
+    ``JITTER_MAX_ANGST`` is drawn again, so every jittered particle stays within the tolerance."""
+    jitter = rng.normal(scale=JITTER_SD_ANGST, size=(n, 3))
+    while (far := np.linalg.norm(jitter, axis=1) > JITTER_MAX_ANGST).any():
+        jitter[far] = rng.normal(scale=JITTER_SD_ANGST, size=(int(far.sum()), 3))
+    return jitter
 
 
 def export_parameters(manifest: dict) -> dict[str, float]:
@@ -323,7 +333,7 @@ def _chain_figures(project_path: str, prot_intersect, prot_export, scores: dict,
 def _chain_report_lines(scores: dict, figures: dict, prot_intersect, prot_export) -> list[str]:  # noqa: ANN001
     counts = scores["counts"]
     lines = [f"- Derived set: {counts['original']} particles, {counts['dropped']} dropped, {counts['jittered']} "
-             f"jittered by {JITTER_ANGST:g} Å, {counts['decoys']} decoys added",
+             f"jittered (Gaussian, sd {JITTER_SD_ANGST:g} Å per axis), {counts['decoys']} decoys added",
              f"- `{prot_intersect.getObjLabel()}` (tolerance {TOLERANCE_ANGST:g} Å, selected = only old + in both "
              f"+ only new):"]
     lines += [f"  - {line}" for line in prot_intersect.summary()]

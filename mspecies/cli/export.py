@@ -23,17 +23,33 @@ Three ways to give the input (no Scipion needed):
          "tomogram_shape_xyz_px": [512, 512, 250]   # unbinned tomogram at pixel_size_angst
        }
 
-3. IMOD-style files: ``--stack --tlt --xf --defocus (IMOD .defocus) --dose (two columns: prior dose, own dose)
-   --particles --pixel-size --voltage --cs --amplitude-contrast --tomo-shape X Y Z [--ts-id]``.
+3. The files of a tilt series as IMOD, AreTomo, SerialEM and CTFFIND write them (no Scipion, no JSON)::
+
+       python -m mspecies export --stack TS.mrc --mdoc TS.mrc.mdoc --xf TS.xf --ctf TS_ctffind.txt \
+           --tomogram TS_bin4.mrc --particles particles.star --box 64 --diameter 150 --out OUT
+
+   ``--aln TS.aln`` (AreTomo) instead of ``--xf``; ``--tlt``, ``--dose``, ``--defocus`` (IMOD) as alternatives
+   or in addition to the mdoc / CTFFIND; particles as STAR or as a text list ``x y z [rot tilt psi]`` (px).
+   Pixel size, voltage, Cs, amplitude contrast, tomogram size and binning are read from the files; every value
+   is logged with its source and a flag overrides it (with a warning when it disagrees).
+   Which file wins where several give a value: :mod:`mspecies.cli.export_inputs`.
 
 Particles STAR: any dialect of :func:`mspecies.formats.star_dialects.read_particle_star` (RELION 3.0/3.1/4/5, Warp,
 M); corner-based coordinates are in pixels at the file's pixel size, else ``--coord-pixel-size-angst`` (default: the
-tilt-series pixel size), origins subtracted, angles 0 if absent. Rows belong to the tilt series whose name equals the
-tomogram name, or its normalised form (``/a/TS_01.mrc`` → ``TS_01``).
+``--tomogram``'s pixel size, else the tilt series'), origins subtracted, angles 0 if absent. Rows belong to the tilt
+series whose name equals the tomogram name, or its normalised form (``/a/TS_01.mrc`` → ``TS_01``).
 
 Writes the MRCs and ``particles.star`` (RELION 3.1 with optics; ``--star-flavour 3.0`` for M's style) into
 ``--out``; logs per tilt series the particles done, particles/s, padded box, backend and memory plan.
-Bad input: exit code 2 and a message naming the parameter or file.
+Bad input: exit code 2 and a message naming the parameter or file. Its last act is the success record
+``export_record.json`` (:mod:`mspecies.cli.export_record`): no record, no success, whatever the exit code says.
+
+Before the first byte is written every parameter, the memory plan of every tilt series, the particles
+(:mod:`mspecies.cli.export_checks`: those outside the tomogram or the images are skipped and listed in
+``excluded_particles.tsv``, duplicates warned or dropped) and the free space are checked. The files are written into
+a hidden staging folder of ``--out`` under the folder's lock and moved to their final names when all are complete,
+``particles.star`` last (:mod:`mspecies.cli.atomic`); a folder that holds an earlier export is refused unless
+``--overwrite``, which replaces that export whole.
 """
 
 from __future__ import annotations
@@ -47,6 +63,8 @@ import numpy as np
 import pandas as pd
 
 from mspecies.common.types import InputError, Microscope, ParticlePoses, TiltSeriesData
+from mspecies.formats import validate
+from mspecies.formats.dose import DOSE_LAYOUTS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -57,44 +75,91 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     source = parser.add_argument_group("input")
     source.add_argument("--manifest", help="synthetic dataset manifest.json")
     source.add_argument("--geometry", help="tilt-series geometry JSON (schema in the module docstring)")
-    source.add_argument("--ts-id", help="tilt series to export (manifest: default all; IMOD files: its name)")
-    source.add_argument("--stack", help="raw tilt stack (MRC)")
-    source.add_argument("--tlt", help="IMOD .tlt tilt angles")
-    source.add_argument("--xf", help="IMOD .xf alignment")
-    source.add_argument("--defocus", help="IMOD .defocus file")
-    source.add_argument("--dose", help="dose text file: prior dose and own dose per tilt (e/A^2)")
-    source.add_argument("--particles", help="particles STAR file")
-    source.add_argument("--pixel-size", type=float, help="tilt-series pixel size (A)")
-    source.add_argument("--coord-pixel-size-angst", type=float,
-                        help="pixel size of rlnCoordinate* (A; default: tilt-series pixel)")
-    source.add_argument("--voltage", type=float, default=300.0, help="kV")
-    source.add_argument("--cs", type=float, default=2.7, help="mm")
-    source.add_argument("--amplitude-contrast", type=float, default=0.07)
+    source.add_argument("--ts-id", help="tilt series to export (manifest: default all; files: its name, default "
+                        "the stack file name without extension)")
+    source.add_argument("--stack", help="raw (non-aligned) tilt stack, MRC; pixel size from its header")
+    source.add_argument("--mdoc", help="SerialEM .mdoc of the stack: tilt angles, dose (ExposureDose, "
+                        "PriorRecordDose), acquisition order (DateTime), pixel size, voltage")
+    source.add_argument("--tlt", help="IMOD .tlt tilt angles (deg, stack order); wins over --aln and --mdoc")
+    source.add_argument("--xf", help="IMOD .xf alignment (raw → aligned, one line per image)")
+    source.add_argument("--aln", help="AreTomo/AreTomo2/AreTomo3 .aln alignment instead of --xf: tilt axis, "
+                        "shifts, tilt angles; views without a row are excluded")
+    source.add_argument("--ctf", help="CTFFIND 4/5 output .txt: per-tilt defocus, and voltage, Cs, amplitude "
+                        "contrast and pixel size from its header")
+    source.add_argument("--defocus", help="IMOD ctfphaseflip .defocus instead of --ctf (nm in the file)")
+    source.add_argument("--dose", help="dose list, one row per image in stack order (e/A^2): prior and own dose, "
+                        "or tilt angle and accumulated dose (told apart by content), or one column with "
+                        "--dose-layout; default: the --mdoc's dose")
+    source.add_argument("--dose-layout", choices=DOSE_LAYOUTS, default="auto",
+                        help="what the --dose columns hold: prior-own, tilt-accumulated, accumulated (1 column, "
+                        "including the tilt) or own (1 column, summed in the --mdoc's acquisition order); auto "
+                        "decides for 2 columns or refuses and says why")
+    source.add_argument("--tomogram", help="the (binned) tomogram the particles were picked in: its header gives "
+                        "the tomogram size and binning (unbinned size = size × its pixel / tilt-series pixel)")
     source.add_argument("--tomo-shape", type=int, nargs=3, metavar=("X", "Y", "Z"),
-                        help="unbinned tomogram size in px at the tilt-series pixel size")
+                        help="unbinned tomogram size in px at the tilt-series pixel size (instead of --tomogram)")
+    source.add_argument("--particles", help="particles: a STAR file (RELION 3.0-5, Warp, M) or a text list "
+                        "'x y z [rot tilt psi]' in pixels from the tomogram corner")
+    source.add_argument("--pixel-size", type=float,
+                        help="tilt-series pixel size (A; default: the stack header, else the mdoc, else CTFFIND)")
+    source.add_argument("--coord-pixel-size-angst", "--coords-pixel-size", dest="coords_pixel_size", type=float,
+                        help="pixel size of the particle coordinates (A; the same flag as convert and intersect; "
+                        "--coords-pixel-size is the old spelling; default: the STAR file's own "
+                        "rlnMicrographPixelSize/rlnImagePixelSize..., else the --tomogram's pixel size, else the "
+                        "tilt-series pixel size)")
+    source.add_argument("--voltage", type=float, help="kV (default: the mdoc, else the CTFFIND header, else 300)")
+    source.add_argument("--cs", type=float, help="spherical aberration, mm (default: CTFFIND header, else 2.7)")
+    source.add_argument("--amplitude-contrast", type=float,
+                        help="fraction 0-1 (default: CTFFIND header, else 0.07)")
     options = parser.add_argument_group("export options")
     options.add_argument("--out", required=True, help="output folder (created)")
     options.add_argument("--pixel-size-out", type=float, help="output pixel size (A; default: tilt series)")
     options.add_argument("--box", type=int, required=True, help="output box (px, even)")
-    options.add_argument("--diameter", type=float, required=True, help="particle diameter (A)")
-    options.add_argument("--mode", choices=("volumes", "series"), default="volumes")
+    options.add_argument("--diameter", type=float, required=True,
+                         help="particle diameter (A): the mask of the output normalisation (mean 0, sd 1 outside "
+                         "it) and a term of the aliasing-free padded box size")
+    options.add_argument("--mode", choices=("volumes", "series"), default="volumes",
+                         help="volumes: a sub-tomogram + 3D CTF per particle; series: the 2D tilt images of each "
+                         "particle (.mrcs, pre-rotated) with a per-tilt table")
     options.add_argument("--shift", type=float, nargs=3, default=(0.0, 0.0, 0.0), metavar=("X", "Y", "Z"),
                          help="shift in the reference frame (A)")
-    options.add_argument("--prerotate", action="store_true")
+    options.add_argument("--prerotate", action="store_true",
+                         help="reconstruct each particle in the reference frame (rotated by its angles); the STAR "
+                         "angles are then 0")
     options.add_argument("--n-tilts-by-dose", type=int, help="keep only the first N tilts by dose")
     options.add_argument("--no-invert", action="store_true", help="do not invert the contrast")
-    options.add_argument("--no-normalize-input", action="store_true")
-    options.add_argument("--no-normalize-output", action="store_true")
-    options.add_argument("--sparse-ctf", action="store_true")
-    options.add_argument("--ctf-layout", choices=("half", "centred"), default="half")
+    options.add_argument("--no-normalize-input", action="store_true",
+                         help="do not normalise each tilt image (mean 0, sd 1) before extraction")
+    options.add_argument("--no-normalize-output", action="store_true",
+                         help="do not normalise the sub-tomograms (mean 0, sd 1 outside --diameter)")
+    options.add_argument("--sparse-ctf", action="store_true", help="set 3D-CTF voxels with |value| < 0.01 to 0")
+    options.add_argument("--ctf-layout", choices=("half", "centred"), default="half",
+                         help="3D CTF volume layout RELION 3.1 reads: half = FFTW half ((box/2+1) × box × box), "
+                         "centred = full cube with the origin at box/2")
     options.add_argument("--ctf-method", choices=("direct", "padded"), default="direct",
                          help="3D CTF on the output grid (direct, fast) or M's padded reconstruction + crop (padded)")
-    options.add_argument("--defocus-gradient-sign", type=int, choices=(-1, 1), default=-1)
+    options.add_argument("--defocus-gradient-sign", type=int, choices=(-1, 1), default=-1,
+                         help="sign s in particle defocus = tilt defocus + s × particle height along the beam: -1 "
+                         "(IMOD/Dynamo) makes the right side of the aligned image more underfocused at positive "
+                         "tilt; +1 the opposite (use it if your tilt angles have the other handedness)")
     options.add_argument("--no-ctf", action="store_true", help="diagnostic: C_u = C_w = 1 (no CTF or dose weighting)")
-    options.add_argument("--backend", choices=("auto", "numpy", "cupy"), default="auto")
+    options.add_argument("--backend", choices=("auto", "numpy", "cupy"), default="auto",
+                         help="array backend: cupy (GPU), numpy (CPU), auto = cupy when a GPU is usable")
     options.add_argument("--memory-gb", type=float, help="memory budget (GB; default 25%% of the available memory)")
-    options.add_argument("--max-batch", type=int, default=16)
-    options.add_argument("--star-flavour", choices=("3.1", "3.0"), default="3.1")
+    options.add_argument("--max-batch", type=int, default=16,
+                         help="most particles reconstructed at once (the memory plan may use fewer)")
+    options.add_argument("--star-flavour", choices=("3.1", "3.0"), default="3.1",
+                         help="particles.star: 3.1 = RELION 3.1 with data_optics; 3.0 = one table, as M writes")
+    checks = parser.add_argument_group("particles and outputs")
+    checks.add_argument("--min-visible-tilts", type=int, default=1,
+                        help="skip particles whose box lies inside the images in fewer used tilts (RELION's "
+                             "--min_frames; default 1); skipped ones are listed in excluded_particles.tsv")
+    checks.add_argument("--drop-duplicates", action="store_true",
+                        help="drop particles identical to an earlier one (same tomogram, position, angles); "
+                             "default: keep them and warn")
+    checks.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier export in --out (its STAR and every exported MRC) once this one "
+                             "is complete; without it a folder holding an export is refused")
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -125,6 +190,19 @@ def _load_manifest_inputs(args: argparse.Namespace) -> list[tuple[TiltSeriesData
     return inputs
 
 
+def _check_geometry_values(path: Path, data: dict) -> None:
+    """The validation layer on a geometry JSON's values (finite, physical ranges, units), each named by its key."""
+    where = f"--geometry {path}"
+    validate.check_tilt_angles_deg(data["tilt_angles_deg"], f"{where} tilt_angles_deg")
+    validate.check_xf(np.asarray(data["xf"], dtype=np.float64).reshape(-1, 2, 3), f"{where} xf")
+    for key in ("defocus_u_angst", "defocus_v_angst"):
+        validate.check_defocus_angst(data[key], f"{where} {key}")
+    validate.check_pixel_size_angst(data["pixel_size_angst"], f"{where} pixel_size_angst")
+    validate.check_voltage_kv(data["voltage_kv"], f"{where} voltage_kv")
+    validate.check_cs_mm(data["cs_mm"], f"{where} cs_mm")
+    validate.check_amplitude_contrast(data["amplitude_contrast"], f"{where} amplitude_contrast")
+
+
 def tilt_series_from_geometry(path: str | Path) -> tuple[TiltSeriesData, tuple[int, int, int]]:
     """Read a geometry JSON (schema in the module docstring) → (tilt series, tomogram shape (x, y, z) px)."""
     path = Path(path)
@@ -141,10 +219,13 @@ def tilt_series_from_geometry(path: str | Path) -> tuple[TiltSeriesData, tuple[i
     if missing:
         raise InputError(f"--geometry: {path} lacks {missing}")
     n = len(data["tilt_angles_deg"])
+    _check_geometry_values(path, data)
     dose = np.asarray(data["dose_e_per_angst2"], dtype=np.float64)
     order = data.get("acquisition_order")
     if order is None:
         order = np.argsort(np.argsort(dose, kind="stable"), kind="stable")
+    validate.check_dose(dose, f"--geometry {path} dose_e_per_angst2", acquisition_order=np.asarray(order),
+                        order_source="acquisition_order")
     stack = Path(data["stack_path"])
     stack = stack if stack.is_absolute() else path.parent / stack
     tilt_series = TiltSeriesData(
@@ -161,74 +242,21 @@ def tilt_series_from_geometry(path: str | Path) -> tuple[TiltSeriesData, tuple[i
     return tilt_series, shape  # type: ignore[return-value]
 
 
-def _tilt_series_from_imod(args: argparse.Namespace) -> TiltSeriesData:
-    from mspecies.formats import imod
-    from mspecies.formats.mrc import read_mrc
-
-    _require(args, ["stack", "tlt", "xf", "defocus", "dose", "pixel_size", "tomo_shape"], "IMOD-style input")
-    angles = imod.read_tlt(args.tlt)
-    xf = imod.read_xf(args.xf)
-    defocus = imod.read_imod_defocus(args.defocus)
-    dose = imod.read_dose_txt(args.dose)
-    stack, _ = read_mrc(args.stack, mmap=True)
-    n = angles.size
-    for name, values in (("--xf", xf), ("--defocus", defocus["defocus_u_angst"]),
-                         ("--dose", dose["pre_exposure_e_per_angst2"])):
-        if len(values) != n:
-            raise InputError(f"{name}: {len(values)} entries but --tlt has {n} tilt angles")
-    if stack.ndim != 3 or stack.shape[0] != n:
-        raise InputError(f"--stack: {args.stack} has shape {stack.shape}, expected {n} images")
-    order = np.argsort(np.argsort(dose["pre_exposure_e_per_angst2"], kind="stable"), kind="stable")
-    ts_id = args.ts_id or Path(args.stack).stem
-    return TiltSeriesData(
-        ts_id=ts_id, pixel_size_angst=args.pixel_size, image_shape_yx=stack.shape[1:], tilt_angles_deg=angles, xf=xf,
-        defocus_u_angst=defocus["defocus_u_angst"], defocus_v_angst=defocus["defocus_v_angst"],
-        defocus_angle_deg=defocus["defocus_angle_deg"], dose_e_per_angst2=dose["accumulated_dose_e_per_angst2"],
-        acquisition_order=order, excluded=np.zeros(n, dtype=bool),
-        microscope=Microscope(args.voltage, args.cs, args.amplitude_contrast), stack_path=str(args.stack),
-        phase_shift_deg=defocus["phase_shift_deg"])
-
-
-def read_particles_star(path: str | Path, ts_id: str, tomogram_shape_xyz_px: tuple[int, int, int],
-                        data_pixel_angst: float, coords_pixel_angst: float | None) -> ParticlePoses:
-    """Particles of one tomogram from a particle STAR of any RELION/Warp/M dialect → centred Å poses.
-
-    Parameters
-    ----------
-    tomogram_shape_xyz_px
-        Unbinned tomogram size at ``data_pixel_angst`` (rescaled to the coordinate grid for corner-based dialects).
-    coords_pixel_angst
-        Å/px of ``rlnCoordinate*`` when the file does not say (default: the tilt-series pixel size).
-    """
-    from mspecies.formats.star_dialects import read_particle_star
-    from mspecies.formats.tomo_names import normalise_tomo_name
-
-    if not Path(path).is_file():
-        raise InputError(f"--particles: {path} not found")
-    pixel = coords_pixel_angst or data_pixel_angst
-    shape = tuple(int(round(n * data_pixel_angst / pixel)) for n in tomogram_shape_xyz_px)
-    poses = read_particle_star(path, coord_pixel_size_angst=pixel, tomo_shape_px=shape).poses
-    names = np.array([normalise_tomo_name(str(name)) for name in poses.tomo_names], dtype=object)
-    mine = (poses.tomo_names.astype(str) == ts_id) | (names == normalise_tomo_name(ts_id))
-    if not np.any(mine):
-        raise InputError(f"--particles: no particle of {path} belongs to tomogram {ts_id!r} "
-                         f"(names found: {sorted(set(poses.tomo_names.astype(str)))[:5]})")
-    selected = poses.subset(mine)
-    return ParticlePoses(selected.positions_angst, selected.euler_zyz_deg,
-                         np.array([ts_id] * len(selected), dtype=object))
-
-
 def load_inputs(args: argparse.Namespace) -> list[tuple[TiltSeriesData, ParticlePoses, tuple[int, ...]]]:
     """(tilt series, its particles, tomogram shape xyz) for every tilt series to export."""
+    from mspecies.cli.export_inputs import read_particles, tilt_series_from_files
+
     if args.manifest:
         return _load_manifest_inputs(args)
-    _require(args, ["particles"], "--geometry / IMOD-style input")
+    _require(args, ["particles"], "--geometry / file input")
+    tomogram_pixel = None
     if args.geometry:
         tilt_series, shape = tilt_series_from_geometry(args.geometry)
     else:
-        tilt_series, shape = _tilt_series_from_imod(args), tuple(args.tomo_shape)
-    particles = read_particles_star(args.particles, tilt_series.ts_id, shape, tilt_series.pixel_size_angst,
-                                    args.coord_pixel_size_angst)
+        tilt_series, files = tilt_series_from_files(args)
+        shape, tomogram_pixel = files.tomogram_shape_xyz_px, files.tomogram_pixel_angst
+    particles = read_particles(args.particles, tilt_series.ts_id, shape, tilt_series.pixel_size_angst,
+                               args.coords_pixel_size, tomogram_pixel)
     return [(tilt_series, particles, shape)]
 
 
@@ -251,43 +279,87 @@ def export_options(args: argparse.Namespace, data_pixel_angst: float):  # noqa: 
 
 
 def run(args: argparse.Namespace) -> int:
-    """Export every requested tilt series; write ``particles.star``. Returns the exit code."""
-    from mspecies.cli.export_files import export_tilt_series
+    """Check everything, then export every requested tilt series into a staging folder of ``--out`` and move the
+    files to their final names (``particles.star`` last) under the folder's lock. Returns the exit code."""
+    from mspecies.cli.atomic import check_free_space, check_output_folder, locked_output_folder, staging_folder
+    from mspecies.cli.export_checks import check_export_arguments, export_bytes, plan_job
+    from mspecies.cli.export_files import STAR_NAME, earlier_export_files
+    from mspecies.cli.export_record import discard_export_record, write_export_record
     from mspecies.core.memory import retain_freed_memory
     from mspecies.core.reconstruct import ReconstructionError
-    from mspecies.formats.mrc import read_mrc
-    from mspecies.formats.relion_subtomo import write_series_star, write_subtomo_star
 
     retain_freed_memory()  # this process is the worker: per-particle arrays reuse freed pages
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out: {out} is a file, expected a folder")
-    inputs = load_inputs(args)
-    out.mkdir(parents=True, exist_ok=True)
-    tables, tilt_tables, first = [], [], 0
-    options = None
-    for tilt_series, particles, shape in inputs:
-        options = export_options(args, tilt_series.pixel_size_angst)
-        stack, _ = read_mrc(tilt_series.stack_path, mmap=True)
-        try:
-            rows, _ = export_tilt_series(tilt_series, stack, particles, options, out / tilt_series.ts_id,
-                                         tomogram_shape_xyz_px=shape, star_dir=out, first_subset_index=first,
-                                         log=lambda line: print(line, flush=True))
-        except ReconstructionError as error:
-            print(f"mspecies export: error: {error}", file=sys.stderr)
-            return EXIT_FAILED
+    out = check_output_folder(args.out, "--out")
+    check_export_arguments(args)
+    jobs = [plan_job(tilt_series, particles, shape, export_options(args, tilt_series.pixel_size_angst),
+                     min_visible_tilts=args.min_visible_tilts, drop_duplicates=args.drop_duplicates)
+            for tilt_series, particles, shape in load_inputs(args)]
+    try:
+        with locked_output_folder(out, "--out"):
+            earlier = earlier_export_files(out)
+            if earlier and not args.overwrite:
+                raise InputError(f"--out: {out} holds an earlier export ({len(earlier)} files, e.g. "
+                                 f"{earlier[0].name}); give --overwrite to replace it, or choose another folder")
+            check_free_space(out, export_bytes(jobs), "--out", "the export")
+            with staging_folder(out, "export") as staging:
+                table, summaries = _write_export(jobs, staging, args)
+                discard_export_record(out)
+                publish_export(staging, out, earlier)
+                print(f"success record: {write_export_record(out, table, summaries, vars(args))}", flush=True)
+    except ReconstructionError as error:
+        print(f"mspecies export: error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"wrote {len(table)} particles: {out / STAR_NAME}")
+    return EXIT_OK
+
+
+def publish_export(staging: Path, out: Path, earlier: list[Path]) -> None:
+    """Replace the earlier export (if any) by the complete one in ``staging``; say what was removed."""
+    from mspecies.cli.atomic import publish
+    from mspecies.cli.export_files import STAR_NAME
+
+    publish(staging, out, replaced=earlier, last=STAR_NAME)
+    if earlier:
+        print(f"replaced the earlier export in {out}: removed its {len(earlier)} files")
+
+
+def _write_export(jobs: list, staging: Path, args: argparse.Namespace) -> tuple[pd.DataFrame, list]:
+    """Export every job into ``staging`` (MRCs per tilt series, excluded particles, STAR) → (STAR rows written,
+    :class:`~mspecies.cli.export_files.ExportSummary` per tilt series)."""
+    from mspecies.cli.export_checks import exclusion_lines
+    from mspecies.cli.export_files import EXCLUDED_TSV, STAR_NAME, export_tilt_series
+    from mspecies.formats.mrc import read_mrc
+    from mspecies.formats.relion_subtomo import write_series_star, write_subtomo_star
+
+    tables, tilt_tables, summaries, first = [], [], [], 0
+    for job in jobs:
+        for line in exclusion_lines(job):
+            print(line, file=sys.stderr if line.startswith("warning") else sys.stdout, flush=True)
+    excluded = pd.concat([job.excluded for job in jobs], ignore_index=True)
+    if len(excluded):
+        excluded.to_csv(staging / EXCLUDED_TSV, sep="\t", index=False, float_format="%.3f")
+    if not any(len(job.particles) for job in jobs):
+        raise InputError(f"particles: all {len(excluded)} particles were excluded (see the lines above); "
+                         "nothing to export")
+    for job in (job for job in jobs if len(job.particles)):
+        stack, _ = read_mrc(job.tilt_series.stack_path, mmap=True)
+        ts_id = job.tilt_series.ts_id
+        rows, summary = export_tilt_series(job.tilt_series, stack, job.particles, job.options, staging / ts_id,
+                                           star_dir=staging, tomogram_shape_xyz_px=job.tomogram_shape_xyz_px,
+                                           first_subset_index=first, log=lambda line: print(line, flush=True))
         tables.append(rows)
+        summaries.append(summary)
         if "tilts" in rows.attrs:
             tilt_tables.append(rows.attrs["tilts"])
-        first += len(particles)
+        first += len(job.particles)
     particles_table = pd.concat(tables, ignore_index=True)
+    options = jobs[0].options
     optics = {"pixel_size_angst": options.output_pixel_size_angst, "box_px": options.box_px,
-              "microscope": inputs[0][0].microscope}
+              "microscope": jobs[0].tilt_series.microscope}
     if args.mode == "series":
-        star = write_series_star(out / "particles.star", particles_table.drop(columns=["rlnCtfImage"]),
-                                 pd.concat(tilt_tables, ignore_index=True), **optics)
+        write_series_star(staging / STAR_NAME, particles_table.drop(columns=["rlnCtfImage"]),
+                          pd.concat(tilt_tables, ignore_index=True), **optics)
     else:
-        star = write_subtomo_star(out / "particles.star", particles_table, flavour=args.star_flavour, **optics)
-    print(f"wrote {len(particles_table)} particles: {star}")
-    return EXIT_OK
+        write_subtomo_star(staging / STAR_NAME, particles_table, flavour=args.star_flavour, **optics)
+    return particles_table, summaries

@@ -9,6 +9,7 @@ file is written for it.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,26 @@ from mspecies.common.types import InputError, ParticlePoses, TiltSeriesData
 from mspecies.core.geometry import centred_angst_to_corner_px
 from mspecies.core.reconstruct import ExportOptions, TiltSeriesEngine, check_volume, shifted_positions_angst
 from mspecies.formats.mrc import write_mrc
+
+STAR_NAME = "particles.star"
+"""The export's STAR, beside the per-tilt-series folders of MRCs."""
+
+EXCLUDED_TSV = "excluded_particles.tsv"
+"""Particles the export skipped or dropped, one row each (tilt series, input row, reason)."""
+
+_EXPORT_FILE = re.compile(r"_(\d{7}_(ctf_)?\d+\.\d{2}A\.mrc|\d+\.\d{2}A_\d{6}\.mrcs)")
+
+
+def earlier_export_files(out_dir: str | Path) -> list[Path]:
+    """Files of an earlier export in ``out_dir``: its STAR first (it lists the others), the excluded-particle
+    table, then every file named like an export's MRC (``<ts>/<ts>_<p>_...A.mrc``) in a subfolder. Other files
+    (inputs such as a geometry JSON) are not part of it."""
+    out = Path(out_dir)
+    files = [path for path in (out / STAR_NAME, out / EXCLUDED_TSV) if path.is_file()]
+    for folder in sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files += sorted(path for path in folder.iterdir() if path.is_file() and path.name.startswith(folder.name + "_")
+                        and _EXPORT_FILE.fullmatch(path.name[len(folder.name):]))
+    return files
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,10 @@ from mspecies.cli.convert import DIALECTS, read_tomo_sizes
 from mspecies.cli.intersect_files import DEFAULT_HISTOGRAM_BINS, intersect_star_files, parse_keep, summary_lines
 from mspecies.core.assignment import MODES
 
+SCREENFUL_TOMOGRAMS = 10
+"""Per-tomogram lines printed in each of the name report and the counts; the others are counted in one line
+(every tomogram is in summary.json)."""
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Declare the ``intersect`` subcommand."""
@@ -61,8 +65,9 @@ def run(args: argparse.Namespace) -> int:
         args.old, args.new, args.tolerance_angst, args.out, keep=keep, mode=args.mode,
         old_dialect=args.old_dialect, new_dialect=args.new_dialect,
         coord_pixel_size_angst=args.coord_pixel_size_angst, tomo_shape_px=shapes, name_mapping=args.name_map,
-        histogram_radius_angst=args.histogram_radius_angst, n_bins=args.bins, log_scale=args.log_scale)
-    for line in summary_lines(summary):
+        histogram_radius_angst=args.histogram_radius_angst, n_bins=args.bins, log_scale=args.log_scale,
+        max_log_tomograms=SCREENFUL_TOMOGRAMS)
+    for line in summary_lines(summary, SCREENFUL_TOMOGRAMS):
         print(line)
     print(f"outputs in {args.out}")
     return 0

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mspecies.cli.atomic import check_output_folder, locked_output_folder, publish, staging_folder
+from mspecies.cli.intersect_checks import check_dense_memory, check_intersect_parameters
 from mspecies.common.types import InputError, ParticlePoses
 from mspecies.core.assignment import MODES, IntersectionResult, histogram_distances, match_particle_sets, select_union
 from mspecies.formats.star_dialects import (
@@ -47,6 +49,9 @@ SUMMARY_JSON = "summary.json"
 HISTOGRAM_PNG = "distance_histogram.png"
 HISTOGRAM_DISTANCES_TXT = "histogram_distances.txt"
 PARTICLE_DISTANCES_TSV = "particle_distances.tsv"
+OUTPUT_FILES = (SUMMARY_JSON, *(f"{name}.star" for name in KEEP_CHOICES), "selected.star", HISTOGRAM_PNG,
+                HISTOGRAM_DISTANCES_TXT, PARTICLE_DISTANCES_TSV)
+"""Every file an intersection writes, the one that lists the others first."""
 
 
 @dataclass(frozen=True)
@@ -111,15 +116,23 @@ def new_group_labels(report: NameMatchReport, new_names: Sequence[str] | np.ndar
     return np.where(pd.isna(matched), names, matched).astype(object)
 
 
-def name_report_lines(report: NameMatchReport, old_names: Sequence[str] | np.ndarray) -> list[str]:
-    """Per old tomogram: old particles, new particles matched to it and from which new names; then problems."""
+def name_report_lines(report: NameMatchReport, old_names: Sequence[str] | np.ndarray,
+                      max_tomograms: int | None = None) -> list[str]:
+    """Per old tomogram: old particles, new particles matched to it and from which new names (the first
+    ``max_tomograms``, then one line counting the others); then problems."""
     old_counts = pd.Series(np.asarray(old_names, dtype=object)).astype(str).value_counts(sort=False)
     per_ts = report.particles_per_ts_id
     lines = []
-    for name in sorted(old_counts.index):
+    names = sorted(old_counts.index)
+    if max_tomograms is not None and len(names) > max_tomograms:
+        lines.append(f"{len(names)} old tomograms; the first {max_tomograms} (all in {SUMMARY_JSON}):")
+        names = names[:max_tomograms]
+    for name in names:
         sources = sorted(n for n, t in report.matches.items() if t == name)
         how = ", ".join(f"{s!r} ({report.methods[s]})" for s in sources) or "no new name"
         lines.append(f"{name}: {int(old_counts[name])} old, {per_ts.get(name, 0)} new particle(s) from {how}")
+    if max_tomograms is not None and len(old_counts) > max_tomograms:
+        lines.append(f"... and {len(old_counts) - max_tomograms} more old tomograms")
     if report.unmatched:
         lines.append(f"new tomogram name(s) matching no old tomogram ({report.n_unmatched_particles} particle(s), "
                      f"all 'only new'): {list(report.unmatched)[:10]}")
@@ -129,11 +142,13 @@ def name_report_lines(report: NameMatchReport, old_names: Sequence[str] | np.nda
 def intersect_poses(old: ParticlePoses, new: ParticlePoses, tolerance_angst: float, *, mode: str = "gated",
                     name_mapping: str | dict[str, str] | None = None,
                     histogram_radius_angst: float | None = None,
-                    log: Callable[[str], None] | None = None) -> IntersectOutcome:
+                    log: Callable[[str], None] | None = None, max_log_tomograms: int | None = None
+                    ) -> IntersectOutcome:
     """Match ``new`` against ``old`` per tomogram (positions in Å centred on the tomogram centre).
 
-    The name report is passed line by line to ``log`` before the match runs. No common tomogram is an
-    :class:`InputError` (nothing could match).
+    The name report (at most ``max_log_tomograms`` per-tomogram lines) is passed line by line to ``log`` before
+    the match runs. No common tomogram is an :class:`InputError` (nothing could match); a dense solve that cannot
+    fit this machine's memory is refused before it starts (:func:`~mspecies.cli.intersect_checks.check_dense_memory`).
     """
     if mode not in MODES:
         raise InputError(f"mode must be one of {MODES}, got {mode!r}")
@@ -141,17 +156,18 @@ def intersect_poses(old: ParticlePoses, new: ParticlePoses, tolerance_angst: flo
         raise InputError(f"tolerance must be >= 0 Å, got {tolerance_angst}")
     old_groups = np.asarray(old.tomo_names, dtype=object).astype(str).astype(object)
     report = match_names(old_groups, new.tomo_names, name_mapping)
-    for line in name_report_lines(report, old_groups):
+    for line in name_report_lines(report, old_groups, max_log_tomograms):
         (log or (lambda _: None))(line)
     if len(old) and len(new) and not report.matches:
         raise InputError(f"no tomogram of the new set matches one of the old set (old: "
                          f"{sorted(set(old_groups))[:5]}, new: {list(report.unmatched)[:5]}); "
                          "give a name mapping 'new_name=old_name, ...'")
     new_groups = new_group_labels(report, new.tomo_names)
-    result = match_particle_sets(old.positions_angst, new.positions_angst, tolerance_angst,
-                                 old_groups=old_groups, new_groups=new_groups, mode=mode)
     radius = (default_histogram_radius_angst(tolerance_angst, mode) if histogram_radius_angst is None
               else float(histogram_radius_angst))
+    check_dense_memory(old_groups, new_groups, mode, radius)
+    result = match_particle_sets(old.positions_angst, new.positions_angst, tolerance_angst,
+                                 old_groups=old_groups, new_groups=new_groups, mode=mode)
     distances = histogram_distances(old.positions_angst, new.positions_angst, radius, old_groups=old_groups,
                                     new_groups=new_groups, mode=mode)
     return IntersectOutcome(result, report, new_groups, distances, radius)
@@ -190,8 +206,9 @@ def summary_dict(outcome: IntersectOutcome, keep: tuple[bool, bool, bool] | None
     return summary
 
 
-def summary_lines(summary: dict) -> list[str]:
-    """Human-readable lines of a :func:`summary_dict` (for logs and the protocol summary)."""
+def summary_lines(summary: dict, max_tomograms: int | None = None) -> list[str]:
+    """Human-readable lines of a :func:`summary_dict` (for logs and the protocol summary); at most
+    ``max_tomograms`` per-tomogram lines, then one line counting the others."""
     jaccard = summary["jaccard"]
     median = summary["median_distance_angst"]
     lines = [f"Tolerance {summary['tolerance_angst']:g} Å ({summary['mode']}): {summary['n_old']} old, "
@@ -199,11 +216,14 @@ def summary_lines(summary: dict) -> list[str]:
              f"{summary['only_new']} only new; Jaccard index "
              f"{'n/a' if jaccard is None else f'{jaccard:.3f}'}; median matched distance "
              f"{'n/a' if median is None else f'{median:.2f} Å'}"]
-    for group in summary["per_tomogram"]:
+    groups = summary["per_tomogram"]
+    for group in groups if max_tomograms is None else groups[:max_tomograms]:
         jac = group["jaccard"]
         lines.append(f"  {group['tomogram']}: old {group['n_old']}, new {group['n_new']}, in both "
                      f"{group['in_both']}, only old {group['only_old']}, only new {group['only_new']}, Jaccard "
                      f"{'n/a' if jac is None else f'{jac:.3f}'}")
+    if max_tomograms is not None and len(groups) > max_tomograms:
+        lines.append(f"  ... and {len(groups) - max_tomograms} more tomograms (all in {SUMMARY_JSON})")
     if "selected" in summary:
         lines.append(f"Selected ({' + '.join(summary['keep'])}): {summary['selected']} particle(s)")
     return lines
@@ -450,16 +470,22 @@ def intersect_star_files(old_path: str | Path, new_path: str | Path, tolerance_a
                          coord_pixel_size_angst: float | None = None, tomo_shape_px: TomoShapes = None,
                          name_mapping: str | None = None, histogram_radius_angst: float | None = None,
                          n_bins: int = DEFAULT_HISTOGRAM_BINS, log_scale: bool = False,
-                         log: Callable[[str], None] = print) -> dict:
+                         log: Callable[[str], None] = print, max_log_tomograms: int | None = None) -> dict:
     """Intersect two particle STAR files and write every output into ``out_dir``; returns the summary.
 
     ``coord_pixel_size_angst`` (Å/px) is used for a file that does not carry its coordinate pixel size;
     ``tomo_shape_px`` (px at that pixel size) only where a corner-based file meets a centred one (RELION 5): two
     corner-based files of the same tomograms are compared from the corner, without it. New particles whose
     tomogram name matches an old tomogram inherit that tomogram's size when the new file needs one.
+
+    Every parameter is checked before anything is written; the outputs are written into a staging folder under
+    the lock of ``out_dir`` and replace the earlier run's outputs only once all are complete (``summary.json``,
+    which lists the others, removed first and written last; :mod:`mspecies.cli.atomic`).
     """
     if not any(keep):
         raise InputError(f"--keep: choose at least one of {list(KEEP_CHOICES)}")
+    check_intersect_parameters(tolerance_angst, n_bins, histogram_radius_angst)
+    check_output_folder(out_dir, "--out")
     old = read_star_input(old_path, old_dialect, role="--old", coord_pixel_size_angst=coord_pixel_size_angst,
                           tomo_shape_px=tomo_shape_px)
     new = read_star_input(new_path, new_dialect, role="--new", coord_pixel_size_angst=coord_pixel_size_angst,
@@ -469,12 +495,18 @@ def intersect_star_files(old_path: str | Path, new_path: str | Path, tolerance_a
     log(f"old: {old_path} (RELION/Warp dialect {old.dialect}, {len(old)} particles); "
         f"new: {new_path} (dialect {new.dialect}, {len(new)} particles)")
     outcome = intersect_poses(old.poses, new.poses, tolerance_angst, mode=mode, name_mapping=name_mapping,
-                              histogram_radius_angst=histogram_radius_angst, log=log)
-    files = write_star_outputs(out_dir, old, new, outcome, keep)
-    extra = {"old_file": str(old_path), "new_file": str(new_path), "old_dialect": str(old.dialect),
-             "new_dialect": str(new.dialect), "files": {k: str(v) for k, v in files.items()}}
-    return write_match_files(out_dir, outcome, old.poses.tomo_names, keep=keep, n_bins=n_bins, log_scale=log_scale,
-                             extra=extra)
+                              histogram_radius_angst=histogram_radius_angst, log=log,
+                              max_log_tomograms=max_log_tomograms)
+    with locked_output_folder(out_dir, "--out") as out:
+        with staging_folder(out, "intersect") as staging:
+            files = write_star_outputs(staging, old, new, outcome, keep)
+            extra = {"old_file": str(old_path), "new_file": str(new_path), "old_dialect": str(old.dialect),
+                     "new_dialect": str(new.dialect),
+                     "files": {k: str(out / Path(v).relative_to(staging)) for k, v in files.items()}}
+            summary = write_match_files(staging, outcome, old.poses.tomo_names, keep=keep, n_bins=n_bins,
+                                        log_scale=log_scale, extra=extra)
+            publish(staging, out, replaced=[out / name for name in OUTPUT_FILES], last=SUMMARY_JSON)
+    return summary
 
 
 def _require_same_frame(old: ParticleTable, new: ParticleTable, old_path: str | Path, new_path: str | Path) -> None:

@@ -1,8 +1,9 @@
 """Command-line workers: ``python -m mspecies <command> ...``.
 
 Each subcommand has an ``_add_<name>_parser`` function that declares its arguments and a ``_run_<name>``
-function that does the work and returns an exit code; register new ones in :data:`SUBCOMMANDS`. User errors
-(:class:`~mspecies.common.types.InputError`) end with exit code 2 and one line on stderr naming the parameter.
+function that does the work and returns an exit code; register new ones in :data:`SUBCOMMANDS`. Expected failures
+(:data:`mspecies.cli.errors.EXPECTED_ERRORS`: bad input, I/O, memory) end with exit code 2 and one line on stderr
+naming the file or parameter; unexpected errors keep their traceback.
 Nothing here imports pyworkflow, pwem or tomo.
 """
 
@@ -19,7 +20,7 @@ from mspecies.cli import convert as cli_convert
 from mspecies.cli import demo as cli_demo
 from mspecies.cli import export as cli_export
 from mspecies.cli import intersect as cli_intersect
-from mspecies.common.types import InputError
+from mspecies.cli.errors import EXPECTED_ERRORS, expected_error_message
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -108,6 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exit_.code or 0)
     try:
         return SUBCOMMANDS[args.command][1](args)
-    except InputError as error:
-        print(f"mspecies {args.command}: error: {error}", file=sys.stderr)
+    except EXPECTED_ERRORS as error:
+        message = expected_error_message(error, args)
+        if message is None:
+            raise
+        print(f"mspecies {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE

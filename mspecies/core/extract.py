@@ -114,7 +114,7 @@ def preprocess_image(image: np.ndarray, box_px: int, *, normalize: bool, invert:
     if normalize:
         sd = float(image.std())
         if not sd > 0:
-            raise InputError("stack: a tilt image is constant after band-pass filtering; cannot normalise it")
+            raise InputError("stack: a tilt image is constant after band-pass filtering; cannot normalize it")
         image = (image - image.mean()) / sd
     if invert:
         image = -image
@@ -135,6 +135,21 @@ class PreparedStack:
 
     images: np.ndarray
     scale_xy: np.ndarray
+
+
+def check_tilt_image(image: np.ndarray, tilt_series: TiltSeriesData, tilt: int) -> None:
+    """Raise :class:`InputError` naming the stack, the tilt (0-based stack index) and its angle when a raw tilt
+    image has NaN or infinite pixels or is blank (one value everywhere)."""
+    where = (f"stack {tilt_series.stack_path or tilt_series.ts_id}: tilt {tilt} "
+             f"({float(tilt_series.tilt_angles_deg[tilt]):+.1f}°)")
+    finite = np.isfinite(image)
+    if not finite.all():
+        n_nan = int(np.isnan(image).sum())
+        n_inf = int(image.size - finite.sum()) - n_nan
+        raise InputError(f"{where} has {n_nan} NaN and {n_inf} infinite pixel(s); repair the stack or exclude "
+                         "the tilt")
+    if image.size and float(image.min()) == float(image.max()):
+        raise InputError(f"{where} is blank (every pixel is {float(image.flat[0]):g}); exclude the tilt")
 
 
 def prepare_stack(stack: np.ndarray, tilt_series: TiltSeriesData, output_pixel_angst: float, box_px: int, *,
@@ -160,7 +175,9 @@ def prepare_stack(stack: np.ndarray, tilt_series: TiltSeriesData, output_pixel_a
         raise InputError(f"output_pixel_size_angst: {output_pixel_angst} Å shrinks the images to {shape} px")
     images = xp.zeros((tilt_series.n_tilts,) + shape, dtype=xp.float32)
     for t in (range(tilt_series.n_tilts) if tilts is None else tilts):
-        image = xp.asarray(np.asarray(stack[int(t)], dtype=np.float32))
+        raw = np.asarray(stack[int(t)], dtype=np.float32)
+        check_tilt_image(raw, tilt_series, int(t))
+        image = xp.asarray(raw)
         image = fourier_rescale(image.astype(xp.float64), shape, xp=xp, workers=workers)
         images[int(t)] = preprocess_image(image, box_px, normalize=normalize, invert=invert, xp=xp, workers=workers)
     ny, nx = tilt_series.image_shape_yx

@@ -171,12 +171,37 @@ def validate_inputs(tilt_series: TiltSeriesData, options: ExportOptions) -> None
     if options.box_px > min(shape):
         raise InputError(f"box_px: {options.box_px} px is larger than the images of {tilt_series.ts_id} "
                          f"({shape[1]} x {shape[0]} px at {options.output_pixel_size_angst} Å/px)")
-    if not np.any(~tilt_series.excluded):
+    n_used = int(np.count_nonzero(~tilt_series.excluded))
+    if n_used == 0:
         raise InputError(f"{tilt_series.ts_id}: every tilt is excluded")
+    if options.n_tilts_by_dose is not None and options.n_tilts_by_dose > n_used:
+        raise InputError(f"n_tilts_by_dose: {options.n_tilts_by_dose} tilts asked for but {tilt_series.ts_id} has "
+                         f"{n_used} used tilts")
+    box_angst = options.box_px * options.output_pixel_size_angst
+    if options.particle_diameter_angst > box_angst:
+        raise InputError(f"particle_diameter_angst: {options.particle_diameter_angst:g} Å is larger than the box "
+                         f"({options.box_px} px x {options.output_pixel_size_angst:g} Å = {box_angst:g} Å)")
     radius = round(options.particle_diameter_angst / options.output_pixel_size_angst / 2)
     if options.normalize_output and radius >= options.box_px * np.sqrt(3) / 2 - 0.5:
         raise InputError(f"particle_diameter_angst: {options.particle_diameter_angst} Å leaves no background "
                          f"in a {options.box_px} px box for output normalisation")
+
+
+def plan_memory(tilt_series: TiltSeriesData, options: ExportOptions) -> tuple[int, MemoryPlan]:
+    """Validate the options for this tilt series and plan its memory before any work: (padded box M px, plan).
+
+    Raises :class:`InputError` when the options cannot work or one particle does not fit the budget.
+    """
+    validate_inputs(tilt_series, options)
+    tilts = np.flatnonzero(~tilt_series.excluded)
+    pixel = options.output_pixel_size_angst
+    m = options.box_px if options.mode == "series" else extract.padded_box_px(
+        tilt_series, options.box_px, pixel, options.particle_diameter_angst)
+    shape = extract.rescaled_shape(tilt_series.image_shape_yx, tilt_series.pixel_size_angst, pixel)
+    plan = plan_batches(m, options.box_px, tilts.size, tilts.size * shape[0] * shape[1],
+                        shared_geometry=not options.prerotate, budget_bytes=options.memory_budget_bytes,
+                        max_batch=options.max_batch, padded_ctf=options.ctf_method == "padded")
+    return m, plan
 
 
 # ----------------------------------------------------------------------------------------------- engine
@@ -229,17 +254,11 @@ class TiltSeriesEngine:
 
         ``stack`` None builds an engine for :meth:`reconstruct_ctfs` only (the 3D CTF needs no image).
         """
-        validate_inputs(tilt_series, options)
+        m, plan = plan_memory(tilt_series, options)
         xp = select_backend(options.backend)
         tilts = np.flatnonzero(~tilt_series.excluded)
         pixel = options.output_pixel_size_angst
         series = options.mode == "series"
-        m = options.box_px if series else extract.padded_box_px(tilt_series, options.box_px, pixel,
-                                                                options.particle_diameter_angst)
-        shape = extract.rescaled_shape(tilt_series.image_shape_yx, tilt_series.pixel_size_angst, pixel)
-        plan = plan_batches(m, options.box_px, tilts.size, tilts.size * shape[0] * shape[1],
-                            shared_geometry=not options.prerotate, budget_bytes=options.memory_budget_bytes,
-                            max_batch=options.max_batch, padded_ctf=options.ctf_method == "padded")
         prepared = None if stack is None else extract.prepare_stack(
             stack, tilt_series, pixel, options.box_px, normalize=options.normalize_input,
             invert=options.invert_contrast, xp=xp, workers=options.n_workers, tilts=tilts)

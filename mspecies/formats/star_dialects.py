@@ -687,10 +687,11 @@ def read_particle_star(path: str | Path, dialect: Dialect | str | None = None, *
         origins = np.einsum("nij,nj->ni", euler_to_matrix(subtomogram), box_origins)
     frame = PositionFrame.CORNER if corner and shapes is None else PositionFrame.CENTRED
     if corner:
-        scale = 1.0 if dialect == Dialect.M_SPECIES else pixel[:, None]  # M coordinates are already in Å
+        grid = pixel if pixel is not None else np.zeros(len(table))  # None: no rows, or M without a pixel size
+        scale = 1.0 if dialect == Dialect.M_SPECIES else grid[:, None]  # M coordinates are already in Å
         positions = coordinates * scale - origins
         if shapes is not None:
-            positions = positions - _centres_angst(names, shapes, pixel)
+            positions = positions - _centres_angst(names, shapes, grid)
     else:
         positions = coordinates - origins
     understood = _understood(dialect, table, name_column, pixel_column if found_pixel is not None else None)

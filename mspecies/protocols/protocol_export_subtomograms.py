@@ -6,8 +6,13 @@ Steps: ``prepareStep`` writes, per tilt series, ``extra/<tsId>/geometry.json`` +
 (``python -m mspecies export --geometry … --particles … --out extra/<tsId>``) through ``runJob``, so a queue can
 send each tilt series to a node and ``%(GPU)s`` picks its GPU; ``createOutputStep`` builds the
 ``SetOfSubTomograms`` (each item: MRC, its 3D CTF in ``_ctfImage``, cloned coordinate at the exported centre,
-pose), the merged ``extra/particles.star`` and QC PNGs. A tilt series whose folder holds
-``export_done.json`` is not exported again ("continue" mode redoes only the unfinished ones).
+pose), the merged ``extra/particles.star`` and QC PNGs.
+
+Whatever runs a step (threads, or one queue job per step with ``QUEUE_FOR_JOBS = Y``), success is the worker's
+record ``extra/<tsId>/export_record.json`` (:mod:`mspecies.cli.export_record`), checked with its files after
+``runJob``: a queue only says that a job left it, not how it ended. Only then the step writes its completion marker
+``export_done.json``; a failed, cancelled or killed job fails the step, quoting the job's error file. A tilt series
+with the marker and a valid record is not exported again: "continue" redoes exactly the others.
 
 Image-series mode registers no Scipion set: tomo 3.12 has no class for "one 2D tilt stack per particle"
 (``TiltSeries`` means a whole raw acquisition to downstream protocols, ``SetOfParticles`` would lose the
@@ -20,8 +25,12 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
+import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pandas as pd
@@ -29,9 +38,10 @@ import pyworkflow.protocol.params as params
 from pwem.objects import Transform
 from pwem.protocols import EMProtocol
 from pyworkflow import BETA
+from pyworkflow.constants import QUEUE_FOR_JOBS
 from pyworkflow.object import Pointer, String
 from pyworkflow.protocol import STEPS_PARALLEL
-from pyworkflow.utils import Message
+from pyworkflow.utils import Message, removeExt
 from tomo.constants import SCIPION, TR_SCIPION
 from tomo.objects import SetOfSubTomograms, SubTomogram
 from tomo.protocols import ProtTomoBase
@@ -62,6 +72,12 @@ CLI_STAR = "particles.star"
 MERGED_STAR = "particles.star"
 SUMMARY_JSON = "export_summary.json"
 CTF_ATTR = "_ctfImage"
+RECORD_WAIT_S = 10.0  # how long a queued step looks again for a missing record (shared file systems lag)
+JOB_ERROR_LINES = 20  # lines of a failed job's error output quoted in the step's error
+
+
+class ExportStepError(RuntimeError):
+    """An export step whose worker left no valid success record (failed, cancelled or killed job)."""
 
 
 def qcPngName(tsId: str) -> str:
@@ -87,80 +103,131 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
                             "to its step (CUDA_VISIBLE_DEVICES=%(GPU)s).")
         form.addHidden(params.GPU_LIST, params.StringParam, default="0", label="GPU IDs",
                        help="GPUs for the export steps; with several threads each step gets its own slot.")
-        form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfCoordinates3D, SetOfSubTomograms",
-                      important=True, label="Particles",
-                      help="Coordinates or sub-tomograms (their poses are used; sub-tomogram shifts move the "
-                           "centre). Matched to the tilt series by tomogram id (tsId).")
-        form.addParam("inputTiltSeries", params.PointerParam, pointerClass="SetOfTiltSeries", important=True,
-                      label="Tilt series (with alignment)",
-                      help="Raw (non-interpolated) tilt series carrying their alignment transforms.")
-        form.addParam("inputCtf", params.PointerParam, pointerClass="SetOfCTFTomoSeries", important=True,
-                      label="CTF estimation", help="Per-tilt defocus of every tilt series used.")
-        form.addParam("outputPixelSize", params.FloatParam, allowsNull=True, label="Output pixel size (Å/px)",
-                      help="Empty: the tilt-series pixel size. Not finer than the data; the highest resolution "
-                           "of the output is 2 x the pixel size (Nyquist). The tilt images are Fourier-cropped.")
-        form.addParam("boxSize", params.IntParam, default=64, validators=[params.Positive], label="Box size (px)",
-                      help="Output box (even). Each tilt is reconstructed in an aliasing-free padded box "
-                           "(min(1024, max(2 x box, the size the CTF of the lowest-dose tilt needs))) and cropped "
-                           "to this box. High-defocus Thon rings oscillate faster than a small box can sample, so "
-                           "they may vanish from the 3D CTF of small boxes: the padded box keeps the data right, "
-                           "but choose a box well above the particle diameter for a faithful CTF.")
-        form.addParam("particleDiameter", params.FloatParam, default=150.0, validators=[params.Positive],
-                      label="Particle diameter (Å)",
-                      help="Sets the output-normalisation mask and enters the aliasing-free padded box size.")
-        form.addParam("outputMode", params.EnumParam, choices=["volumes", "image series"], default=MODE_VOLUMES,
-                      display=params.EnumParam.DISPLAY_HLIST, label="Export",
-                      help="volumes: sub-tomogram + 3D CTF per particle (output: SetOfSubTomograms). image series: "
-                           "the 2D tilt images of each particle, CTF-premultiplied and centred on the particle, one "
-                           "MRC stack per particle (extra/<tsId>/<tsId>/*.mrcs). Scipion's tomo plugin has no class "
-                           "for per-particle tilt stacks, so this mode registers no Scipion set: its result is the "
-                           "RELION STAR extra/particles.star (optics, particles: one stack each, tilts: one "
-                           "index@stack row per image with tilt angle, defocus and pre-exposure), named in the "
-                           "summary. Poses are applied (pre-rotated): output angles are 0.")
-        form.addParam("shiftX", params.FloatParam, default=0.0, label="Shift X (Å)",
-                      help="Shift of every particle, in the map frame when the particles have poses "
-                           "(position += A . shift).")
-        form.addParam("shiftY", params.FloatParam, default=0.0, label="Shift Y (Å)")
-        form.addParam("shiftZ", params.FloatParam, default=0.0, label="Shift Z (Å)")
-        form.addParam("preRotate", params.BooleanParam, default=False, label="Pre-rotate particles",
-                      help="Reconstruct in the reference frame: output angles become 0 (identity poses).")
-        form.addParam("limitTilts", params.BooleanParam, default=False, label="Limit to the first N tilts by dose")
-        form.addParam("nTilts", params.IntParam, default=20, condition="limitTilts", label="N tilts",
-                      help="Only the N tilts with the lowest accumulated dose get CTF weight.")
-        form.addParam("invertContrast", params.BooleanParam, default=True, label="Invert contrast",
-                      help="Raw cryo images have dark protein; RELION expects white.")
-        form.addParam("normalizeInput", params.BooleanParam, default=True, label="Normalise input images")
-        form.addParam("normalizeOutput", params.BooleanParam, default=True, label="Normalise output",
-                      help="Mean 0, sd 1 outside the particle diameter. Required for RELION.")
-        form.addParam("sparseCtf", params.BooleanParam, default=False, expertLevel=params.LEVEL_ADVANCED,
-                      label="Sparse 3D CTF",
-                      help="Set 3D-CTF voxels with |value| < 0.01 to 0. Warning: needs a patched RELION.")
-        form.addParam("starFlavour", params.EnumParam, choices=["RELION 3.1", "RELION 3.0"], default=0,
-                      expertLevel=params.LEVEL_ADVANCED, label="STAR flavour",
-                      help="3.1: optics + particles tables. 3.0: single table (M's style).")
-        form.addParam("ctfLayout", params.EnumParam, choices=["FFTW half", "centred cube"], default=0,
-                      expertLevel=params.LEVEL_ADVANCED, label="3D CTF layout",
-                      help="Both are read by RELION 3.1.")
-        form.addParam("ctfMethod", params.EnumParam, choices=["on the output grid", "padded (M)"], default=0,
-                      expertLevel=params.LEVEL_ADVANCED, label="3D CTF method",
-                      help="On the output grid: each tilt's CTF, averaged over a voxel, laid on its central slice "
-                           "of the box³ grid and normalised as the sub-tomogram (fast). Padded: M's way, the "
-                           "CTF reconstructed on the aliasing-free padded grid and cropped in real space (25-50x "
-                           "slower). RELION maps of the same quality were measured with both.")
-        form.addParam("relativePaths", params.BooleanParam, default=True, expertLevel=params.LEVEL_ADVANCED,
-                      label="Relative paths in the STAR", help="Relative to extra/ (else absolute).")
-        form.addParam("backend", params.EnumParam, choices=["auto", "CPU", "GPU"], default=BACKEND_AUTO,
-                      expertLevel=params.LEVEL_ADVANCED, label="Backend",
-                      help="auto: CuPy when a GPU answers, else NumPy (the MSPECIES_BACKEND variable can force it).")
+        self._defineInputParams(form.addGroup("Input"))
+        self._defineGeometryParams(form.addGroup("Output geometry"))
+        self._defineParticleParams(form.addGroup("Particle operations"))
+        self._defineImageParams(form.addGroup("Image processing"))
+        self._defineAdvancedParams(form.addGroup("Advanced", expertLevel=params.LEVEL_ADVANCED))
         form.addParallelSection(threads=1, mpi=0)
+
+    @staticmethod
+    def _defineInputParams(group):
+        group.addParam("inputParticles", params.PointerParam, pointerClass="SetOfCoordinates3D, SetOfSubTomograms",
+                       important=True, label="Particles",
+                       help="Coordinates or sub-tomograms (their poses are used; sub-tomogram shifts move the "
+                            "centre). Matched to the tilt series by tomogram id (tsId).")
+        group.addParam("inputTiltSeries", params.PointerParam, pointerClass="SetOfTiltSeries", important=True,
+                       label="Tilt series (with alignment)",
+                       help="Raw (non-interpolated) tilt series carrying their alignment transforms.")
+        group.addParam("inputCtf", params.PointerParam, pointerClass="SetOfCTFTomoSeries", important=True,
+                       label="CTF estimation", help="Per-tilt defocus of every tilt series used.")
+
+    @staticmethod
+    def _defineGeometryParams(group):
+        group.addParam("outputPixelSize", params.FloatParam, allowsNull=True, important=True,
+                       label="Output pixel size (Å/px)",
+                       help="Empty: the tilt-series pixel size. Not finer than the data; the highest resolution "
+                            "of the output is 2 x the pixel size (Nyquist). The tilt images are Fourier-cropped.")
+        group.addParam("boxSize", params.IntParam, default=64, validators=[params.Positive], important=True,
+                       label="Box size (px)",
+                       help="Output box (even), in px at the output pixel size. Each tilt is reconstructed in an "
+                            "aliasing-free padded box (min(1024, max(2 x box, the size the CTF of the lowest-dose "
+                            "tilt needs))) and cropped to this box. High-defocus Thon rings oscillate faster than "
+                            "a small box can sample, so they may vanish from the 3D CTF of small boxes: the padded "
+                            "box keeps the data right, but choose a box well above the particle diameter for a "
+                            "faithful CTF.")
+        group.addParam("particleDiameter", params.FloatParam, default=150.0, validators=[params.Positive],
+                       label="Particle diameter (Å)",
+                       help="Sets the mask of the output normalization (the background is the box outside this "
+                            "diameter) and enters the aliasing-free padded box size. At most the box size x the "
+                            "output pixel size.")
+        group.addParam("outputMode", params.EnumParam, choices=["volumes", "image series"], default=MODE_VOLUMES,
+                       display=params.EnumParam.DISPLAY_HLIST, label="Export",
+                       help="volumes: sub-tomogram + 3D CTF per particle (output: SetOfSubTomograms). image series: "
+                            "the 2D tilt images of each particle, CTF-premultiplied and centred on the particle, "
+                            "one MRC stack per particle (extra/<tsId>/<tsId>/*.mrcs). Scipion's tomo plugin has no "
+                            "class for per-particle tilt stacks, so this mode registers no Scipion set: its result "
+                            "is the RELION STAR extra/particles.star (optics, particles: one stack each, tilts: one "
+                            "index@stack row per image with tilt angle, defocus and pre-exposure), named in the "
+                            "summary. Poses are applied (pre-rotated): output angles are 0.")
+
+    @staticmethod
+    def _defineParticleParams(group):
+        shift = group.addLine("Shift (Å)",
+                              help="Shift of every particle along X, Y, Z (Å), in the map frame when the particles "
+                                   "have poses (position += A . shift), else in the tomogram frame: to centre the "
+                                   "export on a part of the particle. 0 0 0: the particle positions as they are.")
+        for axis in "XYZ":
+            shift.addParam(f"shift{axis}", params.FloatParam, default=0.0, label=axis,
+                           help=f"{axis} component of the shift (Å).")
+        group.addParam("preRotate", params.BooleanParam, default=False, label="Pre-rotate particles",
+                       help="Reconstruct in the reference frame: output angles become 0 (identity poses). Always on "
+                            "for image series.")
+        group.addParam("limitTilts", params.BooleanParam, default=False, label="Limit to the first N tilts by dose",
+                       help="Yes: only the N tilts with the lowest accumulated dose enter the sub-tomogram and its "
+                            "3D CTF (image series: only these tilts are written); the others get zero weight. No: "
+                            "every tilt is used, weighted by its dose.")
+        group.addParam("nTilts", params.IntParam, default=20, condition="limitTilts", label="N tilts",
+                       help="Only the N tilts with the lowest accumulated dose get CTF weight.")
+
+    @staticmethod
+    def _defineImageParams(group):
+        group.addParam("invertContrast", params.BooleanParam, default=True, label="Invert contrast",
+                       help="Raw cryo images have dark protein; RELION expects white.")
+        group.addParam("normalizeInput", params.BooleanParam, default=True, label="Normalize input images",
+                       help="Yes (as Warp and M): subtract a fitted plane from every tilt image and, after the "
+                            "band-pass, scale it to mean 0, standard deviation 1, so that tilts of different "
+                            "exposure enter with the same scale. No: the band-pass only.")
+        group.addParam("normalizeOutput", params.BooleanParam, default=True, label="Normalize output",
+                       help="Mean 0, sd 1 outside the particle diameter. Required for RELION.")
+
+    @staticmethod
+    def _defineAdvancedParams(group):
+        group.addParam("sparseCtf", params.BooleanParam, default=False, expertLevel=params.LEVEL_ADVANCED,
+                       label="Sparse 3D CTF",
+                       help="Set 3D-CTF voxels with |value| < 0.01 to 0. Warning: needs a patched RELION.")
+        group.addParam("starFlavour", params.EnumParam, choices=["RELION 3.1", "RELION 3.0"], default=0,
+                       expertLevel=params.LEVEL_ADVANCED, label="STAR flavour",
+                       help="3.1: optics + particles tables. 3.0: single table (M's style).")
+        group.addParam("ctfLayout", params.EnumParam, choices=["FFTW half", "centred cube"], default=0,
+                       expertLevel=params.LEVEL_ADVANCED, label="3D CTF layout",
+                       help="FFTW half: the non-redundant half of the 3D CTF (box x box x (box/2 + 1)), RELION's "
+                            "own layout. Centred cube: the full box³ with the origin at the centre, easier to "
+                            "look at. Both are read by RELION 3.1.")
+        group.addParam("ctfMethod", params.EnumParam, choices=["on the output grid", "padded (M)"], default=0,
+                       expertLevel=params.LEVEL_ADVANCED, label="3D CTF method",
+                       help="On the output grid: each tilt's CTF, averaged over a voxel, laid on its central slice "
+                            "of the box³ grid and normalized as the sub-tomogram (fast). Padded: M's way, the "
+                            "CTF reconstructed on the aliasing-free padded grid and cropped in real space (25-50x "
+                            "slower). RELION maps of the same quality were measured with both.")
+        group.addParam("relativePaths", params.BooleanParam, default=True, expertLevel=params.LEVEL_ADVANCED,
+                       label="Relative paths in the STAR",
+                       help="Yes: image paths in extra/particles.star are relative to extra/ (the STAR moves with "
+                            "the folder). No: absolute paths.")
+        group.addParam("backend", params.EnumParam, choices=["auto", "CPU", "GPU"], default=BACKEND_AUTO,
+                       expertLevel=params.LEVEL_ADVANCED, label="Backend",
+                       help="auto: CuPy when a GPU answers, else NumPy (the MSPECIES_BACKEND variable can force "
+                            "it). CPU: NumPy. GPU: CuPy on the step's GPU (fails without one).")
 
     # --------------------------- INSERT steps functions ----------------------
     def _insertAllSteps(self):
+        self._dropUnprovenMarkers()
         prepare = self._insertFunctionStep(self.prepareStep, needsGPU=False)
         gpu = self._stepsNeedGpu()
         exports = [self._insertFunctionStep(self.exportStep, tsId, prerequisites=[prepare], needsGPU=gpu)
                    for tsId in self._exportTsIds()]
         self._insertFunctionStep(self.createOutputStep, prerequisites=exports, needsGPU=False)
+
+    def _dropUnprovenMarkers(self):
+        """Before a run ("continue"), delete the completion marker of every tilt series whose record no longer
+        proves its export (files deleted or changed since, other settings): its step's result file is then missing,
+        so pyworkflow runs that step again, and only that one."""
+        for tsId in self._exportTsIds():
+            marker = self._getExtraPath(tsId, DONE_JSON)
+            problems = self._recordProblems(tsId) if os.path.isfile(marker) else []
+            if problems:
+                self.info(f"{tsId}: exported again ({'; '.join(problems)})")
+                self._removeFile(marker)
 
     # --------------------------- STEPS functions -----------------------------
     def prepareStep(self):
@@ -191,31 +258,50 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
         if unused:
             self.info(f"Tilt series without particles (not exported): {unused[:20]}")
 
-    def exportStep(self, tsId: str):
-        """Run the CLI worker on one tilt series (skipped if its completion marker exists)."""
+    def exportStep(self, tsId: str) -> list[str]:
+        """Run the CLI worker on one tilt series, unless its completion marker and a valid success record exist.
+
+        Any executor (local, threads, one queue job per step) only says that the worker is gone: success is its
+        record (:mod:`mspecies.cli.export_record`), checked here with the files it lists. The completion marker
+        is written after that check, and returned as the step's result file, so "continue" reruns the step when
+        the marker is gone. A queued job's output goes to the protocol's log after the job."""
         folder = self._getExtraPath(tsId)
         marker = os.path.join(folder, DONE_JSON)
-        if os.path.isfile(marker):
+        if os.path.isfile(marker) and not self._recordProblems(tsId):
             self.info(f"{tsId}: already exported ({marker}), skipped")
-            return
-        for partial in (os.path.join(folder, tsId), os.path.join(folder, CLI_STAR)):
-            if os.path.isdir(partial):
-                shutil.rmtree(partial)
-            elif os.path.isfile(partial):
-                os.remove(partial)
+            return [marker]
+        self._removeExport(tsId)
         self.info(f"{tsId}: exporting")
-        self.runJob(self._program(), self._cliArgs(folder))
-        with open(os.path.join(folder, DONE_JSON), "w") as handle:
-            json.dump(self._stepReport(tsId), handle)
+        failure = None
+        try:
+            self.runJob(self._program(), self._cliArgs(folder))
+        except subprocess.CalledProcessError as error:  # the local executor raises on a non-zero exit, queues never do
+            failure = f"the worker exited with code {error.returncode}, its error is in the run's error log"
+        except Exception as error:  # e.g. a queue that refused the job
+            failure = str(error)
+        jobLogs = self._stepJobLogs()
+        for path in jobLogs:
+            self._relayJobLog(tsId, path)
+        problems = self._recordProblems(tsId, waitSeconds=RECORD_WAIT_S if jobLogs else 0)
+        if problems or failure:
+            raise ExportStepError(self._failureMessage(tsId, failure, problems, jobLogs))
+        self._writeJsonAtomic(marker, self._stepReport(tsId))
         self.info(f"{tsId}: done")
+        return [marker]
 
     def createOutputStep(self):
-        """Merged STAR, QC figures, summary; then the SetOfSubTomograms (volumes mode), registered only if all
-        tilt series finished."""
+        """Merged STAR, QC figures, summary; then the SetOfSubTomograms (volumes mode), registered only if every
+        tilt series has its marker and a valid record. A tilt series without them loses its marker, so that
+        "continue" exports it again."""
         tsIds = self._exportTsIds()
-        missing = [t for t in tsIds if not os.path.isfile(self._getExtraPath(t, DONE_JSON))]
-        if missing:
-            raise InputError(f"tilt series not exported: {missing}")
+        invalid = {t: self._recordProblems(t) or (["no completion marker"] if not os.path.isfile(
+            self._getExtraPath(t, DONE_JSON)) else []) for t in tsIds}
+        invalid = {t: problems for t, problems in invalid.items() if problems}
+        if invalid:
+            for tsId in invalid:
+                self._removeFile(self._getExtraPath(tsId, DONE_JSON))
+            raise ExportStepError("tilt series not exported (\"continue\" exports them again): " + "; ".join(
+                f"{t}: {', '.join(problems)}" for t, problems in invalid.items()))
         merged = self._writeMergedStar(tsIds)
         reports = {t: self._readJson(self._getExtraPath(t, DONE_JSON)) for t in tsIds}
         summary = {"n_particles": int(sum(r["n_particles"] for r in reports.values())),
@@ -321,7 +407,7 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
                 "--diameter", f"{self.particleDiameter.get():.6g}", "--mode", MODES[self.outputMode.get()],
                 "--shift", *(f"{v:.6g}" for v in self._shift()), "--ctf-layout", CTF_LAYOUTS[self.ctfLayout.get()],
                 "--ctf-method", CTF_METHODS[self.ctfMethod.get()], "--backend", self._backend(),
-                "--star-flavour", "3.1"]
+                "--star-flavour", "3.1", "--overwrite"]
         flags = {"--prerotate": self._prerotated(), "--no-invert": not self.invertContrast.get(),
                  "--no-normalize-input": not self.normalizeInput.get(),
                  "--no-normalize-output": not self.normalizeOutput.get(), "--sparse-ctf": self.sparseCtf.get()}
@@ -330,18 +416,126 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
             args += ["--n-tilts-by-dose", str(self.nTilts.get())]
         return " ".join(f'"{a}"' if " " in a else a for a in args)
 
+    def _exportedObjIds(self, tsId: str) -> list[int]:
+        """Object ids of the particles the CLI exported, in its order: the requested ones less those it skipped
+        (outside the images) or dropped, listed by input row in its ``excluded_particles.tsv``."""
+        from mspecies.cli.export_files import EXCLUDED_TSV
+
+        objIds = self._readJson(self._getExtraPath(tsId, IDS_JSON))["obj_ids"]
+        excludedPath = self._getExtraPath(tsId, EXCLUDED_TSV)
+        if not os.path.isfile(excludedPath):
+            return objIds
+        excluded = set(pd.read_csv(excludedPath, sep="\t")["particle"].astype(int))
+        return [objId for row, objId in enumerate(objIds) if row not in excluded]
+
     def _stepReport(self, tsId: str) -> dict:
-        """Particles written and the padded box of one finished tilt series."""
-        from mspecies.cli.export import tilt_series_from_geometry
-        from mspecies.core.extract import padded_box_px
+        """Particles written, padded box and backend of one finished tilt series, from the worker's record."""
+        from mspecies.cli.export_record import read_export_record
+
+        done = read_export_record(self._getExtraPath(tsId))["per_tilt_series"][tsId]
+        return {"ts_id": tsId, "n_particles": int(done["n_particles"]), "padded_box_px": int(done["padded_box_px"]),
+                "backend": str(done["backend"])}
+
+    def _expectedArguments(self, tsId: str) -> dict:
+        """The worker's parsed command line for one tilt series, as its record stores it."""
+        from mspecies.cli.main import build_parser
+
+        args = shlex.split(self._cliArgs(self._getExtraPath(tsId)))
+        return vars(build_parser().parse_args(args[args.index("mspecies") + 1:]))
+
+    def _recordProblems(self, tsId: str, waitSeconds: float = 0.0) -> list[str]:
+        """Why the worker's record does not prove the export of ``tsId`` (empty: it does). A missing record is
+        looked for again for ``waitSeconds`` (a job's files may reach this host after the queue let it go)."""
+        from mspecies.cli.export_record import RECORD_JSON, record_problems
 
         folder = self._getExtraPath(tsId)
-        tiltSeries, _ = tilt_series_from_geometry(os.path.join(folder, GEOMETRY_JSON))
-        box = int(self.boxSize.get())
-        padded = box if self.outputMode.get() == MODE_SERIES else padded_box_px(
-            tiltSeries, box, self._outputPixel(), float(self.particleDiameter.get()))
-        count = len(self._readJson(os.path.join(folder, IDS_JSON))["obj_ids"])
-        return {"ts_id": tsId, "n_particles": count, "padded_box_px": int(padded), "backend": self._backend()}
+        deadline = time.monotonic() + waitSeconds
+        while not os.path.isfile(os.path.join(folder, RECORD_JSON)) and time.monotonic() < deadline:
+            time.sleep(1.0)
+        return record_problems(folder, tsId, len(self._exportedObjIds(tsId)), self._expectedArguments(tsId))
+
+    def _removeExport(self, tsId: str) -> None:
+        """Delete the marker, the record and the outputs of an earlier try of one tilt series."""
+        from mspecies.cli.export_files import EXCLUDED_TSV
+        from mspecies.cli.export_record import RECORD_JSON
+
+        folder = self._getExtraPath(tsId)
+        for name in (DONE_JSON, RECORD_JSON, CLI_STAR, EXCLUDED_TSV):
+            self._removeFile(os.path.join(folder, name))
+        shutil.rmtree(os.path.join(folder, tsId), ignore_errors=True)
+
+    @staticmethod
+    def _removeFile(path: str) -> None:
+        if os.path.isfile(path):
+            os.remove(path)
+
+    @staticmethod
+    def _writeJsonAtomic(path: str, content: dict) -> None:
+        partial = f"{path}.{os.getpid()}.tmp"
+        with open(partial, "w") as handle:
+            json.dump(content, handle)
+        os.replace(partial, path)
+
+    def _failureMessage(self, tsId: str, failure: str | None, problems: list[str], jobLogs: list[str]) -> str:
+        """Names the tilt series, the job, why it is not done and the last lines of the job's error output."""
+        jobId = self._stepJobIds().get(threading.current_thread().name)
+        job = f"queue job {jobId}" if jobId is not None else "export job"
+        lines = [f"{tsId}: the {job} did not export it ({'; '.join(problems + ([failure] if failure else []))})."]
+        errors = [path for path in jobLogs if path.endswith(".err")] + [p for p in jobLogs if p.endswith(".out")]
+        for path in errors:
+            tail = self._tail(path, JOB_ERROR_LINES)
+            if tail:
+                lines.append(f"Last lines of {path}:")
+                lines += tail
+                break
+        return "\n".join(lines)
+
+    @staticmethod
+    def _tail(path: str, count: int) -> list[str]:
+        with open(path, errors="replace") as handle:
+            return [line.rstrip("\n") for line in handle.readlines()[-count:] if line.strip()]
+
+    # --------------------------- queue helpers -------------------------------
+    def getSubmitDict(self):
+        """pyworkflow's submission values; a per-step job (QUEUE_FOR_JOBS = Y) asks what one export step uses: one
+        task, one CPU, one GPU when the steps use GPUs (not the protocol's total threads and GPUs)."""
+        values = super().getSubmitDict()
+        if self.useQueue() and values.get(QUEUE_FOR_JOBS) == "Y":
+            values.update(JOB_NODES=1, JOB_THREADS=1, JOB_CORES=1, GPU_COUNT=1 if self._stepsNeedGpu() else 0)
+        return values
+
+    def appendJobId(self, jobId):
+        """Also remembers the queue job of the calling step's thread, for its failure message."""
+        super().appendJobId(jobId)
+        self._stepJobIds()[threading.current_thread().name] = jobId
+
+    def _stepJobIds(self) -> dict:
+        if not hasattr(self, "_queueJobByThread"):
+            self._queueJobByThread = {}
+        return self._queueJobByThread
+
+    def _stepJobLogs(self) -> list[str]:
+        """The ``.out``/``.err`` files of the queue job that the calling step just ran (none when not queued).
+
+        pyworkflow 3.11's QueueStepExecutor names a step's n-th job ``<JOB_NAME>-<thread id>-<n>`` beside the job
+        script and counts n per thread in ``threadCommands``; the job template writes ``<JOB_LOGS>.out/.err``."""
+        executor = getattr(self, "_stepsExecutor", None)
+        counts, submit = getattr(executor, "threadCommands", None), getattr(executor, "submitDict", None)
+        threadId = getattr(threading.current_thread(), "thId", None)
+        if counts is None or submit is None or threadId not in counts:
+            return []
+        suffix = f"-{threadId}-{counts[threadId]}"
+        script = os.path.abspath(removeExt(submit["JOB_SCRIPT"]) + suffix + ".job")
+        base = os.path.join(os.path.dirname(script), submit["JOB_NAME"] + suffix)
+        return [path for path in (base + ".out", base + ".err") if os.path.isfile(path)]
+
+    def _relayJobLog(self, tsId: str, path: str) -> None:
+        """Copy a queue job's output file into the protocol's log, one line at a time, prefixed by the tsId."""
+        with open(path, errors="replace") as handle:
+            lines = [line.rstrip("\n") for line in handle if line.strip()]
+        self.info(f"{tsId}: {len(lines)} lines of the job's {os.path.basename(path)}:")
+        for line in lines:
+            (self.warning if path.endswith(".err") else self.info)(f"{tsId} | {line}")
 
     @staticmethod
     def _readJson(path: str) -> dict:
@@ -398,7 +592,7 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
         """(input object id, volume path, 3D CTF path) per exported particle of one tilt series (paths relative
         to the project)."""
         table = self._cliTables(tsId)["particles"]
-        objIds = self._readJson(self._getExtraPath(tsId, IDS_JSON))["obj_ids"]
+        objIds = self._exportedObjIds(tsId)
         if len(table) != len(objIds):
             raise InputError(f"{tsId}: {len(table)} exported particles but {len(objIds)} requested")
         return [(int(i), self._getExtraPath(tsId, str(v)), self._getExtraPath(tsId, str(c)))

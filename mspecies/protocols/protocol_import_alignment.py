@@ -1,4 +1,4 @@
-"""Import IMOD ``.xf`` alignment transforms onto an existing (raw) ``SetOfTiltSeries``."""
+"""Import IMOD ``.xf`` (or AreTomo ``.aln``) alignment transforms onto an existing (raw) ``SetOfTiltSeries``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from .protocol_base import ProtMSpeciesTsFileImportBase
 
 class ProtMSpeciesImportTsAlignment(ProtMSpeciesTsFileImportBase):
     """Attach IMOD ``.xf`` transforms (aligned = A·raw + d, centred px; one row per stack image) to each tilt
-    image of a raw tilt series. The pixels are not touched: the output is non-interpolated."""
+    image of a raw tilt series; an AreTomo ``.aln`` (file name ending ``.aln``) is converted as AreTomo's own
+    ``-OutImod`` does. The pixels are not touched: the output is non-interpolated."""
 
     _label = "import tilt-series alignment (IMOD xf)"
     _possibleOutputs = {"TiltSeries": SetOfTiltSeries}

@@ -72,11 +72,17 @@ class ProtMSpeciesImportParticlesStar(EMProtocol, ProtTomoBase):
                       help="'nx ny nz' px of the tomograms the corner-based coordinates refer to (centre = N // 2). "
                            "Empty: each tomogram's dimensions × its pixel size / the STAR pixel size, rounded.")
         form.addParam("importAs", params.EnumParam, choices=["auto (sub-tomograms if rlnImageName)", "coordinates"],
-                      default=IMPORT_AUTO, label="Import as")
+                      default=IMPORT_AUTO, label="Import as",
+                      help="auto: sub-tomograms (with their coordinates) when the STAR names images "
+                           "(rlnImageName; their 3D CTFs from rlnCtfImage), else coordinates only. coordinates: "
+                           "only the 3D coordinates with their poses, even when the STAR names images.")
         form.addParam("imagesFolder", params.PathParam, default="", label="Folder of the image paths",
                       help="Relative rlnImageName / rlnCtfImage paths start here; empty: the STAR file's folder.")
         form.addParam("boxSize", params.IntParam, default=32, validators=[params.Positive],
-                      label="Box size (px at the tomogram pixel size)")
+                      label="Box size (px at the tomogram pixel size)",
+                      help="Box size stored on the output coordinates (px at the pixel size of the tomograms), "
+                           "used by Scipion's viewers and by extraction protocols that read it; the STAR files do "
+                           "not carry it.")
 
     def _insertAllSteps(self):
         self._insertFunctionStep(self.createOutputStep, needsGPU=False)

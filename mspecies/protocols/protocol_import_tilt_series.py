@@ -19,7 +19,7 @@ from tomo.objects import SetOfTiltSeries, TiltImage, TiltSeries, TomoAcquisition
 from tomo.protocols import ProtTomoBase
 
 from mspecies.common.types import InputError
-from mspecies.convert.mdoc import read_mdoc_tilts
+from mspecies.formats.serialem import read_mdoc_tilts
 
 TS_TAG = "{TS}"
 
@@ -35,15 +35,20 @@ class ProtMSpeciesImportTiltSeries(EMProtocol, ProtTomoBase):
 
     def _defineParams(self, form):
         form.addSection(label=Message.LABEL_INPUT)
-        form.addParam("filesPath", params.PathParam, label="Files directory")
+        form.addParam("filesPath", params.PathParam, label="Files directory",
+                      help="Folder holding the SerialEM .mdoc files (the tilt stacks they describe are next to "
+                           "them); the pattern below is relative to it.")
         form.addParam("filesPattern", params.StringParam, default="{TS}/{TS}.mrc.mdoc", label="mdoc pattern",
                       help="Relative to the folder; {TS} marks the tsId (used as a glob '*').")
         form.addParam("samplingRate", params.FloatParam, allowsNull=True, label="Pixel size (Å/px)",
                       help="Empty: PixelSpacing of the mdoc.")
         form.addParam("voltage", params.FloatParam, allowsNull=True, label="Voltage (kV)",
                       help="Empty: Voltage of the mdoc.")
-        form.addParam("sphericalAberration", params.FloatParam, default=2.7, label="Spherical aberration (mm)")
-        form.addParam("amplitudeContrast", params.FloatParam, default=0.1, label="Amplitude contrast")
+        form.addParam("sphericalAberration", params.FloatParam, default=2.7, label="Spherical aberration (mm)",
+                      help="Cs of the objective lens (mm; the mdoc does not carry it), used by the CTF.")
+        form.addParam("amplitudeContrast", params.FloatParam, default=0.1, label="Amplitude contrast",
+                      help="Fraction of amplitude contrast (0 to 1; typically 0.07 to 0.1 for cryo samples), "
+                           "used by the CTF.")
 
     def _insertAllSteps(self):
         self._insertFunctionStep(self.createOutputStep, needsGPU=False)
@@ -69,8 +74,9 @@ class ProtMSpeciesImportTiltSeries(EMProtocol, ProtTomoBase):
             tilts = read_mdoc_tilts(path)
             tilts["pixel_size_angst"] = self.samplingRate.get() or tilts["pixel_size_angst"]
             tilts["voltage_kv"] = self.voltage.get() or tilts["voltage_kv"]
-            for field, label in (("pixel_size_angst", "PixelSpacing"), ("voltage_kv", "Voltage")):
-                if not tilts[field]:
+            for field, label in (("pixel_size_angst", "PixelSpacing"), ("voltage_kv", "Voltage"),
+                                 ("accumulated_dose_e_per_angst2", "ExposureDose")):
+                if tilts[field] is None:
                     raise InputError(f"{path}: no {label} in the mdoc and the form field is empty")
             if not os.path.isfile(tilts["stack"]):
                 raise InputError(f"{path}: stack not found: {tilts['stack']}")

@@ -77,7 +77,9 @@ class ProtMSpeciesIntersect(EMProtocol, ProtTomoBase):
                       important=True, label="Old particles",
                       help="Reference set; particles in both sets are output as these (their poses and attributes).")
         form.addParam("newSource", params.EnumParam, choices=["Scipion set", "STAR file"], default=SOURCE_SCIPION,
-                      display=params.EnumParam.DISPLAY_HLIST, label="New particles from")
+                      display=params.EnumParam.DISPLAY_HLIST, label="New particles from",
+                      help="Scipion set: coordinates or sub-tomograms of this project. STAR file: a particle STAR "
+                           "written by RELION, Warp or M, read directly (no import protocol needed).")
         form.addParam("inputNew", params.PointerParam, pointerClass="SetOfCoordinates3D, SetOfSubTomograms",
                       condition=f"newSource == {SOURCE_SCIPION}", allowsNull=True, label="New particles",
                       help="Coordinates or sub-tomograms on the same tomograms (matched by tsId).")
@@ -110,7 +112,9 @@ class ProtMSpeciesIntersect(EMProtocol, ProtTomoBase):
                       help="gated: most pairs within the tolerance, then the smallest total distance. M-compatible: "
                            "M's dense assignment of all particles, then pairs beyond the tolerance are dropped.")
         form.addParam("histogramBins", params.IntParam, default=50, validators=[params.Positive],
-                      expertLevel=params.LEVEL_ADVANCED, label="Histogram bins")
+                      expertLevel=params.LEVEL_ADVANCED, label="Histogram bins",
+                      help="Number of bins of the matched-distance histogram written to extra/distance_histogram.png "
+                           "(the viewer has its own). It does not change the matching.")
 
     # --------------------------- INSERT steps functions ----------------------
     def _insertAllSteps(self):

@@ -33,7 +33,7 @@ import scipy.fft
 from mspecies.common.types import InputError, Microscope, ParticlePoses, TiltSeriesData
 from mspecies.core import geometry
 from mspecies.core.ctf import ctf_2d, electron_wavelength_angst, rfft_frequencies
-from mspecies.formats import imod
+from mspecies.formats import aretomo, coordinates, ctffind, dose, imod, serialem
 from mspecies.formats.mrc import write_mrc
 from mspecies.formats.star import write_relion31_particles
 
@@ -435,38 +435,62 @@ def _mdoc_sections(tilt_series: TiltSeriesData, params: SynthParameters) -> list
 
 
 def write_tilt_series_files(out: Path, tilt_series: TiltSeriesData, stack: np.ndarray, tomogram: np.ndarray,
-                            params: SynthParameters) -> dict[str, str]:
-    """Write the raw stack and its IMOD/SerialEM/CTFFIND side files → role → path relative to ``out``."""
+                            params: SynthParameters, positions_angst: np.ndarray, euler_zyz_deg: np.ndarray
+                            ) -> dict[str, str]:
+    """Write the raw stack and every side file a user may hold → role → path relative to ``out``.
+
+    IMOD ``.tlt``/``.xf``/``.defocus``, CTFFIND 4 output (with the optics header), the dose as a prior/own list
+    (with a header line) and as a tilt/accumulated list, the SerialEM ``.mdoc``, an AreTomo3 ``.aln`` holding the
+    same alignment as the ``.xf`` file (converted from it as written, so both give the same transforms), the binned
+    tomogram, and the particles as a text list ``x y z rot tilt psi`` in the binned tomogram's pixels.
+    """
     ts_id = tilt_series.ts_id
     folder = out / ts_id
     folder.mkdir(exist_ok=True)
+    binned_pixel = params.pixel_size_angst * params.tomogram_binning
     names = {"stack": f"{ts_id}.mrc", "tlt": f"{ts_id}.tlt", "xf": f"{ts_id}.xf", "defocus": f"{ts_id}.defocus",
-             "ctffind": f"{ts_id}_ctffind.txt", "dose": f"{ts_id}_dose.txt", "mdoc": f"{ts_id}.mrc.mdoc",
-             "tomogram": f"{ts_id}_bin{params.tomogram_binning}.mrc"}
+             "ctffind": f"{ts_id}_ctffind.txt", "dose": f"{ts_id}_dose.txt", "tilt_dose": f"{ts_id}.tlt_dose",
+             "mdoc": f"{ts_id}.mrc.mdoc", "aln": f"{ts_id}.aln",
+             "tomogram": f"{ts_id}_bin{params.tomogram_binning}.mrc",
+             "coordinates": f"{ts_id}_bin{params.tomogram_binning}_particles.txt"}
     paths = {role: folder / name for role, name in names.items()}
     write_mrc(paths["stack"], stack, params.pixel_size_angst)
     imod.write_tlt(paths["tlt"], tilt_series.tilt_angles_deg)
     imod.write_xf(paths["xf"], tilt_series.xf)
     imod.write_imod_defocus(paths["defocus"], tilt_series.tilt_angles_deg, tilt_series.defocus_u_angst,
                             tilt_series.defocus_v_angst, tilt_series.defocus_angle_deg)
-    imod.write_ctffind_txt(paths["ctffind"], tilt_series.defocus_u_angst, tilt_series.defocus_v_angst,
-                           tilt_series.defocus_angle_deg)
+    ctffind.write_ctffind(paths["ctffind"], tilt_series.defocus_u_angst, tilt_series.defocus_v_angst,
+                          tilt_series.defocus_angle_deg, pixel_size_angst=params.pixel_size_angst,
+                          voltage_kv=params.voltage_kv, cs_mm=params.cs_mm,
+                          amplitude_contrast=params.amplitude_contrast, stack_name=names["stack"])
     pre = tilt_series.pre_exposure_e_per_angst2
-    imod.write_dose_txt(paths["dose"], pre, tilt_series.dose_e_per_angst2 - pre)
+    dose.write_dose_list(paths["dose"], pre, tilt_series.dose_e_per_angst2 - pre)
+    dose.write_tilt_dose(paths["tilt_dose"], tilt_series.tilt_angles_deg, tilt_series.dose_e_per_angst2)
     header = {"PixelSpacing": params.pixel_size_angst, "Voltage": params.voltage_kv, "ImageFile": names["stack"],
               "ImageSize": [params.image_shape_yx[1], params.image_shape_yx[0]], "DataMode": 2,
               "TiltAxisAngle": params.tilt_axis_angle_deg}
     titles = ["SerialEM: mspecies synthetic tilt series", f"Tilt axis angle = {params.tilt_axis_angle_deg:.2f}, "
               "binning = 1  spot = 8  camera = 0"]
-    imod.write_mdoc(paths["mdoc"], header, _mdoc_sections(tilt_series, params), titles)
-    write_mrc(paths["tomogram"], tomogram, params.pixel_size_angst * params.tomogram_binning)
+    serialem.write_mdoc(paths["mdoc"], header, _mdoc_sections(tilt_series, params), titles)
+    ny, nx = stack.shape[1:]
+    aretomo.write_aln(paths["aln"], imod.read_xf(paths["xf"]), imod.read_tlt(paths["tlt"]), (nx, ny, stack.shape[0]),
+                      tilt_series.excluded)
+    write_mrc(paths["tomogram"], tomogram, binned_pixel)
+    binned_coords = geometry.centred_angst_to_corner_px(positions_angst, tomogram.shape[::-1], binned_pixel)
+    coordinates.write_coordinates(paths["coordinates"], binned_coords, euler_zyz_deg)
     return {role: path.relative_to(out).as_posix() for role, path in paths.items()}
 
 
+def binned_tomogram_nz(params: SynthParameters) -> int:
+    """Slab thickness in binned tomogram voxels (≥ 1)."""
+    return max(1, int(round(params.thickness_angst / (params.pixel_size_angst * params.tomogram_binning))))
+
+
 def unbinned_tomogram_shape_zyx(params: SynthParameters) -> tuple[int, int, int]:
-    """(nz, ny, nx) of the unbinned tomogram: slab thickness in px and the image size."""
+    """(nz, ny, nx) of the unbinned tomogram: the binned tomogram's thickness × binning (so that the binned
+    tomogram's header gives this size back) and the image size."""
     ny, nx = (int(v) for v in params.image_shape_yx)
-    return int(round(params.thickness_angst / params.pixel_size_angst)), ny, nx
+    return binned_tomogram_nz(params) * params.tomogram_binning, ny, nx
 
 
 def relion_coordinates_px(positions_angst: np.ndarray, params: SynthParameters) -> np.ndarray:
@@ -529,8 +553,8 @@ def generate_dataset(out_dir: str | Path, **parameters: object) -> Path:
     Returns
     -------
     Path of ``manifest.json``. Files: ``ground_truth.mrc``, ``particles.star``, per tilt series ``TS_xx/``
-    with the raw stack, ``.tlt``, ``.xf``, ``.defocus``, ``_ctffind.txt``, ``_dose.txt``, ``.mrc.mdoc`` and the
-    binned WBP tomogram.
+    with the raw stack, ``.tlt``, ``.xf``, ``.defocus``, ``_ctffind.txt``, ``_dose.txt``, ``.tlt_dose``,
+    ``.mrc.mdoc``, ``.aln``, the binned WBP tomogram and the particles as a text list in its pixels.
     """
     unknown = set(parameters) - set(SynthParameters.__dataclass_fields__)
     if unknown:
@@ -551,10 +575,9 @@ def generate_dataset(out_dir: str | Path, **parameters: object) -> Path:
         stack, noise_sd = simulate_tilt_series(tilt_series, positions, euler, model, box_px=params.box_px,
                                                snr=params.snr, rng=rng,
                                                defocus_gradient_sign=params.defocus_gradient_sign)
-        nz_binned = max(1, int(round(params.thickness_angst / (params.pixel_size_angst * params.tomogram_binning))))
         tomogram = weighted_back_projection(align_and_bin_stack(stack, tilt_series.xf, params.tomogram_binning),
-                                            tilt_series.tilt_angles_deg, nz_binned)
-        files = write_tilt_series_files(out, tilt_series, stack, tomogram, params)
+                                            tilt_series.tilt_angles_deg, binned_tomogram_nz(params))
+        files = write_tilt_series_files(out, tilt_series, stack, tomogram, params, positions, euler)
         stacks[ts_id] = files["stack"]
         entries.append(_tilt_series_entry(tilt_series, files, params, tomogram.shape, noise_sd))
         coords = relion_coordinates_px(positions, params)

@@ -33,3 +33,21 @@ def setup_synthetic_project(cls, prefix: str, **synth) -> None:
     cls.manifest_path = generate_dataset(cls.tmp / "data", **synth)
     cls.manifest = load_manifest(cls.manifest_path)
     cls.imported = import_synthetic_dataset(cls.proj, cls.manifest_path)
+
+
+def require_relion(program: str = "relion_reconstruct") -> str:
+    """Path of a RELION program; skip the test (``unittest.SkipTest``, which pytest honours too) when it is not
+    on PATH, or fail when ``MSPECIES_REQUIRE_RELION=1`` (CI, ``.ci/run``), so that the checks against the real
+    consumer of our STAR files can never silently vanish there."""
+    import os
+    import shutil
+    import unittest
+
+    path = shutil.which(program)
+    if path:
+        return path
+    reason = f"{program} not found on PATH (install RELION 3.1: apt-get install relion)"
+    if os.environ.get("MSPECIES_REQUIRE_RELION") == "1":
+        raise AssertionError(reason + " — required because MSPECIES_REQUIRE_RELION=1")
+    print(f"skipped: {reason}")
+    raise unittest.SkipTest(reason)

@@ -1,11 +1,11 @@
 """Headless Scipion project: an export whose second tilt series fails (its raw stack is truncated, as by an
 unfinished copy) registers no output and keeps the first tilt series; after the stack is restored, Scipion's
-"continue" mode exports only the second tilt series and registers the complete set."""
+"continue" mode exports only the second tilt series and registers the complete set; a file of the first one lost
+afterwards makes the next "continue" export only the first one again."""
 
 import shutil
 from pathlib import Path
 
-import pytest
 from pyworkflow.protocol.constants import MODE_RESUME
 from pyworkflow.tests import BaseTest
 
@@ -17,7 +17,8 @@ from mspecies.tests.checks import registered_outputs, setup_synthetic_project
 SYNTH = dict(seed=11, n_tomograms=2, n_particles=5, n_tilts=15, box_px=32, image_shape_yx=(256, 256),
              pixel_size_angst=4.0, thickness_angst=400.0, snr=None)
 
-pytestmark = [pytest.mark.scipion]
+# pytest marks (conftest.py adds them; the package's tests never import pytest)
+PYTEST_MARKS = ("scipion",)
 
 
 def _truncate(path: Path, keep_bytes: int) -> bytes:
@@ -58,6 +59,8 @@ class TestExportResume(BaseTest):
         finally:
             stack.write_bytes(content)
         self.assertTrue(prot.isFailed(), prot.getStatus())
+        self.assertIn("TS_02: the export job did not export it", prot.getErrorMessage())
+        self.assertIn("the worker exited with code 2", prot.getErrorMessage())
         self.assertEqual(registered_outputs(prot), [])
         self.assertFalse(self._extra(prot, "particles.star").exists())
         self.assertTrue(self._extra(prot, "TS_01", DONE_JSON).is_file())
@@ -82,3 +85,15 @@ class TestExportResume(BaseTest):
         self.assertTrue(self._extra(prot, "particles.star").is_file())
         stderr = (Path(self.proj.getPath()) / prot.getLogPaths()[1]).read_text()
         self.assertNotIn("Circular reference", stderr)
+
+        # A file of the finished TS_01 lost after the run: "continue" exports TS_01 again, and only TS_01.
+        lost = next(p for p in self._mtimes(prot, "TS_01") if p.suffix == ".mrc")
+        lost.unlink()
+        kept = self._mtimes(prot, "TS_02")
+        prot.runMode.set(MODE_RESUME)
+        with inside_project(self.proj):
+            self.proj.launchProtocol(prot, wait=True)
+        self.assertTrue(prot.isFinished(), f"{prot.getStatus()}: {prot.getErrorMessage()}")
+        self.assertTrue(lost.is_file())
+        self.assertEqual(self._mtimes(prot, "TS_02"), kept)
+        self.assertEqual(prot.SubTomograms.getSize(), SYNTH["n_tomograms"] * SYNTH["n_particles"])

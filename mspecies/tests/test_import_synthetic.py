@@ -18,6 +18,8 @@ from mspecies.protocols import ProtMSpeciesImportParticlesStar, ProtMSpeciesImpo
 from mspecies.synth.dataset import manifest_particles, manifest_tilt_series
 from mspecies.tests.checks import registered_outputs, setup_synthetic_project
 
+# pytest marks (conftest.py adds them; the package's tests never import pytest)
+PYTEST_MARKS = ("scipion",)
 SYNTH = dict(seed=0, n_tomograms=2, n_particles=8, n_tilts=21, box_px=32, image_shape_yx=(256, 256),
              pixel_size_angst=4.0, thickness_angst=600.0)
 MAX_PROJECTION_DIFF_PX = 0.01

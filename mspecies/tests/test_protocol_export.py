@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pytest
 from pyworkflow.plugin import Domain
 from pyworkflow.tests import BaseTest
 from tomo.constants import SCIPION, TR_SCIPION
@@ -36,7 +35,8 @@ from mspecies.tests.checks import registered_outputs, setup_synthetic_project
 SYNTH = dict(seed=5, n_tomograms=2, n_particles=20, n_tilts=31, box_px=32, image_shape_yx=(320, 320),
              pixel_size_angst=4.0, thickness_angst=500.0, snr=None)
 
-pytestmark = [pytest.mark.scipion, pytest.mark.slow]
+# pytest marks (conftest.py adds them; the package's tests never import pytest)
+PYTEST_MARKS = ("scipion", "slow")
 
 
 def series_offset_px(image: np.ndarray, raw: np.ndarray, centre_xy: np.ndarray, ctf: np.ndarray) -> np.ndarray:
@@ -135,8 +135,11 @@ class TestExportProtocol(BaseTest):
         self.assertIn(MSpeciesExportViewer, Domain.findViewers(self.prot, "tkinter"))
         viewer = MSpeciesExportViewer(project=self.proj, protocol=self.prot)
         viewer.setProtocol(self.prot)
+        self.assertEqual(list(viewer.getParam("tsIndex").choices), ["TS_01", "TS_02"])
+        viewer.tsIndex.set(1)
         with inside_project(self.proj):
             plotters = viewer._showQc()
+        self.assertTrue(plotters[0].getFigure().axes[0].get_title().startswith("TS_02 average"))
         png = self.tmp / "viewer_qc.png"
         plotters[0].getFigure().savefig(png)
         self.assertEqual(png.read_bytes()[:4], b"\x89PNG")

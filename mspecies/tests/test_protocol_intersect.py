@@ -20,6 +20,8 @@ from mspecies.synth.dataset import manifest_particles
 from mspecies.tests.checks import setup_synthetic_project
 from mspecies.viewers import MSpeciesIntersectViewer
 
+# pytest marks (conftest.py adds them; the package's tests never import pytest)
+PYTEST_MARKS = ("scipion",)
 SYNTH = dict(seed=3, n_tomograms=2, n_particles=10, n_tilts=21, box_px=32, image_shape_yx=(256, 256),
              pixel_size_angst=4.0, thickness_angst=600.0)
 JITTER_ANGST = 3.0

@@ -32,9 +32,10 @@ from mspecies.protocols import ProtMSpeciesExportParticlesStar, ProtMSpeciesImpo
 from mspecies.protocols.protocol_export_star import EXPORT_DIALECTS
 from mspecies.protocols.protocol_import_star import DIALECT_CHOICES, IMPORT_COORDINATES
 from mspecies.synth.dataset import manifest_particles
-from mspecies.tests.checks import registered_outputs, setup_synthetic_project
-from tests._relion import require_relion
+from mspecies.tests.checks import registered_outputs, require_relion, setup_synthetic_project
 
+# pytest marks (conftest.py adds them; the package's tests never import pytest)
+PYTEST_MARKS = ("scipion",)
 SYNTH = dict(seed=3, n_tomograms=2, n_particles=8, n_tilts=21, box_px=32, image_shape_yx=(256, 256),
              pixel_size_angst=4.0, thickness_angst=600.0)
 STAR_PIXEL = 4.0  # Å/px of the STAR coordinates (tilt-series pixel size, unbinned tomogram)

@@ -7,7 +7,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import pytest
 from pyworkflow.template import LocalTemplate
 from pyworkflow.tests import BaseTest, setupTestProject
 
@@ -22,7 +21,8 @@ SYNTH = dict(seed=7, n_tomograms=2, n_particles=6, n_tilts=15, box_px=32, image_
              pixel_size_angst=4.0, thickness_angst=400.0, snr=None)
 BOX_PX, DIAMETER_ANGST = 32, 100.0
 
-pytestmark = [pytest.mark.scipion]
+# pytest marks (conftest.py adds them; the package's tests never import pytest)
+PYTEST_MARKS = ("scipion",)
 
 
 def link_tomograms(manifest_path: Path, folder: Path) -> Path:

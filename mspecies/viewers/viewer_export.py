@@ -15,16 +15,19 @@ from mspecies.protocols.protocol_export_subtomograms import ProtMSpeciesExportSu
 class MSpeciesExportViewer(ProtocolViewer):
     """QC of an export run, one tilt series at a time."""
 
-    _label = "mspecies export viewer"
+    _label = "export QC viewer"
     _targets = [ProtMSpeciesExportSubtomograms]
     _environments = [DESKTOP_TKINTER]
 
     def _defineParams(self, form):
         form.addSection(label="Visualization")
-        form.addParam("tsId", params.StringParam, default="", label="Tilt series (tsId)",
-                      help="Empty: the first exported tilt series.")
+        form.addParam("tsIndex", params.EnumParam, choices=self.protocol._exportTsIds(), default=0,
+                      display=params.EnumParam.DISPLAY_COMBO, label="Tilt series (tsId)",
+                      help="The exported tilt series whose sub-tomograms are averaged (the first by default).")
         form.addParam("maxParticles", params.IntParam, default=200, validators=[params.Positive],
-                      label="Particles to average (at most)")
+                      label="Particles to average (at most)",
+                      help="The average uses the first N exported particles of the tilt series (all if fewer): "
+                           "enough to judge the contrast and the 3D CTF, quick to read.")
         form.addParam("displayQc", params.LabelParam, label="Show the average and a 3D CTF",
                       help="Central XY/XZ/YZ slices and the radial power spectrum of the CTF-weighted average of "
                            "the tilt series' sub-tomograms (rotated back by their poses unless pre-rotated), and "
@@ -34,10 +37,7 @@ class MSpeciesExportViewer(ProtocolViewer):
         return {"displayQc": self._showQc}
 
     def _tsIdToShow(self) -> str:
-        chosen = (self.tsId.get() or "").strip()
-        if chosen:
-            return chosen
-        return self.protocol._exportTsIds()[0]
+        return self.protocol._exportTsIds()[int(self.tsIndex.get())]
 
     def _showQc(self, paramName=None):
         """[Plotter] with the QC figure of the chosen tilt series."""

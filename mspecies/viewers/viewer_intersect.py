@@ -21,15 +21,19 @@ from mspecies.protocols.protocol_intersect import ProtMSpeciesIntersect
 class MSpeciesIntersectViewer(ProtocolViewer):
     """Distance histogram of an intersect run (distances of the matched pairs at the histogram radius, Å)."""
 
-    _label = "mspecies intersect viewer"
+    _label = "intersect distance histogram"
     _targets = [ProtMSpeciesIntersect]
     _environments = [DESKTOP_TKINTER]
 
     def _defineParams(self, form):
         form.addSection(label="Visualization")
         form.addParam("nBins", params.IntParam, default=DEFAULT_HISTOGRAM_BINS, validators=[params.Positive],
-                      label="Histogram bins")
-        form.addParam("logScale", params.BooleanParam, default=False, label="Log scale (counts)")
+                      label="Histogram bins",
+                      help="Number of bins between 0 and the largest matched distance (at least just past the "
+                           "tolerance).")
+        form.addParam("logScale", params.BooleanParam, default=False, label="Log scale (counts)",
+                      help="Logarithmic count axis: shows the few chance neighbours in the tail next to the peak "
+                           "of true pairs.")
         form.addParam("displayHistogram", params.LabelParam, label="Show the distance histogram",
                       help="Distances of the matched pairs; the dashed line is the tolerance. Put the tolerance in "
                            "the valley between the peak of true pairs and the tail of chance neighbours.")

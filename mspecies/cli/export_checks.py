@@ -1,0 +1,182 @@
+"""Everything the export checks before its first byte is written.
+
+* the arguments: ``--pixel-size-out`` > 0, ``--memory-gb`` within the memory this machine has available, a usable
+  backend;
+* per tilt series: the options against the data and the memory plan (:func:`~mspecies.core.reconstruct.plan_memory`,
+  refused at once when one particle cannot fit), named by flag;
+* the particles: those outside the tomogram's x–y area, and those whose output box lies inside the images in fewer
+  than ``--min-visible-tilts`` used tilts (RELION's ``relion_tomo_subtomo --min_frames``, default 1), are skipped;
+  exact duplicates (same tomogram, position and angles) are counted and, with ``--drop-duplicates``, dropped.
+  Every excluded particle is listed (input row, reason) in ``excluded_particles.tsv`` and counted in the log;
+* the disk: the bytes the export will write (:func:`export_bytes`), checked against the free space of ``--out``.
+
+The tomogram's z extent is not checked: its thickness is often a guess (the protocol's default is 2000 Å), and a
+particle above or below it still projects into the images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from mspecies.common.types import InputError, ParticlePoses, TiltSeriesData
+from mspecies.core.geometry import project_positions_to_tilts
+from mspecies.core.memory import MemoryPlan, available_memory_bytes
+from mspecies.core.reconstruct import ExportOptions, plan_memory, shifted_positions_angst
+
+MRC_HEADER_BYTES = 1024
+STAR_BYTES_PER_PARTICLE = 400
+"""Generous size of one particle's STAR row(s), for the free-space estimate."""
+
+OPTION_FLAGS = {"output_pixel_size_angst": "--pixel-size-out", "box_px": "--box", "particle_diameter_angst":
+                "--diameter", "n_tilts_by_dose": "--n-tilts-by-dose", "shift_angst": "--shift", "max_batch":
+                "--max-batch", "memory": "--memory-gb"}
+"""Export option (as core's messages name it) → the command-line flag that sets it."""
+
+EXCLUDED_COLUMNS = ["ts_id", "particle", "reason", "visible_tilts", "x_angst", "y_angst", "z_angst"]
+
+
+@dataclass(frozen=True)
+class ExportJob:
+    """One tilt series, checked and planned: the particles to export and those excluded (with reasons)."""
+
+    tilt_series: TiltSeriesData
+    particles: ParticlePoses
+    tomogram_shape_xyz_px: tuple[int, ...]
+    options: ExportOptions
+    padded_box_px: int
+    plan: MemoryPlan
+    excluded: pd.DataFrame
+    n_duplicates: int
+    visible_tilts: np.ndarray
+
+
+def check_export_arguments(args: argparse.Namespace) -> None:
+    """Arguments that need no data: output pixel size, memory budget against this machine, backend."""
+    if args.pixel_size_out is not None and not (args.pixel_size_out > 0 and math.isfinite(args.pixel_size_out)):
+        raise InputError(f"--pixel-size-out: expected a pixel size > 0 Å (leave it out for the tilt series' own), "
+                         f"got {args.pixel_size_out:g}")
+    if not (args.diameter > 0 and math.isfinite(args.diameter)):
+        raise InputError(f"--diameter: expected a diameter > 0 Å, got {args.diameter:g}")
+    if args.min_visible_tilts < 1:
+        raise InputError(f"--min-visible-tilts: expected an integer >= 1, got {args.min_visible_tilts}")
+    if args.memory_gb is not None:
+        check_memory_budget(args.memory_gb)
+    if args.backend == "cupy":
+        from mspecies.core.backend import cupy_unavailable_reason
+
+        reason = cupy_unavailable_reason()
+        if reason is not None:
+            raise InputError(f"--backend cupy: {reason}; use --backend numpy or auto")
+
+
+def check_memory_budget(memory_gb: float) -> None:
+    """``--memory-gb`` must be > 0 and at most the memory available on this machine now (MemAvailable)."""
+    if not (memory_gb > 0 and math.isfinite(memory_gb)):
+        raise InputError(f"--memory-gb: expected a budget > 0 GB, got {memory_gb:g}")
+    available = available_memory_bytes()
+    if memory_gb * 1e9 > available:
+        raise InputError(f"--memory-gb: {memory_gb:g} GB is more than the {available / 1e9:.1f} GB this machine has "
+                         "available; give at most that (or leave it out: 25 % of the available memory)")
+
+
+def with_flag(error: InputError) -> InputError:
+    """Core's message ``box_px: ...`` → ``--box (box_px): ...`` so that the user sees the flag to change."""
+    message = str(error)
+    field, sep, rest = message.partition(":")
+    flag = OPTION_FLAGS.get(field.strip())
+    return InputError(f"{flag} ({field.strip()}):{rest}") if sep and flag else error
+
+
+def plan_job(tilt_series: TiltSeriesData, particles: ParticlePoses, tomogram_shape_xyz_px: tuple[int, ...],
+             options: ExportOptions, *, min_visible_tilts: int, drop_duplicates: bool) -> ExportJob:
+    """Check one tilt series' options and memory plan, and choose its particles (see the module docstring)."""
+    try:
+        padded, plan = plan_memory(tilt_series, options)
+    except InputError as error:
+        raise with_flag(error) from error
+    positions = shifted_positions_angst(particles, options.shift_angst)
+    visible = visible_tilt_counts(tilt_series, positions, options.box_px, options.output_pixel_size_angst)
+    outside = outside_tomogram_xy(positions, tomogram_shape_xyz_px, tilt_series.pixel_size_angst)
+    duplicate_of = first_identical(particles)
+    reasons = np.full(len(particles), "", dtype=object)
+    reasons[visible < min_visible_tilts] = (f"box inside the images in fewer than {min_visible_tilts} of "
+                                            f"{int(np.count_nonzero(~tilt_series.excluded))} used tilts")
+    reasons[outside] = "outside the tomogram's x-y area"
+    if drop_duplicates:
+        dropped = (duplicate_of >= 0) & (reasons == "")
+        reasons[dropped] = [f"duplicate of particle {k}" for k in duplicate_of[dropped]]
+    excluded = np.flatnonzero(reasons != "")
+    table = pd.DataFrame({"ts_id": tilt_series.ts_id, "particle": excluded, "reason": reasons[excluded],
+                          "visible_tilts": visible[excluded], "x_angst": positions[excluded, 0],
+                          "y_angst": positions[excluded, 1], "z_angst": positions[excluded, 2]},
+                         columns=EXCLUDED_COLUMNS)
+    kept = reasons == ""
+    n_duplicates = int(np.count_nonzero((duplicate_of >= 0) & kept)) if not drop_duplicates else 0
+    return ExportJob(tilt_series, particles.subset(kept), tomogram_shape_xyz_px, options, padded, plan, table,
+                     n_duplicates, visible[kept])
+
+
+def visible_tilt_counts(tilt_series: TiltSeriesData, positions_angst: np.ndarray, box_px: int,
+                        output_pixel_angst: float) -> np.ndarray:
+    """(N,) number of used tilts in whose raw image the particle's whole output box lies.
+
+    The box is ``box_px`` output pixels wide, i.e. ``box_px · output / data`` raw pixels; pixel i covers
+    [i − 0.5, i + 0.5], so an image of n pixels spans [−0.5, n − 0.5].
+    """
+    raw_px, _ = project_positions_to_tilts(positions_angst, tilt_series)
+    used = ~tilt_series.excluded
+    half = 0.5 * box_px * output_pixel_angst / tilt_series.pixel_size_angst
+    ny, nx = tilt_series.image_shape_yx
+    x, y = raw_px[:, used, 0], raw_px[:, used, 1]
+    inside = (x - half >= -0.5) & (x + half <= nx - 0.5) & (y - half >= -0.5) & (y + half <= ny - 0.5)
+    return inside.sum(axis=1).astype(np.int64)
+
+
+def outside_tomogram_xy(positions_angst: np.ndarray, tomogram_shape_xyz_px: tuple[int, ...],
+                        data_pixel_angst: float) -> np.ndarray:
+    """(N,) True where the centred position lies beyond half the tomogram's size in x or y."""
+    half_angst = 0.5 * np.asarray(tomogram_shape_xyz_px[:2], dtype=np.float64) * data_pixel_angst
+    return np.any(np.abs(positions_angst[:, :2]) > half_angst, axis=1)
+
+
+def first_identical(particles: ParticlePoses) -> np.ndarray:
+    """(N,) for each particle the index of the first earlier particle with the same tomogram, position and
+    angles (to 1e-4 Å / degree), else −1."""
+    key = pd.DataFrame(np.round(np.hstack([particles.positions_angst, particles.euler_zyz_deg]), 4))
+    key["tomo"] = particles.tomo_names.astype(str)
+    first = key.groupby(list(key.columns), sort=False, dropna=False).ngroup().to_numpy()
+    first_index = pd.Series(np.arange(len(first))).groupby(first).transform("min").to_numpy()
+    return np.where(first_index < np.arange(len(first)), first_index, -1)
+
+
+def export_bytes(jobs: list[ExportJob]) -> int:
+    """Bytes the export will write: per particle its volume and 3D CTF (or its image series over the tilts it is
+    visible in), MRC headers and STAR rows."""
+    total = 0
+    for job in jobs:
+        n = job.options.box_px
+        if job.options.mode == "series":
+            total += int(job.visible_tilts.sum()) * n * n * 4 + len(job.particles) * MRC_HEADER_BYTES
+        else:
+            ctf = n ** 3 if job.options.ctf_layout == "centred" else n * n * (n // 2 + 1)
+            total += len(job.particles) * ((n ** 3 + ctf) * 4 + 2 * MRC_HEADER_BYTES)
+        total += len(job.particles) * STAR_BYTES_PER_PARTICLE
+    return total
+
+
+def exclusion_lines(job: ExportJob, limit: int = 10) -> list[str]:
+    """Log lines: how many particles were excluded and why (the first ``limit`` rows named), and duplicates."""
+    ts_id, lines = job.tilt_series.ts_id, []
+    for reason, rows in job.excluded.groupby("reason", sort=False)["particle"]:
+        listed = ", ".join(str(r) for r in rows.to_numpy()[:limit]) + (", ..." if len(rows) > limit else "")
+        lines.append(f"{ts_id}: skipped {len(rows)} particle(s), {reason}: input rows {listed}")
+    if job.n_duplicates:
+        lines.append(f"warning: {ts_id}: {job.n_duplicates} particle(s) repeat an earlier one exactly (same position "
+                     "and angles); exported twice they fall into both random halves and inflate the gold-standard "
+                     "FSC; --drop-duplicates drops them")
+    return lines

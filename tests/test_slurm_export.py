@@ -1,0 +1,199 @@
+"""The export protocol through Scipion's queue on a real single-node SLURM, one job per tilt series
+(``QUEUE_FOR_JOBS = Y``): outputs equal a local run's; a failed job fails its step (no marker, no output, the error
+names the tilt series and quotes the job's error) and "continue" redoes only that tilt series; a cancelled job is a
+failure. The cluster comes from :func:`_slurm.slurm_cluster` (skipped where absent, required in CI)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _slurm import HOSTS_CONF, QUEUE, slurm_cluster, slurm_jobs  # noqa: F401 (slurm_cluster is a fixture)
+
+pytestmark = [pytest.mark.scipion, pytest.mark.slow]
+
+SYNTH = dict(seed=17, n_tomograms=2, n_particles=4, n_tilts=11, box_px=32, image_shape_yx=(256, 256),
+             pixel_size_angst=4.0, thickness_angst=400.0, snr=None)
+TS_IDS = ("TS_01", "TS_02")
+PROTOCOL_TIMEOUT_S = 240
+
+
+class TestSlurmExport:
+    """Namespace of the module's Scipion project (``setupTestProject`` names the project after a class)."""
+
+
+@pytest.fixture(scope="module")
+def project(slurm_cluster, tmp_path_factory):  # noqa: F811 (pytest fixture argument)
+    """The synthetic project, a hosts.conf with the SLURM queue, and a local (not queued) reference export."""
+    import pyworkflow as pw
+
+    from mspecies.tests.checks import setup_synthetic_project
+
+    hosts = tmp_path_factory.mktemp("slurm-hosts") / "hosts.conf"
+    hosts.write_text(HOSTS_CONF)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SCIPION_HOSTS", str(hosts))  # the protocol processes read it at import
+        patch.setattr(pw.Config, "SCIPION_HOSTS", str(hosts))  # this process read it already
+        setup_synthetic_project(TestSlurmExport, "mspecies-slurm-data-", **SYNTH)
+        try:
+            reference = _launch(_new_export("local reference", queued=False, threads=3))
+            assert reference.isFinished(), reference.getErrorMessage()
+            yield TestSlurmExport, reference
+        finally:
+            shutil.rmtree(TestSlurmExport.tmp, ignore_errors=True)
+
+
+def _new_export(label: str, queued: bool, threads: int):
+    from pyworkflow.constants import QUEUE_FOR_JOBS
+
+    from mspecies.protocols import ProtMSpeciesExportSubtomograms
+
+    ns = TestSlurmExport
+    prot = ns.proj.newProtocol(ProtMSpeciesExportSubtomograms, objLabel=label,
+                               inputParticles=ns.imported["coordinates"], inputTiltSeries=ns.imported["tilt_series"],
+                               inputCtf=ns.imported["ctfs"], boxSize=32, particleDiameter=100.0, backend=1,
+                               numberOfThreads=threads)
+    if queued:
+        prot._useQueue.set(True)
+        prot.setQueueParams([QUEUE, {"JOB_MEMORY": "1000", QUEUE_FOR_JOBS: "Y"}])
+    return prot
+
+
+def _launch(prot, wait: bool = True):
+    from mspecies.cli.workflow import inside_project
+
+    with inside_project(TestSlurmExport.proj):
+        TestSlurmExport.proj.launchProtocol(prot, wait=wait)
+    return prot
+
+
+def _extra(prot, *parts: str) -> Path:
+    return Path(TestSlurmExport.proj.getPath()) / prot._getExtraPath(*parts)
+
+
+def _logs_prefix(prot) -> str:
+    return str(Path(TestSlurmExport.proj.getPath()) / prot._getLogsPath()) + "/"
+
+
+def _run_log(prot) -> str:
+    return "\n".join((Path(TestSlurmExport.proj.getPath()) / path).read_text() for path in prot.getLogPaths()[:2])
+
+
+def _exported_files(prot) -> dict[str, Path]:
+    folder = _extra(prot)
+    return {p.relative_to(folder).as_posix(): p for ts in TS_IDS for p in sorted((folder / ts / ts).glob("*.mrc"))}
+
+
+def _assert_outputs_equal(prot, reference) -> None:
+    """Same MRC files with equal voxels, same merged STAR rows, same registered set size."""
+    from mspecies.formats.mrc import read_mrc
+    from mspecies.formats.star import read_star_blocks
+    from mspecies.tests.checks import registered_outputs
+
+    files, expected = _exported_files(prot), _exported_files(reference)
+    assert sorted(files) == sorted(expected) and len(files) == 2 * SYNTH["n_tomograms"] * SYNTH["n_particles"]
+    for name, path in files.items():
+        np.testing.assert_array_equal(read_mrc(path)[0], read_mrc(expected[name])[0], err_msg=name)
+    star, star_ref = (read_star_blocks(_extra(p, "particles.star")) for p in (prot, reference))
+    assert sorted(star) == sorted(star_ref)
+    for block in star:
+        assert star[block].equals(star_ref[block]), block
+    assert registered_outputs(prot) == ["SubTomograms"]
+    assert prot.SubTomograms.getSize() == reference.SubTomograms.getSize()
+
+
+def _mtimes(prot, ts_id: str) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in sorted(_extra(prot, ts_id).rglob("*")) if p.is_file()}
+
+
+def test_per_step_queue_runs_one_job_per_tilt_series_with_the_local_outputs(project):
+    from mspecies.protocols.protocol_export_subtomograms import DONE_JSON
+
+    _, reference = project
+    prot = _launch(_new_export("queued per step", queued=True, threads=3))
+    assert prot.isFinished(), f"{prot.getStatus()}: {prot.getErrorMessage()}"
+    jobs = slurm_jobs(_logs_prefix(prot))
+    assert len(jobs) == len(TS_IDS), jobs
+    assert all(job.state == "COMPLETED" for job in jobs), jobs
+    assert all(job.cpus == 1 for job in jobs), "a per-step job asks for the protocol's 3 threads"
+    assert all(_extra(prot, ts, DONE_JSON).is_file() for ts in TS_IDS)
+    _assert_outputs_equal(prot, reference)
+    log = _run_log(prot)
+    for ts in TS_IDS:  # the worker's lines, relayed from the job's .out into the protocol's log
+        assert f"{ts} | {ts}: {SYNTH['n_particles']} particles in" in log
+
+
+def test_failed_job_fails_its_step_and_continue_redoes_only_that_tilt_series(project):
+    from pyworkflow.protocol.constants import MODE_RESUME
+
+    from mspecies.protocols.protocol_export_subtomograms import DONE_JSON
+    from mspecies.tests.checks import registered_outputs
+
+    ns, reference = project
+    stack = ns.tmp / "data" / "TS_02" / "TS_02.mrc"
+    content = stack.read_bytes()
+    stack.write_bytes(content[:len(content) // 2])  # an unfinished copy: the header reads, the data is short
+    try:
+        prot = _launch(_new_export("queued, TS_02 fails", queued=True, threads=3))
+    finally:
+        stack.write_bytes(content)
+    assert prot.isFailed(), prot.getStatus()
+    message = prot.getErrorMessage()
+    failed_job = [job for job in slurm_jobs(_logs_prefix(prot)) if "TS_02" in Path(job.stderr).read_text()]
+    assert len(failed_job) == 1
+    assert failed_job[0].state == "COMPLETED"  # the usual template's last line: SLURM saw no failure, the step did
+    job_error = [line for line in Path(failed_job[0].stderr).read_text().splitlines() if "error" in line][-1]
+    assert "TS_02" in message and job_error.strip() in message, message
+    assert not _extra(prot, "TS_02", DONE_JSON).exists()
+    assert _extra(prot, "TS_01", DONE_JSON).is_file()
+    assert registered_outputs(prot) == []
+    assert not _extra(prot, "particles.star").exists()
+
+    first = _mtimes(prot, "TS_01")
+    jobs_before = {job.job_id for job in slurm_jobs(_logs_prefix(prot))}
+    prot.runMode.set(MODE_RESUME)
+    _launch(prot)
+    assert prot.isFinished(), f"{prot.getStatus()}: {prot.getErrorMessage()}"
+    assert _mtimes(prot, "TS_01") == first
+    new_jobs = [job for job in slurm_jobs(_logs_prefix(prot)) if job.job_id not in jobs_before]
+    assert len(new_jobs) == 1 and new_jobs[0].state == "COMPLETED", new_jobs
+    _assert_outputs_equal(prot, reference)
+
+
+def test_cancelled_job_is_a_failure(project):
+    from mspecies.protocols.protocol_export_subtomograms import DONE_JSON
+    from mspecies.tests.checks import registered_outputs
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MSPECIES_TEST_JOB_DELAY_S", "120")  # the job script sleeps before the worker starts
+        prot = _launch(_new_export("queued, job cancelled", queued=True, threads=1), wait=False)
+    running = _wait_for(lambda: [j for j in slurm_jobs(_logs_prefix(prot)) if j.state == "RUNNING"], 60)
+    subprocess.run(["scancel", str(running[0].job_id)], check=True, timeout=30)
+    _wait_for(lambda: _ended(prot), PROTOCOL_TIMEOUT_S)
+    assert prot.isFailed(), prot.getStatus()
+    assert slurm_jobs(_logs_prefix(prot))[0].state == "CANCELLED"
+    message = prot.getErrorMessage()
+    assert "TS_01" in message and "CANCELLED" in message, message
+    assert not any(_extra(prot, ts, DONE_JSON).exists() for ts in TS_IDS)
+    assert registered_outputs(prot) == []
+
+
+def _ended(prot) -> bool:
+    """Whether a protocol launched without waiting has ended (its state re-read from its run database)."""
+    TestSlurmExport.proj._updateProtocol(prot)
+    return not prot.isActive()
+
+
+def _wait_for(condition, timeout_s: float):
+    """The first truthy value of ``condition()``, polled every second; fails after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(1.0)
+    pytest.fail(f"timed out after {timeout_s} s waiting for {condition}")

@@ -82,3 +82,12 @@ def test_fixed_point_text_on_halves_and_roundings():
                        1e7, 2.664582e7, 1e300, -1e-300] + list(np.random.default_rng(0).uniform(-1e4, 1e4, 5000)))
     matrix = _fixed_matrix(values)
     assert [row[row != 0].tobytes().decode() for row in matrix] == [f"{v:.6f}" for v in values]
+
+
+def test_a_file_without_data_block_is_not_a_star_file(tmp_path):
+    (tmp_path / "t.star").write_text("# nothing here\n_rlnX 1\n")
+    with pytest.raises(InputError, match=r"t.star: no data_ block: not a STAR file"):
+        read_star_text(tmp_path / "t.star")
+    (tmp_path / "b.star").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(UnicodeDecodeError):  # the commands turn it into "input: ... is not a text file"
+        read_star_text(tmp_path / "b.star")

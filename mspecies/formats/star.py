@@ -199,6 +199,9 @@ def read_star_text(path: str | Path, float_columns: FloatColumns | None = None
         raise InputError(f"{path}: STAR file not found")
     text = path.read_bytes()
     starts = _block_starts(text)
+    if not starts:
+        text.decode()  # a binary file: UnicodeDecodeError, which the commands turn into "not a text file"
+        raise InputError(f"{path}: no data_ block: not a STAR file")
     comments = _comments(text[:starts[0].start()] if starts else text)
     parsed = []
     for k, match in enumerate(starts):

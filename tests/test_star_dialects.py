@@ -439,3 +439,17 @@ def test_pixel_size_message_names_the_pixel_columns_the_file_carries(tmp_path):
     with pytest.raises(InputError, match=r"p.star.*--coord-pixel-size-angst") as error:
         read_particle_star(tmp_path / "p.star", Dialect.RELION4)
     assert "data_optics rlnImagePixelSize 3.5" in str(error.value)
+
+
+def test_a_carried_pixel_size_column_follows_a_new_coordinate_grid_in_relion30(tmp_path):
+    """Warp's rlnPixelSize is carried as written while it agrees with the grid, replaced where it would not."""
+    frame = {k: v for k, v in GOOD.items() if k != "rlnOpticsGroup"} | {
+        "rlnMagnification": ["10000.0"] * 2, "rlnDetectorPixelSize": ["5.36400"] * 2, "rlnPixelSize": ["5.36400"] * 2,
+        "rlnVoltage": ["300"] * 2, "rlnSphericalAberration": ["2.7"] * 2, "rlnAmplitudeContrast": ["0.1"] * 2}
+    write_star_text(tmp_path / "w.star", [StarBlock("", pd.DataFrame(frame))])
+    table = read_particle_star(tmp_path / "w.star")
+    write_particle_star(table, tmp_path / "same.star")
+    assert read_star_text(tmp_path / "same.star")[0][""].table["rlnPixelSize"].tolist() == ["5.36400"] * 2
+    write_particle_star(table, tmp_path / "binned.star", coord_pixel_size_angst=10.728)
+    rows = read_star_text(tmp_path / "binned.star")[0][""].table
+    assert rows["rlnPixelSize"].tolist() == rows["rlnDetectorPixelSize"].tolist() == ["10.728000"] * 2

@@ -150,6 +150,13 @@ def _role_columns(table: ParticleTable, dialect: Dialect, pixel: np.ndarray | No
     carried = "rlnPixelSize" in table.extras.columns
     if pixel is not None and not carried and (dialect == Dialect.WARP3D or table.coord_pixel_column == "rlnPixelSize"):
         out["rlnPixelSize"] = pixel  # Warp's per-particle pixel size, and kept where the file gave it
+    elif pixel is not None and carried and dialect in PX_ORIGIN_DIALECTS:
+        # one pixel size in a 3.0 layout: a carried rlnPixelSize stays as written where it agrees with the grid
+        written = pd.to_numeric(table.extras["rlnPixelSize"], errors="coerce").to_numpy(dtype=np.float64)
+        agrees = np.isclose(written, pixel, rtol=1e-6)
+        if not agrees.all():
+            out["rlnPixelSize"] = np.where(agrees, table.extras["rlnPixelSize"].to_numpy(dtype=object),
+                                           np.array([f"{v:.6f}" for v in pixel], dtype=object))
     return out
 
 

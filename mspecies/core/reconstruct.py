@@ -666,7 +666,10 @@ class TiltSeriesEngine:
         """2D tilt images per particle, sub-pixel centred on N/2 and CTF-premultiplied (m_reference §6.4)."""
         xp, n = self.xp, self.options.box_px
         image_px, defocus_u, defocus_v = self._projections(positions_angst)
-        patches, residual = extract.extract_patches(self.prepared.images, image_px, self.tilts, n, xp=xp)
+        # as RELION's extraction (extraction.h:127-214): the box at round(q) − N/2, the sub-pixel rest (≤ ½ px) by
+        # a Fourier shift; a truncated corner would shift up to 1 px and wrap more of the box edge into it
+        patches, residual = extract.extract_patches(self.prepared.images, image_px + 0.5, self.tilts, n, xp=xp)
+        residual = residual + 0.5
         fft = extract.fft_module(xp)
         kwargs = extract.fft_kwargs(xp, self.options.n_workers)
         spectra = fft.rfft2(patches, **kwargs)
@@ -696,7 +699,9 @@ class TiltSeriesEngine:
         return dose_limit_mask(self.tilt_series, self.options.n_tilts_by_dose)[self.tilts]
 
     def _series_filter(self, defocus_u: np.ndarray, defocus_v: np.ndarray) -> np.ndarray:
-        """(B, T, N, N//2+1) ``C_u · exp(−0.5 dose / d0(k)) · cos θ`` (Grant–Grigorieff critical exposure)."""
+        """(B, T, N, N//2+1) ``C_u · exp(−0.5 pre-exposure / d0(k))`` (Grant–Grigorieff critical exposure): what
+        RELION 5 premultiplies its 2D stacks with and what ``relion_refine`` models (``subtomo.cpp:779-796``,
+        ``damage.cpp:137-175``; no cos θ, which RELION's model would not know)."""
         xp, n, pixel = self.xp, self.options.box_px, self.options.output_pixel_size_angst
         ky = np.fft.fftfreq(n, 1.0 / n)[:, None] * np.ones((1, n // 2 + 1))
         kx = np.arange(n // 2 + 1)[None, :] * np.ones((n, 1))
@@ -708,14 +713,14 @@ class TiltSeriesEngine:
             critical = 0.245 * xp.where(k > 0, k, 1.0) ** -1.665 + 2.81
         pre = xp.asarray(ts.pre_exposure_e_per_angst2[self.tilts])[:, None]
         weight = xp.where(k > 0, xp.exp(-0.5 * pre / critical), 1.0)
-        weight = weight * xp.asarray(np.cos(np.deg2rad(ts.tilt_angles_deg[self.tilts])))[:, None]
         filt = (c_u * weight.astype(xp.float32)).reshape(c_u.shape[:2] + (n, n // 2 + 1))
         return filt
 
     def _visible(self, image_px: np.ndarray) -> np.ndarray:
-        """(B, T) bool: the particle centre lies farther than half a diameter from every image edge."""
+        """(B, T) bool: the particle centre lies farther than half a box from every image edge (RELION 5's rule,
+        ``tomogram.cpp:155-161`` with radius = binning · box / 2, so that ``rlnTomoVisibleFrames`` is RELION's)."""
         ny, nx = self.prepared.images.shape[1:]
-        margin = self.options.particle_diameter_angst / self.options.output_pixel_size_angst / 2
+        margin = self.options.box_px / 2
         x, y = image_px[..., 0], image_px[..., 1]
         return (x > margin) & (x < nx - margin) & (y > margin) & (y < ny - margin)
 
@@ -856,7 +861,7 @@ def check_volume(volume: np.ndarray, what: str) -> None:
 
 def reconstruct_particles(tilt_series: TiltSeriesData, stack: np.ndarray, particles: ParticlePoses,
                           options: ExportOptions) -> Iterator[ParticleResult]:
-    """Sub-tomograms + 3D CTFs (or image series) of the particles of one tilt series, in particle order.
+    """Sub-tomograms + 3D CTFs (or particle series) of the particles of one tilt series, in particle order.
 
     Parameters
     ----------

@@ -29,6 +29,9 @@ setup(
     extras_require={
         "gpu": ["cupy-cuda12x<14"],
         "test": ["pytest==9.2.0", "hypothesis==6.170.17", "ruff==0.17.6"],
+        # RELION 5 particle series as reliontomo's RelionSetOfPseudoSubtomograms (mspecies/convert/reliontomo.py);
+        # its converter imports scipion.install (scipion-app) without declaring it
+        "reliontomo": ["scipion-em-reliontomo==4.0.5", "scipion-app"],
     },
     entry_points={"pyworkflow.plugin": ["mspecies = mspecies"]},
     keywords=["scipion", "cryoem", "cryoet", "imageprocessing", "scipion-3.0"],

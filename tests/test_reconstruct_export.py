@@ -112,6 +112,12 @@ def test_star_flavours(tmp_path):
     single = starfile.read(path30, always_dict=True)
     (only,) = single.values()
     assert float(only["rlnMagnification"][0]) == 10000.0 and float(only["rlnDetectorPixelSize"][0]) == 4.0
+    assert int(optics["rlnCtfDataAreCtfPremultiplied"][0]) == 0 and "--ctf3d_not_squared" in path31.read_text()
+    path5 = write_subtomo_star(tmp_path / "p5.star", pd.DataFrame(table), pixel_size_angst=4.0, box_px=48,
+                               microscope=scope, flavour="5")
+    relion5 = starfile.read(path5, always_dict=True)
+    assert int(relion5["optics"]["rlnCtfDataAreCtfPremultiplied"][0]) == 1
+    assert relion5["particles"].equals(particles) and "NOT with --ctf3d_not_squared" in path5.read_text()
 
 @pytest.fixture(scope="module")
 def small_dataset(tmp_path_factory):
@@ -148,7 +154,10 @@ def test_cli_exports_volumes_and_series(small_dataset, tmp_path, capsys):
     assert len(particles) == 4 and ctf.shape == (24, 24, 24)
     assert main(common + ["--out", str(tmp_path / "s"), "--mode", "series"]) == 0
     blocks = starfile.read(tmp_path / "s" / "particles.star", always_dict=True)
-    assert int(blocks["optics"]["rlnImageDimensionality"][0]) == 2 and len(blocks["tilts"]) > 4
+    assert int(blocks["optics"]["rlnImageDimensionality"][0]) == 2 and int(blocks["general"]
+                                                                          ["rlnTomoSubTomosAre2DStacks"]) == 1
+    assert {"TS_01", "TS_02"} >= set(blocks["particles"]["rlnTomoName"])
+    assert (tmp_path / "s" / "tomograms.star").is_file() and (tmp_path / "s" / "optimisation_set.star").is_file()
 
 
 def test_cli_imod_style_input_gives_the_manifest_volumes(small_dataset, tmp_path):

@@ -1,4 +1,4 @@
-"""``python -m mspecies export``: sub-tomograms + 3D CTFs (or image series) from raw tilt series.
+"""``python -m mspecies export``: sub-tomograms + 3D CTFs (or RELION 5 particle series) from raw tilt series.
 
 Three ways to give the input (no Scipion needed):
 
@@ -35,9 +35,12 @@ Three ways to give the input (no Scipion needed):
    Which file wins where several give a value: :mod:`mspecies.cli.export_inputs`.
 
 Particles STAR: any dialect of :func:`mspecies.formats.star_dialects.read_particle_star` (RELION 3.0/3.1/4/5, Warp,
-M); corner-based coordinates are in pixels at the file's pixel size, else ``--coords-pixel-size`` (default: the
+M); corner-based coordinates are in pixels at the file's pixel size, else ``--coord-pixel-size-angst`` (default: the
 ``--tomogram``'s pixel size, else the tilt series'), origins subtracted, angles 0 if absent. Rows belong to the tilt
 series whose name equals the tomogram name, or its normalised form (``/a/TS_01.mrc`` → ``TS_01``).
+
+``--mode series``: RELION 5 particle series instead (``.mrcs`` stacks, ``particles.star``, ``tomograms.star``,
+``optimisation_set.star``; :mod:`mspecies.cli.relion5_files`).
 
 Writes the MRCs and ``particles.star`` (RELION 3.1 with optics; ``--star-flavour 3.0`` for M's style) into
 ``--out``; logs per tilt series the particles done, particles/s, padded box, backend and memory plan.
@@ -102,8 +105,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "'x y z [rot tilt psi]' in pixels from the tomogram corner")
     source.add_argument("--pixel-size", type=float,
                         help="tilt-series pixel size (A; default: the stack header, else the mdoc, else CTFFIND)")
-    source.add_argument("--coords-pixel-size", type=float,
-                        help="pixel size of the particle coordinates (A; default: the STAR file's own "
+    source.add_argument("--coord-pixel-size-angst", "--coords-pixel-size", dest="coords_pixel_size", type=float,
+                        help="pixel size of the particle coordinates (A; the same flag as convert and intersect; "
+                        "--coords-pixel-size is the old spelling; default: the STAR file's own "
                         "rlnMicrographPixelSize/rlnImagePixelSize..., else the --tomogram's pixel size, else the "
                         "tilt-series pixel size)")
     source.add_argument("--voltage", type=float, help="kV (default: the mdoc, else the CTFFIND header, else 300)")
@@ -118,8 +122,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                          help="particle diameter (A): the mask of the output normalisation (mean 0, sd 1 outside "
                          "it) and a term of the aliasing-free padded box size")
     options.add_argument("--mode", choices=("volumes", "series"), default="volumes",
-                         help="volumes: a sub-tomogram + 3D CTF per particle; series: the 2D tilt images of each "
-                         "particle (.mrcs, pre-rotated) with a per-tilt table")
+                         help="volumes: a sub-tomogram + 3D CTF per particle (RELION 3.1 STAR); series: RELION 5 "
+                         "particle series (2D stacks, tomograms.star, optimisation_set.star; --no-ctf: raw stacks)")
     options.add_argument("--shift", type=float, nargs=3, default=(0.0, 0.0, 0.0), metavar=("X", "Y", "Z"),
                          help="shift in the reference frame (A)")
     options.add_argument("--prerotate", action="store_true",
@@ -147,8 +151,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     options.add_argument("--memory-gb", type=float, help="memory budget (GB; default 25%% of the available memory)")
     options.add_argument("--max-batch", type=int, default=16,
                          help="most particles reconstructed at once (the memory plan may use fewer)")
-    options.add_argument("--star-flavour", choices=("3.1", "3.0"), default="3.1",
-                         help="particles.star: 3.1 = RELION 3.1 with data_optics; 3.0 = one table, as M writes")
+    options.add_argument("--star-flavour", choices=("3.1", "3.0", "5"), default="3.1",
+                         help="particles.star: 3.1 = RELION 3.1 with data_optics (relion_refine 3.1 and 5 with "
+                         "default flags); 3.0 = one table, as M writes; 5 = as 3.1 but the data declared "
+                         "CTF-premultiplied, for RELION 5's default flags (relion_refine and relion_reconstruct)")
     checks = parser.add_argument_group("particles and outputs")
     checks.add_argument("--min-visible-tilts", type=int, default=1,
                         help="skip particles whose box lies inside the images in fewer used tilts (RELION's "
@@ -266,7 +272,7 @@ def export_options(args: argparse.Namespace, data_pixel_angst: float):  # noqa: 
     return ExportOptions(
         output_pixel_size_angst=args.pixel_size_out or data_pixel_angst, box_px=args.box,
         particle_diameter_angst=args.diameter, mode=args.mode, shift_angst=tuple(args.shift),
-        prerotate=args.prerotate or args.mode == "series", n_tilts_by_dose=args.n_tilts_by_dose,
+        prerotate=args.prerotate, n_tilts_by_dose=args.n_tilts_by_dose,
         invert_contrast=not args.no_invert, normalize_input=not args.no_normalize_input,
         normalize_output=not args.no_normalize_output, sparse_ctf=args.sparse_ctf, ctf_layout=args.ctf_layout,
         ctf_method=args.ctf_method,
@@ -328,10 +334,11 @@ def _write_export(jobs: list, staging: Path, args: argparse.Namespace) -> tuple[
     :class:`~mspecies.cli.export_files.ExportSummary` per tilt series)."""
     from mspecies.cli.export_checks import exclusion_lines
     from mspecies.cli.export_files import EXCLUDED_TSV, STAR_NAME, export_tilt_series
+    from mspecies.cli.relion5_files import write_particle_series, write_tomogram
     from mspecies.formats.mrc import read_mrc
-    from mspecies.formats.relion_subtomo import write_series_star, write_subtomo_star
+    from mspecies.formats.relion_subtomo import write_subtomo_star
 
-    tables, tilt_tables, summaries, first = [], [], [], 0
+    tables, tomograms, summaries, first = [], [], [], 0
     for job in jobs:
         for line in exclusion_lines(job):
             print(line, file=sys.stderr if line.startswith("warning") else sys.stdout, flush=True)
@@ -349,16 +356,18 @@ def _write_export(jobs: list, staging: Path, args: argparse.Namespace) -> tuple[
                                            first_subset_index=first, log=lambda line: print(line, flush=True))
         tables.append(rows)
         summaries.append(summary)
-        if "tilts" in rows.attrs:
-            tilt_tables.append(rows.attrs["tilts"])
+        if args.mode == "series":
+            tomograms.append(write_tomogram(job.tilt_series, job.tomogram_shape_xyz_px, staging / ts_id, staging,
+                                            defocus_gradient_sign=job.options.defocus_gradient_sign,
+                                            log=lambda line: print(line, flush=True)))
         first += len(job.particles)
     particles_table = pd.concat(tables, ignore_index=True)
     options = jobs[0].options
     optics = {"pixel_size_angst": options.output_pixel_size_angst, "box_px": options.box_px,
               "microscope": jobs[0].tilt_series.microscope}
     if args.mode == "series":
-        write_series_star(staging / STAR_NAME, particles_table.drop(columns=["rlnCtfImage"]),
-                          pd.concat(tilt_tables, ignore_index=True), **optics)
+        write_particle_series(staging, particles_table, tomograms, image_pixel_angst=options.output_pixel_size_angst,
+                              box_px=options.box_px, premultiplied=options.apply_ctf)
     else:
         write_subtomo_star(staging / STAR_NAME, particles_table, flavour=args.star_flavour, **optics)
     return particles_table, summaries

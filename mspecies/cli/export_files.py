@@ -1,10 +1,11 @@
 """Export one tilt series: reconstruct every particle, check it, write MRCs, return the STAR rows.
 
 File names follow M (m_reference §6.1): ``{ts_id}_{p:07d}_{pixel:.2f}A.mrc`` and
-``{ts_id}_{p:07d}_ctf_{pixel:.2f}A.mrc`` (p = 0-based index within the tilt series); image series:
-``{ts_id}_{pixel:.2f}A_{p+1:06d}.mrcs``. Every volume is checked before it is written (finite, not all zero,
-not constant); a bad one stops the export with :class:`~mspecies.core.reconstruct.ReconstructionError` and no
-file is written for it.
+``{ts_id}_{p:07d}_ctf_{pixel:.2f}A.mrc`` (p = 0-based index within the tilt series); RELION 5 particle series:
+``{ts_id}_{pixel:.2f}A_{p+1:06d}.mrcs`` (the rows then also carry ``rlnTomoVisibleFrames``, the centred Å
+coordinates and the particle name, :mod:`mspecies.cli.relion5_files`). Every volume is checked before it is
+written (finite, not all zero, not constant); a bad one stops the export with
+:class:`~mspecies.core.reconstruct.ReconstructionError` and no file is written for it.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mspecies.cli.relion5_files import OPTIMISATION_SET, TOMOGRAMS_STAR
 from mspecies.common.types import InputError, ParticlePoses, TiltSeriesData
 from mspecies.core.geometry import centred_angst_to_corner_px
 from mspecies.core.reconstruct import ExportOptions, TiltSeriesEngine, check_volume, shifted_positions_angst
+from mspecies.formats import relion5
 from mspecies.formats.mrc import write_mrc
 
 STAR_NAME = "particles.star"
@@ -28,6 +31,9 @@ STAR_NAME = "particles.star"
 
 EXCLUDED_TSV = "excluded_particles.tsv"
 """Particles the export skipped or dropped, one row each (tilt series, input row, reason)."""
+
+SERIES_STARS = (TOMOGRAMS_STAR, OPTIMISATION_SET)
+"""The RELION 5 particle series' other STAR files, beside ``particles.star``."""
 
 _EXPORT_FILE = re.compile(r"_(\d{7}_(ctf_)?\d+\.\d{2}A\.mrc|\d+\.\d{2}A_\d{6}\.mrcs)")
 
@@ -37,10 +43,13 @@ def earlier_export_files(out_dir: str | Path) -> list[Path]:
     table, then every file named like an export's MRC (``<ts>/<ts>_<p>_...A.mrc``) in a subfolder. Other files
     (inputs such as a geometry JSON) are not part of it."""
     out = Path(out_dir)
-    files = [path for path in (out / STAR_NAME, out / EXCLUDED_TSV) if path.is_file()]
+    files = [path for path in (out / STAR_NAME, out / EXCLUDED_TSV, *(out / name for name in SERIES_STARS))
+             if path.is_file()]
     for folder in sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")):
         files += sorted(path for path in folder.iterdir() if path.is_file() and path.name.startswith(folder.name + "_")
                         and _EXPORT_FILE.fullmatch(path.name[len(folder.name):]))
+        files += [path for path in (folder / f"{folder.name}.star", folder / f"{folder.name}_tilts.mrcs")
+                  if path.is_file() or path.is_symlink()]  # a particle series' per-tilt STAR and stack link
     return files
 
 
@@ -107,7 +116,7 @@ def export_tilt_series(tilt_series: TiltSeriesData, stack: np.ndarray, particles
     -------
     rows
         One STAR row per particle (columns of :data:`mspecies.formats.relion_subtomo.PARTICLE_COLUMNS`; for the
-        image-series mode also the per-tilt table in ``rows.attrs["tilts"]``).
+        particle series also those of :data:`mspecies.formats.relion5.PARTICLE_COLUMNS`).
     summary
         :class:`ExportSummary`.
     """
@@ -123,17 +132,17 @@ def export_tilt_series(tilt_series: TiltSeriesData, stack: np.ndarray, particles
         log(f"{tilt_series.ts_id}: {len(particles)} particles, padded box M = {engine.padded_box_px}, backend "
             f"{engine.xp.__name__}{ctf}, memory plan: {engine.plan.describe()}")
     pixel = options.output_pixel_size_angst
-    names, ctf_names, tilt_rows = [], [], []
+    names, ctf_names, visible = [], [], []
     for result in engine.reconstruct(particles):
         p = result.index
         if options.mode == "series":
             if result.series is None or result.series.shape[0] == 0:
                 raise InputError(f"{tilt_series.ts_id}: particle {p} is visible in no used tilt")
-            check_volume(result.series, f"{tilt_series.ts_id} particle {p} image series")
+            check_volume(result.series, f"{tilt_series.ts_id} particle {p} particle series")
             path = write_mrc(out / f"{tilt_series.ts_id}_{pixel:.2f}A_{p + 1:06d}.mrcs", result.series, pixel)
             names.append(_relative(path, star_folder))
             ctf_names.append("")
-            tilt_rows += _series_tilt_rows(result, names[-1], tilt_series.ts_id, p)
+            visible.append(relion5.visible_frames(np.isin(engine.tilts, result.series_tilts)))
         else:
             check_volume(result.volume, f"{tilt_series.ts_id} particle {p} sub-tomogram")
             check_volume(result.ctf, f"{tilt_series.ts_id} particle {p} 3D CTF")
@@ -146,7 +155,7 @@ def export_tilt_series(tilt_series: TiltSeriesData, stack: np.ndarray, particles
             log(f"{tilt_series.ts_id}: {p + 1}/{len(particles)} particles, {(p + 1) / elapsed:.1f} particles/s")
     rows = _star_rows(tilt_series, particles, options, names, ctf_names, tomogram_shape_xyz_px, first_subset_index)
     if options.mode == "series":
-        rows.attrs["tilts"] = pd.DataFrame(tilt_rows)
+        rows = _particle_series_rows(rows, particles, options, visible)
     summary = ExportSummary(tilt_series.ts_id, len(particles), time.perf_counter() - started, engine.padded_box_px,
                             engine.xp.__name__, engine.plan.describe())
     if log is not None:
@@ -170,11 +179,19 @@ def _star_rows(tilt_series: TiltSeriesData, particles: ParticlePoses, options: E
         "rlnRandomSubset": subsets.astype(np.int64)})
 
 
-def _series_tilt_rows(result: object, stack_name: str, ts_id: str, particle_index: int) -> list[dict[str, object]]:
-    meta = result.metadata  # type: ignore[attr-defined]
-    return [{"rlnTomoName": ts_id, "rlnTomoParticleId": particle_index + 1, "rlnImageName": f"{k + 1}@{stack_name}",
-             "rlnTomoTiltIndex": int(meta["tilt_index"][k]), "rlnAngleTilt": float(meta["tilt_angle_deg"][k]),
-             "rlnDefocusU": float(meta["defocus_u_angst"][k]), "rlnDefocusV": float(meta["defocus_v_angst"][k]),
-             "rlnMicrographPreExposure": float(meta["pre_exposure_e_per_angst2"][k]),
-             "rlnCoordinateX": float(meta["position_px"][k][0]), "rlnCoordinateY": float(meta["position_px"][k][1])}
-            for k in range(len(meta["tilt_index"]))]
+def _particle_series_rows(rows: pd.DataFrame, particles: ParticlePoses, options: ExportOptions,
+                          visible: list[str]) -> pd.DataFrame:
+    """Add the RELION 5 particle-series columns: visible frames, centred Å coordinates (shifted positions; the
+    stacks are centred on them, so the origins stay 0), particle names, and the poses: the particle's angles, or
+    with ``prerotate`` the same rotation as the pre-rotation ``rlnTomoSubtomogram*`` and zero angles (RELION
+    composes them, ``particle_set.cpp:418-425``)."""
+    positions = shifted_positions_angst(particles, options.shift_angst)
+    rows = rows.copy()
+    rows["rlnTomoVisibleFrames"] = visible
+    rows["rlnTomoParticleName"] = [f"{name}/{p + 1}" for p, name in enumerate(rows["rlnTomoName"])]
+    for axis, column in zip("XYZ", positions.T, strict=True):
+        rows[f"rlnCenteredCoordinate{axis}Angst"] = column
+    if options.prerotate:
+        for name, column in zip(relion5.PRE_ROTATION_COLUMNS, particles.euler_zyz_deg.T, strict=True):
+            rows[name] = column
+    return rows

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from mspecies.cli.export_files import EXCLUDED_TSV, STAR_NAME
+from mspecies.cli.export_files import EXCLUDED_TSV, SERIES_STARS, STAR_NAME
 from mspecies.common.types import InputError
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ def written_files(out_dir: str | Path, particles: pd.DataFrame) -> dict[str, int
     excluded-particle table (when there is one)."""
     out = Path(out_dir)
     names = [str(v) for column in IMAGE_COLUMNS if column in particles for v in particles[column] if str(v)]
-    names += [STAR_NAME] + ([EXCLUDED_TSV] if (out / EXCLUDED_TSV).is_file() else [])
+    names += [STAR_NAME] + [name for name in (EXCLUDED_TSV, *SERIES_STARS) if (out / name).is_file()]
     return {Path(name).as_posix(): (out / name).stat().st_size for name in names}
 
 

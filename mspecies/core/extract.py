@@ -6,6 +6,7 @@ coordinates of the (rescaled) raw image. Spectra follow ``rfft2`` (``[ky, kx]``,
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -89,7 +90,10 @@ def subtract_plane(image: np.ndarray, *, xp: ModuleType = np) -> np.ndarray:
     y = xp.arange(ny, dtype=xp.float64) - (ny - 1) / 2
     a = (image * x[None, :]).sum() / (ny * (x * x).sum())
     b = (image * y[:, None]).sum() / (nx * (y * y).sum())
-    return image - image.mean() - a * x[None, :] - b * y[:, None]
+    flat = image - image.mean()  # then in place: the same operations in the same order, fewer temporaries
+    flat -= a * x[None, :]
+    flat -= b * y[:, None]
+    return flat
 
 
 def bandpass(image: np.ndarray, box_px: int, *, xp: ModuleType = np, workers: int = 1) -> np.ndarray:
@@ -97,11 +101,21 @@ def bandpass(image: np.ndarray, box_px: int, *, xp: ModuleType = np, workers: in
     fft = fft_module(xp)
     ny, nx = image.shape
     spectrum = fft.rfft2(image, **fft_kwargs(xp, workers))
+    spectrum *= _bandpass_mask(ny, nx, box_px) if xp is np else _bandpass_mask.__wrapped__(ny, nx, box_px, xp)
+    return fft.irfft2(spectrum, s=(ny, nx), **fft_kwargs(xp, workers))
+
+
+@functools.lru_cache(maxsize=8)
+def _bandpass_mask(ny: int, nx: int, box_px: int, xp: ModuleType = np) -> np.ndarray:
+    """(ny, nx//2+1) bool ``r ∈ [1/N, 1]`` on the ``rfft2`` layout (cached for NumPy: every tilt of every tilt
+    series with this image shape and box uses it)."""
     ry = xp.fft.fftfreq(ny)[:, None] * 2.0
     rx = xp.fft.rfftfreq(nx)[None, :] * 2.0
     radius = xp.sqrt(rx * rx + ry * ry)
-    spectrum *= (radius >= 1.0 / box_px) & (radius <= 1.0)
-    return fft.irfft2(spectrum, s=(ny, nx), **fft_kwargs(xp, workers))
+    mask = (radius >= 1.0 / box_px) & (radius <= 1.0)
+    if xp is np:
+        mask.flags.writeable = False
+    return mask
 
 
 def preprocess_image(image: np.ndarray, box_px: int, *, normalize: bool, invert: bool, xp: ModuleType = np,
@@ -115,9 +129,10 @@ def preprocess_image(image: np.ndarray, box_px: int, *, normalize: bool, invert:
         sd = float(image.std())
         if not sd > 0:
             raise InputError("stack: a tilt image is constant after band-pass filtering; cannot normalize it")
-        image = (image - image.mean()) / sd
+        image -= image.mean()  # in place on the band-passed copy: the same operations, no temporaries
+        image /= sd
     if invert:
-        image = -image
+        xp.negative(image, out=image)
     return image.astype(xp.float32)
 
 
@@ -154,7 +169,7 @@ def check_tilt_image(image: np.ndarray, tilt_series: TiltSeriesData, tilt: int) 
 
 def prepare_stack(stack: np.ndarray, tilt_series: TiltSeriesData, output_pixel_angst: float, box_px: int, *,
                   normalize: bool, invert: bool, xp: ModuleType = np, workers: int = 1,
-                  tilts: np.ndarray | None = None) -> PreparedStack:
+                  tilts: np.ndarray | None = None, pool: object | None = None) -> PreparedStack:
     """Read each tilt once (the stack may be memory-mapped), rescale it and preprocess it.
 
     Parameters
@@ -163,7 +178,13 @@ def prepare_stack(stack: np.ndarray, tilt_series: TiltSeriesData, output_pixel_a
         (T, ny, nx) raw images in stack order (any float dtype; read tilt by tilt).
     tilts
         Stack indices to prepare (default all); the others are left zero.
+    pool
+        Optional :class:`mspecies.core.insert.WorkerPool` (NumPy only): its threads share the tilts out, each
+        tilt read and filtered on one thread (single-threaded transforms), so reading overlaps filtering and
+        the element-wise steps run on all cores; the values are those of the serial loop.
     """
+    from .insert import run_split
+
     if stack.ndim != 3 or stack.shape[0] != tilt_series.n_tilts:
         raise InputError(f"stack: expected shape ({tilt_series.n_tilts}, ny, nx) for {tilt_series.ts_id}, "
                          f"got {stack.shape}")
@@ -174,12 +195,19 @@ def prepare_stack(stack: np.ndarray, tilt_series: TiltSeriesData, output_pixel_a
     if min(shape) < 2:
         raise InputError(f"output_pixel_size_angst: {output_pixel_angst} Å shrinks the images to {shape} px")
     images = xp.zeros((tilt_series.n_tilts,) + shape, dtype=xp.float32)
-    for t in (range(tilt_series.n_tilts) if tilts is None else tilts):
-        raw = np.asarray(stack[int(t)], dtype=np.float32)
-        check_tilt_image(raw, tilt_series, int(t))
-        image = xp.asarray(raw)
-        image = fourier_rescale(image.astype(xp.float64), shape, xp=xp, workers=workers)
-        images[int(t)] = preprocess_image(image, box_px, normalize=normalize, invert=invert, xp=xp, workers=workers)
+    used = [int(t) for t in (range(tilt_series.n_tilts) if tilts is None else tilts)]
+    pool = pool if xp is np else None
+    fft_workers = 1 if pool is not None else workers
+
+    def prepare(first: int, last: int) -> None:
+        for t in used[first:last]:
+            raw = np.asarray(stack[t], dtype=np.float32)
+            check_tilt_image(raw, tilt_series, t)
+            image = fourier_rescale(xp.asarray(raw).astype(xp.float64), shape, xp=xp, workers=fft_workers)
+            images[t] = preprocess_image(image, box_px, normalize=normalize, invert=invert, xp=xp,
+                                         workers=fft_workers)
+
+    run_split(pool, prepare, len(used))  # type: ignore[arg-type]  # the first failing range's error is raised
     ny, nx = tilt_series.image_shape_yx
     return PreparedStack(images, np.array([shape[1] / nx, shape[0] / ny]))
 

@@ -107,3 +107,24 @@ def particle_defocus_angst(tilt_series: TiltSeriesData, height_angst: np.ndarray
         raise ValueError(f"defocus_gradient_sign must be -1 or +1, got {defocus_gradient_sign}")
     delta = defocus_gradient_sign * np.asarray(height_angst)
     return tilt_series.defocus_u_angst + delta, tilt_series.defocus_v_angst + delta
+
+
+def relion_tilt_alignment(tilt_series: TiltSeriesData) -> dict[str, np.ndarray]:
+    """Per-tilt RELION 5 alignment of the raw tilt images: (T,) arrays ``x_tilt_deg``, ``y_tilt_deg``,
+    ``z_rot_deg``, ``x_shift_angst``, ``y_shift_angst`` and ``scale_error`` (stack order).
+
+    RELION projects a point p (tilt-series px, centred) to ``Rz(ZRot)·Ry(YTilt)·Rx(XTilt)·p + c_img + shift/px``
+    (``tomogram.cpp:17-63``; relion5_contract §B5). Ours is ``A⁻¹ (R_θ p − d)`` with R_θ = Ry(θ) and the
+    ``.xf`` row ``[A | d]``, so YTilt = θ, XTilt = 0, Rz(ZRot) = the rotation of A⁻¹ and shift = −A⁻¹ d · px.
+    RELION has no magnification or stretch per tilt: ``scale_error`` is the largest |singular value − 1| of A⁻¹
+    that the rotation leaves out (IMOD fits usually keep it below 1e-2).
+    """
+    inverse = np.linalg.inv(tilt_series.xf[:, :, :2])
+    u, singular, vt = np.linalg.svd(inverse)
+    rotation = u @ vt  # polar decomposition: the rotation closest to A⁻¹
+    shift_px = -np.einsum("tij,tj->ti", inverse, tilt_series.xf[:, :, 2])
+    return {"x_tilt_deg": np.zeros(len(inverse)), "y_tilt_deg": np.asarray(tilt_series.tilt_angles_deg, float),
+            "z_rot_deg": np.rad2deg(np.arctan2(rotation[:, 1, 0], rotation[:, 0, 0])),
+            "x_shift_angst": shift_px[:, 0] * tilt_series.pixel_size_angst,
+            "y_shift_angst": shift_px[:, 1] * tilt_series.pixel_size_angst,
+            "scale_error": np.max(np.abs(singular - 1.0), axis=1)}

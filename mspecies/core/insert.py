@@ -235,10 +235,15 @@ class SharedInsertion:
         (n_mirror,) voxel of each mirror row (unique).
     mirror_by_block
         Per block, the indices of the mirror rows inside it.
+    mirror_local
+        Per block, the positions of those mirror rows among the block's rows.
     column_sign
         (C,) float32 ±1: −1 where the sample is inserted at −k.
     multiplicity
         (n_voxels,) float32 Σ of the trilinear weights W0.
+    block_voxels
+        None: block i holds every voxel of ``bounds[i]``; else per block the voxels it holds (the voxels of its
+        bounds that any sample reaches, the others being 0 after normalisation).
     """
 
     blocks: list[object]
@@ -246,28 +251,53 @@ class SharedInsertion:
     mirror: object
     mirror_rows: np.ndarray
     mirror_by_block: list[np.ndarray]
+    mirror_local: list[np.ndarray]
     column_sign: np.ndarray
     multiplicity: np.ndarray
     n_voxels: int
+    block_voxels: list[np.ndarray] | None = None
 
     @classmethod
-    def from_splat(cls, splat: Splat, *, xp: ModuleType = np, block_rows: int = BLOCK_ROWS) -> SharedInsertion:
+    def from_splat(cls, splat: Splat, *, xp: ModuleType = np, block_rows: int = BLOCK_ROWS,
+                   y_major_box_px: int | None = None) -> SharedInsertion:
+        """Blocks of ``block_rows`` voxels of the (M, M, M//2+1) ``[z, y, x]`` half layout; with
+        ``y_major_box_px`` = M, of the ``[y, z, x]`` layout instead, one block per y (``block_rows`` ignored), so
+        that a block holds whole lines along z (for :func:`normalise_block` followed by a transform along z),
+        and only the voxels that samples reach (``block_voxels``)."""
         sparse = _sparse_module(xp)
+        if y_major_box_px is not None:
+            m = y_major_box_px
+            width = m // 2 + 1
+            block_rows = m * width
+            rows = splat.rows  # ((z · M) + y) · W + x  →  ((y · M) + z) · W + x
+            splat = Splat((((rows // width) % m) * m + rows // block_rows) * width + rows % width, splat.cols,
+                          splat.weights, splat.conj_sign, splat.mirror, splat.n_voxels, splat.n_columns)
         direct = ~splat.mirror
         matrix = sparse.csr_matrix((splat.weights[direct], (splat.rows[direct], splat.cols[direct])),
                                    shape=(splat.n_voxels, splat.n_columns))
         matrix.sum_duplicates()
         bounds = [(start, min(start + block_rows, splat.n_voxels)) for start in range(0, splat.n_voxels, block_rows)]
-        blocks = [matrix[start:end] for start, end in bounds]
+        multiplicity = xp.bincount(splat.rows, weights=splat.weights, minlength=splat.n_voxels).astype(xp.float32)
+        block_voxels = None
+        if y_major_box_px is not None:
+            block_voxels = [start + xp.flatnonzero(multiplicity[start:end] > 0) for start, end in bounds]
+            blocks = [matrix[voxels] for voxels in block_voxels]
+        else:
+            blocks = [matrix[start:end] for start, end in bounds]
         mirror_rows, local = xp.unique(splat.rows[splat.mirror], return_inverse=True)
         mirror = sparse.csr_matrix((splat.weights[splat.mirror], (local, splat.cols[splat.mirror])),
                                    shape=(int(mirror_rows.size), splat.n_columns))
         mirror.sum_duplicates()
         by_block = [xp.flatnonzero((mirror_rows >= start) & (mirror_rows < end)) for start, end in bounds]
+        if block_voxels is None:
+            mirror_local = [mirror_rows[inside] - start for inside, (start, _) in zip(by_block, bounds)]
+        else:  # every mirror voxel is reached (its weight counts in the multiplicity)
+            mirror_local = [xp.searchsorted(voxels, mirror_rows[inside]) for inside, voxels in zip(by_block,
+                                                                                                 block_voxels)]
         column_sign = xp.ones(splat.n_columns, dtype=xp.float32)
         column_sign[splat.cols[direct]] = splat.conj_sign[direct]
-        multiplicity = xp.bincount(splat.rows, weights=splat.weights, minlength=splat.n_voxels).astype(xp.float32)
-        return cls(blocks, bounds, mirror, mirror_rows, by_block, column_sign, multiplicity, splat.n_voxels)
+        return cls(blocks, bounds, mirror, mirror_rows, by_block, mirror_local, column_sign, multiplicity,
+                   splat.n_voxels, block_voxels)
 
 
 def sample_columns(data: np.ndarray | None, weight: np.ndarray, ctf: np.ndarray | None,
@@ -315,6 +345,44 @@ def sample_columns(data: np.ndarray | None, weight: np.ndarray, ctf: np.ndarray 
     return columns
 
 
+def block_cuts(insertion: SharedInsertion, pool: WorkerPool | None) -> list[int] | None:
+    """Inner boundaries that share the row blocks out over the pool's threads in contiguous runs of about
+    equal work (non-zeros + rows); None without a pool."""
+    if pool is None:
+        return None
+    work = np.cumsum([block.nnz + (end - start) for block, (start, end) in zip(insertion.blocks, insertion.bounds)])
+    return [int(np.searchsorted(work, work[-1] * i / pool.threads)) for i in range(1, pool.threads)]
+
+
+def mirrored_columns(insertion: SharedInsertion, columns: np.ndarray, n_data: int) -> np.ndarray:
+    """(n_mirror, Q · B) Friedel-mate accumulators of the x = 0 plane (data conjugated: its ``n_data`` first
+    columns are [Re, Im] pairs)."""
+    mirrored = insertion.mirror @ columns
+    mirrored[:, 1:n_data:2] *= -1  # conjugated at the Friedel mate
+    return mirrored
+
+
+def normalise_block(insertion: SharedInsertion, i: int, columns: np.ndarray, mirrored: np.ndarray,
+                    scale: np.ndarray, floor: float, *, batch: int, n_data: int, xp: ModuleType = np,
+                    spectrum: np.ndarray | None = None, ctf_spectrum: np.ndarray | None = None) -> None:
+    """Insert a batch through row block ``i`` and normalise it while it is in cache: ``spectrum`` (rows, B)
+    complex64 gets ``D · scale / max(W1, floor)``, ``ctf_spectrum`` (rows, B) float32 ``D2 · scale / max(W1,
+    floor)`` (either may be None), rows = the block's voxels. ``columns`` from :func:`sample_columns`
+    (``n_data`` = 2B with data, else 0), ``mirrored`` from :func:`mirrored_columns`."""
+    block, inside = insertion.blocks[i], insertion.mirror_by_block[i]
+    accumulated = block @ columns
+    if inside.size:
+        accumulated[insertion.mirror_local[i]] += mirrored[inside]
+    start, end = insertion.bounds[i]
+    voxel_scale = scale[start:end] if insertion.block_voxels is None else scale[insertion.block_voxels[i]]
+    factor = xp.maximum(accumulated[:, n_data:n_data + batch], xp.float32(floor))
+    xp.divide(voxel_scale[:, None], factor, out=factor)
+    if ctf_spectrum is not None:
+        xp.multiply(accumulated[:, n_data + batch:], factor, out=ctf_spectrum)
+    if spectrum is not None:
+        xp.multiply(accumulated[:, :n_data].view(xp.complex64), factor, out=spectrum)
+
+
 def insert_normalised(insertion: SharedInsertion, columns: np.ndarray, scale: np.ndarray, floor: float, *,
                       batch: int, with_data: bool, with_ctf: bool = True, xp: ModuleType = np,
                       buffers: tuple[np.ndarray, np.ndarray | None] | None = None,
@@ -348,8 +416,7 @@ def insert_normalised(insertion: SharedInsertion, columns: np.ndarray, scale: np
         (n_voxels, B) float32 normalised D2 (None without ``with_ctf``).
     """
     n_data = 2 * batch if with_data else 0
-    mirrored = insertion.mirror @ columns
-    mirrored[:, 1:n_data:2] *= -1  # conjugated at the Friedel mate
+    mirrored = mirrored_columns(insertion, columns, n_data)
     shape = (insertion.n_voxels, batch)
     spectrum, ctf_spectrum = buffers if buffers is not None else (None, None)
     if with_data and (spectrum is None or spectrum.shape != shape):
@@ -358,28 +425,16 @@ def insert_normalised(insertion: SharedInsertion, columns: np.ndarray, scale: np
         ctf_spectrum = xp.empty(shape, dtype=xp.float32)
     spectrum = spectrum if with_data else None
     ctf_spectrum = ctf_spectrum if with_ctf else None
-    floor32 = xp.float32(floor)
 
     def run_blocks(first: int, last: int) -> None:
         for i in range(first, last):
-            block, (start, end), inside = insertion.blocks[i], insertion.bounds[i], insertion.mirror_by_block[i]
-            accumulated = block @ columns
-            if inside.size:
-                accumulated[insertion.mirror_rows[inside] - start] += mirrored[inside]
-            factor = xp.maximum(accumulated[:, n_data:n_data + batch], floor32)
-            xp.divide(scale[start:end, None], factor, out=factor)
-            if ctf_spectrum is not None:
-                xp.multiply(accumulated[:, n_data + batch:], factor, out=ctf_spectrum[start:end, :batch])
-            if spectrum is not None:
-                xp.multiply(accumulated[:, :n_data].view(xp.complex64), factor, out=spectrum[start:end])
+            start, end = insertion.bounds[i]
+            normalise_block(insertion, i, columns, mirrored, scale, floor, batch=batch, n_data=n_data, xp=xp,
+                            spectrum=None if spectrum is None else spectrum[start:end],
+                            ctf_spectrum=None if ctf_spectrum is None else ctf_spectrum[start:end, :batch])
 
     pool = pool if xp is np else None
-    cuts = None
-    if pool is not None:
-        work = np.cumsum([block.nnz + (end - start) for block, (start, end) in zip(insertion.blocks, insertion.bounds)])
-        parts = pool.threads
-        cuts = [int(np.searchsorted(work, work[-1] * i / parts)) for i in range(1, parts)]
-    run_split(pool, run_blocks, len(insertion.blocks), cuts)
+    run_split(pool, run_blocks, len(insertion.blocks), block_cuts(insertion, pool))
     return spectrum, ctf_spectrum
 
 

@@ -99,7 +99,7 @@ class MemoryPlan:
 
 
 def estimate_bytes(padded_box_px: int, box_px: int, n_tilts: int, stack_pixels: int, *,
-                   shared_geometry: bool, padded_ctf: bool = True) -> tuple[int, int]:
+                   shared_geometry: bool, padded_ctf: bool = True, by_lines: bool = False) -> tuple[int, int]:
     """Fixed and per-particle bytes of the volume export.
 
     Parameters
@@ -118,6 +118,10 @@ def estimate_bytes(padded_box_px: int, box_px: int, n_tilts: int, stack_pixels: 
     padded_ctf
         True for M's padded 3D CTF (a real M³ half spectrum and its transforms per particle); False for the
         direct one (:mod:`mspecies.core.ctf3d`: slot tables of about 2 voxel layers per tilt slice).
+    by_lines
+        True when the sub-tomograms are inserted and transformed line by line (NumPy, direct 3D CTF, shared
+        geometry; ``TiltSeriesEngine.by_lines``): no whole padded spectrum, only its N central z planes
+        after the first transform, and a few (M, M//2+1) lines per thread.
     """
     m, n = padded_box_px, box_px
     half_voxels = m * m * (m // 2 + 1)
@@ -139,6 +143,10 @@ def estimate_bytes(padded_box_px: int, box_px: int, n_tilts: int, stack_pixels: 
         per_particle -= samples * 8 + half_voxels * 4  # no C_u C_w, one insertion column fewer, no CTF spectrum
         per_particle += n * n * (n // 2 + 1) * 4 * 2 + slots * 4 * 4  # its output, the per-thread work arrays
         fixed += direct_tables
+    if by_lines:
+        per_particle += (n * m * (m // 2 + 1) * 8  # the N central z planes after the transform along z
+                         + m * (m // 2 + 1) * 8 * 4  # lines of two threads (spectrum, transform)
+                         - half_voxels * (8 + 4) - n * n * m * 4)  # no whole spectra, no whole C2R output
     if shared_geometry:
         fixed += operator
     else:
@@ -148,7 +156,8 @@ def estimate_bytes(padded_box_px: int, box_px: int, n_tilts: int, stack_pixels: 
 
 
 def plan_batches(padded_box_px: int, box_px: int, n_tilts: int, stack_pixels: int, *, shared_geometry: bool,
-                 budget_bytes: int | None = None, max_batch: int = MAX_BATCH, padded_ctf: bool = True) -> MemoryPlan:
+                 budget_bytes: int | None = None, max_batch: int = MAX_BATCH, padded_ctf: bool = True,
+                 by_lines: bool = False) -> MemoryPlan:
     """Choose the largest batch (≤ ``max_batch``) that fits the budget, or raise :class:`InputError`.
 
     Parameters
@@ -158,7 +167,7 @@ def plan_batches(padded_box_px: int, box_px: int, n_tilts: int, stack_pixels: in
     """
     budget = int(budget_bytes if budget_bytes is not None else DEFAULT_BUDGET_FRACTION * available_memory_bytes())
     fixed, per_particle = estimate_bytes(padded_box_px, box_px, n_tilts, stack_pixels,
-                                         shared_geometry=shared_geometry, padded_ctf=padded_ctf)
+                                         shared_geometry=shared_geometry, padded_ctf=padded_ctf, by_lines=by_lines)
     batch = min(max_batch, (budget - fixed) // per_particle) if budget > fixed else 0
     if batch < 1:
         mib = 1024**2

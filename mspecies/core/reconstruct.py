@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -200,7 +201,8 @@ def plan_memory(tilt_series: TiltSeriesData, options: ExportOptions) -> tuple[in
     shape = extract.rescaled_shape(tilt_series.image_shape_yx, tilt_series.pixel_size_angst, pixel)
     plan = plan_batches(m, options.box_px, tilts.size, tilts.size * shape[0] * shape[1],
                         shared_geometry=not options.prerotate, budget_bytes=options.memory_budget_bytes,
-                        max_batch=options.max_batch, padded_ctf=options.ctf_method == "padded")
+                        max_batch=options.max_batch, padded_ctf=options.ctf_method == "padded",
+                        by_lines=options.mode != "series" and _by_lines(select_backend(options.backend), options))
     return m, plan
 
 
@@ -261,17 +263,19 @@ class TiltSeriesEngine:
         series = options.mode == "series"
         prepared = None if stack is None else extract.prepare_stack(
             stack, tilt_series, pixel, options.box_px, normalize=options.normalize_input,
-            invert=options.invert_contrast, xp=xp, workers=options.n_workers, tilts=tilts)
+            invert=options.invert_contrast, xp=xp, workers=options.n_workers, tilts=tilts,
+            pool=insert.thread_pool(options.n_workers) if xp is np else None)
         grid = insert.make_sample_grid(m)
         tables = extract.CtfTables.from_samples(grid.kx, grid.ky, m, pixel, xp=xp)
         engine = cls(tilt_series, options, xp, prepared, tilts, m, grid, tables,
                      _tilt_weights(tilt_series, options, tilts, tables, xp), plan,
-                     gridding=_gridding_sinc2(options.box_px, m, xp))
+                     gridding=_gridding_sinc2(options.box_px, m, xp), buffers=thread_work_buffers(xp))
         if not series and not options.prerotate:
             orientation = insert.slice_orientation(tilt_series.tilt_angles_deg[tilts], tilt_series.xf[tilts])
             if stack is not None or options.ctf_method == "padded":
-                engine.insertion = insert.SharedInsertion.from_splat(insert.splat_entries(orientation, grid, xp=xp),
-                                                                     xp=xp)
+                engine.insertion = insert.SharedInsertion.from_splat(
+                    insert.splat_entries(orientation, grid, xp=xp), xp=xp,
+                    y_major_box_px=m if engine.by_lines else None)
                 engine.scale = _normalisation_scale(engine.insertion.multiplicity, m, xp)
             if options.ctf_method == "direct":
                 engine.direct_ctf = ctf3d.DirectCtf.from_pairs(engine._direct_pair_tables(orientation), xp=xp)
@@ -290,6 +294,12 @@ class TiltSeriesEngine:
             phase_shift_deg=ts.phase_shift_deg[t], tilt_weight_scale=scale,
             pre_exposure_e_per_angst2=ts.pre_exposure_e_per_angst2[t], offset_basis=basis,
             microscope=ts.microscope, apply_ctf=options.apply_ctf)
+
+    @property
+    def by_lines(self) -> bool:
+        """True when the sub-tomograms are inserted and transformed line by line (:meth:`_line_volumes`: NumPy,
+        direct 3D CTF, shared insertion); else through whole padded spectra (:meth:`_padded_spectra`)."""
+        return _by_lines(self.xp, self.options)
 
     # ------------------------------------------------------------------------------------------- batches
 
@@ -399,9 +409,10 @@ class TiltSeriesEngine:
                       with_data: bool = True) -> Iterator[ParticleResult]:
         direct = self.options.ctf_method == "direct"
         spectrum = ctf_spectrum = None
-        if with_data or not direct:
+        by_lines = with_data and self.by_lines
+        if (with_data or not direct) and not by_lines:
             spectrum, ctf_spectrum = self._padded_spectra(positions_angst, euler_zyz_deg, with_data)
-        volumes = None
+        volumes = self._line_volumes(positions_angst) if by_lines else None
         if spectrum is not None:
             volumes = self._inverse_volumes(spectrum)
             del spectrum
@@ -413,7 +424,7 @@ class TiltSeriesEngine:
 
         def finish(first: int, last: int) -> None:
             for b in range(first, last):
-                finished[b] = (None if volumes is None else self._finish_volume(volumes[b]),
+                finished[b] = (None if volumes is None else self._finish_volume(volumes[b], divided=by_lines),
                                self._finish_ctf(ctf_volumes[b], scaled=not direct))
 
         insert.run_split(self._pool(), finish, index.size)
@@ -437,6 +448,54 @@ class TiltSeriesEngine:
         return insert.insert_normalised(self.insertion, columns, self.scale, WEIGHT_FLOOR, batch=batch,
                                         with_data=with_data, with_ctf=ctf is not None, xp=self.xp, buffers=buffers,
                                         pool=self._pool())
+
+    def _line_volumes(self, positions_angst: np.ndarray) -> list[np.ndarray]:
+        """B new (N, N, N) float32 sub-tomograms (÷ sinc², not output-normalised), inserted and transformed line
+        by line: the values of :meth:`_padded_spectra` and :meth:`_inverse_volumes`, without whole spectra.
+
+        The insertion is y-major (one row block per y, :meth:`SharedInsertion.from_splat`): each block is
+        inserted, normalised and transformed along z while it is in cache, and only the N central planes are
+        kept, in a (N, M, M//2+1, B) array (half a padded spectrum); each of those planes is then transformed
+        along y, cropped, transformed along x (C2R), cropped and divided by sinc² into the particles' volumes.
+        The threads of the pool share the lines (single-threaded transforms); every line is transformed as
+        in the whole-spectrum passes, so the values are the same.
+        """
+        m, n = self.padded_box_px, self.options.box_px
+        fft = extract.fft_module(np)
+        data, weight, _ = self._sample_values(positions_angst)
+        batch, n_columns = weight.shape
+        pool = self._pool()
+        columns = insert.sample_columns(data, weight, None, self.insertion.column_sign,
+                                        out=self._buffer("columns", (n_columns, 3 * batch)), pool=pool)
+        del data, weight
+        mirrored = insert.mirrored_columns(self.insertion, columns, 2 * batch)
+        crop = slice(m // 2 - n // 2, m // 2 + n // 2)
+        partial = self._buffer("partial", (n, m, m // 2 + 1, batch), np.complex64)
+
+        def along_z(first: int, last: int) -> None:
+            line = np.empty((m, m // 2 + 1, batch), dtype=np.complex64)
+            for y in range(first, last):
+                voxels = self.insertion.block_voxels[y]
+                values = np.empty((voxels.size, batch), dtype=np.complex64)
+                insert.normalise_block(self.insertion, y, columns, mirrored, self.scale, WEIGHT_FLOOR, batch=batch,
+                                       n_data=2 * batch, spectrum=values)
+                flat = line.reshape(-1, batch)
+                flat.fill(0)  # the voxels no sample reaches
+                flat[voxels - self.insertion.bounds[y][0]] = values
+                partial[:, y] = fft.ifft(line, axis=0, norm="forward", overwrite_x=True, workers=1)[crop]
+
+        insert.run_split(pool, along_z, m, insert.block_cuts(self.insertion, pool))
+        volumes = [np.empty((n, n, n), dtype=np.float32) for _ in range(batch)]
+
+        def along_y_x(first: int, last: int) -> None:
+            for z in range(first, last):
+                plane = fft.ifft(partial[z], axis=0, norm="forward", overwrite_x=True, workers=1)[crop]
+                real = fft.irfft(plane, n=m, axis=1, norm="forward", workers=1)[:, crop]
+                for b in range(batch):
+                    np.divide(real[..., b], self.gridding[z], out=volumes[b][z])
+
+        insert.run_split(pool, along_y_x, n)
+        return volumes
 
     def _direct_ctfs(self, positions_angst: np.ndarray, euler_zyz_deg: np.ndarray) -> list[np.ndarray]:
         """B new (N, N, N//2+1) output-grid 3D CTFs (:mod:`mspecies.core.ctf3d`); pre-rotated particles each
@@ -468,15 +527,19 @@ class TiltSeriesEngine:
         spectrum = None if data is None else xp.empty((n_voxels, batch), dtype=xp.complex64)
         ctf_spectrum = None if ctf is None else self._ctf_buffer((n_voxels, batch))
         zeros = xp.zeros(weight.shape[1], dtype=xp.complex64)
-        for b in range(batch):
-            splat = insert.splat_entries(orientation[b], self.grid, xp=xp)
-            d_re, d_im, w1, d2, w0 = insert.insert_one(splat, zeros if data is None else data[b], weight[b],
-                                                       None if ctf is None else ctf[b], xp=xp)
-            factor = _normalisation_scale(w0, m, xp) / xp.maximum(w1, xp.float32(WEIGHT_FLOOR))
-            if ctf_spectrum is not None:
-                ctf_spectrum[:, b] = d2 * factor
-            if spectrum is not None:
-                spectrum[:, b] = (d_re * factor) + 1j * (d_im * factor)
+
+        def own(first: int, last: int) -> None:
+            for b in range(first, last):
+                splat = insert.splat_entries(orientation[b], self.grid, xp=xp)
+                d_re, d_im, w1, d2, w0 = insert.insert_one(splat, zeros if data is None else data[b], weight[b],
+                                                           None if ctf is None else ctf[b], xp=xp)
+                factor = _normalisation_scale(w0, m, xp) / xp.maximum(w1, xp.float32(WEIGHT_FLOOR))
+                if ctf_spectrum is not None:
+                    ctf_spectrum[:, b] = d2 * factor
+                if spectrum is not None:
+                    spectrum[:, b] = (d_re * factor) + 1j * (d_im * factor)
+
+        insert.run_split(self._pool(), own, batch)  # each particle writes its own columns
         return spectrum, ctf_spectrum
 
     def _pool(self) -> insert.WorkerPool | None:
@@ -486,12 +549,14 @@ class TiltSeriesEngine:
         return insert.thread_pool(self.options.n_workers) if self.xp is np else None
 
     def _buffer(self, name: str, shape: tuple[int, ...], dtype: type = np.float32) -> np.ndarray:
-        """A work array kept across batches (uninitialised): fresh large allocations cost more than the
-        arithmetic here (the kernel zeroes every new page)."""
-        array = self.buffers.get(name)
-        if array is None or array.shape != shape or array.dtype != dtype:
-            array = self.buffers[name] = self.xp.empty(shape, dtype=dtype)
-        return array
+        """A work array kept across batches and engines (uninitialised, :func:`thread_work_buffers`): fresh
+        large allocations cost more than the arithmetic here (the kernel zeroes every new page). The storage
+        only grows: a smaller batch (the last one) gets a contiguous view of the front of it."""
+        size = int(np.prod(shape))
+        storage = self.buffers.get(name)
+        if storage is None or storage.size < size or storage.dtype != dtype:
+            storage = self.buffers[name] = self.xp.empty(size, dtype=dtype)
+        return storage[:size].reshape(shape)
 
     def _ctf_buffer(self, shape: tuple[int, int]) -> np.ndarray:
         """(n_voxels, B rounded up to even) float32: pairs of CTF spectra are read as one complex64 column;
@@ -569,12 +634,14 @@ class TiltSeriesEngine:
         ctf = fft.rfftn(psf, axes=(0, 1, 2), **kwargs).real
         return xp.moveaxis(ctf, 3, 0)  # × 1/M² per particle in _finish_ctf
 
-    def _finish_volume(self, volume: np.ndarray) -> np.ndarray:
-        """(N, N, N) sub-tomogram view → ÷ sinc², output-normalised (optional), contiguous host float32."""
+    def _finish_volume(self, volume: np.ndarray, divided: bool = False) -> np.ndarray:
+        """(N, N, N) sub-tomogram view → ÷ sinc², output-normalised (optional), contiguous host float32.
+        ``divided``: a new contiguous array of its own, already ÷ sinc² (normalised in place)."""
         xp = self.xp
-        volume = xp.ascontiguousarray(xp.divide(volume, self.gridding, dtype=xp.float32))
+        if not divided:
+            volume = xp.ascontiguousarray(xp.divide(volume, self.gridding, dtype=xp.float32))
         if self.options.normalize_output:
-            volume = normalize_outside_radius(volume, self._mask_radius_px(), xp=xp)
+            volume = normalize_outside_radius(volume, self._mask_radius_px(), xp=xp, in_place=divided)
         return to_numpy(volume)
 
     def _finish_ctf(self, ctf_volume: np.ndarray, scaled: bool = True) -> np.ndarray:
@@ -599,7 +666,10 @@ class TiltSeriesEngine:
         """2D tilt images per particle, sub-pixel centred on N/2 and CTF-premultiplied (m_reference §6.4)."""
         xp, n = self.xp, self.options.box_px
         image_px, defocus_u, defocus_v = self._projections(positions_angst)
-        patches, residual = extract.extract_patches(self.prepared.images, image_px, self.tilts, n, xp=xp)
+        # as RELION's extraction (extraction.h:127-214): the box at round(q) − N/2, the sub-pixel rest (≤ ½ px) by
+        # a Fourier shift; a truncated corner would shift up to 1 px and wrap more of the box edge into it
+        patches, residual = extract.extract_patches(self.prepared.images, image_px + 0.5, self.tilts, n, xp=xp)
+        residual = residual + 0.5
         fft = extract.fft_module(xp)
         kwargs = extract.fft_kwargs(xp, self.options.n_workers)
         spectra = fft.rfft2(patches, **kwargs)
@@ -629,7 +699,9 @@ class TiltSeriesEngine:
         return dose_limit_mask(self.tilt_series, self.options.n_tilts_by_dose)[self.tilts]
 
     def _series_filter(self, defocus_u: np.ndarray, defocus_v: np.ndarray) -> np.ndarray:
-        """(B, T, N, N//2+1) ``C_u · exp(−0.5 dose / d0(k)) · cos θ`` (Grant–Grigorieff critical exposure)."""
+        """(B, T, N, N//2+1) ``C_u · exp(−0.5 pre-exposure / d0(k))`` (Grant–Grigorieff critical exposure): what
+        RELION 5 premultiplies its 2D stacks with and what ``relion_refine`` models (``subtomo.cpp:779-796``,
+        ``damage.cpp:137-175``; no cos θ, which RELION's model would not know)."""
         xp, n, pixel = self.xp, self.options.box_px, self.options.output_pixel_size_angst
         ky = np.fft.fftfreq(n, 1.0 / n)[:, None] * np.ones((1, n // 2 + 1))
         kx = np.arange(n // 2 + 1)[None, :] * np.ones((n, 1))
@@ -641,16 +713,44 @@ class TiltSeriesEngine:
             critical = 0.245 * xp.where(k > 0, k, 1.0) ** -1.665 + 2.81
         pre = xp.asarray(ts.pre_exposure_e_per_angst2[self.tilts])[:, None]
         weight = xp.where(k > 0, xp.exp(-0.5 * pre / critical), 1.0)
-        weight = weight * xp.asarray(np.cos(np.deg2rad(ts.tilt_angles_deg[self.tilts])))[:, None]
         filt = (c_u * weight.astype(xp.float32)).reshape(c_u.shape[:2] + (n, n // 2 + 1))
         return filt
 
     def _visible(self, image_px: np.ndarray) -> np.ndarray:
-        """(B, T) bool: the particle centre lies farther than half a diameter from every image edge."""
+        """(B, T) bool: the particle centre lies farther than half a box from every image edge (RELION 5's rule,
+        ``tomogram.cpp:155-161`` with radius = binning · box / 2, so that ``rlnTomoVisibleFrames`` is RELION's)."""
         ny, nx = self.prepared.images.shape[1:]
-        margin = self.options.particle_diameter_angst / self.options.output_pixel_size_angst / 2
+        margin = self.options.box_px / 2
         x, y = image_px[..., 0], image_px[..., 1]
         return (x > margin) & (x < nx - margin) & (y > margin) & (y < ny - margin)
+
+
+_THREAD_BUFFERS = threading.local()
+
+
+def thread_work_buffers(xp: ModuleType) -> dict[str, np.ndarray]:
+    """The work arrays of the engines of this thread on ``xp``'s device, by name (:meth:`TiltSeriesEngine._buffer`).
+
+    Engines are built one per tilt series; sharing their work arrays spares every tilt series after the first
+    the page faults of arrays of hundreds of MB (the first pass of an engine cost 1.5–2× a warm one). A batch
+    uses them only while it is computed (its results are new arrays), so engines of one thread may alternate;
+    engines on other threads get their own. The arrays stay allocated for the life of the thread, at the size
+    of the largest batch seen; :func:`release_work_buffers` frees them.
+    """
+    by_module = getattr(_THREAD_BUFFERS, "by_module", None)
+    if by_module is None:
+        by_module = _THREAD_BUFFERS.by_module = {}
+    return by_module.setdefault(xp.__name__, {})
+
+
+def release_work_buffers() -> None:
+    """Free this thread's kept work arrays (engines built later allocate new ones)."""
+    _THREAD_BUFFERS.by_module = {}
+
+
+def _by_lines(xp: ModuleType, options: ExportOptions) -> bool:
+    """See :attr:`TiltSeriesEngine.by_lines`."""
+    return xp is np and options.ctf_method == "direct" and not options.prerotate
 
 
 def _tilt_scale(tilt_series: TiltSeriesData, options: ExportOptions, tilts: np.ndarray) -> np.ndarray:
@@ -674,9 +774,16 @@ def _normalisation_scale(multiplicity: np.ndarray, m: int, xp: ModuleType) -> np
     voxel M/2 (so the central crop is a slice); 1/M is the C# scaling (unnormalised C2R × M² of an FFT that
     numpy scales by 1/M³).
     """
+    return xp.minimum(multiplicity, xp.float32(1.0)).astype(xp.float32) * xp.asarray(_checkerboard(m))
+
+
+@functools.lru_cache(maxsize=4)
+def _checkerboard(m: int) -> np.ndarray:
+    """(M·M·(M//2+1),) float32 ``(−1)^(kz+ky+kx) / M`` (read-only, cached: pre-rotated particles each need it)."""
     parity = (np.arange(m)[:, None, None] + np.arange(m)[None, :, None] + np.arange(m // 2 + 1)[None, None, :]) % 2
-    checker = xp.asarray((1.0 - 2.0 * parity).astype(np.float32).reshape(-1) / np.float32(m))
-    return xp.minimum(multiplicity, xp.float32(1.0)).astype(xp.float32) * checker
+    checker = (1.0 - 2.0 * parity).astype(np.float32).reshape(-1) / np.float32(m)
+    checker.flags.writeable = False
+    return checker
 
 
 def _separate_pairs(packed: np.ndarray, mirrored_conj: np.ndarray, xp: ModuleType,
@@ -711,8 +818,10 @@ def _outside_mask(n: int, radius_px: float) -> np.ndarray:
     return mask
 
 
-def normalize_outside_radius(volume: np.ndarray, radius_px: float, *, xp: ModuleType = np) -> np.ndarray:
-    """Mean 0, population sd 1 over the voxels farther than ``radius_px`` from the centre N/2."""
+def normalize_outside_radius(volume: np.ndarray, radius_px: float, *, xp: ModuleType = np,
+                             in_place: bool = False) -> np.ndarray:
+    """Mean 0, population sd 1 over the voxels farther than ``radius_px`` from the centre N/2 (float32;
+    ``in_place``: ``volume``, a float32 array, is changed and returned)."""
     n = volume.shape[0]
     if xp is np:
         outside = _outside_mask(n, float(radius_px))
@@ -722,6 +831,10 @@ def normalize_outside_radius(volume: np.ndarray, radius_px: float, *, xp: Module
     background = volume[outside].astype(xp.float64)
     sd = float(background.std())
     factor = 1.0 / sd if sd > 0 else 0.0
+    if in_place:
+        volume -= background.mean()
+        volume *= factor
+        return volume
     return ((volume - background.mean()) * factor).astype(xp.float32)
 
 
@@ -748,7 +861,7 @@ def check_volume(volume: np.ndarray, what: str) -> None:
 
 def reconstruct_particles(tilt_series: TiltSeriesData, stack: np.ndarray, particles: ParticlePoses,
                           options: ExportOptions) -> Iterator[ParticleResult]:
-    """Sub-tomograms + 3D CTFs (or image series) of the particles of one tilt series, in particle order.
+    """Sub-tomograms + 3D CTFs (or particle series) of the particles of one tilt series, in particle order.
 
     Parameters
     ----------

@@ -14,11 +14,11 @@ record ``extra/<tsId>/export_record.json`` (:mod:`mspecies.cli.export_record`), 
 ``export_done.json``; a failed, cancelled or killed job fails the step, quoting the job's error file. A tilt series
 with the marker and a valid record is not exported again: "continue" redoes exactly the others.
 
-Image-series mode registers no Scipion set: tomo 3.12 has no class for "one 2D tilt stack per particle"
-(``TiltSeries`` means a whole raw acquisition to downstream protocols, ``SetOfParticles`` would lose the
-per-particle grouping and the 3D coordinate). The result is ``extra/particles.star`` (``data_optics``,
-``data_particles``: one stack per particle, ``data_tilts``: one ``index@stack`` row per image) and the stacks
-``extra/<tsId>/<tsId>/*.mrcs``; the summary names the STAR (:meth:`getMergedStar`).
+The RELION 5 particle-series mode registers no Scipion set: tomo 3.12 has no class for "one 2D tilt stack per
+particle" (``TiltSeries`` means a whole raw acquisition to downstream protocols, ``SetOfParticles`` would lose the
+per-particle grouping and the 3D coordinate). The result is ``extra/optimisation_set.star`` with
+``extra/particles.star`` and ``extra/tomograms.star`` (:mod:`mspecies.cli.relion5_files`) and the stacks
+``extra/<tsId>/<tsId>/*.mrcs``; the summary names them (:meth:`getMergedStar`).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from tomo.constants import SCIPION, TR_SCIPION
 from tomo.objects import SetOfSubTomograms, SubTomogram
 from tomo.protocols import ProtTomoBase
 
+from mspecies.cli.relion5_files import OPTIMISATION_SET
 from mspecies.common.types import InputError, ParticlePoses
 from mspecies.convert.export_geometry import (
     GEOMETRY_JSON,
@@ -61,7 +62,7 @@ from mspecies.convert.tilt_series import tilt_series_set_to_data
 
 MODE_VOLUMES, MODE_SERIES = 0, 1
 MODES = ("volumes", "series")
-STAR_FLAVOURS = ("3.1", "3.0")
+STAR_FLAVOURS = ("3.1", "3.0", "5")
 CTF_LAYOUTS = ("half", "centred")
 CTF_METHODS = ("direct", "padded")
 BACKEND_AUTO, BACKEND_CPU, BACKEND_GPU = 0, 1, 2
@@ -70,6 +71,7 @@ DONE_JSON = "export_done.json"
 IDS_JSON = "particle_ids.json"
 CLI_STAR = "particles.star"
 MERGED_STAR = "particles.star"
+RELIONTOMO_DIR, RELIONTOMO_OUTPUT = "reliontomo", "RelionParticles"  # particle series as reliontomo's set
 SUMMARY_JSON = "export_summary.json"
 CTF_ATTR = "_ctfImage"
 RECORD_WAIT_S = 10.0  # how long a queued step looks again for a missing record (shared file systems lag)
@@ -141,15 +143,22 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
                        help="Sets the mask of the output normalization (the background is the box outside this "
                             "diameter) and enters the aliasing-free padded box size. At most the box size x the "
                             "output pixel size.")
-        group.addParam("outputMode", params.EnumParam, choices=["volumes", "image series"], default=MODE_VOLUMES,
-                       display=params.EnumParam.DISPLAY_HLIST, label="Export",
-                       help="volumes: sub-tomogram + 3D CTF per particle (output: SetOfSubTomograms). image series: "
-                            "the 2D tilt images of each particle, CTF-premultiplied and centred on the particle, "
-                            "one MRC stack per particle (extra/<tsId>/<tsId>/*.mrcs). Scipion's tomo plugin has no "
-                            "class for per-particle tilt stacks, so this mode registers no Scipion set: its result "
-                            "is the RELION STAR extra/particles.star (optics, particles: one stack each, tilts: one "
-                            "index@stack row per image with tilt angle, defocus and pre-exposure), named in the "
-                            "summary. Poses are applied (pre-rotated): output angles are 0.")
+        group.addParam("outputMode", params.EnumParam, choices=["volumes", "RELION 5 particle series"],
+                       default=MODE_VOLUMES, display=params.EnumParam.DISPLAY_HLIST, label="Export",
+                       help="volumes: sub-tomogram + 3D CTF per particle (output: SetOfSubTomograms; STAR for "
+                            "RELION 3.1 and 5). RELION 5 particle series: the visible tilt images of each "
+                            "particle, centred on it, inverted, CTF- and dose-premultiplied as RELION 5 does "
+                            "(extra/<tsId>/*.mrcs), with extra/particles.star, extra/tomograms.star (the real tilt "
+                            "series: alignment, defocus, dose) and extra/optimisation_set.star for relion_refine "
+                            "--ios and RELION's tilt-series programs (reconstruct particle, CTF refinement, frame "
+                            "alignment). With scipion-em-reliontomo installed it is also registered as its "
+                            "RelionSetOfPseudoSubtomograms (output RelionParticles) for reliontomo's refine and "
+                            "classify; without it no Scipion set: give the optimisation set to RELION 5.")
+        group.addParam("premultiplyCtf", params.BooleanParam, default=True, condition=f"outputMode == {MODE_SERIES}",
+                       label="CTF-premultiply the stacks",
+                       help="Yes (RELION's default): each tilt image is multiplied by its CTF and dose weight "
+                            "(rlnCtfDataAreCtfPremultiplied 1). No: raw stacks (inverted, centred), as cryoDRGN-ET "
+                            "and OPUS-TOMO read them (rlnCtfDataAreCtfPremultiplied 0).")
 
     @staticmethod
     def _defineParticleParams(group):
@@ -161,11 +170,11 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
             shift.addParam(f"shift{axis}", params.FloatParam, default=0.0, label=axis,
                            help=f"{axis} component of the shift (Å).")
         group.addParam("preRotate", params.BooleanParam, default=False, label="Pre-rotate particles",
-                       help="Reconstruct in the reference frame: output angles become 0 (identity poses). Always on "
-                            "for image series.")
+                       help="Reconstruct in the reference frame: output angles become 0 (identity poses). RELION 5 "
+                            "particle series: the poses go to rlnTomoSubtomogramRot/Tilt/Psi and the angles are 0.")
         group.addParam("limitTilts", params.BooleanParam, default=False, label="Limit to the first N tilts by dose",
                        help="Yes: only the N tilts with the lowest accumulated dose enter the sub-tomogram and its "
-                            "3D CTF (image series: only these tilts are written); the others get zero weight. No: "
+                            "3D CTF (particle series: only these tilts are visible); the others get zero weight. No: "
                             "every tilt is used, weighted by its dose.")
         group.addParam("nTilts", params.IntParam, default=20, condition="limitTilts", label="N tilts",
                        help="Only the N tilts with the lowest accumulated dose get CTF weight.")
@@ -186,9 +195,15 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
         group.addParam("sparseCtf", params.BooleanParam, default=False, expertLevel=params.LEVEL_ADVANCED,
                        label="Sparse 3D CTF",
                        help="Set 3D-CTF voxels with |value| < 0.01 to 0. Warning: needs a patched RELION.")
-        group.addParam("starFlavour", params.EnumParam, choices=["RELION 3.1", "RELION 3.0"], default=0,
-                       expertLevel=params.LEVEL_ADVANCED, label="STAR flavour",
-                       help="3.1: optics + particles tables. 3.0: single table (M's style).")
+        group.addParam("starFlavour", params.EnumParam, choices=["RELION 3.1", "RELION 3.0", "RELION 5"],
+                       default=0, expertLevel=params.LEVEL_ADVANCED, label="STAR flavour",
+                       help="The 3D CTF is M's normalized CTF volume. RELION 3.1: optics + particles tables, data "
+                            "not CTF-premultiplied (rlnCtfDataAreCtfPremultiplied 0): relion_refine 3.1 and 5 and "
+                            "RELION 3.1's relion_reconstruct read it right with default flags; RELION 5's "
+                            "relion_reconstruct needs --ctf3d_not_squared. RELION 3.0: single table (M's style), "
+                            "read as 3.1. RELION 5: the same files declared premultiplied, right for RELION 5's "
+                            "relion_refine and relion_reconstruct with default flags (not --ctf3d_not_squared), "
+                            "wrong for RELION 3.1.")
         group.addParam("ctfLayout", params.EnumParam, choices=["FFTW half", "centred cube"], default=0,
                        expertLevel=params.LEVEL_ADVANCED, label="3D CTF layout",
                        help="FFTW half: the non-redundant half of the 3D CTF (box x box x (box/2 + 1)), RELION's "
@@ -318,6 +333,30 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
             self._defineOutputs(SubTomograms=output)
             self._defineSourceRelation(self.inputParticles, output)
             self._defineSourceRelation(self.inputTiltSeries, output)
+        else:
+            self._registerPseudoSubtomograms(tsIds)
+
+    def _registerPseudoSubtomograms(self, tsIds: list[str]) -> None:
+        """With scipion-em-reliontomo: the particle series also as its RelionSetOfPseudoSubtomograms (files in
+        extra/reliontomo/, paths relative to the project, as reliontomo's steps run there)."""
+        from mspecies.cli.relion5_files import merge_particle_series
+        from mspecies.convert.reliontomo import pseudo_subtomograms, reliontomo_missing
+
+        reason = reliontomo_missing()
+        if reason is not None:
+            self.info(f"No RelionSetOfPseudoSubtomograms registered ({reason}); the STAR files are the output.")
+            return
+        optimisation = merge_particle_series(self._getExtraPath(RELIONTOMO_DIR),
+                                             [self._getExtraPath(t) for t in tsIds], root=os.getcwd())
+        coordinates = (self.inputParticles.get().getCoordinates3D(asPointer=True) if self._isSubtomos()
+                       else self.inputParticles)
+        output = pseudo_subtomograms(self._getPath(), os.path.relpath(optimisation), coordinates,
+                                     tilt_series_pixel_angst=self._dataPixel(), output_pixel_angst=self._outputPixel(),
+                                     box_px=int(self.boxSize.get()),
+                                     acquisition=self.inputTiltSeries.get().getAcquisition())
+        self._defineOutputs(**{RELIONTOMO_OUTPUT: output})
+        self._defineSourceRelation(self.inputParticles, output)
+        self._defineSourceRelation(self.inputTiltSeries, output)
 
     # --------------------------- UTILS functions -----------------------------
     def _isSubtomos(self) -> bool:
@@ -373,7 +412,7 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
         return float(self.shiftX.get()), float(self.shiftY.get()), float(self.shiftZ.get())
 
     def _prerotated(self) -> bool:
-        return bool(self.preRotate.get()) or self.outputMode.get() == MODE_SERIES
+        return bool(self.preRotate.get())
 
     def _stepsNeedGpu(self) -> bool:
         """GPU steps: backend GPU, or auto with a usable CuPy device here; 'Use GPU' on and a GPU list given.
@@ -410,7 +449,8 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
                 "--star-flavour", "3.1", "--overwrite"]
         flags = {"--prerotate": self._prerotated(), "--no-invert": not self.invertContrast.get(),
                  "--no-normalize-input": not self.normalizeInput.get(),
-                 "--no-normalize-output": not self.normalizeOutput.get(), "--sparse-ctf": self.sparseCtf.get()}
+                 "--no-normalize-output": not self.normalizeOutput.get(), "--sparse-ctf": self.sparseCtf.get(),
+                 "--no-ctf": self.outputMode.get() == MODE_SERIES and not self.premultiplyCtf.get()}
         args += [flag for flag, on in flags.items() if on]
         if self.limitTilts.get():
             args += ["--n-tilts-by-dose", str(self.nTilts.get())]
@@ -557,20 +597,21 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
     def _writeMergedStar(self, tsIds: list[str]) -> str:
         """``extra/particles.star`` over all tilt series (random subsets alternate over the merged rows)."""
         from mspecies.common.types import Microscope
-        from mspecies.formats.relion_subtomo import PARTICLE_COLUMNS, write_series_star, write_subtomo_star
+        from mspecies.formats.relion_subtomo import PARTICLE_COLUMNS, write_subtomo_star
 
-        particles, tilts = [], []
+        if self.outputMode.get() == MODE_SERIES:
+            from mspecies.cli.relion5_files import merge_particle_series
+
+            merge_particle_series(self._getExtraPath(), [self._getExtraPath(t) for t in tsIds],
+                                  absolute_images=not self.relativePaths.get())
+            return self._getExtraPath(MERGED_STAR)
+        particles = []
         for tsId in tsIds:
             blocks = self._cliTables(tsId)
             table = blocks["particles"][[c for c in PARTICLE_COLUMNS if c in blocks["particles"]]].copy()
             for column in {"rlnImageName", "rlnCtfImage"} & set(table.columns):
                 table[column] = [self._starPath(tsId, str(v)) for v in table[column]]
             particles.append(table)
-            if "tilts" in blocks:
-                tilt = blocks["tilts"].copy()
-                tilt["rlnImageName"] = [f"{v.split('@')[0]}@{self._starPath(tsId, v.split('@', 1)[1])}"
-                                        for v in tilt["rlnImageName"].astype(str)]
-                tilts.append(tilt)
         merged = pd.concat(particles, ignore_index=True)
         for column in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnCoordinateX", "rlnCoordinateY",
                        "rlnCoordinateZ"):
@@ -581,11 +622,7 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
         path = self._getExtraPath(MERGED_STAR)
         optics = {"pixel_size_angst": self._outputPixel(), "box_px": int(self.boxSize.get()),
                   "microscope": microscope}
-        if self.outputMode.get() == MODE_SERIES:
-            write_series_star(path, merged.drop(columns=["rlnCtfImage"], errors="ignore"),
-                              pd.concat(tilts, ignore_index=True), **optics)
-        else:
-            write_subtomo_star(path, merged, flavour=STAR_FLAVOURS[self.starFlavour.get()], **optics)
+        write_subtomo_star(path, merged, flavour=STAR_FLAVOURS[self.starFlavour.get()], **optics)
         return path
 
     def _exportedRows(self, tsId: str) -> list[tuple[int, str, str]]:
@@ -714,8 +751,9 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
                  f"{summary['mode']}"]
         if summary["mode"] == MODES[MODE_SERIES]:
             return lines + [f"Pixel size {summary['pixel_size_angst']:g} Å, box {summary['box_px']} px; one "
-                            "CTF-premultiplied 2D stack per particle (no Scipion set: use the STAR)",
-                            f"STAR (RELION, image series): {summary['star']}"]
+                            "2D stack per particle (no Scipion set: give RELION 5 the optimisation set)",
+                            f"STAR (RELION 5 particle series): {summary['star']}",
+                            f"optimisation set: {os.path.join(os.path.dirname(summary['star']), OPTIMISATION_SET)}"]
         return lines + [f"Pixel size {summary['pixel_size_angst']:g} Å, box {summary['box_px']} px, padded box "
                         f"{', '.join(str(m) for m in summary['padded_box_px'])} px",
                         f"STAR (RELION): {summary['star']}"]
@@ -726,9 +764,10 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
             return []
         if summary["mode"] == MODES[MODE_SERIES]:
             return [f"For {summary['n_particles']} particles of {summary['n_tilt_series']} tomograms, "
-                    f"CTF-premultiplied {summary['box_px']} px tilt images centred on each particle were extracted "
-                    f"from the aligned raw tilt series at {summary['pixel_size_angst']:g} Å/px (per-particle defocus, "
-                    "dose weighting) with mspecies, following M's image-series export."]
+                    f"{summary['box_px']} px tilt images centred on each particle were extracted from the aligned "
+                    f"raw tilt series at {summary['pixel_size_angst']:g} Å/px with mspecies as RELION 5 particle "
+                    "series (2D stacks with per-particle defocus and dose weighting, tomograms.star of the tilt "
+                    "series)."]
         return [f"{summary['n_particles']} sub-tomograms and their 3D CTFs were reconstructed directly from the "
                 f"aligned raw tilt series of {summary['n_tilt_series']} tomograms at {summary['pixel_size_angst']:g} "
                 f"Å/px in a {summary['box_px']} px box (aliasing-free padded box "

@@ -83,7 +83,8 @@ class TestExportFormLayout(unittest.TestCase):
         groups = self._groups()
         self.assertEqual(list(groups), ["Input", "Output geometry", "Particle operations", "Image processing",
                                         "Advanced"])
-        self.assertEqual(groups["Output geometry"], ["outputPixelSize", "boxSize", "particleDiameter", "outputMode"])
+        self.assertEqual(groups["Output geometry"], ["outputPixelSize", "boxSize", "particleDiameter", "outputMode",
+                                                    "premultiplyCtf"])
         self.assertEqual(groups["Image processing"], ["invertContrast", "normalizeInput", "normalizeOutput"])
         line = self.form.getParam(groups["Particle operations"][0])
         self.assertIsInstance(line, params.Line)

@@ -1,7 +1,7 @@
 """Headless Scipion project: the demo chain (import → intersect → export sub-tomograms → reconstruct) on a small
 noise-free dataset; the export's outputs, merged STAR, QC figures, viewer, "continue" skip, a failing run that
 registers nothing, every validation message, the workflow template (loading; the full run is in test_template.py)
-and the image-series mode (STAR, stacks, particle centred in its tilt images)."""
+and the RELION 5 particle-series mode (STAR files, stacks, particle centred in its tilt images)."""
 
 import json
 import os
@@ -17,6 +17,7 @@ from mspecies.cli.demo_chain import run_export_chain
 from mspecies.cli.workflow import inside_project, launch
 from mspecies.convert.particles import coordinates_to_poses
 from mspecies.convert.poses import scipion_matrix_to_relion
+from mspecies.convert.reliontomo import reliontomo_missing
 from mspecies.core.ctf import ctf_2d
 from mspecies.core.geometry import euler_to_matrix, project_positions_to_tilts
 from mspecies.formats.mrc import read_mrc
@@ -28,7 +29,7 @@ from mspecies.protocols import (
     ProtMSpeciesImportTsCtf,
     ProtMSpeciesIntersect,
 )
-from mspecies.protocols.protocol_export_subtomograms import CTF_ATTR, DONE_JSON, MODE_SERIES
+from mspecies.protocols.protocol_export_subtomograms import CTF_ATTR, DONE_JSON, MODE_SERIES, RELIONTOMO_OUTPUT
 from mspecies.synth.dataset import manifest_particles, manifest_tilt_series
 from mspecies.tests.checks import registered_outputs, setup_synthetic_project
 
@@ -163,60 +164,71 @@ class TestExportProtocol(BaseTest):
         self.assertFalse(hasattr(prot, "SubTomograms") and prot.SubTomograms is not None)
         self.assertEqual(registered_outputs(prot), [])
 
-    def test_image_series_mode(self):
-        """Series export through the protocol: no Scipion set, the merged STAR reads back, every stack exists and
-        the particle sits at the centre of its tilt images (noise-free data, checked on five tilts per particle)."""
-        prot = launch(self.proj, ProtMSpeciesExportSubtomograms, "export image series",
+    def test_relion5_particle_series_mode(self):
+        """RELION 5 particle series through the protocol: no Scipion set; the merged particles, tomograms and
+        optimisation set read back with paths valid from extra/; every stack has one slice per visible frame and the
+        particle sits at the centre of its tilt images (noise-free data, checked on five frames per particle)."""
+        prot = launch(self.proj, ProtMSpeciesExportSubtomograms, "export RELION 5 particle series",
                       inputParticles=self.imported["coordinates"], inputTiltSeries=self.imported["tilt_series"],
                       inputCtf=self.imported["ctfs"], boxSize=32, particleDiameter=100.0, outputMode=MODE_SERIES,
                       numberOfThreads=3)
-        self.assertEqual(registered_outputs(prot), [])
+        self.assertEqual(registered_outputs(prot), [] if reliontomo_missing() else [RELIONTOMO_OUTPUT])
         star = self._path(prot.getMergedStar())
-        self.assertIn(f"STAR (RELION, image series): {prot.getMergedStar()}", "\n".join(prot.summary()))
+        self.assertIn(f"STAR (RELION 5 particle series): {prot.getMergedStar()}", "\n".join(prot.summary()))
+        extra = star.parent
+        optimisation = read_star_blocks(extra / "optimisation_set.star")["optimisation_set"]
+        self.assertEqual(optimisation["rlnTomoTomogramsFile"][0], "tomograms.star")
         blocks = read_star_blocks(star)
+        self.assertEqual(int(blocks["general"]["rlnTomoSubTomosAre2DStacks"][0]), 1)
         self.assertEqual(int(blocks["optics"]["rlnImageDimensionality"][0]), 2)
         self.assertEqual(int(blocks["optics"]["rlnCtfDataAreCtfPremultiplied"][0]), 1)
-        particles, tilts = blocks["particles"], blocks["tilts"]
+        particles = blocks["particles"]
         self.assertEqual(len(particles), SYNTH["n_tomograms"] * SYNTH["n_particles"])
         self.assertEqual(set(particles["rlnTomoName"]), {"TS_01", "TS_02"})
-        np.testing.assert_allclose(particles[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].astype(float), 0.0)
-        stacks = {name: read_mrc(star.parent / name)[0] for name in particles["rlnImageName"]}
-        self.assertTrue(all(stack.shape[1:] == (32, 32) for stack in stacks.values()))
-        used = {name: 0 for name in stacks}
-        for entry in tilts["rlnImageName"]:
-            index, name = entry.split("@")
-            used[name] = max(used[name], int(index))
-        self.assertEqual(used, {name: stack.shape[0] for name, stack in stacks.items()})
-        self._check_series_centred(tilts, stacks)
+        tomograms = read_star_blocks(extra / "tomograms.star")["global"]
+        tilts = {}
+        for name, tilt_star in zip(tomograms["rlnTomoName"], tomograms["rlnTomoTiltSeriesStarFile"], strict=True):
+            (table,) = read_star_blocks(extra / tilt_star).values()
+            self.assertTrue((extra / str(table["rlnMicrographName"][0]).split("@")[1]).exists())
+            tilts[name] = table
+        hand = dict(zip(tomograms["rlnTomoName"], tomograms["rlnTomoHand"].astype(int), strict=True))
+        stacks = {name: read_mrc(extra / name)[0] for name in particles["rlnImageName"]}
+        for row in particles.itertuples():
+            visible = str(row.rlnTomoVisibleFrames).strip("[]").split(",")
+            self.assertEqual(len(visible), len(tilts[row.rlnTomoName]))
+            self.assertEqual(stacks[row.rlnImageName].shape, (visible.count("1"), 32, 32))
+        self._check_series_centred(particles, tilts, hand, stacks)
 
-    def _check_series_centred(self, tilts, stacks: dict[str, np.ndarray]) -> None:
-        """Match each exported particle to its ground-truth particle, then measure the centring on 5 tilts."""
+    def _check_series_centred(self, particles, tilts: dict, hand: dict, stacks: dict[str, np.ndarray]) -> None:
+        """Match each exported particle to its ground-truth particle, then measure the centring on 5 frames."""
         manifest = self.manifest
         truth = manifest_particles(manifest)
         microscope = manifest_tilt_series(manifest, "TS_01").microscope
         offsets = []
-        for (ts_id, particle), rows in tilts.groupby(["rlnTomoName", "rlnTomoParticleId"]):
+        for row in particles.itertuples():
+            ts_id = str(row.rlnTomoName)
             series = manifest_tilt_series(manifest, ts_id)
             raw = read_mrc(series.stack_path, mmap=True)[0]
             mine = truth.subset(np.flatnonzero(truth.tomo_names.astype(str) == ts_id))
-            projected, _ = project_positions_to_tilts(mine.positions_angst, series)
-            stack_index = rows["rlnTomoTiltIndex"].astype(int).to_numpy()
-            star_xy = rows[["rlnCoordinateX", "rlnCoordinateY"]].astype(float).to_numpy()
-            distance = np.linalg.norm(projected[:, stack_index] - star_xy, axis=2).max(axis=1)
-            match = int(np.argmin(distance))
-            self.assertLess(distance[match], 0.05, f"{ts_id} particle {particle}")
-            for row in rows.iloc[np.linspace(0, len(rows) - 1, 5).astype(int)].itertuples():
-                index, name = row.rlnImageName.split("@")
-                t = int(row.rlnTomoTiltIndex)
-                n = stacks[name].shape[1]
+            position = np.array([[getattr(row, f"rlnCenteredCoordinate{axis}Angst") for axis in "XYZ"]], float)
+            match = int(np.argmin(np.linalg.norm(mine.positions_angst - position, axis=1)))
+            self.assertLess(np.linalg.norm(mine.positions_angst[match] - position), 0.01, f"{ts_id} {row.Index}")
+            projected, height = project_positions_to_tilts(position, series)
+            table = tilts[ts_id]
+            frames = [f for f, flag in enumerate(str(row.rlnTomoVisibleFrames).strip("[]").split(",")) if flag == "1"]
+            for k in np.linspace(0, len(frames) - 1, 5).astype(int):
+                f = frames[k]
+                t = int(str(table["rlnMicrographName"][f]).split("@")[0]) - 1
+                n = stacks[row.rlnImageName].shape[1]
                 fy = np.fft.fftfreq(n, SYNTH["pixel_size_angst"])[:, None] * np.ones((1, n // 2 + 1))
                 fx = np.fft.rfftfreq(n, SYNTH["pixel_size_angst"])[None, :] * np.ones((n, 1))
-                ctf = ctf_2d(fx, fy, float(row.rlnDefocusU), float(row.rlnDefocusV),
-                             float(series.defocus_angle_deg[t]), microscope)
-                offsets.append(series_offset_px(stacks[name][int(index) - 1].astype(np.float64), raw[t],
-                                                projected[match, t], ctf))
+                depth = hand[ts_id] * height[0, t]
+                ctf = ctf_2d(fx, fy, float(table["rlnDefocusU"][f]) + depth, float(table["rlnDefocusV"][f]) + depth,
+                             float(table["rlnDefocusAngle"][f]), microscope)
+                offsets.append(series_offset_px(stacks[row.rlnImageName][k].astype(np.float64), raw[t],
+                                                projected[0, t], ctf))
         offsets = np.array(offsets)
-        print(f"image series: {len(offsets)} tilt images, centre offset max {np.abs(offsets).max():.3f} px, "
+        print(f"particle series: {len(offsets)} tilt images, centre offset max {np.abs(offsets).max():.3f} px, "
               f"rms {np.sqrt(np.mean(offsets ** 2)):.3f} px")
         self.assertLess(np.abs(offsets).max(), 0.5)
 
@@ -235,6 +247,14 @@ class TestExportProtocol(BaseTest):
             arguments = self.proj.newProtocol(ProtMSpeciesExportSubtomograms, **values)._cliArgs("extra/TS_01").split()
             self.assertEqual(arguments[arguments.index("--ctf-method") + 1], method)
         self.assertEqual(self.prot.ctfMethod.get(), 0)
+
+    def test_raw_particle_series_reaches_the_worker(self):
+        """'CTF-premultiply the stacks' = No asks the worker for raw stacks (--no-ctf), in the particle series only."""
+        values = dict(inputParticles=self.imported["coordinates"], inputTiltSeries=self.imported["tilt_series"],
+                      inputCtf=self.imported["ctfs"], boxSize=32, particleDiameter=100.0, premultiplyCtf=False)
+        for mode, raw in ((MODE_SERIES, True), (0, False)):
+            protocol = self.proj.newProtocol(ProtMSpeciesExportSubtomograms, outputMode=mode, **values)
+            self.assertEqual("--no-ctf" in protocol._cliArgs("extra/TS_01").split(), raw)
 
     def test_validation_messages(self):
         self.assertEqual(self._errors(), "")

@@ -1,0 +1,48 @@
+"""The export engine's fast paths give the values of its reference paths, bit for bit."""
+
+import numpy as np
+import pytest
+from test_reconstruct import BOX, make_tilt_series, options, poses
+
+from mspecies.common.types import Microscope
+from mspecies.core import reconstruct
+from mspecies.core.reconstruct import TiltSeriesEngine
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_line_by_line_sub_tomograms_equal_the_whole_spectrum_ones_bit_for_bit(monkeypatch, workers):
+    """The line-by-line insertion and transforms (NumPy, direct 3D CTF) give exactly the values of the
+    whole-spectrum path (used for CuPy and the padded 3D CTF), also for a last batch smaller than the others,
+    which reuses the front of the kept work arrays instead of new ones."""
+    tilt_series = make_tilt_series(n_tilts=21, microscope=Microscope(300.0, 2.7, 0.07), defocus_angst=20000.0)
+    stack = np.random.default_rng(2).normal(size=(21, 160, 160)).astype(np.float32)
+    particles = poses(np.random.default_rng(3).uniform(-60, 60, (5, 3)))
+    opts = options(max_batch=2, workers=workers, normalize_output=True)
+    reconstruct.release_work_buffers()  # earlier tests of this thread may have kept larger arrays
+    engine = TiltSeriesEngine.create(tilt_series, stack, opts)
+    assert engine.by_lines
+    lines = list(engine.reconstruct(particles))
+    m = engine.padded_box_px
+    assert engine.buffers["partial"].size == BOX * m * (m // 2 + 1) * 2  # kept from the batches of 2
+    monkeypatch.setattr(reconstruct, "_by_lines", lambda xp, options: False)
+    whole_engine = TiltSeriesEngine.create(tilt_series, stack, opts)
+    assert not whole_engine.by_lines
+    for a, b in zip(lines, whole_engine.reconstruct(particles), strict=True):
+        assert a.index == b.index and np.array_equal(a.volume, b.volume) and np.array_equal(a.ctf, b.ctf)
+
+
+def test_engines_of_one_thread_share_their_work_arrays_and_may_alternate():
+    """A second engine (the next tilt series) reuses the first one's work arrays instead of faulting in new
+    ones, and batches of two engines may alternate: each batch's results are its own arrays."""
+    tilt_series = make_tilt_series(n_tilts=21, microscope=Microscope(300.0, 2.7, 0.07), defocus_angst=20000.0)
+    stack = np.random.default_rng(4).normal(size=(21, 160, 160)).astype(np.float32)
+    particles = poses(np.random.default_rng(5).uniform(-60, 60, (4, 3)))
+    opts = options(max_batch=2)
+    alone = [r.volume for r in TiltSeriesEngine.create(tilt_series, stack, opts).reconstruct(particles)]
+    first, second = (TiltSeriesEngine.create(tilt_series, stack, opts) for _ in range(2))
+    assert first.buffers is second.buffers
+    storage = {name: array.__array_interface__["data"][0] for name, array in first.buffers.items()}
+    alternated = [r.volume for pair in zip(first.reconstruct(particles), second.reconstruct(particles)) for r in pair]
+    assert {name: array.__array_interface__["data"][0] for name, array in second.buffers.items()} == storage
+    for volume, expected in zip(alternated, [v for v in alone for _ in range(2)], strict=True):
+        assert np.array_equal(volume, expected)

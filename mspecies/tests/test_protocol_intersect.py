@@ -159,17 +159,21 @@ class TestIntersectProtocol(BaseTest):
         self.assertTrue(Path(self.proj.getPath(self.protStar.getHistogramPath())).is_file())
         viewers = Domain.findViewers(self.protStar, "tkinter")
         self.assertIn(MSpeciesIntersectViewer, viewers)
-        viewer = MSpeciesIntersectViewer(project=self.proj, protocol=self.protStar)
-        viewer.setProtocol(self.protStar)
-        png = self.tmp / "viewer.png"
+        self.assertEqual(self._viewerPng(self.protStar, "_showHistogram").read_bytes()[:4], b"\x89PNG")
+
+    def _viewerPng(self, prot, show: str) -> Path:
+        """Draw the viewer's plot ``show`` of ``prot`` (from the project folder, as the GUI runs) into a PNG."""
+        viewer = MSpeciesIntersectViewer(project=self.proj, protocol=prot)
+        viewer.setProtocol(prot)
         cwd = Path.cwd()
         try:
             os.chdir(self.proj.getPath())
-            plotters = viewer._showHistogram()
+            plotters = getattr(viewer, show)()
         finally:
             os.chdir(cwd)
+        png = self.tmp / f"viewer_{prot.getObjId()}{show}.png"
         plotters[0].getFigure().savefig(png)
-        self.assertEqual(png.read_bytes()[:4], b"\x89PNG")
+        return png
 
     def test_self_intersection_removes_duplicates(self):
         """The same set as old and new: no duplicates within 1 Å (all kept, in both); with a tolerance wider than
@@ -207,17 +211,7 @@ class TestIntersectProtocol(BaseTest):
         self.assertTrue(all(getattr(c, ANGLE_ATTR).get() < 1e-3 for c in c4.inBoth.iterCoordinates()))
         self.assertIn("angular tolerance 20 deg", "\n".join(c4.summary()))
         self.assertTrue(Path(self.proj.getPath(c4._getExtraPath("angle_histogram.png"))).is_file())
-        viewer = MSpeciesIntersectViewer(project=self.proj, protocol=c4)
-        viewer.setProtocol(c4)
-        cwd = Path.cwd()
-        try:
-            os.chdir(self.proj.getPath())
-            plotters = viewer._showAngles()
-        finally:
-            os.chdir(cwd)
-        png = self.tmp / "viewer_angles.png"
-        plotters[0].getFigure().savefig(png)
-        self.assertEqual(png.read_bytes()[:4], b"\x89PNG")
+        self.assertEqual(self._viewerPng(c4, "_showAngles").read_bytes()[:4], b"\x89PNG")
 
     def test_original_relion31_star_matches_imported_coordinates(self):
         info_size = " ".join(str(v) for v in self.manifest["tilt_series"][0]["unbinned_tomogram_shape_zyx"][::-1])

@@ -47,8 +47,13 @@ def data(tmp_path_factory) -> dict[str, str]:
     (folder / "binary.star").write_bytes(bytes(range(256)) * 20)
     (folder / "empty.star").write_text("data_particles\n\nloop_\n_rlnCoordinateX #1\n_rlnCoordinateY #2\n"
                                        "_rlnCoordinateZ #3\n_rlnTomoName #4\n")
+    (folder / "empty_with_optics.star").write_text(
+        "data_optics\n\nloop_\n_rlnOpticsGroup #1\n_rlnImagePixelSize #2\n1 4.0\n\n"
+        "data_particles\n\nloop_\n_rlnTomoName #1\n_rlnCoordinateX #2\n_rlnCoordinateY #3\n_rlnCoordinateZ #4\n"
+        "_rlnOpticsGroup #5\n")
     (folder / "a_file").write_text("not a folder")
     paths |= {"binary": str(folder / "binary.star"), "empty": str(folder / "empty.star"),
+              "empty_with_optics": str(folder / "empty_with_optics.star"),
               "file": str(folder / "a_file")}
     return paths
 
@@ -77,6 +82,9 @@ CASES = [
      "--particles"),
     ("export: empty --particles", lambda d, o: export(d, "--out", o, source=imod(d, particles=d["empty"])),
      "--particles"),
+    ("export: empty --particles with an optics pixel size",
+     lambda d, o: export(d, "--out", o, source=imod(d, particles=d["empty_with_optics"])),
+     "--particles: {empty_with_optics} holds no particles"),
     ("export: missing --particles", lambda d, o: export(d, "--out", o, source=imod(d, particles=o + ".star")),
      "--particles"),
     ("export: --pixel-size-out 0", lambda d, o: export(d, "--out", o, "--pixel-size-out", "0"), "--pixel-size-out"),

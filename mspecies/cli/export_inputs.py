@@ -340,6 +340,8 @@ def _star_poses(path: Path, shape_xyz: tuple[int, int, int], data_pixel: float, 
     try:
         table = read_particle_star(path, coord_pixel_size_angst=flag_pixel,
                                    tomo_shape_px=_shape_at(shape_xyz, data_pixel, guess))
+        if not len(table.poses):
+            return table.poses  # refused by the caller, naming --particles and the file
         found = None if table.coord_pixel_size_angst is None else float(table.coord_pixel_size_angst[0])
     except InputError:
         if flag_pixel is not None:

@@ -1,6 +1,6 @@
 """Outputs that never mix runs nor stay half-written: export into a folder holding an earlier export (refused
-without --overwrite; replaced whole with it), a kill -9, Ctrl-C or SIGTERM mid-export, two runs into one folder, a full disk, a
-read-only folder; intersect and convert replace their outputs only with complete ones."""
+without --overwrite; replaced whole with it), a kill -9, Ctrl-C or SIGTERM mid-export, two runs into one folder, a
+full disk, a read-only folder; intersect and convert replace their outputs only with complete ones."""
 
 from __future__ import annotations
 

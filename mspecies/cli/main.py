@@ -10,8 +10,8 @@ Nothing here imports pyworkflow, pwem or tomo.
 from __future__ import annotations
 
 import argparse
-import json
 import contextlib
+import json
 import math
 import signal
 import sys

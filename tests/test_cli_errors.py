@@ -58,8 +58,10 @@ def data(tmp_path_factory) -> dict[str, str]:
     return paths
 
 
-def imod(data: dict, stack: str | None = None, particles: str | None = None) -> list[str]:
-    return ["--stack", stack or data["stack"], "--tlt", data["tlt"], "--xf", data["xf"], "--defocus", data["defocus"],
+def imod(data: dict, stack: str | None = None, particles: str | None = None, defocus: list[str] | None = None
+         ) -> list[str]:
+    return ["--stack", stack or data["stack"], "--tlt", data["tlt"], "--xf", data["xf"],
+            *(defocus or ["--defocus", data["defocus"]]),
             "--dose", data["dose"], "--particles", particles or data["particles"], "--pixel-size", "4",
             "--tomo-shape", *data["tomo_shape"], "--ts-id", "TS_01"]
 
@@ -87,6 +89,13 @@ CASES = [
      "--particles: {empty_with_optics} holds no particles"),
     ("export: missing --particles", lambda d, o: export(d, "--out", o, source=imod(d, particles=o + ".star")),
      "--particles"),
+    ("export: CTFFIND output given as --defocus",
+     lambda d, o: export(d, "--out", o, source=imod(d, defocus=["--defocus", d["ctffind"]])),
+     "is CTFFIND output (its first line says so), not an IMOD .defocus; pass it as --ctf {ctffind}"),
+    ("export: IMOD .defocus given as --ctf",
+     lambda d, o: export(d, "--out", o, source=imod(d, defocus=["--ctf", d["defocus"]])),
+     "--ctf {defocus} is not CTFFIND output (no '# Output from CTFFIND' header line; an IMOD .defocus goes to "
+     "--defocus)"),
     ("export: --pixel-size-out 0", lambda d, o: export(d, "--out", o, "--pixel-size-out", "0"), "--pixel-size-out"),
     ("export: --n-tilts-by-dose > tilts", lambda d, o: export(d, "--out", o, "--n-tilts-by-dose", "12"),
      "--n-tilts-by-dose"),

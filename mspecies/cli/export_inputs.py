@@ -25,6 +25,7 @@ tilt series').
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -151,14 +152,30 @@ def _alignment(args: argparse.Namespace, n: int, image_yx: tuple[int, int], log:
     return aln.xf, aln.tilt_angles_deg, aln.excluded
 
 
+def _says_ctffind(path: str | Path) -> bool:
+    """Whether the first line of ``path`` is CTFFIND's ``# Output from CTFFIND ...`` header."""
+    with contextlib.suppress(OSError), open(path, encoding="utf-8", errors="replace") as handle:
+        return "ctffind" in handle.readline().lower()
+    return False
+
+
 def _defocus(args: argparse.Namespace, n: int, log: SourceLog):
     """(u, v, angle, phase shift deg, CTFFIND fit or None) from ``--ctf`` or ``--defocus``."""
     from mspecies.formats import ctffind, imod
 
     if (args.ctf is None) == (args.defocus is None):
         raise InputError("--ctf / --defocus: give the defocus as CTFFIND output or an IMOD .defocus (one of them)")
+    if args.defocus is not None and _says_ctffind(args.defocus):
+        raise InputError(f"--defocus {args.defocus} is CTFFIND output (its first line says so), not an IMOD "
+                         f".defocus; pass it as --ctf {args.defocus}")
     if args.ctf is not None:
-        fit = ctffind.read_ctffind(args.ctf)
+        try:
+            fit = ctffind.read_ctffind(args.ctf)
+        except InputError as error:
+            if _says_ctffind(args.ctf):
+                raise
+            raise InputError(f"--ctf {args.ctf} is not CTFFIND output (no '# Output from CTFFIND' header line; an "
+                             f"IMOD .defocus goes to --defocus): {error}") from error
         _count(fit.defocus_u_angst, n, "defocus", f"--ctf {args.ctf}")
         log.info(f"defocus: {n} tilts, {fit.defocus_u_angst.min():.0f}–{fit.defocus_u_angst.max():.0f} Å "
                  f"(from --ctf {args.ctf})")

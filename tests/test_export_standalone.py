@@ -127,6 +127,23 @@ def test_a_bin4_star_is_read_at_its_own_pixel_size(dataset):
     assert _worst_relative_difference(folder / "unbinned_star", reference, folder / "bin4_star", table) <= 1e-4
 
 
+def test_star_tomogram_names_differing_in_case_and_extension_match_the_tilt_series(dataset, capsys):
+    """'ts_01.mrc' in rlnTomoName is TS_01 (as intersect matches names); the sub-tomograms are those of 'TS_01'."""
+    folder, _, files = dataset
+    blocks = starfile.read(files["star"], always_dict=True)
+    particles = blocks["particles"].copy()
+    particles["rlnTomoName"] = "ts_01.mrc"
+    renamed = write_relion31_particles(folder / "lower_case.star", blocks["optics"], particles)
+    arguments = _routes(files)["mdoc_xf_ctffind_star"]
+    arguments[arguments.index(files["star"])] = str(renamed)
+    reference = _export(folder / "names_as_is", _routes(files)["mdoc_xf_ctffind_star"])
+    capsys.readouterr()
+    table = _export(folder / "names_lower_case", arguments)
+    assert "['ts_01.mrc'] of" in capsys.readouterr().out
+    assert len(table) == len(reference) == 4
+    assert _worst_relative_difference(folder / "names_as_is", reference, folder / "names_lower_case", table) == 0
+
+
 @pytest.mark.parametrize(("change", "fragment"), [
     ({"--tomogram": None}, "--tomogram / --tomo-shape: the tomogram size is needed"),
     ({"--xf": None}, "--xf / --aln: give the alignment"),

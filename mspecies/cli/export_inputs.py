@@ -431,6 +431,11 @@ def read_particles(path: str | Path, ts_id: str, tomogram_shape_xyz_px: tuple[in
         raise InputError(f"--particles: {path} holds no particles")
     names = np.array([normalise_tomo_name(str(name)) for name in poses.tomo_names], dtype=object)
     mine = (poses.tomo_names.astype(str) == ts_id) | (names == normalise_tomo_name(ts_id))
+    if not np.any(mine):  # as intersect matches names: ignoring case when nothing matches otherwise
+        mine = np.array([name.lower() for name in names]) == normalise_tomo_name(ts_id).lower()
+        if np.any(mine):
+            log.info(f"particles: tomogram name(s) {sorted(set(poses.tomo_names[mine].astype(str)))[:5]} of {path} "
+                     f"taken as {ts_id!r} (ignoring case)")
     if not np.any(mine):
         raise InputError(f"--particles: no particle of {path} belongs to tomogram {ts_id!r} "
                          f"(names found: {sorted(set(poses.tomo_names.astype(str)))[:5]}; --ts-id to name it)")

@@ -96,6 +96,12 @@ CASES = [
      lambda d, o: export(d, "--out", o, source=imod(d, defocus=["--ctf", d["defocus"]])),
      "--ctf {defocus} is not CTFFIND output (no '# Output from CTFFIND' header line; an IMOD .defocus goes to "
      "--defocus)"),
+    ("export: --shift NaN", lambda d, o: export(d, "--out", o, "--shift", "nan", "0", "0"),
+     "--shift: expected three finite shifts"),
+    ("export: --box odd", lambda d, o: export(d, "--out", o, "--box", "23"), "--box (box_px): expected an even"),
+    ("export: --n-tilts-by-dose 0", lambda d, o: export(d, "--out", o, "--n-tilts-by-dose", "0"),
+     "--n-tilts-by-dose (n_tilts_by_dose)"),
+    ("export: --max-batch 0", lambda d, o: export(d, "--out", o, "--max-batch", "0"), "--max-batch (max_batch)"),
     ("export: --pixel-size-out 0", lambda d, o: export(d, "--out", o, "--pixel-size-out", "0"), "--pixel-size-out"),
     ("export: --n-tilts-by-dose > tilts", lambda d, o: export(d, "--out", o, "--n-tilts-by-dose", "12"),
      "--n-tilts-by-dose"),

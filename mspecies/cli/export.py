@@ -261,17 +261,22 @@ def load_inputs(args: argparse.Namespace) -> list[tuple[TiltSeriesData, Particle
 
 def export_options(args: argparse.Namespace, data_pixel_angst: float):  # noqa: ANN201 (lazy import)
     """:class:`~mspecies.core.reconstruct.ExportOptions` from the command line."""
+    from mspecies.cli.export_checks import with_flag
     from mspecies.core.reconstruct import ExportOptions
 
-    return ExportOptions(
-        output_pixel_size_angst=args.pixel_size_out or data_pixel_angst, box_px=args.box,
-        particle_diameter_angst=args.diameter, mode=args.mode, shift_angst=tuple(args.shift),
-        prerotate=args.prerotate or args.mode == "series", n_tilts_by_dose=args.n_tilts_by_dose,
-        invert_contrast=not args.no_invert, normalize_input=not args.no_normalize_input,
-        normalize_output=not args.no_normalize_output, sparse_ctf=args.sparse_ctf, ctf_layout=args.ctf_layout,
-        ctf_method=args.ctf_method,
-        defocus_gradient_sign=args.defocus_gradient_sign, apply_ctf=not args.no_ctf, backend=args.backend,
-        memory_budget_bytes=None if args.memory_gb is None else int(args.memory_gb * 1e9), max_batch=args.max_batch)
+    try:
+        return ExportOptions(
+            output_pixel_size_angst=args.pixel_size_out or data_pixel_angst, box_px=args.box,
+            particle_diameter_angst=args.diameter, mode=args.mode, shift_angst=tuple(args.shift),
+            prerotate=args.prerotate or args.mode == "series", n_tilts_by_dose=args.n_tilts_by_dose,
+            invert_contrast=not args.no_invert, normalize_input=not args.no_normalize_input,
+            normalize_output=not args.no_normalize_output, sparse_ctf=args.sparse_ctf, ctf_layout=args.ctf_layout,
+            ctf_method=args.ctf_method,
+            defocus_gradient_sign=args.defocus_gradient_sign, apply_ctf=not args.no_ctf, backend=args.backend,
+            memory_budget_bytes=None if args.memory_gb is None else int(args.memory_gb * 1e9),
+            max_batch=args.max_batch)
+    except InputError as error:  # core names its fields (box_px: ...); name the flag too
+        raise with_flag(error) from error
 
 
 # ----------------------------------------------------------------------------------------------- run

@@ -62,6 +62,8 @@ def check_export_arguments(args: argparse.Namespace) -> None:
                          f"got {args.pixel_size_out:g}")
     if not (args.diameter > 0 and math.isfinite(args.diameter)):
         raise InputError(f"--diameter: expected a diameter > 0 Å, got {args.diameter:g}")
+    if not all(math.isfinite(value) for value in args.shift):
+        raise InputError(f"--shift: expected three finite shifts in Å, got {' '.join(f'{v:g}' for v in args.shift)}")
     if args.min_visible_tilts < 1:
         raise InputError(f"--min-visible-tilts: expected an integer >= 1, got {args.min_visible_tilts}")
     if args.memory_gb is not None:

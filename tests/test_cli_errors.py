@@ -81,7 +81,7 @@ CASES = [
     ("export: --out is a file", lambda d, o: export(d, "--out", d["file"]), "--out"),
     ("export: --out under a file", lambda d, o: export(d, "--out", d["file"] + "/out"), "is a file"),
     ("export: binary --particles", lambda d, o: export(d, "--out", o, source=imod(d, particles=d["binary"])),
-     "--particles"),
+     "error: --particles: {binary} is not a text file"),
     ("export: empty --particles", lambda d, o: export(d, "--out", o, source=imod(d, particles=d["empty"])),
      "--particles"),
     ("export: empty --particles with an optics pixel size",

@@ -425,6 +425,8 @@ def read_particles(path: str | Path, ts_id: str, tomogram_shape_xyz_px: tuple[in
                 return _text_poses(path, ts_id, tomogram_shape_xyz_px, data_pixel_angst, pixel, log)
             poses = _star_poses(path, tomogram_shape_xyz_px, data_pixel_angst, coords_pixel_angst, fallback, log)
     except InputError as error:
+        if str(error).startswith("--particles"):
+            raise
         named = "--particles" if str(path) in str(error) else f"--particles {path}"
         raise InputError(f"{named}: {error}") from error
     if not len(poses):

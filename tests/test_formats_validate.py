@@ -5,7 +5,7 @@ import pytest
 
 from mspecies.common.types import InputError
 from mspecies.convert.files import read_defocus_array, read_xf_array
-from mspecies.formats import ctffind, imod, validate
+from mspecies.formats import aretomo, ctffind, dose, imod, serialem, validate
 
 
 def _write(tmp_path, name, text):
@@ -35,6 +35,32 @@ def test_readers_refuse_bad_values_with_file_and_line(tmp_path, name, text, read
     with pytest.raises(InputError, match=fragment) as error:
         reader(path)
     assert str(path) in str(error.value)
+
+
+@pytest.mark.parametrize("reader", [imod.read_tlt, imod.read_xf, imod.read_imod_defocus, ctffind.read_ctffind,
+                                    serialem.read_mdoc, aretomo.read_aln, dose.read_dose_list],
+                         ids=lambda reader: f"{reader.__module__.rsplit('.', 1)[-1]}.{reader.__name__}")
+def test_text_readers_refuse_a_binary_file_as_not_text(tmp_path, reader):
+    """A binary file (an MRC, a TIFF) given where text is expected is named as such, not as 'line 1: expected 6
+    columns, got 3: <garbage bytes>'."""
+    path = tmp_path / "binary.txt"
+    path.write_bytes(bytes(range(256)) * 20)
+    with pytest.raises(InputError, match="not a text file") as error:
+        reader(path)
+    assert str(path) in str(error.value) and "\ufffd" not in str(error.value)
+
+
+def test_a_stray_non_utf8_character_in_a_text_file_is_still_read(tmp_path):
+    path = tmp_path / "dose.txt"
+    path.write_bytes(b"# accumulated dose in e/\xc5\xb2 (Windows-1252)\n3.0\n6.0\n9.0\n")
+    assert dose.read_dose_list(path, "accumulated").accumulated_e_per_angst2.tolist() == [3.0, 6.0, 9.0]
+
+
+def test_a_non_finite_matrix_is_named_on_one_line(tmp_path):
+    path = _write(tmp_path, "a.xf", "1 0 0 1 0 0\nnan nan nan nan 0 0\n")
+    with pytest.raises(InputError) as error:
+        imod.read_xf(path)
+    assert "\n" not in str(error.value) and "line 2" in str(error.value)
 
 
 @pytest.mark.parametrize(("check", "value", "fragment"), [

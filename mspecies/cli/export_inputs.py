@@ -172,7 +172,7 @@ def _defocus(args: argparse.Namespace, n: int, log: SourceLog):
         try:
             fit = ctffind.read_ctffind(args.ctf)
         except InputError as error:
-            if _says_ctffind(args.ctf):
+            if _says_ctffind(args.ctf) or "not a text file" in str(error):
                 raise
             raise InputError(f"--ctf {args.ctf} is not CTFFIND output (no '# Output from CTFFIND' header line; an "
                              f"IMOD .defocus goes to --defocus): {error}") from error

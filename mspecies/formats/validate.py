@@ -41,7 +41,7 @@ def check_finite(values: np.ndarray, what: str, source: str, lines: Sequence[int
     bad = ~np.isfinite(array.reshape(array.shape[0], -1)).all(axis=1) if array.ndim else ~np.isfinite(array[None])
     if np.any(bad):
         index = int(np.flatnonzero(bad)[0])
-        raise InputError(f"{_where(source, lines, index)}: {what} is not a finite number ({array[index]})")
+        raise InputError(f"{_where(source, lines, index)}: {what} is not a finite number ({array[index].tolist()})")
     return array
 
 

@@ -46,7 +46,8 @@ def test_prior_and_own_dose_with_a_header_line_and_comments(tmp_path):
 
 def test_tilt_column_that_disagrees_with_the_tilt_angles_is_refused(tmp_path):
     path = dose.write_tilt_dose(tmp_path / "d.txt", ANGLES[::-1] + 1.0, ACCUMULATED)
-    with pytest.raises(InputError, match=r"line 1: .* nor the tilt angle of that image in TS.tlt .*stack order"):
+    with pytest.raises(InputError, match=r"line 4: -2 in the first column .* nor the tilt angle of that image in "
+                                         r"TS.tlt \(3°\)"):
         dose.read_dose_list(path, tilt_angles_deg=ANGLES, tilt_source="TS.tlt")
 
 

@@ -8,6 +8,7 @@ rounding), and the same as the manifest's ground-truth geometry within the files
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -238,3 +239,21 @@ def test_aretomo_excluded_views_are_left_out_and_their_tilt_taken_from_the_mdoc(
     assert "11 views, 2 excluded (from --aln" in log and "2 value(s) of views" in log and len(table) == 4
     full = _export(tmp_path / "full", _routes(files)["aln_mdoc_imod_star_shape"])
     assert _worst_relative_difference(tmp_path / "full", full, tmp_path / "out", table) > 1e-3
+
+
+def test_a_dose_list_out_of_stack_order_without_mdoc_is_warned_about(dataset, tmp_path, capsys):
+    """Without an mdoc the acquisition order is unknown and the dose cannot be checked against it: rows out of
+    stack order (here shifted by two rows) are exported with a warning naming the images; the list in order gives
+    none."""
+    folder, _, files = dataset
+    lines = Path(files["dose"]).read_text().splitlines()
+    shifted_rows = tmp_path / "dose_shifted.txt"
+    shifted_rows.write_text("\n".join(lines[:1] + lines[3:] + lines[1:3]) + "\n")
+    route = _routes(files)["tlt_dose_xf_imod_text"]
+    _export(folder / "dose_in_order", route)
+    assert "does not grow away" not in capsys.readouterr().err
+    route[route.index(files["dose"])] = str(shifted_rows)
+    _export(folder / "dose_shifted", route)
+    err = capsys.readouterr().err
+    assert "warning: accumulated dose does not grow away from the first-acquired tilt" in err
+    assert "are the dose rows in stack order?" in err

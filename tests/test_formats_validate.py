@@ -119,3 +119,29 @@ def test_scipion_importers_use_the_same_checked_readers(tmp_path):
     aln = _write(tmp_path, "a.aln", "# SEC ROT GMAG TX TY SMEAN SFIT SCALE BASE TILT\n"
                  "    0    90.0    1.0    2.0    0.0    1.0    1.0    1.0    0.0    0.0\n")
     np.testing.assert_allclose(read_xf_array(aln), [[[0.0, 1.0, 0.0], [-1.0, 0.0, 2.0]]], atol=1e-12)
+
+
+ANGLES_41 = np.arange(-60.0, 61.0, 3.0)
+
+
+def _scheme_dose(acquired_angles: list[float]) -> np.ndarray:
+    """Accumulated dose (3 e/Å² per tilt) per image of ANGLES_41 (stack order) for an acquisition order."""
+    rank = {angle: i for i, angle in enumerate(acquired_angles)}
+    return np.array([3.0 * (rank[angle] + 1) for angle in ANGLES_41])
+
+
+@pytest.mark.parametrize("acquired", [
+    list(ANGLES_41),                                                             # unidirectional
+    [a for a in ANGLES_41 if a >= -21] + [a for a in ANGLES_41 if a < -21][::-1],  # bidirectional from -21°
+    [0.0] + [s * a for a in np.arange(3.0, 61.0, 3.0) for s in (1, -1)],         # dose-symmetric
+    [0.0] + [s * a for b in np.arange(3.0, 61.0, 6.0) for s in (1, -1) for a in (b, b + 3)],  # grouped (2/side)
+], ids=["unidirectional", "bidirectional", "dose-symmetric", "grouped-dose-symmetric"])
+def test_dose_of_usual_acquisition_schemes_grows_away_from_the_start(acquired):
+    assert sorted(acquired) == list(ANGLES_41)
+    assert validate.dose_not_growing_outward(ANGLES_41, _scheme_dose(acquired)) == []
+
+
+def test_a_dose_list_out_of_stack_order_does_not_grow_away_from_the_start():
+    dose = _scheme_dose([0.0] + [s * a for a in np.arange(3.0, 61.0, 3.0) for s in (1, -1)])
+    shuffled = np.random.default_rng(0).permutation(dose)
+    assert validate.dose_not_growing_outward(ANGLES_41, shuffled)

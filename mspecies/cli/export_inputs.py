@@ -209,6 +209,12 @@ def _dose_and_order(args: argparse.Namespace, n: int, mdoc: dict | None, angles:
     if order is None:
         order = np.argsort(np.argsort(accumulated, kind="stable"), kind="stable")
         log.info("acquisition order: by accumulated dose (no --mdoc)")
+        odd = validate.dose_not_growing_outward(angles, accumulated)
+        if odd:
+            log.warn(f"accumulated dose does not grow away from the first-acquired tilt on each side at image(s) "
+                     f"{[i + 1 for i in odd][:10]} (1-based, stack order; tilt angles from {angle_source}), as no "
+                     "usual acquisition scheme gives: are the dose rows in stack order? --mdoc checks the dose "
+                     "against the acquisition order")
     else:
         log.info(f"acquisition order: from {order_source}")
     return accumulated, order

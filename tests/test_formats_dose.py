@@ -116,6 +116,17 @@ def test_mdoc_tilts_give_dose_order_and_optics(tmp_path):
     assert serialem.read_mdoc_tilts(_mdoc(tmp_path, sections))["accumulated_dose_e_per_angst2"] is None
 
 
+def test_an_mdoc_of_a_sorted_stack_without_datetime_takes_the_acquisition_order_from_prior_record_dose(tmp_path):
+    """Sections in stack (angle) order without DateTime: PriorRecordDose gives the order, not the section order
+    (which refused the dose as 'below that of the tilt acquired before it')."""
+    sections = [{"ZValue": z, "TiltAngle": a, "ExposureDose": 3.0, "PriorRecordDose": 3.0 * int(ORDER[z])}
+                for z, a in enumerate(ANGLES)]
+    tilts = serialem.read_mdoc_tilts(_mdoc(tmp_path, sections))
+    np.testing.assert_array_equal(tilts["acquisition_order"], ORDER)
+    np.testing.assert_allclose(tilts["accumulated_dose_e_per_angst2"], ACCUMULATED)
+    assert "PriorRecordDose (no DateTime)" in tilts["order_source"]
+
+
 @pytest.mark.parametrize(("change", "fragment"), [
     ({"ExposureDose": -3.0}, r"ExposureDose, entry 3: dose -3 e/A\^2 is negative"),
     ({"TiltAngle": "nan"}, "tilt angle is not a finite number"),

@@ -217,3 +217,17 @@ def test_convert_leaves_no_file_when_it_fails(tmp_path, capsys):
     assert main(["convert", str(source), "--to", "3.1", str(output)]) == 2  # no pixel size: refused
     assert "Traceback" not in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.star"]
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["plain", "overwrite"])
+def test_an_export_into_the_folder_of_its_particles_star_never_replaces_that_input(two_tomograms, overwrite,
+                                                                                 capsys):
+    """The synthetic folder holds the input ``particles.star``: exporting into it was refused as 'an earlier
+    export' and, with --overwrite, replaced the user's input STAR by the export's. Refused either way now."""
+    star = two_tomograms.parent / "particles.star"
+    before = star.read_bytes()
+    argv = EXPORT + ["--manifest", str(two_tomograms), "--particles", str(star), "--out", str(star.parent)]
+    assert main(argv + overwrite) == 2
+    err = capsys.readouterr().err
+    assert f"which is its input --particles {star}" in err and "choose another --out folder" in err
+    assert star.read_bytes() == before and not (star.parent / LOCK_NAME).exists()

@@ -293,3 +293,18 @@ def test_a_voltage_in_volts_is_refused_by_intersect_and_convert(tmp_path, capsys
                      *map(str, SHAPE), *optics])
     assert code == 2 and "--voltage: voltage 300000 looks like volts" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "b.star").exists()
+
+
+def test_an_input_that_the_intersection_would_replace_is_refused(tmp_path, capsys):
+    """Intersecting the selected.star of an earlier run again into the same --out would overwrite that input."""
+    positions = np.array([[0.0, 0.0, 0.0], [200.0, 0.0, 0.0]])
+    names = np.array(["TS_01", "TS_01"])
+    write_star(tmp_path / "old.star", positions, names)
+    write_star(tmp_path / "new.star", positions + 1.0, names)
+    out = tmp_path / "out"
+    assert run_cli(tmp_path / "old.star", tmp_path / "new.star", out, 10) == 0
+    before = (out / "selected.star").read_bytes()
+    capsys.readouterr()
+    assert run_cli(out / "selected.star", tmp_path / "new.star", out, 10) == 2
+    assert f"which is its input --old {out / 'selected.star'}" in capsys.readouterr().err
+    assert (out / "selected.star").read_bytes() == before

@@ -494,6 +494,11 @@ def intersect_star_files(old_path: str | Path, new_path: str | Path, tolerance_a
         raise InputError(f"--keep: choose at least one of {list(KEEP_CHOICES)}")
     check_intersect_parameters(tolerance_angst, n_bins, histogram_radius_angst)
     check_output_folder(out_dir, "--out")
+    written = {(Path(out_dir) / name).resolve(): Path(out_dir) / name for name in OUTPUT_FILES}
+    for flag, path in (("--old", old_path), ("--new", new_path)):
+        if Path(path).resolve() in written:
+            raise InputError(f"--out: the intersection writes {written[Path(path).resolve()]}, which is its input "
+                             f"{flag} {path}; choose another --out folder (or move the input)")
     old = read_star_input(old_path, old_dialect, role="--old", coord_pixel_size_angst=coord_pixel_size_angst,
                           tomo_shape_px=tomo_shape_px)
     new = read_star_input(new_path, new_dialect, role="--new", coord_pixel_size_angst=coord_pixel_size_angst,

@@ -257,3 +257,16 @@ def test_a_dose_list_out_of_stack_order_without_mdoc_is_warned_about(dataset, tm
     err = capsys.readouterr().err
     assert "warning: accumulated dose does not grow away from the first-acquired tilt" in err
     assert "are the dose rows in stack order?" in err
+
+
+def test_an_mdoc_without_datetime_or_prior_dose_warns_that_section_order_is_assumed(dataset, tmp_path, capsys):
+    """ExposureDose alone is summed in the section order, wrong for a stack sorted by angle: warned, not silent."""
+    folder, _, files = dataset
+    text = Path(files["mdoc"]).read_text().splitlines()
+    stripped = tmp_path / "TS_01.mrc.mdoc"
+    stripped.write_text("\n".join(line for line in text if not line.startswith(("DateTime", "PriorRecordDose")))
+                        + "\n")
+    route = _routes(files)["mdoc_xf_ctffind_star"]
+    route[route.index(files["mdoc"])] = str(stripped)
+    _export(folder / "mdoc_exposure_only", route)
+    assert "neither DateTime nor PriorRecordDose; taken as its section order" in capsys.readouterr().err

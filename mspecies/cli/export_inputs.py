@@ -215,6 +215,9 @@ def _dose_and_order(args: argparse.Namespace, n: int, mdoc: dict | None, angles:
                      f"{[i + 1 for i in odd][:10]} (1-based, stack order; tilt angles from {angle_source}), as no "
                      "usual acquisition scheme gives: are the dose rows in stack order? --mdoc checks the dose "
                      "against the acquisition order")
+    elif order_source.endswith("section order"):
+        log.warn(f"acquisition order: {args.mdoc} has neither DateTime nor PriorRecordDose; taken as its section "
+                 "order (ZValue), which is wrong for a stack sorted by tilt angle (the dose is summed in this order)")
     else:
         log.info(f"acquisition order: from {order_source}")
     return accumulated, order

@@ -244,9 +244,25 @@ def test_bad_files(pair, capsys):
     (folder / "broken.star").write_text(text)
     assert run_cli(folder / "old.star", folder / "broken.star", folder / "out", 5.0) == 2
     assert "broken.star" in (err := capsys.readouterr().err) and "rlnCoordinateZ" in err
-    assert main(["intersect", "--old", str(folder / "old.star"), "--new", str(folder / "new.star"),
+    old_pos, names = grid_positions(4)
+    write_star(folder / "centred.star", old_pos, names, dialect="5")
+    assert main(["intersect", "--old", str(folder / "old.star"), "--new", str(folder / "centred.star"),
                  "--tolerance-angst", "5", "--out", str(folder / "out")]) == 2
-    assert "tomogram size" in capsys.readouterr().err
+    assert "tomogram size" in (err := capsys.readouterr().err) and "centre" in err
+
+
+def test_two_corner_based_files_intersect_without_a_tomogram_size(pair, capsys):
+    """Same tomograms, same corner frame: the size cannot change the result, so none is asked for."""
+    folder, _, _ = pair
+    args = ["intersect", "--old", str(folder / "old.star"), "--new", str(folder / "new.star"),
+            "--tolerance-angst", "5"]
+    assert main([*args, "--out", str(folder / "plain")]) == 0
+    assert run_cli(folder / "old.star", folder / "new.star", folder / "sized", 5.0) == 0
+    plain, sized = (json.loads((folder / d / "summary.json").read_text()) for d in ("plain", "sized"))
+    assert [plain[k] for k in ("in_both", "only_old", "only_new")] == [sized[k] for k in ("in_both", "only_old",
+                                                                                           "only_new")]
+    for stem in ("only_old", "in_both", "only_new", "selected"):
+        assert (folder / "plain" / f"{stem}.star").read_text() == (folder / "sized" / f"{stem}.star").read_text()
 
 
 def test_no_common_tomogram_is_an_error(pair, capsys):

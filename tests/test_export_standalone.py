@@ -184,7 +184,7 @@ def test_ambiguous_dose_list_is_refused_and_the_layout_can_be_told(dataset, tmp_
 
 @pytest.mark.parametrize(("name", "text", "fragment"), [
     ("particles.txt", "10 10 10\n12 12\n", "{path}, line 2: expected 3 columns"),
-    ("empty.star", "data_optics\n\nloop_\n_rlnOpticsGroup #1\n1\n", "--particles {path}: no data_particles block"),
+    ("empty.star", "data_optics\n\nloop_\n_rlnOpticsGroup #1\n1\n", "--particles: {path}: no data_particles block"),
 ])
 def test_bad_particle_files_name_the_flag_file_and_line(dataset, tmp_path, capsys, name, text, fragment):
     _, _, files = dataset

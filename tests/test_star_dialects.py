@@ -15,7 +15,7 @@ from mspecies.cli import main
 from mspecies.common.types import InputError, Microscope
 from mspecies.core.geometry import euler_to_matrix
 from mspecies.formats.star import StarBlock, read_star_text, write_star_text
-from mspecies.formats.star_dialects import Dialect, read_particle_star
+from mspecies.formats.star_dialects import Dialect, PositionFrame, read_particle_star
 from mspecies.formats.star_write import write_particle_star
 
 PIXEL = 2.5
@@ -236,8 +236,13 @@ def test_missing_pixel_size_and_tomo_size(tmp_path):
         read(tmp_path / "a.star")
     table = read(tmp_path / "a.star", coord_pixel_size_angst=2.0)
     assert table.coord_pixel_size_angst[0] == 2.0
-    with pytest.raises(InputError, match="tomogram size"):
-        read_particle_star(tmp_path / "a.star", coord_pixel_size_angst=2.0)
+    corner = read_particle_star(tmp_path / "a.star", coord_pixel_size_angst=2.0)  # no size: from the corner
+    assert corner.frame == PositionFrame.CORNER and corner.tomo_shape_px is None
+    np.testing.assert_allclose(corner.poses.positions_angst, table.poses.positions_angst +
+                               np.array(SHAPE) // 2 * 2.0)
+    write_particle_star(corner, tmp_path / "b.star", Dialect.RELION31, microscope=SCOPE)  # corner to corner
+    with pytest.raises(InputError, match="tomogram size.*--tomo-size"):
+        write_particle_star(corner, tmp_path / "c.star", Dialect.RELION5)
     write_example(tmp_path / "m.star", Dialect.M_SPECIES, _base(3, np.random.default_rng(0)))
     with pytest.raises(InputError, match="coordinate pixel size is missing"):
         read(tmp_path / "m.star")
@@ -281,6 +286,20 @@ def test_writer_requires_microscope_for_relion31(tmp_path):
         write_particle_star(table, tmp_path / "b.star", Dialect.RELION31)
     write_particle_star(table, tmp_path / "b.star", Dialect.RELION31, microscope=Microscope(200.0, 2.0, 0.1))
     assert read_star_text(tmp_path / "b.star")[0]["optics"].table["rlnVoltage"].tolist() == ["200.000000"]
+
+
+def test_written_back_in_its_own_layout_a_file_needs_no_microscope(tmp_path):
+    """Warp-written 3.1 files lack rlnAmplitudeContrast: written back as 3.1 they keep exactly their optics."""
+    write_example(tmp_path / "a.star", Dialect.RELION31, _base(4, np.random.default_rng(7)))
+    blocks, _ = read_star_text(tmp_path / "a.star")
+    blocks["optics"].table = blocks["optics"].table.drop(columns=["rlnAmplitudeContrast"])
+    write_star_text(tmp_path / "a.star", list(blocks.values()))
+    table = read(tmp_path / "a.star")
+    write_particle_star(table, tmp_path / "b.star")
+    assert list(read_star_text(tmp_path / "b.star")[0]["optics"].table.columns) == list(
+        blocks["optics"].table.columns)
+    with pytest.raises(InputError, match="rlnAmplitudeContrast"):
+        write_particle_star(table, tmp_path / "c.star", Dialect.RELION30)
 
 
 def test_cli_convert(tmp_path, capsys):
@@ -360,3 +379,77 @@ def test_take_keeps_rows_aligned(tmp_path):
     assert part.extras["myScore"].tolist() == table.extras["myScore"].to_numpy()[part.source_row].tolist()
     write_particle_star(part, tmp_path / "b.star")
     assert_same_particles(part, read(tmp_path / "b.star"))
+
+
+def test_warptools_export_coordinates_are_in_particle_pixels(tmp_path):
+    """WarpTools ts_export_particles (rlnTomoName *.tomostar, optics with rlnTomoSubtomogramBinning): coordinates
+    at rlnImagePixelSize, not rlnTomoTiltSeriesPixelSize; written back as RELION 4 the optics stay as read."""
+    optics = pd.DataFrame({"rlnOpticsGroup": ["1"], "rlnOpticsGroupName": ["opticsGroup1"],
+                           "rlnTomoTiltSeriesPixelSize": ["1.66700"], "rlnTomoSubtomogramBinning": ["7.19856"],
+                           "rlnImagePixelSize": ["12.00000"], "rlnVoltage": ["300.000"]})
+    particles = pd.DataFrame({"rlnTomoName": ["TS_1.tomostar"] * 2, "rlnCoordinateX": ["100.000", "400.000"],
+                              "rlnCoordinateY": ["50.000", "60.000"], "rlnCoordinateZ": ["20.000", "90.000"],
+                              "rlnOpticsGroup": ["1", "1"]})
+    write_star_text(tmp_path / "w.star", [StarBlock("optics", optics), StarBlock("particles", particles)])
+    table = read_particle_star(tmp_path / "w.star")
+    np.testing.assert_allclose(table.poses.positions_angst, particles.filter(like="Coordinate").astype(float) * 12)
+    write_particle_star(table, tmp_path / "b.star")
+    assert read_star_text(tmp_path / "b.star")[0]["optics"].table.astype(str).to_dict("list") == optics.to_dict("list")
+    renamed = particles.assign(rlnTomoName=["TS_1"] * 2)  # RELION's own names: tilt-series pixels
+    write_star_text(tmp_path / "r.star", [StarBlock("optics", optics), StarBlock("particles", renamed)])
+    np.testing.assert_allclose(read_particle_star(tmp_path / "r.star").coord_pixel_size_angst, 1.667)
+
+
+def test_coordinates_given_as_fractions_of_the_tomogram_are_refused(tmp_path):
+    frame = {k: v for k, v in GOOD.items() if k != "rlnOpticsGroup"}
+    frame |= {"rlnMicrographName": ["TS_1.tomostar"] * 2, "rlnCoordinateX": [0.25, 0.5], "rlnCoordinateY": [0.1, 1.0],
+              "rlnCoordinateZ": [0.0, 0.3]}
+    write_star_text(tmp_path / "f.star", [StarBlock("", pd.DataFrame(frame))])
+    with pytest.raises(InputError, match=r"f.star.*within \[0, 1\]: these are fractions"):
+        read_particle_star(tmp_path / "f.star", coord_pixel_size_angst=10.0)
+
+
+def test_every_flag_named_in_a_star_message_exists_on_the_commands():
+    """One spelling per concept: each ``--flag`` the STAR layer's messages name is an option of convert or
+    intersect (the commands that read and write particle STARs)."""
+    import argparse
+    import inspect
+    import re
+
+    from mspecies.cli import convert, intersect_files
+    from mspecies.cli.main import build_parser
+    from mspecies.formats import star, star_dialects, star_write
+
+    text = "".join(inspect.getsource(m) for m in (star, star_dialects, star_write, intersect_files, convert))
+    named = set(re.findall(r"--[a-z][a-z-]+[a-z](?![\w-])", text)) - {"--to", "--from"}  # not WarpTools' a_b
+    commands = build_parser()._subparsers._group_actions[0].choices  # noqa: SLF001
+    options = {flag for name in ("convert", "intersect") for action in commands[name]._actions  # noqa: SLF001
+               if not isinstance(action, argparse._HelpAction) for flag in action.option_strings}  # noqa: SLF001
+    assert named and named <= options, sorted(named - options)
+    assert {"--coord-pixel-size-angst", "--tomo-size", "--tomo-sizes"} <= {
+        f for a in commands["convert"]._actions for f in a.option_strings} & {  # noqa: SLF001
+        f for a in commands["intersect"]._actions for f in a.option_strings}  # noqa: SLF001
+
+
+def test_pixel_size_message_names_the_pixel_columns_the_file_carries(tmp_path):
+    frame = {k: v for k, v in GOOD.items() if k != "rlnOpticsGroup"} | {"rlnTomoName": ["TS_01"] * 2}
+    optics = pd.DataFrame({"rlnOpticsGroup": ["1"], "rlnImagePixelSize": ["3.5"]})
+    write_star_text(tmp_path / "p.star", [StarBlock("optics", optics),
+                                          StarBlock("particles", pd.DataFrame(frame | {"rlnOpticsGroup": [1, 1]}))])
+    with pytest.raises(InputError, match=r"p.star.*--coord-pixel-size-angst") as error:
+        read_particle_star(tmp_path / "p.star", Dialect.RELION4)
+    assert "data_optics rlnImagePixelSize 3.5" in str(error.value)
+
+
+def test_a_carried_pixel_size_column_follows_a_new_coordinate_grid_in_relion30(tmp_path):
+    """Warp's rlnPixelSize is carried as written while it agrees with the grid, replaced where it would not."""
+    frame = {k: v for k, v in GOOD.items() if k != "rlnOpticsGroup"} | {
+        "rlnMagnification": ["10000.0"] * 2, "rlnDetectorPixelSize": ["5.36400"] * 2, "rlnPixelSize": ["5.36400"] * 2,
+        "rlnVoltage": ["300"] * 2, "rlnSphericalAberration": ["2.7"] * 2, "rlnAmplitudeContrast": ["0.1"] * 2}
+    write_star_text(tmp_path / "w.star", [StarBlock("", pd.DataFrame(frame))])
+    table = read_particle_star(tmp_path / "w.star")
+    write_particle_star(table, tmp_path / "same.star")
+    assert read_star_text(tmp_path / "same.star")[0][""].table["rlnPixelSize"].tolist() == ["5.36400"] * 2
+    write_particle_star(table, tmp_path / "binned.star", coord_pixel_size_angst=10.728)
+    rows = read_star_text(tmp_path / "binned.star")[0][""].table
+    assert rows["rlnPixelSize"].tolist() == rows["rlnDetectorPixelSize"].tolist() == ["10.728000"] * 2

@@ -50,3 +50,15 @@ def test_parse_mapping_errors():
         parse_name_mapping("a=b, a=c")
     with pytest.raises(InputError, match="not among the tilt series"):
         match_tomo_names(["a"], ["TS_01"], {"a": "TS_99"})
+
+
+def test_numeric_warp_names_match_the_ts_ids_scipion_gives_them():
+    """Scipion's importers prefix a ts id that starts with a digit with ``TS_`` (tomo normalizeTSId)."""
+    from mspecies.formats.tomo_names import scipion_ts_id
+
+    assert scipion_ts_id("/a/b/0243_12.23Apx.mrc") == "TS_0243"
+    assert scipion_ts_id("021.tomostar") == "TS_021"
+    assert scipion_ts_id("tomo-ts01.mrc_15.00Apx.mrc") == "tomo_ts01"
+    report = match_tomo_names(["0243_12.23Apx.mrc", "1006", "TS_01.tomostar"], ["TS_0243", "TS_1006", "TS_01"])
+    assert report.matches == {"0243_12.23Apx.mrc": "TS_0243", "1006": "TS_1006", "TS_01.tomostar": "TS_01"}
+    assert report.methods["1006"] == "Scipion ts id"

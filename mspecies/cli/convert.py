@@ -46,10 +46,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--to", required=True, choices=DIALECTS, help="output dialect")
     parser.add_argument("output", help="output particle STAR")
     parser.add_argument("--from", dest="from_dialect", choices=DIALECTS, help="input dialect (default: detected)")
-    parser.add_argument("--coord-pixel-size", type=float, help="Å/px of the coordinates, if the file lacks it")
+    parser.add_argument("--coord-pixel-size-angst", type=float,
+                        help="Å/px of the coordinates, for a file that does not carry it")
     sizes = parser.add_mutually_exclusive_group()
     sizes.add_argument("--tomo-size", type=int, nargs=3, metavar=("NX", "NY", "NZ"),
-                       help="tomogram size in px at the coordinate pixel size (corner-based dialects)")
+                       help="tomogram size in px at the coordinate pixel size; only needed where coordinates from the "
+                            "tomogram corner (3.0, 3.1, 4, warp3d, warp) meet centred ones (RELION 5)")
     sizes.add_argument("--tomo-sizes", help="file with one 'name NX NY NZ' line per tomogram")
     add_microscope_arguments(parser)
 
@@ -88,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.input).is_file():
         raise InputError(f"input: {args.input} not found")
     with reading_text("input", args.input):
-        table = read_particle_star(args.input, args.from_dialect, coord_pixel_size_angst=args.coord_pixel_size,
+        table = read_particle_star(args.input, args.from_dialect, coord_pixel_size_angst=args.coord_pixel_size_angst,
                                    tomo_shape_px=shapes)
     output_folder(output.parent, "output")
     with atomic_file(output) as temporary:

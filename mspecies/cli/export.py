@@ -35,7 +35,7 @@ Three ways to give the input (no Scipion needed):
    Which file wins where several give a value: :mod:`mspecies.cli.export_inputs`.
 
 Particles STAR: any dialect of :func:`mspecies.formats.star_dialects.read_particle_star` (RELION 3.0/3.1/4/5, Warp,
-M); corner-based coordinates are in pixels at the file's pixel size, else ``--coords-pixel-size`` (default: the
+M); corner-based coordinates are in pixels at the file's pixel size, else ``--coord-pixel-size-angst`` (default: the
 ``--tomogram``'s pixel size, else the tilt series'), origins subtracted, angles 0 if absent. Rows belong to the tilt
 series whose name equals the tomogram name, or its normalised form (``/a/TS_01.mrc`` → ``TS_01``).
 
@@ -102,8 +102,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "'x y z [rot tilt psi]' in pixels from the tomogram corner")
     source.add_argument("--pixel-size", type=float,
                         help="tilt-series pixel size (A; default: the stack header, else the mdoc, else CTFFIND)")
-    source.add_argument("--coords-pixel-size", type=float,
-                        help="pixel size of the particle coordinates (A; default: the STAR file's own "
+    source.add_argument("--coord-pixel-size-angst", "--coords-pixel-size", dest="coords_pixel_size", type=float,
+                        help="pixel size of the particle coordinates (A; the same flag as convert and intersect; "
+                        "--coords-pixel-size is the old spelling; default: the STAR file's own "
                         "rlnMicrographPixelSize/rlnImagePixelSize..., else the --tomogram's pixel size, else the "
                         "tilt-series pixel size)")
     source.add_argument("--voltage", type=float, help="kV (default: the mdoc, else the CTFFIND header, else 300)")

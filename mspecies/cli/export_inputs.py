@@ -17,8 +17,8 @@ Which file wins when several hold a value (first listed wins, the others are com
 * excluded views: those the ``.aln`` lists without a global row.
 
 Particles: a STAR file of any dialect (``read_particle_star``; coordinate pixel size from the file, else
-``--coords-pixel-size``, else the ``--tomogram``'s pixel, else the tilt series') or a text list ``x y z [rot tilt
-psi]`` in pixels from the tomogram corner (pixel size ``--coords-pixel-size``, else the ``--tomogram``'s, else the
+``--coord-pixel-size-angst``, else the ``--tomogram``'s pixel, else the tilt series') or a text list ``x y z [rot tilt
+psi]`` in pixels from the tomogram corner (pixel size ``--coord-pixel-size-angst``, else the ``--tomogram``'s, else the
 tilt series').
 """
 
@@ -359,7 +359,7 @@ def _shape_at(shape_xyz: tuple[int, int, int], data_pixel: float, pixel: float) 
 
 def _star_poses(path: Path, shape_xyz: tuple[int, int, int], data_pixel: float, flag_pixel: float | None,
                 fallback: tuple[float, str], log: SourceLog) -> ParticlePoses:
-    """Poses of a particle STAR; coordinate pixel: the file's, else ``--coords-pixel-size``, else ``fallback``."""
+    """Poses of a particle STAR; coordinate pixel: the file's, else ``--coord-pixel-size-angst``, else ``fallback``."""
     from mspecies.formats.star_dialects import read_particle_star
 
     guess = flag_pixel or fallback[0]
@@ -380,7 +380,7 @@ def _star_poses(path: Path, shape_xyz: tuple[int, int, int], data_pixel: float, 
     if found is None:
         log.info(f"particles: dialect {table.dialect.value} coordinates are centred Å (no pixel size needed)")
     elif flag_pixel is not None:
-        log.info(f"particles: coordinate pixel size {found:g} A (from --coords-pixel-size, as in {path})")
+        log.info(f"particles: coordinate pixel size {found:g} A (from --coord-pixel-size-angst, as in {path})")
     else:
         if not np.isclose(found, guess):
             table = read_particle_star(path, tomo_shape_px=_shape_at(shape_xyz, data_pixel, found))
@@ -412,7 +412,7 @@ def read_particles(path: str | Path, ts_id: str, tomogram_shape_xyz_px: tuple[in
     tomogram_shape_xyz_px
         Unbinned tomogram size at ``data_pixel_angst`` (rescaled to the coordinate grid).
     coords_pixel_angst
-        ``--coords-pixel-size``: Å/px of the coordinates (a STAR file's own value must agree).
+        ``--coord-pixel-size-angst``: Å/px of the coordinates (a STAR file's own value must agree).
     tomogram_pixel_angst
         The ``--tomogram``'s pixel size: the default coordinate pixel where the file gives none.
     """
@@ -426,11 +426,11 @@ def read_particles(path: str | Path, ts_id: str, tomogram_shape_xyz_px: tuple[in
     fallback = (tomogram_pixel_angst, "the --tomogram's pixel size") if tomogram_pixel_angst else \
         (data_pixel_angst, "the tilt-series pixel size")
     if coords_pixel_angst is not None:
-        validate.check_pixel_size_angst(coords_pixel_angst, "--coords-pixel-size")
+        validate.check_pixel_size_angst(coords_pixel_angst, "--coord-pixel-size-angst")
     try:
         with reading_text("--particles", path):
             if not _is_star(path):
-                pixel = (coords_pixel_angst, "--coords-pixel-size") if coords_pixel_angst else fallback
+                pixel = (coords_pixel_angst, "--coord-pixel-size-angst") if coords_pixel_angst else fallback
                 return _text_poses(path, ts_id, tomogram_shape_xyz_px, data_pixel_angst, pixel, log)
             poses = _star_poses(path, tomogram_shape_xyz_px, data_pixel_angst, coords_pixel_angst, fallback, log)
     except InputError as error:

@@ -45,7 +45,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="Å/px of the coordinates, for a file that does not carry it")
     sizes = parser.add_mutually_exclusive_group()
     sizes.add_argument("--tomo-size", type=int, nargs=3, metavar=("NX", "NY", "NZ"),
-                       help="tomogram size in px at the coordinate pixel size (corner-based dialects)")
+                       help="tomogram size in px at the coordinate pixel size; only needed where coordinates from the "
+                            "tomogram corner (3.0, 3.1, 4, warp3d, warp) meet centred ones (RELION 5)")
     sizes.add_argument("--tomo-sizes", help="file with one 'name NX NY NZ' line per tomogram")
     parser.add_argument("--name-map", help="tomogram names of the new file → old file: 'a=b, c=d'")
     parser.add_argument("--histogram-radius-angst", type=float,

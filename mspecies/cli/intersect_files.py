@@ -26,7 +26,13 @@ from mspecies.cli.atomic import check_output_folder, locked_output_folder, publi
 from mspecies.cli.intersect_checks import check_dense_memory, check_intersect_parameters
 from mspecies.common.types import InputError, Microscope, ParticlePoses
 from mspecies.core.assignment import MODES, IntersectionResult, histogram_distances, match_particle_sets, select_union
-from mspecies.formats.star_dialects import CORNER_DIALECTS, ParticleTable, TomoShapes, read_particle_star
+from mspecies.formats.star_dialects import (
+    CORNER_DIALECTS,
+    ParticleTable,
+    PositionFrame,
+    TomoShapes,
+    read_particle_star,
+)
 from mspecies.formats.star_write import write_particle_star
 from mspecies.formats.tomo_names import NameMatchReport, match_tomo_names
 
@@ -483,8 +489,9 @@ def intersect_star_files(old_path: str | Path, new_path: str | Path, tolerance_a
 
     ``microscope`` fills the optics the old file lacks where its dialect needs them (RELION 3.0/3.1).
     ``coord_pixel_size_angst`` (Å/px) is used for a file that does not carry its coordinate pixel size;
-    ``tomo_shape_px`` (px at that pixel size) for corner-based dialects. New particles whose tomogram name matches
-    an old tomogram inherit that tomogram's size when the new file needs one.
+    ``tomo_shape_px`` (px at that pixel size) only where a corner-based file meets a centred one (RELION 5): two
+    corner-based files of the same tomograms are compared from the corner, without it. New particles whose
+    tomogram name matches an old tomogram inherit that tomogram's size when the new file needs one.
 
     Every parameter is checked before anything is written; the outputs are written into a staging folder under
     the lock of ``out_dir`` and replace the earlier run's outputs only once all are complete (``summary.json``,
@@ -504,6 +511,7 @@ def intersect_star_files(old_path: str | Path, new_path: str | Path, tolerance_a
     new = read_star_input(new_path, new_dialect, role="--new", coord_pixel_size_angst=coord_pixel_size_angst,
                           tomo_shape_px=_new_shapes(new_path, new_dialect, old, tomo_shape_px, name_mapping,
                                                     coord_pixel_size_angst))
+    _require_same_frame(old, new, old_path, new_path)
     check_old_dialect_writable(old, microscope)
     log(f"old: {old_path} (RELION/Warp dialect {old.dialect}, {len(old)} particles); "
         f"new: {new_path} (dialect {new.dialect}, {len(new)} particles)")
@@ -520,6 +528,19 @@ def intersect_star_files(old_path: str | Path, new_path: str | Path, tolerance_a
                                         log_scale=log_scale, extra=extra)
             publish(staging, out, replaced=[out / name for name in OUTPUT_FILES], last=SUMMARY_JSON)
     return summary
+
+
+def _require_same_frame(old: ParticleTable, new: ParticleTable, old_path: str | Path, new_path: str | Path) -> None:
+    """Both tables must hold positions from the same origin: two corner-based files of the same tomograms compare
+    as they are; a corner-based file and a centred one (RELION 5) need each tomogram's centre."""
+    if old.frame == new.frame:
+        return
+    corner, centred = ((old_path, old), (new_path, new)) if old.frame == PositionFrame.CORNER else \
+        ((new_path, new), (old_path, old))
+    raise InputError(f"{corner[0]} (dialect {corner[1].dialect}) stores coordinates from the tomogram corner and "
+                     f"{centred[0]} (dialect {centred[1].dialect}) from its centre: to compare them the tomogram "
+                     "centres are needed; give the tomogram size (--tomo-size NX NY NZ or --tomo-sizes FILE, px at "
+                     "the coordinate pixel size of the corner-based file)")
 
 
 def _new_shapes(new_path: str | Path, new_dialect: str | None, old: ParticleTable, given: TomoShapes,

@@ -116,8 +116,8 @@ def star_dialect_and_names(path: str | os.PathLike[str], dialect: Dialect | str 
                            ) -> tuple[Dialect, np.ndarray]:
     """Dialect (forced or detected) and the (N,) tomogram name of every particle row, as text."""
     blocks, _ = read_star_text(path)
-    table = blocks[particle_block_name(blocks)].table
-    dialect = Dialect(dialect) if dialect else detect_dialect(blocks)
+    table = blocks[particle_block_name(blocks, str(path))].table
+    dialect = Dialect(dialect) if dialect else detect_dialect(blocks, str(path))
     roles = ROLE_COLUMNS[dialect]
     # the reader's choice: RELION 3.1 prefers rlnTomoName over rlnMicrographName, others use their own column
     candidates = ["rlnTomoName", "rlnMicrographName"] if dialect == Dialect.RELION31 else [roles["name"]]

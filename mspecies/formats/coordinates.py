@@ -3,7 +3,7 @@
 Coordinates are pixels from the corner of the tomogram they were picked in (pixel index i centred at i, as
 RELION's ``rlnCoordinateX/Y/Z``); angles are RELION ZYZ Euler angles. ``#`` lines are comments and a first
 non-numeric line is a header. Which pixel size the coordinates are in is not in the file: the caller says
-(``--coords-pixel-size``, default the ``--tomogram``'s pixel size).
+(``--coord-pixel-size-angst``, default the ``--tomogram``'s pixel size).
 """
 
 from __future__ import annotations

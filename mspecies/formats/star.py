@@ -8,8 +8,11 @@ interpret are written back unchanged by :func:`write_star_text` (dialects: ``sta
 
 from __future__ import annotations
 
+import csv
+import io
 import re
 import shlex
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,92 +63,180 @@ def read_relion31_particles(path: str | Path) -> tuple[pd.DataFrame, pd.DataFram
 
 
 # --- Text-exact STAR I/O: every value kept as the string written in the file -------------------------------------
+#
+# Loops are parsed by pandas' C engine (whitespace-separated tokens, no type inference: text columns stay the strings
+# of the file). A caller may name columns it interprets as numbers (``float_columns``): those are parsed straight to
+# float64, which skips creating a Python string per value (the main cost of reading 10^6 rows). Single quotes,
+# rows with the wrong number of values and non-numeric values in such columns take the Python tokenizer below,
+# which keeps every value as text and names the offending line.
 
 
 @dataclass
 class StarBlock:
-    """One ``data_<name>`` block; ``table`` holds strings exactly as written (one row for a key-value block)."""
+    """One ``data_<name>`` block; ``table`` holds strings exactly as written (one row for a key-value block), or
+    float64 for the columns a reader asked to parse as numbers."""
 
     name: str
     table: pd.DataFrame
     is_loop: bool = True
 
 
+FloatColumns = Callable[[Mapping[str, list[str]]], Mapping[str, Collection[str]]]
+"""Given the loop columns of every block (block name → labels), the columns to parse as float64 per block."""
+
 _TOKEN = re.compile(r"\"([^\"]*)\"|'([^']*)'|(\S+)")
+_DATA_LINE = re.compile(rb"^[ \t]*data_(\S*)[^\n]*$", re.M)
+_COMMENT_LINE = re.compile(rb"^[ \t]*(#[^\n]*?)[ \t\r]*$", re.M)
+_LOOP_LINE = re.compile(rb"^[ \t]*loop_", re.M)
 
 
 def _split_quoted(lines: list[str]) -> list[list[str]]:
-    """Split data lines on whitespace, honouring STAR single/double quotes (used only for lines with quotes)."""
+    """Split data lines on whitespace, honouring STAR single/double quotes."""
     return [[a or b or c for a, b, c in _TOKEN.findall(line)] for line in lines]
 
 
-def _loop_table(path: Path, columns: list[str], lines: list[str], first_line_no: int) -> pd.DataFrame:
-    """Data lines of a loop → string DataFrame; a row with the wrong field count is an InputError naming its line."""
-    if not lines:
-        return pd.DataFrame({name: pd.Series([], dtype=object) for name in columns})
-    if any('"' in line or "'" in line for line in lines):
-        rows = _split_quoted(lines)
-    else:
-        rows = [line.split() for line in lines]
+def _python_table(path: Path, columns: list[str], data: bytes, first_line_no: int) -> pd.DataFrame:
+    """Data lines → string DataFrame with the Python tokenizer; a row with the wrong field count is an InputError
+    naming its line."""
+    numbered = [(first_line_no + k, line.strip()) for k, line in enumerate(data.decode().split("\n"))]
+    numbered = [(k, line) for k, line in numbered if line and not line.startswith("#")]
+    lines = [line for _, line in numbered]
+    rows = _split_quoted(lines) if any('"' in line or "'" in line for line in lines) else [line.split()
+                                                                                              for line in lines]
     bad = next((i for i, row in enumerate(rows) if len(row) != len(columns)), None)
     if bad is not None:
-        raise InputError(f"{path}: line {first_line_no + bad}: {len(rows[bad])} values for {len(columns)} columns "
+        raise InputError(f"{path}: line {numbered[bad][0]}: {len(rows[bad])} values for {len(columns)} columns "
                          f"({', '.join(columns[:4])}{', ...' if len(columns) > 4 else ''})")
+    if not rows:
+        return pd.DataFrame({name: pd.Series([], dtype=object) for name in columns})
     return pd.DataFrame(rows, columns=columns, dtype=object)
 
 
-def read_star_text(path: str | Path) -> tuple[dict[str, StarBlock], list[str]]:
-    """Read a STAR file keeping every value as text → (blocks by name without ``data_``, header comment lines).
+def _c_table(columns: list[str], data: bytes, floats: Collection[str]) -> pd.DataFrame | None:
+    """Data lines → DataFrame with pandas' C parser (text as read, "double-quoted" values unquoted, ``floats`` as
+    float64); None where it cannot give the exact table (single quotes, wrong field counts, a non-number in a float
+    column, an empty last value that may be a short row)."""
+    if b"'" in data:
+        return None
+    dtypes = {c: (np.float64 if c in floats else object) for c in columns}
+    try:
+        table = pd.read_csv(io.BytesIO(data), sep=r"\s+", header=None, names=columns, dtype=dtypes,
+                            na_filter=False, engine="c", quotechar='"', quoting=csv.QUOTE_MINIMAL, index_col=False)
+    except (ValueError, pd.errors.ParserError):
+        return None
+    last = columns[-1]
+    if len(table) and last not in floats and (table[last] == "").any():  # a short row
+        return None
+    return table
 
-    Loops become one row per data line, key-value blocks one row. Duplicate column names or a data line with the
-    wrong number of values raise :class:`InputError` naming the file and line.
+
+def _loop_table(path: Path, name: str, columns: list[str], data: bytes, first_line_no: int,
+                floats: Collection[str]) -> pd.DataFrame:
+    """A loop's data bytes → table; a second ``loop_`` in the block is an InputError naming its line."""
+    second = _LOOP_LINE.search(data) if b"loop_" in data else None
+    if second:
+        line_no = first_line_no + data.count(b"\n", 0, second.start())
+        label = next((t.split()[0] for t in data[second.end():].decode().split("\n") if t.strip().startswith("_")),
+                     "?")
+        raise InputError(f"{path}: line {line_no}: data_{name} holds a second loop ({label} ...) after its "
+                         f"{len(columns)}-column loop; a STAR data block holds one loop (RELION reads one table per "
+                         "block): put it in a data block of its own")
+    if b"#" in data:
+        data = _COMMENT_LINE.sub(b"", data)
+    if not data.strip():
+        return pd.DataFrame({column: pd.Series([], dtype=object) for column in columns})
+    table = _c_table(columns, data, floats)
+    return table if table is not None else _python_table(path, columns, data, first_line_no)
+
+
+def _header(body: bytes, start_line_no: int) -> tuple[bool, list[str], int, int]:
+    """Header of one block body → (is_loop, labels or key-value lines, offset where data starts, its line number)."""
+    position, line_no, is_loop, labels = 0, start_line_no, False, []
+    while position < len(body):
+        end = body.find(b"\n", position)
+        end = len(body) if end < 0 else end
+        line = body[position:end].decode().strip()
+        if line.startswith("loop_") and not is_loop and not labels:
+            is_loop = True
+        elif line.startswith("_") and is_loop:
+            labels.append(line.split()[0][1:])
+        elif line and not line.startswith("#") and (is_loop or not line.startswith("_")):
+            break
+        elif line.startswith("_"):
+            labels.append(line)
+        position, line_no = end + 1, line_no + 1
+    return is_loop, labels, position, line_no
+
+
+def _block_starts(text: bytes) -> list[re.Match]:
+    """``data_`` lines; the regex runs only around the (few) ``data_`` substrings, not over every data line."""
+    if text.count(b"data_") > 10_000:  # e.g. a path with "data_" on every row: scan the whole text
+        return list(_DATA_LINE.finditer(text))
+    found, position = [], text.find(b"data_")
+    while position >= 0:
+        line_start = text.rfind(b"\n", 0, position) + 1
+        match = _DATA_LINE.match(text, line_start)
+        if match and match.end() > position:
+            found.append(match)
+        position = text.find(b"data_", max(position + 1, match.end() if match else 0))
+    return found
+
+
+def _comments(text: bytes) -> list[str]:
+    return [c.decode() for c in _COMMENT_LINE.findall(text) if c != b"#"]
+
+
+def read_star_text(path: str | Path, float_columns: FloatColumns | None = None
+                   ) -> tuple[dict[str, StarBlock], list[str]]:
+    """Read a STAR file keeping every value as text → (blocks by name without ``data_``, comment lines).
+
+    Loops become one row per data line, key-value blocks one row. ``float_columns`` (see :data:`FloatColumns`)
+    names loop columns to parse as float64 instead of text. Duplicate column names, a data line with the wrong
+    number of values or a second loop in one block raise :class:`InputError` naming the file and line.
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: STAR file not found")
-    raw = path.read_text().splitlines()
-    lines = [line.strip() for line in raw]
-    comments = [line for line in lines if line.startswith("#")]
+    text = path.read_bytes()
+    starts = _block_starts(text)
+    if not starts:
+        text.decode()  # a binary file: UnicodeDecodeError, which the commands turn into "not a text file"
+        raise InputError(f"{path}: no data_ block: not a STAR file")
+    comments = _comments(text[:starts[0].start()] if starts else text)
+    parsed = []
+    for k, match in enumerate(starts):
+        body = text[match.end() + 1:starts[k + 1].start() if k + 1 < len(starts) else len(text)]
+        first_line = text.count(b"\n", 0, match.end()) + 2
+        is_loop, labels, offset, data_line = _header(body, first_line)
+        comments += _comments(body[:offset])
+        data = body[offset:]
+        if b"#" in data:
+            comments += _comments(data)
+        parsed.append((match.group(1).decode(), is_loop, labels, data, data_line))
+    floats = float_columns({name: labels for name, is_loop, labels, _, _ in parsed if is_loop}) if float_columns \
+        else {}
     blocks: dict[str, StarBlock] = {}
-    i = 0
-    while i < len(lines):
-        if not lines[i].startswith("data_"):
-            i += 1
-            continue
-        name, i = lines[i][5:], i + 1
-        block, i = _read_block(path, name, lines, i)
+    for name, is_loop, labels, data, data_line in parsed:
         if name in blocks:
             raise InputError(f"{path}: data_{name} appears twice")
-        blocks[name] = block
-    return blocks, [c for c in comments if c != "#"]
+        if is_loop:
+            _check_unique(path, name, labels)
+            table = _loop_table(path, name, labels, data, data_line, floats.get(name, ()))
+            blocks[name] = StarBlock(name, table)
+        else:
+            lines = labels + [t for t in data.decode().split("\n") if t.strip().startswith("_")]
+            blocks[name] = StarBlock(name, _key_values(path, lines), is_loop=False)
+    return blocks, comments
 
 
-def _read_block(path: Path, name: str, lines: list[str], i: int) -> tuple[StarBlock, int]:
-    """Parse one block starting after its ``data_`` line → (block, index of the next unread line)."""
-    while i < len(lines) and (not lines[i] or lines[i].startswith("#")):
-        i += 1
-    if i < len(lines) and lines[i].startswith("loop_"):
-        i += 1
-        columns: list[str] = []
-        while i < len(lines) and (lines[i].startswith("_") or not lines[i]):
-            if lines[i]:
-                columns.append(lines[i].split()[0][1:])
-            i += 1
-        start = i
-        while i < len(lines) and not lines[i].startswith("data_"):
-            i += 1
-        data = [line for line in lines[start:i] if line and not line.startswith("#")]
-        _check_unique(path, name, columns)
-        return StarBlock(name, _loop_table(path, columns, data, start + 1)), i
+def _key_values(path: Path, lines: list[str]) -> pd.DataFrame:
     values: dict[str, str] = {}
-    while i < len(lines) and not lines[i].startswith("data_"):
-        if lines[i].startswith("_"):
-            parts = shlex.split(lines[i])
-            if len(parts) != 2:
-                raise InputError(f"{path}: line {i + 1}: expected '_label value', got {lines[i]!r}")
-            values[parts[0][1:]] = parts[1]
-        i += 1
-    return StarBlock(name, pd.DataFrame([values], dtype=object), is_loop=False), i
+    for line in lines:
+        parts = shlex.split(line.strip())
+        if len(parts) != 2:
+            raise InputError(f"{path}: expected '_label value', got {line.strip()!r}")
+        values[parts[0][1:]] = parts[1]
+    return pd.DataFrame([values], dtype=object)
 
 
 def _check_unique(path: Path, block: str, columns: list[str]) -> None:
@@ -154,38 +245,111 @@ def _check_unique(path: Path, block: str, columns: list[str]) -> None:
         raise InputError(f"{path}: data_{block} repeats column(s) {sorted(set(seen[seen.duplicated()]))}")
 
 
-def _quote(values: pd.Series) -> pd.Series:
+def _quote(texts: list[str]) -> list[str]:
     """Quote strings that are empty or contain whitespace (STAR tokens are whitespace-separated)."""
-    text = values.astype(str)
-    needs = text.str.contains(r"\s", regex=True) | (text == "")
-    return text.where(~needs, '"' + text + '"')
+    joined = "".join(texts)
+    if all(texts) and not any(space in joined for space in " \t\r\n\v\f"):
+        return texts  # the usual case, checked at C speed
+    return [f'"{t}"' if not t or any(ch.isspace() for ch in t) else t for t in texts]
 
 
-def format_star_column(values: pd.Series | np.ndarray, float_format: str = "{:.6f}") -> pd.Series:
+def format_star_column(values: pd.Series | np.ndarray, float_format: str = "{:.6f}") -> list[str]:
     """Column → strings for a STAR file: floats with ``float_format``, integers and text as they are."""
-    series = pd.Series(values) if not isinstance(values, pd.Series) else values
-    if pd.api.types.is_bool_dtype(series):
-        return series.astype(int).astype(str)
-    if pd.api.types.is_integer_dtype(series):
-        return series.astype(str)
-    if pd.api.types.is_float_dtype(series):
-        return series.map(float_format.format)
-    return _quote(series)
+    array = values.to_numpy() if isinstance(values, pd.Series) else np.asarray(values)
+    if array.dtype == bool:
+        return array.astype(int).astype(str).tolist()
+    if np.issubdtype(array.dtype, np.integer):
+        return array.astype(str).tolist()
+    if np.issubdtype(array.dtype, np.floating):
+        return list(map(float_format.format, array.tolist()))
+    return _quote([v if isinstance(v, str) else str(v) for v in array.tolist()])
 
 
-def _block_text(block: StarBlock) -> str:
+# --- loop bodies as byte matrices: each column a (rows, width) uint8 array, NUL-padded, NULs dropped at the end ---
+
+_DECIMALS = 6
+_EXACT_LIMIT = 1e7
+"""Below this magnitude, rint(|x| · 10^6) in float64 is off by < 1e-3 of a unit, so only values within 1e-3 of a
+half unit (and non-finite or larger ones) need Python's correctly rounded formatting."""
+
+
+def _digits(values: np.ndarray, width: int, keep_zeros: bool) -> np.ndarray:
+    """(N,) non-negative int64 → (N, width) ASCII digits, leading zeros as NUL unless ``keep_zeros``."""
+    out = np.empty((values.size, width), dtype=np.uint8)
+    for k in range(width):
+        power = 10 ** (width - 1 - k)
+        digit = (48 + (values // power) % 10).astype(np.uint8)
+        out[:, k] = digit if keep_zeros or k == width - 1 else np.where(values >= power, digit, 0)
+    return out
+
+
+def _text_matrix(texts: list[str]) -> np.ndarray:
+    """Strings → (N, width) UTF-8 bytes, NUL-padded."""
+    try:
+        array = np.array(texts, dtype=object).astype(np.bytes_)  # ASCII, at C speed
+    except UnicodeEncodeError:
+        array = np.array([t.encode() for t in texts], dtype=np.bytes_)
+    width = max(array.dtype.itemsize, 1)
+    return np.frombuffer(array.astype(f"S{width}").tobytes(), dtype=np.uint8).reshape(len(texts), width)
+
+
+def _fixed_matrix(values: np.ndarray) -> np.ndarray:
+    """(N,) float64 → (N, width) bytes of ``f"{x:.6f}"`` (Python's correctly rounded text, NUL-padded)."""
+    x = np.asarray(values, dtype=np.float64)
+    safe = np.isfinite(x) & (np.abs(x) < _EXACT_LIMIT)
+    scaled = np.abs(np.where(safe, x, 0.0)) * 10.0 ** _DECIMALS
+    units = np.rint(scaled)
+    safe &= np.abs(scaled - np.floor(scaled) - 0.5) > 1e-3  # near a half unit: Python decides
+    units = units.astype(np.int64)
+    integer, fraction = units // 10 ** _DECIMALS, units % 10 ** _DECIMALS
+    width = max(1, len(str(int(integer.max(initial=0)))))
+    matrix = np.concatenate([np.where(np.signbit(x), ord("-"), 0).astype(np.uint8)[:, None],
+                             _digits(integer, width, False), np.full((x.size, 1), ord("."), np.uint8),
+                             _digits(fraction, _DECIMALS, True)], axis=1)
+    rows = np.flatnonzero(~safe)
+    if rows.size:
+        exact = _text_matrix([f"{v:.{_DECIMALS}f}" for v in x[rows].tolist()])
+        if exact.shape[1] > matrix.shape[1]:
+            matrix = np.pad(matrix, ((0, 0), (0, exact.shape[1] - matrix.shape[1])))
+        matrix[rows] = 0
+        matrix[rows, :exact.shape[1]] = exact
+    return matrix
+
+
+def _column_matrix(values: np.ndarray) -> np.ndarray:
+    if values.dtype == bool:
+        values = values.astype(np.int64)
+    if np.issubdtype(values.dtype, np.integer):
+        return _text_matrix(values.astype(str).tolist())
+    if np.issubdtype(values.dtype, np.floating):
+        return _fixed_matrix(values)
+    return _text_matrix(format_star_column(values))
+
+
+def _loop_body(table: pd.DataFrame, rows_per_chunk: int = 200_000) -> bytes:
+    """Data lines of a loop: values separated by one space, one line per row (chunks bound the memory)."""
+    arrays = [table[column].to_numpy() for column in table.columns]
+    parts = []
+    for start in range(0, len(table), rows_per_chunk):
+        chunk = [array[start:start + rows_per_chunk] for array in arrays]
+        n = len(chunk[0])
+        space, newline = np.full((n, 1), ord(" "), np.uint8), np.full((n, 1), ord("\n"), np.uint8)
+        pieces = [piece for values in chunk for piece in (_column_matrix(values), space)][:-1] + [newline]
+        flat = np.concatenate(pieces, axis=1).ravel()
+        parts.append(flat[flat != 0].tobytes())
+    return b"".join(parts)
+
+
+def _block_bytes(block: StarBlock) -> bytes:
     table = block.table
     out = [f"data_{block.name}", ""]
     if not block.is_loop:
         row = table.iloc[0] if len(table) else pd.Series(dtype=object)
-        out += [f"_{column} {format_star_column(pd.Series([row[column]])).iloc[0]}" for column in table.columns]
-        return "\n".join(out) + "\n\n"
+        out += [f"_{column} {format_star_column(pd.Series([row[column]]))[0]}" for column in table.columns]
+        return ("\n".join(out) + "\n\n").encode()
     out += ["loop_"] + [f"_{column} #{k + 1}" for k, column in enumerate(table.columns)]
-    if len(table) and len(table.columns):
-        texts = [format_star_column(table[column]).reset_index(drop=True) for column in table.columns]
-        rows = texts[0].str.cat(texts[1:], sep=" ") if len(texts) > 1 else texts[0]
-        out.append("\n".join(rows.tolist()))
-    return "\n".join(out) + "\n\n"
+    body = _loop_body(table) if len(table) and len(table.columns) else b""
+    return ("\n".join(out) + "\n").encode() + body + b"\n"
 
 
 def write_star_text(path: str | Path, blocks: list[StarBlock], header_comments: list[str] = ()) -> Path:
@@ -195,5 +359,8 @@ def write_star_text(path: str | Path, blocks: list[StarBlock], header_comments: 
     """
     path = Path(path)
     head = "".join(f"{line if line.startswith('#') else '# ' + line}\n" for line in header_comments)
-    path.write_text(("\n" + head + "\n" if head else "\n") + "".join(_block_text(block) for block in blocks))
+    with path.open("wb") as handle:
+        handle.write(("\n" + head + "\n" if head else "\n").encode())
+        for block in blocks:
+            handle.write(_block_bytes(block))
     return path

@@ -6,10 +6,12 @@ origins as read, pixel sizes kept apart (coordinate grid vs particle images), to
 dialects, subsets, image names, the optics table and every column it does not interpret, as text.
 
 Positions (``docs/conventions.md``): ``position_angst = coordinate_px · coord_pixel_angst − (N // 2) · coord_pixel_angst
-− origin_angst`` for corner-based dialects, with ``origin_angst = rlnOriginX/Y/ZAngst`` or ``rlnOriginX/Y/Z ·
-coord_pixel_angst`` (RELION 3.0: shifts are in the same pixels as the coordinates). RELION 5 stores centred Å
-(``rlnCenteredCoordinate*Angst``); M species store Å from the tomogram corner (``wrpCoordinateX1``...) and carry
-no shifts, so origins are folded into the coordinates when writing them.
+− origin_angst`` for corner-based dialects read with the tomogram size N (without it the ``(N // 2)`` term is left
+out and the table's ``frame`` says the positions are from the corner: converting between corner-based dialects and
+comparing files of the same tomograms does not depend on N), with ``origin_angst = rlnOriginX/Y/ZAngst`` or
+``rlnOriginX/Y/Z · coord_pixel_angst`` (RELION 3.0: shifts are in the same pixels as the coordinates). RELION 5
+stores centred Å (``rlnCenteredCoordinate*Angst``); M species store Å from the tomogram corner
+(``wrpCoordinateX1``...) and carry no shifts, so origins are folded into the coordinates when writing them.
 
 Subtomogram orientations (RELION 4/5): ``rlnTomoSubtomogramRot/Tilt/Psi`` give the orientation of the
 pseudo-subtomogram box, and ``rlnAngleRot/Tilt/Psi`` and ``rlnOriginX/Y/ZAngst`` are relative to that box. RELION
@@ -43,7 +45,7 @@ import pandas as pd
 
 from mspecies.common.euler import euler_to_matrix, matrix_to_euler
 from mspecies.common.types import InputError, ParticlePoses
-from mspecies.formats.star import StarBlock, read_star_text
+from mspecies.formats.star import FloatColumns, StarBlock, read_star_text
 from mspecies.formats.tomo_names import normalise_tomo_name
 
 
@@ -56,6 +58,13 @@ class Dialect(StrEnum):
     RELION5 = "5"
     WARP3D = "warp3d"  # Warp 1.x / WarpTools 3D export: RELION 3.0 layout, rlnMicrographName TS.tomostar, rlnPixelSize
     M_SPECIES = "warp"  # M species table: wrpCoordinateX1 (Å from the corner), wrpAngleRot1, wrpSourceName/Hash
+
+
+class PositionFrame(StrEnum):
+    """Origin of :attr:`ParticleTable.poses` positions (Å): the tomogram centre, or its corner (voxel 0 at 0 Å)."""
+
+    CENTRED = "centred"
+    CORNER = "corner"
 
 
 CORNER_DIALECTS = frozenset({Dialect.RELION30, Dialect.RELION31, Dialect.RELION4, Dialect.WARP3D, Dialect.M_SPECIES})
@@ -88,8 +97,8 @@ _OPTICS_PIXEL = ("rlnImagePixelSize", "rlnMicrographPixelSize", "rlnMicrographOr
                  "rlnTomoTiltSeriesPixelSize")
 # Where each dialect finds the pixel size of its coordinate grid, in order of preference.
 COORD_PIXEL_COLUMNS: dict[Dialect, tuple[str, ...]] = {
-    Dialect.RELION30: ("rlnDetectorPixelSize·1e4/rlnMagnification", "rlnPixelSize"),
-    Dialect.WARP3D: ("rlnDetectorPixelSize·1e4/rlnMagnification", "rlnPixelSize"),
+    Dialect.RELION30: ("rlnDetectorPixelSize·1e4/rlnMagnification", "rlnPixelSize", "rlnDetectorPixelSize"),
+    Dialect.WARP3D: ("rlnDetectorPixelSize·1e4/rlnMagnification", "rlnPixelSize", "rlnDetectorPixelSize"),
     Dialect.RELION31: ("rlnMicrographPixelSize", "rlnImagePixelSize"),
     Dialect.RELION4: ("rlnTomoTiltSeriesPixelSize", "rlnMicrographOriginalPixelSize"),
     Dialect.RELION5: ("rlnTomoTiltSeriesPixelSize", "rlnMicrographOriginalPixelSize"),
@@ -110,7 +119,9 @@ class ParticleTable:
     Attributes
     ----------
     poses
-        Positions (N, 3) Å centred on the tomogram centre with origins subtracted, RELION Euler angles (N, 3) deg
+        Positions (N, 3) Å with origins subtracted, from the tomogram centre (``frame`` CENTRED) or, for a
+        corner-based file read without tomogram sizes, from the tomogram corner (``frame`` CORNER), RELION Euler
+        angles (N, 3) deg
         (RELION 4/5 with subtomogram angles: the composed ``A_subtomogram · A_angle``), tomogram names (N,)
         exactly as in the file's name column.
     dialect
@@ -143,6 +154,10 @@ class ParticleTable:
     box_euler_deg, box_origins_angst
         (N, 3) ``rlnAngle*`` (zeros when absent) and ``rlnOrigin*Angst`` as read, relative to the subtomogram box;
         None without subtomogram angles. Used to write RELION 4/5 back unchanged while the pose is unchanged.
+    frame
+        Origin of the positions: :attr:`PositionFrame.CENTRED` (default) or :attr:`PositionFrame.CORNER`.
+    coord_pixel_column
+        Column the file gave the coordinate pixel size in (``rlnPixelSize``, ``rlnImagePixelSize``, ...), or None.
     """
 
     poses: ParticlePoses
@@ -167,6 +182,8 @@ class ParticleTable:
     subtomogram_euler_deg: np.ndarray | None = None
     box_euler_deg: np.ndarray | None = None
     box_origins_angst: np.ndarray | None = None
+    frame: PositionFrame = PositionFrame.CENTRED
+    coord_pixel_column: str | None = None
 
     def __len__(self) -> int:
         return len(self.poses)
@@ -192,17 +209,18 @@ class ParticleTable:
 # --- detection -------------------------------------------------------------------------------------------------------
 
 
-def particle_block_name(blocks: Mapping[str, StarBlock]) -> str:
+def particle_block_name(blocks: Mapping[str, StarBlock], where: str = "particle STAR") -> str:
     """The particle table: ``data_particles`` if present, else the only loop block besides optics/general."""
     if "particles" in blocks:
         return "particles"
     loops = [name for name, block in blocks.items() if block.is_loop and name not in ("optics", "general")]
     if len(loops) != 1:
-        raise InputError(f"no data_particles block and {len(loops)} other loop blocks ({loops}); expected one")
+        raise InputError(f"{where}: no data_particles block and {len(loops)} other loop blocks ({loops}); "
+                         "expected one")
     return loops[0]
 
 
-def detect_dialect(blocks: Mapping[str, StarBlock]) -> Dialect:
+def detect_dialect(blocks: Mapping[str, StarBlock], where: str = "particle STAR") -> Dialect:
     """Dialect from blocks and particle columns (rules in order; the first that applies wins).
 
     1. any ``wrpCoordinateX1`` / ``wrpSourceName`` column → M species;
@@ -210,10 +228,11 @@ def detect_dialect(blocks: Mapping[str, StarBlock]) -> Dialect:
     3. a ``data_optics`` block: RELION 4 if the optics table has ``rlnTomoTiltSeriesPixelSize`` (RELION 4 writes
        it in every tomography optics table) or the particles have ``rlnTomoName`` with ``rlnTomoSubtomogramRot``;
        else 3.1 (a 3.1 file may carry ``rlnTomoName``/``rlnTomoParticleName`` as plain extra columns);
-    4. no optics: ``rlnTomoName`` → RELION 4; ``rlnPixelSize`` or ``.tomostar`` micrograph names → Warp 3D
-       export; ``rlnMicrographName`` → RELION 3.0.
+    4. no optics: ``rlnTomoName`` without ``rlnMagnification`` → RELION 4 (TOMOMAN writes it so); ``rlnPixelSize``
+       or ``.tomostar`` micrograph names → Warp 3D export; ``rlnMicrographName`` → RELION 3.0 (a carried
+       ``rlnTomoName`` stays an extra column there).
     """
-    columns = set(blocks[particle_block_name(blocks)].table.columns)
+    columns = set(blocks[particle_block_name(blocks, where)].table.columns)
     optics = blocks.get("optics")
     if {"wrpCoordinateX1", "wrpSourceName"} & columns:
         return Dialect.M_SPECIES
@@ -223,16 +242,19 @@ def detect_dialect(blocks: Mapping[str, StarBlock]) -> Dialect:
         subtomogram_box = {"rlnTomoName", "rlnTomoSubtomogramRot"} <= columns
         relion4 = "rlnTomoTiltSeriesPixelSize" in optics.table.columns or subtomogram_box
         return Dialect.RELION4 if relion4 else Dialect.RELION31
-    if "rlnTomoName" in columns:
+    if "rlnTomoName" in columns and "rlnMagnification" not in columns:  # RELION 4 keeps optics per group
         return Dialect.RELION4
-    table = blocks[particle_block_name(blocks)].table
+    table = blocks[particle_block_name(blocks, where)].table
     if "rlnPixelSize" in columns or ("rlnMicrographName" in columns and len(table)
                                      and table["rlnMicrographName"].str.endswith(".tomostar").any()):
         return Dialect.WARP3D
     if "rlnMicrographName" in columns or "rlnCoordinateX" in columns:
         return Dialect.RELION30
-    raise InputError(f"cannot tell the STAR dialect from columns {sorted(columns)[:12]}: expected rlnCoordinateX, "
-                     "rlnCenteredCoordinateXAngst or wrpCoordinateX1")
+    stopgap = " (a STOPGAP motivelist, not a RELION particle STAR: convert it to RELION first)" \
+        if {"motl_idx", "orig_x"} <= columns else ""
+    raise InputError(f"{where}: cannot tell the STAR dialect{stopgap}: no particle coordinates (expected "
+                     f"rlnCoordinateX/Y/Z, rlnCenteredCoordinateX/Y/ZAngst or wrpCoordinateX1; columns are "
+                     f"{sorted(columns)[:12]})")
 
 
 def _check_mixed(path: Path, dialect: Dialect, columns: set[str], has_optics: bool) -> None:
@@ -295,28 +317,73 @@ def _optics_values(optics: pd.DataFrame, groups: np.ndarray, column: str, where:
     return values
 
 
+# Which pixel size each writer's coordinates use (read in warpem/warp at e321344 and 3dem/relion at tag 5.0.1):
+# * RELION 4/5: rlnCoordinateX/Y/Z are in (unbinned) tilt-series pixels, rlnTomoTiltSeriesPixelSize
+#   (src/jaz/tomography/particle_set.cpp:606-614, see ../shared/reference/relion5_contract.md §B5); RELION 5 writes
+#   rlnCenteredCoordinate*Angst instead, which the reader prefers wherever present.
+# * WarpTools ts_export_particles --2d: WarpLib/TiltSeries/TiltSeries.ReconstructParticleSeries.cs:200 writes
+#   Position0 = position_Å / options.BinnedPixelSizeMean, i.e. particle pixels (= rlnImagePixelSize), with
+#   rlnTomoName = RootName + ".tomostar" (:208). Older WarpTools put the tilt-series pixel size in
+#   rlnTomoTiltSeriesPixelSize (the corpus' 1.667 and 0.789 Å files, coordinates 7.2x and 5.1x too small at it);
+#   newer ones write the particle pixel size there (WarpTools/Commands/Tiltseries/ExportParticlesTiltseries.cs:
+#   889-894: "keeps legacy rlnCoordinateX/Y/Z in particle pixels"), so rlnImagePixelSize is right for both.
+# * WarpTools --3d (and Warp 1.x): ExportParticlesTiltseries.cs:786-790 write position_Å / output pixel size, the
+#   same value as rlnDetectorPixelSize (magnification 10000) and rlnPixelSize.
+# * WarpTools ts_template_match: TiltSeries.MatchFull.cs:1260 writes fractions of the volume (see _check_fractions).
+def is_warptools_export(table: pd.DataFrame, optics: pd.DataFrame | None) -> bool:
+    """A WarpTools ``ts_export_particles`` table: every ``rlnTomoName`` is a ``.tomostar`` and the optics carry
+    ``rlnTomoSubtomogramBinning`` and ``rlnImagePixelSize`` (RELION's own files name tomograms without ``.tomostar``;
+    mspecies' optics tables carry no binning)."""
+    return (optics is not None and {"rlnTomoSubtomogramBinning", "rlnImagePixelSize"} <= set(optics.columns)
+            and "rlnTomoName" in table.columns and len(table) > 0
+            and bool(table["rlnTomoName"].astype(str).str.endswith(".tomostar").all()))
+
+
 def _pixel_sizes(dialect: Dialect, table: pd.DataFrame, optics: pd.DataFrame | None, groups: np.ndarray | None,
-                 where: str) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """(coordinate, image) pixel sizes (N,) Å/px found in the file; None where the file does not carry one."""
+                 where: str) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:
+    """(coordinate, image) pixel sizes (N,) Å/px found in the file, None where it carries none, and the column
+    the coordinate pixel size came from.
+
+    RELION 3.0 layouts: ``rlnDetectorPixelSize · 1e4 / rlnMagnification``, else a per-particle ``rlnPixelSize``
+    (Warp), else ``rlnDetectorPixelSize`` alone (tomoDRGN writes its pixel size there, without a magnification:
+    RELION's own 3.0 default magnification is 10000). Optics dialects: :data:`COORD_PIXEL_COLUMNS` of the optics
+    table, ``rlnImagePixelSize`` for a WarpTools export (:func:`is_warptools_export`); a file without optics table
+    (TOMOMAN's RELION 4 layout): a per-particle ``rlnPixelSize``.
+    """
+    columns = set(table.columns)
     if dialect in PX_ORIGIN_DIALECTS:
-        if {"rlnDetectorPixelSize", "rlnMagnification"} <= set(table.columns):
+        if {"rlnDetectorPixelSize", "rlnMagnification"} <= columns:
             pixel = _numeric(table, "rlnDetectorPixelSize", where) * 1e4 / _numeric(table, "rlnMagnification", where)
-        elif "rlnPixelSize" in table.columns:
-            pixel = _numeric(table, "rlnPixelSize", where)
-        else:
-            return None, None
-        return pixel, pixel
+            return pixel, pixel, "rlnDetectorPixelSize"
+        for column in ("rlnPixelSize", "rlnDetectorPixelSize"):
+            if column in columns:
+                pixel = _numeric(table, column, where)
+                return pixel, pixel, column
+        return None, None, None
     if optics is None or groups is None:
-        return None, None
-    found = [c for c in COORD_PIXEL_COLUMNS[dialect] if c in optics.columns]
+        if "rlnPixelSize" in columns and dialect in SUBTOMOGRAM_DIALECTS:
+            pixel = _numeric(table, "rlnPixelSize", where)
+            return pixel, None, "rlnPixelSize"
+        return None, None, None
+    candidates = ("rlnImagePixelSize",) if is_warptools_export(table, optics) else COORD_PIXEL_COLUMNS[dialect]
+    found = [c for c in candidates if c in optics.columns]
     coord = _optics_values(optics, groups, found[0], where) if found else None
     image = (_optics_values(optics, groups, "rlnImagePixelSize", where)
              if "rlnImagePixelSize" in optics.columns else None)
-    return coord, image
+    return coord, image, found[0] if found else None
+
+
+def _carried_pixel_sizes(table: pd.DataFrame, optics: pd.DataFrame | None) -> str:
+    """Pixel-size columns present in the file with their first value, for messages (``"rlnPixelSize 1.96"``)."""
+    parts = []
+    for prefix, frame in (("", table), ("data_optics ", optics)):
+        if frame is not None and len(frame):
+            parts += [f"{prefix}{label} {frame[label].iloc[0]}" for label in frame.columns if "PixelSize" in label]
+    return ", ".join(parts)
 
 
 def _resolve_pixel(found: np.ndarray | None, given: float | None, n: int, dialect: Dialect,
-                   needed: bool, where: str) -> np.ndarray | None:
+                   needed: bool, where: str, carried: str = "") -> np.ndarray | None:
     """Coordinate pixel size: the file's, else the caller's; InputError when needed and neither is there."""
     if found is not None:
         if given is not None and not np.allclose(found, given, rtol=1e-4):
@@ -332,8 +399,10 @@ def _resolve_pixel(found: np.ndarray | None, given: float | None, n: int, dialec
     if not needed:
         return None
     looked = " or ".join(COORD_PIXEL_COLUMNS[dialect]) or "no column (M species tables carry none)"
+    other = f"; the file carries {carried}, which this dialect does not define as the coordinate pixel size " \
+            "(pass its value if the coordinates are in those pixels)" if carried else ""
     raise InputError(f"{where}: RELION/Warp dialect {dialect}: the coordinate pixel size is missing (looked for "
-                     f"{looked}); pass it (--coord-pixel-size)")
+                     f"{looked}){other}; pass it (--coord-pixel-size-angst)")
 
 
 def tomo_shape_lookup(shapes: TomoShapes, names: Sequence[str]) -> dict[str, tuple[int, int, int]] | None:
@@ -369,12 +438,6 @@ def _centres_angst(names: np.ndarray, shapes: dict[str, tuple[int, int, int]], p
     return centre_px[codes] * pixel_angst[:, None]
 
 
-def _require_shapes(shapes: TomoShapes, names: np.ndarray, dialect: Dialect, where: str
-                    ) -> dict[str, tuple[int, int, int]]:
-    if shapes is None:
-        raise InputError(f"{where}: dialect {dialect} stores coordinates from the tomogram corner; the tomogram size "
-                         "is needed to centre them (pass --tomo-size NX NY NZ or --tomo-sizes FILE)")
-    return tomo_shape_lookup(shapes, [str(u) for u in pd.unique(pd.Series(names, dtype=object))])  # type: ignore
 
 
 def _angles(table: pd.DataFrame, roles: Mapping[str, str], where: str) -> tuple[np.ndarray, bool]:
@@ -479,12 +542,16 @@ def _optional_text(table: pd.DataFrame, column: str) -> np.ndarray | None:
     return table[column].to_numpy(dtype=object) if column in table.columns else None
 
 
-def _understood(dialect: Dialect, table: pd.DataFrame, name_column: str) -> set[str]:
+def _understood(dialect: Dialect, table: pd.DataFrame, name_column: str, pixel_column: str | None) -> set[str]:
+    """Columns the reader interprets (rewritten by the writer); ``rlnPixelSize`` only where it gave the
+    coordinate pixel size (elsewhere it is carried as read)."""
     roles = ROLE_COLUMNS[dialect]
     used = {c for role, c in roles.items() if role != "name"} | {name_column}
     used |= {f"rlnOrigin{a}{u}" for a in _XYZ for u in ("", "Angst")} if dialect != Dialect.M_SPECIES else set()
     if dialect in PX_ORIGIN_DIALECTS:
-        used |= set(_PIXEL_COLUMNS_30)
+        used |= {"rlnMagnification", "rlnDetectorPixelSize"}
+    if pixel_column == "rlnPixelSize":
+        used.add(pixel_column)
     if dialect in OPTICS_DIALECTS:
         used.add("rlnOpticsGroup")
     return used & set(table.columns)
@@ -514,6 +581,53 @@ def _check_centred_vs_corner(table: pd.DataFrame, positions_angst: np.ndarray, o
     return True
 
 
+def _check_3d(table: pd.DataFrame, where: str) -> None:
+    """A file with rlnCoordinateX/Y but no rlnCoordinateZ (nor centred Å) holds 2D single-particle picks: refuse it
+    for that, before any question about pixel or tomogram sizes."""
+    columns = set(table.columns)
+    if {"rlnCoordinateX", "rlnCoordinateY"} <= columns and "rlnCoordinateZ" not in columns and \
+            "rlnCenteredCoordinateZAngst" not in columns:
+        raise InputError(f"{where}: no rlnCoordinateZ: a 2D (single-particle) file with rlnCoordinateX/Y only; "
+                         "sub-tomogram particles need 3D positions (rlnCoordinateX/Y/Z or "
+                         "rlnCenteredCoordinateX/Y/ZAngst)")
+
+
+def _check_fractions(coordinates_px: np.ndarray, columns: Sequence[str], where: str) -> None:
+    """Refuse coordinates that are all within [0, 1] and not all whole: fractions of the tomogram (WarpTools
+    ts_template_match, TiltSeries.MatchFull.cs:1260, position / volume size), which read as pixels would put every
+    particle within a pixel of the corner."""
+    if coordinates_px.size and coordinates_px.min() >= 0 and coordinates_px.max() <= 1 and \
+            np.any(coordinates_px != np.round(coordinates_px)):
+        raise InputError(f"{where}: every {'/'.join(columns)} is within [0, 1]: these are fractions of the tomogram "
+                         "(as WarpTools ts_template_match writes them), not pixels. Convert them to pixels first, "
+                         "e.g. WarpTools ts_export_particles --normalized_coords (x (size - 1) in tilt-series pixels)")
+
+
+def _interpreted_numbers(forced: Dialect | None) -> FloatColumns:
+    """For :func:`read_star_text`: the particle columns this reader turns into numbers (coordinates, angles, shifts,
+    subsets, optics groups, RELION 3.0 pixel columns), parsed as float64 by the C parser. Every other column,
+    carried back unchanged, stays text."""
+
+    def choose(headers: Mapping[str, list[str]]) -> dict[str, set[str]]:
+        blocks = {name: StarBlock(name, pd.DataFrame(columns=columns)) for name, columns in headers.items()}
+        try:
+            name = particle_block_name(blocks)
+            dialect = forced or detect_dialect(blocks)
+        except InputError:
+            return {}  # the full read reports it
+        roles = ROLE_COLUMNS[dialect]
+        wanted = {roles[r] for r in ("x", "y", "z", "rot", "tilt", "psi", "subset")}
+        if dialect != Dialect.M_SPECIES:
+            wanted |= {f"rlnOrigin{a}{u}" for a in _XYZ for u in ("", "Angst")} | {"rlnOpticsGroup"}
+        if dialect in SUBTOMOGRAM_DIALECTS:
+            wanted |= set(SUBTOMOGRAM_COLUMNS)
+        if dialect in PX_ORIGIN_DIALECTS:
+            wanted |= {"rlnMagnification", "rlnDetectorPixelSize"}
+        return {name: wanted & set(headers[name])}
+
+    return choose
+
+
 def read_particle_star(path: str | Path, dialect: Dialect | str | None = None, *,
                        coord_pixel_size_angst: float | None = None, tomo_shape_px: TomoShapes = None
                        ) -> ParticleTable:
@@ -528,15 +642,20 @@ def read_particle_star(path: str | Path, dialect: Dialect | str | None = None, *
     coord_pixel_size_angst
         Å/px of the coordinate grid, used only when the file does not carry it (must agree when it does).
     tomo_shape_px
-        (nx, ny, nz) for all tomograms or a mapping name → (nx, ny, nz), px at the coordinate pixel size;
-        needed by corner-based dialects (3.0, 3.1, 4, warp3d, warp).
+        (nx, ny, nz) for all tomograms or a mapping name → (nx, ny, nz), px at the coordinate pixel size. With it,
+        corner-based dialects (3.0, 3.1, 4, warp3d, warp) are centred (``frame`` CENTRED); without it their
+        positions stay in Å from the tomogram corner (``frame`` CORNER), which is all that converting between
+        corner-based dialects or comparing files of the same tomograms needs. A size changes the result only where
+        the corner and centred frames meet (RELION 5 ⇄ the others, Scipion).
     """
     path = Path(path)
-    blocks, comments = read_star_text(path)
-    block_name = particle_block_name(blocks)
+    forced = Dialect(dialect) if dialect is not None else None
+    blocks, comments = read_star_text(path, _interpreted_numbers(forced))
+    block_name = particle_block_name(blocks, str(path))
     where = f"{path} data_{block_name}"
     table = blocks[block_name].table.reset_index(drop=True)
-    dialect = Dialect(dialect) if dialect is not None else detect_dialect(blocks)
+    _check_3d(table, where)
+    dialect = Dialect(dialect) if dialect is not None else detect_dialect(blocks, str(path))
     optics = blocks["optics"].table if "optics" in blocks else None
     _check_mixed(path, dialect, set(table.columns), optics is not None)
     n = len(table)
@@ -548,12 +667,16 @@ def read_particle_star(path: str | Path, dialect: Dialect | str | None = None, *
         if "rlnOpticsGroup" not in table.columns:
             raise InputError(f"{where}: the file has data_optics but no rlnOpticsGroup column")
         groups = _integers(table, "rlnOpticsGroup", where)
-    found_pixel, image_pixel = _pixel_sizes(dialect, table, optics, groups, where)
     corner = dialect in CORNER_DIALECTS
-    pixel = _resolve_pixel(found_pixel, coord_pixel_size_angst, n, dialect, corner and n > 0, where)
-    shapes = _require_shapes(tomo_shape_px, names, dialect, where) if corner else \
-        (tomo_shape_lookup(tomo_shape_px, [str(u) for u in pd.unique(pd.Series(names, dtype=object))])
-         if tomo_shape_px is not None else None)
+    coordinates = _xyz(table, [roles[a] for a in ("x", "y", "z")], where)
+    if corner and dialect != Dialect.M_SPECIES:
+        _check_fractions(coordinates, [roles[a] for a in ("x", "y", "z")], where)
+    found_pixel, image_pixel, pixel_column = _pixel_sizes(dialect, table, optics, groups, where)
+    shapes = tomo_shape_lookup(tomo_shape_px, [str(u) for u in pd.unique(pd.Series(names, dtype=object))])
+    # px coordinates need the pixel size; M species' Å from the corner only to be centred ((N // 2) · pixel)
+    needs_pixel = corner and n > 0 and (dialect != Dialect.M_SPECIES or shapes is not None)
+    pixel = _resolve_pixel(found_pixel, coord_pixel_size_angst, n, dialect, needs_pixel, where,
+                           _carried_pixel_sizes(table, optics))
     origins, origin_units = _origins(dialect, table, pixel, where)
     angles, has_angles = _angles(table, roles, where)
     subtomogram = _subtomogram_angles(table, where) if dialect in SUBTOMOGRAM_DIALECTS else None
@@ -562,14 +685,16 @@ def read_particle_star(path: str | Path, dialect: Dialect | str | None = None, *
         box_angles, box_origins = angles, origins
         angles = compose_subtomogram_pose(subtomogram, box_angles)
         origins = np.einsum("nij,nj->ni", euler_to_matrix(subtomogram), box_origins)
-    coordinates = _xyz(table, [roles[a] for a in ("x", "y", "z")], where)
+    frame = PositionFrame.CORNER if corner and shapes is None else PositionFrame.CENTRED
     if corner:
-        grid = pixel if pixel is not None else np.zeros(0)  # None only for a file without rows
+        grid = pixel if pixel is not None else np.zeros(len(table))  # None: no rows, or M without a pixel size
         scale = 1.0 if dialect == Dialect.M_SPECIES else grid[:, None]  # M coordinates are already in Å
-        positions = coordinates * scale - _centres_angst(names, shapes, grid) - origins
+        positions = coordinates * scale - origins
+        if shapes is not None:
+            positions = positions - _centres_angst(names, shapes, grid)
     else:
         positions = coordinates - origins
-    understood = _understood(dialect, table, name_column)
+    understood = _understood(dialect, table, name_column, pixel_column if found_pixel is not None else None)
     if subtomogram is not None:
         understood |= set(SUBTOMOGRAM_COLUMNS)
     if dialect == Dialect.RELION5 and _check_centred_vs_corner(table, positions, origins, pixel, shapes, names, where):
@@ -586,4 +711,5 @@ def read_particle_star(path: str | Path, dialect: Dialect | str | None = None, *
         general=blocks["general"].table if "general" in blocks else None,
         extras=table[[c for c in table.columns if c not in understood]].copy(),
         column_order=tuple(table.columns), source_row=np.arange(n), header_comments=tuple(comments),
-        subtomogram_euler_deg=subtomogram, box_euler_deg=box_angles, box_origins_angst=box_origins)
+        subtomogram_euler_deg=subtomogram, box_euler_deg=box_angles, box_origins_angst=box_origins, frame=frame,
+        coord_pixel_column=pixel_column if found_pixel is not None else None)

@@ -6,11 +6,13 @@ take the place of their counterpart in the source file, new ones follow. Shifts 
 trips are exact; M species tables have no shift columns, so there the shifts are folded into the coordinates.
 
 Optics: RELION 3.1.3 ignores a ``data_optics`` table without ``rlnVoltage``, ``rlnSphericalAberration`` and
-``rlnAmplitudeContrast`` (and converts a 3.0 file only when those are per-particle columns), so the 3.0 and 3.1
-writers require them, from the table or from ``microscope``. Converting from a table without an optics table
-groups the per-particle optics columns (:data:`OPTICS_LABELS`) into optics groups; converting to 3.0, Warp 3D or
-M joins the optics columns into every particle row. RELION 3.0 has one pixel size, so coordinates, shifts and
-``rlnDetectorPixelSize`` (with ``rlnMagnification = 10000``) use the coordinate pixel size there.
+``rlnAmplitudeContrast`` (and converts a 3.0 file only when those are per-particle columns), so converting into 3.0
+or 3.1 requires them, from the table or from ``microscope``. A table written back in its own layout (3.1 as 3.1, 3.0
+or Warp 3D as 3.0) carries what the input carried and needs nothing more: Warp-written 3.1 files and RELION's
+refinements of them lack the amplitude contrast, and RELION read them as input. Converting from a table without an
+optics table groups the per-particle optics columns (:data:`OPTICS_LABELS`) into optics groups; converting to 3.0,
+Warp 3D or M joins the optics columns into every particle row. RELION 3.0 has one pixel size, so coordinates, shifts
+and ``rlnDetectorPixelSize`` (with ``rlnMagnification = 10000``) use the coordinate pixel size there.
 
 Subtomogram angles (RELION 4/5 ``rlnTomoSubtomogramRot/Tilt/Psi``, see :mod:`~mspecies.formats.star_dialects`):
 written back to RELION 4/5 with ``rlnAngle*`` and ``rlnOrigin*Angst`` relative to the subtomogram box (the values
@@ -41,6 +43,7 @@ from mspecies.formats.star_dialects import (
     SUBTOMOGRAM_DIALECTS,
     Dialect,
     ParticleTable,
+    PositionFrame,
     TomoShapes,
     _centres_angst,
     subtomogram_box_values,
@@ -51,15 +54,23 @@ _HEADER = {Dialect.RELION31: ("version 30001",), Dialect.RELION4: ("version 3000
            Dialect.RELION5: ("Relion star file version 50001",)}
 
 
-def _pixel_for_writing(table: ParticleTable, override_angst: float | None, dialect: Dialect) -> np.ndarray | None:
+def _pixel_for_writing(table: ParticleTable, override_angst: float | None, dialect: Dialect,
+                       between_frames: bool) -> np.ndarray | None:
     if override_angst is not None:
         if not override_angst > 0:
             raise InputError(f"coord_pixel_size_angst must be > 0, got {override_angst}")
         return np.full(len(table), float(override_angst))
-    if table.coord_pixel_size_angst is None and dialect in CORNER_DIALECTS and len(table):
+    needed = (dialect in CORNER_DIALECTS and dialect != Dialect.M_SPECIES) or between_frames
+    if table.coord_pixel_size_angst is None and needed and len(table):
         raise InputError(f"writing dialect {dialect} needs the coordinate pixel size, which the {table.dialect} "
-                         "table does not carry; pass it (--coord-pixel-size)")
+                         "table does not carry; pass it (--coord-pixel-size-angst)")
     return table.coord_pixel_size_angst
+
+
+def _needs_centres(table: ParticleTable, dialect: Dialect) -> bool:
+    """True where the table's frame and the dialect's differ (corner-based ⇄ RELION 5): only there does the
+    tomogram size change the written coordinates."""
+    return (dialect in CORNER_DIALECTS) != (table.frame == PositionFrame.CORNER)
 
 
 def _shapes_for_writing(table: ParticleTable, override: TomoShapes, dialect: Dialect
@@ -70,8 +81,12 @@ def _shapes_for_writing(table: ParticleTable, override: TomoShapes, dialect: Dia
     known = table.tomo_shape_px or {}
     missing = [name for name in names if name not in known]
     if missing:
-        raise InputError(f"writing dialect {dialect} (coordinates from the tomogram corner) needs the tomogram size "
-                         f"of {missing[:5]}; pass --tomo-size NX NY NZ or --tomo-sizes FILE")
+        have, want = (("the tomogram corner", "its centre") if table.frame == PositionFrame.CORNER
+                      else ("the tomogram centre", "its corner"))
+        raise InputError(f"writing dialect {dialect} from a {table.dialect} table: the coordinates are stored from "
+                         f"{have} and must be written from {want}, so the centre of each tomogram is needed: give "
+                         f"the tomogram size of {missing[:5]} (--tomo-size NX NY NZ or --tomo-sizes FILE, px at the "
+                         "coordinate pixel size)")
     return known
 
 
@@ -80,9 +95,11 @@ def _coordinate_columns(table: ParticleTable, dialect: Dialect, pixel: np.ndarra
                         box_origins: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Coordinates and shifts of ``dialect``: column → (N,) values (shifts ``box_origins`` when given)."""
     roles = ROLE_COLUMNS[dialect]
-    absolute = table.poses.positions_angst + table.origins_angst  # centred Å before the shift
+    absolute = table.poses.positions_angst + table.origins_angst  # Å in the table's frame, before the shift
+    if shapes is not None:  # between frames: Å from the corner = centred Å + (N // 2) · pixel
+        centres = _centres_angst(table.poses.tomo_names, shapes, pixel)
+        absolute = absolute + centres if dialect in CORNER_DIALECTS else absolute - centres
     if dialect in CORNER_DIALECTS:
-        absolute = absolute + _centres_angst(table.poses.tomo_names, shapes, pixel)  # Å from the corner
         if dialect == Dialect.M_SPECIES:
             absolute = absolute - table.origins_angst  # no shift columns in M: fold the shifts in
         else:
@@ -106,7 +123,10 @@ def _role_columns(table: ParticleTable, dialect: Dialect, pixel: np.ndarray | No
                   shapes: dict[str, tuple[int, int, int]] | None) -> dict[str, np.ndarray]:
     """Every interpreted column of ``dialect`` (without optics groups), in canonical order."""
     roles = ROLE_COLUMNS[dialect]
-    out: dict[str, np.ndarray] = {roles["name"]: table.poses.tomo_names}
+    name_column = roles["name"]
+    if name_column in table.extras.columns and dialect != Dialect.M_SPECIES:
+        name_column = "rlnTomoName"  # the file's own rlnMicrographName is carried as read
+    out: dict[str, np.ndarray] = {name_column: table.poses.tomo_names}
     if dialect == Dialect.RELION31 and _name_column_of(table) == "rlnTomoName":
         out = {"rlnTomoName": table.poses.tomo_names}  # RELION 3.1 needs rlnMicrographName too: keep the file's
         if "rlnMicrographName" not in table.extras.columns:
@@ -127,8 +147,16 @@ def _role_columns(table: ParticleTable, dialect: Dialect, pixel: np.ndarray | No
     if dialect in PX_ORIGIN_DIALECTS and pixel is not None:
         out["rlnMagnification"] = np.full(len(table), 10000.0)
         out["rlnDetectorPixelSize"] = pixel
-        if dialect == Dialect.WARP3D or "rlnPixelSize" in table.column_order:
-            out["rlnPixelSize"] = pixel
+    carried = "rlnPixelSize" in table.extras.columns
+    if pixel is not None and not carried and (dialect == Dialect.WARP3D or table.coord_pixel_column == "rlnPixelSize"):
+        out["rlnPixelSize"] = pixel  # Warp's per-particle pixel size, and kept where the file gave it
+    elif pixel is not None and carried and dialect in PX_ORIGIN_DIALECTS:
+        # one pixel size in a 3.0 layout: a carried rlnPixelSize stays as written where it agrees with the grid
+        written = pd.to_numeric(table.extras["rlnPixelSize"], errors="coerce").to_numpy(dtype=np.float64)
+        agrees = np.isclose(written, pixel, rtol=1e-6)
+        if not agrees.all():
+            out["rlnPixelSize"] = np.where(agrees, table.extras["rlnPixelSize"].to_numpy(dtype=object),
+                                           np.array([f"{v:.6f}" for v in pixel], dtype=object))
     return out
 
 
@@ -234,6 +262,8 @@ def _optics_for(table: ParticleTable, dialect: Dialect, pixel: np.ndarray | None
             image = pd.to_numeric(optics.get("rlnImagePixelSize"), errors="coerce")
             if "rlnMicrographPixelSize" in optics.columns or image is None or not np.allclose(image, group_pixel):
                 _set_optics_column(optics, "rlnMicrographPixelSize", group_pixel)
+        elif table.coord_pixel_column == "rlnImagePixelSize" and table.dialect in SUBTOMOGRAM_DIALECTS:
+            _set_optics_column(optics, "rlnImagePixelSize", group_pixel)  # WarpTools: particle pixels, as read
         else:
             _set_optics_column(optics, "rlnTomoTiltSeriesPixelSize", group_pixel)
     _fill_microscope(optics, microscope)
@@ -279,17 +309,19 @@ def write_particle_star(table: ParticleTable, path: str | Path, dialect: Dialect
     coord_pixel_size_angst
         Å/px of the output coordinate grid; default the table's own (needed for corner-based dialects).
     tomo_shape_px
-        (nx, ny, nz) or name → (nx, ny, nz) px at the output coordinate pixel size; default the table's
-        (corner-based dialects). Pass it together with a new ``coord_pixel_size_angst``.
+        (nx, ny, nz) or name → (nx, ny, nz) px at the output coordinate pixel size; default the table's. Used
+        only between frames (a corner-based table written as RELION 5, a centred one written corner-based); pass
+        it together with a new ``coord_pixel_size_angst`` there.
     microscope
         Voltage, Cs and amplitude contrast for optics that lack them (required by RELION 3.1.3 in 3.0 and 3.1).
     """
     dialect = Dialect(dialect) if dialect is not None else table.dialect
+    between_frames = _needs_centres(table, dialect) and len(table) > 0
     if (coord_pixel_size_angst is not None and tomo_shape_px is None and table.coord_pixel_size_angst is not None
-            and dialect in CORNER_DIALECTS and not np.allclose(table.coord_pixel_size_angst, coord_pixel_size_angst)):
+            and between_frames and not np.allclose(table.coord_pixel_size_angst, coord_pixel_size_angst)):
         raise InputError("a new coordinate pixel size needs the tomogram sizes at that pixel size (tomo_shape_px)")
-    pixel = _pixel_for_writing(table, coord_pixel_size_angst, dialect)
-    shapes = _shapes_for_writing(table, tomo_shape_px, dialect) if dialect in CORNER_DIALECTS and len(table) else None
+    pixel = _pixel_for_writing(table, coord_pixel_size_angst, dialect, between_frames)
+    shapes = _shapes_for_writing(table, tomo_shape_px, dialect) if between_frames else None
     columns: dict[str, object] = dict(_role_columns(table, dialect, pixel, shapes))
     dropped = set(_CORNER_PX.values()) if dialect == Dialect.RELION5 else set()
     if dialect in SUBTOMOGRAM_DIALECTS:  # uninterpreted subtomogram angles would re-rotate a complete pose
@@ -298,7 +330,7 @@ def write_particle_star(table: ParticleTable, path: str | Path, dialect: Dialect
     blocks: list[StarBlock] = []
     if dialect in OPTICS_DIALECTS:
         optics, groups, extras = _optics_for(table, dialect, pixel, extras, microscope)
-        if dialect == Dialect.RELION31:
+        if dialect == Dialect.RELION31 and table.dialect != dialect:
             _require_microscope(optics.columns, dialect, "data_optics")
         columns["rlnOpticsGroup"] = groups
         if dialect == Dialect.RELION5:
@@ -309,7 +341,7 @@ def write_particle_star(table: ParticleTable, path: str | Path, dialect: Dialect
     else:
         extras = _joined_optics(table, extras)
         _fill_microscope(extras, microscope)
-        if dialect == Dialect.RELION30:
+        if dialect == Dialect.RELION30 and table.dialect not in PX_ORIGIN_DIALECTS:
             _require_microscope(extras.columns, dialect, "the particle table")
     particles = _ordered(table, dialect, columns, extras)
     blocks.append(StarBlock("particles" if dialect in OPTICS_DIALECTS else "", particles))

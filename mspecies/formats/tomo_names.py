@@ -62,7 +62,8 @@ class NameMatchReport:
     matches
         STAR name → ts id, for names with exactly one candidate.
     methods
-        STAR name → how it matched: ``"mapping"``, ``"exact"``, ``"normalised"`` or ``"case-insensitive"``.
+        STAR name → how it matched: ``"mapping"``, ``"exact"``, ``"normalised"``, ``"case-insensitive"`` or
+        ``"Scipion ts id"`` (:func:`scipion_ts_id`).
     unmatched
         STAR names with no candidate.
     ambiguous
@@ -127,6 +128,20 @@ class NameMatchReport:
         return names.map(self.matches).astype(object).where(names.isin(list(self.matches)), None).to_numpy()
 
 
+_SCIPION_TS_ID_CHARACTERS = (("-", "_"), (".", ""), ("[", ""), ("]", ""), ("__", "_"))
+
+
+def scipion_ts_id(name: str) -> str:
+    """The ts id Scipion's tomography importers give a file named ``name`` (scipion-em-tomo
+    ``tomo/convert/mdoc.py`` ``normalizeTSId``, l. 457-482: text before the first dot, ``TS_`` before a leading
+    digit, ``-`` → ``_``, ``[``/``]`` removed, ``__`` → ``_``): Warp's ``0243_12.23Apx.mrc`` is ``TS_0243``."""
+    text = normalise_tomo_name(name).split(".")[0]
+    text = f"TS_{text}" if text[:1].isdigit() else text
+    for old, new in _SCIPION_TS_ID_CHARACTERS:
+        text = text.replace(old, new)
+    return text
+
+
 def _candidates(name: str, ts_ids: Sequence[str], normalised: Mapping[str, list[str]],
                 lowered: Mapping[str, list[str]]) -> tuple[list[str], str]:
     if name in ts_ids:
@@ -134,7 +149,9 @@ def _candidates(name: str, ts_ids: Sequence[str], normalised: Mapping[str, list[
     key = normalise_tomo_name(name)
     if key in normalised:
         return normalised[key], "normalised"
-    return lowered.get(key.lower(), []), "case-insensitive"
+    if key.lower() in lowered:
+        return lowered[key.lower()], "case-insensitive"
+    return normalised.get(scipion_ts_id(name), []), "Scipion ts id"
 
 
 def _index(ts_ids: Iterable[str], lower: bool) -> dict[str, list[str]]:

@@ -92,8 +92,10 @@ class ProtMSpeciesIntersect(EMProtocol, ProtTomoBase):
                       help="Only needed when the STAR does not carry it (e.g. no optics table, M species tables).")
         form.addParam("starTomoSize", params.StringParam, allowsNull=True, condition=f"newSource == {SOURCE_STAR}",
                       expertLevel=params.LEVEL_ADVANCED, label="STAR tomogram size (px)",
-                      help="'nx ny nz' of the tomograms at the STAR pixel size, for STARs with coordinates from the "
-                           "tomogram corner. Empty: tomogram dimensions x tomogram pixel size / STAR pixel size.")
+                      help="Only for STARs with coordinates from the tomogram corner (RELION 3.0/3.1/4, Warp, M): "
+                           "their centre (N // 2) meets the old set's centred positions. Leave empty to take each "
+                           "tomogram's size from the project (dimensions x tomogram pixel size / STAR pixel size); "
+                           "'nx ny nz' px at the STAR pixel size overrides it. Not used for RELION 5 (centred Å).")
         form.addParam("nameMapping", params.StringParam, default="", expertLevel=params.LEVEL_ADVANCED,
                       label="Tomogram name mapping",
                       help="'new_name=tsId, ...' for names the automatic matching cannot pair.")
@@ -229,6 +231,9 @@ class ProtMSpeciesIntersect(EMProtocol, ProtTomoBase):
         if not path or not os.path.isfile(path):
             raise InputError(f"New particles STAR: file not found: {path!r}")
         pixel = self.starPixelSize.get() or None
+        probe = read_particle_star(path, coord_pixel_size_angst=pixel)
+        if probe.dialect not in CORNER_DIALECTS:
+            return probe  # centred Å like the old set: no tomogram size needed
         if (self.starTomoSize.get() or "").strip():
             try:
                 shape = tuple(int(v) for v in self.starTomoSize.get().split())
@@ -236,9 +241,6 @@ class ProtMSpeciesIntersect(EMProtocol, ProtTomoBase):
                 raise InputError(f"STAR tomogram size: expected 'nx ny nz' integers, got "
                                  f"{self.starTomoSize.get()!r}") from error
             return read_particle_star(path, coord_pixel_size_angst=pixel, tomo_shape_px=shape)
-        probe = read_particle_star(path, coord_pixel_size_angst=pixel, tomo_shape_px=(2, 2, 2))
-        if probe.dialect not in CORNER_DIALECTS:
-            return probe
         return read_particle_star(path, coord_pixel_size_angst=pixel,
                                   tomo_shape_px=self._starShapes(probe, float(probe.coord_pixel_size_angst[0])))
 

@@ -277,19 +277,14 @@ def test_parse_keep():
     assert parse_keep(["only_old", "only_new"]) == (True, False, True)
 
 
-def test_an_old_star_without_microscope_is_refused_before_matching_and_the_flags_fill_it(tmp_path, capsys):
-    """A RELION 3.1 STAR whose optics lack voltage, Cs and amplitude contrast cannot be written back in its
-    dialect: refused at once naming --old and the flags (which intersect now has), nothing written; with the flags
-    every output carries them."""
+def test_intersect_fills_the_microscope_an_old_star_lacks_from_its_flags(tmp_path):
+    """A RELION 3.1 STAR whose optics lack voltage, Cs and amplitude contrast is written back as it is; with
+    --voltage/--cs/--amplitude-contrast (which intersect has, as convert) every output carries them."""
     positions = np.array([[0.0, 0.0, 0.0], [200.0, 0.0, 0.0]])
     names = np.array(["TS_01", "TS_01"])
     write_star(tmp_path / "old.star", positions, names, microscope=False)
     write_star(tmp_path / "new.star", positions + 1.0, names, microscope=False)
     out = tmp_path / "out"
-    assert run_cli(tmp_path / "old.star", tmp_path / "new.star", out, 10) == 2
-    err = capsys.readouterr().err
-    assert "--old: the outputs are written in its dialect" in err and "--voltage, --cs, --amplitude-contrast" in err
-    assert not out.exists()
     assert run_cli(tmp_path / "old.star", tmp_path / "new.star", out, 10, "--voltage", "300", "--cs", "2.7",
                    "--amplitude-contrast", "0.07") == 0
     for name in ("only_old", "in_both", "only_new", "selected"):

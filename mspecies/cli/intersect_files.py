@@ -14,7 +14,6 @@ Particles in both sets are represented by the **old** particle (old poses, old c
 from __future__ import annotations
 
 import json
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -467,15 +466,6 @@ def write_star_outputs(out_dir: str | Path, old: ParticleTable, new: ParticleTab
     return paths
 
 
-def check_old_dialect_writable(old: ParticleTable, microscope: Microscope | None) -> None:
-    """Refuse, before any matching, an old file whose dialect cannot be written back as it is (a RELION 3.0/3.1
-    optics table without voltage, Cs or amplitude contrast and no ``--voltage/--cs/--amplitude-contrast``)."""
-    with tempfile.TemporaryDirectory() as folder:
-        try:
-            write_particle_star(old.take(np.arange(0)), Path(folder) / "probe.star", microscope=microscope)
-        except InputError as error:
-            raise InputError(f"--old: the outputs are written in its dialect, and {error}") from error
-
 
 def intersect_star_files(old_path: str | Path, new_path: str | Path, tolerance_angst: float, out_dir: str | Path, *,
                          keep: tuple[bool, bool, bool] = (True, True, True), mode: str = "gated",
@@ -512,7 +502,6 @@ def intersect_star_files(old_path: str | Path, new_path: str | Path, tolerance_a
                           tomo_shape_px=_new_shapes(new_path, new_dialect, old, tomo_shape_px, name_mapping,
                                                     coord_pixel_size_angst))
     _require_same_frame(old, new, old_path, new_path)
-    check_old_dialect_writable(old, microscope)
     log(f"old: {old_path} (RELION/Warp dialect {old.dialect}, {len(old)} particles); "
         f"new: {new_path} (dialect {new.dialect}, {len(new)} particles)")
     outcome = intersect_poses(old.poses, new.poses, tolerance_angst, mode=mode, name_mapping=name_mapping,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from mspecies.cli.convert import DIALECTS, read_tomo_sizes
+from mspecies.cli.convert import DIALECTS, add_microscope_arguments, microscope_from_args, read_tomo_sizes
 from mspecies.cli.intersect_files import DEFAULT_HISTOGRAM_BINS, intersect_star_files, parse_keep, summary_lines
 from mspecies.core.assignment import MODES
 
@@ -53,6 +53,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="matching radius (Å) for the distance histogram (default: max(3 x tolerance, 20 Å); "
                              "inf in m_compatible mode)")
     parser.add_argument("--bins", type=int, default=DEFAULT_HISTOGRAM_BINS, help="histogram bins")
+    add_microscope_arguments(parser)
     parser.add_argument("--log-scale", action="store_true", help="histogram counts on a log scale")
 
 
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         old_dialect=args.old_dialect, new_dialect=args.new_dialect,
         coord_pixel_size_angst=args.coord_pixel_size_angst, tomo_shape_px=shapes, name_mapping=args.name_map,
         histogram_radius_angst=args.histogram_radius_angst, n_bins=args.bins, log_scale=args.log_scale,
-        max_log_tomograms=SCREENFUL_TOMOGRAMS)
+        max_log_tomograms=SCREENFUL_TOMOGRAMS, microscope=microscope_from_args(args))
     for line in summary_lines(summary, SCREENFUL_TOMOGRAMS):
         print(line)
     print(f"outputs in {args.out}")

@@ -1,6 +1,6 @@
 """Outputs that never mix runs nor stay half-written: export into a folder holding an earlier export (refused
-without --overwrite; replaced whole with it), a kill -9 mid-export, two runs into one folder, a full disk, a
-read-only folder; intersect and convert replace their outputs only with complete ones."""
+without --overwrite; replaced whole with it), a kill -9, Ctrl-C or SIGTERM mid-export, two runs into one folder, a
+full disk, a read-only folder; intersect and convert replace their outputs only with complete ones."""
 
 from __future__ import annotations
 
@@ -71,32 +71,34 @@ def test_a_second_export_into_the_folder_is_refused_and_overwrite_replaces_the_w
     assert not list(out.glob(f"{STAGING_PREFIX}*"))
 
 
+def _stop_a_rerun_mid_write(manifest: Path, out: Path, stop: signal.Signals) -> tuple[int, str, dict[Path, str]]:
+    """Export into ``out``, then send ``stop`` to an ``export --overwrite`` re-run once it has staged a few files;
+    returns the re-run's exit status, its stderr and the digests of the files the earlier export's STAR names."""
+    assert main(EXPORT + ["--manifest", str(manifest), "--out", str(out)]) == 0
+    earlier = digests(star_files(out))
+    command = [sys.executable, "-m", "mspecies", *EXPORT, "--manifest", str(manifest), "--out", str(out),
+               "--overwrite", "--no-invert", "--ctf-method", "padded", "--max-batch", "1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for _ in range(5):
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while process.poll() is None and time.monotonic() < deadline:
+            if len(list(out.glob(f"{STAGING_PREFIX}*/TS_0*/*.mrc"))) >= 6:
+                process.send_signal(stop)
+                return process.wait(), process.communicate()[1], earlier
+            time.sleep(0.002)
+        process.wait()
+        assert main(EXPORT + ["--manifest", str(manifest), "--out", str(out), "--overwrite"]) == 0
+        earlier = digests(star_files(out))
+    pytest.fail("the export always finished before it could be stopped")
+
+
 def test_a_killed_rerun_never_leaves_a_star_naming_files_of_two_runs(two_tomograms, tmp_path):
     """kill -9 of ``export --overwrite`` while it writes: the STAR is the earlier run's and every file it names is
     the earlier run's, unchanged; the next run removes the killed run's staging folder and replaces everything."""
     out = tmp_path / "out"
-    assert main(EXPORT + ["--manifest", str(two_tomograms), "--out", str(out)]) == 0
-    earlier = digests(star_files(out))
-    command = [sys.executable, "-m", "mspecies", *EXPORT, "--manifest", str(two_tomograms), "--out", str(out),
-               "--overwrite", "--no-invert", "--ctf-method", "padded", "--max-batch", "1"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    killed_mid_run = False
-    for _ in range(5):
-        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 120
-        while process.poll() is None and time.monotonic() < deadline:
-            if len(list(out.glob(f"{STAGING_PREFIX}*/TS_0*/*.mrc"))) >= 6:
-                process.send_signal(signal.SIGKILL)
-                killed_mid_run = True
-                break
-            time.sleep(0.002)
-        process.wait()
-        if killed_mid_run:
-            break
-        assert main(EXPORT + ["--manifest", str(two_tomograms), "--out", str(out), "--overwrite"]) == 0
-        earlier = digests(star_files(out))
-    assert killed_mid_run, "the export always finished before it could be killed"
-    assert process.returncode == -signal.SIGKILL
+    returncode, _, earlier = _stop_a_rerun_mid_write(two_tomograms, out, signal.SIGKILL)
+    assert returncode == -signal.SIGKILL
     assert digests(star_files(out)) == earlier
     assert exported_files(out) == set(earlier)
     assert list(out.glob(f"{STAGING_PREFIX}*")), "expected the killed run's hidden staging folder"
@@ -104,6 +106,19 @@ def test_a_killed_rerun_never_leaves_a_star_naming_files_of_two_runs(two_tomogra
     now = star_files(out)
     assert set(now) == set(earlier) and differ_from(star_files(out, ("rlnImageName",)), earlier)
     assert not list(out.glob(f"{STAGING_PREFIX}*"))
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_mid_rerun_is_one_line_exit_128_plus_signal_and_removes_what_it_staged(
+        two_tomograms, tmp_path, stop):
+    """Ctrl-C or ``kill`` (a cancelled queue job) of ``export --overwrite`` while it writes: no traceback, exit
+    128 + the signal, the earlier export untouched and no staging folder left."""
+    out = tmp_path / "out"
+    returncode, err, earlier = _stop_a_rerun_mid_write(two_tomograms, out, stop)
+    assert returncode == 128 + stop, err
+    assert "Traceback" not in err and f"interrupted by {stop.name}" in err.strip().splitlines()[-1], err
+    assert digests(star_files(out)) == earlier and exported_files(out) == set(earlier)
+    assert not list(out.glob(f"{STAGING_PREFIX}*")), "the stopped run left its staging folder"
 
 
 def test_a_second_run_into_a_locked_folder_is_refused_at_once(two_tomograms, tmp_path, capsys):
@@ -202,3 +217,17 @@ def test_convert_leaves_no_file_when_it_fails(tmp_path, capsys):
     assert main(["convert", str(source), "--to", "3.1", str(output)]) == 2  # no pixel size: refused
     assert "Traceback" not in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.star"]
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["plain", "overwrite"])
+def test_an_export_into_the_folder_of_its_particles_star_never_replaces_that_input(two_tomograms, overwrite,
+                                                                                 capsys):
+    """The synthetic folder holds the input ``particles.star``: exporting into it was refused as 'an earlier
+    export' and, with --overwrite, replaced the user's input STAR by the export's. Refused either way now."""
+    star = two_tomograms.parent / "particles.star"
+    before = star.read_bytes()
+    argv = EXPORT + ["--manifest", str(two_tomograms), "--particles", str(star), "--out", str(star.parent)]
+    assert main(argv + overwrite) == 2
+    err = capsys.readouterr().err
+    assert f"which is its input --particles {star}" in err and "choose another --out folder" in err
+    assert star.read_bytes() == before and not (star.parent / LOCK_NAME).exists()

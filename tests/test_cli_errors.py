@@ -47,14 +47,21 @@ def data(tmp_path_factory) -> dict[str, str]:
     (folder / "binary.star").write_bytes(bytes(range(256)) * 20)
     (folder / "empty.star").write_text("data_particles\n\nloop_\n_rlnCoordinateX #1\n_rlnCoordinateY #2\n"
                                        "_rlnCoordinateZ #3\n_rlnTomoName #4\n")
+    (folder / "empty_with_optics.star").write_text(
+        "data_optics\n\nloop_\n_rlnOpticsGroup #1\n_rlnImagePixelSize #2\n1 4.0\n\n"
+        "data_particles\n\nloop_\n_rlnTomoName #1\n_rlnCoordinateX #2\n_rlnCoordinateY #3\n_rlnCoordinateZ #4\n"
+        "_rlnOpticsGroup #5\n")
     (folder / "a_file").write_text("not a folder")
     paths |= {"binary": str(folder / "binary.star"), "empty": str(folder / "empty.star"),
+              "empty_with_optics": str(folder / "empty_with_optics.star"),
               "file": str(folder / "a_file")}
     return paths
 
 
-def imod(data: dict, stack: str | None = None, particles: str | None = None) -> list[str]:
-    return ["--stack", stack or data["stack"], "--tlt", data["tlt"], "--xf", data["xf"], "--defocus", data["defocus"],
+def imod(data: dict, stack: str | None = None, particles: str | None = None, defocus: list[str] | None = None
+         ) -> list[str]:
+    return ["--stack", stack or data["stack"], "--tlt", data["tlt"], "--xf", data["xf"],
+            *(defocus or ["--defocus", data["defocus"]]),
             "--dose", data["dose"], "--particles", particles or data["particles"], "--pixel-size", "4",
             "--tomo-shape", *data["tomo_shape"], "--ts-id", "TS_01"]
 
@@ -74,11 +81,27 @@ CASES = [
     ("export: --out is a file", lambda d, o: export(d, "--out", d["file"]), "--out"),
     ("export: --out under a file", lambda d, o: export(d, "--out", d["file"] + "/out"), "is a file"),
     ("export: binary --particles", lambda d, o: export(d, "--out", o, source=imod(d, particles=d["binary"])),
-     "--particles"),
+     "error: --particles: {binary} is not a text file"),
     ("export: empty --particles", lambda d, o: export(d, "--out", o, source=imod(d, particles=d["empty"])),
      "--particles"),
+    ("export: empty --particles with an optics pixel size",
+     lambda d, o: export(d, "--out", o, source=imod(d, particles=d["empty_with_optics"])),
+     "--particles: {empty_with_optics} holds no particles"),
     ("export: missing --particles", lambda d, o: export(d, "--out", o, source=imod(d, particles=o + ".star")),
      "--particles"),
+    ("export: CTFFIND output given as --defocus",
+     lambda d, o: export(d, "--out", o, source=imod(d, defocus=["--defocus", d["ctffind"]])),
+     "is CTFFIND output (its first line says so), not an IMOD .defocus; pass it as --ctf {ctffind}"),
+    ("export: IMOD .defocus given as --ctf",
+     lambda d, o: export(d, "--out", o, source=imod(d, defocus=["--ctf", d["defocus"]])),
+     "--ctf {defocus} is not CTFFIND output (no '# Output from CTFFIND' header line; an IMOD .defocus goes to "
+     "--defocus)"),
+    ("export: --shift NaN", lambda d, o: export(d, "--out", o, "--shift", "nan", "0", "0"),
+     "--shift: expected three finite shifts"),
+    ("export: --box odd", lambda d, o: export(d, "--out", o, "--box", "23"), "--box (box_px): expected an even"),
+    ("export: --n-tilts-by-dose 0", lambda d, o: export(d, "--out", o, "--n-tilts-by-dose", "0"),
+     "--n-tilts-by-dose (n_tilts_by_dose)"),
+    ("export: --max-batch 0", lambda d, o: export(d, "--out", o, "--max-batch", "0"), "--max-batch (max_batch)"),
     ("export: --pixel-size-out 0", lambda d, o: export(d, "--out", o, "--pixel-size-out", "0"), "--pixel-size-out"),
     ("export: --n-tilts-by-dose > tilts", lambda d, o: export(d, "--out", o, "--n-tilts-by-dose", "12"),
      "--n-tilts-by-dose"),

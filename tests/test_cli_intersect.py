@@ -27,7 +27,7 @@ def grid_positions(n_per_tomo: int, spacing_angst: float = 120.0) -> tuple[np.nd
 
 
 def write_star(path, positions_angst: np.ndarray, names: np.ndarray, dialect: str = "3.1",
-               angles: np.ndarray | None = None, score: np.ndarray | None = None) -> None:
+               angles: np.ndarray | None = None, score: np.ndarray | None = None, microscope: bool = True) -> None:
     """RELION 3.1 (corner px, optics) or 5 (centred Å) particle STAR with angles and an extra ``myScore``."""
     n = len(names)
     angles = np.zeros((n, 3)) if angles is None else angles
@@ -44,6 +44,8 @@ def write_star(path, positions_angst: np.ndarray, names: np.ndarray, dialect: st
     optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"],
                            "rlnVoltage": [300.0], "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.07],
                            ("rlnTomoTiltSeriesPixelSize" if dialect == "5" else "rlnImagePixelSize"): [PIXEL]})
+    if not microscope:
+        optics = optics.drop(columns=["rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"])
     header = ["Relion star file version 50001"] if dialect == "5" else ["version 30001"]
     write_star_text(path, [StarBlock("optics", optics), StarBlock("particles", pd.DataFrame(frame))], header)
 
@@ -404,3 +406,47 @@ def test_group_by_scipion_class_name_reads_the_relion_label(oriented):
         out = oriented / column
         assert run_cli(oriented / "old.star", oriented / "new.star", out, 5.0, "--group-by", column) == 0
         assert json.loads((out / "summary.json").read_text())["in_both"] == 3
+
+
+def test_intersect_fills_the_microscope_an_old_star_lacks_from_its_flags(tmp_path):
+    """A RELION 3.1 STAR whose optics lack voltage, Cs and amplitude contrast is written back as it is; with
+    --voltage/--cs/--amplitude-contrast (which intersect has, as convert) every output carries them."""
+    positions = np.array([[0.0, 0.0, 0.0], [200.0, 0.0, 0.0]])
+    names = np.array(["TS_01", "TS_01"])
+    write_star(tmp_path / "old.star", positions, names, microscope=False)
+    write_star(tmp_path / "new.star", positions + 1.0, names, microscope=False)
+    out = tmp_path / "out"
+    assert run_cli(tmp_path / "old.star", tmp_path / "new.star", out, 10, "--voltage", "300", "--cs", "2.7",
+                   "--amplitude-contrast", "0.07") == 0
+    for name in ("only_old", "in_both", "only_new", "selected"):
+        optics = read_particle_star(out / f"{name}.star", tomo_shape_px=SHAPE).optics
+        assert optics["rlnVoltage"].astype(float).tolist() == [300.0], name
+
+
+@pytest.mark.parametrize("command", ["intersect", "convert"])
+def test_a_voltage_in_volts_is_refused_by_intersect_and_convert(tmp_path, capsys, command):
+    positions = np.array([[0.0, 0.0, 0.0]])
+    write_star(tmp_path / "a.star", positions, np.array(["TS_01"]), microscope=False)
+    optics = ["--voltage", "300000", "--cs", "2.7", "--amplitude-contrast", "0.07"]
+    if command == "intersect":
+        code = run_cli(tmp_path / "a.star", tmp_path / "a.star", tmp_path / "out", 10, *optics)
+    else:
+        code = main(["convert", str(tmp_path / "a.star"), "--to", "3.1", str(tmp_path / "b.star"), "--tomo-size",
+                     *map(str, SHAPE), *optics])
+    assert code == 2 and "--voltage: voltage 300000 looks like volts" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "b.star").exists()
+
+
+def test_an_input_that_the_intersection_would_replace_is_refused(tmp_path, capsys):
+    """Intersecting the selected.star of an earlier run again into the same --out would overwrite that input."""
+    positions = np.array([[0.0, 0.0, 0.0], [200.0, 0.0, 0.0]])
+    names = np.array(["TS_01", "TS_01"])
+    write_star(tmp_path / "old.star", positions, names)
+    write_star(tmp_path / "new.star", positions + 1.0, names)
+    out = tmp_path / "out"
+    assert run_cli(tmp_path / "old.star", tmp_path / "new.star", out, 10) == 0
+    before = (out / "selected.star").read_bytes()
+    capsys.readouterr()
+    assert run_cli(out / "selected.star", tmp_path / "new.star", out, 10) == 2
+    assert f"which is its input --old {out / 'selected.star'}" in capsys.readouterr().err
+    assert (out / "selected.star").read_bytes() == before

@@ -13,7 +13,7 @@ import starfile
 from test_reconstruct import BOX, PIXEL, make_tilt_series, options, poses
 
 from mspecies.cli import main
-from mspecies.cli.export_checks import export_bytes, first_identical, plan_job, visible_tilt_counts
+from mspecies.cli.export_checks import exclusion_lines, export_bytes, first_identical, plan_job, visible_tilt_counts
 from mspecies.cli.export_files import EXCLUDED_TSV
 from mspecies.common.types import ParticlePoses
 from mspecies.synth.dataset import generate_dataset
@@ -38,6 +38,22 @@ def test_plan_job_skips_particles_outside_and_lists_them():
     assert job.excluded["particle"].tolist() == [1, 2]
     assert job.excluded["reason"].tolist() == ["box inside the images in fewer than 1 of 5 used tilts",
                                                "outside the tomogram's x-y area"]
+
+
+def test_particles_beyond_the_tomogram_thickness_are_exported_with_a_warning_naming_them():
+    """z is not a reason to skip (thickness is often a guess), but a z far beyond it (a wrong coordinate pixel
+    size, binning or origin) must not pass silently: the warning names the input rows."""
+    tilt_series = make_tilt_series(n_tilts=5)
+    half_thickness = 0.5 * SHAPE_XYZ[2] * PIXEL
+    particles = poses([[0.0, 0.0, 0.0], [0.0, 0.0, 5.0 * half_thickness], [0.0, 0.0, -half_thickness - 1.0],
+                       [0.0, 0.0, half_thickness - 1.0]])
+    job = plan_job(tilt_series, particles, SHAPE_XYZ, options(), min_visible_tilts=1, drop_duplicates=False)
+    assert len(job.particles) == 4 and job.beyond_z_rows.tolist() == [1, 2]
+    warning = [line for line in exclusion_lines(job) if "thickness" in line]
+    assert len(warning) == 1 and warning[0].startswith("warning: ") and "input rows 1, 2" in warning[0]
+    inside = plan_job(tilt_series, particles.subset(np.array([True, False, False, True])), SHAPE_XYZ, options(),
+                      min_visible_tilts=1, drop_duplicates=False)
+    assert not any("thickness" in line for line in exclusion_lines(inside))
 
 
 def test_a_stricter_minimum_of_visible_tilts_skips_edge_particles():

@@ -8,6 +8,7 @@ rounding), and the same as the manifest's ground-truth geometry within the files
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -127,6 +128,23 @@ def test_a_bin4_star_is_read_at_its_own_pixel_size(dataset):
     assert _worst_relative_difference(folder / "unbinned_star", reference, folder / "bin4_star", table) <= 1e-4
 
 
+def test_star_tomogram_names_differing_in_case_and_extension_match_the_tilt_series(dataset, capsys):
+    """'ts_01.mrc' in rlnTomoName is TS_01 (as intersect matches names); the sub-tomograms are those of 'TS_01'."""
+    folder, _, files = dataset
+    blocks = starfile.read(files["star"], always_dict=True)
+    particles = blocks["particles"].copy()
+    particles["rlnTomoName"] = "ts_01.mrc"
+    renamed = write_relion31_particles(folder / "lower_case.star", blocks["optics"], particles)
+    arguments = _routes(files)["mdoc_xf_ctffind_star"]
+    arguments[arguments.index(files["star"])] = str(renamed)
+    reference = _export(folder / "names_as_is", _routes(files)["mdoc_xf_ctffind_star"])
+    capsys.readouterr()
+    table = _export(folder / "names_lower_case", arguments)
+    assert "['ts_01.mrc'] of" in capsys.readouterr().out
+    assert len(table) == len(reference) == 4
+    assert _worst_relative_difference(folder / "names_as_is", reference, folder / "names_lower_case", table) == 0
+
+
 @pytest.mark.parametrize(("change", "fragment"), [
     ({"--tomogram": None}, "--tomogram / --tomo-shape: the tomogram size is needed"),
     ({"--xf": None}, "--xf / --aln: give the alignment"),
@@ -221,3 +239,34 @@ def test_aretomo_excluded_views_are_left_out_and_their_tilt_taken_from_the_mdoc(
     assert "11 views, 2 excluded (from --aln" in log and "2 value(s) of views" in log and len(table) == 4
     full = _export(tmp_path / "full", _routes(files)["aln_mdoc_imod_star_shape"])
     assert _worst_relative_difference(tmp_path / "full", full, tmp_path / "out", table) > 1e-3
+
+
+def test_a_dose_list_out_of_stack_order_without_mdoc_is_warned_about(dataset, tmp_path, capsys):
+    """Without an mdoc the acquisition order is unknown and the dose cannot be checked against it: rows out of
+    stack order (here shifted by two rows) are exported with a warning naming the images; the list in order gives
+    none."""
+    folder, _, files = dataset
+    lines = Path(files["dose"]).read_text().splitlines()
+    shifted_rows = tmp_path / "dose_shifted.txt"
+    shifted_rows.write_text("\n".join(lines[:1] + lines[3:] + lines[1:3]) + "\n")
+    route = _routes(files)["tlt_dose_xf_imod_text"]
+    _export(folder / "dose_in_order", route)
+    assert "does not grow away" not in capsys.readouterr().err
+    route[route.index(files["dose"])] = str(shifted_rows)
+    _export(folder / "dose_shifted", route)
+    err = capsys.readouterr().err
+    assert "warning: accumulated dose does not grow away from the first-acquired tilt" in err
+    assert "are the dose rows in stack order?" in err
+
+
+def test_an_mdoc_without_datetime_or_prior_dose_warns_that_section_order_is_assumed(dataset, tmp_path, capsys):
+    """ExposureDose alone is summed in the section order, wrong for a stack sorted by angle: warned, not silent."""
+    folder, _, files = dataset
+    text = Path(files["mdoc"]).read_text().splitlines()
+    stripped = tmp_path / "TS_01.mrc.mdoc"
+    stripped.write_text("\n".join(line for line in text if not line.startswith(("DateTime", "PriorRecordDose")))
+                        + "\n")
+    route = _routes(files)["mdoc_xf_ctffind_star"]
+    route[route.index(files["mdoc"])] = str(stripped)
+    _export(folder / "mdoc_exposure_only", route)
+    assert "neither DateTime nor PriorRecordDose; taken as its section order" in capsys.readouterr().err

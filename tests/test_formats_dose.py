@@ -46,7 +46,18 @@ def test_prior_and_own_dose_with_a_header_line_and_comments(tmp_path):
 
 def test_tilt_column_that_disagrees_with_the_tilt_angles_is_refused(tmp_path):
     path = dose.write_tilt_dose(tmp_path / "d.txt", ANGLES[::-1] + 1.0, ACCUMULATED)
-    with pytest.raises(InputError, match="differs from the tilt angles of TS.tlt.*stack order"):
+    with pytest.raises(InputError, match=r"line 4: -2 in the first column .* nor the tilt angle of that image in "
+                                         r"TS.tlt \(3°\)"):
+        dose.read_dose_list(path, tilt_angles_deg=ANGLES, tilt_source="TS.tlt")
+
+
+def test_a_negative_prior_dose_is_named_by_its_line_not_taken_for_a_tilt_angle(tmp_path):
+    """A (prior, own) list with one negative prior: the message names that line and both readings of the column."""
+    pre = ACCUMULATED - 3.0
+    pre[2] = -5.0
+    path = _write(tmp_path, "prior own\n" + "".join(f"{p} 3.0\n" for p in pre))
+    with pytest.raises(InputError, match=rf"line 4: -5 in the first column is neither a prior dose .* nor the tilt "
+                                         rf"angle of that image in TS.tlt \({ANGLES[2]:g}°\)"):
         dose.read_dose_list(path, tilt_angles_deg=ANGLES, tilt_source="TS.tlt")
 
 
@@ -103,6 +114,17 @@ def test_mdoc_tilts_give_dose_order_and_optics(tmp_path):
     for section in sections:
         section.pop("ExposureDose")
     assert serialem.read_mdoc_tilts(_mdoc(tmp_path, sections))["accumulated_dose_e_per_angst2"] is None
+
+
+def test_an_mdoc_of_a_sorted_stack_without_datetime_takes_the_acquisition_order_from_prior_record_dose(tmp_path):
+    """Sections in stack (angle) order without DateTime: PriorRecordDose gives the order, not the section order
+    (which refused the dose as 'below that of the tilt acquired before it')."""
+    sections = [{"ZValue": z, "TiltAngle": a, "ExposureDose": 3.0, "PriorRecordDose": 3.0 * int(ORDER[z])}
+                for z, a in enumerate(ANGLES)]
+    tilts = serialem.read_mdoc_tilts(_mdoc(tmp_path, sections))
+    np.testing.assert_array_equal(tilts["acquisition_order"], ORDER)
+    np.testing.assert_allclose(tilts["accumulated_dose_e_per_angst2"], ACCUMULATED)
+    assert "PriorRecordDose (no DateTime)" in tilts["order_source"]
 
 
 @pytest.mark.parametrize(("change", "fragment"), [

@@ -5,7 +5,7 @@ import pytest
 
 from mspecies.common.types import InputError
 from mspecies.convert.files import read_defocus_array, read_xf_array
-from mspecies.formats import ctffind, imod, validate
+from mspecies.formats import aretomo, ctffind, dose, imod, serialem, validate
 
 
 def _write(tmp_path, name, text):
@@ -35,6 +35,32 @@ def test_readers_refuse_bad_values_with_file_and_line(tmp_path, name, text, read
     with pytest.raises(InputError, match=fragment) as error:
         reader(path)
     assert str(path) in str(error.value)
+
+
+@pytest.mark.parametrize("reader", [imod.read_tlt, imod.read_xf, imod.read_imod_defocus, ctffind.read_ctffind,
+                                    serialem.read_mdoc, aretomo.read_aln, dose.read_dose_list],
+                         ids=lambda reader: f"{reader.__module__.rsplit('.', 1)[-1]}.{reader.__name__}")
+def test_text_readers_refuse_a_binary_file_as_not_text(tmp_path, reader):
+    """A binary file (an MRC, a TIFF) given where text is expected is named as such, not as 'line 1: expected 6
+    columns, got 3: <garbage bytes>'."""
+    path = tmp_path / "binary.txt"
+    path.write_bytes(bytes(range(256)) * 20)
+    with pytest.raises(InputError, match="not a text file") as error:
+        reader(path)
+    assert str(path) in str(error.value) and "\ufffd" not in str(error.value)
+
+
+def test_a_stray_non_utf8_character_in_a_text_file_is_still_read(tmp_path):
+    path = tmp_path / "dose.txt"
+    path.write_bytes(b"# accumulated dose in e/\xc5\xb2 (Windows-1252)\n3.0\n6.0\n9.0\n")
+    assert dose.read_dose_list(path, "accumulated").accumulated_e_per_angst2.tolist() == [3.0, 6.0, 9.0]
+
+
+def test_a_non_finite_matrix_is_named_on_one_line(tmp_path):
+    path = _write(tmp_path, "a.xf", "1 0 0 1 0 0\nnan nan nan nan 0 0\n")
+    with pytest.raises(InputError) as error:
+        imod.read_xf(path)
+    assert "\n" not in str(error.value) and "line 2" in str(error.value)
 
 
 @pytest.mark.parametrize(("check", "value", "fragment"), [
@@ -93,3 +119,29 @@ def test_scipion_importers_use_the_same_checked_readers(tmp_path):
     aln = _write(tmp_path, "a.aln", "# SEC ROT GMAG TX TY SMEAN SFIT SCALE BASE TILT\n"
                  "    0    90.0    1.0    2.0    0.0    1.0    1.0    1.0    0.0    0.0\n")
     np.testing.assert_allclose(read_xf_array(aln), [[[0.0, 1.0, 0.0], [-1.0, 0.0, 2.0]]], atol=1e-12)
+
+
+ANGLES_41 = np.arange(-60.0, 61.0, 3.0)
+
+
+def _scheme_dose(acquired_angles: list[float]) -> np.ndarray:
+    """Accumulated dose (3 e/Å² per tilt) per image of ANGLES_41 (stack order) for an acquisition order."""
+    rank = {angle: i for i, angle in enumerate(acquired_angles)}
+    return np.array([3.0 * (rank[angle] + 1) for angle in ANGLES_41])
+
+
+@pytest.mark.parametrize("acquired", [
+    list(ANGLES_41),                                                             # unidirectional
+    [a for a in ANGLES_41 if a >= -21] + [a for a in ANGLES_41 if a < -21][::-1],  # bidirectional from -21°
+    [0.0] + [s * a for a in np.arange(3.0, 61.0, 3.0) for s in (1, -1)],         # dose-symmetric
+    [0.0] + [s * a for b in np.arange(3.0, 61.0, 6.0) for s in (1, -1) for a in (b, b + 3)],  # grouped (2/side)
+], ids=["unidirectional", "bidirectional", "dose-symmetric", "grouped-dose-symmetric"])
+def test_dose_of_usual_acquisition_schemes_grows_away_from_the_start(acquired):
+    assert sorted(acquired) == list(ANGLES_41)
+    assert validate.dose_not_growing_outward(ANGLES_41, _scheme_dose(acquired)) == []
+
+
+def test_a_dose_list_out_of_stack_order_does_not_grow_away_from_the_start():
+    dose = _scheme_dose([0.0] + [s * a for a in np.arange(3.0, 61.0, 3.0) for s in (1, -1)])
+    shuffled = np.random.default_rng(0).permutation(dose)
+    assert validate.dose_not_growing_outward(ANGLES_41, shuffled)

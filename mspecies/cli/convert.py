@@ -53,18 +53,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                        help="tomogram size in px at the coordinate pixel size; only needed where coordinates from the "
                             "tomogram corner (3.0, 3.1, 4, warp3d, warp) meet centred ones (RELION 5)")
     sizes.add_argument("--tomo-sizes", help="file with one 'name NX NY NZ' line per tomogram")
+    add_microscope_arguments(parser)
+
+
+def add_microscope_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--voltage``, ``--cs``, ``--amplitude-contrast``: the optics a RELION 3.0/3.1 STAR must carry, for input
+    files whose optics table lacks them (convert, intersect)."""
     parser.add_argument("--voltage", type=float, help="kV, for optics tables that lack rlnVoltage")
     parser.add_argument("--cs", type=float, help="mm, for optics tables that lack rlnSphericalAberration")
     parser.add_argument("--amplitude-contrast", type=float, help="0..1, for optics lacking rlnAmplitudeContrast")
 
 
-def _microscope(args: argparse.Namespace) -> Microscope | None:
+def microscope_from_args(args: argparse.Namespace) -> Microscope | None:
+    """The :func:`add_microscope_arguments` values, checked (kV, mm, fraction), or None when none is given."""
+    from mspecies.formats import validate
+
     values = (args.voltage, args.cs, args.amplitude_contrast)
     if all(v is None for v in values):
         return None
     if any(v is None for v in values):
         raise InputError("--voltage, --cs and --amplitude-contrast go together")
-    return Microscope(voltage_kv=args.voltage, cs_mm=args.cs, amplitude_contrast=args.amplitude_contrast)
+    return Microscope(voltage_kv=validate.check_voltage_kv(args.voltage, "--voltage"),
+                      cs_mm=validate.check_cs_mm(args.cs, "--cs"),
+                      amplitude_contrast=validate.check_amplitude_contrast(args.amplitude_contrast,
+                                                                           "--amplitude-contrast"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     if output.is_dir():
         raise InputError(f"output: {output} is a folder, expected a STAR file name")
     check_output_folder(output.parent, "output")
-    microscope = _microscope(args)
+    microscope = microscope_from_args(args)
     shapes = read_tomo_sizes(args.tomo_sizes) if args.tomo_sizes else (tuple(args.tomo_size) if args.tomo_size
                                                                         else None)
     if not Path(args.input).is_file():

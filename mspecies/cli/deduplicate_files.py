@@ -39,6 +39,7 @@ from mspecies.cli.intersect_files import (
     default_histogram_radius_angst,
     group_labels,
     read_star_input,
+    refuse_replaced_inputs,
     star_side_columns,
     summary_lines,
     write_histogram_distances,
@@ -54,7 +55,7 @@ from mspecies.cli.intersect_plots import (
     histogram_title,
     save_histogram_png,
 )
-from mspecies.common.types import InputError, ParticlePoses
+from mspecies.common.types import InputError, Microscope, ParticlePoses
 from mspecies.core.assignment import DuplicateResult, deduplicate_particles, nearest_new_particles
 from mspecies.core.symmetry import angular_distance_from_euler_deg
 from mspecies.formats.star_dialects import TomoShapes
@@ -186,12 +187,14 @@ def deduplicate_star_file(path: str | Path, tolerance_angst: float, out_dir: str
                           coord_pixel_size_angst: float | None = None, tomo_shape_px: TomoShapes = None,
                           histogram_radius_angst: float | None = None, n_bins: int = DEFAULT_HISTOGRAM_BINS,
                           log_scale: bool = False, log: Callable[[str], None] = print,
-                          options: MatchOptions = NO_OPTIONS) -> dict:
+                          options: MatchOptions = NO_OPTIONS, microscope: Microscope | None = None) -> dict:
     """Remove duplicates from one particle STAR and write the outputs (see the module docstring) in its dialect,
     through a staging folder under the lock of ``out_dir``, as :func:`~mspecies.cli.intersect_files.
-    intersect_star_files` (parameters checked before anything is written)."""
+    intersect_star_files` (parameters checked before anything is written); ``microscope`` fills the optics the file
+    lacks where its dialect needs them."""
     check_intersect_parameters(tolerance_angst, n_bins, histogram_radius_angst)
     check_output_folder(out_dir, "--out")
+    refuse_replaced_inputs(out_dir, (("--old/--new", path),))
     table = read_star_input(path, dialect, role="--old/--new", coord_pixel_size_angst=coord_pixel_size_angst,
                             tomo_shape_px=tomo_shape_px)
     log(f"old and new are the same file: removing duplicates from {path} (dialect {table.dialect}, "
@@ -206,7 +209,7 @@ def deduplicate_star_file(path: str | Path, tolerance_angst: float, out_dir: str
             "only_new": none, "selected": kept if keep[1] else none}
     with locked_output_folder(out_dir, "--out") as out:
         with staging_folder(out, "deduplicate") as staging:
-            files = {name: write_particle_star(table.take(index), staging / f"{name}.star")
+            files = {name: write_particle_star(table.take(index), staging / f"{name}.star", microscope=microscope)
                      for name, index in rows.items()}
             extra = {"old_file": str(path), "new_file": str(path), "old_dialect": str(table.dialect),
                      "new_dialect": str(table.dialect),

@@ -267,17 +267,22 @@ def load_inputs(args: argparse.Namespace) -> list[tuple[TiltSeriesData, Particle
 
 def export_options(args: argparse.Namespace, data_pixel_angst: float):  # noqa: ANN201 (lazy import)
     """:class:`~mspecies.core.reconstruct.ExportOptions` from the command line."""
+    from mspecies.cli.export_checks import with_flag
     from mspecies.core.reconstruct import ExportOptions
 
-    return ExportOptions(
-        output_pixel_size_angst=args.pixel_size_out or data_pixel_angst, box_px=args.box,
-        particle_diameter_angst=args.diameter, mode=args.mode, shift_angst=tuple(args.shift),
-        prerotate=args.prerotate, n_tilts_by_dose=args.n_tilts_by_dose,
-        invert_contrast=not args.no_invert, normalize_input=not args.no_normalize_input,
-        normalize_output=not args.no_normalize_output, sparse_ctf=args.sparse_ctf, ctf_layout=args.ctf_layout,
-        ctf_method=args.ctf_method,
-        defocus_gradient_sign=args.defocus_gradient_sign, apply_ctf=not args.no_ctf, backend=args.backend,
-        memory_budget_bytes=None if args.memory_gb is None else int(args.memory_gb * 1e9), max_batch=args.max_batch)
+    try:
+        return ExportOptions(
+            output_pixel_size_angst=args.pixel_size_out or data_pixel_angst, box_px=args.box,
+            particle_diameter_angst=args.diameter, mode=args.mode, shift_angst=tuple(args.shift),
+            prerotate=args.prerotate, n_tilts_by_dose=args.n_tilts_by_dose,
+            invert_contrast=not args.no_invert, normalize_input=not args.no_normalize_input,
+            normalize_output=not args.no_normalize_output, sparse_ctf=args.sparse_ctf, ctf_layout=args.ctf_layout,
+            ctf_method=args.ctf_method,
+            defocus_gradient_sign=args.defocus_gradient_sign, apply_ctf=not args.no_ctf, backend=args.backend,
+            memory_budget_bytes=None if args.memory_gb is None else int(args.memory_gb * 1e9),
+            max_batch=args.max_batch)
+    except InputError as error:  # core names its fields (box_px: ...); name the flag too
+        raise with_flag(error) from error
 
 
 # ----------------------------------------------------------------------------------------------- run
@@ -296,6 +301,7 @@ def run(args: argparse.Namespace) -> int:
     retain_freed_memory()  # this process is the worker: per-particle arrays reuse freed pages
 
     out = check_output_folder(args.out, "--out")
+    check_inputs_not_replaced(args, out)
     check_export_arguments(args)
     jobs = [plan_job(tilt_series, particles, shape, export_options(args, tilt_series.pixel_size_angst),
                      min_visible_tilts=args.min_visible_tilts, drop_duplicates=args.drop_duplicates)
@@ -317,6 +323,28 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     print(f"wrote {len(table)} particles: {out / STAR_NAME}")
     return EXIT_OK
+
+
+INPUT_FLAGS = ("manifest", "geometry", "particles", "stack", "mdoc", "tlt", "xf", "aln", "ctf", "defocus", "dose",
+               "tomogram")
+"""Flags of :func:`add_parser` that name an input file."""
+
+
+def check_inputs_not_replaced(args: argparse.Namespace, out: Path) -> None:
+    """InputError when the export into ``out`` would replace or remove one of its own input files (a
+    ``particles.star`` given as ``--particles`` in the folder chosen as ``--out``, with or without ``--overwrite``)."""
+    from mspecies.cli.export_files import EXCLUDED_TSV, STAR_NAME, earlier_export_files
+    from mspecies.cli.export_record import RECORD_JSON
+
+    if not out.is_dir():
+        return
+    written = {(out / name).resolve(): out / name for name in (STAR_NAME, EXCLUDED_TSV, RECORD_JSON)}
+    written |= {path.resolve(): path for path in earlier_export_files(out)}
+    for flag in INPUT_FLAGS:
+        value = getattr(args, flag, None)
+        if value and Path(value).resolve() in written:
+            raise InputError(f"--out: the export writes {written[Path(value).resolve()]}, which is its input "
+                             f"--{flag.replace('_', '-')} {value}; choose another --out folder (or move the input)")
 
 
 def publish_export(staging: Path, out: Path, earlier: list[Path]) -> None:

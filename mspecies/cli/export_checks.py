@@ -10,15 +10,16 @@
   Every excluded particle is listed (input row, reason) in ``excluded_particles.tsv`` and counted in the log;
 * the disk: the bytes the export will write (:func:`export_bytes`), checked against the free space of ``--out``.
 
-The tomogram's z extent is not checked: its thickness is often a guess (the protocol's default is 2000 Å), and a
-particle above or below it still projects into the images.
+The tomogram's z extent does not exclude: its thickness is often a guess (the protocol's default is 2000 Å), and a
+particle above or below it still projects into the images; particles beyond it are exported with a warning that
+names them (a z far off usually means a wrong coordinate pixel size, binning or origin).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -53,6 +54,8 @@ class ExportJob:
     excluded: pd.DataFrame
     n_duplicates: int
     visible_tilts: np.ndarray
+    beyond_z_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    """Input rows of exported particles whose z lies beyond the tomogram's thickness (warned about, not skipped)."""
 
 
 def check_export_arguments(args: argparse.Namespace) -> None:
@@ -62,6 +65,8 @@ def check_export_arguments(args: argparse.Namespace) -> None:
                          f"got {args.pixel_size_out:g}")
     if not (args.diameter > 0 and math.isfinite(args.diameter)):
         raise InputError(f"--diameter: expected a diameter > 0 Å, got {args.diameter:g}")
+    if not all(math.isfinite(value) for value in args.shift):
+        raise InputError(f"--shift: expected three finite shifts in Å, got {' '.join(f'{v:g}' for v in args.shift)}")
     if args.min_visible_tilts < 1:
         raise InputError(f"--min-visible-tilts: expected an integer >= 1, got {args.min_visible_tilts}")
     if args.memory_gb is not None:
@@ -117,8 +122,9 @@ def plan_job(tilt_series: TiltSeriesData, particles: ParticlePoses, tomogram_sha
                          columns=EXCLUDED_COLUMNS)
     kept = reasons == ""
     n_duplicates = int(np.count_nonzero((duplicate_of >= 0) & kept)) if not drop_duplicates else 0
+    beyond_z = kept & outside_tomogram_z(positions, tomogram_shape_xyz_px, tilt_series.pixel_size_angst)
     return ExportJob(tilt_series, particles.subset(kept), tomogram_shape_xyz_px, options, padded, plan, table,
-                     n_duplicates, visible[kept])
+                     n_duplicates, visible[kept], np.flatnonzero(beyond_z))
 
 
 def visible_tilt_counts(tilt_series: TiltSeriesData, positions_angst: np.ndarray, box_px: int,
@@ -142,6 +148,12 @@ def outside_tomogram_xy(positions_angst: np.ndarray, tomogram_shape_xyz_px: tupl
     """(N,) True where the centred position lies beyond half the tomogram's size in x or y."""
     half_angst = 0.5 * np.asarray(tomogram_shape_xyz_px[:2], dtype=np.float64) * data_pixel_angst
     return np.any(np.abs(positions_angst[:, :2]) > half_angst, axis=1)
+
+
+def outside_tomogram_z(positions_angst: np.ndarray, tomogram_shape_xyz_px: tuple[int, ...],
+                       data_pixel_angst: float) -> np.ndarray:
+    """(N,) True where the centred position lies beyond half the tomogram's thickness (z)."""
+    return np.abs(positions_angst[:, 2]) > 0.5 * float(tomogram_shape_xyz_px[2]) * data_pixel_angst
 
 
 def first_identical(particles: ParticlePoses) -> np.ndarray:
@@ -175,6 +187,12 @@ def exclusion_lines(job: ExportJob, limit: int = 10) -> list[str]:
     for reason, rows in job.excluded.groupby("reason", sort=False)["particle"]:
         listed = ", ".join(str(r) for r in rows.to_numpy()[:limit]) + (", ..." if len(rows) > limit else "")
         lines.append(f"{ts_id}: skipped {len(rows)} particle(s), {reason}: input rows {listed}")
+    if job.beyond_z_rows.size:
+        rows = job.beyond_z_rows
+        listed = ", ".join(str(r) for r in rows[:limit]) + (", ..." if rows.size > limit else "")
+        lines.append(f"warning: {ts_id}: {rows.size} particle(s) lie beyond the tomogram's thickness "
+                     f"({job.tomogram_shape_xyz_px[2]} px at {job.tilt_series.pixel_size_angst:g} Å) and are exported "
+                     f"all the same (input rows {listed}); check their z (coordinate pixel size, binning, origin)")
     if job.n_duplicates:
         lines.append(f"warning: {ts_id}: {job.n_duplicates} particle(s) repeat an earlier one exactly (same position "
                      "and angles); exported twice they fall into both random halves and inflate the gold-standard "

@@ -25,6 +25,7 @@ tilt series').
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -151,14 +152,30 @@ def _alignment(args: argparse.Namespace, n: int, image_yx: tuple[int, int], log:
     return aln.xf, aln.tilt_angles_deg, aln.excluded
 
 
+def _says_ctffind(path: str | Path) -> bool:
+    """Whether the first line of ``path`` is CTFFIND's ``# Output from CTFFIND ...`` header."""
+    with contextlib.suppress(OSError), open(path, encoding="utf-8", errors="replace") as handle:
+        return "ctffind" in handle.readline().lower()
+    return False
+
+
 def _defocus(args: argparse.Namespace, n: int, log: SourceLog):
     """(u, v, angle, phase shift deg, CTFFIND fit or None) from ``--ctf`` or ``--defocus``."""
     from mspecies.formats import ctffind, imod
 
     if (args.ctf is None) == (args.defocus is None):
         raise InputError("--ctf / --defocus: give the defocus as CTFFIND output or an IMOD .defocus (one of them)")
+    if args.defocus is not None and _says_ctffind(args.defocus):
+        raise InputError(f"--defocus {args.defocus} is CTFFIND output (its first line says so), not an IMOD "
+                         f".defocus; pass it as --ctf {args.defocus}")
     if args.ctf is not None:
-        fit = ctffind.read_ctffind(args.ctf)
+        try:
+            fit = ctffind.read_ctffind(args.ctf)
+        except InputError as error:
+            if _says_ctffind(args.ctf) or "not a text file" in str(error):
+                raise
+            raise InputError(f"--ctf {args.ctf} is not CTFFIND output (no '# Output from CTFFIND' header line; an "
+                             f"IMOD .defocus goes to --defocus): {error}") from error
         _count(fit.defocus_u_angst, n, "defocus", f"--ctf {args.ctf}")
         log.info(f"defocus: {n} tilts, {fit.defocus_u_angst.min():.0f}–{fit.defocus_u_angst.max():.0f} Å "
                  f"(from --ctf {args.ctf})")
@@ -192,6 +209,15 @@ def _dose_and_order(args: argparse.Namespace, n: int, mdoc: dict | None, angles:
     if order is None:
         order = np.argsort(np.argsort(accumulated, kind="stable"), kind="stable")
         log.info("acquisition order: by accumulated dose (no --mdoc)")
+        odd = validate.dose_not_growing_outward(angles, accumulated)
+        if odd:
+            log.warn(f"accumulated dose does not grow away from the first-acquired tilt on each side at image(s) "
+                     f"{[i + 1 for i in odd][:10]} (1-based, stack order; tilt angles from {angle_source}), as no "
+                     "usual acquisition scheme gives: are the dose rows in stack order? --mdoc checks the dose "
+                     "against the acquisition order")
+    elif order_source.endswith("section order"):
+        log.warn(f"acquisition order: {args.mdoc} has neither DateTime nor PriorRecordDose; taken as its section "
+                 "order (ZValue), which is wrong for a stack sorted by tilt angle (the dose is summed in this order)")
     else:
         log.info(f"acquisition order: from {order_source}")
     return accumulated, order
@@ -340,6 +366,8 @@ def _star_poses(path: Path, shape_xyz: tuple[int, int, int], data_pixel: float, 
     try:
         table = read_particle_star(path, coord_pixel_size_angst=flag_pixel,
                                    tomo_shape_px=_shape_at(shape_xyz, data_pixel, guess))
+        if not len(table.poses):
+            return table.poses  # refused by the caller, naming --particles and the file
         found = None if table.coord_pixel_size_angst is None else float(table.coord_pixel_size_angst[0])
     except InputError:
         if flag_pixel is not None:
@@ -406,12 +434,19 @@ def read_particles(path: str | Path, ts_id: str, tomogram_shape_xyz_px: tuple[in
                 return _text_poses(path, ts_id, tomogram_shape_xyz_px, data_pixel_angst, pixel, log)
             poses = _star_poses(path, tomogram_shape_xyz_px, data_pixel_angst, coords_pixel_angst, fallback, log)
     except InputError as error:
+        if str(error).startswith("--particles"):
+            raise
         named = "--particles" if str(path) in str(error) else f"--particles {path}"
         raise InputError(f"{named}: {error}") from error
     if not len(poses):
         raise InputError(f"--particles: {path} holds no particles")
     names = np.array([normalise_tomo_name(str(name)) for name in poses.tomo_names], dtype=object)
     mine = (poses.tomo_names.astype(str) == ts_id) | (names == normalise_tomo_name(ts_id))
+    if not np.any(mine):  # as intersect matches names: ignoring case when nothing matches otherwise
+        mine = np.array([name.lower() for name in names]) == normalise_tomo_name(ts_id).lower()
+        if np.any(mine):
+            log.info(f"particles: tomogram name(s) {sorted(set(poses.tomo_names[mine].astype(str)))[:5]} of {path} "
+                     f"taken as {ts_id!r} (ignoring case)")
     if not np.any(mine):
         raise InputError(f"--particles: no particle of {path} belongs to tomogram {ts_id!r} "
                          f"(names found: {sorted(set(poses.tomo_names.astype(str)))[:5]}; --ts-id to name it)")

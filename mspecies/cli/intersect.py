@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import argparse
 
-from mspecies.cli.convert import DIALECTS, read_tomo_sizes
+from mspecies.cli.convert import DIALECTS, add_microscope_arguments, microscope_from_args, read_tomo_sizes
 from mspecies.cli.deduplicate_files import any_summary_lines, deduplicate_star_file
 from mspecies.cli.intersect_files import (
     DEFAULT_HISTOGRAM_BINS,
@@ -71,6 +71,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="matching radius (Å) for the distance histogram (default: max(3 x tolerance, 20 Å); "
                              "inf in m_compatible mode)")
     parser.add_argument("--bins", type=int, default=DEFAULT_HISTOGRAM_BINS, help="histogram bins")
+    add_microscope_arguments(parser)
     parser.add_argument("--log-scale", action="store_true", help="histogram counts on a log scale")
     parser.add_argument("--angular-tolerance-deg", type=float,
                         help="also require the two poses to be within this angle (deg, smallest over --symmetry); "
@@ -91,19 +92,20 @@ def run(args: argparse.Namespace) -> int:
     shapes = read_tomo_sizes(args.tomo_sizes) if args.tomo_sizes else (
         tuple(args.tomo_size) if args.tomo_size else None)
     options = MatchOptions(args.angular_tolerance_deg, args.symmetry, args.group_by, args.score)
+    microscope = microscope_from_args(args)
     if same_file(args.old, args.new):
         summary = deduplicate_star_file(
             args.old, args.tolerance_angst, args.out, keep=keep, dialect=args.old_dialect,
             coord_pixel_size_angst=args.coord_pixel_size_angst, tomo_shape_px=shapes,
             histogram_radius_angst=args.histogram_radius_angst, n_bins=args.bins, log_scale=args.log_scale,
-            options=options)
+            options=options, microscope=microscope)
     else:
         summary = intersect_star_files(
             args.old, args.new, args.tolerance_angst, args.out, keep=keep, mode=args.mode,
             old_dialect=args.old_dialect, new_dialect=args.new_dialect,
             coord_pixel_size_angst=args.coord_pixel_size_angst, tomo_shape_px=shapes, name_mapping=args.name_map,
             histogram_radius_angst=args.histogram_radius_angst, n_bins=args.bins, log_scale=args.log_scale,
-            max_log_tomograms=SCREENFUL_TOMOGRAMS, options=options)
+            max_log_tomograms=SCREENFUL_TOMOGRAMS, options=options, microscope=microscope)
     for line in any_summary_lines(summary, SCREENFUL_TOMOGRAMS):
         print(line)
     print(f"outputs in {args.out}")

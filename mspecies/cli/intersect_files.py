@@ -36,7 +36,7 @@ from mspecies.cli.intersect_plots import (
     histogram_title,
     save_histogram_png,
 )
-from mspecies.common.types import InputError, ParticlePoses
+from mspecies.common.types import InputError, Microscope, ParticlePoses
 from mspecies.core.assignment import (
     DISTANCE_EPS_ANGST,
     MODES,
@@ -597,28 +597,30 @@ def merge_into_old_dialect(old: ParticleTable, new: ParticleTable, new_group_nam
 
 
 def write_star_outputs(out_dir: str | Path, old: ParticleTable, new: ParticleTable, outcome: IntersectOutcome,
-                       keep: tuple[bool, bool, bool]) -> dict[str, Path]:
+                       keep: tuple[bool, bool, bool], microscope: Microscope | None = None) -> dict[str, Path]:
     """Write ``only_old.star``, ``in_both.star`` (old rows; with a score, the old rows that won then the new rows
     that won), ``only_new.star`` (new rows) and ``selected.star`` (the chosen union), all in the old file's
-    dialect → {stem: path}."""
+    dialect → {stem: path}; ``microscope`` for optics that lack it."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = outcome.result
-    paths = {"only_old": write_particle_star(old.take(np.flatnonzero(result.only_old)), out / "only_old.star")}
+    paths = {"only_old": write_particle_star(old.take(np.flatnonzero(result.only_old)), out / "only_old.star",
+                                             microscope=microscope)}
     both_old, both_new = select_union(result, False, True, False, new_wins=outcome.new_wins)
     paths["in_both"] = write_particle_star(
         merge_into_old_dialect(old.take(both_old), new.take(both_new), outcome.new_groups[both_new], template=old)
-        if both_new.size else old.take(both_old), out / "in_both.star")
+        if both_new.size else old.take(both_old), out / "in_both.star", microscope=microscope)
     only_new = np.flatnonzero(result.only_new)
     paths["only_new"] = write_particle_star(
         merge_into_old_dialect(old.take(np.arange(0)), new.take(only_new), outcome.new_groups[only_new],
                                template=old),
-        out / "only_new.star")
+        out / "only_new.star", microscope=microscope)
     old_idx, new_idx = select_union(result, *keep, new_wins=outcome.new_wins)
     selected = merge_into_old_dialect(old.take(old_idx), new.take(new_idx), outcome.new_groups[new_idx],
                                       template=old)
-    paths["selected"] = write_particle_star(selected, out / "selected.star")
+    paths["selected"] = write_particle_star(selected, out / "selected.star", microscope=microscope)
     return paths
+
 
 
 def intersect_star_files(old_path: str | Path, new_path: str | Path, tolerance_angst: float, out_dir: str | Path, *,
@@ -628,9 +630,10 @@ def intersect_star_files(old_path: str | Path, new_path: str | Path, tolerance_a
                          name_mapping: str | None = None, histogram_radius_angst: float | None = None,
                          n_bins: int = DEFAULT_HISTOGRAM_BINS, log_scale: bool = False,
                          log: Callable[[str], None] = print, max_log_tomograms: int | None = None,
-                         options: MatchOptions = NO_OPTIONS) -> dict:
+                         options: MatchOptions = NO_OPTIONS, microscope: Microscope | None = None) -> dict:
     """Intersect two particle STAR files and write every output into ``out_dir``; returns the summary.
 
+    ``microscope`` fills the optics the old file lacks where its dialect needs them (RELION 3.0/3.1).
     ``coord_pixel_size_angst`` (Å/px) is used for a file that does not carry its coordinate pixel size;
     ``tomo_shape_px`` (px at that pixel size) only where a corner-based file meets a centred one (RELION 5): two
     corner-based files of the same tomograms are compared from the corner, without it. New particles whose
@@ -646,6 +649,7 @@ def intersect_star_files(old_path: str | Path, new_path: str | Path, tolerance_a
         raise InputError(f"--keep: choose at least one of {list(KEEP_CHOICES)}")
     check_intersect_parameters(tolerance_angst, n_bins, histogram_radius_angst)
     check_output_folder(out_dir, "--out")
+    refuse_replaced_inputs(out_dir, (("--old", old_path), ("--new", new_path)))
     old = read_star_input(old_path, old_dialect, role="--old", coord_pixel_size_angst=coord_pixel_size_angst,
                           tomo_shape_px=tomo_shape_px)
     new = read_star_input(new_path, new_dialect, role="--new", coord_pixel_size_angst=coord_pixel_size_angst,
@@ -665,7 +669,7 @@ def intersect_star_files(old_path: str | Path, new_path: str | Path, tolerance_a
                               new_columns=new_columns, use_angles=old.has_angles and new.has_angles)
     with locked_output_folder(out_dir, "--out") as out:
         with staging_folder(out, "intersect") as staging:
-            files = write_star_outputs(staging, old, new, outcome, keep)
+            files = write_star_outputs(staging, old, new, outcome, keep, microscope)
             extra = {"old_file": str(old_path), "new_file": str(new_path), "old_dialect": str(old.dialect),
                      "new_dialect": str(new.dialect),
                      "files": {k: str(out / Path(v).relative_to(staging)) for k, v in files.items()}}
@@ -673,6 +677,15 @@ def intersect_star_files(old_path: str | Path, new_path: str | Path, tolerance_a
                                         log_scale=log_scale, extra=extra)
             publish(staging, out, replaced=[out / name for name in OUTPUT_FILES], last=SUMMARY_JSON)
     return summary
+
+
+def refuse_replaced_inputs(out_dir: str | Path, inputs: Sequence[tuple[str, str | Path]]) -> None:
+    """An input file (``(flag, path)``) that the outputs in ``out_dir`` would replace is an :class:`InputError`."""
+    written = {(Path(out_dir) / name).resolve(): Path(out_dir) / name for name in OUTPUT_FILES}
+    for flag, path in inputs:
+        if Path(path).resolve() in written:
+            raise InputError(f"--out: the intersection writes {written[Path(path).resolve()]}, which is its input "
+                             f"{flag} {path}; choose another --out folder (or move the input)")
 
 
 def _require_same_frame(old: ParticleTable, new: ParticleTable, old_path: str | Path, new_path: str | Path) -> None:

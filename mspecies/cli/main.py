@@ -10,11 +10,14 @@ Nothing here imports pyworkflow, pwem or tomo.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from mspecies.cli import convert as cli_convert
 from mspecies.cli import demo as cli_demo
@@ -23,6 +26,33 @@ from mspecies.cli import intersect as cli_intersect
 from mspecies.cli.errors import EXPECTED_ERRORS, expected_error_message
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal (SIGINT = Ctrl-C, SIGTERM = ``kill``, a cancelled queue job) raised where the command runs, so
+    that its ``finally`` blocks remove what it had not finished, as for Ctrl-C."""
+
+    def __init__(self, signal_number: int) -> None:
+        super().__init__(signal.Signals(signal_number).name)
+        self.signal_number = signal_number
+
+
+def _raise_interrupted(signal_number: int, _frame: object) -> None:
+    raise Interrupted(signal_number)
+
+
+@contextlib.contextmanager
+def _stop_signals_raise() -> Iterator[None]:
+    """SIGINT and SIGTERM raise :class:`Interrupted` for the block (main thread only; handlers restored after)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {number: signal.signal(number, _raise_interrupted) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -102,13 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run a subcommand; returns 0 on success, 1 on a failed check, 2 on bad input."""
+    """Run a subcommand; returns 0 on success, 1 on a failed check, 2 on bad input, 128 + the signal number when
+    stopped by SIGINT (Ctrl-C) or SIGTERM (after removing what the run had not completed, without a traceback)."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # argparse: --help (0) or a bad argument (2), message already printed
         return int(exit_.code or 0)
     try:
-        return SUBCOMMANDS[args.command][1](args)
+        with _stop_signals_raise():
+            return SUBCOMMANDS[args.command][1](args)
+    except KeyboardInterrupt as stop:
+        number = getattr(stop, "signal_number", signal.SIGINT)
+        print(f"mspecies {args.command}: interrupted by {signal.Signals(number).name}; the files this run had not "
+              "completed were removed", file=sys.stderr)
+        return 128 + number
     except EXPECTED_ERRORS as error:
         message = expected_error_message(error, args)
         if message is None:

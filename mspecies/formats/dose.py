@@ -53,6 +53,18 @@ def _is_running_sum(prior: np.ndarray, own: np.ndarray) -> bool:
     return bool(np.all(prior[1:] >= prior[:-1] + own[:-1] - RUNNING_SUM_TOLERANCE))
 
 
+def _neither_dose_nor_tilt(path: Path, first: np.ndarray, lines: np.ndarray, tilt_angles_deg: np.ndarray,
+                           tilt_source: str) -> InputError:
+    """The error for a first column with a negative value that is not the known tilt angle of its row: names the
+    first such row (a negative prior dose, or a tilt-angle list in another order than the stack)."""
+    mismatch = np.abs(first - tilt_angles_deg) > TILT_MATCH_DEG
+    rows = np.flatnonzero(mismatch & (first < 0))
+    row = int(rows[0] if rows.size else np.flatnonzero(mismatch)[0])
+    return InputError(f"{path}, line {lines[row]}: {first[row]:g} in the first column is neither a prior dose (a dose "
+                      f"cannot be < 0) nor the tilt angle of that image in {tilt_source} ({tilt_angles_deg[row]:g}°); "
+                      "expected rows of (prior dose, own dose) or (tilt angle, accumulated dose) in stack order")
+
+
 def _auto_two_columns(path: Path, table: np.ndarray, lines: np.ndarray, tilt_angles_deg: np.ndarray | None,
                       tilt_source: str) -> tuple[str, str]:
     """(layout, reason) for a two-column list, or InputError saying how to tell."""
@@ -63,9 +75,7 @@ def _auto_two_columns(path: Path, table: np.ndarray, lines: np.ndarray, tilt_ang
     if np.any(first < 0):
         if np.all(np.abs(first) <= 90.0) and np.all(second >= 0):
             if tilt_angles_deg is not None and first.shape == tilt_angles_deg.shape:
-                raise InputError(f"{path}: the first column has negative values (tilt angles, not prior doses) but "
-                                 f"differs from the tilt angles of {tilt_source} by up to "
-                                 f"{np.max(np.abs(first - tilt_angles_deg)):.2f}°; rows must be in stack order")
+                raise _neither_dose_nor_tilt(path, first, lines, tilt_angles_deg, tilt_source)
             return "tilt-accumulated", "its first column has negative values (tilt angles; a dose cannot be < 0)"
         raise InputError(f"{path}: negative values in the first column that are not tilt angles; expected "
                          "(prior dose, own dose) or (tilt angle, accumulated dose) in e/A^2")

@@ -138,7 +138,7 @@ def read_mdoc_tilts(path: str | os.PathLike[str]) -> dict[str, object]:
     -------
     dict: ``stack`` (path of ``ImageFile`` next to the mdoc, else the mdoc name without ``.mdoc``),
     ``pixel_size_angst`` / ``voltage_kv`` (header or first section, or None), ``tilt_angles_deg``,
-    ``acquisition_order`` (0-based), ``order_source`` (``DateTime`` or ``file order``),
+    ``acquisition_order`` (0-based), ``order_source`` (``DateTime``, else ``PriorRecordDose``, else section order),
     ``accumulated_dose_e_per_angst2`` and ``dose_e_per_angst2`` (own dose; both None without ``ExposureDose``),
     ``dose_source`` (text), ``lines`` (None: values come from sections, named by ZValue).
     """
@@ -155,6 +155,9 @@ def read_mdoc_tilts(path: str | os.PathLike[str]) -> dict[str, object]:
     if all("DateTime" in s for s in sections):
         keys, order_source = np.array([_timestamp(path, int(s["ZValue"]), s["DateTime"]) for s in sections]), \
             f"{path} DateTime"
+    elif all("PriorRecordDose" in s for s in sections):  # the dose before each tilt orders them (a sorted stack)
+        keys, order_source = _section_values(path, sections, "PriorRecordDose"), \
+            f"{path} PriorRecordDose (no DateTime)"
     else:
         keys, order_source = np.arange(len(sections), dtype=np.float64), f"{path} section order"
     order = np.argsort(np.argsort(keys, kind="stable"), kind="stable")

@@ -13,14 +13,22 @@ import numpy as np
 
 from mspecies.common.types import InputError
 
+BINARY_SHARE = 0.05
+"""Share of undecodable bytes (or any NUL) in a file's first 4 KiB above which it is binary, not text (a stray
+non-UTF-8 character, such as a degree sign in a Windows-written mdoc, stays far below it)."""
+
 
 def read_lines(path: str | Path) -> list[tuple[int, str]]:
-    """(1-based line number, stripped text) of the non-empty lines of a text file."""
+    """(1-based line number, stripped text) of the non-empty lines of a text file; InputError for a binary file."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: file not found")
     with open(path, encoding="utf-8", errors="replace") as handle:
-        return [(number, line.strip()) for number, line in enumerate(handle, start=1) if line.strip()]
+        text = handle.read()
+    head = text[:4096]
+    if "\x00" in head or head.count("\ufffd") > BINARY_SHARE * len(head):
+        raise InputError(f"{path}: not a text file (binary content in its first bytes); expected a text file")
+    return [(number, line.strip()) for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
 
 
 def parse_row(path: str | Path, number: int, text: str, n_columns: int | tuple[int, ...]) -> np.ndarray:

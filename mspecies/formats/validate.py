@@ -41,7 +41,7 @@ def check_finite(values: np.ndarray, what: str, source: str, lines: Sequence[int
     bad = ~np.isfinite(array.reshape(array.shape[0], -1)).all(axis=1) if array.ndim else ~np.isfinite(array[None])
     if np.any(bad):
         index = int(np.flatnonzero(bad)[0])
-        raise InputError(f"{_where(source, lines, index)}: {what} is not a finite number ({array[index]})")
+        raise InputError(f"{_where(source, lines, index)}: {what} is not a finite number ({array[index].tolist()})")
     return array
 
 
@@ -125,6 +125,26 @@ def check_dose_follows_order(accumulated: np.ndarray, acquisition_order: np.ndar
                          f"that of the tilt acquired before it (image {earlier + 1}: {accumulated[earlier]:g}; "
                          f"acquisition order from {order_source or 'the dose'}): the dose must grow with "
                          "acquisition")
+
+
+def dose_not_growing_outward(tilt_angles_deg: np.ndarray, accumulated: np.ndarray) -> list[int]:
+    """Images (0-based, stack order) whose accumulated dose is below that of the tilt next to them on the side of
+    the first-acquired (lowest-dose) tilt, tilts sorted by angle.
+
+    Every usual scheme (unidirectional, bidirectional, dose-symmetric, any start angle) acquires each side of its
+    start tilt outward, so the dose grows away from the start on both sides; a dose list whose rows are not in
+    stack order almost never does. Used where the acquisition order is unknown (no mdoc) and cannot be checked.
+    """
+    angles = np.asarray(tilt_angles_deg, dtype=np.float64)
+    dose = np.asarray(accumulated, dtype=np.float64)
+    by_angle = np.argsort(angles, kind="stable")
+    start = int(np.argmin(dose[by_angle]))
+    left = by_angle[:start + 1][::-1]  # from the start outward, towards negative angles
+    right = by_angle[start:]
+    low = []
+    for side in (left, right):
+        low += [int(side[i + 1]) for i in np.flatnonzero(np.diff(dose[side]) < -DOSE_ORDER_TOLERANCE)]
+    return sorted(low)
 
 
 def check_acquisition_order(order: np.ndarray, source: str) -> np.ndarray:

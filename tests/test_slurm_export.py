@@ -1,7 +1,8 @@
 """The export protocol through Scipion's queue on a real single-node SLURM, one job per tilt series
 (``QUEUE_FOR_JOBS = Y``): outputs equal a local run's; a failed job fails its step (no marker, no output, the error
 names the tilt series and quotes the job's error) and "continue" redoes only that tilt series; a cancelled job is a
-failure. The cluster comes from :func:`_slurm.slurm_cluster` (skipped where absent, required in CI)."""
+failure, and so is a node that goes down mid-job. The cluster comes from :func:`_slurm.slurm_cluster` (skipped
+where absent, required in CI)."""
 
 from __future__ import annotations
 
@@ -128,8 +129,6 @@ def test_per_step_queue_runs_one_job_per_tilt_series_with_the_local_outputs(proj
 
 
 def test_failed_job_fails_its_step_and_continue_redoes_only_that_tilt_series(project):
-    from pyworkflow.protocol.constants import MODE_RESUME
-
     from mspecies.protocols.protocol_export_subtomograms import DONE_JSON
     from mspecies.tests.checks import registered_outputs
 
@@ -152,6 +151,13 @@ def test_failed_job_fails_its_step_and_continue_redoes_only_that_tilt_series(pro
     assert _extra(prot, "TS_01", DONE_JSON).is_file()
     assert registered_outputs(prot) == []
     assert not _extra(prot, "particles.star").exists()
+
+    _assert_continue_redoes_only_ts_02(prot, reference)
+
+
+def _assert_continue_redoes_only_ts_02(prot, reference) -> None:
+    """"Continue" of a run whose TS_02 failed: one new job, TS_01's files untouched, outputs equal a clean run's."""
+    from pyworkflow.protocol.constants import MODE_RESUME
 
     first = _mtimes(prot, "TS_01")
     jobs_before = {job.job_id for job in slurm_jobs(_logs_prefix(prot))}
@@ -180,6 +186,45 @@ def test_cancelled_job_is_a_failure(project):
     assert "TS_01" in message and "CANCELLED" in message, message
     assert not any(_extra(prot, ts, DONE_JSON).exists() for ts in TS_IDS)
     assert registered_outputs(prot) == []
+
+
+def test_node_failure_mid_job_is_a_failure_and_continue_redoes_only_that_tilt_series(project):
+    """One step at a time: TS_01's job finishes, then the node goes down while TS_02's job runs. SLURM ends that job
+    NODE_FAIL and kills its processes (no record); the node comes back and "continue" redoes only TS_02."""
+    from mspecies.protocols.protocol_export_subtomograms import DONE_JSON
+    from mspecies.tests.checks import registered_outputs
+
+    _, reference = project
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MSPECIES_TEST_JOB_DELAY_S", "20")  # TS_02's job is still starting when the node goes down
+        patch.setenv("SBATCH_NO_REQUEUE", "1")  # else SLURM requeues it, and pyworkflow waits for the rerun
+        prot = _launch(_new_export("queued, node fails", queued=True, threads=1), wait=False)
+    node = subprocess.run(["sinfo", "-h", "-o", "%N"], capture_output=True, text=True, check=True,
+                          timeout=30).stdout.strip()
+    try:
+        _wait_for(lambda: [j for j in slurm_jobs(_logs_prefix(prot))[1:] if j.state == "RUNNING"], PROTOCOL_TIMEOUT_S)
+        _set_node_state(node, "down", check=True)
+        _wait_for(lambda: _ended(prot), PROTOCOL_TIMEOUT_S)
+    finally:
+        _set_node_state(node, "resume", check=False)  # ReturnToService=2 may have brought it back already
+        _wait_for(lambda: _node_state() == "idle", 60)
+    assert prot.isFailed(), prot.getStatus()
+    assert [job.state for job in slurm_jobs(_logs_prefix(prot))] == ["COMPLETED", "NODE_FAIL"]
+    message = prot.getErrorMessage()
+    assert "TS_02" in message and "NODE FAILURE" in message, message
+    assert not _extra(prot, "TS_02", DONE_JSON).exists()
+    assert _extra(prot, "TS_01", DONE_JSON).is_file()
+    assert registered_outputs(prot) == []
+    _assert_continue_redoes_only_ts_02(prot, reference)
+
+
+def _set_node_state(node: str, state: str, check: bool) -> None:
+    subprocess.run(["scontrol", "update", f"nodename={node}", f"state={state}", "reason=mspecies test"],
+                   check=check, timeout=30)
+
+
+def _node_state() -> str:
+    return subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30).stdout.strip()
 
 
 def _ended(prot) -> bool:

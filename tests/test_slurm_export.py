@@ -1,11 +1,14 @@
 """The export protocol through Scipion's queue on a real single-node SLURM, one job per tilt series
 (``QUEUE_FOR_JOBS = Y``): outputs equal a local run's; a failed job fails its step (no marker, no output, the error
 names the tilt series and quotes the job's error) and "continue" redoes only that tilt series; a cancelled job is a
-failure. The cluster comes from :func:`_slurm.slurm_cluster` (skipped where absent, required in CI)."""
+failure, and so are a node that goes down mid-job and a worker killed inside its job. The cluster comes from
+:func:`_slurm.slurm_cluster` (skipped where absent, required in CI)."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -128,8 +131,6 @@ def test_per_step_queue_runs_one_job_per_tilt_series_with_the_local_outputs(proj
 
 
 def test_failed_job_fails_its_step_and_continue_redoes_only_that_tilt_series(project):
-    from pyworkflow.protocol.constants import MODE_RESUME
-
     from mspecies.protocols.protocol_export_subtomograms import DONE_JSON
     from mspecies.tests.checks import registered_outputs
 
@@ -152,6 +153,13 @@ def test_failed_job_fails_its_step_and_continue_redoes_only_that_tilt_series(pro
     assert _extra(prot, "TS_01", DONE_JSON).is_file()
     assert registered_outputs(prot) == []
     assert not _extra(prot, "particles.star").exists()
+
+    _assert_continue_redoes_only_ts_02(prot, reference)
+
+
+def _assert_continue_redoes_only_ts_02(prot, reference) -> None:
+    """"Continue" of a run whose TS_02 failed: one new job, TS_01's files untouched, outputs equal a clean run's."""
+    from pyworkflow.protocol.constants import MODE_RESUME
 
     first = _mtimes(prot, "TS_01")
     jobs_before = {job.job_id for job in slurm_jobs(_logs_prefix(prot))}
@@ -182,18 +190,87 @@ def test_cancelled_job_is_a_failure(project):
     assert registered_outputs(prot) == []
 
 
+def test_worker_killed_inside_its_job_is_a_failure_that_quotes_the_kill(project):
+    """SIGKILL to the job's Python worker (not to the job): the job script goes on to its last line, so SLURM says
+    COMPLETED; the step fails anyway, because the worker left no record, and quotes the shell's "Killed" line."""
+    from mspecies.protocols.protocol_export_subtomograms import DONE_JSON
+    from mspecies.tests.checks import registered_outputs
+
+    prot = _launch(_new_export("queued, worker killed", queued=True, threads=1), wait=False)
+    worker = _wait_for(lambda: _worker_pid(prot._getExtraPath("TS_01", "")), 120, poll_s=0.05)
+    os.kill(worker, signal.SIGKILL)
+    _wait_for(lambda: _ended(prot), PROTOCOL_TIMEOUT_S)
+    assert prot.isFailed(), prot.getStatus()
+    assert [job.state for job in slurm_jobs(_logs_prefix(prot))] == ["COMPLETED"]
+    message = prot.getErrorMessage()
+    assert "TS_01" in message and "did not finish" in message and f"{worker} Killed" in message, message
+    assert not any(_extra(prot, ts, DONE_JSON).exists() for ts in TS_IDS)
+    assert registered_outputs(prot) == []
+
+
+def _worker_pid(folder: str) -> int | None:
+    """The process id of a running ``python -m mspecies export`` whose arguments name ``folder``, if any."""
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:  # not a process, or one that just ended
+            continue
+        if entry.name.isdigit() and argv[1:4] == ["-m", "mspecies", "export"] and any(folder in a for a in argv):
+            return int(entry.name)
+    return None
+
+
+def test_node_failure_mid_job_is_a_failure_and_continue_redoes_only_that_tilt_series(project):
+    """One step at a time: TS_01's job finishes, then the node goes down while TS_02's job runs. SLURM ends that job
+    NODE_FAIL and kills its processes (no record); the node comes back and "continue" redoes only TS_02."""
+    from mspecies.protocols.protocol_export_subtomograms import DONE_JSON
+    from mspecies.tests.checks import registered_outputs
+
+    _, reference = project
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MSPECIES_TEST_JOB_DELAY_S", "20")  # TS_02's job is still starting when the node goes down
+        patch.setenv("SBATCH_NO_REQUEUE", "1")  # else SLURM requeues it, and pyworkflow waits for the rerun
+        prot = _launch(_new_export("queued, node fails", queued=True, threads=1), wait=False)
+    node = subprocess.run(["sinfo", "-h", "-o", "%N"], capture_output=True, text=True, check=True,
+                          timeout=30).stdout.strip()
+    try:
+        _wait_for(lambda: [j for j in slurm_jobs(_logs_prefix(prot))[1:] if j.state == "RUNNING"], PROTOCOL_TIMEOUT_S)
+        _set_node_state(node, "down", check=True)
+        _wait_for(lambda: _ended(prot), PROTOCOL_TIMEOUT_S)
+    finally:
+        _set_node_state(node, "resume", check=False)  # ReturnToService=2 may have brought it back already
+        _wait_for(lambda: _node_state() == "idle", 60)
+    assert prot.isFailed(), prot.getStatus()
+    assert [job.state for job in slurm_jobs(_logs_prefix(prot))] == ["COMPLETED", "NODE_FAIL"]
+    message = prot.getErrorMessage()
+    assert "TS_02" in message and "NODE FAILURE" in message, message
+    assert not _extra(prot, "TS_02", DONE_JSON).exists()
+    assert _extra(prot, "TS_01", DONE_JSON).is_file()
+    assert registered_outputs(prot) == []
+    _assert_continue_redoes_only_ts_02(prot, reference)
+
+
+def _set_node_state(node: str, state: str, check: bool) -> None:
+    subprocess.run(["scontrol", "update", f"nodename={node}", f"state={state}", "reason=mspecies test"],
+                   check=check, timeout=30)
+
+
+def _node_state() -> str:
+    return subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30).stdout.strip()
+
+
 def _ended(prot) -> bool:
     """Whether a protocol launched without waiting has ended (its state re-read from its run database)."""
     TestSlurmExport.proj._updateProtocol(prot)
     return not prot.isActive()
 
 
-def _wait_for(condition, timeout_s: float):
-    """The first truthy value of ``condition()``, polled every second; fails after ``timeout_s``."""
+def _wait_for(condition, timeout_s: float, poll_s: float = 1.0):
+    """The first truthy value of ``condition()``, polled every ``poll_s``; fails after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
-        time.sleep(1.0)
+        time.sleep(poll_s)
     pytest.fail(f"timed out after {timeout_s} s waiting for {condition}")

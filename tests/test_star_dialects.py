@@ -1,7 +1,6 @@
 """Particle STAR dialects: detection, round trips, origin semantics, bad input, speed, and RELION reading our files."""
 
 import subprocess
-import time
 from dataclasses import replace
 
 import numpy as np
@@ -190,15 +189,16 @@ def test_origin_semantics(tmp_path):
     assert not table.has_angles
 
 
-def test_speed_100k_rows(tmp_path):
+def test_100k_rows_round_trip_through_relion5_and_back(tmp_path):
+    """Large files keep every row and position (speed is measured in benchmarks/star, not asserted here)."""
     data = _base(100_000, np.random.default_rng(4))
     write_example(tmp_path / "a.star", Dialect.RELION31, data)
-    started = time.perf_counter()
     table = read(tmp_path / "a.star")
     write_particle_star(table, tmp_path / "b.star", Dialect.RELION5)
     write_particle_star(read(tmp_path / "b.star"), tmp_path / "c.star", Dialect.RELION31)
-    assert time.perf_counter() - started < 10
-    assert len(read(tmp_path / "c.star")) == 100_000
+    back = read(tmp_path / "c.star")
+    assert len(back) == 100_000
+    np.testing.assert_allclose(back.poses.positions_angst, table.poses.positions_angst, atol=1e-3)
 
 
 def _particles(tmp_path, frame: dict, optics: bool = True, name: str = "a.star"):

@@ -46,6 +46,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--to", required=True, choices=DIALECTS, help="output dialect")
     parser.add_argument("output", help="output particle STAR")
     parser.add_argument("--from", dest="from_dialect", choices=DIALECTS, help="input dialect (default: detected)")
+    add_frame_arguments(parser)
+    add_microscope_arguments(parser)
+
+
+def add_frame_arguments(parser: argparse.ArgumentParser) -> None:
+    """The coordinate grid and tomogram-size flags shared by convert and intersect."""
     parser.add_argument("--coord-pixel-size-angst", type=float,
                         help="Å/px of the coordinates, for a file that does not carry it")
     sizes = parser.add_mutually_exclusive_group()
@@ -53,7 +59,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                        help="tomogram size in px at the coordinate pixel size; only needed where coordinates from the "
                             "tomogram corner (3.0, 3.1, 4, warp3d, warp) meet centred ones (RELION 5)")
     sizes.add_argument("--tomo-sizes", help="file with one 'name NX NY NZ' line per tomogram")
-    add_microscope_arguments(parser)
 
 
 def add_microscope_arguments(parser: argparse.ArgumentParser) -> None:

@@ -26,7 +26,13 @@ from __future__ import annotations
 
 import argparse
 
-from mspecies.cli.convert import DIALECTS, add_microscope_arguments, microscope_from_args, read_tomo_sizes
+from mspecies.cli.convert import (
+    DIALECTS,
+    add_frame_arguments,
+    add_microscope_arguments,
+    microscope_from_args,
+    read_tomo_sizes,
+)
 from mspecies.cli.deduplicate_files import any_summary_lines, deduplicate_star_file
 from mspecies.cli.intersect_files import (
     DEFAULT_HISTOGRAM_BINS,
@@ -59,13 +65,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                              "m_compatible: M's dense assignment then threshold")
     parser.add_argument("--old-dialect", choices=DIALECTS, help="dialect of --old (default: detected)")
     parser.add_argument("--new-dialect", choices=DIALECTS, help="dialect of --new (default: detected)")
-    parser.add_argument("--coord-pixel-size-angst", type=float,
-                        help="Å/px of the coordinates, for a file that does not carry it")
-    sizes = parser.add_mutually_exclusive_group()
-    sizes.add_argument("--tomo-size", type=int, nargs=3, metavar=("NX", "NY", "NZ"),
-                       help="tomogram size in px at the coordinate pixel size; only needed where coordinates from the "
-                            "tomogram corner (3.0, 3.1, 4, warp3d, warp) meet centred ones (RELION 5)")
-    sizes.add_argument("--tomo-sizes", help="file with one 'name NX NY NZ' line per tomogram")
+    add_frame_arguments(parser)
     parser.add_argument("--name-map", help="tomogram names of the new file → old file: 'a=b, c=d'")
     parser.add_argument("--histogram-radius-angst", type=float,
                         help="matching radius (Å) for the distance histogram (default: max(3 x tolerance, 20 Å); "

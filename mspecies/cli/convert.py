@@ -12,7 +12,6 @@ import argparse
 from pathlib import Path
 
 from mspecies.cli.atomic import atomic_file, check_output_folder, output_folder
-from mspecies.cli.errors import reading_text
 from mspecies.common.types import InputError, Microscope
 from mspecies.formats.star_dialects import Dialect, read_particle_star
 from mspecies.formats.star_write import write_particle_star
@@ -94,9 +93,11 @@ def run(args: argparse.Namespace) -> int:
                                                                         else None)
     if not Path(args.input).is_file():
         raise InputError(f"input: {args.input} not found")
-    with reading_text("input", args.input):
+    try:
         table = read_particle_star(args.input, args.from_dialect, coord_pixel_size_angst=args.coord_pixel_size_angst,
                                    tomo_shape_px=shapes)
+    except InputError as error:
+        raise InputError(f"input: {error}") from error
     output_folder(output.parent, "output")
     with atomic_file(output) as temporary:
         write_particle_star(table, temporary, args.to, microscope=microscope)

@@ -9,11 +9,8 @@ memory. Anything else is a bug and keeps its traceback (:func:`expected_error_me
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import os
-from collections.abc import Iterator
-from pathlib import Path
 
 from mspecies.cli.atomic import is_disk_full
 from mspecies.common.types import InputError
@@ -23,17 +20,6 @@ EXPECTED_ERRORS = (InputError, OSError, MemoryError, UnicodeDecodeError)
 
 _POSITIONAL = ("input", "output")
 """Positional arguments (named as such in messages, without ``--``)."""
-
-
-@contextlib.contextmanager
-def reading_text(flag: str, path: str | Path) -> Iterator[None]:
-    """Turn a binary file given where a text file (STAR, IMOD) is expected into an :class:`InputError` naming
-    ``flag`` and ``path``."""
-    try:
-        yield
-    except UnicodeDecodeError as error:
-        raise InputError(f"{flag}: {path} is not a text file (undecodable byte at offset {error.start}); "
-                         "expected a STAR / text file") from error
 
 
 def flag_for_path(args: argparse.Namespace, path: str | os.PathLike | None) -> str | None:

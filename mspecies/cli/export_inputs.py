@@ -416,7 +416,6 @@ def read_particles(path: str | Path, ts_id: str, tomogram_shape_xyz_px: tuple[in
     tomogram_pixel_angst
         The ``--tomogram``'s pixel size: the default coordinate pixel where the file gives none.
     """
-    from mspecies.cli.errors import reading_text
     from mspecies.formats.tomo_names import normalise_tomo_name
 
     log = log or SourceLog()
@@ -428,11 +427,10 @@ def read_particles(path: str | Path, ts_id: str, tomogram_shape_xyz_px: tuple[in
     if coords_pixel_angst is not None:
         validate.check_pixel_size_angst(coords_pixel_angst, "--coord-pixel-size-angst")
     try:
-        with reading_text("--particles", path):
-            if not _is_star(path):
-                pixel = (coords_pixel_angst, "--coord-pixel-size-angst") if coords_pixel_angst else fallback
-                return _text_poses(path, ts_id, tomogram_shape_xyz_px, data_pixel_angst, pixel, log)
-            poses = _star_poses(path, tomogram_shape_xyz_px, data_pixel_angst, coords_pixel_angst, fallback, log)
+        if not _is_star(path):
+            pixel = (coords_pixel_angst, "--coord-pixel-size-angst") if coords_pixel_angst else fallback
+            return _text_poses(path, ts_id, tomogram_shape_xyz_px, data_pixel_angst, pixel, log)
+        poses = _star_poses(path, tomogram_shape_xyz_px, data_pixel_angst, coords_pixel_angst, fallback, log)
     except InputError as error:
         if str(error).startswith("--particles"):
             raise

@@ -197,10 +197,19 @@ def read_star_text(path: str | Path, float_columns: FloatColumns | None = None
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: STAR file not found")
-    text = path.read_bytes()
+    try:
+        return _parse_star(path, path.read_bytes(), float_columns)
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path} is not a text file (undecodable byte at offset {error.start}); "
+                         "expected a STAR file") from error
+
+
+def _parse_star(path: Path, text: bytes, float_columns: FloatColumns | None
+                ) -> tuple[dict[str, StarBlock], list[str]]:
+    """:func:`read_star_text` on the file's bytes (UnicodeDecodeError where they are not text)."""
     starts = _block_starts(text)
     if not starts:
-        text.decode()  # a binary file: UnicodeDecodeError, which the commands turn into "not a text file"
+        text.decode()  # a binary file is refused as such, not as "no data_ block"
         raise InputError(f"{path}: no data_ block: not a STAR file")
     comments = _comments(text[:starts[0].start()] if starts else text)
     parsed = []

@@ -6,7 +6,6 @@ Sources of the format: AreTomo3 ``AreTomo/MrcUtil/CSaveAlignFile.cpp`` (writer),
 Real files: ``../shared/aretomo/TS_121.aln`` and ``TS_121.xf`` from teamtomo/lil-aretomo (see the README there).
 """
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +13,10 @@ import pytest
 
 from mspecies.common.types import InputError
 from mspecies.formats import aretomo, imod
+from mspecies.tests.corpus import shared_dir
 
 # ../shared beside the repository (MSPECIES_SHARED overrides, e.g. for a git worktree elsewhere)
-SHARED = Path(os.environ.get("MSPECIES_SHARED", Path(__file__).resolve().parents[1].parent / "shared")) / "aretomo"
+SHARED = shared_dir("aretomo") or Path("../shared/aretomo")
 
 
 def _row(section: int, rot: float, tx: float, ty: float, tilt: float) -> str:

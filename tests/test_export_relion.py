@@ -98,10 +98,20 @@ def align_subvoxel(volume: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return scipy.fft.irfftn(fa * phase, s=volume.shape)
 
 
+def aligned_to_truth(volume: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(``volume`` aligned onto the ground truth, the ground truth)."""
+    truth = make_phantom_map(volume.shape[0], 4.0)
+    return align_subvoxel(volume, truth), truth
+
+
+def fsc_against_truth(volume: np.ndarray) -> np.ndarray:
+    """FSC per shell 0..N/2 of ``volume`` (aligned) against the ground truth."""
+    return fourier_shell_correlation(*aligned_to_truth(volume))
+
+
 def score(volume: np.ndarray) -> tuple[float, int]:
     """(CC inside a sphere, last shell before FSC first drops below 0.5) against the ground truth."""
-    truth = make_phantom_map(volume.shape[0], 4.0)
-    aligned = align_subvoxel(volume, truth)
+    aligned, truth = aligned_to_truth(volume)
     mask = spherical_mask(volume.shape, volume.shape[0] // 2 - 2)
     fsc = fourier_shell_correlation(aligned, truth)
     below = np.flatnonzero(fsc < 0.5)

@@ -1,6 +1,8 @@
 """Export speed: particles/s of the engine (NumPy; CuPy where a GPU exists) and 3D CTFs vs RELION's way.
 
 Usage: ``python benchmarks/export/bench_export.py [--boxes 64 128] [--particles 48] [--relion-particles 8]``
+(``--padding-factors 2 1.5 1.25``: the same engine at each padding factor, interleaved rounds, ratios to the
+first factor)
 
 * Engine: one synthetic tilt series (41 tilts, 1024² px at 4 Å/px, realistic CTF and dose), random particles,
   not pre-rotated, full pipeline with the default 3D CTF (``direct``, on the output grid) and with M's
@@ -49,13 +51,13 @@ def make_inputs(box_px: int, n_particles: int, seed: int = 0):
 
 
 def bench_engine(box_px: int, n_particles: int, backend: str, ctf_method: str, repeats: int = 3,
-                 prerotate: bool = False) -> dict[str, float]:
+                 prerotate: bool = False, padding_factor: float = 2.0) -> dict[str, float]:
     """Seconds per particle of the full pipeline, first pass and fastest warm pass (setup excluded), each warm
     pass preceded by the reference (one inverse real FFT of the padded M³ box, :func:`padded_irfft_s`), and of
     the 3D CTF alone."""
     tilt_series, stack, particles = make_inputs(box_px, n_particles)
     options = ExportOptions(4.0, box_px, 0.6 * box_px * 4.0, backend=backend, ctf_method=ctf_method,
-                            prerotate=prerotate)
+                            prerotate=prerotate, padding_factor=padding_factor)
     started = time.perf_counter()
     engine = TiltSeriesEngine.create(tilt_series, stack, options)
     setup = time.perf_counter() - started
@@ -73,6 +75,30 @@ def bench_engine(box_px: int, n_particles: int, backend: str, ctf_method: str, r
     return {"box": box_px, "M": m, "batch": engine.plan.batch_size, "setup_s": setup, "first_s_per_particle": passes[0],
             "s_per_particle": warm, "particles_per_s": 1.0 / warm, "irfft_s": reference,
             "per_particle_over_irfft": warm / reference, "ctf_s_per_particle": ctf_seconds}
+
+
+def bench_padding_factors(box_px: int, n_particles: int, backend: str, factors: list[float], rounds: int,
+                          repeats: int) -> dict[float, dict[str, float]]:
+    """:func:`bench_engine` (direct 3D CTF) at each padding factor, in ``rounds`` interleaved rounds (the order
+    reversed every other round, so that a drift of the machine's load favours no factor); per factor the round
+    with the fastest warm pass."""
+    best: dict[float, dict[str, float]] = {}
+    for round_index in range(rounds):
+        for factor in factors if round_index % 2 == 0 else factors[::-1]:
+            result = bench_engine(box_px, n_particles, backend, "direct", repeats, padding_factor=factor)
+            if factor not in best or result["s_per_particle"] < best[factor]["s_per_particle"]:
+                best[factor] = result
+    return best
+
+
+def print_padding_factors(box_px: int, backend: str, best: dict[float, dict[str, float]]) -> None:
+    """One line per factor: padded box, batch, ms per particle and the speed-up over the first factor."""
+    reference = next(iter(best.values()))["s_per_particle"]
+    for factor, result in best.items():
+        print(f"box {box_px}, {backend}, padding factor {factor:g} (M {result['M']}, batch {result['batch']}): "
+              f"{result['s_per_particle'] * 1e3:.1f} ms/particle warm = {reference / result['s_per_particle']:.2f}× "
+              f"the speed of factor {next(iter(best)):g}; {result['per_particle_over_irfft']:.2f} × one "
+              f"{result['M']}³ inverse real FFT ({result['irfft_s'] * 1e3:.1f} ms, same run)")
 
 
 def padded_irfft_s(padded_box_px: int, workers: int | None = None) -> float:
@@ -184,9 +210,15 @@ def main() -> None:
     parser.add_argument("--prerotate", action="store_true", help="also the pre-rotated pipeline (direct 3D CTF)")
     parser.add_argument("--repeats", type=int, default=3, help="passes of each engine (the first one is cold)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument("--padding-factors", type=float, nargs="+",
+                        help="only the engine (direct 3D CTF) at these padding factors, ratios to the first one")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of --padding-factors")
     args = parser.parse_args()
     retain_freed_memory()  # as the export worker does
     backends = ["numpy"] + (["cupy"] if cupy_unavailable_reason() is None else [])
+    if args.padding_factors:
+        run_padding_factors(args, backends)
+        return
     figures = []
     for box in args.boxes:
         n_particles = args.particles if box <= 64 else max(8, args.particles // 4)
@@ -222,6 +254,20 @@ def main() -> None:
             figures[-1].update(relion_s_per_particle=per_call, relion_compute_s_per_particle=compute)
     if "cupy" not in backends:
         print(f"CuPy not benchmarked: {cupy_unavailable_reason()}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=1))
+
+
+def run_padding_factors(args: argparse.Namespace, backends: list[str]) -> None:
+    """The ``--padding-factors`` benchmark: per box and backend, print and (``--json``) record each factor."""
+    figures = []
+    for box in args.boxes:
+        n_particles = args.particles if box <= 64 else max(8, args.particles // 4)
+        for backend in backends:
+            best = bench_padding_factors(box, n_particles, backend, args.padding_factors, args.rounds, args.repeats)
+            print_padding_factors(box, backend, best)
+            figures += [{"box": box, "backend": backend, "padding_factor": factor, **result}
+                        for factor, result in best.items()]
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1))
 

@@ -121,6 +121,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     options.add_argument("--diameter", type=float, required=True,
                          help="particle diameter (A): the mask of the output normalisation (mean 0, sd 1 outside "
                          "it) and a term of the aliasing-free padded box size")
+    options.add_argument("--padding-factor", type=float, default=2.0,
+                         help="f in the padded box M = min(1024, max(even(ceil(f x box)), aliasing-free size)) of "
+                         "the reconstruction (>= 1; default 2 = M's; measured in benchmarks/export/README.md)")
     options.add_argument("--mode", choices=("volumes", "series"), default="volumes",
                          help="volumes: a sub-tomogram + 3D CTF per particle (RELION 3.1 STAR); series: RELION 5 "
                          "particle series (2D stacks, tomograms.star, optimisation_set.star; --no-ctf: raw stacks)")
@@ -273,7 +276,8 @@ def export_options(args: argparse.Namespace, data_pixel_angst: float):  # noqa: 
     try:
         return ExportOptions(
             output_pixel_size_angst=args.pixel_size_out or data_pixel_angst, box_px=args.box,
-            particle_diameter_angst=args.diameter, mode=args.mode, shift_angst=tuple(args.shift),
+            particle_diameter_angst=args.diameter, padding_factor=args.padding_factor, mode=args.mode,
+            shift_angst=tuple(args.shift),
             prerotate=args.prerotate, n_tilts_by_dose=args.n_tilts_by_dose,
             invert_contrast=not args.no_invert, normalize_input=not args.no_normalize_input,
             normalize_output=not args.no_normalize_output, sparse_ctf=args.sparse_ctf, ctf_layout=args.ctf_layout,

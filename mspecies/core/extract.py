@@ -47,14 +47,34 @@ def aliasing_free_size_px(microscope: Microscope, defocus_angst: float, phase_sh
     return int(np.ceil(steps.max() / 0.5 * 1000 * 1.1 + diameter_px))
 
 
-def padded_box_px(tilt_series: TiltSeriesData, box_px: int, pixel_size_angst: float, diameter_angst: float) -> int:
-    """``M = min(1024, max(2N, even-rounded aliasing-free size of the lowest-dose tilt's CTF))``."""
+MAX_PADDED_BOX_PX = 1024
+"""M's upper bound on the padded box (px)."""
+
+
+def padded_box_px(tilt_series: TiltSeriesData, box_px: int, pixel_size_angst: float, diameter_angst: float,
+                  padding_factor: float = 2.0) -> int:
+    """``M = min(1024, max(even(ceil(f · N)), N + 2, even-rounded aliasing-free size of the lowest-dose tilt's CTF))``.
+
+    ``padding_factor`` f = 2 is M's ``max(2N, ...)``; a smaller f lets the aliasing-free size decide where it is
+    smaller than 2N (f ≥ 1; even(x) rounds up to the next even integer; see :func:`padded_multiple_px`).
+    """
     t = int(np.argmin(tilt_series.dose_e_per_angst2))
     defocus = 0.5 * (tilt_series.defocus_u_angst[t] + tilt_series.defocus_v_angst[t])
     size = aliasing_free_size_px(tilt_series.microscope, float(defocus), float(tilt_series.phase_shift_deg[t]),
                                  pixel_size_angst, diameter_angst / pixel_size_angst)
     minimum = int(round(size / 2)) * 2  # Python round is half-to-even like .NET Math.Round
-    return int(min(1024, max(2 * box_px, minimum)))
+    return int(min(MAX_PADDED_BOX_PX, max(padded_multiple_px(box_px, padding_factor), minimum)))
+
+
+def padded_multiple_px(box_px: int, padding_factor: float) -> int:
+    """``max(even(ceil(f · N)), N + 2)`` px: the padding factor's share of the padded box (2N for f = 2).
+
+    At least N + 2: the padded 3D CTF's real-space crop reads N + 1 planes around M/2, so M = N (f = 1) would
+    leave it nothing to read at the box edge.
+    """
+    # the tolerance keeps f · N that is an integer up to rounding (1.1 · 80 = 88.00000000000001) at that integer
+    padded = int(np.ceil(padding_factor * box_px - 1e-9))
+    return max(padded + padded % 2, box_px + 2)
 
 
 # ----------------------------------------------------------------------------------------------- images

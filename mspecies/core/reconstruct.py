@@ -64,6 +64,8 @@ class ExportOptions:
         Output box N (even).
     particle_diameter_angst
         Diameter (Å): output-normalisation mask and a term of the padded-box size.
+    padding_factor
+        f in the padded box ``M = min(1024, max(even(ceil(f · N)), aliasing-free size))`` (≥ 1; 2 = M's).
     mode
         ``volumes`` (sub-tomogram + 3D CTF) or ``series`` (2D tilt images per particle).
     shift_angst
@@ -97,6 +99,7 @@ class ExportOptions:
     output_pixel_size_angst: float
     box_px: int
     particle_diameter_angst: float
+    padding_factor: float = 2.0
     mode: str = "volumes"
     shift_angst: tuple[float, float, float] = (0.0, 0.0, 0.0)
     prerotate: bool = False
@@ -120,6 +123,8 @@ class ExportOptions:
             ("box_px", int(self.box_px) == self.box_px and self.box_px >= 4 and self.box_px % 2 == 0,
              "an even integer >= 4"),
             ("particle_diameter_angst", self.particle_diameter_angst > 0, "a number > 0"),
+            ("padding_factor", bool(np.isfinite(self.padding_factor)) and self.padding_factor >= 1,
+             "a finite number >= 1 (2 = M's padded box)"),
             ("mode", self.mode in MODES, f"one of {MODES}"),
             ("ctf_layout", self.ctf_layout in CTF_LAYOUTS, f"one of {CTF_LAYOUTS}"),
             ("ctf_method", self.ctf_method in CTF_METHODS, f"one of {CTF_METHODS}"),
@@ -197,7 +202,7 @@ def plan_memory(tilt_series: TiltSeriesData, options: ExportOptions) -> tuple[in
     tilts = np.flatnonzero(~tilt_series.excluded)
     pixel = options.output_pixel_size_angst
     m = options.box_px if options.mode == "series" else extract.padded_box_px(
-        tilt_series, options.box_px, pixel, options.particle_diameter_angst)
+        tilt_series, options.box_px, pixel, options.particle_diameter_angst, options.padding_factor)
     shape = extract.rescaled_shape(tilt_series.image_shape_yx, tilt_series.pixel_size_angst, pixel)
     plan = plan_batches(m, options.box_px, tilts.size, tilts.size * shape[0] * shape[1],
                         shared_geometry=not options.prerotate, budget_bytes=options.memory_budget_bytes,

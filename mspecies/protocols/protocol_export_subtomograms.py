@@ -215,6 +215,13 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
                             "of the box³ grid and normalized as the sub-tomogram (fast). Padded: M's way, the "
                             "CTF reconstructed on the aliasing-free padded grid and cropped in real space (25-50x "
                             "slower). RELION maps of the same quality were measured with both.")
+        group.addParam("paddingFactor", params.FloatParam, default=2.0, expertLevel=params.LEVEL_ADVANCED,
+                       condition=f"outputMode == {MODE_VOLUMES}", label="Padding factor",
+                       help="f in the padded box of the reconstruction, min(1024, max(f x box rounded up to an "
+                            "even number, the aliasing-free size the CTF of the lowest-dose tilt needs)). 2 is M's "
+                            "(the default); a smaller f (>= 1) lets the aliasing-free size decide where it is below "
+                            "2 x box: a smaller padded box, faster. The RELION maps and the speed at f = 1.5 and "
+                            "1.25 are measured in benchmarks/export/README.md of the plugin.")
         group.addParam("relativePaths", params.BooleanParam, default=True, expertLevel=params.LEVEL_ADVANCED,
                        label="Relative paths in the STAR",
                        help="Yes: image paths in extra/particles.star are relative to extra/ (the STAR moves with "
@@ -444,6 +451,7 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
                 "--particles", os.path.join(folder, PARTICLES_IN_STAR), "--out", folder,
                 "--pixel-size-out", f"{self._outputPixel():.6g}", "--box", str(self.boxSize.get()),
                 "--diameter", f"{self.particleDiameter.get():.6g}", "--mode", MODES[self.outputMode.get()],
+                "--padding-factor", f"{self.paddingFactor.get():.6g}",
                 "--shift", *(f"{v:.6g}" for v in self._shift()), "--ctf-layout", CTF_LAYOUTS[self.ctfLayout.get()],
                 "--ctf-method", CTF_METHODS[self.ctfMethod.get()], "--backend", self._backend(),
                 "--star-flavour", "3.1", "--overwrite"]
@@ -706,6 +714,9 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
             errors.append(f"Box size: must be an even number of pixels >= 4, got {box}.")
         if self.limitTilts.get() and (self.nTilts.get() is None or self.nTilts.get() < 1):
             errors.append(f"N tilts: must be >= 1, got {self.nTilts.get()}.")
+        factor = self.paddingFactor.get()
+        if factor is None or not factor >= 1:
+            errors.append(f"Padding factor: must be a number >= 1 (2 = M's padded box), got {factor}.")
         particles, tsSet, ctfSet = self.inputParticles.get(), self.inputTiltSeries.get(), self.inputCtf.get()
         if particles is None or not particles.getSize():
             return errors + ["Particles: the set is empty."]

@@ -248,6 +248,15 @@ class TestExportProtocol(BaseTest):
             self.assertEqual(arguments[arguments.index("--ctf-method") + 1], method)
         self.assertEqual(self.prot.ctfMethod.get(), 0)
 
+    def test_padding_factor_reaches_the_worker(self):
+        """The form's padding factor (default 2, M's) is the worker's --padding-factor."""
+        for factor, expected in ((None, "2"), (1.25, "1.25")):
+            changes = {} if factor is None else {"paddingFactor": factor}
+            values = dict(inputParticles=self.imported["coordinates"], inputTiltSeries=self.imported["tilt_series"],
+                          inputCtf=self.imported["ctfs"], boxSize=32, particleDiameter=100.0, **changes)
+            arguments = self.proj.newProtocol(ProtMSpeciesExportSubtomograms, **values)._cliArgs("extra/TS_01").split()
+            self.assertEqual(arguments[arguments.index("--padding-factor") + 1], expected)
+
     def test_raw_particle_series_reaches_the_worker(self):
         """'CTF-premultiply the stacks' = No asks the worker for raw stacks (--no-ctf), in the particle series only."""
         values = dict(inputParticles=self.imported["coordinates"], inputTiltSeries=self.imported["tilt_series"],
@@ -263,6 +272,7 @@ class TestExportProtocol(BaseTest):
         self.assertIn("larger than the tilt images", self._errors(boxSize=400))
         self.assertIn("larger than the box", self._errors(particleDiameter=200.0))
         self.assertIn("N tilts: must be >= 1", self._errors(limitTilts=True, nTilts=0))
+        self.assertIn("Padding factor: must be a number >= 1", self._errors(paddingFactor=0.9))
         self.assertIn("no alignment", self._errors(inputTiltSeries=self.imported["prot_ts"].TiltSeries))
         self_intersect = launch(self.proj, ProtMSpeciesIntersect, "self intersect (empty only-old)",
                                 inputOld=self.imported["coordinates"], inputNew=self.imported["coordinates"],

@@ -7,7 +7,8 @@ For each box, a noise-free (80 particles) and a noisy (default SNR 0.05, 200 par
 CLI at each padding factor (a factor whose padded box M equals an earlier one's is not exported again), and
 ``relion_reconstruct --ctf`` (RELION 3.1) reconstructs each export. The FSC of each map against the ground truth
 (after the sub-voxel alignment of the test) is compared per shell with the first factor's: the largest |ΔFSC| up to
-Nyquist and up to the last shell before the first factor's FSC falls below 0.143.
+Nyquist and up to the last shell before the first factor's FSC falls below 0.143 (shells 1..N/2; shell 0, the
+mean of maps normalised to mean ~0, is left out).
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ def padded_box_of(out: Path) -> int:
 
 
 def last_shell_above(fsc: np.ndarray, threshold: float) -> int:
-    """Last shell before the FSC first falls below ``threshold`` (the last shell when it never does)."""
-    below = np.flatnonzero(fsc < threshold)
+    """Last shell before the FSC first falls below ``threshold`` from shell 1 on (shell 0, the mean, is left out:
+    both maps are normalised to mean ~0, so its FSC is arbitrary); the last shell when it never does."""
+    below = np.flatnonzero(fsc[1:] < threshold) + 1
     return int(below[0] - 1 if below.size else fsc.size - 1)
 
 
@@ -59,10 +61,13 @@ def measure(folder: Path, box: int, noisy: bool, factors: list[float]) -> dict[s
     limit = last_shell_above(reference, THRESHOLD)
     rows = []
     for factor in factors:
-        delta = np.abs(curves[boxes[factor]] - reference)
+        delta = np.abs(curves[boxes[factor]] - reference)[1:]  # shells 1..N/2
+        worst = int(np.argmax(delta)) + 1
         rows.append({"factor": factor, "padded_box_px": boxes[factor], "max_abs_delta_fsc": float(delta.max()),
-                     "max_abs_delta_fsc_to_0143": float(delta[:limit + 1].max()),
-                     "worst_shell": int(np.argmax(delta)), "fsc": curves[boxes[factor]].round(4).tolist()})
+                     "max_abs_delta_fsc_to_0143": float(delta[:limit].max()) if limit >= 1 else 0.0,
+                     "worst_shell": worst, "fsc_at_worst_shell": float(curves[boxes[factor]][worst]),
+                     "first_factor_fsc_at_worst_shell": float(reference[worst]),
+                     "fsc": curves[boxes[factor]].round(4).tolist()})
     return {"box": box, "noisy": noisy, "shell_0143_of_first_factor": limit, "factors": rows}
 
 
@@ -81,11 +86,12 @@ def main() -> None:
             for row in result["factors"]:
                 print(f"box {box}, {'noisy' if noisy else 'noise-free'}, factor {row['factor']:g} (M "
                       f"{row['padded_box_px']}): max |ΔFSC| vs factor {args.factors[0]:g} "
-                      f"{row['max_abs_delta_fsc']:.4f} up to Nyquist (shell {row['worst_shell']}), "
+                      f"{row['max_abs_delta_fsc']:.4f} up to Nyquist (shell {row['worst_shell']}: "
+                      f"{row['fsc_at_worst_shell']:.3f} vs {row['first_factor_fsc_at_worst_shell']:.3f}), "
                       f"{row['max_abs_delta_fsc_to_0143']:.4f} up to shell {result['shell_0143_of_first_factor']} "
                       "(FSC ≥ 0.143)", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -220,8 +220,10 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
                        help="f in the padded box of the reconstruction, min(1024, max(f x box rounded up to an "
                             "even number, the aliasing-free size the CTF of the lowest-dose tilt needs)). 2 is M's "
                             "(the default); a smaller f (>= 1) lets the aliasing-free size decide where it is below "
-                            "2 x box: a smaller padded box, faster. The RELION maps and the speed at f = 1.5 and "
-                            "1.25 are measured in benchmarks/export/README.md of the plugin.")
+                            "2 x box: a smaller padded box, faster (f = 1.5: 1.7-2.3x at boxes 64-192), but the "
+                            "RELION map's FSC drops at the highest resolution shells (by up to 0.02-0.17 at f = 1.5 "
+                            "on the synthetic data; benchmarks/export/README.md of the plugin). Keep 2 unless speed "
+                            "matters more than the last shells.")
         group.addParam("relativePaths", params.BooleanParam, default=True, expertLevel=params.LEVEL_ADVANCED,
                        label="Relative paths in the STAR",
                        help="Yes: image paths in extra/particles.star are relative to extra/ (the STAR moves with "

@@ -122,8 +122,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                          help="particle diameter (A): the mask of the output normalisation (mean 0, sd 1 outside "
                          "it) and a term of the aliasing-free padded box size")
     options.add_argument("--padding-factor", type=float, default=2.0,
-                         help="f in the padded box M = min(1024, max(even(ceil(f x box)), aliasing-free size)) of "
-                         "the reconstruction (>= 1; default 2 = M's; measured in benchmarks/export/README.md)")
+                         help="f in the padded box M = min(1024, max(even(ceil(f x box)), box + 2, aliasing-free "
+                         "size)) of the reconstruction (>= 1; default 2 = M's; smaller is faster but RELION's FSC "
+                         "drops at the highest shells: benchmarks/export/README.md)")
     options.add_argument("--mode", choices=("volumes", "series"), default="volumes",
                          help="volumes: a sub-tomogram + 3D CTF per particle (RELION 3.1 STAR); series: RELION 5 "
                          "particle series (2D stacks, tomograms.star, optimisation_set.star; --no-ctf: raw stacks)")

@@ -65,7 +65,8 @@ class ExportOptions:
     particle_diameter_angst
         Diameter (Å): output-normalisation mask and a term of the padded-box size.
     padding_factor
-        f in the padded box ``M = min(1024, max(even(ceil(f · N)), aliasing-free size))`` (≥ 1; 2 = M's).
+        f in the padded box ``M = min(1024, max(even(ceil(f · N)), N + 2, aliasing-free size))`` (≥ 1; 2 = M's,
+        the default: smaller is faster but loses FSC at high resolution, benchmarks/export/README.md).
     mode
         ``volumes`` (sub-tomogram + 3D CTF) or ``series`` (2D tilt images per particle).
     shift_angst

@@ -134,10 +134,10 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
                        label="Box size (px)",
                        help="Output box (even), in px at the output pixel size. Each tilt is reconstructed in an "
                             "aliasing-free padded box (min(1024, max(2 x box, the size the CTF of the lowest-dose "
-                            "tilt needs))) and cropped to this box. High-defocus Thon rings oscillate faster than "
-                            "a small box can sample, so they may vanish from the 3D CTF of small boxes: the padded "
-                            "box keeps the data right, but choose a box well above the particle diameter for a "
-                            "faithful CTF.")
+                            "tilt needs)); 2 is the padding factor of Advanced) and cropped to this box. "
+                            "High-defocus Thon rings oscillate faster than a small box can sample, so they may "
+                            "vanish from the 3D CTF of small boxes: the padded box keeps the data right, but "
+                            "choose a box well above the particle diameter for a faithful CTF.")
         group.addParam("particleDiameter", params.FloatParam, default=150.0, validators=[params.Positive],
                        label="Particle diameter (Å)",
                        help="Sets the mask of the output normalization (the background is the box outside this "
@@ -218,7 +218,8 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
         group.addParam("paddingFactor", params.FloatParam, default=2.0, expertLevel=params.LEVEL_ADVANCED,
                        condition=f"outputMode == {MODE_VOLUMES}", label="Padding factor",
                        help="f in the padded box of the reconstruction, min(1024, max(f x box rounded up to an "
-                            "even number, the aliasing-free size the CTF of the lowest-dose tilt needs)). 2 is M's "
+                            "even number, box + 2, the aliasing-free size the CTF of the lowest-dose tilt needs)). "
+                            "2 is M's "
                             "(the default); a smaller f (>= 1) lets the aliasing-free size decide where it is below "
                             "2 x box: a smaller padded box, faster (f = 1.5: 1.7-2.3x at boxes 64-192), but the "
                             "RELION map's FSC drops at the highest resolution shells (by up to 0.02-0.17 at f = 1.5 "

@@ -42,7 +42,8 @@ def last_shell_above(fsc: np.ndarray, threshold: float) -> int:
     return int(below[0] - 1 if below.size else fsc.size - 1)
 
 
-def measure(folder: Path, box: int, noisy: bool, factors: list[float]) -> dict[str, object]:
+def measure(folder: Path, box: int, noisy: bool, factors: list[float], ctf_method: str = "direct"
+            ) -> dict[str, object]:
     """FSC per shell of each factor's RELION map, and the largest |ΔFSC| against the first factor."""
     n_particles = 200 if noisy else 80
     snr = {} if noisy else {"snr": None}
@@ -53,7 +54,8 @@ def measure(folder: Path, box: int, noisy: bool, factors: list[float]) -> dict[s
     boxes: dict[float, int] = {}
     for factor in factors:
         out = folder / f"f{factor:g}"
-        _export(out, ["--manifest", str(manifest)], "--box", str(box), "--padding-factor", f"{factor:g}")
+        _export(out, ["--manifest", str(manifest)], "--box", str(box), "--padding-factor", f"{factor:g}",
+                "--ctf-method", ctf_method)
         boxes[factor] = padded_box_of(out)
         if boxes[factor] not in curves:
             curves[boxes[factor]] = fsc_against_truth(_relion_reconstruct(out))
@@ -68,20 +70,24 @@ def measure(folder: Path, box: int, noisy: bool, factors: list[float]) -> dict[s
                      "worst_shell": worst, "fsc_at_worst_shell": float(curves[boxes[factor]][worst]),
                      "first_factor_fsc_at_worst_shell": float(reference[worst]),
                      "fsc": curves[boxes[factor]].round(4).tolist()})
-    return {"box": box, "noisy": noisy, "shell_0143_of_first_factor": limit, "factors": rows}
+    return {"box": box, "noisy": noisy, "ctf_method": ctf_method, "shell_0143_of_first_factor": limit,
+            "factors": rows}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--boxes", type=int, nargs="+", default=[48, 64])
     parser.add_argument("--factors", type=float, nargs="+", default=[2.0, 1.5, 1.25])
+    parser.add_argument("--ctf-method", choices=("direct", "padded"), default="direct",
+                        help="the exports' 3D CTF (default: direct, the export's default)")
+    parser.add_argument("--datasets", choices=("noise-free", "noisy"), nargs="+", default=["noise-free", "noisy"])
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
     results = []
     for box in args.boxes:
-        for noisy in (False, True):
+        for noisy in [dataset == "noisy" for dataset in args.datasets]:
             with tempfile.TemporaryDirectory() as folder:
-                result = measure(Path(folder), box, noisy, args.factors)
+                result = measure(Path(folder), box, noisy, args.factors, args.ctf_method)
             results.append(result)
             for row in result["factors"]:
                 print(f"box {box}, {'noisy' if noisy else 'noise-free'}, factor {row['factor']:g} (M "

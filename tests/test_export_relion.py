@@ -228,9 +228,10 @@ def test_noisy_export_passes_and_negative_controls_fail(noisy_dataset, control):
 PADDING_FSC_TOLERANCE = 0.01
 
 
-def _recorded_padded_box(out: Path) -> int:
+def _recorded_padding(out: Path) -> tuple[float, int]:
+    """(padding factor, padded box M) that the export's success record holds."""
     record = json.loads((out / "export_record.json").read_text())
-    return int(next(iter(record["per_tilt_series"].values()))["padded_box_px"])
+    return record["arguments"]["padding_factor"], int(next(iter(record["per_tilt_series"].values()))["padded_box_px"])
 
 
 def test_smaller_padding_factor_keeps_relions_fsc_to_shell_14_and_loses_above(dataset):
@@ -240,7 +241,7 @@ def test_smaller_padding_factor_keeps_relions_fsc_to_shell_14_and_loses_above(da
     for factor, padded in ((None, 2 * BOX), (1.25, 74)):  # None: the default, M's factor 2
         out = folder / f"padding_{factor}"
         _export(out, source, *([] if factor is None else ["--padding-factor", str(factor)]))
-        assert _recorded_padded_box(out) == padded
+        assert _recorded_padding(out) == (factor or 2.0, padded)
         curves[factor] = fsc_against_truth(_relion_reconstruct(out))
     reference, delta = curves[None], np.abs(curves[1.25] - curves[None])
     kept = int(FSC_SHELL_FRACTION * BOX / 2)

@@ -45,38 +45,48 @@ def _splat_particle(orientation: np.ndarray, kx: np.ndarray, ky: np.ndarray, m: 
     Sample by sample, its 8 corners (with the Friedel mate of an x = 0 voxel right after it): the entries of
     ``splat_entries``, whose corner-major order would touch the whole volume 8 times (twice as slow), and
     float32 sums (those of ``bincount`` are float64: the spectra differ by float32 rounding, ~3e-7 of their
-    range). The compact rows (16 bytes, on half the voxels of the half volume) stay in cache: 2.5× faster
-    than float64 rows of every voxel.
+    range). Rows of 16 bytes on half the voxels of the half volume stay in cache (float64 rows of every voxel
+    took 1.5× as long), and most samples take the short way: 8 corners inside the ball, off the x = 0 plane,
+    none of weight 0 (1.7× faster than checking each corner; box 64, M = 128).
     """
     half = m // 2
     n_samples = kx.shape[0]
     base = np.empty(3, dtype=np.int64)
     fraction = np.empty(3, dtype=np.float64)
-    values = np.zeros(acc.shape[1], dtype=np.float32)  # per sample: Re D, ±Im D, W1, 1 (W0), D2
-    mirrored = np.zeros(acc.shape[1], dtype=np.float32)  # the same at the Friedel mate (Im conjugated)
-    values[3] = mirrored[3] = 1
+    re = im = ct = np.float32(0)
     for t in range(orientation.shape[0]):
         for s in range(n_samples):
             c = t * n_samples + s
             sign = _sample_frame(orientation, t, kx[s], ky[s], base, fraction)
             if with_data:
-                values[0] = mirrored[0] = data[c].real
-                values[1] = sign * data[c].imag
-                mirrored[1] = -values[1]
-            values[2] = mirrored[2] = weight[c]
+                re, im = data[c].real, sign * data[c].imag
             if with_ctf:
-                values[4] = mirrored[4] = ctf[c]
+                ct = ctf[c]
+            wt = weight[c]
             fx, fy, fz = fraction[0], fraction[1], fraction[2]
+            bx, by, bz = base[0], base[1], base[2]
+            if (bx > 0 and fx > 0 and fy > 0 and fz > 0
+                    and (bx + 1) ** 2 + max(by * by, (by + 1) ** 2) + max(bz * bz, (bz + 1) ** 2) < half * half):
+                # the common case: all 8 corners inside the ball, none on the x = 0 plane, none of weight 0
+                for dz in range(2):
+                    for dy in range(2):
+                        row = line_start[_wrap(bz + dz, m), _wrap(by + dy, m)] + bx
+                        wy, wz = (fy if dy else 1 - fy), (fz if dz else 1 - fz)
+                        _add(acc, row, np.float32(((1 - fx) * wy) * wz), re, im, wt, ct, with_ctf)
+                        _add(acc, row + 1, np.float32((fx * wy) * wz), re, im, wt, ct, with_ctf)
+                continue
             for dz in range(2):
                 for dy in range(2):
                     for dx in range(2):
                         w = ((fx if dx else 1 - fx) * (fy if dy else 1 - fy)) * (fz if dz else 1 - fz)
-                        x, y, z = base[0] + dx, base[1] + dy, base[2] + dz
+                        x, y, z = bx + dx, by + dy, bz + dz
                         if not (w > 0 and x * x + y * y + z * z < half * half):
                             continue
-                        _add_row(acc, line_start[_wrap(z, m), _wrap(y, m)] + x, np.float32(w), values)
-                        if x == 0 and (y != 0 or z != 0):
-                            _add_row(acc, line_start[_wrap(-z, m), _wrap(-y, m)], np.float32(w), mirrored)
+                        row = line_start[_wrap(z, m), _wrap(y, m)] + x
+                        _add(acc, row, np.float32(w), re, im, wt, ct, with_ctf)
+                        if x == 0 and (y != 0 or z != 0):  # the Friedel mate, conjugated
+                            mirror = line_start[_wrap(-z, m), _wrap(-y, m)]
+                            _add(acc, mirror, np.float32(w), re, -im, wt, ct, with_ctf)
 
 
 @numba.njit(nogil=True)
@@ -102,11 +112,16 @@ def _wrap(i: int, m: int) -> int:
 
 
 @numba.njit(nogil=True)
-def _add_row(acc: np.ndarray, row: int, w: np.float32, values: np.ndarray) -> None:
-    """One splat entry: ``acc[row] += w · values``, the float32 products of :func:`mspecies.core.insert.
-    insert_one` (w · sign · Im D as w · (sign · Im D): the sign is ±1)."""
-    for q in range(values.shape[0]):
-        acc[row, q] += w * values[q]
+def _add(acc: np.ndarray, row: int, w: np.float32, re: np.float32, im: np.float32, weight: np.float32,
+         ctf: np.float32, with_ctf: bool) -> None:
+    """One splat entry: ``acc[row] += w · (Re D, ±Im D, |C_u|, 1, C_u · C_w)``, the float32 products of
+    :func:`mspecies.core.insert.insert_one` (w · sign · Im D as w · (sign · Im D): the sign is ±1)."""
+    acc[row, 0] += np.float32(w * re)
+    acc[row, 1] += np.float32(w * im)
+    acc[row, 2] += np.float32(w * weight)
+    acc[row, 3] += w
+    if with_ctf:
+        acc[row, 4] += np.float32(w * ctf)
 
 
 @numba.njit(cache=True, nogil=True)

@@ -199,10 +199,13 @@ def plan_memory(tilt_series: TiltSeriesData, options: ExportOptions) -> tuple[in
     m = options.box_px if options.mode == "series" else extract.padded_box_px(
         tilt_series, options.box_px, pixel, options.particle_diameter_angst)
     shape = extract.rescaled_shape(tilt_series.image_shape_yx, tilt_series.pixel_size_angst, pixel)
+    xp = select_backend(options.backend)
+    volumes = options.mode != "series"
     plan = plan_batches(m, options.box_px, tilts.size, tilts.size * shape[0] * shape[1],
                         shared_geometry=not options.prerotate, budget_bytes=options.memory_budget_bytes,
                         max_batch=options.max_batch, padded_ctf=options.ctf_method == "padded",
-                        by_lines=options.mode != "series" and _by_lines(select_backend(options.backend), options))
+                        by_lines=volumes and _by_lines(xp, options),
+                        compiled_threads=options.n_workers if volumes and options.prerotate and xp is np else 0)
     return m, plan
 
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from mspecies.common.types import InputError, ParticlePoses, TiltSeriesData
 
-from . import ctf3d, extract, insert, kernels
+from . import ctf3d, extract, insert
 from .backend import select_backend, to_numpy
 from .geometry import euler_to_matrix, particle_defocus_angst, project_positions_to_tilts, tilt_rotation
 from .memory import MemoryPlan, plan_batches
@@ -539,7 +539,7 @@ class TiltSeriesEngine:
             if spectrum is None or spectrum.shape[0] != m * m * (m // 2 + 1):
                 spectrum = buffers["own_spectrum"] = np.empty((m * m * (m // 2 + 1), 1), dtype=np.complex64)
             for b in range(first, last):
-                kernels.splat_normalised(orientation[b], self.grid.kx, self.grid.ky, m, data[b], weight[b], None,
+                _kernels().splat_normalised(orientation[b], self.grid.kx, self.grid.ky, m, data[b], weight[b], None,
                                          checker, WEIGHT_FLOOR, spectrum, None, 0)
                 volumes[b] = np.divide(self._inverse_volumes(spectrum, workers=1)[0], self.gridding,
                                        dtype=np.float32)
@@ -562,7 +562,7 @@ class TiltSeriesEngine:
 
         def own(first: int, last: int) -> None:
             for b in range(first, last):
-                ctfs[b] = self.xp.asarray(kernels.rotated_ctf(
+                ctfs[b] = self.xp.asarray(_kernels().rotated_ctf(
                     orientation[b], box_px=options.box_px, padded_box_px=self.padded_box_px,
                     pixel_size_angst=options.output_pixel_size_angst, defocus_u_angst=ts.defocus_u_angst[t],
                     defocus_v_angst=ts.defocus_v_angst[t], defocus_angle_deg=ts.defocus_angle_deg[t],
@@ -590,7 +590,7 @@ class TiltSeriesEngine:
 
             def compiled(first: int, last: int) -> None:
                 for b in range(first, last):
-                    kernels.splat_normalised(orientation[b], self.grid.kx, self.grid.ky, m,
+                    _kernels().splat_normalised(orientation[b], self.grid.kx, self.grid.ky, m,
                                              None if data is None else data[b], weight[b],
                                              None if ctf is None else ctf[b], checker, WEIGHT_FLOOR, spectrum,
                                              ctf_spectrum, b)
@@ -797,6 +797,14 @@ class TiltSeriesEngine:
         margin = self.options.box_px / 2
         x, y = image_px[..., 0], image_px[..., 1]
         return (x > margin) & (x < nx - margin) & (y > margin) & (y < ny - margin)
+
+
+def _kernels() -> ModuleType:
+    """:mod:`mspecies.core.kernels`, imported at the first pre-rotated particle: importing Numba takes 0.15–0.4 s,
+    which every other export, and every command that imports this module, would pay for nothing."""
+    from . import kernels
+
+    return kernels
 
 
 _THREAD_BUFFERS = threading.local()

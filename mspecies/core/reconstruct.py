@@ -64,9 +64,6 @@ class ExportOptions:
         Output box N (even).
     particle_diameter_angst
         Diameter (Å): output-normalisation mask and a term of the padded-box size.
-    padding_factor
-        f in the padded box ``M = min(1024, max(even(ceil(f · N)), N + 2, aliasing-free size))`` (≥ 1; 2 = M's,
-        the default: smaller is faster but loses FSC at high resolution, benchmarks/export/README.md).
     mode
         ``volumes`` (sub-tomogram + 3D CTF) or ``series`` (2D tilt images per particle).
     shift_angst
@@ -83,6 +80,9 @@ class ExportOptions:
         ``direct`` (default): the 3D CTF is evaluated on the N³ output grid (:mod:`mspecies.core.ctf3d`);
         ``padded``: M's, reconstructed on the padded M³ grid and cropped in real space (25× slower at box 64,
         47× at box 128; the same RELION map quality was measured with either).
+    padding_factor
+        f in the padded box ``M = min(1024, max(even(ceil(f · N)), N + 2, aliasing-free size))`` (≥ 1; 2 = M's,
+        the default: smaller is faster but loses FSC at high resolution, benchmarks/export/README.md).
     defocus_gradient_sign
         Sign s of ``defocus = tilt defocus + s · height`` (−1: IMOD/Dynamo).
     apply_ctf
@@ -100,7 +100,6 @@ class ExportOptions:
     output_pixel_size_angst: float
     box_px: int
     particle_diameter_angst: float
-    padding_factor: float = 2.0
     mode: str = "volumes"
     shift_angst: tuple[float, float, float] = (0.0, 0.0, 0.0)
     prerotate: bool = False
@@ -111,6 +110,7 @@ class ExportOptions:
     sparse_ctf: bool = False
     ctf_layout: str = "half"
     ctf_method: str = "direct"
+    padding_factor: float = 2.0
     defocus_gradient_sign: int = -1
     apply_ctf: bool = True
     backend: str = "numpy"

@@ -454,10 +454,11 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
                 "--particles", os.path.join(folder, PARTICLES_IN_STAR), "--out", folder,
                 "--pixel-size-out", f"{self._outputPixel():.6g}", "--box", str(self.boxSize.get()),
                 "--diameter", f"{self.particleDiameter.get():.6g}", "--mode", MODES[self.outputMode.get()],
-                "--padding-factor", f"{self.paddingFactor.get():.6g}",
                 "--shift", *(f"{v:.6g}" for v in self._shift()), "--ctf-layout", CTF_LAYOUTS[self.ctfLayout.get()],
                 "--ctf-method", CTF_METHODS[self.ctfMethod.get()], "--backend", self._backend(),
                 "--star-flavour", "3.1", "--overwrite"]
+        if self.paddingFactor.get() != 2.0:  # M's default is not passed: the runs' recorded arguments stay as they were
+            args += ["--padding-factor", f"{self.paddingFactor.get():.6g}"]
         flags = {"--prerotate": self._prerotated(), "--no-invert": not self.invertContrast.get(),
                  "--no-normalize-input": not self.normalizeInput.get(),
                  "--no-normalize-output": not self.normalizeOutput.get(), "--sparse-ctf": self.sparseCtf.get(),

@@ -249,13 +249,17 @@ class TestExportProtocol(BaseTest):
         self.assertEqual(self.prot.ctfMethod.get(), 0)
 
     def test_padding_factor_reaches_the_worker(self):
-        """The form's padding factor (default 2, M's) is the worker's --padding-factor."""
-        for factor, expected in ((None, "2"), (1.25, "1.25")):
+        """The form's padding factor is the worker's --padding-factor; M's default (2) is the worker's own and is
+        not passed, so the recorded arguments of runs made before the option existed still match."""
+        for factor, expected in ((None, None), (2.0, None), (1.25, "1.25")):
             changes = {} if factor is None else {"paddingFactor": factor}
             values = dict(inputParticles=self.imported["coordinates"], inputTiltSeries=self.imported["tilt_series"],
                           inputCtf=self.imported["ctfs"], boxSize=32, particleDiameter=100.0, **changes)
             arguments = self.proj.newProtocol(ProtMSpeciesExportSubtomograms, **values)._cliArgs("extra/TS_01").split()
-            self.assertEqual(arguments[arguments.index("--padding-factor") + 1], expected)
+            if expected is None:
+                self.assertNotIn("--padding-factor", arguments)
+            else:
+                self.assertEqual(arguments[arguments.index("--padding-factor") + 1], expected)
 
     def test_raw_particle_series_reaches_the_worker(self):
         """'CTF-premultiply the stacks' = No asks the worker for raw stacks (--no-ctf), in the particle series only."""

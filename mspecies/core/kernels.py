@@ -222,17 +222,26 @@ def _accumulator(n_rows: int, quantities: int) -> np.ndarray:
 
 
 @numba.njit(cache=True, nogil=True)
-def _rotated_ctf_sums(normal: np.ndarray, area: np.ndarray, axes: np.ndarray, inverse: np.ndarray, n: int,
-                      pixel_size_angst: float, tilt_defocus_sum: np.ndarray, tilt_defocus_difference: np.ndarray,
-                      astigmatism: np.ndarray, phase_offset: np.ndarray, constants: np.ndarray,
-                      tilt_weight_scale: np.ndarray, pre_exposure: np.ndarray, particle_offset: np.ndarray,
-                      apply_ctf: bool, sums: np.ndarray) -> None:
-    """Add every covered (voxel, tilt) pair of one particle to ``sums`` (n_voxels, 3) float64 zeroed:
-    Σ τ (coverage), Σ τ w ⟨C²⟩, Σ τ √⟨C²⟩ (:mod:`mspecies.core.ctf3d`, pair by pair, in its pair order)."""
+def _rotated_ctf_pairs(normal: np.ndarray, area: np.ndarray, axes: np.ndarray, inverse: np.ndarray, n: int,
+                       pixel_size_angst: float, tilt_defocus_sum: np.ndarray, tilt_defocus_difference: np.ndarray,
+                       astigmatism: np.ndarray, phase_offset: np.ndarray, constants: np.ndarray,
+                       pre_exposure: np.ndarray, particle_offset: np.ndarray, sums: np.ndarray,
+                       pairs: np.ndarray, terms: np.ndarray) -> int:
+    """Every covered (voxel, tilt) pair of one particle, in the pair order of :mod:`mspecies.core.ctf3d`: Σ τ
+    added to ``sums[:, 0]`` (n_voxels, 3) float64, and per pair ``pairs`` (2, P) int64 (voxel, tilt) and
+    ``terms`` (4, P) float32 (τ, 2γ reduced to [−π, π], the phase change Δ = |∂γ/∂|k|| / (N p) across a voxel,
+    −pre-exposure · k²), for the transcendental functions to run vectorised (:func:`mspecies.core.ctf3d.
+    ctf_phase_terms`, with the particle's defocus offset in each tilt; the phase is computed and reduced in double
+    precision, so its single-precision cosine is good to 1e-7). Returns the pair count (pairs beyond P are
+    counted and their τ summed, not stored: the caller retries with room for all). Written as one loop body:
+    a call with this many arrays is not inlined and cost as much as the rest."""
     width = n // 2 + 1
     c1, c2 = constants[0], constants[1]
     scale = 1.0 / (n * pixel_size_angst)
     voxel = np.empty(3, dtype=np.int64)
+    half_sum, half_difference = tilt_defocus_sum / 2, tilt_defocus_difference / 2
+    offset2 = 2 * c1 * particle_offset
+    count = 0
     for t in range(normal.shape[0]):
         a, b, c = axes[t, 0], axes[t, 1], axes[t, 2]
         na, nb, nc = normal[t, a], normal[t, b], normal[t, c]
@@ -257,35 +266,29 @@ def _rotated_ctf_sums(normal: np.ndarray, area: np.ndarray, axes: np.ndarray, in
                     profile = (1.0 - abs(distance)) * edge / area[t]
                     row = (_wrap(voxel[2], n) * n + _wrap(voxel[1], n)) * width + voxel[0]
                     sums[row, 0] += profile
-                    if apply_ctf:
-                        power, weight = _pair_power(kx * scale, ky * scale, radius * scale, t, scale, c1, c2,
-                                                    tilt_defocus_sum, tilt_defocus_difference, astigmatism,
-                                                    phase_offset, tilt_weight_scale, pre_exposure, particle_offset)
-                        sums[row, 1] += profile * weight * power
-                        sums[row, 2] += profile * np.sqrt(power)
+                    if count < pairs.shape[1]:
+                        pairs[0, count], pairs[1, count] = row, t
+                        terms[0, count] = profile
+                        fx, fy, k = kx * scale, ky * scale, radius * scale
+                        k2 = fx * fx + fy * fy
+                        inv = 1.0 / k2 if k2 > 0 else 1.0
+                        cos2, sin2 = (fx * fx - fy * fy) * inv, 2 * fx * fy * inv
+                        delta_f = -half_sum[t] - half_difference[t] * (astigmatism[t, 0] * cos2
+                                                                       + astigmatism[t, 1] * sin2)
+                        phase = 2 * (c1 * delta_f * k2 + c2 * k2 * k2 - phase_offset[t]) - offset2[t] * k2
+                        terms[1, count] = phase - _TWO_PI * np.floor(phase * (1 / _TWO_PI) + 0.5)
+                        terms[2, count] = abs(2 * c1 * delta_f * k + 4 * c2 * k2 * k) * scale
+                        terms[3, count] = -pre_exposure[t] * k2
+                    count += 1
+    return count
 
 
-@numba.njit(nogil=True)
-def _pair_power(fx: float, fy: float, k: float, t: int, voxel_angst_inverse: float, c1: float, c2: float,
-                tilt_defocus_sum: np.ndarray, tilt_defocus_difference: np.ndarray, astigmatism: np.ndarray,
-                phase_offset: np.ndarray, tilt_weight_scale: np.ndarray, pre_exposure: np.ndarray,
-                particle_offset: np.ndarray) -> tuple[float, float]:
-    """⟨C²⟩ over the voxel and the tilt weight w of one pair at in-plane frequency (fx, fy), |k| = k (1/Å),
-    with the particle's defocus offset in tilt t (:func:`mspecies.core.ctf3d.ctf_phase_terms` and
-    ``pair_tables``; ``voxel_angst_inverse`` = 1 / (N p))."""
-    k2 = fx * fx + fy * fy
-    inverse = 1.0 / k2 if k2 > 0 else 1.0
-    cos2, sin2 = (fx * fx - fy * fy) * inverse, 2 * fx * fy * inverse
-    delta_f = (-tilt_defocus_sum[t] / 2
-               - tilt_defocus_difference[t] / 2 * (astigmatism[t, 0] * cos2 + astigmatism[t, 1] * sin2))
-    gamma = c1 * delta_f * k2 + c2 * k2 * k2 - phase_offset[t]
-    step = abs(2 * c1 * delta_f * k + 4 * c2 * k2 * k) * voxel_angst_inverse
-    # single-precision functions (twice as fast) of arguments reduced in double precision: 1e-7 absolute
-    half_sinc = 0.5 * (1 - 1e-6) * (np.sin(np.float32(step)) / np.float32(step) if step != 0 else 1.0)
-    phase = 2 * gamma - 2 * c1 * particle_offset[t] * k2
-    phase -= _TWO_PI * np.floor(phase * (1 / _TWO_PI) + 0.5)
-    return (0.5 - half_sinc * np.cos(np.float32(phase)),
-            tilt_weight_scale[t] * np.exp(np.float32(-pre_exposure[t] * k2)))
+@numba.njit(cache=True, nogil=True)
+def _add_pair_sums(voxels: np.ndarray, numerator: np.ndarray, denominator: np.ndarray, sums: np.ndarray) -> None:
+    """``sums[voxel, 1] += numerator``, ``sums[voxel, 2] += denominator`` pair by pair (float64 sums)."""
+    for i in range(voxels.shape[0]):
+        sums[voxels[i], 1] += numerator[i]
+        sums[voxels[i], 2] += denominator[i]
 
 
 @numba.njit(nogil=True)
@@ -332,25 +335,48 @@ def rotated_ctf(orientation: np.ndarray, *, box_px: int, padded_box_px: int, pix
     axes = np.array([[a, *(axis for axis in range(3) if axis != a)] for a in dominant], dtype=np.int64)
     c1, c2, c3 = phase_constants(microscope)
     angle = np.deg2rad(np.asarray(defocus_angle_deg, dtype=np.float64))
-    sums = _ctf_sums(n)
-    _rotated_ctf_sums(normal, area, axes, np.linalg.pinv(g), n, float(pixel_size_angst),
-                      np.asarray(defocus_u_angst, dtype=np.float64) + defocus_v_angst,
-                      np.asarray(defocus_u_angst, dtype=np.float64) - defocus_v_angst,
-                      np.stack([np.cos(2 * angle), np.sin(2 * angle)], axis=1),
-                      np.deg2rad(np.asarray(phase_shift_deg, dtype=np.float64)) + c3, np.array([c1, c2]),
-                      np.asarray(tilt_weight_scale, dtype=np.float64),
-                      np.asarray(pre_exposure_e_per_angst2, dtype=np.float64),
-                      np.asarray(defocus_offset_angst, dtype=np.float64), apply_ctf, sums)
+    sums, pairs, terms = _ctf_work(n, len(normal))
+    arguments = (normal, area, axes, np.linalg.pinv(g), n, float(pixel_size_angst),
+                 np.asarray(defocus_u_angst, dtype=np.float64) + defocus_v_angst,
+                 np.asarray(defocus_u_angst, dtype=np.float64) - defocus_v_angst,
+                 np.stack([np.cos(2 * angle), np.sin(2 * angle)], axis=1),
+                 np.deg2rad(np.asarray(phase_shift_deg, dtype=np.float64)) + c3, np.array([c1, c2]),
+                 np.asarray(pre_exposure_e_per_angst2, dtype=np.float64),
+                 np.asarray(defocus_offset_angst, dtype=np.float64), sums)
+    count = _rotated_ctf_pairs(*arguments, pairs, terms)
+    if count > pairs.shape[1]:  # more pairs than room: again with room for all
+        sums[:] = 0
+        sums, pairs, terms = _ctf_work(n, len(normal), count)
+        _rotated_ctf_pairs(*arguments, pairs, terms)
+    if apply_ctf:
+        numerator, denominator = _pair_values(terms[:, :count], pairs[1, :count],
+                                              np.asarray(tilt_weight_scale, dtype=np.float32))
+        _add_pair_sums(pairs[0, :count], numerator, denominator, sums)
     out = np.empty((n, n, n // 2 + 1), dtype=np.float32)
     _finish_ctf(sums, n / padded_box_px, CTF_WEIGHT_FLOOR, apply_ctf, out.reshape(-1))
     return out
 
 
-def _ctf_sums(box_px: int) -> np.ndarray:
-    """This thread's zeroed (N·N·(N//2+1), 3) float64 sums, kept between particles (:func:`_finish_ctf`
-    leaves them zeroed)."""
+def _pair_values(terms: np.ndarray, tilt: np.ndarray, tilt_weight_scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per pair τ w ⟨C²⟩ and τ √⟨C²⟩ (float32, NumPy's vectorised single-precision sin, cos and exp: 10× the
+    scalar ones) from the ``terms`` (4, P) of :func:`_rotated_ctf_pairs`: ⟨C²⟩ = ½ − ½ (1 − 1e-6) sinc(Δ) cos 2γ
+    and w = cos θ · dose limit · exp(−pre-exposure · k²) (:mod:`mspecies.core.ctf3d`)."""
+    profile, phase, step, exposure = terms
+    with np.errstate(invalid="ignore", divide="ignore"):
+        half_sinc = np.where(step > 0, np.sin(step) / step, np.float32(1)) * np.float32(0.5 * (1 - 1e-6))
+    power = np.float32(0.5) - half_sinc * np.cos(phase)
+    weight = tilt_weight_scale[tilt] * np.exp(exposure)
+    return profile * weight * power, profile * np.sqrt(power)
+
+
+def _ctf_work(box_px: int, n_tilts: int, n_pairs: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """This thread's zeroed (N·N·(N//2+1), 3) float64 sums (:func:`_finish_ctf` leaves them zeroed) and its pair
+    arrays, with room for ``n_pairs`` or for the usual count (about 2.2 voxel layers of each tilt's half disc),
+    kept between particles."""
     n_voxels = box_px * box_px * (box_px // 2 + 1)
-    sums = getattr(_LOCAL, "ctf_sums", None)
-    if sums is None or sums.shape[0] != n_voxels:
-        sums = _LOCAL.ctf_sums = np.zeros((n_voxels, 3), dtype=np.float64)
-    return sums
+    room = max(n_pairs, int(2.4 * n_tilts * np.pi * box_px * box_px / 8))
+    work = getattr(_LOCAL, "ctf_work", None)
+    if work is None or work[0].shape[0] != n_voxels or work[1].shape[1] < room:
+        work = _LOCAL.ctf_work = (np.zeros((n_voxels, 3), dtype=np.float64), np.empty((2, room), dtype=np.int64),
+                                  np.empty((4, room), dtype=np.float32))
+    return work

@@ -95,3 +95,20 @@ def test_compiled_rotated_ctf_gives_the_numpy_pairs_of_each_particle(realistic, 
         identity = ctf3d.evaluate_pairs(engine._direct_pair_tables(  # noqa: SLF001
             insert.slice_orientation(dosed.tilt_angles_deg[t], dosed.xf[t])), positions[b])
         assert np.abs(ctfs[b] - identity).max() <= 1e-6 * np.abs(identity).max()
+
+
+def test_run_each_gives_every_item_to_exactly_one_thread_and_raises_the_first_error():
+    pool = insert.thread_pool(2)
+    seen: list[int] = []
+    insert.run_each(pool, seen.append, 37)
+    assert sorted(seen) == list(range(37))
+    serial: list[int] = []
+    insert.run_each(None, serial.append, 5)
+    assert serial == list(range(5))
+
+    def fail(i: int) -> None:
+        if i == 3:
+            raise ValueError("item 3")
+
+    with pytest.raises(ValueError, match="item 3"):
+        insert.run_each(pool, fail, 10)

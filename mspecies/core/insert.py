@@ -20,6 +20,7 @@ is splatted with ``bincount``.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -69,6 +70,28 @@ def run_split(pool: WorkerPool | None, work: Callable[[int, int], None], size: i
     edges = [0, *(cuts if cuts is not None else [size * i // parts for i in range(1, parts)]), size]
     futures = [pool.submit(work, a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
     wait(futures)  # all of them, even when one fails: they write into shared buffers
+    for future in futures:
+        future.result()
+
+
+def run_each(pool: WorkerPool | None, work: Callable[[int], None], size: int) -> None:
+    """Run ``work(i)`` for i in [0, size), each pool thread taking the next i when it is free (serially without
+    a pool): for items of unequal cost (a pre-rotated particle's own splat varies with its orientation), where
+    :func:`run_split`'s even ranges would leave one thread waiting. Exceptions propagate once all have stopped."""
+    if pool is None or size < 2:
+        for i in range(size):
+            work(i)
+        return
+    counter = itertools.count()  # next() on it is atomic under the GIL
+
+    def take() -> None:
+        for i in iter(counter.__next__, None):
+            if i >= size:
+                return
+            work(i)
+
+    futures = [pool.submit(take) for _ in range(min(pool.threads, size))]
+    wait(futures)
     for future in futures:
         future.result()
 

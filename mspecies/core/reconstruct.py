@@ -533,18 +533,16 @@ class TiltSeriesEngine:
         checker = _checkerboard(m)
         volumes: list[np.ndarray] = [None] * weight.shape[0]  # type: ignore[list-item]
 
-        def own(first: int, last: int) -> None:
+        def own(b: int) -> None:
             buffers = thread_work_buffers(np)
             spectrum = buffers.get("own_spectrum")
             if spectrum is None or spectrum.shape[0] != m * m * (m // 2 + 1):
                 spectrum = buffers["own_spectrum"] = np.empty((m * m * (m // 2 + 1), 1), dtype=np.complex64)
-            for b in range(first, last):
-                _kernels().splat_normalised(orientation[b], self.grid.kx, self.grid.ky, m, data[b], weight[b], None,
-                                         checker, WEIGHT_FLOOR, spectrum, None, 0)
-                volumes[b] = np.divide(self._inverse_volumes(spectrum, workers=1)[0], self.gridding,
-                                       dtype=np.float32)
+            _kernels().splat_normalised(orientation[b], self.grid.kx, self.grid.ky, m, data[b], weight[b], None,
+                                        checker, WEIGHT_FLOOR, spectrum, None, 0)
+            volumes[b] = np.divide(self._inverse_volumes(spectrum, workers=1)[0], self.gridding, dtype=np.float32)
 
-        insert.run_split(self._pool(), own, len(volumes))
+        insert.run_each(self._pool(), own, len(volumes))
         return volumes
 
     def _direct_ctfs(self, positions_angst: np.ndarray, euler_zyz_deg: np.ndarray) -> list[np.ndarray]:
@@ -560,17 +558,16 @@ class TiltSeriesEngine:
         offsets = positions_angst @ self._offset_basis()  # (B, T) particle − tilt defocus, Å
         scale = _tilt_scale(ts, options, t)
 
-        def own(first: int, last: int) -> None:
-            for b in range(first, last):
-                ctfs[b] = self.xp.asarray(_kernels().rotated_ctf(
-                    orientation[b], box_px=options.box_px, padded_box_px=self.padded_box_px,
-                    pixel_size_angst=options.output_pixel_size_angst, defocus_u_angst=ts.defocus_u_angst[t],
-                    defocus_v_angst=ts.defocus_v_angst[t], defocus_angle_deg=ts.defocus_angle_deg[t],
-                    phase_shift_deg=ts.phase_shift_deg[t], tilt_weight_scale=scale,
-                    pre_exposure_e_per_angst2=ts.pre_exposure_e_per_angst2[t], defocus_offset_angst=offsets[b],
-                    microscope=ts.microscope, apply_ctf=options.apply_ctf))
+        def own(b: int) -> None:
+            ctfs[b] = self.xp.asarray(_kernels().rotated_ctf(
+                orientation[b], box_px=options.box_px, padded_box_px=self.padded_box_px,
+                pixel_size_angst=options.output_pixel_size_angst, defocus_u_angst=ts.defocus_u_angst[t],
+                defocus_v_angst=ts.defocus_v_angst[t], defocus_angle_deg=ts.defocus_angle_deg[t],
+                phase_shift_deg=ts.phase_shift_deg[t], tilt_weight_scale=scale,
+                pre_exposure_e_per_angst2=ts.pre_exposure_e_per_angst2[t], defocus_offset_angst=offsets[b],
+                microscope=ts.microscope, apply_ctf=options.apply_ctf))
 
-        insert.run_split(self._pool(), own, len(ctfs))
+        insert.run_each(self._pool(), own, len(ctfs))
         return ctfs
 
     def _insert_prerotated(self, data: np.ndarray | None, weight: np.ndarray, ctf: np.ndarray | None,

@@ -61,6 +61,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -68,6 +69,11 @@ import pandas as pd
 from mspecies.common.types import InputError, Microscope, ParticlePoses, TiltSeriesData
 from mspecies.formats import validate
 from mspecies.formats.dose import DOSE_LAYOUTS
+
+if TYPE_CHECKING:
+    from mspecies.cli.export_checks import ExportJob
+    from mspecies.cli.export_overlap import Prefetch
+    from mspecies.core.extract import PreparedStack
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -360,7 +366,7 @@ def publish_export(staging: Path, out: Path, earlier: list[Path]) -> None:
 def _write_export(jobs: list, staging: Path, args: argparse.Namespace) -> tuple[pd.DataFrame, list]:
     """Export every job into ``staging`` (MRCs per tilt series, excluded particles, STAR) → (STAR rows written,
     :class:`~mspecies.cli.export_files.ExportSummary` per tilt series)."""
-    from mspecies.cli.export_checks import exclusion_lines
+    from mspecies.cli.export_checks import exclusion_lines, overlap_fits
     from mspecies.cli.export_files import EXCLUDED_TSV, STAR_NAME, export_tilt_series
     from mspecies.cli.relion5_files import write_particle_series, write_tomogram
     from mspecies.formats.mrc import read_mrc
@@ -376,12 +382,17 @@ def _write_export(jobs: list, staging: Path, args: argparse.Namespace) -> tuple[
     if not any(len(job.particles) for job in jobs):
         raise InputError(f"particles: all {len(excluded)} particles were excluded (see the lines above); "
                          "nothing to export")
-    for job in (job for job in jobs if len(job.particles)):
-        stack, _ = read_mrc(job.tilt_series.stack_path, mmap=True)
+    todo = [job for job in jobs if len(job.particles)]
+    upcoming = None
+    for k, job in enumerate(todo):
+        prepared = upcoming.result() if upcoming is not None else None  # prepared while job k - 1 reconstructed
+        upcoming = _prepare_ahead(job, todo[k + 1] if k + 1 < len(todo) else None)
+        stack = None if prepared is not None else read_mrc(job.tilt_series.stack_path, mmap=True)[0]
         ts_id = job.tilt_series.ts_id
         rows, summary = export_tilt_series(job.tilt_series, stack, job.particles, job.options, staging / ts_id,
                                            star_dir=staging, tomogram_shape_xyz_px=job.tomogram_shape_xyz_px,
-                                           first_subset_index=first, log=lambda line: print(line, flush=True))
+                                           first_subset_index=first, log=lambda line: print(line, flush=True),
+                                           prepared=prepared, overlap_writes=overlap_fits(job, None))
         tables.append(rows)
         summaries.append(summary)
         if args.mode == "series":
@@ -399,3 +410,23 @@ def _write_export(jobs: list, staging: Path, args: argparse.Namespace) -> tuple[
     else:
         write_subtomo_star(staging / STAR_NAME, particles_table, flavour=args.star_flavour, **optics)
     return particles_table, summaries
+
+
+def _prepare_ahead(job: ExportJob, next_job: ExportJob | None) -> Prefetch | None:
+    """Start preparing ``next_job``'s stack on a background thread while ``job`` reconstructs (NumPy backend, and
+    only when ``job``'s memory budget holds that stack too: :func:`~mspecies.cli.export_checks.overlap_fits`);
+    None when there is no next job or it will be prepared when its turn comes."""
+    from mspecies.cli.export_checks import overlap_fits
+    from mspecies.cli.export_overlap import Prefetch
+    from mspecies.core.backend import select_backend
+    from mspecies.core.reconstruct import prepare_engine_stack
+    from mspecies.formats.mrc import read_mrc
+
+    if next_job is None or select_backend(next_job.options.backend) is not np or not overlap_fits(job, next_job):
+        return None
+
+    def prepare() -> PreparedStack:
+        stack, _ = read_mrc(next_job.tilt_series.stack_path, mmap=True)
+        return prepare_engine_stack(next_job.tilt_series, stack, next_job.options, workers=1)
+
+    return Prefetch(prepare)

@@ -73,7 +73,7 @@ from mspecies.formats.dose import DOSE_LAYOUTS
 if TYPE_CHECKING:
     from mspecies.cli.export_checks import ExportJob
     from mspecies.cli.export_overlap import Prefetch
-    from mspecies.core.extract import PreparedStack
+    from mspecies.core.reconstruct import TiltSeriesEngine
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -385,14 +385,14 @@ def _write_export(jobs: list, staging: Path, args: argparse.Namespace) -> tuple[
     todo = [job for job in jobs if len(job.particles)]
     upcoming = None
     for k, job in enumerate(todo):
-        prepared = upcoming.result() if upcoming is not None else None  # prepared while job k - 1 reconstructed
-        upcoming = _prepare_ahead(job, todo[k + 1] if k + 1 < len(todo) else None)
-        stack = None if prepared is not None else read_mrc(job.tilt_series.stack_path, mmap=True)[0]
+        engine = adopt_engine(upcoming.result()) if upcoming is not None else None  # built during job k - 1
+        upcoming = _build_engine_ahead(job, todo[k + 1] if k + 1 < len(todo) else None)
+        stack = None if engine is not None else read_mrc(job.tilt_series.stack_path, mmap=True)[0]
         ts_id = job.tilt_series.ts_id
         rows, summary = export_tilt_series(job.tilt_series, stack, job.particles, job.options, staging / ts_id,
                                            star_dir=staging, tomogram_shape_xyz_px=job.tomogram_shape_xyz_px,
                                            first_subset_index=first, log=lambda line: print(line, flush=True),
-                                           prepared=prepared, overlap_writes=overlap_fits(job, None))
+                                           engine=engine, overlap_writes=overlap_fits(job, None))
         tables.append(rows)
         summaries.append(summary)
         if args.mode == "series":
@@ -412,21 +412,33 @@ def _write_export(jobs: list, staging: Path, args: argparse.Namespace) -> tuple[
     return particles_table, summaries
 
 
-def _prepare_ahead(job: ExportJob, next_job: ExportJob | None) -> Prefetch | None:
-    """Start preparing ``next_job``'s stack on a background thread while ``job`` reconstructs (NumPy backend, and
-    only when ``job``'s memory budget holds that stack too: :func:`~mspecies.cli.export_checks.overlap_fits`);
-    None when there is no next job or it will be prepared when its turn comes."""
+def _build_engine_ahead(job: ExportJob, next_job: ExportJob | None) -> Prefetch | None:
+    """Start building ``next_job``'s engine (stack read and filtered on one thread, shared insertion, 3D-CTF
+    tables) on a background thread while ``job`` reconstructs; None when there is no next job, for CuPy, or when
+    ``job``'s memory budget cannot also hold the next engine's fixed memory
+    (:func:`~mspecies.cli.export_checks.overlap_fits`): that engine is then built when its turn comes."""
     from mspecies.cli.export_checks import overlap_fits
-    from mspecies.cli.export_overlap import Prefetch
+    from mspecies.cli.export_overlap import Prefetch, background_pool
     from mspecies.core.backend import select_backend
-    from mspecies.core.reconstruct import prepare_engine_stack
+    from mspecies.core.reconstruct import TiltSeriesEngine, prepare_engine_stack
     from mspecies.formats.mrc import read_mrc
 
     if next_job is None or select_backend(next_job.options.backend) is not np or not overlap_fits(job, next_job):
         return None
 
-    def prepare() -> PreparedStack:
+    def build() -> TiltSeriesEngine:
         stack, _ = read_mrc(next_job.tilt_series.stack_path, mmap=True)
-        return prepare_engine_stack(next_job.tilt_series, stack, next_job.options, workers=1)
+        prepared = prepare_engine_stack(next_job.tilt_series, stack, next_job.options,
+                                        pool=background_pool(next_job.options.n_workers))
+        return TiltSeriesEngine.create(next_job.tilt_series, None, next_job.options, prepared=prepared)
 
-    return Prefetch(prepare)
+    return Prefetch(build)
+
+
+def adopt_engine(engine: TiltSeriesEngine) -> TiltSeriesEngine:
+    """An engine built on another thread, made to use the work arrays of this thread, which runs it
+    (:func:`~mspecies.core.reconstruct.thread_work_buffers`: warm after the previous tilt series)."""
+    from mspecies.core.reconstruct import thread_work_buffers
+
+    engine.buffers = thread_work_buffers(engine.xp)
+    return engine

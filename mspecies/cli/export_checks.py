@@ -25,7 +25,6 @@ import numpy as np
 import pandas as pd
 
 from mspecies.common.types import InputError, ParticlePoses, TiltSeriesData
-from mspecies.core.extract import rescaled_shape
 from mspecies.core.geometry import project_positions_to_tilts
 from mspecies.core.memory import MemoryPlan, available_memory_bytes
 from mspecies.core.reconstruct import ExportOptions, plan_memory, shifted_positions_angst
@@ -189,19 +188,13 @@ def output_bytes_per_particle(options: ExportOptions, n_tilts: int) -> int:
     return (n ** 3 + (n ** 3 if options.ctf_layout == "centred" else n * n * (n // 2 + 1))) * 4
 
 
-def prepared_stack_bytes(job: ExportJob) -> int:
-    """Bytes of the job's prepared stack (its used tilts at the output pixel size, float32)."""
-    ts = job.tilt_series
-    ny, nx = rescaled_shape(ts.image_shape_yx, ts.pixel_size_angst, job.options.output_pixel_size_angst)
-    return int(np.count_nonzero(~ts.excluded)) * ny * nx * 4
-
-
 def overlap_fits(job: ExportJob, next_job: ExportJob | None) -> bool:
     """True when the memory budget of ``job`` also holds what the export overlaps with its reconstruction: one
-    batch of outputs waiting for the writer, and ``next_job``'s prepared stack (None: no next job)."""
+    batch of outputs waiting for the writer, and ``next_job``'s engine built ahead (its fixed memory: prepared
+    stack, insertion operator, tables; None: no next job)."""
     used_tilts = int(np.count_nonzero(~job.tilt_series.excluded))
     waiting = job.plan.batch_size * output_bytes_per_particle(job.options, used_tilts)
-    ahead = 0 if next_job is None else prepared_stack_bytes(next_job)
+    ahead = 0 if next_job is None else next_job.plan.fixed_bytes
     return job.plan.total_bytes + waiting + ahead <= job.plan.budget_bytes
 
 

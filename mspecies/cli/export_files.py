@@ -27,7 +27,6 @@ import pandas as pd
 from mspecies.cli.export_overlap import ParticleWriter
 from mspecies.cli.relion5_files import OPTIMISATION_SET, TOMOGRAMS_STAR
 from mspecies.common.types import InputError, ParticlePoses, TiltSeriesData
-from mspecies.core.extract import PreparedStack
 from mspecies.core.geometry import centred_angst_to_corner_px
 from mspecies.core.reconstruct import ExportOptions, TiltSeriesEngine, check_volume, shifted_positions_angst
 from mspecies.formats import relion5
@@ -103,14 +102,14 @@ def export_tilt_series(tilt_series: TiltSeriesData, stack: np.ndarray | None, pa
                        options: ExportOptions, out_dir: str | Path, *,
                        tomogram_shape_xyz_px: tuple[int, int, int], star_dir: str | Path | None = None,
                        first_subset_index: int = 0, log: Callable[[str], None] | None = None,
-                       prepared: PreparedStack | None = None, overlap_writes: bool = True
+                       engine: TiltSeriesEngine | None = None, overlap_writes: bool = True
                        ) -> tuple[pd.DataFrame, ExportSummary]:
     """Reconstruct and write the particles of one tilt series.
 
     Parameters
     ----------
     tilt_series, stack, particles, options
-        As for :func:`~mspecies.core.reconstruct.reconstruct_particles`; ``stack`` may be None when ``prepared``
+        As for :func:`~mspecies.core.reconstruct.reconstruct_particles`; ``stack`` may be None when ``engine``
         is given.
     out_dir
         Folder for the MRC files (created).
@@ -120,9 +119,9 @@ def export_tilt_series(tilt_series: TiltSeriesData, stack: np.ndarray | None, pa
         Folder of the STAR file that will list the rows (image paths are relative to it; default ``out_dir``).
     first_subset_index
         Global index of the first particle; random subsets alternate 1, 2 over global indices.
-    prepared
-        The stack already prepared (:func:`~mspecies.core.reconstruct.prepare_engine_stack`), e.g. while the
-        previous tilt series reconstructed.
+    engine
+        This tilt series' engine built already (e.g. while the previous tilt series reconstructed: its setup is
+        then not in the summary's time), instead of building it here from ``stack``.
     overlap_writes
         Check and write each batch on a writer thread while the next batch is reconstructed (default); False
         checks and writes each particle before the next one is reconstructed. The files are the same.
@@ -141,7 +140,7 @@ def export_tilt_series(tilt_series: TiltSeriesData, stack: np.ndarray | None, pa
     out.mkdir(parents=True, exist_ok=True)
     star_folder = Path(star_dir) if star_dir is not None else out
     started = time.perf_counter()
-    engine = TiltSeriesEngine.create(tilt_series, stack, options, prepared=prepared)
+    engine = engine if engine is not None else TiltSeriesEngine.create(tilt_series, stack, options)
     if log is not None:
         ctf = f", 3D CTF {options.ctf_method}" if options.mode == "volumes" else ""
         log(f"{tilt_series.ts_id}: {len(particles)} particles, padded box M = {engine.padded_box_px}, backend "

@@ -17,11 +17,14 @@ folder's removal) has begun.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Callable
 from types import TracebackType
 from typing import Generic, TypeVar
+
+from mspecies.core.insert import WorkerPool
 
 Task = Callable[[], None]
 T = TypeVar("T")
@@ -134,3 +137,18 @@ class Prefetch(Generic[T]):
         if self._error is not None:
             raise self._error
         return self._value  # type: ignore[return-value]
+
+
+_BACKGROUND_POOLS: dict[tuple[int, int], WorkerPool] = {}
+
+
+def background_pool(threads: int) -> WorkerPool | None:
+    """A process-wide pool of ``threads`` threads for work done ahead (the next tilt series' stack), apart from
+    the engine's pool (:func:`~mspecies.core.insert.thread_pool`): the engine's batch steps never queue behind
+    it, and once the current tilt series is done it still has every core. None for 1 thread."""
+    if threads <= 1:
+        return None
+    key = (os.getpid(), threads)
+    if key not in _BACKGROUND_POOLS:
+        _BACKGROUND_POOLS[key] = WorkerPool(threads)
+    return _BACKGROUND_POOLS[key]

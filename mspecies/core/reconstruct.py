@@ -730,16 +730,16 @@ _THREAD_BUFFERS = threading.local()
 
 
 def prepare_engine_stack(tilt_series: TiltSeriesData, stack: np.ndarray, options: ExportOptions, *,
-                         workers: int | None = None) -> extract.PreparedStack:
-    """The used tilts of ``stack`` read and preprocessed as :meth:`TiltSeriesEngine.create` needs them, on
-    ``workers`` threads (default ``options.n_workers``; 1: this thread alone, single-threaded transforms); the
-    values do not depend on ``workers``."""
+                         pool: insert.WorkerPool | None = None) -> extract.PreparedStack:
+    """The used tilts of ``stack`` read and preprocessed as :meth:`TiltSeriesEngine.create` needs them, on the
+    threads of ``pool`` (default: the process-wide pool of ``options.n_workers`` threads); the values do not
+    depend on the pool."""
     xp = select_backend(options.backend)
-    workers = options.n_workers if workers is None else workers
+    pool = pool or insert.thread_pool(options.n_workers)
     return extract.prepare_stack(
         stack, tilt_series, options.output_pixel_size_angst, options.box_px, normalize=options.normalize_input,
-        invert=options.invert_contrast, xp=xp, workers=workers, tilts=np.flatnonzero(~tilt_series.excluded),
-        pool=insert.thread_pool(workers) if xp is np else None)
+        invert=options.invert_contrast, xp=xp, workers=options.n_workers, tilts=np.flatnonzero(~tilt_series.excluded),
+        pool=pool if xp is np else None)
 
 
 def thread_work_buffers(xp: ModuleType) -> dict[str, np.ndarray]:

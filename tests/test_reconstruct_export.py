@@ -40,6 +40,9 @@ def test_the_memory_plan_covers_what_the_engine_allocates(method, prerotate):
                                    shape=(192, 192))
     stack = np.random.default_rng(0).normal(size=(41, 192, 192)).astype(np.float32)
     particles = poses(np.random.default_rng(1).uniform(-100, 100, (12, 3)))
+    if prerotate:  # Numba compiles (or loads) the kernels at their first call: not the export's memory
+        small = options(ctf_method=method, prerotate=True, box_px=16, particle_diameter_angst=40.0)
+        next(TiltSeriesEngine.create(tilt_series, stack, small).reconstruct(particles))
     tracemalloc.start()
     try:
         engine = TiltSeriesEngine.create(tilt_series, stack, options(ctf_method=method, max_batch=6,

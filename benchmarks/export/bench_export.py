@@ -181,7 +181,8 @@ def main() -> None:
                         help="3D-CTF methods of the full pipeline (the padded one is slow at boxes > 128)")
     parser.add_argument("--padded-max-box", type=int, default=128,
                         help="the padded 3D-CTF pipeline only up to this box (minutes per particle above)")
-    parser.add_argument("--prerotate", action="store_true", help="also the pre-rotated pipeline (direct 3D CTF)")
+    parser.add_argument("--prerotate", action="store_true",
+                        help="also the pre-rotated pipeline (direct 3D CTF, and padded where --methods has it)")
     parser.add_argument("--repeats", type=int, default=3, help="passes of each engine (the first one is cold)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
@@ -195,6 +196,9 @@ def main() -> None:
             results = {method: bench_engine(box, n_particles, backend, method, args.repeats) for method in methods}
             if args.prerotate:
                 results["prerotated"] = bench_engine(box, n_particles, backend, "direct", args.repeats, prerotate=True)
+                if "padded" in methods:
+                    results["prerotated_padded"] = bench_engine(box, n_particles, backend, "padded", args.repeats,
+                                                                prerotate=True)
             files = bench_ctf_files(box, 4 * n_particles, backend)
             for method, result in results.items():
                 print(f"box {box} (M {result['M']}, batch {result['batch']}), {backend}, {method}: "
@@ -206,6 +210,9 @@ def main() -> None:
             if "prerotated" in results and "direct" in results:
                 print(f"box {box}, {backend}: pre-rotated / plain = "
                       f"{results['prerotated']['s_per_particle'] / results['direct']['s_per_particle']:.2f}")
+            if "prerotated_padded" in results:
+                print(f"box {box}, {backend}: pre-rotated, direct 3D CTF / padded 3D CTF = "
+                      f"{results['prerotated']['s_per_particle'] / results['prerotated_padded']['s_per_particle']:.2f}")
             print(f"box {box}, {backend}: direct 3D CTF written to new MRC files {files * 1e3:.2f} ms/particle")
             figures.append({"box": box, "backend": backend, "files_s_per_particle": files,
                             **{f"{method}_{key}": value for method, result in results.items()

@@ -252,8 +252,9 @@ def pair_tables(coverage: Coverage, *, pixel_size_angst: float, padded_box_px: i
 
 
 def evaluate_pairs(tables: PairTables, coefficients: np.ndarray) -> np.ndarray:
-    """One particle's 3D CTF straight from the pairs (``bincount``; for a coverage used once, as a pre-rotated
-    particle's own): (N, N, N//2+1) float32 from its (R,) offset coefficients."""
+    """One particle's 3D CTF straight from the pairs (``bincount``): (N, N, N//2+1) float32 from its (R,) offset
+    coefficients. The NumPy statement of :func:`mspecies.core.kernels.rotated_ctf`, which the export uses for a
+    pre-rotated particle's own coverage (the reference of its tests)."""
     coverage = tables.coverage
     n = coverage.box_px
     if not tables.apply_ctf:  # C ≡ 1: the multiplicity (0 where no slice reaches)

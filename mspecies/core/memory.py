@@ -99,7 +99,8 @@ class MemoryPlan:
 
 
 def estimate_bytes(padded_box_px: int, box_px: int, n_tilts: int, stack_pixels: int, *,
-                   shared_geometry: bool, padded_ctf: bool = True, by_lines: bool = False) -> tuple[int, int]:
+                   shared_geometry: bool, padded_ctf: bool = True, by_lines: bool = False,
+                   compiled_threads: int = 0) -> tuple[int, int]:
     """Fixed and per-particle bytes of the volume export.
 
     Parameters
@@ -122,6 +123,12 @@ def estimate_bytes(padded_box_px: int, box_px: int, n_tilts: int, stack_pixels: 
         True when the sub-tomograms are inserted and transformed line by line (NumPy, direct 3D CTF, shared
         geometry; ``TiltSeriesEngine.by_lines``): no whole padded spectrum, only its N central z planes
         after the first transform, and a few (M, M//2+1) lines per thread.
+    compiled_threads
+        Without shared geometry on NumPy: the threads that insert one particle each with the compiled kernels
+        (:mod:`mspecies.core.kernels`), each keeping a compact accumulator of the padded half ball and, with the
+        direct 3D CTF, the particle's own padded spectrum, its inverse transforms and the 3D-CTF sums
+        (``TiltSeriesEngine.own_volumes``): per thread, not per particle, and no splat entries. 0: the
+        splat entries of every particle of a batch are built (CuPy).
     """
     m, n = padded_box_px, box_px
     half_voxels = m * m * (m // 2 + 1)
@@ -149,6 +156,14 @@ def estimate_bytes(padded_box_px: int, box_px: int, n_tilts: int, stack_pixels: 
                          - half_voxels * (8 + 4) - n * n * m * 4)  # no whole spectra, no whole C2R output
     if shared_geometry:
         fixed += operator
+    elif compiled_threads:
+        ball_voxels = int(np.pi / 12 * m ** 3) + m * m  # the half ball |k| < M/2 (and a margin)
+        per_thread = ball_voxels * 4 * (5 if padded_ctf else 4)
+        if not padded_ctf:  # own volumes: one spectrum and its transforms per thread instead of per particle
+            whole = half_voxels * (8 + 4) + n * n * m * 4
+            per_particle -= whole
+            per_thread += whole + n * n * (n // 2 + 1) * 8 * 3  # and the 3D-CTF sums
+        fixed += compiled_threads * per_thread
     else:
         per_particle += nonzeros * (8 + 4 + 4 + 8 * 3)  # indices, weights, signs, gathered values (float64)
         per_particle += 0 if padded_ctf else direct_tables + slots * 8 * 6  # its own coverage (float64 pairs)
@@ -157,7 +172,7 @@ def estimate_bytes(padded_box_px: int, box_px: int, n_tilts: int, stack_pixels: 
 
 def plan_batches(padded_box_px: int, box_px: int, n_tilts: int, stack_pixels: int, *, shared_geometry: bool,
                  budget_bytes: int | None = None, max_batch: int = MAX_BATCH, padded_ctf: bool = True,
-                 by_lines: bool = False) -> MemoryPlan:
+                 by_lines: bool = False, compiled_threads: int = 0) -> MemoryPlan:
     """Choose the largest batch (≤ ``max_batch``) that fits the budget, or raise :class:`InputError`.
 
     Parameters
@@ -167,7 +182,8 @@ def plan_batches(padded_box_px: int, box_px: int, n_tilts: int, stack_pixels: in
     """
     budget = int(budget_bytes if budget_bytes is not None else DEFAULT_BUDGET_FRACTION * available_memory_bytes())
     fixed, per_particle = estimate_bytes(padded_box_px, box_px, n_tilts, stack_pixels,
-                                         shared_geometry=shared_geometry, padded_ctf=padded_ctf, by_lines=by_lines)
+                                         shared_geometry=shared_geometry, padded_ctf=padded_ctf, by_lines=by_lines,
+                                         compiled_threads=compiled_threads)
     batch = min(max_batch, (budget - fixed) // per_particle) if budget > fixed else 0
     if batch < 1:
         mib = 1024**2

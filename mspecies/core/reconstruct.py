@@ -199,10 +199,13 @@ def plan_memory(tilt_series: TiltSeriesData, options: ExportOptions) -> tuple[in
     m = options.box_px if options.mode == "series" else extract.padded_box_px(
         tilt_series, options.box_px, pixel, options.particle_diameter_angst)
     shape = extract.rescaled_shape(tilt_series.image_shape_yx, tilt_series.pixel_size_angst, pixel)
+    xp = select_backend(options.backend)
+    volumes = options.mode != "series"
     plan = plan_batches(m, options.box_px, tilts.size, tilts.size * shape[0] * shape[1],
                         shared_geometry=not options.prerotate, budget_bytes=options.memory_budget_bytes,
                         max_batch=options.max_batch, padded_ctf=options.ctf_method == "padded",
-                        by_lines=options.mode != "series" and _by_lines(select_backend(options.backend), options))
+                        by_lines=volumes and _by_lines(xp, options),
+                        compiled_threads=options.n_workers if volumes and options.prerotate and xp is np else 0)
     return m, plan
 
 
@@ -286,15 +289,25 @@ class TiltSeriesEngine:
         """Output-grid 3D-CTF pair tables for (T, 3, 2) slice orientations of the used tilts."""
         ts, options, t = self.tilt_series, self.options, self.tilts
         scale = _tilt_scale(ts, options, t)
-        # particle defocus offset = sign · height, and height = (third row of the tilt rotation) · position
-        basis = options.defocus_gradient_sign * tilt_rotation(ts.tilt_angles_deg[t])[:, 2, :].T
         return ctf3d.pair_tables(
             ctf3d.slice_coverage(orientation, options.box_px), pixel_size_angst=options.output_pixel_size_angst,
             padded_box_px=self.padded_box_px, defocus_u_angst=ts.defocus_u_angst[t],
             defocus_v_angst=ts.defocus_v_angst[t], defocus_angle_deg=ts.defocus_angle_deg[t],
             phase_shift_deg=ts.phase_shift_deg[t], tilt_weight_scale=scale,
-            pre_exposure_e_per_angst2=ts.pre_exposure_e_per_angst2[t], offset_basis=basis,
+            pre_exposure_e_per_angst2=ts.pre_exposure_e_per_angst2[t], offset_basis=self._offset_basis(),
             microscope=ts.microscope, apply_ctf=options.apply_ctf)
+
+    def _offset_basis(self) -> np.ndarray:
+        """(3, T_used): a particle's defocus offset in each used tilt is ``position_angst @ basis`` (Å): the
+        defocus-gradient sign × its height, the third row of the tilt rotation applied to the position."""
+        sign = self.options.defocus_gradient_sign
+        return sign * tilt_rotation(self.tilt_series.tilt_angles_deg[self.tilts])[:, 2, :].T
+
+    @property
+    def own_volumes(self) -> bool:
+        """True when each pre-rotated sub-tomogram is inserted and transformed on its own (:meth:`_own_volumes`:
+        NumPy, direct 3D CTF); else through the batch's padded spectra (:meth:`_padded_spectra`)."""
+        return self.xp is np and self.options.prerotate and self.options.ctf_method == "direct"
 
     @property
     def by_lines(self) -> bool:
@@ -411,9 +424,14 @@ class TiltSeriesEngine:
         direct = self.options.ctf_method == "direct"
         spectrum = ctf_spectrum = None
         by_lines = with_data and self.by_lines
-        if (with_data or not direct) and not by_lines:
+        own = with_data and self.own_volumes
+        if (with_data or not direct) and not by_lines and not own:
             spectrum, ctf_spectrum = self._padded_spectra(positions_angst, euler_zyz_deg, with_data)
-        volumes = self._line_volumes(positions_angst) if by_lines else None
+        volumes = None
+        if by_lines:
+            volumes = self._line_volumes(positions_angst)
+        elif own:
+            volumes = self._own_volumes(positions_angst, euler_zyz_deg)
         if spectrum is not None:
             volumes = self._inverse_volumes(spectrum)
             del spectrum
@@ -425,7 +443,7 @@ class TiltSeriesEngine:
 
         def finish(first: int, last: int) -> None:
             for b in range(first, last):
-                finished[b] = (None if volumes is None else self._finish_volume(volumes[b], divided=by_lines),
+                finished[b] = (None if volumes is None else self._finish_volume(volumes[b], divided=by_lines or own),
                                self._finish_ctf(ctf_volumes[b], scaled=not direct))
 
         insert.run_split(self._pool(), finish, index.size)
@@ -498,6 +516,32 @@ class TiltSeriesEngine:
         insert.run_split(pool, along_y_x, n)
         return volumes
 
+    def _own_volumes(self, positions_angst: np.ndarray, euler_zyz_deg: np.ndarray) -> list[np.ndarray]:
+        """B new (N, N, N) float32 pre-rotated sub-tomograms (÷ sinc², not output-normalised), one particle at a
+        time on each pool thread: its own insertion and normalisation (:func:`mspecies.core.kernels.
+        splat_normalised`) into a padded half spectrum of the thread's, then its inverse transform on that
+        thread. The values of :meth:`_padded_spectra` and :meth:`_inverse_volumes` for the batch."""
+        m = self.padded_box_px
+        data, weight, _ = self._sample_values(positions_angst)
+        orientation = insert.slice_orientation(self.tilt_series.tilt_angles_deg[self.tilts],
+                                               self.tilt_series.xf[self.tilts], euler_to_matrix(euler_zyz_deg))
+        checker = _checkerboard(m)
+        volumes: list[np.ndarray] = [None] * weight.shape[0]  # type: ignore[list-item]
+
+        def own(first: int, last: int) -> None:
+            buffers = thread_work_buffers(np)
+            spectrum = buffers.get("own_spectrum")
+            if spectrum is None or spectrum.shape[0] != m * m * (m // 2 + 1):
+                spectrum = buffers["own_spectrum"] = np.empty((m * m * (m // 2 + 1), 1), dtype=np.complex64)
+            for b in range(first, last):
+                _kernels().splat_normalised(orientation[b], self.grid.kx, self.grid.ky, m, data[b], weight[b], None,
+                                         checker, WEIGHT_FLOOR, spectrum, None, 0)
+                volumes[b] = np.divide(self._inverse_volumes(spectrum, workers=1)[0], self.gridding,
+                                       dtype=np.float32)
+
+        insert.run_split(self._pool(), own, len(volumes))
+        return volumes
+
     def _direct_ctfs(self, positions_angst: np.ndarray, euler_zyz_deg: np.ndarray) -> list[np.ndarray]:
         """B new (N, N, N//2+1) output-grid 3D CTFs (:mod:`mspecies.core.ctf3d`); pre-rotated particles each
         get their own coverage, evaluated once from its pairs (host arrays, copied to the device)."""
@@ -507,10 +551,19 @@ class TiltSeriesEngine:
                                                self.tilt_series.xf[self.tilts], euler_to_matrix(euler_zyz_deg))
         ctfs: list[np.ndarray] = [None] * positions_angst.shape[0]  # type: ignore[list-item]
 
+        ts, options, t = self.tilt_series, self.options, self.tilts
+        offsets = positions_angst @ self._offset_basis()  # (B, T) particle − tilt defocus, Å
+        scale = _tilt_scale(ts, options, t)
+
         def own(first: int, last: int) -> None:
             for b in range(first, last):
-                ctfs[b] = self.xp.asarray(ctf3d.evaluate_pairs(self._direct_pair_tables(orientation[b]),
-                                                               positions_angst[b]))
+                ctfs[b] = self.xp.asarray(_kernels().rotated_ctf(
+                    orientation[b], box_px=options.box_px, padded_box_px=self.padded_box_px,
+                    pixel_size_angst=options.output_pixel_size_angst, defocus_u_angst=ts.defocus_u_angst[t],
+                    defocus_v_angst=ts.defocus_v_angst[t], defocus_angle_deg=ts.defocus_angle_deg[t],
+                    phase_shift_deg=ts.phase_shift_deg[t], tilt_weight_scale=scale,
+                    pre_exposure_e_per_angst2=ts.pre_exposure_e_per_angst2[t], defocus_offset_angst=offsets[b],
+                    microscope=ts.microscope, apply_ctf=options.apply_ctf))
 
         insert.run_split(self._pool(), own, len(ctfs))
         return ctfs
@@ -525,8 +578,20 @@ class TiltSeriesEngine:
                                                self.tilt_series.xf[self.tilts], matrices)
         batch = weight.shape[0]
         n_voxels = m * m * (m // 2 + 1)
-        spectrum = None if data is None else xp.empty((n_voxels, batch), dtype=xp.complex64)
+        spectrum = None if data is None else self._buffer("spectrum", (n_voxels, batch), xp.complex64)
         ctf_spectrum = None if ctf is None else self._ctf_buffer((n_voxels, batch))
+        if xp is np:  # compiled, one pass per particle
+            checker = _checkerboard(m)
+
+            def compiled(first: int, last: int) -> None:
+                for b in range(first, last):
+                    _kernels().splat_normalised(orientation[b], self.grid.kx, self.grid.ky, m,
+                                             None if data is None else data[b], weight[b],
+                                             None if ctf is None else ctf[b], checker, WEIGHT_FLOOR, spectrum,
+                                             ctf_spectrum, b)
+
+            insert.run_split(self._pool(), compiled, batch)
+            return spectrum, ctf_spectrum
         zeros = xp.zeros(weight.shape[1], dtype=xp.complex64)
 
         def own(first: int, last: int) -> None:
@@ -572,9 +637,10 @@ class TiltSeriesEngine:
     def _fft(self) -> tuple[ModuleType, dict[str, int]]:
         return extract.fft_module(self.xp), extract.fft_kwargs(self.xp, self.options.n_workers)
 
-    def _inverse_volumes(self, spectrum: np.ndarray) -> np.ndarray:
+    def _inverse_volumes(self, spectrum: np.ndarray, workers: int | None = None) -> np.ndarray:
         """Normalised half spectra (n_voxels, B) → (B, N, N, N) sub-tomogram views, float32, not yet ÷ sinc²(r/M)
-        (:meth:`_finish_volume` divides while it copies each particle out).
+        (:meth:`_finish_volume` divides while it copies each particle out); ``workers``: threads of the
+        transforms (default all, :attr:`ExportOptions.n_workers`).
 
         The spectra carry the checkerboard (−1)^(kz+ky+kx) of :func:`_normalisation_scale`, which moves the
         particle centre from voxel 0 to M/2: the central N³ crop is a slice, taken after each axis so only the
@@ -583,6 +649,8 @@ class TiltSeriesEngine:
         """
         xp, m, n = self.xp, self.padded_box_px, self.options.box_px
         fft, kwargs = self._fft()
+        if workers is not None:
+            kwargs = extract.fft_kwargs(xp, workers)
         crop = slice(m // 2 - n // 2, m // 2 + n // 2)
         batch = spectrum.shape[-1]
         partial = fft.ifft(spectrum.reshape(m, m, m // 2 + 1, batch), axis=0, norm="forward", overwrite_x=True,
@@ -724,6 +792,14 @@ class TiltSeriesEngine:
         margin = self.options.box_px / 2
         x, y = image_px[..., 0], image_px[..., 1]
         return (x > margin) & (x < nx - margin) & (y > margin) & (y < ny - margin)
+
+
+def _kernels() -> ModuleType:
+    """:mod:`mspecies.core.kernels`, imported at the first pre-rotated particle: importing Numba takes 0.15–0.4 s,
+    which every other export, and every command that imports this module, would pay for nothing."""
+    from . import kernels
+
+    return kernels
 
 
 _THREAD_BUFFERS = threading.local()

@@ -251,3 +251,24 @@ def test_prefetch_gives_the_value_or_raises_the_error_of_its_work():
     assert Prefetch(lambda: 42).result() == 42
     with pytest.raises(ValueError, match="broken"):
         Prefetch(lambda: (_ for _ in ()).throw(ValueError("broken"))).result()
+
+
+def test_each_progress_line_follows_the_files_it_counts(two_tomograms, tmp_path):
+    """The line '100/120 particles' is logged by the writer once the 100th particle's files are written."""
+    manifest = load_manifest(two_tomograms)
+    tilt_series = manifest_tilt_series(manifest, "TS_01")
+    particles = manifest_particles(manifest)
+    particles = particles.subset(particles.tomo_names == "TS_01")
+    particles = particles.subset(np.arange(len(particles)).repeat(12))  # 120 particles (repeats are fine here)
+    stack, _ = read_mrc(tilt_series.stack_path)
+    out = tmp_path / "out"
+    written_at_line = {}
+
+    def log(line):
+        written_at_line[line] = len(list(out.glob("*.mrc")))
+
+    export_tilt_series(tilt_series, stack, particles, ExportOptions(tilt_series.pixel_size_angst, 24, 60.0),
+                       out, tomogram_shape_xyz_px=(128, 128, 75), log=log)
+    progress = [line for line in written_at_line if "100/120 particles" in line]
+    assert len(progress) == 1 and "particles/s" in progress[0]
+    assert written_at_line[progress[0]] >= 200, "the progress line came before the files it counts"

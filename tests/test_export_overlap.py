@@ -78,24 +78,35 @@ def test_engines_built_ahead_give_the_files_of_engines_built_in_turn(two_tomogra
 
 
 def test_the_next_engine_is_built_while_the_current_tilt_series_reconstructs(two_tomograms, tmp_path, monkeypatch):
-    """TS_02's engine is built on another thread, and that build starts before TS_01's last particle is out."""
+    """TS_02's engine is built on another thread, started before TS_01 reconstructs."""
+    import mspecies.cli.export as cli_export
+
     events: list[tuple[str, str]] = []
     create, reconstruct = TiltSeriesEngine.create.__func__, TiltSeriesEngine.reconstruct
+    ahead = cli_export._build_engine_ahead
 
     def logged_create(cls, tilt_series, *args, **kwargs):
         events.append(("create", f"{tilt_series.ts_id} on {threading.current_thread().name}"))
         return create(cls, tilt_series, *args, **kwargs)
 
     def logged_reconstruct(self, particles):
+        events.append(("reconstruct", self.tilt_series.ts_id))
         yield from reconstruct(self, particles)
-        events.append(("done", self.tilt_series.ts_id))
+
+    def logged_ahead(job, next_job):
+        started = ahead(job, next_job)
+        if started is not None:
+            events.append(("ahead", next_job.tilt_series.ts_id))
+        return started
 
     monkeypatch.setattr(TiltSeriesEngine, "create", classmethod(logged_create))
     monkeypatch.setattr(TiltSeriesEngine, "reconstruct", logged_reconstruct)
+    monkeypatch.setattr(cli_export, "_build_engine_ahead", logged_ahead)
     assert main(EXPORT + ["--manifest", str(two_tomograms), "--out", str(tmp_path / "out")]) == 0
-    assert events[0] == ("create", f"TS_01 on {threading.main_thread().name}")
-    assert events[1][0] == "create" and events[1][1].startswith("TS_02") and "MainThread" not in events[1][1]
-    assert events.index(("done", "TS_01")) > 1
+    assert events.index(("ahead", "TS_02")) < events.index(("reconstruct", "TS_01"))
+    creates = sorted(where for kind, where in events if kind == "create")
+    assert len(creates) == 2 and creates[0] == f"TS_01 on {threading.main_thread().name}"
+    assert creates[1].startswith("TS_02") and threading.main_thread().name not in creates[1]
 
 
 def test_a_bad_volume_in_a_later_batch_stops_the_export_with_its_message_and_leaves_nothing(

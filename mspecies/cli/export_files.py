@@ -140,11 +140,13 @@ def export_tilt_series(tilt_series: TiltSeriesData, stack: np.ndarray | None, pa
     out.mkdir(parents=True, exist_ok=True)
     star_folder = Path(star_dir) if star_dir is not None else out
     started = time.perf_counter()
-    engine = engine if engine is not None else TiltSeriesEngine.create(tilt_series, stack, options)
+    ahead = engine is not None
+    engine = engine if ahead else TiltSeriesEngine.create(tilt_series, stack, options)
     if log is not None:
         ctf = f", 3D CTF {options.ctf_method}" if options.mode == "volumes" else ""
         log(f"{tilt_series.ts_id}: {len(particles)} particles, padded box M = {engine.padded_box_px}, backend "
-            f"{engine.xp.__name__}{ctf}, memory plan: {engine.plan.describe()}")
+            f"{engine.xp.__name__}{ctf}, memory plan: {engine.plan.describe()}"
+            + ("; stack and engine prepared during the previous tilt series" if ahead else ""))
     pixel, ts_id = options.output_pixel_size_angst, tilt_series.ts_id
     names, ctf_names, visible = [], [], []
     with ParticleWriter(engine.plan.batch_size if overlap_writes else 0) as writer:

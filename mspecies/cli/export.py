@@ -383,16 +383,21 @@ def _write_export(jobs: list, staging: Path, args: argparse.Namespace) -> tuple[
         raise InputError(f"particles: all {len(excluded)} particles were excluded (see the lines above); "
                          "nothing to export")
     todo = [job for job in jobs if len(job.particles)]
-    upcoming = None
+    ahead: dict[int, Prefetch | None] = {}  # job index → its engine, built while the job before it reconstructs
     for k, job in enumerate(todo):
-        engine = adopt_engine(upcoming.result()) if upcoming is not None else None  # built during job k - 1
-        upcoming = _build_engine_ahead(job, todo[k + 1] if k + 1 < len(todo) else None)
+        built = ahead.pop(k, None)
+        engine = adopt_engine(built.result()) if built is not None else None
         stack = None if engine is not None else read_mrc(job.tilt_series.stack_path, mmap=True)[0]
+
+        def start_next(k: int = k, job: ExportJob = job) -> None:
+            ahead[k + 1] = _build_engine_ahead(job, todo[k + 1] if k + 1 < len(todo) else None)
+
         ts_id = job.tilt_series.ts_id
         rows, summary = export_tilt_series(job.tilt_series, stack, job.particles, job.options, staging / ts_id,
                                            star_dir=staging, tomogram_shape_xyz_px=job.tomogram_shape_xyz_px,
                                            first_subset_index=first, log=lambda line: print(line, flush=True),
-                                           engine=engine, overlap_writes=overlap_fits(job, None))
+                                           engine=engine, overlap_writes=overlap_fits(job, None),
+                                           engine_ready=start_next)
         tables.append(rows)
         summaries.append(summary)
         if args.mode == "series":
@@ -413,7 +418,7 @@ def _write_export(jobs: list, staging: Path, args: argparse.Namespace) -> tuple[
 
 
 def _build_engine_ahead(job: ExportJob, next_job: ExportJob | None) -> Prefetch | None:
-    """Start building ``next_job``'s engine (stack read and filtered on one thread, shared insertion, 3D-CTF
+    """Start building ``next_job``'s engine (stack read and filtered on a pool of its own, shared insertion, 3D-CTF
     tables) on a background thread while ``job`` reconstructs; None when there is no next job, for CuPy, or when
     ``job``'s memory budget cannot also hold the next engine's fixed memory
     (:func:`~mspecies.cli.export_checks.overlap_fits`): that engine is then built when its turn comes."""

@@ -102,8 +102,8 @@ def export_tilt_series(tilt_series: TiltSeriesData, stack: np.ndarray | None, pa
                        options: ExportOptions, out_dir: str | Path, *,
                        tomogram_shape_xyz_px: tuple[int, int, int], star_dir: str | Path | None = None,
                        first_subset_index: int = 0, log: Callable[[str], None] | None = None,
-                       engine: TiltSeriesEngine | None = None, overlap_writes: bool = True
-                       ) -> tuple[pd.DataFrame, ExportSummary]:
+                       engine: TiltSeriesEngine | None = None, overlap_writes: bool = True,
+                       engine_ready: Callable[[], None] | None = None) -> tuple[pd.DataFrame, ExportSummary]:
     """Reconstruct and write the particles of one tilt series.
 
     Parameters
@@ -125,6 +125,9 @@ def export_tilt_series(tilt_series: TiltSeriesData, stack: np.ndarray | None, pa
     overlap_writes
         Check and write each batch on a writer thread while the next batch is reconstructed (default); False
         checks and writes each particle before the next one is reconstructed. The files are the same.
+    engine_ready
+        Called once the engine exists, before the first particle (the export starts building the next tilt
+        series' engine then, so that its stack preparation does not compete with this one's).
 
     Returns
     -------
@@ -147,6 +150,8 @@ def export_tilt_series(tilt_series: TiltSeriesData, stack: np.ndarray | None, pa
         log(f"{tilt_series.ts_id}: {len(particles)} particles, padded box M = {engine.padded_box_px}, backend "
             f"{engine.xp.__name__}{ctf}, memory plan: {engine.plan.describe()}"
             + ("; stack and engine prepared during the previous tilt series" if ahead else ""))
+    if engine_ready is not None:
+        engine_ready()
     pixel, ts_id = options.output_pixel_size_angst, tilt_series.ts_id
     names, ctf_names, visible = [], [], []
     with ParticleWriter(engine.plan.batch_size if overlap_writes else 0) as writer:

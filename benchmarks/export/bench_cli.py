@@ -1,7 +1,7 @@
 """The export command end to end against the in-memory engine, in the same run.
 
 Usage: ``python benchmarks/export/bench_cli.py [--n-tomograms 2] [--particles 96] [--box 64] [--rounds 3]
-[--before SRC] [--profile] [--json FILE]``
+[--before SRC] [--serial-too] [--profile] [--json FILE]``
 
 * Data: ``mspecies.synth.dataset.generate_dataset`` (``--n-tomograms`` tilt series sharing ``--particles``, 41 tilts
   of 1024² px at 4 Å/px, box ``--box``), or an existing ``--manifest``.
@@ -16,6 +16,7 @@ Usage: ``python benchmarks/export/bench_cli.py [--n-tomograms 2] [--particles 96
   interleaved with this one.
 * Rounds alternate engine, CLI (and ``--before``) and start-up; the fastest of each is reported, and the CPU
   seconds (user + system, all threads) of each CLI run.
+* ``--serial-too``: this tree's CLI also with its overlap switched off (:data:`SERIAL`), in the same rounds.
 * ``--profile``: one more CLI run in this process with every phase timed (wall seconds on the thread that runs
   it; the writer and the stack preparation of the next tilt series run beside the reconstruction).
 """
@@ -106,10 +107,17 @@ def run_timed(command: list[str], source: Path) -> tuple[float, float, subproces
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), result
 
 
-def bench_cli(source: Path, manifest: Path, box_px: int, diameter_angst: float, scratch: Path) -> dict[str, float]:
+SERIAL = ("import mspecies.cli.export_checks as checks; checks.overlap_fits = lambda job, next_job: False; "
+          "import sys; from mspecies.cli.main import main; sys.exit(main(sys.argv[1:]))")
+"""``python -c`` program: the export with its overlap switched off (no writer thread, no engine built ahead)."""
+
+
+def bench_cli(source: Path, manifest: Path, box_px: int, diameter_angst: float, scratch: Path,
+              serial: bool = False) -> dict[str, float]:
     out = Path(tempfile.mkdtemp(dir=scratch))
-    wall, cpu, result = run_timed([sys.executable, "-m", "mspecies", *cli_arguments(manifest, box_px, diameter_angst,
-                                                                                    out / "export")], source)
+    program = ["-c", SERIAL] if serial else ["-m", "mspecies"]
+    wall, cpu, result = run_timed([sys.executable, *program, *cli_arguments(manifest, box_px, diameter_angst,
+                                                                            out / "export")], source)
     shutil.rmtree(out)
     lines = [line for line in result.stdout.splitlines() if "particles/s" in line]
     return {"wall_s": wall, "cpu_s": cpu, "log": lines}
@@ -195,6 +203,8 @@ def main() -> None:
     parser.add_argument("--diameter", type=float, default=150.0, help="particle diameter (Å)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--before", type=Path, help="source tree whose CLI is timed too (its mspecies on PYTHONPATH)")
+    parser.add_argument("--serial-too", action="store_true",
+                        help="also time this tree's CLI with its overlap switched off (writer thread, engine ahead)")
     parser.add_argument("--profile", action="store_true", help="also time the CLI's phases in this process")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args()
@@ -204,13 +214,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         scratch = Path(folder)
         manifest = args.manifest or make_dataset(scratch / "data", args.n_tomograms, args.particles, args.box)
-        sources = {"this tree": ROOT} | ({"before": args.before.resolve()} if args.before else {})
+        sources = ({"this tree": (ROOT, False)} | ({"this tree, overlap off": (ROOT, True)} if args.serial_too else {})
+                   | ({"before": (args.before.resolve(), False)} if args.before else {}))
         engine, cli, startup = [], {name: [] for name in sources}, {name: [] for name in sources}
         load = [os.getloadavg()[0]]
         for round_ in range(args.rounds):
             engine.append(bench_engine(manifest, args.box, args.diameter))
-            for name, source in sources.items():
-                cli[name].append(bench_cli(source, manifest, args.box, args.diameter, scratch))
+            for name, (source, serial) in sources.items():
+                cli[name].append(bench_cli(source, manifest, args.box, args.diameter, scratch, serial))
                 startup[name].append(bench_startup(source))
             load.append(os.getloadavg()[0])
             print(f"round {round_ + 1}: engine warm {engine[-1]['warm_particles_per_s']:.1f} particles/s; "
@@ -234,6 +245,7 @@ def report(engine: list[dict], cli: dict[str, list[dict]], startup: dict[str, li
                "cli": {}, "profile": profile}
     for name, runs in cli.items():
         wall = min(run["wall_s"] for run in runs)
+        median = sorted(run["wall_s"] for run in runs)[len(runs) // 2]
         start = min(startup[name])
         rate, rate_without = n / wall, n / (wall - start)
         figures["cli"][name] = {"runs": runs, "startup_s": startup[name], "particles_per_s": rate,
@@ -242,7 +254,9 @@ def report(engine: list[dict], cli: dict[str, list[dict]], startup: dict[str, li
                                 "ratio_without_startup": rate_without / best_engine["warm_particles_per_s"]}
         cpu = min(run["cpu_s"] for run in runs)
         figures["cli"][name]["cpu_ratio"] = best_engine["warm_cpu_s"] / cpu
-        print(f"CLI ({name}): {wall:.2f} s wall (fastest of {len(runs)}), {rate:.1f} particles/s = "
+        figures["cli"][name]["median_wall_s"] = median
+        print(f"CLI ({name}): {wall:.2f} s wall (fastest of {len(runs)}; median {median:.2f} s), {rate:.1f} "
+              f"particles/s = "
               f"{figures['cli'][name]['ratio']:.2f} × the warm engine; start-up {start:.2f} s excluded: "
               f"{rate_without:.1f} particles/s = {figures['cli'][name]['ratio_without_startup']:.2f} ×; "
               f"CPU {cpu:.2f} s (least of {len(runs)}): warm engine CPU / CLI CPU = "

@@ -1,4 +1,6 @@
-"""The export's file writes on their own thread, so that they overlap the reconstruction of the next batch.
+"""What the export overlaps with the reconstruction: its file writes (:class:`ParticleWriter`, on their own thread
+while the next batch is reconstructed) and the next tilt series' engine (:class:`Prefetch`, built on a background
+thread and :func:`background_pool` while the current tilt series reconstructs).
 
 A :class:`ParticleWriter` runs the write tasks of one tilt series (check a particle's volumes, write its MRC
 files, log progress) on one thread, in the order they were submitted, through a queue of at most ``max_pending``
@@ -112,9 +114,9 @@ class Prefetch(Generic[T]):
     """``work()`` started at once on a daemon thread; :meth:`result` waits for it and returns its value or raises
     its error on the calling thread.
 
-    The export prepares the next tilt series' stack with it (reads and filters, writes no file). When the export
-    fails before asking for the result, the thread is left to finish on its own: nothing on disk depends on it,
-    and a stopped run (Ctrl-C) does not wait for it.
+    The export builds the next tilt series' engine with it (reads and filters its stack, builds its tables; writes
+    no file). When the export fails before asking for the result, the thread is left to finish on its own: nothing
+    on disk depends on it, and a stopped run (Ctrl-C) does not wait for it.
     """
 
     def __init__(self, work: Callable[[], T], *, name: str = "mspecies-prepare") -> None:

@@ -4,7 +4,8 @@ reading files (formats) → numerics (core) → writing files (formats).
 * :mod:`.main` — the entry point and the ``synth`` command; :mod:`.export`, :mod:`.intersect`,
   :mod:`.convert`, :mod:`.demo` — one module per command;
 * :mod:`.export_files` — export one tilt series to MRC files + STAR rows (what the Scipion protocol's
-  ``runJob`` runs through ``python -m mspecies export``);
+  ``runJob`` runs through ``python -m mspecies export``); :mod:`.export_overlap` — its writer thread and the next
+  tilt series' engine built ahead;
 * :mod:`.intersect_files` — intersect two STAR files, outputs in the old file's dialect, histogram;
 * :mod:`.export_checks`, :mod:`.intersect_checks` — what export and intersect check before their first byte
   (parameters, memory plans, particles outside the images, duplicates, free space);

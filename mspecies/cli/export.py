@@ -61,6 +61,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -68,6 +69,11 @@ import pandas as pd
 from mspecies.common.types import InputError, Microscope, ParticlePoses, TiltSeriesData
 from mspecies.formats import validate
 from mspecies.formats.dose import DOSE_LAYOUTS
+
+if TYPE_CHECKING:
+    from mspecies.cli.export_checks import ExportJob
+    from mspecies.cli.export_overlap import Prefetch
+    from mspecies.core.reconstruct import TiltSeriesEngine
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -365,7 +371,7 @@ def publish_export(staging: Path, out: Path, earlier: list[Path]) -> None:
 def _write_export(jobs: list, staging: Path, args: argparse.Namespace) -> tuple[pd.DataFrame, list]:
     """Export every job into ``staging`` (MRCs per tilt series, excluded particles, STAR) → (STAR rows written,
     :class:`~mspecies.cli.export_files.ExportSummary` per tilt series)."""
-    from mspecies.cli.export_checks import exclusion_lines
+    from mspecies.cli.export_checks import exclusion_lines, overlap_fits
     from mspecies.cli.export_files import EXCLUDED_TSV, STAR_NAME, export_tilt_series
     from mspecies.cli.relion5_files import write_particle_series, write_tomogram
     from mspecies.formats.mrc import read_mrc
@@ -381,12 +387,22 @@ def _write_export(jobs: list, staging: Path, args: argparse.Namespace) -> tuple[
     if not any(len(job.particles) for job in jobs):
         raise InputError(f"particles: all {len(excluded)} particles were excluded (see the lines above); "
                          "nothing to export")
-    for job in (job for job in jobs if len(job.particles)):
-        stack, _ = read_mrc(job.tilt_series.stack_path, mmap=True)
+    todo = [job for job in jobs if len(job.particles)]
+    ahead: dict[int, Prefetch | None] = {}  # job index → its engine, built while the job before it reconstructs
+    for k, job in enumerate(todo):
+        built = ahead.pop(k, None)
+        engine = adopt_engine(built.result()) if built is not None else None
+        stack = None if engine is not None else read_mrc(job.tilt_series.stack_path, mmap=True)[0]
+
+        def start_next(k: int = k, job: ExportJob = job) -> None:
+            ahead[k + 1] = _build_engine_ahead(job, todo[k + 1] if k + 1 < len(todo) else None)
+
         ts_id = job.tilt_series.ts_id
         rows, summary = export_tilt_series(job.tilt_series, stack, job.particles, job.options, staging / ts_id,
                                            star_dir=staging, tomogram_shape_xyz_px=job.tomogram_shape_xyz_px,
-                                           first_subset_index=first, log=lambda line: print(line, flush=True))
+                                           first_subset_index=first, log=lambda line: print(line, flush=True),
+                                           engine=engine, overlap_writes=overlap_fits(job, None),
+                                           engine_ready=start_next)
         tables.append(rows)
         summaries.append(summary)
         if args.mode == "series":
@@ -404,3 +420,35 @@ def _write_export(jobs: list, staging: Path, args: argparse.Namespace) -> tuple[
     else:
         write_subtomo_star(staging / STAR_NAME, particles_table, flavour=args.star_flavour, **optics)
     return particles_table, summaries
+
+
+def _build_engine_ahead(job: ExportJob, next_job: ExportJob | None) -> Prefetch | None:
+    """Start building ``next_job``'s engine (stack read and filtered on a pool of its own, shared insertion, 3D-CTF
+    tables) on a background thread while ``job`` reconstructs; None when there is no next job, for CuPy, or when
+    ``job``'s memory budget cannot also hold the next engine's fixed memory
+    (:func:`~mspecies.cli.export_checks.overlap_fits`): that engine is then built when its turn comes."""
+    from mspecies.cli.export_checks import overlap_fits
+    from mspecies.cli.export_overlap import Prefetch, background_pool
+    from mspecies.core.backend import select_backend
+    from mspecies.core.reconstruct import TiltSeriesEngine, prepare_engine_stack
+    from mspecies.formats.mrc import read_mrc
+
+    if next_job is None or select_backend(next_job.options.backend) is not np or not overlap_fits(job, next_job):
+        return None
+
+    def build() -> TiltSeriesEngine:
+        stack, _ = read_mrc(next_job.tilt_series.stack_path, mmap=True)
+        prepared = prepare_engine_stack(next_job.tilt_series, stack, next_job.options,
+                                        pool=background_pool(next_job.options.n_workers))
+        return TiltSeriesEngine.create(next_job.tilt_series, None, next_job.options, prepared=prepared)
+
+    return Prefetch(build)
+
+
+def adopt_engine(engine: TiltSeriesEngine) -> TiltSeriesEngine:
+    """An engine built on another thread, made to use the work arrays of this thread, which runs it
+    (:func:`~mspecies.core.reconstruct.thread_work_buffers`: warm after the previous tilt series)."""
+    from mspecies.core.reconstruct import thread_work_buffers
+
+    engine.buffers = thread_work_buffers(engine.xp)
+    return engine

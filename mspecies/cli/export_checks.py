@@ -171,14 +171,31 @@ def export_bytes(jobs: list[ExportJob]) -> int:
     visible in), MRC headers and STAR rows."""
     total = 0
     for job in jobs:
-        n = job.options.box_px
         if job.options.mode == "series":
+            n = job.options.box_px
             total += int(job.visible_tilts.sum()) * n * n * 4 + len(job.particles) * MRC_HEADER_BYTES
         else:
-            ctf = n ** 3 if job.options.ctf_layout == "centred" else n * n * (n // 2 + 1)
-            total += len(job.particles) * ((n ** 3 + ctf) * 4 + 2 * MRC_HEADER_BYTES)
+            total += len(job.particles) * (output_bytes_per_particle(job.options, 0) + 2 * MRC_HEADER_BYTES)
         total += len(job.particles) * STAR_BYTES_PER_PARTICLE
     return total
+
+
+def output_bytes_per_particle(options: ExportOptions, n_tilts: int) -> int:
+    """Bytes of one particle's output arrays: sub-tomogram + 3D CTF, or its particle series over ``n_tilts``."""
+    n = options.box_px
+    if options.mode == "series":
+        return n_tilts * n * n * 4
+    return (n ** 3 + (n ** 3 if options.ctf_layout == "centred" else n * n * (n // 2 + 1))) * 4
+
+
+def overlap_fits(job: ExportJob, next_job: ExportJob | None) -> bool:
+    """True when the memory budget of ``job`` also holds what the export overlaps with its reconstruction: one
+    batch of outputs waiting for the writer, and ``next_job``'s engine built ahead (its fixed memory: prepared
+    stack, insertion operator, tables; None: no next job)."""
+    used_tilts = int(np.count_nonzero(~job.tilt_series.excluded))
+    waiting = job.plan.batch_size * output_bytes_per_particle(job.options, used_tilts)
+    ahead = 0 if next_job is None else next_job.plan.fixed_bytes
+    return job.plan.total_bytes + waiting + ahead <= job.plan.budget_bytes
 
 
 def exclusion_lines(job: ExportJob, limit: int = 10) -> list[str]:

@@ -6,10 +6,15 @@ File names follow M (m_reference §6.1): ``{ts_id}_{p:07d}_{pixel:.2f}A.mrc`` an
 coordinates and the particle name, :mod:`mspecies.cli.relion5_files`). Every volume is checked before it is
 written (finite, not all zero, not constant); a bad one stops the export with
 :class:`~mspecies.core.reconstruct.ReconstructionError` and no file is written for it.
+
+The checks and writes of a batch run on a writer thread while the engine reconstructs the next batch
+(:class:`~mspecies.cli.export_overlap.ParticleWriter`, at most one batch queued); the files, their order and the
+errors are those of the serial path (``overlap_writes=False``).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections.abc import Callable
@@ -19,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mspecies.cli.export_overlap import ParticleWriter
 from mspecies.cli.relion5_files import OPTIMISATION_SET, TOMOGRAMS_STAR
 from mspecies.common.types import InputError, ParticlePoses, TiltSeriesData
 from mspecies.core.geometry import centred_angst_to_corner_px
@@ -92,17 +98,19 @@ def _relative(path: Path, star_dir: Path) -> str:
         return path.as_posix()
 
 
-def export_tilt_series(tilt_series: TiltSeriesData, stack: np.ndarray, particles: ParticlePoses,
+def export_tilt_series(tilt_series: TiltSeriesData, stack: np.ndarray | None, particles: ParticlePoses,
                        options: ExportOptions, out_dir: str | Path, *,
                        tomogram_shape_xyz_px: tuple[int, int, int], star_dir: str | Path | None = None,
-                       first_subset_index: int = 0, log: Callable[[str], None] | None = None
-                       ) -> tuple[pd.DataFrame, ExportSummary]:
+                       first_subset_index: int = 0, log: Callable[[str], None] | None = None,
+                       engine: TiltSeriesEngine | None = None, overlap_writes: bool = True,
+                       engine_ready: Callable[[], None] | None = None) -> tuple[pd.DataFrame, ExportSummary]:
     """Reconstruct and write the particles of one tilt series.
 
     Parameters
     ----------
     tilt_series, stack, particles, options
-        As for :func:`~mspecies.core.reconstruct.reconstruct_particles`.
+        As for :func:`~mspecies.core.reconstruct.reconstruct_particles`; ``stack`` may be None when ``engine``
+        is given.
     out_dir
         Folder for the MRC files (created).
     tomogram_shape_xyz_px
@@ -111,6 +119,15 @@ def export_tilt_series(tilt_series: TiltSeriesData, stack: np.ndarray, particles
         Folder of the STAR file that will list the rows (image paths are relative to it; default ``out_dir``).
     first_subset_index
         Global index of the first particle; random subsets alternate 1, 2 over global indices.
+    engine
+        This tilt series' engine built already (e.g. while the previous tilt series reconstructed: its setup is
+        then not in the summary's time), instead of building it here from ``stack``.
+    overlap_writes
+        Check and write each batch on a writer thread while the next batch is reconstructed (default); False
+        checks and writes each particle before the next one is reconstructed. The files are the same.
+    engine_ready
+        Called once the engine exists, before the first particle (the export starts building the next tilt
+        series' engine then, so that its stack preparation does not compete with this one's).
 
     Returns
     -------
@@ -118,7 +135,7 @@ def export_tilt_series(tilt_series: TiltSeriesData, stack: np.ndarray, particles
         One STAR row per particle (columns of :data:`mspecies.formats.relion_subtomo.PARTICLE_COLUMNS`; for the
         particle series also those of :data:`mspecies.formats.relion5.PARTICLE_COLUMNS`).
     summary
-        :class:`ExportSummary`.
+        :class:`ExportSummary`; its time ends when the last file is written.
     """
     if len(particles) == 0:
         raise InputError(f"particles: no particles for tilt series {tilt_series.ts_id}")
@@ -126,41 +143,61 @@ def export_tilt_series(tilt_series: TiltSeriesData, stack: np.ndarray, particles
     out.mkdir(parents=True, exist_ok=True)
     star_folder = Path(star_dir) if star_dir is not None else out
     started = time.perf_counter()
-    engine = TiltSeriesEngine.create(tilt_series, stack, options)
+    ahead = engine is not None
+    engine = engine if ahead else TiltSeriesEngine.create(tilt_series, stack, options)
     if log is not None:
         ctf = f", 3D CTF {options.ctf_method}" if options.mode == "volumes" else ""
         log(f"{tilt_series.ts_id}: {len(particles)} particles, padded box M = {engine.padded_box_px}, backend "
-            f"{engine.xp.__name__}{ctf}, memory plan: {engine.plan.describe()}")
-    pixel = options.output_pixel_size_angst
+            f"{engine.xp.__name__}{ctf}, memory plan: {engine.plan.describe()}"
+            + ("; stack and engine prepared during the previous tilt series" if ahead else ""))
+    if engine_ready is not None:
+        engine_ready()
+    pixel, ts_id = options.output_pixel_size_angst, tilt_series.ts_id
     names, ctf_names, visible = [], [], []
-    for result in engine.reconstruct(particles):
-        p = result.index
-        if options.mode == "series":
-            if result.series is None or result.series.shape[0] == 0:
-                raise InputError(f"{tilt_series.ts_id}: particle {p} is visible in no used tilt")
-            check_volume(result.series, f"{tilt_series.ts_id} particle {p} particle series")
-            path = write_mrc(out / f"{tilt_series.ts_id}_{pixel:.2f}A_{p + 1:06d}.mrcs", result.series, pixel)
-            names.append(_relative(path, star_folder))
-            ctf_names.append("")
-            visible.append(relion5.visible_frames(np.isin(engine.tilts, result.series_tilts)))
-        else:
-            check_volume(result.volume, f"{tilt_series.ts_id} particle {p} sub-tomogram")
-            check_volume(result.ctf, f"{tilt_series.ts_id} particle {p} 3D CTF")
-            volume_path = write_mrc(out / f"{tilt_series.ts_id}_{p:07d}_{pixel:.2f}A.mrc", result.volume, pixel)
-            ctf_path = write_mrc(out / f"{tilt_series.ts_id}_{p:07d}_ctf_{pixel:.2f}A.mrc", result.ctf, pixel)
-            names.append(_relative(volume_path, star_folder))
-            ctf_names.append(_relative(ctf_path, star_folder))
-        if log is not None and (p + 1) % 100 == 0:
-            elapsed = time.perf_counter() - started
-            log(f"{tilt_series.ts_id}: {p + 1}/{len(particles)} particles, {(p + 1) / elapsed:.1f} particles/s")
+    with ParticleWriter(engine.plan.batch_size if overlap_writes else 0) as writer:
+        for result in engine.reconstruct(particles):
+            p = result.index
+            if options.mode == "series":
+                if result.series is None or result.series.shape[0] == 0:
+                    writer.wait()  # the errors of earlier particles first, as in the serial path
+                    raise InputError(f"{ts_id}: particle {p} is visible in no used tilt")
+                files = [(out / f"{ts_id}_{pixel:.2f}A_{p + 1:06d}.mrcs", result.series,
+                          f"{ts_id} particle {p} particle series")]
+                visible.append(relion5.visible_frames(np.isin(engine.tilts, result.series_tilts)))
+            else:
+                files = [(out / f"{ts_id}_{p:07d}_{pixel:.2f}A.mrc", result.volume,
+                          f"{ts_id} particle {p} sub-tomogram"),
+                         (out / f"{ts_id}_{p:07d}_ctf_{pixel:.2f}A.mrc", result.ctf, f"{ts_id} particle {p} 3D CTF")]
+            names.append(_relative(files[0][0], star_folder))
+            ctf_names.append(_relative(files[1][0], star_folder) if len(files) > 1 else "")
+            writer.submit(functools.partial(write_checked_files, files, pixel))
+            if log is not None and (p + 1) % 100 == 0:
+                writer.submit(functools.partial(_log_progress, log, ts_id, p + 1, len(particles), started))
     rows = _star_rows(tilt_series, particles, options, names, ctf_names, tomogram_shape_xyz_px, first_subset_index)
     if options.mode == "series":
         rows = _particle_series_rows(rows, particles, options, visible)
-    summary = ExportSummary(tilt_series.ts_id, len(particles), time.perf_counter() - started, engine.padded_box_px,
+    summary = ExportSummary(ts_id, len(particles), time.perf_counter() - started, engine.padded_box_px,
                             engine.xp.__name__, engine.plan.describe())
     if log is not None:
         log(summary.describe())
     return rows, summary
+
+
+def write_checked_files(files: list[tuple[Path, np.ndarray, str]], pixel_size_angst: float) -> None:
+    """Check every volume of one particle (:func:`~mspecies.core.reconstruct.check_volume`, ``what`` names it),
+    then write each as float32 MRC at ``pixel_size_angst``: nothing of the particle is written when one is bad.
+
+    ``files``: (path, volume, what) per file, in writing order.
+    """
+    for _, volume, what in files:
+        check_volume(volume, what)
+    for path, volume, _ in files:
+        write_mrc(path, volume, pixel_size_angst)
+
+
+def _log_progress(log: Callable[[str], None], ts_id: str, done: int, total: int, started: float) -> None:
+    """Progress line once the first ``done`` particles are written."""
+    log(f"{ts_id}: {done}/{total} particles, {done / (time.perf_counter() - started):.1f} particles/s")
 
 
 def _star_rows(tilt_series: TiltSeriesData, particles: ParticlePoses, options: ExportOptions, names: list[str],

@@ -139,21 +139,27 @@ def _bandpass_mask(ny: int, nx: int, box_px: int, xp: ModuleType = np) -> np.nda
 
 
 def preprocess_image(image: np.ndarray, box_px: int, *, normalize: bool, invert: bool, xp: ModuleType = np,
-                     workers: int = 1) -> np.ndarray:
-    """Warp §5.1: [plane subtraction] → band-pass [1/N, Nyquist] → [mean 0, sd 1] → [× −1]; float32."""
+                     workers: int = 1, out: np.ndarray | None = None) -> np.ndarray:
+    """Warp §5.1: [plane subtraction] → band-pass [1/N, Nyquist] → [mean 0, sd 1] → [× −1]; float32 (into
+    ``out``, a (ny, nx) float32 array, when given).
+
+    The values are those of ``(b − b.mean()) / b.std()``, negated, cast to float32 (b: the band-passed float64
+    image), in fewer passes: the mean is taken once, the deviation computed once in place and squared for the
+    standard deviation as ``numpy.std`` does, and the division by ±sd writes the float32 result (x / −s = −(x / s)
+    exactly)."""
     image = xp.asarray(image, dtype=xp.float64)
     if normalize:
         image = subtract_plane(image, xp=xp)
     image = bandpass(image, box_px, xp=xp, workers=workers)
-    if normalize:
-        sd = float(image.std())
-        if not sd > 0:
-            raise InputError("stack: a tilt image is constant after band-pass filtering; cannot normalize it")
-        image -= image.mean()  # in place on the band-passed copy: the same operations, no temporaries
-        image /= sd
-    if invert:
-        xp.negative(image, out=image)
-    return image.astype(xp.float32)
+    out = xp.empty(image.shape, dtype=xp.float32) if out is None else out
+    if not normalize:
+        out[...] = -image if invert else image
+        return out
+    image -= image.mean()  # in place on the band-passed copy
+    sd = float(xp.sqrt((image * image).sum() / image.size))  # numpy.std: √(Σ (x − mean)² / n)
+    if not sd > 0:
+        raise InputError("stack: a tilt image is constant after band-pass filtering; cannot normalize it")
+    return xp.divide(image, -sd if invert else sd, out=out)
 
 
 @dataclass(frozen=True)
@@ -177,13 +183,15 @@ def check_tilt_image(image: np.ndarray, tilt_series: TiltSeriesData, tilt: int) 
     image has NaN or infinite pixels or is blank (one value everywhere)."""
     where = (f"stack {tilt_series.stack_path or tilt_series.ts_id}: tilt {tilt} "
              f"({float(tilt_series.tilt_angles_deg[tilt]):+.1f}°)")
-    finite = np.isfinite(image)
-    if not finite.all():
+    if not image.size:
+        return
+    low, high = float(image.min()), float(image.max())  # NaN propagates into both, ±inf shows as an extreme
+    if not (np.isfinite(low) and np.isfinite(high)):
         n_nan = int(np.isnan(image).sum())
-        n_inf = int(image.size - finite.sum()) - n_nan
+        n_inf = int(image.size - np.isfinite(image).sum()) - n_nan
         raise InputError(f"{where} has {n_nan} NaN and {n_inf} infinite pixel(s); repair the stack or exclude "
                          "the tilt")
-    if image.size and float(image.min()) == float(image.max()):
+    if low == high:
         raise InputError(f"{where} is blank (every pixel is {float(image.flat[0]):g}); exclude the tilt")
 
 
@@ -224,8 +232,8 @@ def prepare_stack(stack: np.ndarray, tilt_series: TiltSeriesData, output_pixel_a
             raw = np.asarray(stack[t], dtype=np.float32)
             check_tilt_image(raw, tilt_series, t)
             image = fourier_rescale(xp.asarray(raw).astype(xp.float64), shape, xp=xp, workers=fft_workers)
-            images[t] = preprocess_image(image, box_px, normalize=normalize, invert=invert, xp=xp,
-                                         workers=fft_workers)
+            preprocess_image(image, box_px, normalize=normalize, invert=invert, xp=xp, workers=fft_workers,
+                             out=images[t])
 
     run_split(pool, prepare, len(used))  # type: ignore[arg-type]  # the first failing range's error is raised
     ny, nx = tilt_series.image_shape_yx

@@ -260,20 +260,21 @@ class TiltSeriesEngine:
     buffers: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
-    def create(cls, tilt_series: TiltSeriesData, stack: np.ndarray | None, options: ExportOptions) -> TiltSeriesEngine:
+    def create(cls, tilt_series: TiltSeriesData, stack: np.ndarray | None, options: ExportOptions, *,
+               prepared: extract.PreparedStack | None = None) -> TiltSeriesEngine:
         """Validate, plan memory, read and preprocess the stack once, and build the shared insertion.
 
-        ``stack`` None builds an engine for :meth:`reconstruct_ctfs` only (the 3D CTF needs no image).
+        ``stack`` None builds an engine for :meth:`reconstruct_ctfs` only (the 3D CTF needs no image);
+        ``prepared``: the stack already prepared by :func:`prepare_engine_stack` (e.g. on another thread while the
+        previous tilt series reconstructs), used instead of ``stack``.
         """
         m, plan = plan_memory(tilt_series, options)
         xp = select_backend(options.backend)
         tilts = np.flatnonzero(~tilt_series.excluded)
         pixel = options.output_pixel_size_angst
         series = options.mode == "series"
-        prepared = None if stack is None else extract.prepare_stack(
-            stack, tilt_series, pixel, options.box_px, normalize=options.normalize_input,
-            invert=options.invert_contrast, xp=xp, workers=options.n_workers, tilts=tilts,
-            pool=insert.thread_pool(options.n_workers) if xp is np else None)
+        if prepared is None and stack is not None:
+            prepared = prepare_engine_stack(tilt_series, stack, options)
         grid = insert.make_sample_grid(m)
         tables = extract.CtfTables.from_samples(grid.kx, grid.ky, m, pixel, xp=xp)
         engine = cls(tilt_series, options, xp, prepared, tilts, m, grid, tables,
@@ -281,7 +282,7 @@ class TiltSeriesEngine:
                      gridding=_gridding_sinc2(options.box_px, m, xp), buffers=thread_work_buffers(xp))
         if not series and not options.prerotate:
             orientation = insert.slice_orientation(tilt_series.tilt_angles_deg[tilts], tilt_series.xf[tilts])
-            if stack is not None or options.ctf_method == "padded":
+            if prepared is not None or options.ctf_method == "padded":
                 engine.insertion = insert.SharedInsertion.from_splat(
                     insert.splat_entries(orientation, grid, xp=xp), xp=xp,
                     y_major_box_px=m if engine.by_lines else None)
@@ -805,6 +806,19 @@ def _kernels() -> ModuleType:
 
 
 _THREAD_BUFFERS = threading.local()
+
+
+def prepare_engine_stack(tilt_series: TiltSeriesData, stack: np.ndarray, options: ExportOptions, *,
+                         pool: insert.WorkerPool | None = None) -> extract.PreparedStack:
+    """The used tilts of ``stack`` read and preprocessed as :meth:`TiltSeriesEngine.create` needs them, on the
+    threads of ``pool`` (default: the process-wide pool of ``options.n_workers`` threads); the values do not
+    depend on the pool."""
+    xp = select_backend(options.backend)
+    pool = pool or insert.thread_pool(options.n_workers)
+    return extract.prepare_stack(
+        stack, tilt_series, options.output_pixel_size_angst, options.box_px, normalize=options.normalize_input,
+        invert=options.invert_contrast, xp=xp, workers=options.n_workers, tilts=np.flatnonzero(~tilt_series.excluded),
+        pool=pool if xp is np else None)
 
 
 def thread_work_buffers(xp: ModuleType) -> dict[str, np.ndarray]:

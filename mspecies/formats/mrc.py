@@ -34,9 +34,8 @@ def write_mrc(path: str | Path, data: np.ndarray, pixel_size_angst: float, *, ov
     path = Path(path)
     array = np.ascontiguousarray(data, dtype=np.float32)
     with mrcfile.new(path, overwrite=overwrite) as mrc:
-        mrc.set_data(array)
+        mrc.set_data(array)  # also sets the header statistics (min, max, mean, rms); the voxel size leaves them
         mrc.voxel_size = float(pixel_size_angst)
-        mrc.update_header_stats()
     return path
 
 

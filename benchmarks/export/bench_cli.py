@@ -1,0 +1,273 @@
+"""The export command end to end against the in-memory engine, in the same run.
+
+Usage: ``python benchmarks/export/bench_cli.py [--n-tomograms 2] [--particles 96] [--box 64] [--rounds 3]
+[--before SRC] [--serial-too] [--profile] [--json FILE]``
+
+* Data: ``mspecies.synth.dataset.generate_dataset`` (``--n-tomograms`` tilt series sharing ``--particles``, 41 tilts
+  of 1024² px at 4 Å/px, box ``--box``), or an existing ``--manifest``.
+* Engine, in memory: for each tilt series the engine is built from the memory-mapped stack (its setup, the stack
+  read and filtering included, is timed apart) and its particles reconstructed three times without checks or
+  files; the rate is all particles over the sum of each tilt series' fastest warm pass (as ``bench_export.py``),
+  and also over setup + first pass.
+* CLI: ``python -m mspecies export --manifest … --box … --diameter …`` (default options: direct 3D CTF, NumPy, all
+  cores) as a new process, wall clock from start to exit, into a new folder each time; its start-up (the
+  interpreter and the modules the export imports, nothing else) is timed apart, and the CLI rate is given with
+  and without it. ``--before SRC`` also times the CLI of another source tree (e.g. a checkout of ``main``),
+  interleaved with this one.
+* Rounds alternate engine, CLI (and ``--before``) and start-up; the fastest of each is reported, and the CPU
+  seconds (user + system, all threads) of each CLI run.
+* ``--serial-too``: this tree's CLI also with its overlap switched off (:data:`SERIAL`), in the same rounds.
+* ``--profile``: one more CLI run in this process with every phase timed (wall seconds on the thread that runs
+  it; the writer and the stack preparation of the next tilt series run beside the reconstruction).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+STARTUP_IMPORTS = ("mspecies.cli.main", "mspecies.cli.export_files", "mspecies.cli.export_checks",
+                   "mspecies.cli.export_record", "mspecies.cli.atomic", "mspecies.formats.relion_subtomo",
+                   "mspecies.synth.dataset")
+"""What ``python -m mspecies export --manifest`` imports before its first step (measured as start-up)."""
+
+
+def make_dataset(folder: Path, n_tomograms: int, n_particles: int, box_px: int) -> Path:
+    from mspecies.synth.dataset import generate_dataset
+
+    return generate_dataset(folder, n_tomograms=n_tomograms, n_particles=n_particles // n_tomograms, n_tilts=41,
+                            box_px=box_px, image_shape_yx=(1024, 1024), snr=0.05)
+
+
+def cli_arguments(manifest: Path, box_px: int, diameter_angst: float, out: Path) -> list[str]:
+    return ["export", "--manifest", str(manifest), "--box", str(box_px), "--diameter", f"{diameter_angst:g}",
+            "--out", str(out)]
+
+
+def bench_engine(manifest: Path, box_px: int, diameter_angst: float, passes: int = 3) -> dict[str, float]:
+    """In-memory engine on every tilt series of ``manifest`` with the options the CLI builds by default."""
+    from mspecies.cli.export import export_options
+    from mspecies.cli.main import build_parser
+    from mspecies.core.reconstruct import TiltSeriesEngine
+    from mspecies.formats.mrc import read_mrc
+    from mspecies.synth.dataset import load_manifest, manifest_particles, manifest_tilt_series
+
+    args = build_parser().parse_args(cli_arguments(manifest, box_px, diameter_angst, Path("unused")))
+    data = load_manifest(manifest)
+    particles = manifest_particles(data)
+    setup = first = warm = warm_cpu = setup_cpu = 0.0
+    count = 0
+    for entry in data["tilt_series"]:
+        tilt_series = manifest_tilt_series(data, entry["ts_id"])
+        own = particles.subset(particles.tomo_names == entry["ts_id"])
+        stack, _ = read_mrc(tilt_series.stack_path, mmap=True)
+        started, cpu = time.perf_counter(), process_cpu_s()
+        engine = TiltSeriesEngine.create(tilt_series, stack, export_options(args, tilt_series.pixel_size_angst))
+        setup, setup_cpu = setup + time.perf_counter() - started, setup_cpu + process_cpu_s() - cpu
+        times = []
+        for _ in range(passes):
+            started, cpu = time.perf_counter(), process_cpu_s()
+            done = sum(1 for _ in engine.reconstruct(own))
+            times.append((time.perf_counter() - started, process_cpu_s() - cpu))
+        fastest = min(times[1:] or times)
+        first, warm, warm_cpu, count = first + times[0][0], warm + fastest[0], warm_cpu + fastest[1], count + done
+    return {"particles": count, "setup_s": setup, "setup_cpu_s": setup_cpu, "first_pass_s": first, "warm_s": warm,
+            "warm_cpu_s": warm_cpu, "warm_particles_per_s": count / warm,
+            "with_setup_particles_per_s": count / (setup + first)}
+
+
+def process_cpu_s() -> float:
+    """CPU seconds (user + system) of this process, all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_timed(command: list[str], source: Path) -> tuple[float, float, subprocess.CompletedProcess]:
+    """(wall s, CPU s of the child: user + system, all threads, the process) of ``command`` run with ``source``
+    first on PYTHONPATH."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    result = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(source)}, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}): {result.stderr[-2000:]}")
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), result
+
+
+SERIAL = ("import mspecies.cli.export_checks as checks; checks.overlap_fits = lambda job, next_job: False; "
+          "import sys; from mspecies.cli.main import main; sys.exit(main(sys.argv[1:]))")
+"""``python -c`` program: the export with its overlap switched off (no writer thread, no engine built ahead)."""
+
+
+def bench_cli(source: Path, manifest: Path, box_px: int, diameter_angst: float, scratch: Path,
+              serial: bool = False) -> dict[str, float]:
+    out = Path(tempfile.mkdtemp(dir=scratch))
+    program = ["-c", SERIAL] if serial else ["-m", "mspecies"]
+    wall, cpu, result = run_timed([sys.executable, *program, *cli_arguments(manifest, box_px, diameter_angst,
+                                                                            out / "export")], source)
+    shutil.rmtree(out)
+    lines = [line for line in result.stdout.splitlines() if "particles/s" in line]
+    return {"wall_s": wall, "cpu_s": cpu, "log": lines}
+
+
+def bench_startup(source: Path) -> float:
+    """Wall seconds of a new interpreter importing :data:`STARTUP_IMPORTS`."""
+    wall, _, _ = run_timed([sys.executable, "-c", "import " + ", ".join(STARTUP_IMPORTS)], source)
+    return wall
+
+
+def profile_cli(manifest: Path, box_px: int, diameter_angst: float, scratch: Path) -> dict[str, float]:
+    """Wall seconds per phase of one in-process CLI run (each phase timed on the thread that runs it)."""
+    import mspecies.cli.atomic as atomic
+    import mspecies.cli.export as export
+    import mspecies.cli.export_checks as checks
+    import mspecies.cli.export_files as files
+    import mspecies.cli.export_record as record
+    import mspecies.core.extract as extract
+    import mspecies.formats.relion_subtomo as relion_subtomo
+    from mspecies.cli.main import main
+    from mspecies.core.reconstruct import TiltSeriesEngine
+
+    phases: dict[str, float] = collections.defaultdict(float)
+
+    def timed(owner: object, name: str, label: str) -> Callable[[], None]:
+        original, stored = getattr(owner, name), vars(owner)[name]  # stored: a class's classmethod as such
+
+        @functools.wraps(original)
+        def wrapper(*args, **kwargs):  # noqa: ANN202 (any signature)
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                phases[label] += time.perf_counter() - started
+
+        setattr(owner, name, wrapper)
+        return lambda: setattr(owner, name, stored)
+
+    original_reconstruct = TiltSeriesEngine.reconstruct
+
+    def reconstruct(self, particles):  # noqa: ANN001, ANN202 (the engine's own signature)
+        results = original_reconstruct(self, particles)
+        while True:
+            started = time.perf_counter()
+            result = next(results, None)
+            phases["reconstruction (engine batches)"] += time.perf_counter() - started
+            if result is None:
+                return
+            yield result
+
+    restore = [timed(export, "load_inputs", "inputs (manifest, particles)"),
+               timed(checks, "plan_job", "checks and memory plans"),
+               timed(extract, "prepare_stack", "stack read + preparation (all threads)"),
+               timed(TiltSeriesEngine, "create", "engine setup incl. its own stack preparation"),
+               timed(files, "check_volume", "volume checks (writer thread)"),
+               timed(files, "write_mrc", "MRC writes (writer thread)"),
+               timed(relion_subtomo, "write_subtomo_star", "STAR writing"),
+               timed(record, "write_export_record", "success record"),
+               timed(atomic, "publish", "publishing (renames)")]
+    TiltSeriesEngine.reconstruct = reconstruct
+    out = Path(tempfile.mkdtemp(dir=scratch)) / "export"
+    try:
+        started = time.perf_counter()
+        code = main(cli_arguments(manifest, box_px, diameter_angst, out))
+        phases["total (in process, no start-up)"] = time.perf_counter() - started
+    finally:
+        TiltSeriesEngine.reconstruct = original_reconstruct
+        for undo in restore:
+            undo()
+        shutil.rmtree(out.parent, ignore_errors=True)
+    if code != 0:
+        raise RuntimeError(f"the profiled export failed with exit code {code}")
+    return dict(phases)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--manifest", type=Path, help="an existing synthetic dataset (default: generate one)")
+    parser.add_argument("--n-tomograms", type=int, default=2)
+    parser.add_argument("--particles", type=int, default=96, help="particles in all")
+    parser.add_argument("--box", type=int, default=64)
+    parser.add_argument("--diameter", type=float, default=150.0, help="particle diameter (Å)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--before", type=Path, help="source tree whose CLI is timed too (its mspecies on PYTHONPATH)")
+    parser.add_argument("--serial-too", action="store_true",
+                        help="also time this tree's CLI with its overlap switched off (writer thread, engine ahead)")
+    parser.add_argument("--profile", action="store_true", help="also time the CLI's phases in this process")
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    args = parser.parse_args()
+    from mspecies.core.memory import retain_freed_memory
+
+    retain_freed_memory()  # as the export worker does
+    with tempfile.TemporaryDirectory() as folder:
+        scratch = Path(folder)
+        manifest = args.manifest or make_dataset(scratch / "data", args.n_tomograms, args.particles, args.box)
+        sources = ({"this tree": (ROOT, False)} | ({"this tree, overlap off": (ROOT, True)} if args.serial_too else {})
+                   | ({"before": (args.before.resolve(), False)} if args.before else {}))
+        engine, cli, startup = [], {name: [] for name in sources}, {name: [] for name in sources}
+        load = [os.getloadavg()[0]]
+        for round_ in range(args.rounds):
+            engine.append(bench_engine(manifest, args.box, args.diameter))
+            for name, (source, serial) in sources.items():
+                cli[name].append(bench_cli(source, manifest, args.box, args.diameter, scratch, serial))
+                startup[name].append(bench_startup(source))
+            load.append(os.getloadavg()[0])
+            print(f"round {round_ + 1}: engine warm {engine[-1]['warm_particles_per_s']:.1f} particles/s; "
+                  + "; ".join(f"CLI ({name}) {cli[name][-1]['wall_s']:.2f} s wall, {cli[name][-1]['cpu_s']:.2f} s CPU, "
+                              f"start-up {startup[name][-1]:.2f} s" for name in sources), flush=True)
+        profile = profile_cli(manifest, args.box, args.diameter, scratch) if args.profile else None
+    report(engine, cli, startup, load, profile, args)
+
+
+def report(engine: list[dict], cli: dict[str, list[dict]], startup: dict[str, list[float]], load: list[float],
+           profile: dict[str, float] | None, args: argparse.Namespace) -> None:
+    best_engine = max(engine, key=lambda e: e["warm_particles_per_s"])
+    n = best_engine["particles"]
+    print(f"\n{n} particles, box {args.box}, {args.n_tomograms if not args.manifest else 'given'} tilt series; load "
+          f"average {min(load):.1f}-{max(load):.1f} on {os.cpu_count()} cores")
+    print(f"engine in memory: warm {best_engine['warm_particles_per_s']:.1f} particles/s (best of {len(engine)} "
+          f"rounds; {best_engine['warm_s']:.2f} s, CPU {best_engine['warm_cpu_s']:.2f} s), with setup + first pass "
+          f"{max(e['with_setup_particles_per_s'] for e in engine):.1f} particles/s "
+          f"(setup {best_engine['setup_s']:.2f} s, CPU {best_engine['setup_cpu_s']:.2f} s)")
+    figures = {"particles": n, "box": args.box, "load_average": [min(load), max(load)], "engine": engine,
+               "cli": {}, "profile": profile}
+    for name, runs in cli.items():
+        wall = min(run["wall_s"] for run in runs)
+        median = sorted(run["wall_s"] for run in runs)[len(runs) // 2]
+        start = min(startup[name])
+        rate, rate_without = n / wall, n / (wall - start)
+        figures["cli"][name] = {"runs": runs, "startup_s": startup[name], "particles_per_s": rate,
+                                "particles_per_s_without_startup": rate_without,
+                                "ratio": rate / best_engine["warm_particles_per_s"],
+                                "ratio_without_startup": rate_without / best_engine["warm_particles_per_s"]}
+        cpu = min(run["cpu_s"] for run in runs)
+        figures["cli"][name]["cpu_ratio"] = best_engine["warm_cpu_s"] / cpu
+        figures["cli"][name]["median_wall_s"] = median
+        print(f"CLI ({name}): {wall:.2f} s wall (fastest of {len(runs)}; median {median:.2f} s), {rate:.1f} "
+              f"particles/s = "
+              f"{figures['cli'][name]['ratio']:.2f} × the warm engine; start-up {start:.2f} s excluded: "
+              f"{rate_without:.1f} particles/s = {figures['cli'][name]['ratio_without_startup']:.2f} ×; "
+              f"CPU {cpu:.2f} s (least of {len(runs)}): warm engine CPU / CLI CPU = "
+              f"{figures['cli'][name]['cpu_ratio']:.2f}")
+    if profile:
+        print("CLI phases (one in-process run, wall s on the thread that runs each):")
+        for label, seconds in sorted(profile.items(), key=lambda item: -item[1]):
+            print(f"  {label:48s} {seconds:6.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

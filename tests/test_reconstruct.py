@@ -351,3 +351,27 @@ def test_cupy_backend_matches_numpy(realistic):
     gpu = run(tilt_series, stack, one, backend="cupy")[0]
     assert np.allclose(gpu.volume, reference.volume, atol=1e-4 * np.abs(reference.volume).max())
     assert np.allclose(gpu.ctf, reference.ctf, atol=1e-4)
+
+
+@pytest.mark.parametrize("normalize, invert", [(True, True), (True, False), (False, True)])
+def test_tilt_preparation_matches_the_double_precision_filter(normalize, invert):
+    """Warp's preparation written plainly in double precision (plane, hard band-pass [1/N, Nyquist] in per-axis
+    Nyquist units, mean 0 and sd 1, inversion); the engine band-passes in single precision."""
+    rng = np.random.default_rng(4)
+    ny, nx, box = 256, 320, 32
+    y, x = np.mgrid[:ny, :nx]
+    image = (rng.normal(size=(ny, nx)) * 30 + 500 + 0.2 * x - 0.1 * y).astype(np.float32)
+    plain = image.astype(np.float64)
+    if normalize:
+        xc, yc = x - (nx - 1) / 2, y - (ny - 1) / 2
+        slope_x, slope_y = (plain * xc).sum() / (xc * xc).sum(), (plain * yc).sum() / (yc * yc).sum()
+        plain = plain - plain.mean() - slope_x * xc - slope_y * yc
+    radius = np.hypot(np.fft.fftfreq(ny)[:, None] * 2, np.fft.rfftfreq(nx)[None, :] * 2)
+    plain = np.fft.irfft2(np.fft.rfft2(plain) * ((radius >= 1 / box) & (radius <= 1)), s=(ny, nx))
+    if normalize:
+        plain = (plain - plain.mean()) / plain.std()
+    plain = -plain if invert else plain
+    prepared = extract.preprocess_image(image, box, normalize=normalize, invert=invert)
+    rms = np.sqrt(np.mean(plain ** 2))
+    assert prepared.dtype == np.float32
+    assert np.sqrt(np.mean((prepared - plain) ** 2)) < 5e-6 * rms and np.abs(prepared - plain).max() < 5e-5 * rms

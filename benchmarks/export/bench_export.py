@@ -33,7 +33,7 @@ from mspecies.common.types import ParticlePoses
 from mspecies.core.backend import cupy_unavailable_reason
 from mspecies.core.geometry import particle_defocus_angst, project_positions_to_tilts
 from mspecies.core.memory import retain_freed_memory
-from mspecies.core.reconstruct import ExportOptions, TiltSeriesEngine
+from mspecies.core.reconstruct import ExportOptions, TiltSeriesEngine, release_work_buffers
 from mspecies.formats.mrc import read_mrc, write_mrc
 from mspecies.formats.star import write_relion31_particles
 from mspecies.synth.dataset import SynthParameters, make_tilt_series, random_euler_angles
@@ -55,6 +55,7 @@ def bench_engine(box_px: int, n_particles: int, backend: str, ctf_method: str, r
     """Seconds per particle of the full pipeline, first pass and fastest warm pass (setup excluded), each warm
     pass preceded by the reference (one inverse real FFT of the padded M³ box, :func:`padded_irfft_s`), and of
     the 3D CTF alone."""
+    release_work_buffers()  # the previous engine's kept arrays would shrink this one's memory plan (its batch)
     tilt_series, stack, particles = make_inputs(box_px, n_particles)
     options = ExportOptions(4.0, box_px, 0.6 * box_px * 4.0, backend=backend, ctf_method=ctf_method,
                             prerotate=prerotate, padding_factor=padding_factor)

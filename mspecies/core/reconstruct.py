@@ -548,7 +548,8 @@ class TiltSeriesEngine:
 
     def _direct_ctfs(self, positions_angst: np.ndarray, euler_zyz_deg: np.ndarray) -> list[np.ndarray]:
         """B new (N, N, N//2+1) output-grid 3D CTFs (:mod:`mspecies.core.ctf3d`); pre-rotated particles each
-        get their own coverage, evaluated once from its pairs (host arrays, copied to the device)."""
+        get their own coverage, evaluated by :func:`mspecies.core.kernels.rotated_ctf` (host arrays, copied to the
+        device)."""
         if self.direct_ctf is not None:
             return self.direct_ctf.evaluate(positions_angst, pool=self._pool())
         orientation = insert.slice_orientation(self.tilt_series.tilt_angles_deg[self.tilts],
@@ -574,7 +575,8 @@ class TiltSeriesEngine:
     def _insert_prerotated(self, data: np.ndarray | None, weight: np.ndarray, ctf: np.ndarray | None,
                            euler_zyz_deg: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
         """Each particle splatted with its own orientation → normalised spectra (n_voxels, B) (CTF None when
-        ``ctf`` is None)."""
+        ``ctf`` is None): the compiled kernel on NumPy (:func:`mspecies.core.kernels.splat_normalised`), its NumPy
+        statement (``splat_entries`` + ``insert_one``) on CuPy."""
         xp, m = self.xp, self.padded_box_px
         matrices = euler_to_matrix(euler_zyz_deg)
         orientation = insert.slice_orientation(self.tilt_series.tilt_angles_deg[self.tilts],
@@ -583,17 +585,16 @@ class TiltSeriesEngine:
         n_voxels = m * m * (m // 2 + 1)
         spectrum = None if data is None else self._buffer("spectrum", (n_voxels, batch), xp.complex64)
         ctf_spectrum = None if ctf is None else self._ctf_buffer((n_voxels, batch))
-        if xp is np:  # compiled, one pass per particle
+        if xp is np:  # compiled, one pass per particle, each writing its own columns
             checker = _checkerboard(m)
 
-            def compiled(first: int, last: int) -> None:
-                for b in range(first, last):
-                    _kernels().splat_normalised(orientation[b], self.grid.kx, self.grid.ky, m,
-                                             None if data is None else data[b], weight[b],
-                                             None if ctf is None else ctf[b], checker, WEIGHT_FLOOR, spectrum,
-                                             ctf_spectrum, b)
+            def compiled(b: int) -> None:
+                _kernels().splat_normalised(orientation[b], self.grid.kx, self.grid.ky, m,
+                                            None if data is None else data[b], weight[b],
+                                            None if ctf is None else ctf[b], checker, WEIGHT_FLOOR, spectrum,
+                                            ctf_spectrum, b)
 
-            insert.run_split(self._pool(), compiled, batch)
+            insert.run_each(self._pool(), compiled, batch)
             return spectrum, ctf_spectrum
         zeros = xp.zeros(weight.shape[1], dtype=xp.complex64)
 

@@ -112,3 +112,12 @@ def test_run_each_gives_every_item_to_exactly_one_thread_and_raises_the_first_er
 
     with pytest.raises(ValueError, match="item 3"):
         insert.run_each(pool, fail, 10)
+
+
+@pytest.mark.parametrize("method", ["direct", "padded"])
+def test_prerotated_export_is_the_same_bit_for_bit_on_one_or_two_threads(realistic, method):  # noqa: F811
+    tilt_series, stack, particles, _ = realistic
+    results = [[(r.volume, r.ctf) for r in TiltSeriesEngine.create(
+        tilt_series, stack, options(prerotate=True, ctf_method=method, workers=workers, max_batch=3)).reconstruct(
+        particles)] for workers in (1, 2)]
+    assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(*results))

@@ -162,7 +162,8 @@ def estimate_bytes(padded_box_px: int, box_px: int, n_tilts: int, stack_pixels: 
         if not padded_ctf:  # own volumes: one spectrum and its transforms per thread instead of per particle
             whole = half_voxels * (8 + 4) + n * n * m * 4
             per_particle -= whole
-            per_thread += whole + n * n * (n // 2 + 1) * 8 * 3  # and the 3D-CTF sums
+            # and the 3D-CTF sums, its pairs (voxel, tilt, 4 terms) and their vectorised values
+            per_thread += whole + n * n * (n // 2 + 1) * 8 * 3 + int(1.1 * slots) * (8 * 2 + 4 * 4 + 4 * 6)
         fixed += compiled_threads * per_thread
     else:
         per_particle += nonzeros * (8 + 4 + 4 + 8 * 3)  # indices, weights, signs, gathered values (float64)

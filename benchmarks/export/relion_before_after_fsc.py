@@ -24,10 +24,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from relion_padding_fsc import relion_test_dataset  # noqa: E402
 from test_export_relion import _relion_reconstruct, fsc_against_truth  # noqa: E402
 
 from mspecies.formats.mrc import read_mrc  # noqa: E402
-from mspecies.synth.dataset import generate_dataset  # noqa: E402
 
 THIS_TREE = Path(__file__).resolve().parents[2]
 
@@ -55,12 +56,10 @@ def largest_difference(before: Path, after: Path) -> tuple[float, float]:
 
 
 def measure(folder: Path, before_tree: Path, box: int, noisy: bool, extra: list[str]) -> dict[str, object]:
-    snr = {} if noisy else {"snr": None}
     data = folder / ("noisy" if noisy else "noise-free")
     manifest = data / "manifest.json"
     if not manifest.exists():
-        generate_dataset(data, seed=3, n_tomograms=1, n_particles=200 if noisy else 80, n_tilts=41, box_px=box,
-                         pixel_size_angst=4.0, image_shape_yx=(448, 448), thickness_angst=600.0, **snr)
+        manifest = relion_test_dataset(data, box, noisy)
     name = "-".join(flag.strip("-") for flag in extra) or "default"
     outs = {}
     for label, tree in (("before", before_tree), ("after", THIS_TREE)):

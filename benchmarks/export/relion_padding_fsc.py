@@ -42,14 +42,18 @@ def last_shell_above(fsc: np.ndarray, threshold: float) -> int:
     return int(below[0] - 1 if below.size else fsc.size - 1)
 
 
+def relion_test_dataset(folder: Path, box: int, noisy: bool) -> Path:
+    """The synthetic dataset of ``tests/test_export_relion.py`` (1 tomogram, 41 tilts, 4 Å/px, 448² px):
+    noise-free with 80 particles, or noisy (the default SNR) with 200 → its manifest."""
+    snr = {} if noisy else {"snr": None}
+    return generate_dataset(folder, seed=3, n_tomograms=1, n_particles=200 if noisy else 80, n_tilts=41, box_px=box,
+                            pixel_size_angst=4.0, image_shape_yx=(448, 448), thickness_angst=600.0, **snr)
+
+
 def measure(folder: Path, box: int, noisy: bool, factors: list[float], ctf_method: str = "direct"
             ) -> dict[str, object]:
     """FSC per shell of each factor's RELION map, and the largest |ΔFSC| against the first factor."""
-    n_particles = 200 if noisy else 80
-    snr = {} if noisy else {"snr": None}
-    manifest = generate_dataset(folder / "data", seed=3, n_tomograms=1, n_particles=n_particles, n_tilts=41,
-                                box_px=box, pixel_size_angst=4.0, image_shape_yx=(448, 448), thickness_angst=600.0,
-                                **snr)
+    manifest = relion_test_dataset(folder / "data", box, noisy)
     curves: dict[int, np.ndarray] = {}
     boxes: dict[float, int] = {}
     for factor in factors:

@@ -29,10 +29,10 @@ import numpy as np
 from mspecies.common.types import Microscope
 
 from .ctf import phase_constants
+from .ctf3d import WEIGHT_FLOOR
+from .insert import _FLOOR_EPSILON
 
-_FLOOR_EPSILON = 1e-5  # as mspecies.core.insert
 _TWO_PI = 2 * np.pi
-CTF_WEIGHT_FLOOR = 1e-4  # M's floor of the normalisation (mspecies.core.ctf3d.WEIGHT_FLOOR)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -353,7 +353,7 @@ def rotated_ctf(orientation: np.ndarray, *, box_px: int, padded_box_px: int, pix
                                               np.asarray(tilt_weight_scale, dtype=np.float32))
         _add_pair_sums(pairs[0, :count], numerator, denominator, sums)
     out = np.empty((n, n, n // 2 + 1), dtype=np.float32)
-    _finish_ctf(sums, n / padded_box_px, CTF_WEIGHT_FLOOR, apply_ctf, out.reshape(-1))
+    _finish_ctf(sums, n / padded_box_px, WEIGHT_FLOOR, apply_ctf, out.reshape(-1))
     return out
 
 

@@ -148,3 +148,15 @@ def test_plugin_environment_check_sees_pytest_and_the_repository_tests(tmp_path)
     module.write_text("import os\nimport numpy as np\nimport pytest\nfrom tests._relion import require_relion\n"
                       "from pyworkflow.tests import BaseTest\nfrom mspecies.tests.checks import require_relion\n")
     assert _outside_plugin_environment(str(module)) == [(3, "pytest"), (4, "tests")]
+
+
+def test_a_command_imports_only_its_own_module():
+    """``python -m mspecies export`` builds the export's parser alone: the assignment (scipy.optimize) and STAR
+    dialect modules of intersect and convert stay unloaded; the full parser still lists every command."""
+    code = ("import sys; from mspecies.cli.main import build_parser; build_parser('export'); "
+            "print(sorted(name for name in ('mspecies.cli.intersect', 'mspecies.cli.convert', "
+            "'mspecies.core.assignment', 'scipy.optimize') if name in sys.modules)); "
+            "print(sorted(build_parser()._subparsers._group_actions[0].choices))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["[]", "['convert', 'demo', 'export', 'intersect', 'synth']"]

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-STARTUP_IMPORTS = ("mspecies.cli.main", "mspecies.cli.export_files", "mspecies.cli.export_checks",
+STARTUP_IMPORTS = ("mspecies.cli.main", "mspecies.cli.export", "mspecies.cli.export_files", "mspecies.cli.export_checks",
                    "mspecies.cli.export_record", "mspecies.cli.atomic", "mspecies.formats.relion_subtomo",
                    "mspecies.synth.dataset")
 """What ``python -m mspecies export --manifest`` imports before its first step (measured as start-up)."""

@@ -1,7 +1,9 @@
 """Command-line workers: ``python -m mspecies <command> ...``.
 
-Each subcommand has an ``_add_<name>_parser`` function that declares its arguments and a ``_run_<name>``
-function that does the work and returns an exit code; register new ones in :data:`SUBCOMMANDS`. Expected failures
+Each subcommand has a function that declares its arguments and one that does the work and returns an exit code
+(``add_parser`` and ``run`` of its module, ``_add_synth_parser`` and ``_run_synth`` here); register new ones in
+:data:`COMMAND_MODULES`. A command's module is imported only when it runs (or for ``--help`` of all commands):
+``export`` does not load the assignment and STAR-dialect modules of ``intersect`` and ``convert``. Expected failures
 (:data:`mspecies.cli.errors.EXPECTED_ERRORS`: bad input, I/O, memory) end with exit code 2 and one line on stderr
 naming the file or parameter; unexpected errors keep their traceback.
 Nothing here imports pyworkflow, pwem or tomo.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import math
 import signal
@@ -19,10 +22,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 
-from mspecies.cli import convert as cli_convert
-from mspecies.cli import demo as cli_demo
-from mspecies.cli import export as cli_export
-from mspecies.cli import intersect as cli_intersect
 from mspecies.cli.errors import EXPECTED_ERRORS, expected_error_message
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -113,34 +112,43 @@ def _run_synth(args: argparse.Namespace) -> int:
     return EXIT_OK if result["passed"] else EXIT_FAILED
 
 
-SUBCOMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], int]]] = {
-    "synth": (_add_synth_parser, _run_synth),
-    "export": (cli_export.add_parser, cli_export.run),
-    "convert": (cli_convert.add_parser, cli_convert.run),
-    "demo": (cli_demo.add_parser, cli_demo.run),
-    "intersect": (cli_intersect.add_parser, cli_intersect.run),
-}
+COMMAND_MODULES = {"synth": __name__, "export": "mspecies.cli.export", "convert": "mspecies.cli.convert",
+                   "demo": "mspecies.cli.demo", "intersect": "mspecies.cli.intersect"}
+"""Each command's module: its ``add_parser`` (declares the arguments) and ``run`` (does the work, returns the exit
+code); ``synth`` lives here."""
+
+Command = tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], int]]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with one subparser per entry of :data:`SUBCOMMANDS`."""
+def command(name: str) -> Command:
+    """(declare the arguments, run) of command ``name``, importing its module."""
+    if name == "synth":
+        return _add_synth_parser, _run_synth
+    module = importlib.import_module(COMMAND_MODULES[name])
+    return module.add_parser, module.run
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser with one subparser per command of :data:`COMMAND_MODULES`, or with command ``only``
+    alone (what :func:`main` builds to run it: the other commands' modules are not imported)."""
     parser = _ArgumentParser(prog="mspecies", description="mspecies command-line workers")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
-    for add_parser, _ in SUBCOMMANDS.values():
-        add_parser(subparsers)
+    for name in [only] if only in COMMAND_MODULES else COMMAND_MODULES:
+        command(name)[0](subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a subcommand; returns 0 on success, 1 on a failed check, 2 on bad input, 128 + the signal number when
     stopped by SIGINT (Ctrl-C) or SIGTERM (after removing what the run had not completed, without a traceback)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(argv[0] if argv else None).parse_args(argv)
     except SystemExit as exit_:  # argparse: --help (0) or a bad argument (2), message already printed
         return int(exit_.code or 0)
     try:
         with _stop_signals_raise():
-            return SUBCOMMANDS[args.command][1](args)
+            return command(args.command)[1](args)
     except KeyboardInterrupt as stop:
         number = getattr(stop, "signal_number", signal.SIGINT)
         print(f"mspecies {args.command}: interrupted by {signal.Signals(number).name}; the files this run had not "

@@ -5,12 +5,15 @@ import signal
 import sys
 
 from .cli import main
+from .cli.main import QUICK_EXIT
 
 code = main()
-if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+sys.stdout.flush()
+sys.stderr.flush()
+if code in (128 + signal.SIGINT, 128 + signal.SIGTERM) or sys.argv[1:2] and sys.argv[1] in QUICK_EXIT:
     # Stopped by a signal: main() has removed what the run had not completed. Leave at once, without the
     # interpreter's shutdown joining the export's worker threads: one interrupted mid-task may never finish.
-    sys.stdout.flush()
-    sys.stderr.flush()
+    # A command of QUICK_EXIT has closed and published its files when main() returns: leave without tearing down
+    # the modules and arrays one by one (0.06-0.08 s of every export, one per tilt series under Scipion).
     os._exit(code)
 sys.exit(code)

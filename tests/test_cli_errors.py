@@ -241,3 +241,22 @@ def test_an_unusable_volume_ends_with_exit_1_and_leaves_nothing(data, tmp_path, 
     err = capsys.readouterr().err
     assert "TS_01 particle 0 sub-tomogram" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def _run_module(arguments: list[str]) -> subprocess.CompletedProcess:
+    """``python -m mspecies ARGUMENTS`` with an exit handler that prints 'teardown' (run by a normal exit only)."""
+    code = ("import atexit, runpy, sys; atexit.register(lambda: print('teardown', flush=True)); "
+            "sys.argv = ['mspecies', *sys.argv[1:]]; runpy.run_module('mspecies', run_name='__main__')")
+    return subprocess.run([sys.executable, "-c", code, *arguments], capture_output=True, text=True, timeout=120)
+
+
+def test_file_commands_leave_without_teardown_once_their_output_is_flushed(tmp_path):
+    """export/convert/intersect/synth end with os._exit after flushing (help text and error message complete,
+    exit codes kept); demo, which runs Scipion, exits normally."""
+    helped = _run_module(["export", "--help"])
+    failed = _run_module(["export", "--manifest", str(tmp_path / "missing.json"), "--box", "32", "--diameter",
+                          "100", "--out", str(tmp_path / "out")])
+    demo = _run_module(["demo", "--help"])
+    assert helped.returncode == 0 and "--overwrite" in helped.stdout and "teardown" not in helped.stdout
+    assert failed.returncode == 2 and "missing.json" in failed.stderr and "teardown" not in failed.stdout
+    assert demo.returncode == 0 and demo.stdout.rstrip().endswith("teardown")

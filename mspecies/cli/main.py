@@ -117,6 +117,11 @@ COMMAND_MODULES = {"synth": __name__, "export": "mspecies.cli.export", "convert"
 """Each command's module: its ``add_parser`` (declares the arguments) and ``run`` (does the work, returns the exit
 code); ``synth`` lives here."""
 
+QUICK_EXIT = frozenset({"synth", "export", "convert", "intersect"})
+"""Commands after which ``python -m mspecies`` leaves with ``os._exit`` once its output is flushed: they hold no
+open file, temporary folder, exit handler or Scipion project when :func:`main` returns (``demo`` runs Scipion,
+which may)."""
+
 Command = tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], int]]
 
 

@@ -17,8 +17,9 @@ Usage: ``python benchmarks/export/bench_cli.py [--n-tomograms 2] [--particles 96
 * Rounds alternate engine, CLI (and ``--before``) and start-up; the fastest of each is reported, and the CPU
   seconds (user + system, all threads) of each CLI run.
 * ``--serial-too``: this tree's CLI also with its overlap switched off (:data:`SERIAL`), in the same rounds.
-* ``--profile``: one more CLI run in this process with every phase timed (wall seconds on the thread that runs
-  it; the writer and the stack preparation of the next tilt series run beside the reconstruction).
+* ``--profile``: one more CLI run, in a new process (as cold as the command), with every phase timed (wall
+  seconds on the thread that runs it; the writer and the stack preparation of the next tilt series run beside the
+  reconstruction), the time to the first particle and from the last one to the end.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import importlib
 import json
 import os
 import resource
@@ -38,9 +40,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-STARTUP_IMPORTS = ("mspecies.cli.main", "mspecies.cli.export", "mspecies.cli.export_files", "mspecies.cli.export_checks",
-                   "mspecies.cli.export_record", "mspecies.cli.atomic", "mspecies.formats.relion_subtomo",
-                   "mspecies.synth.dataset")
+STARTUP_IMPORTS = ("mspecies.cli.main", "mspecies.cli.export", "mspecies.cli.export_files",
+                   "mspecies.cli.export_checks", "mspecies.cli.export_record", "mspecies.cli.atomic",
+                   "mspecies.formats.relion_subtomo", "mspecies.synth.dataset")
 """What ``python -m mspecies export --manifest`` imports before its first step (measured as start-up)."""
 
 
@@ -130,7 +132,17 @@ def bench_startup(source: Path) -> float:
 
 
 def profile_cli(manifest: Path, box_px: int, diameter_angst: float, scratch: Path) -> dict[str, float]:
-    """Wall seconds per phase of one in-process CLI run (each phase timed on the thread that runs it)."""
+    """Wall seconds per phase of one CLI run in a new process (:func:`profile_here` there): as cold as the
+    command itself (its first touches of memory, its first transforms), not warmed by the engine's rounds."""
+    arguments = json.dumps([str(manifest), box_px, diameter_angst, str(scratch)])
+    _, _, result = run_timed([sys.executable, __file__, "--profile-child", arguments], ROOT)
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def profile_here(manifest: Path, box_px: int, diameter_angst: float, scratch: Path) -> dict[str, float]:
+    """Wall seconds per phase of one CLI run in this process (each phase timed on the thread that runs it),
+    including the imports of :data:`STARTUP_IMPORTS` when this process has not made them yet."""
+    started_imports = time.perf_counter()
     import mspecies.cli.atomic as atomic
     import mspecies.cli.export as export
     import mspecies.cli.export_checks as checks
@@ -141,7 +153,11 @@ def profile_cli(manifest: Path, box_px: int, diameter_angst: float, scratch: Pat
     from mspecies.cli.main import main
     from mspecies.core.reconstruct import TiltSeriesEngine
 
+    for name in STARTUP_IMPORTS:
+        importlib.import_module(name)
     phases: dict[str, float] = collections.defaultdict(float)
+    phases["imports (start-up, less the interpreter's own)"] = time.perf_counter() - started_imports
+    marks: dict[str, float] = {}
 
     def timed(owner: object, name: str, label: str) -> Callable[[], None]:
         original, stored = getattr(owner, name), vars(owner)[name]  # stored: a class's classmethod as such
@@ -166,7 +182,9 @@ def profile_cli(manifest: Path, box_px: int, diameter_angst: float, scratch: Pat
             result = next(results, None)
             phases["reconstruction (engine batches)"] += time.perf_counter() - started
             if result is None:
+                marks["last particle"] = time.perf_counter()
                 return
+            marks.setdefault("first particle", time.perf_counter())
             yield result
 
     restore = [timed(export, "load_inputs", "inputs (manifest, particles)"),
@@ -183,7 +201,10 @@ def profile_cli(manifest: Path, box_px: int, diameter_angst: float, scratch: Pat
     try:
         started = time.perf_counter()
         code = main(cli_arguments(manifest, box_px, diameter_angst, out))
-        phases["total (in process, no start-up)"] = time.perf_counter() - started
+        ended = time.perf_counter()
+        phases["total (in process, no start-up)"] = ended - started
+        phases["from the start to the first particle (no start-up)"] = marks["first particle"] - started
+        phases["from the last particle to the end"] = ended - marks["last particle"]
     finally:
         TiltSeriesEngine.reconstruct = original_reconstruct
         for undo in restore:
@@ -195,6 +216,12 @@ def profile_cli(manifest: Path, box_px: int, diameter_angst: float, scratch: Pat
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--profile-child"]:  # profile_cli's new process: the phases as JSON on the last line
+        manifest, box_px, diameter_angst, scratch = json.loads(sys.argv[2])
+        phases = profile_here(Path(manifest), box_px, diameter_angst, Path(scratch))
+        sys.stdout.flush()
+        print(json.dumps(phases))
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--manifest", type=Path, help="an existing synthetic dataset (default: generate one)")
     parser.add_argument("--n-tomograms", type=int, default=2)
@@ -262,9 +289,9 @@ def report(engine: list[dict], cli: dict[str, list[dict]], startup: dict[str, li
               f"CPU {cpu:.2f} s (least of {len(runs)}): warm engine CPU / CLI CPU = "
               f"{figures['cli'][name]['cpu_ratio']:.2f}")
     if profile:
-        print("CLI phases (one in-process run, wall s on the thread that runs each):")
+        print("CLI phases (one run in a new process, wall s on the thread that runs each):")
         for label, seconds in sorted(profile.items(), key=lambda item: -item[1]):
-            print(f"  {label:48s} {seconds:6.2f}")
+            print(f"  {label:52s} {seconds:6.2f}")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1, default=str))
 

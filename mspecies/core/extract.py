@@ -155,9 +155,9 @@ def spectrum_rms(spectrum: np.ndarray, shape_yx: tuple[int, int], *, xp: ModuleT
 
 def _centred(image: np.ndarray, xp: ModuleType, out: np.ndarray | None) -> np.ndarray:
     """(ny, nx) float32 image minus the mean of every 8th pixel of every 8th row (into ``out`` when given): a
-    single-precision transform's rounding error grows with the image's whole norm, its mean included (a mean
-    of 170 standard deviations cost 1.5e-5 of the prepared image's RMS, 2.4e-7 centred), and the band-pass
-    removes the constant anyway."""
+    single-precision transform's rounding error grows with the image's whole norm, its mean included (with a
+    mean of 170 standard deviations the prepared image was 2.0e-5 of its RMS off, 2.4e-7 centred), and the
+    band-pass removes the constant anyway."""
     raw = xp.asarray(image, dtype=xp.float32)
     return xp.subtract(raw, xp.float32(float(raw[::8, ::8].mean(dtype=xp.float64))), out=out)
 
@@ -176,8 +176,8 @@ def preprocess_image(image: np.ndarray, box_px: int, *, normalize: bool, invert:
     transform is scaled by ±1/sd into ``out``. Without ``normalize``: no plane, the rescaled band-passed image
     (× −1 with ``invert``). The result agrees with the same steps written in double precision to 2.5e-7 of its
     RMS, 1.4e-6 at most (``tests/test_tilt_preparation.py``). CPU per 1024² tilt as :func:`prepare_stack` runs
-    it (read, check, preparation): 10.1 → 5.7 ms, 16.9 → 5.8 ms rescaled to 820²; one float32 ``rfft2`` +
-    ``irfft2`` pair alone costs 4.6 ms (``benchmarks/export/bench_tilt_preparation.py``, steady-state malloc).
+    it (read, check, preparation): 10.0 → 5.8 ms, 17.7 → 6.1 ms rescaled to 820²; one float32 ``rfft2`` +
+    ``irfft2`` pair alone costs 5.0 ms (``benchmarks/export/bench_tilt_preparation.py``, steady-state malloc).
     """
     fft = fft_module(xp)
     ny, nx = image.shape

@@ -7,6 +7,7 @@ import pytest
 
 from mspecies.common.types import InputError
 from mspecies.core import extract
+from mspecies.core.backend import cupy_unavailable_reason
 
 BOX = 32
 DATA_PIXEL_ANGST = 4.0
@@ -102,3 +103,19 @@ def test_image_constant_after_band_pass_cannot_be_normalized():
         extract.preprocess_image(checkerboard, BOX, normalize=True, invert=False)
     unnormalized = extract.preprocess_image(checkerboard, BOX, normalize=False, invert=False)
     assert np.abs(unnormalized).max() < 1e-5
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_cupy_preparation_matches_numpy(normalize):
+    reason = cupy_unavailable_reason()
+    if reason is not None:
+        print(f"CuPy tilt preparation not run: {reason}")
+        pytest.skip(reason)
+    import cupy
+
+    rescaled = extract.rescaled_shape((256, 320), DATA_PIXEL_ANGST, 5.0)
+    image = raw_tilt((256, 320), rescaled, 500.0)
+    on_host = extract.preprocess_image(image, BOX, normalize=normalize, invert=True, shape_yx=rescaled)
+    on_device = extract.preprocess_image(cupy.asarray(image), BOX, normalize=normalize, invert=True, xp=cupy,
+                                         shape_yx=rescaled)
+    assert np.allclose(cupy.asnumpy(on_device), on_host, atol=1e-5 * np.sqrt(np.mean(on_host ** 2)))

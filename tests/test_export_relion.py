@@ -280,7 +280,11 @@ def test_relion_refine_accepts_the_export(dataset):
 # CTF zero (~shell 8 here) and in the CC. Measured on the noisy dataset (200 particles): CC 0.89 (ours) vs 0.69
 # (control); FSC >= 0.5 up to shell 10 (ours) vs 9 (control). With 100 particles: 0.84 vs 0.65. (By hand with RELION
 # 5.0.1 built here, 100 particles: flavour 3.1 CC 0.86 and flavour 5 CC 0.89 with default flags; flavour 5 with
-# --ctf3d_not_squared 0.67.)
+# --ctf3d_not_squared 0.67.) Our FSC at shell 10 sits at 0.49-0.50 and relion_refine moves it by +-0.015 for changes
+# of the exported values at float32 rounding (main fbb5cca's export x (1 + 4e-7 N(0, 1)): shell 9 for 2 of 4 seeds,
+# CC 0.890-0.891), so the shell is only required not to fall behind the control's; the weighting error shows in the
+# CC and in the mean FSC over shells 1-10: ours 0.852-0.858, control 0.784-0.822 over those seeds and the float32
+# tilt preparation.
 WEIGHTING_CC_THRESHOLD = 0.78
 
 
@@ -315,9 +319,14 @@ def test_relion_refine_weights_the_3d_ctf_as_written(noisy_dataset):
                               float(optics_row["rlnAmplitudeContrast"])))
     assert int(read_relion31_particles(relion5_star)[0]["rlnCtfDataAreCtfPremultiplied"][0]) == 1
     write_mrc(out / "reference.mrc", make_phantom_map(BOX, 4.0), 4.0)
-    ours = score(_refine_fixed_angles(out, "particles.star"))
-    control = score(_refine_fixed_angles(out, "claims_premultiplied.star"))
-    print(f"relion_refine 3.1, default flags: our STAR CC {ours[0]:.3f} (FSC >= 0.5 to shell {ours[1]}); "
-          f"claiming premultiplied CC {control[0]:.3f} (shell {control[1]})")
+    maps = [_refine_fixed_angles(out, star) for star in ("particles.star", "claims_premultiplied.star")]
+    (ours, control), (ours_fsc, control_fsc) = map(score, maps), map(mean_fsc_to_first_ctf_zero, maps)
+    print(f"relion_refine 3.1, default flags: our STAR CC {ours[0]:.3f} (FSC >= 0.5 to shell {ours[1]}, mean FSC "
+          f"{ours_fsc:.3f}); claiming premultiplied CC {control[0]:.3f} (shell {control[1]}, {control_fsc:.3f})")
     assert ours[0] >= WEIGHTING_CC_THRESHOLD > control[0]
-    assert ours[1] > control[1]
+    assert ours[1] >= control[1] and ours_fsc > control_fsc
+
+
+def mean_fsc_to_first_ctf_zero(volume: np.ndarray) -> float:
+    """Mean FSC against the ground truth over shells 1-10 (the first CTF zero is near shell 8 here)."""
+    return float(fourier_shell_correlation(*aligned_to_truth(volume))[1:11].mean())

@@ -10,6 +10,7 @@ import dataclasses
 import numpy as np
 import pytest
 import scipy.fft
+from test_tilt_preparation import plain_preparation
 
 from mspecies.common.types import InputError, Microscope, ParticlePoses, TiltSeriesData
 from mspecies.core import extract, insert
@@ -356,21 +357,13 @@ def test_cupy_backend_matches_numpy(realistic):
 @pytest.mark.parametrize("normalize, invert", [(True, True), (True, False), (False, True)])
 def test_tilt_preparation_matches_the_double_precision_filter(normalize, invert):
     """Warp's preparation written plainly in double precision (plane, hard band-pass [1/N, Nyquist] in per-axis
-    Nyquist units, mean 0 and sd 1, inversion); the engine band-passes in single precision."""
+    Nyquist units, mean 0 and sd 1, inversion: ``test_tilt_preparation.plain_preparation``); the engine prepares
+    on one single-precision spectrum."""
     rng = np.random.default_rng(4)
     ny, nx, box = 256, 320, 32
     y, x = np.mgrid[:ny, :nx]
     image = (rng.normal(size=(ny, nx)) * 30 + 500 + 0.2 * x - 0.1 * y).astype(np.float32)
-    plain = image.astype(np.float64)
-    if normalize:
-        xc, yc = x - (nx - 1) / 2, y - (ny - 1) / 2
-        slope_x, slope_y = (plain * xc).sum() / (xc * xc).sum(), (plain * yc).sum() / (yc * yc).sum()
-        plain = plain - plain.mean() - slope_x * xc - slope_y * yc
-    radius = np.hypot(np.fft.fftfreq(ny)[:, None] * 2, np.fft.rfftfreq(nx)[None, :] * 2)
-    plain = np.fft.irfft2(np.fft.rfft2(plain) * ((radius >= 1 / box) & (radius <= 1)), s=(ny, nx))
-    if normalize:
-        plain = (plain - plain.mean()) / plain.std()
-    plain = -plain if invert else plain
+    plain = plain_preparation(image, box, (ny, nx), normalize=normalize, invert=invert)
     prepared = extract.preprocess_image(image, box, normalize=normalize, invert=invert)
     rms = np.sqrt(np.mean(plain ** 2))
     assert prepared.dtype == np.float32

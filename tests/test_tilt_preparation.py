@@ -1,0 +1,121 @@
+"""The tilt preparation (Warp §5.1) done on one single-precision spectrum per tilt against the same steps written
+plainly in double precision: Fourier crop, least-squares plane, hard band-pass [1/N, Nyquist], mean 0 / sd 1, ×−1.
+"""
+
+import numpy as np
+import pytest
+
+from mspecies.common.types import InputError
+from mspecies.core import extract
+from mspecies.core.backend import cupy_unavailable_reason
+
+BOX = 32
+DATA_PIXEL_ANGST = 4.0
+
+
+def plain_preparation(image: np.ndarray, box_px: int, shape_yx: tuple[int, int], *, normalize: bool,
+                      invert: bool) -> np.ndarray:
+    """Warp's preparation in float64, one real-space statement per step."""
+    plain = image.astype(np.float64)
+    ny, nx = plain.shape
+    my, mx = shape_yx
+    if (my, mx) != (ny, nx):  # Fourier crop to the output pixel size, the mean kept
+        rows = np.r_[0:my // 2, ny - my // 2:ny]
+        plain = np.fft.irfft2(np.fft.rfft2(plain)[rows, :mx // 2 + 1], s=(my, mx)) * (my * mx / (ny * nx))
+    y, x = np.mgrid[:my, :mx]
+    if normalize:  # least-squares plane on centred coordinates
+        xc, yc = x - (mx - 1) / 2, y - (my - 1) / 2
+        slope_x, slope_y = (plain * xc).sum() / (xc * xc).sum(), (plain * yc).sum() / (yc * yc).sum()
+        plain = plain - plain.mean() - slope_x * xc - slope_y * yc
+    radius = np.hypot(np.fft.fftfreq(my)[:, None] * 2, np.fft.rfftfreq(mx)[None, :] * 2)
+    plain = np.fft.irfft2(np.fft.rfft2(plain) * ((radius >= 1 / box_px) & (radius <= 1)), s=(my, mx))
+    if normalize:
+        plain = (plain - plain.mean()) / plain.std()
+    return -plain if invert else plain
+
+
+def raw_tilt(shape_yx: tuple[int, int], rescaled_yx: tuple[int, int], mean: float, seed: int = 4) -> np.ndarray:
+    """float32 noise (sd 30) on a mean, with a plane and the two patterns that the half-spectrum weights decide:
+    a cosine at the rescaled image's x Nyquist (phase 0.3, on the row ky = 0) and one along y (column kx = 0)."""
+    ny, nx = shape_yx
+    y, x = np.mgrid[:ny, :nx]
+    rng = np.random.default_rng(seed)
+    image = rng.normal(size=(ny, nx)) * 30 + mean + 0.2 * x - 0.1 * y
+    image += 40 * np.cos(np.pi * rescaled_yx[1] / nx * x + 0.3) + 40 * np.cos(2 * np.pi * 3 * y / ny)
+    return image.astype(np.float32)
+
+
+@pytest.mark.parametrize("shape_yx", [(256, 320), (255, 321)])
+@pytest.mark.parametrize("output_pixel_angst", [DATA_PIXEL_ANGST, 5.0, 6.0])
+@pytest.mark.parametrize("normalize, invert", [(True, True), (True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("mean", [0.0, 5000.0])
+def test_preparation_on_one_spectrum_matches_the_plain_double_precision_steps(shape_yx, output_pixel_angst,
+                                                                              normalize, invert, mean):
+    """Even and odd, non-square images, with and without rescale; a mean of 170 sd costs no precision.
+    Measured: RMS difference ≤ 2.5e-7, largest ≤ 1.4e-6 of the reference's RMS (not centred first: 2.0e-5)."""
+    rescaled = extract.rescaled_shape(shape_yx, DATA_PIXEL_ANGST, output_pixel_angst)
+    image = raw_tilt(shape_yx, rescaled, mean)
+    reference = plain_preparation(image, BOX, rescaled, normalize=normalize, invert=invert)
+    prepared = extract.preprocess_image(image, BOX, normalize=normalize, invert=invert, shape_yx=rescaled)
+    rms = np.sqrt(np.mean(reference ** 2))
+    assert prepared.dtype == np.float32 and prepared.shape == rescaled
+    assert np.sqrt(np.mean((prepared - reference) ** 2)) < 1e-6 * rms
+    assert np.abs(prepared - reference).max() < 1e-5 * rms
+
+
+@pytest.mark.parametrize("shape_yx", [(64, 80), (63, 81), (80, 64)])
+def test_plane_removed_from_the_spectrum_is_the_real_space_least_squares_plane(shape_yx):
+    ny, nx = shape_yx
+    image = raw_tilt(shape_yx, shape_yx, 100.0, seed=1).astype(np.float64)
+    y, x = np.mgrid[:ny, :nx]
+    xc, yc = x - (nx - 1) / 2, y - (ny - 1) / 2
+    flat = image - (image * xc).sum() / (xc * xc).sum() * xc - (image * yc).sum() / (yc * yc).sum() * yc
+    spectrum = np.fft.rfft2(image)
+    extract.remove_plane_from_spectrum(spectrum, shape_yx)
+    assert np.allclose(np.fft.irfft2(spectrum, s=shape_yx), flat, atol=1e-9 * np.abs(flat).max())
+
+
+@pytest.mark.parametrize("shape_yx", [(64, 80), (63, 81), (64, 81), (63, 80)])
+def test_spectrum_rms_is_the_image_rms_by_parseval(shape_yx):
+    image = np.random.default_rng(2).normal(size=shape_yx)
+    image[:, ::2] += 3.0  # power at the x Nyquist of even widths
+    assert np.isclose(extract.spectrum_rms(np.fft.rfft2(image), shape_yx), np.sqrt(np.mean(image ** 2)),
+                      rtol=1e-12)
+
+
+def test_cropped_spectrum_resamples_a_band_limited_image_onto_the_coarser_grid():
+    """Cosines below the coarse Nyquist, sampled on a (100, 130) grid, Fourier-cropped to (80, 104): the same
+    cosines sampled on the coarse grid (its pixel i at fine coordinate i·130/104)."""
+    def cosines(shape_yx):
+        y, x = np.mgrid[:shape_yx[0], :shape_yx[1]]
+        u, v = x / shape_yx[1], y / shape_yx[0]
+        return 5 + np.cos(2 * np.pi * (7 * u + 0.1)) + 0.5 * np.cos(2 * np.pi * (3 * u - 11 * v) + 1.0)
+
+    spectrum = extract.crop_spectrum(np.fft.rfft2(cosines((100, 130))), (80, 104))
+    rescaled = np.fft.irfft2(spectrum, s=(80, 104)) * (80 * 104 / (100 * 130))
+    assert np.allclose(rescaled, cosines((80, 104)), atol=1e-12)
+
+
+def test_image_constant_after_band_pass_cannot_be_normalized():
+    """A checkerboard's power is at DC and at (Nyquist, Nyquist), both outside [1/N, Nyquist]."""
+    checkerboard = (np.indices((64, 64)).sum(0) % 2).astype(np.float32) * 7 + 3
+    with pytest.raises(InputError, match="constant after band-pass filtering; cannot normalize it"):
+        extract.preprocess_image(checkerboard, BOX, normalize=True, invert=False)
+    unnormalized = extract.preprocess_image(checkerboard, BOX, normalize=False, invert=False)
+    assert np.abs(unnormalized).max() < 1e-5
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_cupy_preparation_matches_numpy(normalize):
+    reason = cupy_unavailable_reason()
+    if reason is not None:
+        print(f"CuPy tilt preparation not run: {reason}")
+        pytest.skip(reason)
+    import cupy
+
+    rescaled = extract.rescaled_shape((256, 320), DATA_PIXEL_ANGST, 5.0)
+    image = raw_tilt((256, 320), rescaled, 500.0)
+    on_host = extract.preprocess_image(image, BOX, normalize=normalize, invert=True, shape_yx=rescaled)
+    on_device = extract.preprocess_image(cupy.asarray(image), BOX, normalize=normalize, invert=True, xp=cupy,
+                                         shape_yx=rescaled)
+    assert np.allclose(cupy.asnumpy(on_device), on_host, atol=1e-5 * np.sqrt(np.mean(on_host ** 2)))

@@ -281,6 +281,17 @@ class SharedInsertion:
     block_voxels: list[np.ndarray] | None = None
 
     @classmethod
+    def create(cls, orientation: np.ndarray, grid: SampleGrid, *, xp: ModuleType = np,
+               block_rows: int = BLOCK_ROWS, y_major_box_px: int | None = None) -> SharedInsertion:
+        """The shared insertion of (T, 3, 2) slice orientations, bit for bit ``from_splat(splat_entries(...))``
+        (same arguments). NumPy builds it tilt chunk by tilt chunk (:func:`_build_shared`), each row block's CSR
+        directly in sorted order; CuPy through those two statements."""
+        if xp is not np:
+            return cls.from_splat(splat_entries(orientation, grid, xp=xp), xp=xp, block_rows=block_rows,
+                                  y_major_box_px=y_major_box_px)
+        return _build_shared(cls, np.asarray(orientation, dtype=np.float64), grid, block_rows, y_major_box_px)
+
+    @classmethod
     def from_splat(cls, splat: Splat, *, xp: ModuleType = np, block_rows: int = BLOCK_ROWS,
                    y_major_box_px: int | None = None) -> SharedInsertion:
         """Blocks of ``block_rows`` voxels of the (M, M, M//2+1) ``[z, y, x]`` half layout; with
@@ -321,6 +332,164 @@ class SharedInsertion:
         column_sign[splat.cols[direct]] = splat.conj_sign[direct]
         return cls(blocks, bounds, mirror, mirror_rows, by_block, mirror_local, column_sign, multiplicity,
                    splat.n_voxels, block_voxels)
+
+
+# Columns (samples) per chunk of the NumPy build of the shared insertion: the chunk's temporaries (about 200 B
+# per column) stay well under the 32 MiB of freed heap that the export worker keeps (memory.retain_freed_memory).
+_CHUNK_COLUMNS = 65536
+# The 8 trilinear corners in the order of :func:`splat_entries` (dz, dy, dx: corner = 4 dz + 2 dy + dx).
+_CORNER_SHAPE = (2, 2, 2)
+
+
+@dataclass
+class _Entries:
+    """Trilinear entries of all columns, (C, 8) (corner = 4 dz + 2 dy + dx): voxel (0 where dropped), float32
+    weight (0 where dropped), kept; the column's flip (C,); per corner, its Friedel-mate entries (voxel, column,
+    weight)."""
+
+    rows: np.ndarray
+    weights: np.ndarray
+    keep: np.ndarray
+    flip: np.ndarray
+    mirrors: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]]
+
+
+def _voxel_rows(x: np.ndarray, y: np.ndarray, z: np.ndarray, m: int, y_major: bool) -> np.ndarray:
+    """Flat voxel of signed (x ≥ 0, y, z) in the (M, M, M//2+1) ``[z, y, x]`` layout (``[y, z, x]`` if
+    ``y_major``), broadcast."""
+    outer, inner = (y % m, z % m) if y_major else (z % m, y % m)
+    return (outer * m + inner) * (m // 2 + 1) + x
+
+
+def _chunk_entries(entries: _Entries, orientation: np.ndarray, k2: np.ndarray, first_column: int, m: int,
+                   y_major: bool) -> None:
+    """Fill ``entries`` for the columns of (t, 3, 2) ``orientation`` from ``first_column`` on: the statements of
+    :func:`splat_entries` (same float64 operations, so the same weights), on (n, 2, 2, 2) corner arrays."""
+    half = m // 2
+    position = np.einsum("tij,js->tsi", orientation, k2).reshape(-1, 3)  # (n, 3) in (x, y, z)
+    n = position.shape[0]
+    columns = slice(first_column, first_column + n)
+    flip = entries.flip[columns]
+    np.less(position[:, 0], 0, out=flip)
+    np.negative(position, out=position, where=flip[:, None])
+    base = np.floor(position + _FLOOR_EPSILON)
+    fraction = position - base
+    base = base.astype(np.int32)
+    low = 1 - fraction
+    # (n, dz, dy, dx): (x factor · y factor) · z factor, as splat_entries multiplies them
+    w_x = np.stack([low[:, 0], fraction[:, 0]], axis=1)[:, None, None, :]
+    w_y = np.stack([low[:, 1], fraction[:, 1]], axis=1)[:, None, :, None]
+    w_z = np.stack([low[:, 2], fraction[:, 2]], axis=1)[:, :, None, None]
+    weight = (w_x * w_y) * w_z
+    step = np.arange(2, dtype=np.int32)
+    x = (base[:, 0, None] + step)[:, None, None, :]
+    y = (base[:, 1, None] + step)[:, None, :, None]
+    z = (base[:, 2, None] + step)[:, :, None, None]
+    keep = (weight > 0) & (x * x + y * y + z * z < half * half)
+    rows = _voxel_rows(x, y, z, m, y_major)
+    rows *= keep
+    entries.rows[columns] = rows.reshape(n, 8)
+    entries.weights[columns] = np.where(keep, weight, 0).reshape(n, 8)
+    entries.keep[columns] = keep.reshape(n, 8)
+    on_plane = np.flatnonzero(base[:, 0] == 0)  # x = 0 needs base x = 0 and dx = 0 (x ≥ 0 after the flip)
+    for dz, dy in itertools.product((0, 1), (0, 1)):
+        kept = on_plane[keep[on_plane, dz, dy, 0]]
+        yc, zc = base[kept, 1] + dy, base[kept, 2] + dz
+        off_axis = (yc != 0) | (zc != 0)  # the Friedel mate of every x = 0 voxel but the DC
+        mirror = kept[off_axis]
+        entries.mirrors[4 * dz + 2 * dy].append((_voxel_rows(0, -yc[off_axis], -zc[off_axis], m, y_major),
+                                                 (first_column + mirror).astype(np.int32),
+                                                 weight[mirror, dz, dy, 0].astype(np.float32)))
+
+
+def _build_shared(cls: type[SharedInsertion], orientation: np.ndarray, grid: SampleGrid, block_rows: int,
+                  y_major_box_px: int | None) -> SharedInsertion:
+    """NumPy :meth:`SharedInsertion.create`.
+
+    Entries are made tilt chunk by tilt chunk (:func:`_chunk_entries`). The multiplicity adds them in
+    :func:`splat_entries`'s order (corner by corner, each corner's Friedel mates after it, columns ascending), so
+    its float64 sums are the same; the direct CSR gets them column by column, so that its rows come out of the
+    COO → CSR conversion already sorted (no entry repeats a (voxel, column) pair: the 8 corners of a sample are
+    distinct voxels), and the row blocks are views of that one matrix.
+    """
+    import scipy.sparse
+
+    m = grid.padded_box_px
+    y_major = y_major_box_px is not None
+    n_voxels, n_tilts, n_samples = m * m * (m // 2 + 1), orientation.shape[0], grid.n_samples
+    n_columns = n_tilts * n_samples
+    if y_major:
+        block_rows = m * (m // 2 + 1)
+    entries = _Entries(np.empty((n_columns, 8), dtype=np.int32), np.empty((n_columns, 8), dtype=np.float32),
+                       np.empty((n_columns, 8), dtype=bool), np.empty(n_columns, dtype=bool), [[] for _ in range(8)])
+    k2 = np.stack([grid.kx, grid.ky])
+    step = max(1, _CHUNK_COLUMNS // n_samples)
+    for t in range(0, n_tilts, step):
+        _chunk_entries(entries, orientation[t:t + step], k2, t * n_samples, m, y_major)
+    mirrors = [_concatenate_entries(corner) for corner in entries.mirrors]
+    accumulated = np.zeros(n_voxels)
+    for corner, (mirror_voxels, _, mirror_weights) in enumerate(mirrors):
+        np.add.at(accumulated, entries.rows[:, corner], entries.weights[:, corner].astype(np.float64))
+        np.add.at(accumulated, mirror_voxels, mirror_weights.astype(np.float64))
+    multiplicity = accumulated.astype(np.float32)
+    del accumulated
+    keep = entries.keep  # entries column by column
+    per_column = keep.sum(axis=1)
+    matrix = scipy.sparse.coo_matrix(
+        (entries.weights[keep], (entries.rows[keep], np.repeat(np.arange(n_columns, dtype=np.int32), per_column))),
+        shape=(n_voxels, n_columns)).tocsr()
+    column_sign = np.where(entries.flip & (per_column > 0), np.float32(-1), np.float32(1))
+    del entries, keep
+    bounds = [(start, min(start + block_rows, n_voxels)) for start in range(0, n_voxels, block_rows)]
+    block_voxels = None
+    if y_major:
+        reached = multiplicity > 0
+        voxels = np.flatnonzero(reached)
+        matrix = _reached_rows(matrix, reached, voxels)
+        cuts = np.searchsorted(voxels, [start for start, _ in bounds] + [n_voxels])
+        block_voxels = [voxels[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+        blocks = [_row_view(matrix, a, b) for a, b in zip(cuts[:-1], cuts[1:])]
+    else:
+        blocks = [_row_view(matrix, start, end) for start, end in bounds]
+    mirror_voxels, mirror_columns, mirror_weights = _concatenate_entries(mirrors)
+    mirror_rows, local = np.unique(mirror_voxels.astype(np.int64), return_inverse=True)
+    mirror = scipy.sparse.csr_matrix((mirror_weights, (local, mirror_columns)),
+                                     shape=(int(mirror_rows.size), n_columns))
+    mirror.sum_duplicates()
+    by_block = [np.flatnonzero((mirror_rows >= start) & (mirror_rows < end)) for start, end in bounds]
+    if block_voxels is None:
+        mirror_local = [mirror_rows[inside] - start for inside, (start, _) in zip(by_block, bounds)]
+    else:
+        mirror_local = [np.searchsorted(voxels, mirror_rows[inside]) for inside, voxels in zip(by_block,
+                                                                                             block_voxels)]
+    return cls(blocks, bounds, mirror, mirror_rows, by_block, mirror_local, column_sign, multiplicity, n_voxels,
+               block_voxels)
+
+
+def _concatenate_entries(parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(voxel int32, column int32, weight float32) entry triples joined in order (empty arrays for none)."""
+    empty = (np.empty(0, np.int32), np.empty(0, np.int32), np.empty(0, np.float32))
+    return tuple(np.concatenate([e, *(part[i] for part in parts)]) for i, e in enumerate(empty))  # type: ignore
+
+
+def _reached_rows(matrix: object, reached: np.ndarray, voxels: np.ndarray) -> object:
+    """``matrix[voxels]`` for ``voxels`` = ``flatnonzero(reached)``: a new row pointer over the same entries
+    when every non-empty row is reached (a voxel with entries has a positive multiplicity unless all its
+    float32 weights are 0), else the fancy row selection."""
+    indptr = matrix.indptr
+    if np.any((indptr[1:] != indptr[:-1]) & ~reached):
+        return matrix[voxels]
+    reached = np.append(indptr[voxels], indptr[-1]).astype(indptr.dtype)
+    return type(matrix)((matrix.data, matrix.indices, reached), shape=(voxels.size, matrix.shape[1]))
+
+
+def _row_view(matrix: object, start: int, end: int) -> object:
+    """Rows [start, end) of a CSR ``matrix`` as a CSR matrix sharing its entries (``matrix[start:end]`` copies)."""
+    indptr = matrix.indptr
+    first, last = indptr[start], indptr[end]
+    return type(matrix)((matrix.data[first:last], matrix.indices[first:last], indptr[start:end + 1] - first),
+                        shape=(end - start, matrix.shape[1]))
 
 
 def sample_columns(data: np.ndarray | None, weight: np.ndarray, ctf: np.ndarray | None,

@@ -283,9 +283,8 @@ class TiltSeriesEngine:
         if not series and not options.prerotate:
             orientation = insert.slice_orientation(tilt_series.tilt_angles_deg[tilts], tilt_series.xf[tilts])
             if prepared is not None or options.ctf_method == "padded":
-                engine.insertion = insert.SharedInsertion.from_splat(
-                    insert.splat_entries(orientation, grid, xp=xp), xp=xp,
-                    y_major_box_px=m if engine.by_lines else None)
+                engine.insertion = insert.SharedInsertion.create(orientation, grid, xp=xp,
+                                                                 y_major_box_px=m if engine.by_lines else None)
                 engine.scale = _normalisation_scale(engine.insertion.multiplicity, m, xp)
             if options.ctf_method == "direct":
                 engine.direct_ctf = ctf3d.DirectCtf.from_pairs(engine._direct_pair_tables(orientation), xp=xp)

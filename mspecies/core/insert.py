@@ -343,7 +343,7 @@ _CORNER_SHAPE = (2, 2, 2)
 
 @dataclass
 class _Entries:
-    """Trilinear entries of all columns, (C, 8) (corner = 4 dz + 2 dy + dx): voxel (0 where dropped), float32
+    """Trilinear entries of all columns, (8, C) (corner = 4 dz + 2 dy + dx): voxel (0 where dropped), float32
     weight (0 where dropped), kept; the column's flip (C,); per corner, its Friedel-mate entries (voxel, column,
     weight)."""
 
@@ -364,42 +364,39 @@ def _voxel_rows(x: np.ndarray, y: np.ndarray, z: np.ndarray, m: int, y_major: bo
 def _chunk_entries(entries: _Entries, orientation: np.ndarray, k2: np.ndarray, first_column: int, m: int,
                    y_major: bool) -> None:
     """Fill ``entries`` for the columns of (t, 3, 2) ``orientation`` from ``first_column`` on: the statements of
-    :func:`splat_entries` (same float64 operations, so the same weights), on (n, 2, 2, 2) corner arrays."""
+    :func:`splat_entries` (same float64 operations, so the same weights), on (dz, dy, dx, n) corner arrays
+    written straight into ``entries``."""
     half = m // 2
-    position = np.einsum("tij,js->tsi", orientation, k2).reshape(-1, 3)  # (n, 3) in (x, y, z)
-    n = position.shape[0]
+    position = np.einsum("tij,js->tsi", orientation, k2).reshape(-1, 3).T  # (3, n) in (x, y, z)
+    n = position.shape[1]
     columns = slice(first_column, first_column + n)
     flip = entries.flip[columns]
-    np.less(position[:, 0], 0, out=flip)
-    np.negative(position, out=position, where=flip[:, None])
+    np.less(position[0], 0, out=flip)
+    np.negative(position, out=position, where=flip)
     base = np.floor(position + _FLOOR_EPSILON)
     fraction = position - base
     base = base.astype(np.int32)
     low = 1 - fraction
-    # (n, dz, dy, dx): (x factor · y factor) · z factor, as splat_entries multiplies them
-    w_x = np.stack([low[:, 0], fraction[:, 0]], axis=1)[:, None, None, :]
-    w_y = np.stack([low[:, 1], fraction[:, 1]], axis=1)[:, None, :, None]
-    w_z = np.stack([low[:, 2], fraction[:, 2]], axis=1)[:, :, None, None]
-    weight = (w_x * w_y) * w_z
-    step = np.arange(2, dtype=np.int32)
-    x = (base[:, 0, None] + step)[:, None, None, :]
-    y = (base[:, 1, None] + step)[:, None, :, None]
-    z = (base[:, 2, None] + step)[:, :, None, None]
-    keep = (weight > 0) & (x * x + y * y + z * z < half * half)
-    rows = _voxel_rows(x, y, z, m, y_major)
-    rows *= keep
-    entries.rows[columns] = rows.reshape(n, 8)
-    entries.weights[columns] = np.where(keep, weight, 0).reshape(n, 8)
-    entries.keep[columns] = keep.reshape(n, 8)
-    on_plane = np.flatnonzero(base[:, 0] == 0)  # x = 0 needs base x = 0 and dx = 0 (x ≥ 0 after the flip)
+    # (dz, dy, dx, n): (x factor · y factor) · z factor, as splat_entries multiplies them
+    factor = [np.stack([low[axis], fraction[axis]]) for axis in range(3)]
+    weight = (factor[0][None, None] * factor[1][None, :, None]) * factor[2][:, None, None]
+    step = np.arange(2, dtype=np.int32)[:, None]
+    x, y, z = (base[axis] + step for axis in range(3))  # (2, n) each
+    x, y, z = x[None, None], y[None, :, None], z[:, None, None]
+    keep = entries.keep[:, columns].reshape(2, 2, 2, n)
+    np.greater(weight, 0, out=keep)
+    keep &= x * x + y * y + z * z < half * half
+    np.multiply(_voxel_rows(x, y, z, m, y_major), keep, out=entries.rows[:, columns].reshape(2, 2, 2, n))
+    np.multiply(weight, keep, out=entries.weights[:, columns].reshape(2, 2, 2, n), casting="same_kind")
+    on_plane = np.flatnonzero(base[0] == 0)  # x = 0 needs base x = 0 and dx = 0 (x ≥ 0 after the flip)
     for dz, dy in itertools.product((0, 1), (0, 1)):
-        kept = on_plane[keep[on_plane, dz, dy, 0]]
-        yc, zc = base[kept, 1] + dy, base[kept, 2] + dz
+        kept = on_plane[keep[dz, dy, 0, on_plane]]
+        yc, zc = base[1, kept] + dy, base[2, kept] + dz
         off_axis = (yc != 0) | (zc != 0)  # the Friedel mate of every x = 0 voxel but the DC
         mirror = kept[off_axis]
         entries.mirrors[4 * dz + 2 * dy].append((_voxel_rows(0, -yc[off_axis], -zc[off_axis], m, y_major),
                                                  (first_column + mirror).astype(np.int32),
-                                                 weight[mirror, dz, dy, 0].astype(np.float32)))
+                                                 weight[dz, dy, 0, mirror].astype(np.float32)))
 
 
 def _build_shared(cls: type[SharedInsertion], orientation: np.ndarray, grid: SampleGrid, block_rows: int,
@@ -420,8 +417,8 @@ def _build_shared(cls: type[SharedInsertion], orientation: np.ndarray, grid: Sam
     n_columns = n_tilts * n_samples
     if y_major:
         block_rows = m * (m // 2 + 1)
-    entries = _Entries(np.empty((n_columns, 8), dtype=np.int32), np.empty((n_columns, 8), dtype=np.float32),
-                       np.empty((n_columns, 8), dtype=bool), np.empty(n_columns, dtype=bool), [[] for _ in range(8)])
+    entries = _Entries(np.empty((8, n_columns), dtype=np.int32), np.empty((8, n_columns), dtype=np.float32),
+                       np.empty((8, n_columns), dtype=bool), np.empty(n_columns, dtype=bool), [[] for _ in range(8)])
     k2 = np.stack([grid.kx, grid.ky])
     step = max(1, _CHUNK_COLUMNS // n_samples)
     for t in range(0, n_tilts, step):
@@ -429,14 +426,14 @@ def _build_shared(cls: type[SharedInsertion], orientation: np.ndarray, grid: Sam
     mirrors = [_concatenate_entries(corner) for corner in entries.mirrors]
     accumulated = np.zeros(n_voxels)
     for corner, (mirror_voxels, _, mirror_weights) in enumerate(mirrors):
-        np.add.at(accumulated, entries.rows[:, corner], entries.weights[:, corner].astype(np.float64))
+        np.add.at(accumulated, entries.rows[corner], entries.weights[corner].astype(np.float64))
         np.add.at(accumulated, mirror_voxels, mirror_weights.astype(np.float64))
     multiplicity = accumulated.astype(np.float32)
     del accumulated
-    keep = entries.keep  # entries column by column
+    keep = entries.keep.T  # entries column by column
     per_column = keep.sum(axis=1)
     matrix = scipy.sparse.coo_matrix(
-        (entries.weights[keep], (entries.rows[keep], np.repeat(np.arange(n_columns, dtype=np.int32), per_column))),
+        (entries.weights.T[keep], (entries.rows.T[keep], np.repeat(np.arange(n_columns, dtype=np.int32), per_column))),
         shape=(n_voxels, n_columns)).tocsr()
     column_sign = np.where(entries.flip & (per_column > 0), np.float32(-1), np.float32(1))
     del entries, keep

@@ -896,10 +896,18 @@ def _separate_pairs(packed: np.ndarray, mirrored_conj: np.ndarray, xp: ModuleTyp
 
 
 def _gridding_sinc2(n: int, m: int, xp: ModuleType) -> np.ndarray:
-    """(N, N, N) ``sinc²(|v − N/2| / M)`` (trilinear-interpolation attenuation)."""
+    """(N, N, N) ``sinc²(|v − N/2| / M)`` (trilinear-interpolation attenuation) on ``xp``'s device."""
+    return xp.asarray(_host_gridding_sinc2(n, m))
+
+
+@functools.lru_cache(maxsize=4)
+def _host_gridding_sinc2(n: int, m: int) -> np.ndarray:
+    """:func:`_gridding_sinc2` in host memory (read-only, cached: every tilt series of an export needs it)."""
     axis = np.arange(n) - n // 2
     r = np.sqrt(axis[:, None, None] ** 2 + axis[None, :, None] ** 2 + axis[None, None, :] ** 2) / m
-    return xp.asarray((np.sinc(r) ** 2).astype(np.float32))
+    sinc2 = (np.sinc(r) ** 2).astype(np.float32)
+    sinc2.flags.writeable = False
+    return sinc2
 
 
 @functools.lru_cache(maxsize=8)

@@ -405,9 +405,9 @@ def _build_shared(cls: type[SharedInsertion], orientation: np.ndarray, grid: Sam
 
     Entries are made tilt chunk by tilt chunk (:func:`_chunk_entries`). The multiplicity adds them in
     :func:`splat_entries`'s order (corner by corner, each corner's Friedel mates after it, columns ascending), so
-    its float64 sums are the same; the direct CSR gets them column by column, so that its rows come out of the
-    COO → CSR conversion already sorted (no entry repeats a (voxel, column) pair: the 8 corners of a sample are
-    distinct voxels), and the row blocks are views of that one matrix.
+    its float64 sums are the same; the direct entries, column by column, are the matrix in CSC form, whose
+    conversion to CSR leaves every row's columns sorted (no entry repeats a (voxel, column) pair: the 8 corners
+    of a sample are distinct voxels), and the row blocks are cut from that one matrix by row pointer.
     """
     import scipy.sparse
 
@@ -430,11 +430,12 @@ def _build_shared(cls: type[SharedInsertion], orientation: np.ndarray, grid: Sam
         np.add.at(accumulated, mirror_voxels, mirror_weights.astype(np.float64))
     multiplicity = accumulated.astype(np.float32)
     del accumulated
-    keep = entries.keep.T  # entries column by column
+    keep = entries.keep.T  # entries column by column: the CSC form, whose conversion sorts each row's columns
     per_column = keep.sum(axis=1)
-    matrix = scipy.sparse.coo_matrix(
-        (entries.weights.T[keep], (entries.rows.T[keep], np.repeat(np.arange(n_columns, dtype=np.int32), per_column))),
-        shape=(n_voxels, n_columns)).tocsr()
+    column_start = np.zeros(n_columns + 1, dtype=np.int32)
+    np.cumsum(per_column, out=column_start[1:])
+    matrix = scipy.sparse.csc_matrix((entries.weights.T[keep], entries.rows.T[keep], column_start),
+                                     shape=(n_voxels, n_columns)).tocsr()
     column_sign = np.where(entries.flip & (per_column > 0), np.float32(-1), np.float32(1))
     del entries, keep
     bounds = [(start, min(start + block_rows, n_voxels)) for start in range(0, n_voxels, block_rows)]
@@ -482,7 +483,7 @@ def _reached_rows(matrix: object, reached: np.ndarray, voxels: np.ndarray) -> ob
 
 
 def _row_view(matrix: object, start: int, end: int) -> object:
-    """Rows [start, end) of a CSR ``matrix`` as a CSR matrix sharing its entries (``matrix[start:end]`` copies)."""
+    """Rows [start, end) of a CSR ``matrix`` from its row pointer (SciPy copies the entries of a small view)."""
     indptr = matrix.indptr
     first, last = indptr[start], indptr[end]
     return type(matrix)((matrix.data[first:last], matrix.indices[first:last], indptr[start:end + 1] - first),

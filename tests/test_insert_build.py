@@ -21,12 +21,15 @@ from mspecies.synth.dataset import rotation_2d
 def orientations(kind: str, n_tilts: int, seed: int) -> np.ndarray:
     """(T, 3, 2) slice orientations: ``random`` tilt series (random in-plane rotation and magnification), or
     ``untilted`` (identity: every sample on a grid point, the kx = 0 line on the x = 0 plane), or ``edge-on``
-    (tilt 90°: the whole slice lies in the x = 0 plane, every entry has a Friedel mate)."""
+    (tilt 90°: the whole slice lies in the x = 0 plane, every entry has a Friedel mate), or ``near-grid``
+    (magnified by 1 + 1e-9: samples a hair off the grid points, so many weights are tiny and the multiplicity's
+    float64 sums depend on their order)."""
     rng = np.random.default_rng(seed)
-    if kind == "random":
-        tilt = np.sort(rng.uniform(-70, 70, n_tilts))
-        xf = np.concatenate([rotation_2d(rng.uniform(-180, 180, n_tilts)), np.zeros((n_tilts, 2, 1))], 2)
-        xf[:, :, :2] *= rng.uniform(0.97, 1.03, (n_tilts, 1, 1))
+    if kind in ("random", "near-grid"):
+        tilt = np.sort(rng.uniform(-70, 70, n_tilts)) if kind == "random" else np.zeros(n_tilts)
+        xf = np.concatenate([rotation_2d(rng.uniform(-180, 180, n_tilts) if kind == "random" else np.zeros(n_tilts)),
+                             np.zeros((n_tilts, 2, 1))], 2)
+        xf[:, :, :2] *= rng.uniform(0.97, 1.03, (n_tilts, 1, 1)) if kind == "random" else 1 / (1 + 1e-9)
     else:
         tilt = np.full(n_tilts, 0.0 if kind == "untilted" else 90.0)
         xf = np.concatenate([rotation_2d(rng.uniform(-3, 3, n_tilts)), np.zeros((n_tilts, 2, 1))], 2)
@@ -88,7 +91,7 @@ def assert_matches_reference(built: insert.SharedInsertion, reference: dict[str,
 
 
 CASES = [("random", 16, 5, 0), ("random", 24, 9, 1), ("random", 32, 41, 2), ("untilted", 16, 3, 3),
-         ("edge-on", 16, 3, 4)]
+         ("edge-on", 16, 3, 4), ("near-grid", 16, 3, 5)]
 
 
 @pytest.mark.parametrize("y_major", [True, False], ids=["y-major", "z-major"])
@@ -127,6 +130,22 @@ def test_build_equals_from_splat_with_the_chunks_splitting_the_tilts(monkeypatch
                 assert_same_csr(a, b, f"{field.name} {i}")
             else:
                 assert_identical(a, b, f"{field.name} {i}")
+
+
+def test_tiny_weights_are_summed_again_in_the_reference_order(monkeypatch):
+    """The near-grid geometry holds weights too small for order-free float64 sums: they go through
+    ``_ordered_sums``, and the multiplicity is still bit for bit the reference's."""
+    ordered_sums, summed = insert._ordered_sums, []
+
+    def counted(matrix, mirrors, base, voxels, *args):
+        summed.append(voxels.size)
+        return ordered_sums(matrix, mirrors, base, voxels, *args)
+
+    monkeypatch.setattr(insert, "_ordered_sums", counted)
+    orientation = orientations("near-grid", 3, 5)
+    built = insert.SharedInsertion.create(orientation, insert.make_sample_grid(16), y_major_box_px=16)
+    assert summed and summed[0] > 10
+    assert_identical(built.multiplicity, reference_insertion(orientation, 16, True)["multiplicity"], "multiplicity")
 
 
 def _mutated_build(monkeypatch, mutate) -> None:

@@ -326,22 +326,23 @@ class SharedInsertion:
 
 
 # Columns (samples) per chunk of the NumPy build of the shared insertion: the chunk's temporaries (about 200 B
-# per column) stay well under the 32 MiB of freed heap that the export worker keeps (memory.retain_freed_memory).
-_CHUNK_COLUMNS = 65536
-# The 8 trilinear corners in the order of :func:`splat_entries` (dz, dy, dx: corner = 4 dz + 2 dy + dx).
-_CORNER_SHAPE = (2, 2, 2)
+# per column) stay far under the 32 MiB of freed heap that the export worker keeps (memory.retain_freed_memory)
+# and mostly in the CPU cache.
+_CHUNK_COLUMNS = 16384
 
 
 @dataclass
 class _Entries:
-    """Trilinear entries of all columns, (8, C) (corner = 4 dz + 2 dy + dx): voxel (0 where dropped), float32
-    weight (0 where dropped), kept; the column's flip (C,); per corner, its Friedel-mate entries (voxel, column,
-    weight)."""
+    """Direct trilinear entries in CSC form, column by column (``size`` filled of the capacity): float32 weights,
+    voxels (int32); per column (C,) its entry count, flip and integer base (3, C) ``(x, y, z)``; per corner (4 dz
+    + 2 dy + dx) its Friedel-mate entries (voxel, column, weight)."""
 
-    rows: np.ndarray
     weights: np.ndarray
-    keep: np.ndarray
+    voxels: np.ndarray
+    size: int
+    per_column: np.ndarray
     flip: np.ndarray
+    base: np.ndarray
     mirrors: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]]
 
 
@@ -352,11 +353,18 @@ def _voxel_rows(x: np.ndarray, y: np.ndarray, z: np.ndarray, m: int, y_major: bo
     return (outer * m + inner) * (m // 2 + 1) + x
 
 
+def _voxel_coordinates(voxels: np.ndarray, m: int, y_major: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Signed (x, y, z) of flat voxels inside radius M/2 (the inverse of :func:`_voxel_rows`)."""
+    width = m // 2 + 1
+    outer, inner = np.divmod(voxels // width, m)
+    y, z = (outer, inner) if y_major else (inner, outer)
+    return voxels % width, np.where(y > m // 2, y - m, y), np.where(z > m // 2, z - m, z)
+
+
 def _chunk_entries(entries: _Entries, orientation: np.ndarray, k2: np.ndarray, first_column: int, m: int,
                    y_major: bool) -> None:
-    """Fill ``entries`` for the columns of (t, 3, 2) ``orientation`` from ``first_column`` on: the statements of
-    :func:`splat_entries` (same float64 operations, so the same weights), on (dz, dy, dx, n) corner arrays
-    written straight into ``entries``."""
+    """Append the entries of the columns of (t, 3, 2) ``orientation`` (from ``first_column`` on): the statements
+    of :func:`splat_entries` (same float64 operations, so the same weights) on (dz, dy, dx, n) corner arrays."""
     half = m // 2
     position = np.einsum("tij,js->tsi", orientation, k2).reshape(-1, 3).T  # (3, n) in (x, y, z)
     n = position.shape[1]
@@ -366,7 +374,7 @@ def _chunk_entries(entries: _Entries, orientation: np.ndarray, k2: np.ndarray, f
     np.negative(position, out=position, where=flip)
     base = np.floor(position + _FLOOR_EPSILON)
     fraction = position - base
-    base = base.astype(np.int32)
+    base = entries.base[:, columns] = base.astype(np.int32)
     low = 1 - fraction
     # (dz, dy, dx, n): (x factor · y factor) · z factor, as splat_entries multiplies them
     factor = [np.stack([low[axis], fraction[axis]]) for axis in range(3)]
@@ -374,11 +382,14 @@ def _chunk_entries(entries: _Entries, orientation: np.ndarray, k2: np.ndarray, f
     step = np.arange(2, dtype=np.int32)[:, None]
     x, y, z = (base[axis] + step for axis in range(3))  # (2, n) each
     x, y, z = x[None, None], y[None, :, None], z[:, None, None]
-    keep = entries.keep[:, columns].reshape(2, 2, 2, n)
-    np.greater(weight, 0, out=keep)
-    keep &= x * x + y * y + z * z < half * half
-    np.multiply(_voxel_rows(x, y, z, m, y_major), keep, out=entries.rows[:, columns].reshape(2, 2, 2, n))
-    np.multiply(weight, keep, out=entries.weights[:, columns].reshape(2, 2, 2, n), casting="same_kind")
+    keep = (weight > 0) & (x * x + y * y + z * z < half * half)
+    by_column = keep.reshape(8, n).T  # (n, 8): the entries column by column
+    count = entries.per_column[columns]
+    by_column.sum(axis=1, out=count)
+    end = entries.size + int(count.sum())
+    entries.weights[entries.size:end] = weight.astype(np.float32).reshape(8, n).T[by_column]
+    entries.voxels[entries.size:end] = _voxel_rows(x, y, z, m, y_major).reshape(8, n).T[by_column]
+    entries.size = end
     on_plane = np.flatnonzero(base[0] == 0)  # x = 0 needs base x = 0 and dx = 0 (x ≥ 0 after the flip)
     for dz, dy in itertools.product((0, 1), (0, 1)):
         kept = on_plane[keep[dz, dy, 0, on_plane]]
@@ -394,11 +405,10 @@ def _build_shared(cls: type[SharedInsertion], orientation: np.ndarray, grid: Sam
                   y_major_box_px: int | None) -> SharedInsertion:
     """NumPy :meth:`SharedInsertion.create`.
 
-    Entries are made tilt chunk by tilt chunk (:func:`_chunk_entries`). The multiplicity adds them in
-    :func:`splat_entries`'s order (corner by corner, each corner's Friedel mates after it, columns ascending), so
-    its float64 sums are the same; the direct entries, column by column, are the matrix in CSC form, whose
-    conversion to CSR leaves every row's columns sorted (no entry repeats a (voxel, column) pair: the 8 corners
-    of a sample are distinct voxels), and the row blocks are cut from that one matrix by row pointer.
+    Entries are made tilt chunk by tilt chunk (:func:`_chunk_entries`), column by column: the direct matrix in
+    CSC form, whose conversion to CSR leaves every row's columns sorted (no entry repeats a (voxel, column)
+    pair: the 8 corners of a sample are distinct voxels); the row blocks are cut from that one matrix by row
+    pointer. The multiplicity is :func:`_multiplicity`.
     """
     import scipy.sparse
 
@@ -408,27 +418,21 @@ def _build_shared(cls: type[SharedInsertion], orientation: np.ndarray, grid: Sam
     n_columns = n_tilts * n_samples
     if y_major:
         block_rows = m * (m // 2 + 1)
-    entries = _Entries(np.empty((8, n_columns), dtype=np.int32), np.empty((8, n_columns), dtype=np.float32),
-                       np.empty((8, n_columns), dtype=bool), np.empty(n_columns, dtype=bool), [[] for _ in range(8)])
+    entries = _Entries(np.empty(8 * n_columns, dtype=np.float32), np.empty(8 * n_columns, dtype=np.int32), 0,
+                       np.empty(n_columns, dtype=np.int32), np.empty(n_columns, dtype=bool),
+                       np.empty((3, n_columns), dtype=np.int32), [[] for _ in range(8)])
     k2 = np.stack([grid.kx, grid.ky])
     step = max(1, _CHUNK_COLUMNS // n_samples)
     for t in range(0, n_tilts, step):
         _chunk_entries(entries, orientation[t:t + step], k2, t * n_samples, m, y_major)
-    mirrors = [_concatenate_entries(corner) for corner in entries.mirrors]
-    accumulated = np.zeros(n_voxels)
-    for corner, (mirror_voxels, _, mirror_weights) in enumerate(mirrors):
-        np.add.at(accumulated, entries.rows[corner], entries.weights[corner].astype(np.float64))
-        np.add.at(accumulated, mirror_voxels, mirror_weights.astype(np.float64))
-    multiplicity = accumulated.astype(np.float32)
-    del accumulated
-    keep = entries.keep.T  # entries column by column: the CSC form, whose conversion sorts each row's columns
-    per_column = keep.sum(axis=1)
     column_start = np.zeros(n_columns + 1, dtype=np.int32)
-    np.cumsum(per_column, out=column_start[1:])
-    matrix = scipy.sparse.csc_matrix((entries.weights.T[keep], entries.rows.T[keep], column_start),
+    np.cumsum(entries.per_column, out=column_start[1:])
+    matrix = scipy.sparse.csc_matrix((entries.weights[:entries.size], entries.voxels[:entries.size], column_start),
                                      shape=(n_voxels, n_columns)).tocsr()
-    column_sign = np.where(entries.flip & (per_column > 0), np.float32(-1), np.float32(1))
-    del entries, keep
+    column_sign = np.where(entries.flip & (entries.per_column > 0), np.float32(-1), np.float32(1))
+    mirrors = [_concatenate_entries(corner) for corner in entries.mirrors]
+    multiplicity = _multiplicity(matrix, mirrors, entries.base, m, y_major)
+    del entries
     bounds = [(start, min(start + block_rows, n_voxels)) for start in range(0, n_voxels, block_rows)]
     block_voxels = None
     if y_major:
@@ -444,6 +448,58 @@ def _build_shared(cls: type[SharedInsertion], orientation: np.ndarray, grid: Sam
     mirror = _friedel_mates(mirror_voxels.astype(np.int64), mirror_columns, mirror_weights, n_columns, bounds,
                             block_voxels, np)
     return cls(blocks, bounds, *mirror, column_sign, multiplicity, n_voxels, block_voxels)
+
+
+def _multiplicity(matrix: object, mirrors: list[tuple[np.ndarray, np.ndarray, np.ndarray]], base: np.ndarray,
+                  m: int, y_major: bool) -> np.ndarray:
+    """(n_voxels,) float32 Σ of a voxel's direct and Friedel-mate weights, bit for bit :meth:`from_splat`'s
+    ``bincount`` of :func:`splat_entries` (float64 sums in the order corner by corner, each corner's mates after
+    it, columns ascending, then rounded to float32).
+
+    Float32 weights of at least 2^(k − 30) are multiples of 2^(k − 53); when every sum stays below 2^k, each of
+    their partial sums is exact in float64, whatever the order. So the sums are taken along the CSR rows, and
+    only the voxels that hold a smaller weight are summed again, in ``bincount``'s order (their entries' corners
+    from ``base``, the (3, C) integer base of each column).
+    """
+    indptr, weights = matrix.indptr, matrix.data
+    accumulated = np.zeros(matrix.shape[0])
+    filled = np.flatnonzero(indptr[1:] != indptr[:-1])
+    if filled.size:
+        accumulated[filled] = np.add.reduceat(weights, indptr[filled], dtype=np.float64)
+    mirror_voxels, mirror_columns, mirror_weights = _concatenate_entries(mirrors)
+    np.add.at(accumulated, mirror_voxels, mirror_weights.astype(np.float64))
+    largest = float(accumulated.max(initial=0.0))
+    if largest == 0:
+        return accumulated.astype(np.float32)
+    small = np.float32(2.0 ** (int(np.ceil(np.log2(largest))) + 1 - 30))  # k with a factor 2 of margin
+    inexact = np.unique(np.concatenate([
+        np.searchsorted(indptr, np.flatnonzero((weights > 0) & (weights < small)), side="right") - 1,
+        mirror_voxels[(mirror_weights > 0) & (mirror_weights < small)]]))
+    if inexact.size:
+        accumulated[inexact] = _ordered_sums(matrix, mirrors, base, inexact, m, y_major)
+    return accumulated.astype(np.float32)
+
+
+def _ordered_sums(matrix: object, mirrors: list[tuple[np.ndarray, np.ndarray, np.ndarray]], base: np.ndarray,
+                  voxels: np.ndarray, m: int, y_major: bool) -> np.ndarray:
+    """float64 sums of the weights of the sorted ``voxels`` in :func:`splat_entries`'s order: by corner, each
+    corner's direct entries before its Friedel mates, then by column."""
+    start, end = matrix.indptr[voxels], matrix.indptr[voxels + 1]
+    count = end - start
+    index = np.arange(int(count.sum())) + np.repeat(start - np.cumsum(count) + count, count)  # their entries
+    voxel, column = np.repeat(voxels, count), matrix.indices[index]
+    x, y, z = _voxel_coordinates(voxel, m, y_major)
+    corner = 4 * (z - base[2, column]) + 2 * (y - base[1, column]) + (x - base[0, column])
+    parts = [(voxel, 2 * corner, column, matrix.data[index])]
+    for c, (mirror_voxels, mirror_columns, mirror_weights) in enumerate(mirrors):
+        inside = np.isin(mirror_voxels, voxels)
+        parts.append((mirror_voxels[inside], np.full(int(inside.sum()), 2 * c + 1), mirror_columns[inside],
+                      mirror_weights[inside]))
+    voxel, key, column, weight = (np.concatenate(values) for values in zip(*parts))
+    order = np.lexsort((column, key, voxel))
+    sums = np.zeros(voxels.size)
+    np.add.at(sums, np.searchsorted(voxels, voxel[order]), weight[order].astype(np.float64))  # in order
+    return sums
 
 
 def _friedel_mates(voxels: np.ndarray, columns: np.ndarray, weights: np.ndarray, n_columns: int,

@@ -333,14 +333,13 @@ _CHUNK_COLUMNS = 16384
 
 @dataclass
 class _Entries:
-    """Direct trilinear entries in CSC form, column by column (``size`` filled of the capacity): float32 weights,
-    voxels (int32); per column (C,) its entry count, flip and integer base (3, C) ``(x, y, z)``; per corner (4 dz
-    + 2 dy + dx) its Friedel-mate entries (voxel, column, weight)."""
+    """The 8 trilinear entries of every column, (C, 8) (corner = 4 dz + 2 dy + dx): float32 weight and voxel
+    (int32; the dropped ones at the extra voxel ``n_voxels``); per column (C,) whether it has an entry, its flip
+    and its integer base (3, C) ``(x, y, z)``; per corner its Friedel-mate entries (voxel, column, weight)."""
 
     weights: np.ndarray
     voxels: np.ndarray
-    size: int
-    per_column: np.ndarray
+    has_entry: np.ndarray
     flip: np.ndarray
     base: np.ndarray
     mirrors: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]]
@@ -363,8 +362,8 @@ def _voxel_coordinates(voxels: np.ndarray, m: int, y_major: bool) -> tuple[np.nd
 
 def _chunk_entries(entries: _Entries, orientation: np.ndarray, k2: np.ndarray, first_column: int, m: int,
                    y_major: bool) -> None:
-    """Append the entries of the columns of (t, 3, 2) ``orientation`` (from ``first_column`` on): the statements
-    of :func:`splat_entries` (same float64 operations, so the same weights) on (dz, dy, dx, n) corner arrays."""
+    """Fill the entries of the columns of (t, 3, 2) ``orientation`` (from ``first_column`` on): the statements of
+    :func:`splat_entries` (same float64 operations, so the same weights) on (dz, dy, dx, n) corner arrays."""
     half = m // 2
     position = np.einsum("tij,js->tsi", orientation, k2).reshape(-1, 3).T  # (3, n) in (x, y, z)
     n = position.shape[1]
@@ -383,13 +382,9 @@ def _chunk_entries(entries: _Entries, orientation: np.ndarray, k2: np.ndarray, f
     x, y, z = (base[axis] + step for axis in range(3))  # (2, n) each
     x, y, z = x[None, None], y[None, :, None], z[:, None, None]
     keep = (weight > 0) & (x * x + y * y + z * z < half * half)
-    by_column = keep.reshape(8, n).T  # (n, 8): the entries column by column
-    count = entries.per_column[columns]
-    by_column.sum(axis=1, out=count)
-    end = entries.size + int(count.sum())
-    entries.weights[entries.size:end] = weight.astype(np.float32).reshape(8, n).T[by_column]
-    entries.voxels[entries.size:end] = _voxel_rows(x, y, z, m, y_major).reshape(8, n).T[by_column]
-    entries.size = end
+    np.logical_or.reduce(keep.reshape(8, n), axis=0, out=entries.has_entry[columns])
+    entries.weights[columns] = weight.reshape(8, n).T
+    entries.voxels[columns] = np.where(keep, _voxel_rows(x, y, z, m, y_major), m * m * (half + 1)).reshape(8, n).T
     on_plane = np.flatnonzero(base[0] == 0)  # x = 0 needs base x = 0 and dx = 0 (x ≥ 0 after the flip)
     for dz, dy in itertools.product((0, 1), (0, 1)):
         kept = on_plane[keep[dz, dy, 0, on_plane]]
@@ -405,10 +400,11 @@ def _build_shared(cls: type[SharedInsertion], orientation: np.ndarray, grid: Sam
                   y_major_box_px: int | None) -> SharedInsertion:
     """NumPy :meth:`SharedInsertion.create`.
 
-    Entries are made tilt chunk by tilt chunk (:func:`_chunk_entries`), column by column: the direct matrix in
-    CSC form, whose conversion to CSR leaves every row's columns sorted (no entry repeats a (voxel, column)
-    pair: the 8 corners of a sample are distinct voxels); the row blocks are cut from that one matrix by row
-    pointer. The multiplicity is :func:`_multiplicity`.
+    Entries are made tilt chunk by tilt chunk (:func:`_chunk_entries`), 8 per column: the direct matrix in CSC
+    form with one extra voxel (row) that holds the dropped entries. Its conversion to CSR leaves every row's
+    columns sorted (no entry repeats a (voxel, column) pair: the 8 corners of a sample are distinct voxels) and
+    the extra row last, where it is cut off; the row blocks are cut from that one matrix by row pointer. The
+    multiplicity is :func:`_multiplicity`.
     """
     import scipy.sparse
 
@@ -418,18 +414,21 @@ def _build_shared(cls: type[SharedInsertion], orientation: np.ndarray, grid: Sam
     n_columns = n_tilts * n_samples
     if y_major:
         block_rows = m * (m // 2 + 1)
-    entries = _Entries(np.empty(8 * n_columns, dtype=np.float32), np.empty(8 * n_columns, dtype=np.int32), 0,
-                       np.empty(n_columns, dtype=np.int32), np.empty(n_columns, dtype=bool),
+    entries = _Entries(np.empty((n_columns, 8), dtype=np.float32), np.empty((n_columns, 8), dtype=np.int32),
+                       np.empty(n_columns, dtype=bool), np.empty(n_columns, dtype=bool),
                        np.empty((3, n_columns), dtype=np.int32), [[] for _ in range(8)])
     k2 = np.stack([grid.kx, grid.ky])
     step = max(1, _CHUNK_COLUMNS // n_samples)
     for t in range(0, n_tilts, step):
         _chunk_entries(entries, orientation[t:t + step], k2, t * n_samples, m, y_major)
-    column_start = np.zeros(n_columns + 1, dtype=np.int32)
-    np.cumsum(entries.per_column, out=column_start[1:])
-    matrix = scipy.sparse.csc_matrix((entries.weights[:entries.size], entries.voxels[:entries.size], column_start),
-                                     shape=(n_voxels, n_columns)).tocsr()
-    column_sign = np.where(entries.flip & (entries.per_column > 0), np.float32(-1), np.float32(1))
+    column_start = np.arange(0, 8 * n_columns + 1, 8, dtype=np.int32)
+    full = scipy.sparse.csc_matrix((entries.weights.reshape(-1), entries.voxels.reshape(-1), column_start),
+                                   shape=(n_voxels + 1, n_columns)).tocsr()
+    end = full.indptr[n_voxels]
+    matrix = scipy.sparse.csr_matrix((full.data[:end], full.indices[:end], full.indptr[:-1]),
+                                     shape=(n_voxels, n_columns))
+    del full
+    column_sign = np.where(entries.flip & entries.has_entry, np.float32(-1), np.float32(1))
     mirrors = [_concatenate_entries(corner) for corner in entries.mirrors]
     multiplicity = _multiplicity(matrix, mirrors, entries.base, m, y_major)
     del entries

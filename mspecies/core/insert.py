@@ -461,22 +461,26 @@ def _multiplicity(matrix: object, mirrors: list[tuple[np.ndarray, np.ndarray, np
     from ``base``, the (3, C) integer base of each column).
     """
     indptr, weights = matrix.indptr, matrix.data
-    accumulated = np.zeros(matrix.shape[0])
     filled = np.flatnonzero(indptr[1:] != indptr[:-1])
-    if filled.size:
-        accumulated[filled] = np.add.reduceat(weights, indptr[filled], dtype=np.float64)
-    mirror_voxels, mirror_columns, mirror_weights = _concatenate_entries(mirrors)
-    np.add.at(accumulated, mirror_voxels, mirror_weights.astype(np.float64))
-    largest = float(accumulated.max(initial=0.0))
+    sums = np.add.reduceat(weights, indptr[filled], dtype=np.float64) if filled.size else np.zeros(0)
+    mirror_voxels, _, mirror_weights = _concatenate_entries(mirrors)
+    mated, mate = np.unique(mirror_voxels, return_inverse=True)
+    mated_sums = np.zeros(mated.size)
+    np.add.at(mated_sums, mate, mirror_weights.astype(np.float64))
+    row = np.minimum(np.searchsorted(filled, mated), max(filled.size - 1, 0))
+    with_row = filled[row] == mated if filled.size else np.zeros(mated.size, dtype=bool)
+    mated_sums[with_row] += sums[row[with_row]]
+    multiplicity = np.zeros(matrix.shape[0], dtype=np.float32)
+    multiplicity[filled], multiplicity[mated] = sums, mated_sums
+    largest = max(float(sums.max(initial=0.0)), float(mated_sums.max(initial=0.0)))
     if largest == 0:
-        return accumulated.astype(np.float32)
+        return multiplicity
     small = np.float32(2.0 ** (int(np.ceil(np.log2(largest))) + 1 - 30))  # k with a factor 2 of margin
-    inexact = np.unique(np.concatenate([
-        np.searchsorted(indptr, np.flatnonzero((weights > 0) & (weights < small)), side="right") - 1,
-        mirror_voxels[(mirror_weights > 0) & (mirror_weights < small)]]))
+    inexact = np.unique(np.concatenate([np.searchsorted(indptr, np.flatnonzero(weights < small), side="right") - 1,
+                                        mirror_voxels[mirror_weights < small]]))
     if inexact.size:
-        accumulated[inexact] = _ordered_sums(matrix, mirrors, base, inexact, m, y_major)
-    return accumulated.astype(np.float32)
+        multiplicity[inexact] = _ordered_sums(matrix, mirrors, base, inexact, m, y_major)
+    return multiplicity
 
 
 def _ordered_sums(matrix: object, mirrors: list[tuple[np.ndarray, np.ndarray, np.ndarray]], base: np.ndarray,

@@ -115,13 +115,14 @@ def reference_for_blocks(orientation: np.ndarray, m: int, block_rows: int) -> di
     return dict(reference, bounds=bounds, blocks=[matrix[start:end] for start, end in bounds])
 
 
-def test_build_equals_from_splat_with_the_chunks_splitting_the_tilts(monkeypatch):
-    """Chunks of a few tilts (the default holds 10 at M = 32) change nothing; from_splat is the statement the
-    CuPy path keeps."""
+@pytest.mark.parametrize("tilts_per_chunk", [2, 1 / 3], ids=["two tilts", "third of a tilt"])
+def test_build_equals_from_splat_whatever_the_chunks(monkeypatch, tilts_per_chunk):
+    """Chunks of a few tilts or parts of a tilt (one default chunk holds all 7 tilts at M = 32) change nothing;
+    from_splat is the statement the CuPy path keeps."""
     orientation = orientations("random", 7, 5)
     grid = insert.make_sample_grid(32)
     expected = insert.SharedInsertion.from_splat(insert.splat_entries(orientation, grid), y_major_box_px=32)
-    monkeypatch.setattr(insert, "_CHUNK_COLUMNS", 2 * grid.n_samples)
+    monkeypatch.setattr(insert, "_CHUNK_COLUMNS", int(tilts_per_chunk * grid.n_samples))
     built = insert.SharedInsertion.create(orientation, grid, y_major_box_px=32)
     for field in dataclasses.fields(insert.SharedInsertion):
         value, wanted = getattr(built, field.name), getattr(expected, field.name)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from types import ModuleType
@@ -325,10 +325,10 @@ class SharedInsertion:
         return cls(blocks, bounds, *mirror, column_sign, multiplicity, splat.n_voxels, block_voxels)
 
 
-# Columns (samples) per chunk of the NumPy build of the shared insertion: the chunk's temporaries (about 200 B
-# per column) stay far under the 32 MiB of freed heap that the export worker keeps (memory.retain_freed_memory)
-# and mostly in the CPU cache.
-_CHUNK_COLUMNS = 16384
+# Columns (samples) per chunk of the NumPy build of the shared insertion: the chunk's temporaries (about 300 B
+# per column, under 10 MiB) stay far under the 32 MiB of freed heap that the export worker keeps
+# (memory.retain_freed_memory), so a warm build reuses their pages.
+_CHUNK_COLUMNS = 32768
 
 
 @dataclass
@@ -362,8 +362,9 @@ def _voxel_coordinates(voxels: np.ndarray, m: int, y_major: bool) -> tuple[np.nd
 
 def _chunk_entries(entries: _Entries, orientation: np.ndarray, k2: np.ndarray, first_column: int, m: int,
                    y_major: bool) -> None:
-    """Fill the entries of the columns of (t, 3, 2) ``orientation`` (from ``first_column`` on): the statements of
-    :func:`splat_entries` (same float64 operations, so the same weights) on (dz, dy, dx, n) corner arrays."""
+    """Fill the entries of the columns of (t, 3, 2) ``orientation`` × (2, s) sample frequencies ``k2`` (from
+    ``first_column`` on; t = 1 unless s is every sample): the statements of :func:`splat_entries` (same float64
+    operations, so the same weights) on (dz, dy, dx, n) corner arrays."""
     half = m // 2
     position = np.einsum("tij,js->tsi", orientation, k2).reshape(-1, 3).T  # (3, n) in (x, y, z)
     n = position.shape[1]
@@ -396,6 +397,19 @@ def _chunk_entries(entries: _Entries, orientation: np.ndarray, k2: np.ndarray, f
                                                  weight[dz, dy, 0, mirror].astype(np.float32)))
 
 
+def _chunks(n_tilts: int, n_samples: int) -> Iterator[tuple[slice, slice]]:
+    """(tilts, samples) of the chunks of at most ``_CHUNK_COLUMNS`` columns, in column order: whole tilts, or
+    parts of one tilt where a tilt has more samples."""
+    if n_samples <= _CHUNK_COLUMNS:
+        step = _CHUNK_COLUMNS // n_samples
+        for t in range(0, n_tilts, step):
+            yield slice(t, min(t + step, n_tilts)), slice(0, n_samples)
+        return
+    for t in range(n_tilts):
+        for s in range(0, n_samples, _CHUNK_COLUMNS):
+            yield slice(t, t + 1), slice(s, min(s + _CHUNK_COLUMNS, n_samples))
+
+
 def _build_shared(cls: type[SharedInsertion], orientation: np.ndarray, grid: SampleGrid, block_rows: int,
                   y_major_box_px: int | None) -> SharedInsertion:
     """NumPy :meth:`SharedInsertion.create`.
@@ -418,9 +432,9 @@ def _build_shared(cls: type[SharedInsertion], orientation: np.ndarray, grid: Sam
                        np.empty(n_columns, dtype=bool), np.empty(n_columns, dtype=bool),
                        np.empty((3, n_columns), dtype=np.int32), [[] for _ in range(8)])
     k2 = np.stack([grid.kx, grid.ky])
-    step = max(1, _CHUNK_COLUMNS // n_samples)
-    for t in range(0, n_tilts, step):
-        _chunk_entries(entries, orientation[t:t + step], k2, t * n_samples, m, y_major)
+    for tilts, samples in _chunks(n_tilts, n_samples):
+        _chunk_entries(entries, orientation[tilts], k2[:, samples], tilts.start * n_samples + samples.start, m,
+                       y_major)
     column_start = np.arange(0, 8 * n_columns + 1, 8, dtype=np.int32)
     full = scipy.sparse.csc_matrix((entries.weights.reshape(-1), entries.voxels.reshape(-1), column_start),
                                    shape=(n_voxels + 1, n_columns)).tocsr()

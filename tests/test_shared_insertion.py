@@ -1,5 +1,5 @@
-"""The NumPy build of the shared insertion (:meth:`mspecies.core.insert.SharedInsertion.create`) against a plain
-reference construction: the splat entries of :func:`~mspecies.core.insert.splat_entries` through a COO matrix
+"""The NumPy build of the shared insertion (:func:`mspecies.core.shared_insertion.build_shared_insertion`) against a
+plain reference construction: the splat entries of :func:`~mspecies.core.insert.splat_entries` through a COO matrix
 (``tocsr`` with ``sum_duplicates``), cut into the same row blocks, and ``bincount`` for the multiplicity. Every
 array must be equal bit for bit (same structure, same float32 values, same dtypes), block by block, on random
 orientations and on the geometries that fill the x = 0 plane (Friedel mates). The last tests prove that the
@@ -13,7 +13,7 @@ import pytest
 import scipy.sparse
 from test_reconstruct import options, realistic  # noqa: F401 (fixture)
 
-from mspecies.core import insert
+from mspecies.core import insert, shared_insertion
 from mspecies.core.reconstruct import TiltSeriesEngine, _normalisation_scale
 from mspecies.synth.dataset import rotation_2d
 
@@ -98,7 +98,7 @@ CASES = [("random", 16, 5, 0), ("random", 24, 9, 1), ("random", 32, 41, 2), ("un
 @pytest.mark.parametrize("kind, m, n_tilts, seed", CASES)
 def test_build_equals_the_plain_coo_construction_block_by_block(kind, m, n_tilts, seed, y_major):
     orientation = orientations(kind, n_tilts, seed)
-    built = insert.SharedInsertion.create(orientation, insert.make_sample_grid(m), y_major_box_px=m if y_major
+    built = shared_insertion.build_shared_insertion(orientation, insert.make_sample_grid(m), y_major_box_px=m if y_major
                                           else None, **({} if y_major else {"block_rows": 512}))
     # z-major in small blocks, so that several hold Friedel mates
     reference = reference_insertion(orientation, m, True) if y_major else reference_for_blocks(orientation, m, 512)
@@ -122,8 +122,8 @@ def test_build_equals_from_splat_whatever_the_chunks(monkeypatch, tilts_per_chun
     orientation = orientations("random", 7, 5)
     grid = insert.make_sample_grid(32)
     expected = insert.SharedInsertion.from_splat(insert.splat_entries(orientation, grid), y_major_box_px=32)
-    monkeypatch.setattr(insert, "_CHUNK_COLUMNS", int(tilts_per_chunk * grid.n_samples))
-    built = insert.SharedInsertion.create(orientation, grid, y_major_box_px=32)
+    monkeypatch.setattr(shared_insertion, "_CHUNK_COLUMNS", int(tilts_per_chunk * grid.n_samples))
+    built = shared_insertion.build_shared_insertion(orientation, grid, y_major_box_px=32)
     for field in dataclasses.fields(insert.SharedInsertion):
         value, wanted = getattr(built, field.name), getattr(expected, field.name)
         for i, (a, b) in enumerate(zip(*([value, wanted] if isinstance(value, list) else [[value], [wanted]]))):
@@ -136,30 +136,30 @@ def test_build_equals_from_splat_whatever_the_chunks(monkeypatch, tilts_per_chun
 def test_tiny_weights_are_summed_again_in_the_reference_order(monkeypatch):
     """The near-grid geometry holds weights too small for order-free float64 sums: they go through
     ``_ordered_sums``, and the multiplicity is still bit for bit the reference's."""
-    ordered_sums, summed = insert._ordered_sums, []
+    ordered_sums, summed = shared_insertion._ordered_sums, []
 
     def counted(matrix, mirrors, base, voxels, *args):
         summed.append(voxels.size)
         return ordered_sums(matrix, mirrors, base, voxels, *args)
 
-    monkeypatch.setattr(insert, "_ordered_sums", counted)
+    monkeypatch.setattr(shared_insertion, "_ordered_sums", counted)
     orientation = orientations("near-grid", 3, 5)
-    built = insert.SharedInsertion.create(orientation, insert.make_sample_grid(16), y_major_box_px=16)
+    built = shared_insertion.build_shared_insertion(orientation, insert.make_sample_grid(16), y_major_box_px=16)
     assert summed and summed[0] > 10
     assert_identical(built.multiplicity, reference_insertion(orientation, 16, True)["multiplicity"], "multiplicity")
 
 
 def _mutated_build(monkeypatch, mutate) -> None:
     """Build with ``mutate(entries)`` applied after each chunk and compare with the reference."""
-    chunk_entries = insert._chunk_entries
+    chunk_entries = shared_insertion._chunk_entries
 
     def mutated(entries, *args):
         chunk_entries(entries, *args)
         mutate(entries)
 
-    monkeypatch.setattr(insert, "_chunk_entries", mutated)
+    monkeypatch.setattr(shared_insertion, "_chunk_entries", mutated)
     orientation = orientations("random", 5, 0)
-    built = insert.SharedInsertion.create(orientation, insert.make_sample_grid(16), y_major_box_px=16)
+    built = shared_insertion.build_shared_insertion(orientation, insert.make_sample_grid(16), y_major_box_px=16)
     assert_matches_reference(built, reference_insertion(orientation, 16, True))
 
 

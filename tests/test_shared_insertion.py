@@ -98,10 +98,13 @@ CASES = [("random", 16, 5, 0), ("random", 24, 9, 1), ("random", 32, 41, 2), ("un
 @pytest.mark.parametrize("kind, m, n_tilts, seed", CASES)
 def test_build_equals_the_plain_coo_construction_block_by_block(kind, m, n_tilts, seed, y_major):
     orientation = orientations(kind, n_tilts, seed)
-    built = shared_insertion.build_shared_insertion(orientation, insert.make_sample_grid(m), y_major_box_px=m if y_major
-                                          else None, **({} if y_major else {"block_rows": 512}))
-    # z-major in small blocks, so that several hold Friedel mates
-    reference = reference_insertion(orientation, m, True) if y_major else reference_for_blocks(orientation, m, 512)
+    grid = insert.make_sample_grid(m)
+    if y_major:
+        built = shared_insertion.build_shared_insertion(orientation, grid, y_major_box_px=m)
+        reference = reference_insertion(orientation, m, True)
+    else:  # in small blocks, so that several hold Friedel mates
+        built = shared_insertion.build_shared_insertion(orientation, grid, block_rows=512)
+        reference = reference_for_blocks(orientation, m, 512)
     assert reference["mirror_rows"].size > 0  # the Friedel mates are exercised
     assert_matches_reference(built, reference)
 

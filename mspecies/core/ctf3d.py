@@ -100,15 +100,17 @@ def _cover_slice(g: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     b, c = [axis for axis in range(3) if axis != a]
     vb, vc = np.meshgrid(_axis_range(b, n), _axis_range(c, n), indexing="ij")
     vb, vc = vb.reshape(-1, 1), vc.reshape(-1, 1)
-    centre = -(normal[b] * vb + normal[c] * vc) / normal[a]
+    along_b, along_c = normal[b] * vb, normal[c] * vc  # (Q, 1): shared by the candidates of a line
+    centre = -(along_b + along_c) / normal[a]
     reach = 1.0 / abs(normal[a])  # |n · v| < 1 spans ±reach along the dominant axis
     va = np.floor(centre - reach).astype(np.int64) + np.arange(1, int(np.ceil(2 * reach)) + 2)
-    vb, vc = np.broadcast_to(vb, va.shape), np.broadcast_to(vc, va.shape)
-    distance = normal[a] * va + normal[b] * vb + normal[c] * vc
+    distance = normal[a] * va + along_b
+    distance += along_c  # (n_a v_a + n_b v_b) + n_c v_c
     allowed = _axis_range(a, n)
     keep = (np.abs(distance) < 1.0) & (va >= allowed[0]) & (va <= allowed[-1])
-    voxels = np.empty((int(keep.sum()), 3), dtype=np.int64)
-    voxels[:, a], voxels[:, b], voxels[:, c] = va[keep], vb[keep], vc[keep]
+    per_line = keep.sum(axis=1)
+    voxels = np.empty((int(per_line.sum()), 3), dtype=np.int64)
+    voxels[:, a], voxels[:, b], voxels[:, c] = va[keep], np.repeat(vb[:, 0], per_line), np.repeat(vc[:, 0], per_line)
     freq = voxels @ np.linalg.pinv(g).T  # least-squares in-plane coordinates (exact for v on the slice)
     edge = np.clip(n / 2 + 0.5 - np.sqrt(np.einsum("pi,pi->p", freq, freq)), 0.0, 1.0)  # the rim, 1 voxel wide
     inside = edge > 0
@@ -177,21 +179,26 @@ def slot_layout(voxel: np.ndarray, widths: Sequence[int] = _WIDTHS) -> SlotLayou
 
 def ctf_phase_terms(freq_px: np.ndarray, box_px: int, pixel_size_angst: float, defocus_u_angst: np.ndarray,
                     defocus_v_angst: np.ndarray, defocus_angle_deg: np.ndarray, phase_shift_deg: np.ndarray,
-                    microscope: Microscope) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    microscope: Microscope, *, tilt: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per pair: RELION phase γ (rad), k² (1/Å²) and the phase change Δ across one output voxel (rad).
 
     ``γ = πλ Δf(α) k² + (π/2) Cs λ³ k⁴ − phase − atan(Q₀/√(1−Q₀²))`` with ``Δf(α) = −(U+V)/2 − (U−V)/2 ·
     cos 2(α − angle)`` (RELION ``ctf.cpp``; defocus arrays per pair, Å) and ``Δ = |∂γ/∂|k|| / (N p)``.
+    With ``tilt`` (P,) the defocus, angle and phase arrays are per tilt (T,) instead: their terms are computed
+    once per tilt and then spread to the pairs (the same values).
     """
     f = np.asarray(freq_px, dtype=np.float64) / (box_px * pixel_size_angst)
     k2 = f[:, 0] ** 2 + f[:, 1] ** 2
     safe = np.where(k2 > 0, k2, 1.0)
     cos2, sin2 = (f[:, 0] ** 2 - f[:, 1] ** 2) / safe, 2 * f[:, 0] * f[:, 1] / safe  # exact under k → −k
-    angle = np.deg2rad(defocus_angle_deg)
-    delta_f = (-(defocus_u_angst + defocus_v_angst) / 2
-               - (defocus_u_angst - defocus_v_angst) / 2 * (np.cos(2 * angle) * cos2 + np.sin(2 * angle) * sin2))
     c1, c2, c3 = phase_constants(microscope)
-    gamma = c1 * delta_f * k2 + c2 * k2 * k2 - (np.deg2rad(phase_shift_deg) + c3)
+    angle = np.deg2rad(defocus_angle_deg)
+    terms = (-(defocus_u_angst + defocus_v_angst) / 2, (defocus_u_angst - defocus_v_angst) / 2, np.cos(2 * angle),
+             np.sin(2 * angle), np.deg2rad(phase_shift_deg) + c3)
+    mean, half, cos_angle, sin_angle, phase = terms if tilt is None else (term[tilt] for term in terms)
+    delta_f = mean - half * (cos_angle * cos2 + sin_angle * sin2)
+    gamma = c1 * delta_f * k2 + c2 * k2 * k2 - phase
     k = np.sqrt(k2)
     step = np.abs(2 * c1 * delta_f * k + 4 * c2 * k2 * k) / (box_px * pixel_size_angst)
     return gamma, k2, step
@@ -239,8 +246,8 @@ def pair_tables(coverage: Coverage, *, pixel_size_angst: float, padded_box_px: i
     phase shift (degrees), ``tilt_weight_scale`` (cos θ × dose-limit mask), pre-exposure (e/Å²);
     ``offset_basis`` (R, T) maps R per-particle coefficients to defocus offsets (Å)."""
     n, t = coverage.box_px, coverage.tilt
-    gamma, k2, step = ctf_phase_terms(coverage.freq_px, n, pixel_size_angst, defocus_u_angst[t],
-                                      defocus_v_angst[t], defocus_angle_deg[t], phase_shift_deg[t], microscope)
+    gamma, k2, step = ctf_phase_terms(coverage.freq_px, n, pixel_size_angst, defocus_u_angst, defocus_v_angst,
+                                      defocus_angle_deg, phase_shift_deg, microscope, tilt=t)
     covered = np.bincount(coverage.voxel, coverage.profile, minlength=coverage.n_voxels)
     basis = np.atleast_2d(np.asarray(offset_basis, dtype=np.float64))
     used_rows = np.flatnonzero(np.any(basis != 0, axis=1))

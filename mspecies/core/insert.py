@@ -14,8 +14,9 @@ Frames and layouts
 
 Accumulated quantities are linear in the sample values, so the insertion is a sparse matrix. When all
 particles of a tilt series share it (not pre-rotated) it is built once, split into row blocks, and each block
-is applied to the whole batch in one sparse × dense product (:class:`SharedInsertion`); otherwise each particle
-is splatted with ``bincount``.
+is applied to the whole batch in one sparse × dense product (:class:`SharedInsertion`; on NumPy built by
+:mod:`mspecies.core.shared_insertion`, the same matrix as :meth:`SharedInsertion.from_splat`); otherwise each
+particle is splatted with ``bincount``.
 """
 
 from __future__ import annotations
@@ -307,20 +308,28 @@ class SharedInsertion:
             blocks = [matrix[voxels] for voxels in block_voxels]
         else:
             blocks = [matrix[start:end] for start, end in bounds]
-        mirror_rows, local = xp.unique(splat.rows[splat.mirror], return_inverse=True)
-        mirror = sparse.csr_matrix((splat.weights[splat.mirror], (local, splat.cols[splat.mirror])),
-                                   shape=(int(mirror_rows.size), splat.n_columns))
-        mirror.sum_duplicates()
-        by_block = [xp.flatnonzero((mirror_rows >= start) & (mirror_rows < end)) for start, end in bounds]
-        if block_voxels is None:
-            mirror_local = [mirror_rows[inside] - start for inside, (start, _) in zip(by_block, bounds)]
-        else:  # every mirror voxel is reached (its weight counts in the multiplicity)
-            mirror_local = [xp.searchsorted(voxels, mirror_rows[inside]) for inside, voxels in zip(by_block,
-                                                                                                 block_voxels)]
         column_sign = xp.ones(splat.n_columns, dtype=xp.float32)
         column_sign[splat.cols[direct]] = splat.conj_sign[direct]
-        return cls(blocks, bounds, mirror, mirror_rows, by_block, mirror_local, column_sign, multiplicity,
-                   splat.n_voxels, block_voxels)
+        mirror = friedel_mates(splat.rows[splat.mirror], splat.cols[splat.mirror], splat.weights[splat.mirror],
+                                splat.n_columns, bounds, block_voxels, xp)
+        return cls(blocks, bounds, *mirror, column_sign, multiplicity, splat.n_voxels, block_voxels)
+
+
+def friedel_mates(voxels: np.ndarray, columns: np.ndarray, weights: np.ndarray, n_columns: int,
+                   bounds: list[tuple[int, int]], block_voxels: list[np.ndarray] | None, xp: ModuleType
+                   ) -> tuple[object, np.ndarray, list[np.ndarray], list[np.ndarray]]:
+    """The Friedel-mate part of a :class:`SharedInsertion` from its entries (voxel, column, weight): the CSR
+    matrix over the distinct voxels, those voxels, and per block the mates inside it and their rows there."""
+    mirror_rows, local = xp.unique(voxels, return_inverse=True)
+    mirror = _sparse_module(xp).csr_matrix((weights, (local, columns)), shape=(int(mirror_rows.size), n_columns))
+    mirror.sum_duplicates()
+    by_block = [xp.flatnonzero((mirror_rows >= start) & (mirror_rows < end)) for start, end in bounds]
+    if block_voxels is None:
+        mirror_local = [mirror_rows[inside] - start for inside, (start, _) in zip(by_block, bounds)]
+    else:  # every mirror voxel is reached (its weight counts in the multiplicity)
+        mirror_local = [xp.searchsorted(reached, mirror_rows[inside]) for inside, reached in zip(by_block,
+                                                                                               block_voxels)]
+    return mirror, mirror_rows, by_block, mirror_local
 
 
 def sample_columns(data: np.ndarray | None, weight: np.ndarray, ctf: np.ndarray | None,

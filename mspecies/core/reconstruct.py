@@ -40,6 +40,7 @@ from . import ctf3d, extract, insert
 from .backend import select_backend, to_numpy
 from .geometry import euler_to_matrix, particle_defocus_angst, project_positions_to_tilts, tilt_rotation
 from .memory import MemoryPlan, plan_batches
+from .shared_insertion import build_shared_insertion
 
 MODES = ("volumes", "series")
 CTF_LAYOUTS = ("half", "centred")
@@ -283,9 +284,8 @@ class TiltSeriesEngine:
         if not series and not options.prerotate:
             orientation = insert.slice_orientation(tilt_series.tilt_angles_deg[tilts], tilt_series.xf[tilts])
             if prepared is not None or options.ctf_method == "padded":
-                engine.insertion = insert.SharedInsertion.from_splat(
-                    insert.splat_entries(orientation, grid, xp=xp), xp=xp,
-                    y_major_box_px=m if engine.by_lines else None)
+                engine.insertion = build_shared_insertion(orientation, grid, xp=xp,
+                                                          y_major_box_px=m if engine.by_lines else None)
                 engine.scale = _normalisation_scale(engine.insertion.multiplicity, m, xp)
             if options.ctf_method == "direct":
                 engine.direct_ctf = ctf3d.DirectCtf.from_pairs(engine._direct_pair_tables(orientation), xp=xp)
@@ -478,8 +478,8 @@ class TiltSeriesEngine:
         """B new (N, N, N) float32 sub-tomograms (÷ sinc², not output-normalised), inserted and transformed line
         by line: the values of :meth:`_padded_spectra` and :meth:`_inverse_volumes`, without whole spectra.
 
-        The insertion is y-major (one row block per y, :meth:`SharedInsertion.from_splat`): each block is
-        inserted, normalised and transformed along z while it is in cache, and only the N central planes are
+        The insertion is y-major (one row block per y, :func:`~.shared_insertion.build_shared_insertion`): each
+        block is inserted, normalised and transformed along z while it is in cache, and only the N central planes are
         kept, in a (N, M, M//2+1, B) array (half a padded spectrum); each of those planes is then transformed
         along y, cropped, transformed along x (C2R), cropped and divided by sinc² into the particles' volumes.
         The threads of the pool share the lines (single-threaded transforms); every line is transformed as
@@ -897,10 +897,18 @@ def _separate_pairs(packed: np.ndarray, mirrored_conj: np.ndarray, xp: ModuleTyp
 
 
 def _gridding_sinc2(n: int, m: int, xp: ModuleType) -> np.ndarray:
-    """(N, N, N) ``sinc²(|v − N/2| / M)`` (trilinear-interpolation attenuation)."""
+    """(N, N, N) ``sinc²(|v − N/2| / M)`` (trilinear-interpolation attenuation) on ``xp``'s device."""
+    return xp.asarray(_host_gridding_sinc2(n, m))
+
+
+@functools.lru_cache(maxsize=4)
+def _host_gridding_sinc2(n: int, m: int) -> np.ndarray:
+    """:func:`_gridding_sinc2` in host memory (read-only, cached: every tilt series of an export needs it)."""
     axis = np.arange(n) - n // 2
     r = np.sqrt(axis[:, None, None] ** 2 + axis[None, :, None] ** 2 + axis[None, None, :] ** 2) / m
-    return xp.asarray((np.sinc(r) ** 2).astype(np.float32))
+    sinc2 = (np.sinc(r) ** 2).astype(np.float32)
+    sinc2.flags.writeable = False
+    return sinc2
 
 
 @functools.lru_cache(maxsize=8)

@@ -97,11 +97,13 @@ def process_cpu_s() -> float:
 
 
 def run_timed(command: list[str], source: Path) -> tuple[float, float, subprocess.CompletedProcess]:
-    """(wall s, CPU s of the child: user + system, all threads, the process) of ``command`` run with ``source``
-    first on PYTHONPATH."""
+    """(wall s, CPU s of the child: user + system, all threads, the process) of ``command`` run in ``source`` with
+    ``source`` first on PYTHONPATH (``python -m``/``-c`` put the working folder before PYTHONPATH on sys.path:
+    run from another folder, ``--before`` timed this tree again)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    result = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(source)}, capture_output=True, text=True)
+    result = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(source)}, capture_output=True, text=True,
+                            cwd=source)
     wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if result.returncode != 0:
@@ -135,7 +137,7 @@ def profile_cli(manifest: Path, box_px: int, diameter_angst: float, scratch: Pat
     """Wall seconds per phase of one CLI run in a new process (:func:`profile_here` there): as cold as the
     command itself (its first touches of memory, its first transforms), not warmed by the engine's rounds."""
     arguments = json.dumps([str(manifest), box_px, diameter_angst, str(scratch)])
-    _, _, result = run_timed([sys.executable, __file__, "--profile-child", arguments], ROOT)
+    _, _, result = run_timed([sys.executable, str(Path(__file__).resolve()), "--profile-child", arguments], ROOT)
     return json.loads(result.stdout.splitlines()[-1])
 
 
@@ -240,7 +242,8 @@ def main() -> None:
     retain_freed_memory()  # as the export worker does
     with tempfile.TemporaryDirectory() as folder:
         scratch = Path(folder)
-        manifest = args.manifest or make_dataset(scratch / "data", args.n_tomograms, args.particles, args.box)
+        manifest = (args.manifest.resolve() if args.manifest
+                    else make_dataset(scratch / "data", args.n_tomograms, args.particles, args.box))
         sources = ({"this tree": (ROOT, False)} | ({"this tree, overlap off": (ROOT, True)} if args.serial_too else {})
                    | ({"before": (args.before.resolve(), False)} if args.before else {}))
         engine, cli, startup = [], {name: [] for name in sources}, {name: [] for name in sources}

@@ -52,7 +52,7 @@ def use_small_pages() -> bool:
     """Stop NumPy from asking Linux for transparent huge pages for its arrays of 4 MiB and more (process-wide),
     unless the user chose with ``NUMPY_MADVISE_HUGEPAGE``. Returns True when the setting was changed.
 
-    Where the kernel compacts memory to serve huge pages on demand (``defrag`` = ``madvise``, Debian's default),
+    Where the kernel compacts memory to serve huge pages on demand (``defrag`` = ``madvise``, the kernel default),
     every first touch of a new huge page may wait for that compaction. An export touches hundreds of MB for the
     first time per process (the geometry tables of each tilt series, the first batch's work arrays): at box 64,
     96 particles in one tilt series, the command took 2.39 s with huge pages and 2.13 s without (2 cores), while

@@ -6,7 +6,6 @@ these are the properties of the direct method itself.
 """
 
 import dataclasses
-import os
 import subprocess
 import sys
 import types
@@ -203,16 +202,3 @@ def test_the_worker_keeps_freed_memory_for_the_next_particles():
     code = "from mspecies.core.memory import retain_freed_memory; print(retain_freed_memory())"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and run.stdout.strip() == "True", run.stderr
-
-
-def test_the_worker_stops_numpy_asking_for_huge_pages_unless_the_user_chose():
-    """use_small_pages switches NumPy's madvise(MADV_HUGEPAGE) off (its previous state was on), and leaves it as
-    the user set it with NUMPY_MADVISE_HUGEPAGE (subprocesses: the switch is process-wide)."""
-    code = ("from numpy.core.multiarray import _set_madvise_hugepage as switch; from mspecies.core.memory import "
-            "use_small_pages; changed = use_small_pages(); print(changed, switch(False))")
-    environment = {key: value for key, value in os.environ.items() if key != "NUMPY_MADVISE_HUGEPAGE"}
-    default = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=environment)
-    chosen = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                            env={**environment, "NUMPY_MADVISE_HUGEPAGE": "1"})
-    assert default.returncode == 0 and default.stdout.split() == ["True", "False"], default.stderr
-    assert chosen.returncode == 0 and chosen.stdout.split() == ["False", "True"], chosen.stderr

@@ -306,11 +306,10 @@ def run(args: argparse.Namespace) -> int:
     from mspecies.cli.export_checks import check_export_arguments, export_bytes, plan_job
     from mspecies.cli.export_files import STAR_NAME, earlier_export_files
     from mspecies.cli.export_record import discard_export_record, write_export_record
-    from mspecies.core.memory import retain_freed_memory, use_small_pages
+    from mspecies.core.memory import retain_freed_memory
     from mspecies.core.reconstruct import ReconstructionError
 
     retain_freed_memory()  # this process is the worker: per-particle arrays reuse freed pages
-    use_small_pages()  # and first touches do not wait for huge pages
 
     out = check_output_folder(args.out, "--out")
     check_inputs_not_replaced(args, out)

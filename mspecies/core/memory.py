@@ -45,29 +45,6 @@ def retain_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
 
 
-HUGE_PAGE_VARIABLE = "NUMPY_MADVISE_HUGEPAGE"
-
-
-def use_small_pages() -> bool:
-    """Stop NumPy from asking Linux for transparent huge pages for its arrays of 4 MiB and more (process-wide),
-    unless the user chose with ``NUMPY_MADVISE_HUGEPAGE``. Returns True when the setting was changed.
-
-    Where the kernel compacts memory to serve huge pages on demand (``defrag`` = ``madvise``, the kernel default),
-    every first touch of a new huge page may wait for that compaction. An export touches hundreds of MB for the
-    first time per process (the geometry tables of each tilt series, the first batch's work arrays): at box 64,
-    96 particles in one tilt series, the command took 2.39 s with huge pages and 2.13 s without (2 cores), while
-    the warm passes, which reuse their pages, lost about 3 %. Called by the export worker, never on import.
-    """
-    if HUGE_PAGE_VARIABLE in os.environ:
-        return False
-    try:
-        from numpy.core.multiarray import _set_madvise_hugepage
-    except ImportError:  # a NumPy without the switch
-        return False
-    _set_madvise_hugepage(False)
-    return True
-
-
 def available_memory_bytes() -> int:
     """Memory available to new allocations (``MemAvailable`` of /proc/meminfo, else physical memory)."""
     try:

@@ -309,6 +309,12 @@ class TiltSeriesEngine:
         sign = self.options.defocus_gradient_sign
         return sign * tilt_rotation(self.tilt_series.tilt_angles_deg[self.tilts])[:, 2, :].T
 
+    def _particle_orientations(self, euler_zyz_deg: np.ndarray) -> np.ndarray:
+        """(B, T_used, 3, 2) slice orientations of pre-rotated particles: each particle's rotation applied to the
+        used tilts' slices (:func:`insert.slice_orientation`)."""
+        return insert.slice_orientation(self.tilt_series.tilt_angles_deg[self.tilts], self.tilt_series.xf[self.tilts],
+                                        euler_to_matrix(euler_zyz_deg))
+
     @property
     def own_volumes(self) -> bool:
         """True when each pre-rotated sub-tomogram is inserted and transformed on its own (:meth:`_own_volumes`:
@@ -529,8 +535,7 @@ class TiltSeriesEngine:
         thread. The values of :meth:`_padded_spectra` and :meth:`_inverse_volumes` for the batch."""
         m = self.padded_box_px
         data, weight, _ = self._sample_values(positions_angst)
-        orientation = insert.slice_orientation(self.tilt_series.tilt_angles_deg[self.tilts],
-                                               self.tilt_series.xf[self.tilts], euler_to_matrix(euler_zyz_deg))
+        orientation = self._particle_orientations(euler_zyz_deg)
         checker = _checkerboard(m)
         volumes: list[np.ndarray] = [None] * weight.shape[0]  # type: ignore[list-item]
 
@@ -552,8 +557,7 @@ class TiltSeriesEngine:
         device)."""
         if self.direct_ctf is not None:
             return self.direct_ctf.evaluate(positions_angst, pool=self._pool())
-        orientation = insert.slice_orientation(self.tilt_series.tilt_angles_deg[self.tilts],
-                                               self.tilt_series.xf[self.tilts], euler_to_matrix(euler_zyz_deg))
+        orientation = self._particle_orientations(euler_zyz_deg)
         ctfs: list[np.ndarray] = [None] * positions_angst.shape[0]  # type: ignore[list-item]
 
         ts, options, t = self.tilt_series, self.options, self.tilts
@@ -578,9 +582,7 @@ class TiltSeriesEngine:
         ``ctf`` is None): the compiled kernel on NumPy (:func:`mspecies.core.kernels.splat_normalised`), its NumPy
         statement (``splat_entries`` + ``insert_one``) on CuPy."""
         xp, m = self.xp, self.padded_box_px
-        matrices = euler_to_matrix(euler_zyz_deg)
-        orientation = insert.slice_orientation(self.tilt_series.tilt_angles_deg[self.tilts],
-                                               self.tilt_series.xf[self.tilts], matrices)
+        orientation = self._particle_orientations(euler_zyz_deg)
         batch = weight.shape[0]
         n_voxels = m * m * (m // 2 + 1)
         spectrum = None if data is None else self._buffer("spectrum", (n_voxels, batch), xp.complex64)

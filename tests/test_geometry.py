@@ -84,3 +84,26 @@ def test_corner_pixels_put_the_tomogram_centre_at_n_floordiv_2_and_round_trip():
     positions = np.random.default_rng(3).uniform(-500, 500, (20, 3))
     np.testing.assert_allclose(corner_px_to_centred_angst(centred_angst_to_corner_px(positions, shape_xyz, 2.5),
                                                           shape_xyz, 2.5), positions, atol=1e-12)
+
+
+def test_closed_form_2x2_inverse_matches_lapack_on_stacks_and_refuses_singular_matrices():
+    rng = np.random.default_rng(7)
+    matrices = rotation_2d(rng.uniform(-180, 180, 41)) * rng.uniform(0.8, 1.2, (41, 1, 1))
+    matrices[:, 0, 1] += rng.normal(0, 0.05, 41)  # stretch and skew, as IMOD fits have
+    np.testing.assert_allclose(geometry.inverse_2x2(matrices), np.linalg.inv(matrices), rtol=0, atol=1e-14)
+    stacked = matrices.reshape(41, 1, 2, 2).repeat(3, axis=1)
+    np.testing.assert_allclose(geometry.inverse_2x2(stacked) @ stacked, np.broadcast_to(np.eye(2), stacked.shape),
+                               atol=1e-14)
+    singular = matrices.copy()
+    singular[5] = [[1.0, 2.0], [2.0, 4.0]]
+    with np.testing.assert_raises(np.linalg.LinAlgError):
+        geometry.inverse_2x2(singular)
+
+
+def test_closed_form_3x2_pseudo_inverse_matches_lapack():
+    rng = np.random.default_rng(8)
+    slices = np.einsum("bij,tjk->btik", random_rotation_matrices(5, rng), rng.normal(size=(41, 3, 2)))
+    ours = geometry.pseudo_inverse_3x2(slices)
+    assert ours.shape == (5, 41, 2, 3)
+    np.testing.assert_allclose(ours, np.linalg.pinv(slices), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(ours @ slices, np.broadcast_to(np.eye(2), (5, 41, 2, 2)), atol=1e-12)

@@ -368,3 +368,18 @@ def test_tilt_preparation_matches_the_double_precision_filter(normalize, invert)
     rms = np.sqrt(np.mean(plain ** 2))
     assert prepared.dtype == np.float32
     assert np.sqrt(np.mean((prepared - plain) ** 2)) < 5e-6 * rms and np.abs(prepared - plain).max() < 5e-5 * rms
+
+
+@pytest.mark.parametrize("prerotate", [False, True])
+def test_the_export_calls_no_lapack_routine(realistic, monkeypatch, prerotate):
+    """LAPACK (np.linalg.inv, pinv, solve, svd) wakes OpenBLAS's threads, which then spin against the export's
+    own workers: the export's small matrices are inverted in closed form (``core.geometry``)."""
+    tilt_series, stack, particles, _ = realistic
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the export called a LAPACK routine")
+
+    for name in ("inv", "pinv", "solve", "svd", "lstsq", "det"):
+        monkeypatch.setattr(np.linalg, name, refused)
+    results = run(tilt_series, stack, particles, prerotate=prerotate, ctf_method="direct")
+    assert len(results) == len(particles.positions_angst) and all(np.isfinite(r.volume).all() for r in results)

@@ -51,6 +51,7 @@ import numpy as np
 from mspecies.common.types import Microscope
 
 from .ctf import phase_constants
+from .geometry import pseudo_inverse_3x2
 
 WEIGHT_FLOOR = 1e-4
 # Slot widths of the per-voxel classes: a voxel covered by c slices goes to the smallest width ≥ c.
@@ -111,7 +112,7 @@ def _cover_slice(g: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     per_line = keep.sum(axis=1)
     voxels = np.empty((int(per_line.sum()), 3), dtype=np.int64)
     voxels[:, a], voxels[:, b], voxels[:, c] = va[keep], np.repeat(vb[:, 0], per_line), np.repeat(vc[:, 0], per_line)
-    freq = voxels @ np.linalg.pinv(g).T  # least-squares in-plane coordinates (exact for v on the slice)
+    freq = voxels @ pseudo_inverse_3x2(g).T  # least-squares in-plane coordinates (exact for v on the slice)
     edge = np.clip(n / 2 + 0.5 - np.sqrt(np.einsum("pi,pi->p", freq, freq)), 0.0, 1.0)  # the rim, 1 voxel wide
     inside = edge > 0
     return voxels[inside], (1.0 - np.abs(distance[keep][inside])) * edge[inside] / area, freq[inside]

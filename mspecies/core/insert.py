@@ -30,7 +30,7 @@ from types import ModuleType
 
 import numpy as np
 
-from .geometry import tilt_rotation
+from .geometry import inverse_2x2, tilt_rotation
 
 _FLOOR_EPSILON = 1e-5
 
@@ -156,7 +156,7 @@ def slice_orientation(tilt_angles_deg: np.ndarray, xf: np.ndarray,
     (T, 3, 2) or, with particle matrices, (B, T, 3, 2) float64.
     """
     beam = tilt_rotation(tilt_angles_deg)[:, :2, :]  # (T, 2, 3)
-    inverse_transposed = np.transpose(np.linalg.inv(np.asarray(xf, dtype=np.float64)[:, :, :2]), (0, 2, 1))
+    inverse_transposed = np.transpose(inverse_2x2(np.asarray(xf, dtype=np.float64)[:, :, :2]), (0, 2, 1))
     orientation = np.einsum("tji,tjk->tik", beam, inverse_transposed)  # R2ᵀ A⁻ᵀ: (T, 3, 2)
     if particle_matrices is None:
         return orientation

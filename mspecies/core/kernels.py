@@ -30,6 +30,7 @@ from mspecies.common.types import Microscope
 
 from .ctf import phase_constants
 from .ctf3d import WEIGHT_FLOOR
+from .geometry import pseudo_inverse_3x2
 from .insert import _FLOOR_EPSILON
 
 _TWO_PI = 2 * np.pi
@@ -336,7 +337,7 @@ def rotated_ctf(orientation: np.ndarray, *, box_px: int, padded_box_px: int, pix
     c1, c2, c3 = phase_constants(microscope)
     angle = np.deg2rad(np.asarray(defocus_angle_deg, dtype=np.float64))
     sums, pairs, terms = _ctf_work(n, len(normal))
-    arguments = (normal, area, axes, np.linalg.pinv(g), n, float(pixel_size_angst),
+    arguments = (normal, area, axes, pseudo_inverse_3x2(g), n, float(pixel_size_angst),
                  np.asarray(defocus_u_angst, dtype=np.float64) + defocus_v_angst,
                  np.asarray(defocus_u_angst, dtype=np.float64) - defocus_v_angst,
                  np.stack([np.cos(2 * angle), np.sin(2 * angle)], axis=1),

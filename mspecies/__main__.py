@@ -4,8 +4,12 @@ import os
 import signal
 import sys
 
-from .cli import main
-from .cli.main import QUICK_EXIT
+from .worker_threads import limit_blas_threads
+
+limit_blas_threads(sys.argv[1:], os.environ)  # before anything loads NumPy (and with it OpenBLAS)
+
+from .cli import main  # noqa: E402 (after the thread settings, on purpose)
+from .cli.main import QUICK_EXIT  # noqa: E402
 
 code = main()
 sys.stdout.flush()

@@ -8,7 +8,9 @@ Usage: ``python benchmarks/export/bench_cli.py [--n-tomograms 2] [--particles 96
 * Engine, in memory: for each tilt series the engine is built from the memory-mapped stack (its setup, the stack
   read and filtering included, is timed apart) and its particles reconstructed three times without checks or
   files; the rate is all particles over the sum of each tilt series' fastest warm pass (as ``bench_export.py``),
-  and also over setup + first pass.
+  and also over setup + first pass. This process makes the export worker's thread settings before NumPy loads
+  (:mod:`mspecies.worker_threads`: one OpenBLAS thread), so the engine runs as the command does; the CLI children
+  get the user's environment and make their own.
 * CLI: ``python -m mspecies export --manifest … --box … --diameter …`` (default options: direct 3D CTF, NumPy, all
   cores) as a new process, wall clock from start to exit, into a new folder each time; its start-up (the
   interpreter and the modules the export imports, nothing else) is timed apart, and the CLI rate is given with
@@ -42,6 +44,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+CHILD_ENVIRON = dict(os.environ)
+"""The environment the CLI children get: as the user's, so that each tree makes its own thread settings."""
+STARTUP_THREADS = ("import os, sys\ntry:\n    from mspecies.worker_threads import limit_blas_threads\n"
+                   "    limit_blas_threads(['export'], os.environ)\nexcept ImportError:\n    pass\n")
+"""Start of the start-up child: the thread settings that ``python -m mspecies export`` makes (where the tree has
+them) before its imports."""
 STARTUP_IMPORTS = ("mspecies.cli.main", "mspecies.cli.export", "mspecies.cli.export_files",
                    "mspecies.cli.export_checks", "mspecies.cli.export_record", "mspecies.cli.atomic",
                    "mspecies.formats.relion_subtomo", "mspecies.synth.dataset")
@@ -104,7 +112,7 @@ def run_timed(command: list[str], source: Path) -> tuple[float, float, subproces
     run from another folder, ``--before`` timed this tree again)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    result = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(source)}, capture_output=True, text=True,
+    result = subprocess.run(command, env={**CHILD_ENVIRON, "PYTHONPATH": str(source)}, capture_output=True, text=True,
                             cwd=source)
     wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -131,7 +139,7 @@ def bench_cli(source: Path, manifest: Path, box_px: int, diameter_angst: float, 
 
 def bench_startup(source: Path) -> float:
     """Wall seconds of a new interpreter importing :data:`STARTUP_IMPORTS`."""
-    wall, _, _ = run_timed([sys.executable, "-c", "import " + ", ".join(STARTUP_IMPORTS)], source)
+    wall, _, _ = run_timed([sys.executable, "-c", STARTUP_THREADS + "import " + ", ".join(STARTUP_IMPORTS)], source)
     return wall
 
 
@@ -220,6 +228,9 @@ def profile_here(manifest: Path, box_px: int, diameter_angst: float, scratch: Pa
 
 
 def main() -> None:
+    from mspecies.worker_threads import limit_blas_threads
+
+    limit_blas_threads(["export"], os.environ)  # before NumPy loads: the engine runs as the export worker does
     if sys.argv[1:2] == ["--profile-child"]:  # profile_cli's new process: the phases as JSON on the last line
         manifest, box_px, diameter_angst, scratch = json.loads(sys.argv[2])
         phases = profile_here(Path(manifest), box_px, diameter_angst, Path(scratch))

@@ -46,3 +46,42 @@ def test_engines_of_one_thread_share_their_work_arrays_and_may_alternate():
     assert {name: array.__array_interface__["data"][0] for name, array in second.buffers.items()} == storage
     for volume, expected in zip(alternated, [v for v in alone for _ in range(2)], strict=True):
         assert np.array_equal(volume, expected)
+
+
+@pytest.mark.parametrize("ctf_method", ["direct", "padded"])
+def test_per_sample_values_in_small_blocks_equal_the_whole_batch_ones_bit_for_bit(monkeypatch, ctf_method):
+    """The sample spectra's phase shifts and the CTF on the samples are computed one particle and a few tilts at
+    a time (temporaries below glibc's mmap threshold, on reused heap pages); blocks of one tilt and blocks of
+    whole batches give the same values."""
+    tilt_series = make_tilt_series(n_tilts=21, microscope=Microscope(300.0, 2.7, 0.07), defocus_angst=20000.0)
+    stack = np.random.default_rng(6).normal(size=(21, 160, 160)).astype(np.float32)
+    particles = poses(np.random.default_rng(7).uniform(-60, 60, (5, 3)))
+    opts = options(max_batch=3, workers=2, ctf_method=ctf_method)
+
+    def whole_batch(self, batch):
+        yield slice(0, batch), slice(0, self.tilts.size)
+
+    results = {}
+    for name, block in (("one tilt", 1), ("whole batch", None)):
+        if block is None:
+            monkeypatch.setattr(TiltSeriesEngine, "_sample_blocks", whole_batch)
+        else:
+            monkeypatch.setattr(TiltSeriesEngine, "SAMPLE_BLOCK", block)
+        results[name] = list(TiltSeriesEngine.create(tilt_series, stack, opts).reconstruct(particles))
+    for a, b in zip(results["one tilt"], results["whole batch"], strict=True):
+        assert np.array_equal(a.volume, b.volume) and np.array_equal(a.ctf, b.ctf)
+
+
+def test_sample_blocks_cover_every_particle_and_tilt_once_and_stay_below_the_mmap_threshold():
+    tilt_series = make_tilt_series(n_tilts=41)
+    stack = np.random.default_rng(8).normal(size=(41, 160, 160)).astype(np.float32)
+    engine = TiltSeriesEngine.create(tilt_series, stack, options())
+    n_samples = engine.grid.n_samples
+    for block_samples in (1, n_samples * 7, 10**9):
+        engine.SAMPLE_BLOCK = block_samples
+        covered = np.zeros((3, 41), dtype=int)
+        for particle, tilts in engine._sample_blocks(3):
+            covered[particle, tilts] += 1
+            assert (tilts.stop - tilts.start) * n_samples <= max(block_samples, n_samples)
+        assert (covered == 1).all()
+    assert TiltSeriesEngine.SAMPLE_BLOCK * 8 < 32 * 2**20  # complex64 blocks below glibc's largest mmap threshold

@@ -377,8 +377,27 @@ class TiltSeriesEngine:
                                                                  m, xp=xp, out=patches)
             spectra = fft.rfft2(patches[0], **kwargs)
             xp.take(spectra.reshape(n_tilts, -1), flat_index, axis=1, out=samples[b])
-        samples *= extract.shift_phase(grid.kx, grid.ky, xp.asarray(residual) + m // 2, m, xp=xp,
-                                       scale=1.0 / (m * m))
+        centre = xp.asarray(residual) + m // 2
+        for block in self._sample_blocks(batch):
+            samples[block] *= extract.shift_phase(grid.kx, grid.ky, centre[block], m, xp=xp, scale=1.0 / (m * m))
+
+    SAMPLE_BLOCK = 2**21
+    """Samples per block of :meth:`_sample_blocks` (8 MiB of float32, 16 MiB of complex64)."""
+
+    def _sample_blocks(self, batch: int) -> Iterator[tuple[int | slice, slice]]:
+        """Index (particles, tilts) of the blocks in which the per-sample values of ``batch`` particles are
+        computed: with NumPy one particle and at most :attr:`SAMPLE_BLOCK` samples (whole tilts) at a time, so
+        that every temporary is below glibc's 32 MiB mmap threshold and reuses freed heap pages (a whole batch's
+        temporaries were mapped afresh and zeroed by the kernel for every batch: 33–67 MiB each at box 128);
+        on a GPU the whole batch at once. The values are element-wise, so blocks do not change them."""
+        n_tilts = self.tilts.size
+        if self.xp is not np:
+            yield slice(0, batch), slice(0, n_tilts)
+            return
+        step = max(1, self.SAMPLE_BLOCK // max(1, self.grid.n_samples))
+        for b in range(batch):
+            for first in range(0, n_tilts, step):
+                yield b, slice(first, min(first + step, n_tilts))
 
     def _sample_values(self, positions_angst: np.ndarray, with_data: bool = True
                        ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
@@ -407,14 +426,18 @@ class TiltSeriesEngine:
         def fill(first: int, last: int) -> None:
             if with_data:
                 self._image_samples(image_px[first:last], samples[first:last], kwargs)
-            if apply_ctf:
-                c_u = self._ctf_u(self.ctf_tables, defocus_u[first:last], defocus_v[first:last])
-                c_w = c_u * self.tilt_weights
+            if not apply_ctf:
+                return
+            for particles, tilts in self._sample_blocks(last - first):
+                block = (first + particles if isinstance(particles, int)
+                         else slice(first + particles.start, first + particles.stop), tilts)
+                c_u = self._ctf_u(self.ctf_tables, defocus_u[block], defocus_v[block], tilts)
+                c_w = c_u * self.tilt_weights[tilts]
                 if with_data:
-                    samples[first:last] *= c_w
+                    samples[block] *= c_w
                 if ctf is not None:
-                    xp.multiply(c_w, c_u, out=ctf[first:last])
-                xp.abs(c_u, out=weight[first:last])
+                    xp.multiply(c_w, c_u, out=ctf[block])
+                xp.abs(c_u, out=weight[block])
 
         insert.run_split(pool, fill, batch)
         if samples is not None:
@@ -424,12 +447,14 @@ class TiltSeriesEngine:
             return samples, ones, ones if padded_ctf else None
         return samples, weight.reshape(batch, -1), None if ctf is None else ctf.reshape(batch, -1)
 
-    def _ctf_u(self, tables: extract.CtfTables, defocus_u: np.ndarray, defocus_v: np.ndarray) -> np.ndarray:
-        """(B, T, S) unweighted CTF of the used tilts with the particles' own defocus."""
+    def _ctf_u(self, tables: extract.CtfTables, defocus_u: np.ndarray, defocus_v: np.ndarray,
+               tilts: slice = slice(None)) -> np.ndarray:
+        """(..., T, S) unweighted CTF of the used tilts (those of ``tilts``, a slice of them, when given) with the
+        particles' own defocus ((..., T) Å)."""
         xp, ts = self.xp, self.tilt_series
         return extract.ctf_samples(tables, xp.asarray(defocus_u), xp.asarray(defocus_v),
-                                   xp.asarray(ts.defocus_angle_deg[self.tilts]),
-                                   xp.asarray(ts.phase_shift_deg[self.tilts]), ts.microscope, xp=xp)
+                                   xp.asarray(ts.defocus_angle_deg[self.tilts][tilts]),
+                                   xp.asarray(ts.phase_shift_deg[self.tilts][tilts]), ts.microscope, xp=xp)
 
     def _volume_batch(self, index: np.ndarray, positions_angst: np.ndarray, euler_zyz_deg: np.ndarray,
                       with_data: bool = True) -> Iterator[ParticleResult]:

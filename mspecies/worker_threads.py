@@ -18,9 +18,9 @@ def limit_blas_threads(argv: Sequence[str], environ: MutableMapping[str, str]) -
 
     The export's matrix algebra is a few 2 × 2 and 3 × 2 matrices per tilt series (written out in closed form in
     :mod:`mspecies.core.geometry`); OpenBLAS still starts a pool of threads when NumPy loads, and after any call
-    that wakes them they spin (``sched_yield``) on the cores that the export's own workers need. On 2 cores the
-    command spent 0.2–0.9 CPU-s more, most of it in the kernel (``benchmarks/export/README.md``). ``argv`` is
-    ``sys.argv[1:]``; ``environ`` is changed in place (``os.environ``: inherited by the command's children).
+    that wakes them they spin (``sched_yield``) on the cores that the export's own workers need: 26,900 calls in
+    a box-64 export of 96 particles (``benchmarks/export/README.md``, fifth pass). ``argv`` is ``sys.argv[1:]``;
+    ``environ`` is changed in place (``os.environ``: inherited by the command's children).
     """
     if not argv or argv[0] not in OWN_THREADS or BLAS_THREADS_VARIABLE in environ:
         return False

@@ -33,8 +33,8 @@ def inverse_2x2(matrices: np.ndarray) -> np.ndarray:
     """(..., 2, 2) inverses in closed form, float64 (adjugate over determinant).
 
     Written out rather than ``np.linalg.inv``: LAPACK on a stack of 2 × 2 matrices wakes OpenBLAS's thread pool,
-    whose threads then spin for the core that the export's own workers need (on 2 cores the command spent
-    0.4–0.9 s more in the kernel)."""
+    whose threads then spin (``sched_yield``) on the cores that the export's own workers need
+    (``benchmarks/export/README.md``, fifth pass)."""
     m = np.asarray(matrices, dtype=np.float64)
     a, b, c, d = m[..., 0, 0], m[..., 0, 1], m[..., 1, 0], m[..., 1, 1]
     det = a * d - b * c

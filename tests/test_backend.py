@@ -25,3 +25,19 @@ def test_auto_falls_back_to_numpy_without_a_device_and_forced_cupy_says_why():
 def test_unknown_backend_name_is_rejected():
     with pytest.raises(ValueError, match="backend must be one of"):
         select_backend("opencl")
+
+
+def test_the_engine_uses_the_cores_this_process_may_run_on(monkeypatch):
+    """A SLURM allocation, taskset or a container's cpuset narrows the affinity mask, not os.cpu_count()."""
+    import os
+
+    from mspecies.core.backend import usable_cores
+    from mspecies.core.reconstruct import ExportOptions
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 5, 9, 11}, raising=False)
+    assert usable_cores() == 4
+    assert ExportOptions(output_pixel_size_angst=4.0, box_px=32, particle_diameter_angst=80.0).n_workers == 4
+    assert ExportOptions(output_pixel_size_angst=4.0, box_px=32, particle_diameter_angst=80.0, workers=2).n_workers == 2
+    monkeypatch.delattr(os, "sched_getaffinity")
+    assert usable_cores() == 64

@@ -6,11 +6,22 @@ without a GPU; only a device call tells, so detection calls ``getDeviceCount()``
 
 from __future__ import annotations
 
+import os
 from types import ModuleType
 
 import numpy as np
 
 BACKENDS = ("auto", "numpy", "cupy")
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on: its affinity mask, which a SLURM allocation, ``taskset`` or a container's
+    cpuset narrows, else every CPU of the machine (``os.cpu_count()`` counts the whole node: on a 64-core node
+    a job given 4 cores would start 64 threads on them)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity masks on this platform
+        return max(1, os.cpu_count() or 1)
 
 
 def cupy_unavailable_reason() -> str | None:

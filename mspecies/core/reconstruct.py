@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ import numpy as np
 from mspecies.common.types import InputError, ParticlePoses, TiltSeriesData
 
 from . import ctf3d, extract, insert
-from .backend import select_backend, to_numpy
+from .backend import select_backend, to_numpy, usable_cores
 from .geometry import euler_to_matrix, particle_defocus_angst, project_positions_to_tilts, tilt_rotation
 from .memory import MemoryPlan, plan_batches
 from .shared_insertion import build_shared_insertion
@@ -95,7 +94,8 @@ class ExportOptions:
     max_batch
         Upper bound on particles per batch.
     workers
-        CPU threads for scipy.fft (None = all cores).
+        CPU threads for scipy.fft and the batch steps (None = every core this process may run on,
+        :func:`~mspecies.core.backend.usable_cores`).
     """
 
     output_pixel_size_angst: float
@@ -146,7 +146,7 @@ class ExportOptions:
 
     @property
     def n_workers(self) -> int:
-        return self.workers or max(1, os.cpu_count() or 1)
+        return self.workers or usable_cores()
 
 
 # ----------------------------------------------------------------------------------------------- poses

@@ -20,7 +20,6 @@ Conventions (those of :mod:`mspecies.common.types`):
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
@@ -32,6 +31,7 @@ import scipy.fft
 
 from mspecies.common.types import InputError, Microscope, ParticlePoses, TiltSeriesData
 from mspecies.core import geometry
+from mspecies.core.backend import usable_cores
 from mspecies.core.ctf import ctf_2d, electron_wavelength_angst, rfft_frequencies
 from mspecies.formats import aretomo, coordinates, ctffind, dose, imod, serialem
 from mspecies.formats.mrc import write_mrc
@@ -41,7 +41,7 @@ from .phantom import BlobModel, make_blob_model, render_blob_map
 from .wbp import align_and_bin_stack, weighted_back_projection
 
 MANIFEST_FORMAT = "mspecies-synth-1"
-WORKERS = max(1, os.cpu_count() or 1)
+WORKERS = usable_cores()
 
 CONVENTIONS = {
     "positions": "position_angst: (x, y, z) in Angstrom relative to the tomogram centre (Scipion default origin).",

@@ -58,8 +58,8 @@ def test_per_sample_values_in_small_blocks_equal_the_whole_batch_ones_bit_for_bi
     particles = poses(np.random.default_rng(7).uniform(-60, 60, (5, 3)))
     opts = options(max_batch=3, workers=2, ctf_method=ctf_method)
 
-    def whole_batch(self, batch):
-        yield slice(0, batch), slice(0, self.tilts.size)
+    def whole_batch(self, first, last):
+        yield slice(first, last), slice(0, self.tilts.size)
 
     results = {}
     for name, block in (("one tilt", 1), ("whole batch", None)):
@@ -79,9 +79,9 @@ def test_sample_blocks_cover_every_particle_and_tilt_once_and_stay_below_the_mma
     n_samples = engine.grid.n_samples
     for block_samples in (1, n_samples * 7, 10**9):
         engine.SAMPLE_BLOCK = block_samples
-        covered = np.zeros((3, 41), dtype=int)
-        for particle, tilts in engine._sample_blocks(3):
+        covered = np.zeros((5, 41), dtype=int)
+        for particle, tilts in engine._sample_blocks(2, 5):
             covered[particle, tilts] += 1
             assert (tilts.stop - tilts.start) * n_samples <= max(block_samples, n_samples)
-        assert (covered == 1).all()
+        assert (covered[2:] == 1).all() and not covered[:2].any()
     assert TiltSeriesEngine.SAMPLE_BLOCK * 8 < 32 * 2**20  # complex64 blocks below glibc's largest mmap threshold

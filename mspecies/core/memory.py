@@ -43,7 +43,7 @@ def retain_freed_memory() -> bool:
     arenas grow by 64 MiB heaps, and glibc deletes a heap as soon as it is empty unless the pad covers it (the
     trim threshold is not consulted there). Without it the output normalisation's temporaries faulted afresh
     for every particle: 112 k page faults per warm pass of 96 particles at box 128, 0.7 s of system time, and
-    the export command 2–4 s of system time more than with it (``benchmarks/export/README.md``).
+    the box-128 export command 1–4 s of system time more than with it (``benchmarks/export/README.md``).
     """
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

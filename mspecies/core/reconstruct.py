@@ -378,26 +378,27 @@ class TiltSeriesEngine:
             spectra = fft.rfft2(patches[0], **kwargs)
             xp.take(spectra.reshape(n_tilts, -1), flat_index, axis=1, out=samples[b])
         centre = xp.asarray(residual) + m // 2
-        for block in self._sample_blocks(batch):
+        for block in self._sample_blocks(0, batch):
             samples[block] *= extract.shift_phase(grid.kx, grid.ky, centre[block], m, xp=xp, scale=1.0 / (m * m))
 
     SAMPLE_BLOCK = 2**21
     """Samples per block of :meth:`_sample_blocks` (8 MiB of float32, 16 MiB of complex64)."""
 
-    def _sample_blocks(self, batch: int) -> Iterator[tuple[int | slice, slice]]:
-        """Index (particles, tilts) of the blocks in which the per-sample values of ``batch`` particles are
-        computed: with NumPy one particle and at most :attr:`SAMPLE_BLOCK` samples (whole tilts) at a time, so
+    def _sample_blocks(self, first: int, last: int) -> Iterator[tuple[int | slice, slice]]:
+        """Index (particles, tilts) of the blocks in which the per-sample values of particles ``first`` to
+        ``last`` (excluded) are computed: with NumPy one particle and at most :attr:`SAMPLE_BLOCK` samples
+        (whole tilts) at a time, so
         that every temporary is below glibc's 32 MiB mmap threshold and reuses freed heap pages (a whole batch's
         temporaries were mapped afresh and zeroed by the kernel for every batch: 33–67 MiB each at box 128);
         on a GPU the whole batch at once. The values are element-wise, so blocks do not change them."""
         n_tilts = self.tilts.size
         if self.xp is not np:
-            yield slice(0, batch), slice(0, n_tilts)
+            yield slice(first, last), slice(0, n_tilts)
             return
         step = max(1, self.SAMPLE_BLOCK // max(1, self.grid.n_samples))
-        for b in range(batch):
-            for first in range(0, n_tilts, step):
-                yield b, slice(first, min(first + step, n_tilts))
+        for b in range(first, last):
+            for start in range(0, n_tilts, step):
+                yield b, slice(start, min(start + step, n_tilts))
 
     def _sample_values(self, positions_angst: np.ndarray, with_data: bool = True
                        ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
@@ -428,9 +429,8 @@ class TiltSeriesEngine:
                 self._image_samples(image_px[first:last], samples[first:last], kwargs)
             if not apply_ctf:
                 return
-            for particles, tilts in self._sample_blocks(last - first):
-                block = (first + particles if isinstance(particles, int)
-                         else slice(first + particles.start, first + particles.stop), tilts)
+            for block in self._sample_blocks(first, last):
+                tilts = block[1]
                 c_u = self._ctf_u(self.ctf_tables, defocus_u[block], defocus_v[block], tilts)
                 c_w = c_u * self.tilt_weights[tilts]
                 if with_data:

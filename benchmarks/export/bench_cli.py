@@ -11,8 +11,8 @@ Usage: ``python benchmarks/export/bench_cli.py [--n-tomograms 2] [--particles 96
   and also over setup + first pass. This process makes the export worker's thread settings before NumPy loads
   (:mod:`mspecies.worker_threads`: one OpenBLAS thread), so the engine runs as the command does; the CLI children
   get the user's environment and make their own.
-* CLI: ``python -m mspecies export --manifest … --box … --diameter …`` (default options: direct 3D CTF, NumPy, all
-  cores) as a new process, wall clock from start to exit, into a new folder each time; its start-up (the
+* CLI: ``python -m mspecies export --manifest … --box … --diameter …`` (default options: direct 3D CTF, NumPy, the
+  cores it may run on) as a new process, wall clock from start to exit, into a new folder each time; its start-up (the
   interpreter and the modules the export imports, nothing else) is timed apart, and the CLI rate is given with
   and without it. ``--before SRC`` also times the CLI of another source tree (e.g. a checkout of ``main``),
   interleaved with this one.
@@ -121,9 +121,11 @@ def run_timed(command: list[str], source: Path) -> tuple[float, float, subproces
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), result
 
 
-SERIAL = ("import mspecies.cli.export_checks as checks; checks.overlap_fits = lambda job, next_job: False; "
-          "import sys; from mspecies.cli.main import main; sys.exit(main(sys.argv[1:]))")
-"""``python -c`` program: the export with its overlap switched off (no writer thread, no engine built ahead)."""
+SERIAL = STARTUP_THREADS + (
+    "import mspecies.cli.export_checks as checks; checks.overlap_fits = lambda job, next_job: False; "
+    "from mspecies.cli.main import main; sys.exit(main(sys.argv[1:]))")
+"""``python -c`` program: the export with its overlap switched off (no writer thread, no engine built ahead), with
+the thread settings of ``python -m mspecies export``."""
 
 
 def bench_cli(source: Path, manifest: Path, box_px: int, diameter_angst: float, scratch: Path,

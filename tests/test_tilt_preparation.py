@@ -119,3 +119,26 @@ def test_cupy_preparation_matches_numpy(normalize):
     on_device = extract.preprocess_image(cupy.asarray(image), BOX, normalize=normalize, invert=True, xp=cupy,
                                          shape_yx=rescaled)
     assert np.allclose(cupy.asnumpy(on_device), on_host, atol=1e-5 * np.sqrt(np.mean(on_host ** 2)))
+
+
+def test_prepared_stack_leaves_the_tilts_not_asked_for_zero(monkeypatch):
+    """The prepared images are allocated uninitialised (huge pages): every tilt asked for is written whole, and the
+    others are zeroed, even where the allocation held other values (here: NaN)."""
+    from test_reconstruct import make_tilt_series
+
+    tilt_series = make_tilt_series(n_tilts=5, shape=(64, 64))
+    stack = np.random.default_rng(11).normal(size=(5, 64, 64)).astype(np.float32)
+    empty = np.empty
+
+    def dirty_empty(shape, dtype=float, *args, **kwargs):
+        array = empty(shape, dtype, *args, **kwargs)
+        if np.dtype(dtype) == np.float32 and len(np.atleast_1d(shape)) == 3:
+            array.fill(np.nan)
+        return array
+
+    monkeypatch.setattr(np, "empty", dirty_empty)
+    prepared = extract.prepare_stack(stack, tilt_series, 4.0, 16, normalize=True, invert=False,
+                                     tilts=np.array([0, 2, 3]))
+    images = prepared.images
+    assert np.isfinite(images).all()
+    assert not images[[1, 4]].any() and all(images[t].std() > 0.5 for t in (0, 2, 3))

@@ -259,8 +259,11 @@ def prepare_stack(stack: np.ndarray, tilt_series: TiltSeriesData, output_pixel_a
     shape = rescaled_shape(tilt_series.image_shape_yx, tilt_series.pixel_size_angst, output_pixel_angst)
     if min(shape) < 2:
         raise InputError(f"output_pixel_size_angst: {output_pixel_angst} Å shrinks the images to {shape} px")
-    images = xp.zeros((tilt_series.n_tilts,) + shape, dtype=xp.float32)
+    # Uninitialised, then every tilt written once: np.zeros maps its pages zeroed but small (42 k page faults for
+    # 41 tilts of 1024², 0.06 s here), np.empty gets NumPy's huge pages (600).
+    images = xp.empty((tilt_series.n_tilts,) + shape, dtype=xp.float32)
     used = [int(t) for t in (range(tilt_series.n_tilts) if tilts is None else tilts)]
+    images[np.setdiff1d(np.arange(tilt_series.n_tilts), used)] = 0
     pool = pool if xp is np else None
     fft_workers = 1 if pool is not None else workers
 

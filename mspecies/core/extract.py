@@ -263,7 +263,8 @@ def prepare_stack(stack: np.ndarray, tilt_series: TiltSeriesData, output_pixel_a
     # 41 tilts of 1024², 0.06 s here), np.empty gets NumPy's huge pages (600).
     images = xp.empty((tilt_series.n_tilts,) + shape, dtype=xp.float32)
     used = [int(t) for t in (range(tilt_series.n_tilts) if tilts is None else tilts)]
-    images[np.setdiff1d(np.arange(tilt_series.n_tilts), used)] = 0
+    for t in sorted(set(range(tilt_series.n_tilts)) - set(used)):
+        images[t] = 0
     pool = pool if xp is np else None
     fft_workers = 1 if pool is not None else workers
 

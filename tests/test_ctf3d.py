@@ -236,7 +236,8 @@ def _thread_faults(setting: str) -> list[int]:
 def test_worker_threads_reuse_the_memory_they_freed():
     """The export's pool and writer threads allocate from glibc's thread arenas, whose extra 64 MiB heaps glibc
     deletes once empty (whatever M_TRIM_THRESHOLD says) unless M_TOP_PAD covers a heap: with the worker's
-    settings only the first round faults; with glibc's default pad every round faults again (control)."""
+    settings only the first round faults; with glibc's default pad every round faults again (control). Relative
+    bounds: with transparent huge pages on for all memory a round faults ~60 times instead of ~3000."""
     kept, control = _thread_faults("worker"), _thread_faults("default pad")
-    assert kept[0] > 1000 and max(kept[1:]) < 100, kept
-    assert min(control[1:]) > 1000, control
+    assert kept[0] > 0 and max(kept[1:]) <= kept[0] // 20, kept
+    assert min(control[1:]) >= kept[0] // 4, (kept, control)

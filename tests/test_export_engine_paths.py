@@ -85,3 +85,40 @@ def test_sample_blocks_cover_every_particle_and_tilt_once_and_stay_below_the_mma
             assert (tilts.stop - tilts.start) * n_samples <= max(block_samples, n_samples)
         assert (covered[2:] == 1).all() and not covered[:2].any()
     assert TiltSeriesEngine.SAMPLE_BLOCK * 8 < 32 * 2**20  # complex64 blocks below glibc's largest mmap threshold
+
+
+def test_the_stack_is_prepared_beside_the_geometry_and_gives_the_same_engine(monkeypatch):
+    """With NumPy and several workers the stack preparation runs on a thread of its own while the calling thread
+    builds the geometry; the engine and its sub-tomograms are those of the serial build (one worker)."""
+    import threading
+
+    tilt_series = make_tilt_series(n_tilts=21, microscope=Microscope(300.0, 2.7, 0.07), defocus_angst=20000.0)
+    stack = np.random.default_rng(9).normal(size=(21, 160, 160)).astype(np.float32)
+    particles = poses(np.random.default_rng(10).uniform(-60, 60, (4, 3)))
+    threads = []
+    prepare = reconstruct.prepare_engine_stack
+
+    def recorded(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return prepare(*args, **kwargs)
+
+    monkeypatch.setattr(reconstruct, "prepare_engine_stack", recorded)
+    beside = TiltSeriesEngine.create(tilt_series, stack, options(workers=2))
+    serial = TiltSeriesEngine.create(tilt_series, stack, options(workers=1))
+    assert threads[0] is not threading.current_thread() and threads[1] is threading.current_thread()
+    assert np.array_equal(beside.prepared.images, serial.prepared.images)
+    assert np.array_equal(beside.insertion.multiplicity, serial.insertion.multiplicity)
+    assert all((a != b).nnz == 0 for a, b in zip(beside.insertion.blocks, serial.insertion.blocks, strict=True))
+    for a, b in zip(beside.reconstruct(particles), serial.reconstruct(particles), strict=True):
+        assert np.array_equal(a.volume, b.volume) and np.array_equal(a.ctf, b.ctf)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_bad_tilt_found_while_the_geometry_is_built_is_the_error(workers):
+    from mspecies.common.types import InputError
+
+    tilt_series = make_tilt_series(n_tilts=21)
+    stack = np.random.default_rng(12).normal(size=(21, 160, 160)).astype(np.float32)
+    stack[7] = 0.0
+    with pytest.raises(InputError, match="tilt 7 .* is blank"):
+        TiltSeriesEngine.create(tilt_series, stack, options(workers=workers))

@@ -276,7 +276,12 @@ class TiltSeriesEngine:
         pixel = options.output_pixel_size_angst
         series = options.mode == "series"
         with_images = prepared is not None or stack is not None
-        preparing = None if prepared is not None or stack is None else _prepare_beside(tilt_series, stack, options)
+        preparing = None
+        if prepared is None and stack is not None:
+            if xp is np and options.n_workers >= 2:  # the pool prepares while this thread builds the geometry
+                preparing = _prepare_beside(tilt_series, stack, options)
+            else:
+                prepared = prepare_engine_stack(tilt_series, stack, options)
         try:
             grid = insert.make_sample_grid(m)
             tables = extract.CtfTables.from_samples(grid.kx, grid.ky, m, pixel, xp=xp)
@@ -392,11 +397,11 @@ class TiltSeriesEngine:
 
     def _sample_blocks(self, first: int, last: int) -> Iterator[tuple[int | slice, slice]]:
         """Index (particles, tilts) of the blocks in which the per-sample values of particles ``first`` to
-        ``last`` (excluded) are computed: with NumPy one particle and at most :attr:`SAMPLE_BLOCK` samples
-        (whole tilts) at a time, so
-        that every temporary is below glibc's 32 MiB mmap threshold and reuses freed heap pages (a whole batch's
-        temporaries were mapped afresh and zeroed by the kernel for every batch: 33–67 MiB each at box 128);
-        on a GPU the whole batch at once. The values are element-wise, so blocks do not change them."""
+        ``last`` (excluded) are computed: with NumPy one particle and at most :attr:`SAMPLE_BLOCK` samples (whole
+        tilts) at a time, so that every temporary is below glibc's 32 MiB mmap threshold and reuses freed heap
+        pages (a whole batch's temporaries were mapped afresh and zeroed by the kernel for every batch: 33–67 MiB
+        each at box 128); on a GPU the whole batch at once. The values are element-wise, so blocks do not change
+        them."""
         n_tilts = self.tilts.size
         if self.xp is not np:
             yield slice(first, last), slice(0, n_tilts)
@@ -843,14 +848,9 @@ _THREAD_BUFFERS = threading.local()
 
 
 def _prepare_beside(tilt_series: TiltSeriesData, stack: np.ndarray, options: ExportOptions) -> Future:
-    """:func:`prepare_engine_stack` started on a thread of its own (NumPy, several workers: its pool's threads do
-    the work while the calling thread builds the geometry, which is single-threaded: 0.1 s at box 64, 0.46 s at box
-    128); otherwise run here, first, as before (its error raised at once). The future's ``result()`` gives the
-    prepared stack or raises the preparation's error."""
-    if select_backend(options.backend) is not np or options.n_workers < 2:
-        done: Future = Future()
-        done.set_result(prepare_engine_stack(tilt_series, stack, options))
-        return done
+    """:func:`prepare_engine_stack` started on a thread of its own: its pool's threads do the work while the
+    calling thread builds the geometry, which is single-threaded (0.1 s at box 64, 0.46 s at box 128). The future's
+    ``result()`` gives the prepared stack or raises the preparation's error."""
     helper = ThreadPoolExecutor(1, thread_name_prefix="mspecies-prepare")
     try:
         return helper.submit(prepare_engine_stack, tilt_series, stack, options)

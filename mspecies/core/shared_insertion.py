@@ -146,7 +146,8 @@ def build_shared_insertion(orientation: np.ndarray, grid: SampleGrid, *, xp: Mod
     del full
     column_sign = np.where(entries.flip & entries.has_entry, np.float32(-1), np.float32(1))
     mirrors = [_concatenate_entries(corner) for corner in entries.mirrors]
-    multiplicity = _multiplicity(matrix, mirrors, entries.base, m, y_major)
+    mirror_voxels, mirror_columns, mirror_weights = _concatenate_entries(mirrors)
+    multiplicity = _multiplicity(matrix, mirrors, mirror_voxels, mirror_weights, entries.base, m, y_major)
     del entries
     bounds = [(start, min(start + block_rows, n_voxels)) for start in range(0, n_voxels, block_rows)]
     block_voxels = None
@@ -159,17 +160,18 @@ def build_shared_insertion(orientation: np.ndarray, grid: SampleGrid, *, xp: Mod
         blocks = [_row_view(matrix, a, b) for a, b in zip(cuts[:-1], cuts[1:])]
     else:
         blocks = [_row_view(matrix, start, end) for start, end in bounds]
-    mirror_voxels, mirror_columns, mirror_weights = _concatenate_entries(mirrors)
     mirror = friedel_mates(mirror_voxels.astype(np.int64), mirror_columns, mirror_weights, n_columns, bounds,
                             block_voxels, np)
     return SharedInsertion(blocks, bounds, *mirror, column_sign, multiplicity, n_voxels, block_voxels)
 
 
-def _multiplicity(matrix: object, mirrors: list[tuple[np.ndarray, np.ndarray, np.ndarray]], base: np.ndarray,
-                  m: int, y_major: bool) -> np.ndarray:
+def _multiplicity(matrix: object, mirrors: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                  mirror_voxels: np.ndarray, mirror_weights: np.ndarray, base: np.ndarray, m: int, y_major: bool
+                  ) -> np.ndarray:
     """(n_voxels,) float32 Σ of a voxel's direct and Friedel-mate weights, bit for bit :meth:`from_splat`'s
     ``bincount`` of :func:`splat_entries` (float64 sums in the order corner by corner, each corner's mates after
-    it, columns ascending, then rounded to float32).
+    it, columns ascending, then rounded to float32). ``mirror_voxels``, ``mirror_weights``: the Friedel-mate
+    entries of ``mirrors`` (one triple per corner) joined in order.
 
     Float32 weights of at least 2^(k − 30) are multiples of 2^(k − 53); when every sum stays below 2^k, each of
     their partial sums is exact in float64, whatever the order. So the sums are taken along the CSR rows, and
@@ -179,7 +181,6 @@ def _multiplicity(matrix: object, mirrors: list[tuple[np.ndarray, np.ndarray, np
     indptr, weights = matrix.indptr, matrix.data
     filled = np.flatnonzero(indptr[1:] != indptr[:-1])
     sums = np.add.reduceat(weights, indptr[filled], dtype=np.float64) if filled.size else np.zeros(0)
-    mirror_voxels, _, mirror_weights = _concatenate_entries(mirrors)
     mated, mate = np.unique(mirror_voxels, return_inverse=True)
     mated_sums = np.zeros(mated.size)
     np.add.at(mated_sums, mate, mirror_weights.astype(np.float64))

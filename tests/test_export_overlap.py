@@ -6,6 +6,7 @@ than one batch however many particles there are."""
 from __future__ import annotations
 
 import errno
+import functools
 import shutil
 import threading
 import time
@@ -284,3 +285,66 @@ def test_each_progress_line_follows_the_files_it_counts(two_tomograms, tmp_path)
     progress = [line for line in written_at_line if "100/120 particles" in line]
     assert len(progress) == 1 and "particles/s" in progress[0]
     assert written_at_line[progress[0]] >= 200, "the progress line came before the files it counts"
+
+
+def test_closing_the_writer_writes_the_last_tasks_on_the_closing_thread_too():
+    """The backlog left when the reconstruction ends runs on two threads: while the writer's thread is busy, the
+    thread that closes the writer runs the queued tasks."""
+    release, taken, ran_on = threading.Event(), threading.Event(), []
+
+    def busy():
+        taken.set()
+        release.wait(10)
+        ran_on.append(("busy", threading.current_thread().name))
+
+    def record(k):
+        ran_on.append((k, threading.current_thread().name))
+        if k == 2:
+            release.set()
+
+    writer = ParticleWriter(4)
+    writer.submit(busy)
+    taken.wait(10)
+    for k in range(3):
+        writer.submit(functools.partial(record, k))
+    writer.close()
+    closing = threading.current_thread().name
+    assert [entry for entry in ran_on if entry[0] != "busy"] == [(k, closing) for k in range(3)]
+    assert ("busy", "mspecies-writer") in ran_on
+
+
+def test_a_progress_task_starts_after_every_earlier_task_even_on_the_closing_thread():
+    finished, seen_at_progress = [], []
+    started = threading.Event()
+
+    def slow():
+        started.set()
+        time.sleep(0.3)
+        finished.append("slow")
+
+    writer = ParticleWriter(4)
+    writer.submit(slow)
+    started.wait(10)
+    writer.submit(lambda: seen_at_progress.append(list(finished)), after_earlier=True)
+    writer.close()
+    assert seen_at_progress == [["slow"]], "the progress task ran before the task submitted before it finished"
+
+
+def test_when_two_threads_fail_at_close_the_error_of_the_task_submitted_first_is_raised():
+    later_failed, taken = threading.Event(), threading.Event()
+
+    def first():
+        taken.set()
+        later_failed.wait(10)
+        raise ReconstructionError("particle 0: the volume is all zero")
+
+    def second():
+        later_failed.set()
+        raise ReconstructionError("particle 1: the volume has non-finite values")
+
+    writer = ParticleWriter(4)
+    writer.submit(first)
+    taken.wait(10)
+    writer.submit(second)
+    with pytest.raises(ReconstructionError, match="particle 0"):
+        writer.close()

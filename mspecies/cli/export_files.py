@@ -172,7 +172,8 @@ def export_tilt_series(tilt_series: TiltSeriesData, stack: np.ndarray | None, pa
             ctf_names.append(_relative(files[1][0], star_folder) if len(files) > 1 else "")
             writer.submit(functools.partial(write_checked_files, files, pixel))
             if log is not None and (p + 1) % 100 == 0:
-                writer.submit(functools.partial(_log_progress, log, ts_id, p + 1, len(particles), started))
+                writer.submit(functools.partial(_log_progress, log, ts_id, p + 1, len(particles), started),
+                              after_earlier=True)
     rows = _star_rows(tilt_series, particles, options, names, ctf_names, tomogram_shape_xyz_px, first_subset_index)
     if options.mode == "series":
         rows = _particle_series_rows(rows, particles, options, visible)

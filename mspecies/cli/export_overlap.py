@@ -6,13 +6,17 @@ A :class:`ParticleWriter` runs the write tasks of one tilt series (check a parti
 files, log progress) on one thread, in the order they were submitted, through a queue of at most ``max_pending``
 tasks: :meth:`ParticleWriter.submit` blocks while the queue is full, so the particles waiting to be written never
 exceed one batch, however many particles the tilt series has. mrcfile's writes and NumPy's reductions release the
-GIL, so the writes run while the engine computes.
+GIL, so the writes run while the engine computes. When the reconstruction is over, :meth:`ParticleWriter.close`
+writes what is left (the last batch) on two threads, the submitting one beside the writer's, instead of leaving a
+core idle; a task submitted with ``after_earlier=True`` (a progress line) still starts only once every task before
+it has finished.
 
 Failures keep the serial export's guarantees. The first task that raises (a bad volume's
 :class:`~mspecies.core.reconstruct.ReconstructionError`, an :class:`OSError` of a write) stops the writer: the tasks
-after it are not run, and the error, the same exception object, is raised on the submitting thread by the next
+after it are not started, and the error, the same exception object, is raised on the submitting thread by the next
 :meth:`~ParticleWriter.submit` or by :meth:`~ParticleWriter.close`, so the export stops with the message it gives
-today. When the submitting thread fails instead (an engine error, Ctrl-C), leaving the ``with`` block discards the
+today (when two tasks fail while :meth:`~ParticleWriter.close` runs two threads, the error of the task submitted
+first). When the submitting thread fails instead (an engine error, Ctrl-C), leaving the ``with`` block discards the
 queued tasks and waits for the task in progress, so no file is written after the caller's cleanup (the staging
 folder's removal) has begun.
 """
@@ -24,7 +28,7 @@ import queue
 import threading
 from collections.abc import Callable
 from types import TracebackType
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 from mspecies.core.insert import WorkerPool
 
@@ -35,30 +39,38 @@ T = TypeVar("T")
 class ParticleWriter:
     """Run write tasks in order on one thread (``max_pending`` ≥ 1 queued at most), or inline (``max_pending`` 0).
 
-    Use as a context manager: a normal exit waits for every task and raises the first task error; an exit by an
-    exception discards what is queued, waits for the running task and lets the exception through.
+    Use as a context manager: a normal exit waits for every task (the submitting thread helping with the last
+    ones) and raises the first task error; an exit by an exception discards what is queued, waits for the running
+    task and lets the exception through.
     """
 
     def __init__(self, max_pending: int, *, name: str = "mspecies-writer") -> None:
         if max_pending < 0:
             raise ValueError(f"max_pending: expected an integer >= 0, got {max_pending}")
         self.max_pending = max_pending
-        self._queue: queue.Queue[Task | None] = queue.Queue(maxsize=max(1, max_pending))
+        self._queue: queue.Queue[_Queued | None] = queue.Queue(maxsize=max(1, max_pending))
         self._error: BaseException | None = None
+        self._failed_at: int | None = None  # submission number of the task whose error is kept
+        self._finished: set[int] = set()  # submission numbers of finished tasks after the first unfinished one
+        self._first_unfinished = 0
+        self._state = threading.Condition()
+        self._submitted = 0
         self._stopped = threading.Event()
         self._thread = None
         if max_pending:
             self._thread = threading.Thread(target=self._run, name=name, daemon=True)
             self._thread.start()
 
-    def submit(self, task: Task) -> None:
+    def submit(self, task: Task, *, after_earlier: bool = False) -> None:
         """Queue ``task`` (waiting while ``max_pending`` tasks are queued), or run it now without a thread; raise
-        the error of an earlier task, if one failed."""
+        the error of an earlier task, if one failed. ``after_earlier``: the task starts only once every task
+        submitted before it has finished (a progress line that counts their files)."""
         self._raise_error()
         if self._thread is None:
             task()
         else:
-            self._queue.put(task)
+            self._queue.put(_Queued(self._submitted, task, after_earlier))
+            self._submitted += 1
 
     def wait(self) -> None:
         """Wait until every queued task has run (the writer stays open); raise the first task error."""
@@ -67,16 +79,29 @@ class ParticleWriter:
         self._raise_error()
 
     def close(self) -> None:
-        """Wait until every queued task has run and stop the thread; raise the first task error."""
+        """Run the queued tasks on this thread beside the writer's until none is left, stop the writer; raise the
+        first task error."""
         if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
+            try:
+                while True:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    self._run_one(item)
+                self._queue.put(None)  # the writer stops once it has finished the task it runs
+                self._thread.join()
+            except BaseException:  # stopped here (Ctrl-C): no file is written after the caller's cleanup
+                self.abort()
+                raise
             self._thread = None
         self._raise_error()
 
     def abort(self) -> None:
         """Discard the queued tasks and wait for the running one (its error, if any, is dropped)."""
         self._stopped.set()
+        with self._state:
+            self._state.notify_all()  # a progress line waiting for earlier tasks is discarded too
         if self._thread is not None:
             self._queue.put(None)  # the writer skips the discarded tasks quickly, so this finds room
             self._thread.join()
@@ -93,21 +118,45 @@ class ParticleWriter:
             self.abort()
 
     def _run(self) -> None:
-        while True:
-            task = self._queue.get()
-            try:
-                if task is None:
-                    return
-                if self._error is None and not self._stopped.is_set():  # after a failure or an abort: drain
-                    task()
-            except BaseException as error:  # noqa: BLE001 (raised again on the submitting thread)
-                self._error = error
-            finally:
-                self._queue.task_done()
+        while (item := self._queue.get()) is not None:
+            self._run_one(item)
+        self._queue.task_done()
+
+    def _run_one(self, item: _Queued) -> None:
+        """Run one queued task unless the writer was stopped or an earlier task failed; keep its error if it
+        fails (the earliest submitted one's when two threads fail)."""
+        try:
+            with self._state:
+                if item.after_earlier:
+                    self._state.wait_for(lambda: self._first_unfinished >= item.number or self._stopped.is_set())
+                run = not self._stopped.is_set() and (self._failed_at is None or item.number < self._failed_at)
+            if run:
+                try:
+                    item.task()
+                except BaseException as error:  # noqa: BLE001 (raised again on the submitting thread)
+                    with self._state:
+                        if self._failed_at is None or item.number < self._failed_at:
+                            self._failed_at, self._error = item.number, error
+        finally:
+            with self._state:
+                self._finished.add(item.number)
+                while self._first_unfinished in self._finished:
+                    self._finished.remove(self._first_unfinished)
+                    self._first_unfinished += 1
+                self._state.notify_all()
+            self._queue.task_done()
 
     def _raise_error(self) -> None:
         if self._error is not None:
             raise self._error
+
+
+class _Queued(NamedTuple):
+    """A task of :class:`ParticleWriter` with its submission number."""
+
+    number: int
+    task: Task
+    after_earlier: bool
 
 
 class Prefetch(Generic[T]):

@@ -8,8 +8,8 @@ written (finite, not all zero, not constant); a bad one stops the export with
 :class:`~mspecies.core.reconstruct.ReconstructionError` and no file is written for it.
 
 The checks and writes of a batch run on a writer thread while the engine reconstructs the next batch
-(:class:`~mspecies.cli.export_overlap.ParticleWriter`, at most one batch queued); the files, their order and the
-errors are those of the serial path (``overlap_writes=False``).
+(:class:`~mspecies.cli.export_overlap.ParticleWriter`, at most one batch queued), and those of the last batch on
+that thread and the calling one; the files and the errors are those of the serial path (``overlap_writes=False``).
 """
 
 from __future__ import annotations

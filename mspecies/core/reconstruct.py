@@ -972,21 +972,50 @@ def _outside_mask(n: int, radius_px: float) -> np.ndarray:
 def normalize_outside_radius(volume: np.ndarray, radius_px: float, *, xp: ModuleType = np,
                              in_place: bool = False) -> np.ndarray:
     """Mean 0, population sd 1 over the voxels farther than ``radius_px`` from the centre N/2 (float32;
-    ``in_place``: ``volume``, a float32 array, is changed and returned)."""
+    ``in_place``: ``volume``, a float32 array, is changed and returned). The mean and sd are float64 sums over
+    those voxels in C order (as ``ndarray.mean`` and ``ndarray.std`` of their float64 copy)."""
     n = volume.shape[0]
     if xp is np:
-        outside = _outside_mask(n, float(radius_px))
+        background = _background_values(volume, float(radius_px))
+        mean = background.mean()
+        np.subtract(background, mean, out=background)  # ndarray.std's own steps, in place (same values)
+        np.multiply(background, background, out=background)
+        sd = float(np.sqrt(np.add.reduce(background) / background.size))
     else:
         axis = xp.arange(n) - n // 2
         outside = axis[:, None, None] ** 2 + axis[None, :, None] ** 2 + axis[None, None, :] ** 2 > radius_px**2
-    background = volume[outside].astype(xp.float64)
-    sd = float(background.std())
+        background = volume[outside].astype(xp.float64)
+        mean, sd = background.mean(), float(background.std())
     factor = 1.0 / sd if sd > 0 else 0.0
     if in_place:
-        volume -= background.mean()
+        volume -= mean
         volume *= factor
         return volume
-    return ((volume - background.mean()) * factor).astype(xp.float32)
+    return ((volume - mean) * factor).astype(xp.float32)
+
+
+_BACKGROUND = threading.local()
+
+
+def _background_values(volume: np.ndarray, radius_px: float) -> np.ndarray:
+    """float64 copy of the (N, N, N) ``volume``'s voxels outside ``radius_px`` in C order, in a work array of this
+    thread kept between calls (valid until its next call): from box 170 or so it is larger than glibc's largest
+    mmap threshold (32 MiB), and a new one was mapped and zeroed by the kernel for every particle."""
+    index = _outside_indices(volume.shape[0], radius_px)
+    work = getattr(_BACKGROUND, "arrays", None)
+    if work is None or work[0].size != index.size:
+        work = _BACKGROUND.arrays = (np.empty(index.size, np.float32), np.empty(index.size, np.float64))
+    np.take(volume.reshape(-1), index, out=work[0], mode="clip")  # valid indices; "clip" writes out unbuffered
+    np.copyto(work[1], work[0])
+    return work[1]
+
+
+@functools.lru_cache(maxsize=8)
+def _outside_indices(n: int, radius_px: float) -> np.ndarray:
+    """Flat C-order indices (read-only, cached) of the voxels of :func:`_outside_mask`."""
+    index = np.flatnonzero(_outside_mask(n, radius_px))
+    index.flags.writeable = False
+    return index
 
 
 def half_to_centred_cube(half: np.ndarray, *, xp: ModuleType = np) -> np.ndarray:

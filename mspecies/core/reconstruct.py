@@ -1012,10 +1012,9 @@ def _background_values(volume: np.ndarray, radius_px: float) -> np.ndarray:
 
 @functools.lru_cache(maxsize=8)
 def _outside_indices(n: int, radius_px: float) -> np.ndarray:
-    """Flat C-order indices (read-only, cached) of the voxels of :func:`_outside_mask`."""
-    index = np.flatnonzero(_outside_mask(n, radius_px))
-    index.flags.writeable = False
-    return index
+    """Flat C-order indices (cached: not to be changed) of the voxels of :func:`_outside_mask`. Left writeable:
+    ``np.take`` copies read-only indices on every call."""
+    return np.flatnonzero(_outside_mask(n, radius_px))
 
 
 def half_to_centred_cube(half: np.ndarray, *, xp: ModuleType = np) -> np.ndarray:

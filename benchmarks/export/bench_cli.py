@@ -34,6 +34,7 @@ import functools
 import importlib
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -136,7 +137,10 @@ def bench_cli(source: Path, manifest: Path, box_px: int, diameter_angst: float, 
                                                                             out / "export")], source)
     shutil.rmtree(out)
     lines = [line for line in result.stdout.splitlines() if "particles/s" in line]
-    return {"wall_s": wall, "cpu_s": cpu, "log": lines}
+    written = re.search(r"^wrote (\d+) particles", result.stdout, re.MULTILINE)
+    if written is None:
+        raise RuntimeError(f"the export did not say how many particles it wrote: {result.stdout[-2000:]}")
+    return {"wall_s": wall, "cpu_s": cpu, "particles": int(written.group(1)), "log": lines}
 
 
 def bench_startup(source: Path) -> float:
@@ -294,7 +298,8 @@ def report(engine: list[dict], cli: dict[str, list[dict]], startup: dict[str, li
         wall = min(run["wall_s"] for run in runs)
         median = sorted(run["wall_s"] for run in runs)[len(runs) // 2]
         start = min(startup[name])
-        rate, rate_without = n / wall, n / (wall - start)
+        written = min(run["particles"] for run in runs)  # the export skips particles outside the images
+        rate, rate_without = written / wall, written / (wall - start)
         figures["cli"][name] = {"runs": runs, "startup_s": startup[name], "particles_per_s": rate,
                                 "particles_per_s_without_startup": rate_without,
                                 "ratio": rate / best_engine["warm_particles_per_s"],
@@ -302,8 +307,8 @@ def report(engine: list[dict], cli: dict[str, list[dict]], startup: dict[str, li
         cpu = min(run["cpu_s"] for run in runs)
         figures["cli"][name]["cpu_ratio"] = best_engine["warm_cpu_s"] / cpu
         figures["cli"][name]["median_wall_s"] = median
-        print(f"CLI ({name}): {wall:.2f} s wall (fastest of {len(runs)}; median {median:.2f} s), {rate:.1f} "
-              f"particles/s = "
+        print(f"CLI ({name}): {written} particles written, {wall:.2f} s wall (fastest of {len(runs)}; median "
+              f"{median:.2f} s), {rate:.1f} particles/s = "
               f"{figures['cli'][name]['ratio']:.2f} × the warm engine; start-up {start:.2f} s excluded: "
               f"{rate_without:.1f} particles/s = {figures['cli'][name]['ratio_without_startup']:.2f} ×; "
               f"CPU {cpu:.2f} s (least of {len(runs)}): warm engine CPU / CLI CPU = "

@@ -348,3 +348,49 @@ def test_when_two_threads_fail_at_close_the_error_of_the_task_submitted_first_is
     writer.submit(second)
     with pytest.raises(ReconstructionError, match="particle 0"):
         writer.close()
+
+
+def test_a_stop_while_closing_leaves_no_writer_running():
+    """Ctrl-C (here a signal handler's exception) while ``close`` waits for the writer: the writer is stopped and
+    joined before the exception leaves ``close``, so the caller's cleanup never races a write."""
+    import signal
+
+    class Stop(Exception):
+        pass
+
+    def stop(_number, _frame):
+        raise Stop
+
+    release, taken, waiting = threading.Event(), threading.Event(), threading.Event()
+
+    def busy():
+        taken.set()
+        release.wait(10)
+
+    def interrupt_then_release():
+        waiting.wait(10)  # close waits for the writer, which runs the first task
+        time.sleep(0.1)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+        time.sleep(0.3)
+        release.set()
+
+    previous = signal.signal(signal.SIGUSR1, stop)
+    try:
+        writer = ParticleWriter(2)
+        join = writer._join
+
+        def spied_join():
+            waiting.set()
+            join()
+
+        writer._join = spied_join
+        writer.submit(busy)
+        taken.wait(10)  # by the writer's thread
+        helper = threading.Thread(target=interrupt_then_release)
+        helper.start()
+        with pytest.raises(Stop):
+            writer.close()
+        assert release.is_set(), "close let the stop through while the writer was still running a task"
+        helper.join(10)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)

@@ -56,6 +56,7 @@ class ParticleWriter:
         self._state = threading.Condition()
         self._submitted = 0
         self._stopped = threading.Event()
+        self._ended = threading.Event()  # the writer's thread has left its loop
         self._thread = None
         if max_pending:
             self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -90,7 +91,7 @@ class ParticleWriter:
                         break
                     self._run_one(item)
                 self._queue.put(None)  # the writer stops once it has finished the task it runs
-                self._thread.join()
+                self._join()
             except BaseException:  # stopped here (Ctrl-C): no file is written after the caller's cleanup
                 self.abort()
                 raise
@@ -104,7 +105,7 @@ class ParticleWriter:
             self._state.notify_all()  # a progress line waiting for earlier tasks is discarded too
         if self._thread is not None:
             self._queue.put(None)  # the writer skips the discarded tasks quickly, so this finds room
-            self._thread.join()
+            self._join()
             self._thread = None
 
     def __enter__(self) -> ParticleWriter:
@@ -117,10 +118,20 @@ class ParticleWriter:
         else:
             self.abort()
 
+    def _join(self) -> None:
+        """Wait until the writer's thread has left its loop. ``Thread.join`` alone is not enough: interrupted by a
+        signal handler's exception (Ctrl-C), CPython 3.11 marks the thread stopped although it still runs, and a
+        second ``join`` then returns at once."""
+        self._ended.wait()
+        self._thread.join()  # type: ignore[union-attr]
+
     def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            self._run_one(item)
-        self._queue.task_done()
+        try:
+            while (item := self._queue.get()) is not None:
+                self._run_one(item)
+            self._queue.task_done()
+        finally:
+            self._ended.set()
 
     def _run_one(self, item: _Queued) -> None:
         """Run one queued task unless the writer was stopped or an earlier task failed; keep its error if it

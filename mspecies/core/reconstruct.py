@@ -960,13 +960,10 @@ def _host_gridding_sinc2(n: int, m: int) -> np.ndarray:
     return sinc2
 
 
-@functools.lru_cache(maxsize=8)
-def _outside_mask(n: int, radius_px: float) -> np.ndarray:
-    """(N, N, N) bool (read-only, cached): voxels farther than ``radius_px`` from the centre N/2."""
-    axis = np.arange(n) - n // 2
-    mask = axis[:, None, None] ** 2 + axis[None, :, None] ** 2 + axis[None, None, :] ** 2 > radius_px**2
-    mask.flags.writeable = False
-    return mask
+def _outside_mask(n: int, radius_px: float, xp: ModuleType = np) -> np.ndarray:
+    """(N, N, N) bool on ``xp``'s device: voxels farther than ``radius_px`` from the centre N/2."""
+    axis = xp.arange(n) - n // 2
+    return axis[:, None, None] ** 2 + axis[None, :, None] ** 2 + axis[None, None, :] ** 2 > radius_px**2
 
 
 def normalize_outside_radius(volume: np.ndarray, radius_px: float, *, xp: ModuleType = np,
@@ -982,9 +979,7 @@ def normalize_outside_radius(volume: np.ndarray, radius_px: float, *, xp: Module
         np.multiply(background, background, out=background)
         sd = float(np.sqrt(np.add.reduce(background) / background.size))
     else:
-        axis = xp.arange(n) - n // 2
-        outside = axis[:, None, None] ** 2 + axis[None, :, None] ** 2 + axis[None, None, :] ** 2 > radius_px**2
-        background = volume[outside].astype(xp.float64)
+        background = volume[_outside_mask(n, radius_px, xp)].astype(xp.float64)
         mean, sd = background.mean(), float(background.std())
     factor = 1.0 / sd if sd > 0 else 0.0
     if in_place:
@@ -1012,8 +1007,8 @@ def _background_values(volume: np.ndarray, radius_px: float) -> np.ndarray:
 
 @functools.lru_cache(maxsize=8)
 def _outside_indices(n: int, radius_px: float) -> np.ndarray:
-    """Flat C-order indices (cached: not to be changed) of the voxels of :func:`_outside_mask`. Left writeable:
-    ``np.take`` copies read-only indices on every call."""
+    """Flat C-order indices (cached: not to be changed; the mask itself is not kept) of the voxels of
+    :func:`_outside_mask`. Left writeable: ``np.take`` copies read-only indices on every call."""
     return np.flatnonzero(_outside_mask(n, radius_px))
 
 

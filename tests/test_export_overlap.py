@@ -377,13 +377,13 @@ def test_a_stop_while_closing_leaves_no_writer_running():
     previous = signal.signal(signal.SIGUSR1, stop)
     try:
         writer = ParticleWriter(2)
-        join = writer._join
+        end_thread = writer._end_thread
 
-        def spied_join():
+        def spied_end_thread():
             waiting.set()
-            join()
+            end_thread()
 
-        writer._join = spied_join
+        writer._end_thread = spied_end_thread
         writer.submit(busy)
         taken.wait(10)  # by the writer's thread
         helper = threading.Thread(target=interrupt_then_release)

@@ -90,12 +90,10 @@ class ParticleWriter:
                     except queue.Empty:
                         break
                     self._run_one(item)
-                self._queue.put(None)  # the writer stops once it has finished the task it runs
-                self._join()
+                self._end_thread()
             except BaseException:  # stopped here (Ctrl-C): no file is written after the caller's cleanup
                 self.abort()
                 raise
-            self._thread = None
         self._raise_error()
 
     def abort(self) -> None:
@@ -104,9 +102,7 @@ class ParticleWriter:
         with self._state:
             self._state.notify_all()  # a progress line waiting for earlier tasks is discarded too
         if self._thread is not None:
-            self._queue.put(None)  # the writer skips the discarded tasks quickly, so this finds room
-            self._join()
-            self._thread = None
+            self._end_thread()  # the writer skips the discarded tasks quickly
 
     def __enter__(self) -> ParticleWriter:
         return self
@@ -118,12 +114,14 @@ class ParticleWriter:
         else:
             self.abort()
 
-    def _join(self) -> None:
-        """Wait until the writer's thread has left its loop. ``Thread.join`` alone is not enough: interrupted by a
-        signal handler's exception (Ctrl-C), CPython 3.11 marks the thread stopped although it still runs, and a
-        second ``join`` then returns at once."""
+    def _end_thread(self) -> None:
+        """Stop the writer's thread once it has finished the task it runs, and wait until it has left its loop.
+        ``Thread.join`` alone is not enough: interrupted by a signal handler's exception (Ctrl-C), CPython 3.11
+        marks the thread stopped although it still runs, and a second ``join`` then returns at once."""
+        self._queue.put(None)
         self._ended.wait()
         self._thread.join()  # type: ignore[union-attr]
+        self._thread = None
 
     def _run(self) -> None:
         try:

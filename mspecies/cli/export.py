@@ -172,6 +172,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     checks.add_argument("--drop-duplicates", action="store_true",
                         help="drop particles identical to an earlier one (same tomogram, position, angles); "
                              "default: keep them and warn")
+    checks.add_argument("--buffered-writes", action="store_true",
+                        help="write every MRC through the page cache; default: files of 4 MiB or more (box 102 and "
+                             "up) bypass it with direct I/O where the file system allows, as a large export does not "
+                             "stay cached and only pushes the tilt series out; the files are the same")
     checks.add_argument("--overwrite", action="store_true",
                         help="replace an earlier export in --out (its STAR and every exported MRC) once this one "
                              "is complete; without it a folder holding an export is refused")
@@ -402,7 +406,7 @@ def _write_export(jobs: list, staging: Path, args: argparse.Namespace) -> tuple[
                                            star_dir=staging, tomogram_shape_xyz_px=job.tomogram_shape_xyz_px,
                                            first_subset_index=first, log=lambda line: print(line, flush=True),
                                            engine=engine, overlap_writes=overlap_fits(job, None),
-                                           engine_ready=start_next)
+                                           engine_ready=start_next, direct_io=not args.buffered_writes)
         tables.append(rows)
         summaries.append(summary)
         if args.mode == "series":

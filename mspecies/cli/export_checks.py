@@ -190,10 +190,12 @@ def output_bytes_per_particle(options: ExportOptions, n_tilts: int) -> int:
 
 def overlap_fits(job: ExportJob, next_job: ExportJob | None) -> bool:
     """True when the memory budget of ``job`` also holds what the export overlaps with its reconstruction: one
-    batch of outputs waiting for the writer, and ``next_job``'s engine built ahead (its fixed memory: prepared
-    stack, insertion operator, tables; None: no next job)."""
+    batch of outputs waiting for the writer, the staging buffers of direct writes (one file each on the two
+    threads that write: :func:`~mspecies.formats.mrc.write_mrc_direct`), and ``next_job``'s engine built ahead
+    (its fixed memory: prepared stack, insertion operator, tables; None: no next job)."""
     used_tilts = int(np.count_nonzero(~job.tilt_series.excluded))
-    waiting = job.plan.batch_size * output_bytes_per_particle(job.options, used_tilts)
+    staging = 2 * (job.options.box_px ** 3 * 4 + MRC_HEADER_BYTES)
+    waiting = job.plan.batch_size * output_bytes_per_particle(job.options, used_tilts) + staging
     ahead = 0 if next_job is None else next_job.plan.fixed_bytes
     return job.plan.total_bytes + waiting + ahead <= job.plan.budget_bytes
 

@@ -1023,14 +1023,20 @@ def half_to_centred_cube(half: np.ndarray, *, xp: ModuleType = np) -> np.ndarray
     return xp.fft.fftshift(full)
 
 
-def check_volume(volume: np.ndarray, what: str) -> None:
-    """Raise :class:`ReconstructionError` if the volume is not finite, all zero or constant."""
-    if not np.all(np.isfinite(volume)):
+def check_volume(volume: np.ndarray, what: str) -> tuple[np.generic, np.generic]:
+    """Raise :class:`ReconstructionError` if the volume is not finite, all zero or constant; else return its
+    ``(min, max)`` (NumPy scalars of its dtype: the MRC header's ``dmin``, ``dmax``).
+
+    Two passes over the volume and no temporary: a NaN anywhere makes both extremes NaN, an infinity one of them,
+    and an all-zero volume is one whose extremes are both 0."""
+    low, high = volume.min(), volume.max()
+    if not (np.isfinite(low) and np.isfinite(high)):
         raise ReconstructionError(f"{what}: the volume has non-finite values")
-    if not np.any(volume):
+    if low == 0 and high == 0:
         raise ReconstructionError(f"{what}: the volume is all zero")
-    if float(np.ptp(volume)) == 0.0:
-        raise ReconstructionError(f"{what}: the volume is constant ({float(volume.flat[0])})")
+    if low == high:
+        raise ReconstructionError(f"{what}: the volume is constant ({float(low)})")
+    return low, high
 
 
 def reconstruct_particles(tilt_series: TiltSeriesData, stack: np.ndarray, particles: ParticlePoses,

@@ -1,16 +1,31 @@
 """MRC reading and writing (``mrcfile``): float32 data with the pixel size in the header.
 
 Arrays are indexed ``[z, y, x]`` (a 2D image ``[y, x]``; a stack of images ``[image, y, x]``).
+
+:func:`write_mrc_direct` writes the same bytes as :func:`write_mrc` without the page cache (``O_DIRECT``), for
+large outputs that nothing reads back soon: a new file written through the page cache needs new page-cache
+memory, which costs system time on every byte (here 61–70 ms of it per 28 MB box-192 sub-tomogram, against 1 ms
+without the cache), and fills the cache that holds the tilt series still to be read.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import mmap
+import os
+import threading
 from pathlib import Path
 
 import mrcfile
 import numpy as np
+from mrcfile.mrcinterpreter import MrcInterpreter
 
 from mspecies.common.types import InputError
+
+DIRECT_IO_ALIGNMENT = 4096
+"""Bytes: ``O_DIRECT`` needs the memory address, file offset and length of each write to be multiples of the
+device's logical block size (512 or 4096 bytes); 4096 serves both."""
 
 
 def write_mrc(path: str | Path, data: np.ndarray, pixel_size_angst: float, *, overwrite: bool = True) -> Path:
@@ -37,6 +52,137 @@ def write_mrc(path: str | Path, data: np.ndarray, pixel_size_angst: float, *, ov
         mrc.set_data(array)  # also sets the header statistics (min, max, mean, rms); the voxel size leaves them
         mrc.voxel_size = float(pixel_size_angst)
     return path
+
+
+def write_mrc_direct(path: str | Path, data: np.ndarray, pixel_size_angst: float, *,
+                     extremes: tuple[float, float] | None = None) -> Path:
+    """Write ``data`` as :func:`write_mrc` does, byte for byte, bypassing the page cache where the file system
+    allows it (``O_DIRECT``; elsewhere, e.g. where ``open`` or the first write says ``EINVAL``, through it).
+
+    The file is assembled in a page-aligned staging buffer kept per thread (the header, then the data; grown to
+    the largest file the thread writes, so a writer thread holds one file's bytes more), padded to
+    :data:`DIRECT_IO_ALIGNMENT`, written, and truncated to its size. The header statistics are mrcfile's own
+    (``min``, ``max``, ``mean`` and ``std`` in float32, the same values), the sd computed in the staging buffer
+    before the data goes there, instead of in a temporary array as large as the data.
+
+    Parameters
+    ----------
+    path
+        Output file (replaced if it exists).
+    data
+        (ny, nx) image, (n, ny, nx) stack or (nz, ny, nx) volume.
+    pixel_size_angst
+        Pixel size in Å (> 0).
+    extremes
+        ``(data.min(), data.max())`` when the caller has them already (e.g. from its checks).
+    """
+    if not pixel_size_angst > 0:
+        raise InputError(f"{path}: pixel_size_angst must be > 0, got {pixel_size_angst}")
+    path = Path(path)
+    array = np.ascontiguousarray(data, dtype=np.float32)
+    size = 1024 + array.nbytes
+    padded = -(-size // DIRECT_IO_ALIGNMENT) * DIRECT_IO_ALIGNMENT
+    staging = _staging_buffer(padded)
+    body = np.frombuffer(staging, dtype=np.float32, count=array.size, offset=1024).reshape(array.shape)
+    header = _header_bytes(array, pixel_size_angst, _header_stats(array, extremes, body))
+    if len(header) != 1024:  # mrcfile writes no extended header for new files
+        raise AssertionError(f"{path}: unexpected MRC header of {len(header)} bytes")
+    staging[:1024] = header
+    np.copyto(body, array)
+    staging[size:padded] = bytes(padded - size)
+    _write_padded(path, memoryview(staging)[:padded], size)
+    return path
+
+
+_STAGING = threading.local()
+
+
+def _staging_buffer(nbytes: int) -> mmap.mmap:
+    """This thread's page-aligned (anonymous mmap) staging buffer of at least ``nbytes``, kept between calls."""
+    buffer = getattr(_STAGING, "buffer", None)
+    if buffer is None or len(buffer) < nbytes:
+        _STAGING.buffer = None
+        if buffer is not None:
+            try:
+                buffer.close()
+            except BufferError:  # a view of it still alive (an earlier call's error being handled): unmapped with it
+                pass
+        buffer = _STAGING.buffer = mmap.mmap(-1, nbytes)
+    return buffer
+
+
+def _header_stats(array: np.ndarray, extremes: tuple[float, float] | None,
+                  work: np.ndarray) -> tuple[np.float32, np.float32, np.float32, np.float32]:
+    """(dmin, dmax, dmean, rms) as mrcfile's ``update_header_stats`` sets them: ``min``, ``max``,
+    ``mean(dtype=float32)`` and ``std(dtype=float32)``; the sd by ``ndarray.std``'s own steps (NumPy's
+    ``_methods._var``), with ``work`` (float32, the shape of ``array``) for its deviations."""
+    low, high = (array.min(), array.max()) if extremes is None else extremes
+    mean = array.mean(dtype=np.float32)
+    count = np.intp(array.size)
+    centre = np.add.reduce(array, axis=None, dtype=np.float32, keepdims=True)
+    np.true_divide(centre, count, out=centre, casting="unsafe", subok=False)
+    np.subtract(array, centre, out=work)
+    np.multiply(work, work, out=work)
+    variance = np.add.reduce(work, axis=None, dtype=np.float32)
+    variance = variance.dtype.type(variance / count)
+    return np.float32(low), np.float32(high), mean, variance.dtype.type(np.sqrt(variance))
+
+
+class _GivenStats(MrcInterpreter):
+    """An MRC object in memory (no stream) whose header statistics are given instead of computed in
+    ``set_data``."""
+
+    def __init__(self, stats: tuple[np.float32, np.float32, np.float32, np.float32]) -> None:
+        super().__init__()
+        self._stats = stats
+        self._create_default_attributes()  # mrcfile's way to a write-only interpreter (MrcInterpreter's docstring)
+
+    def update_header_stats(self) -> None:
+        self.header.dmin, self.header.dmax, self.header.dmean, self.header.rms = self._stats
+
+
+def _header_bytes(array: np.ndarray, pixel_size_angst: float,
+                  stats: tuple[np.float32, np.float32, np.float32, np.float32]) -> bytes:
+    """The header and extended header :func:`write_mrc` writes for ``array`` (float32, C order)."""
+    mrc = _GivenStats(stats)
+    mrc.set_data(array)
+    mrc.voxel_size = float(pixel_size_angst)
+    return mrc.header.tobytes() + mrc.extended_header.tobytes()
+
+
+def _write_padded(path: Path, view: memoryview, size: int) -> None:
+    """Write ``view`` (aligned, a multiple of :data:`DIRECT_IO_ALIGNMENT` long) to a new ``path`` with
+    ``O_DIRECT`` where allowed, then cut the file to ``size`` bytes."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags | os.O_DIRECT, 0o666)
+    except OSError as error:
+        if error.errno != errno.EINVAL:
+            raise
+        fd = os.open(path, flags, 0o666)  # this file system has no direct I/O
+    try:
+        done = 0
+        while done < len(view):
+            try:
+                done += os.write(fd, view[done:])
+            except OSError as error:
+                if error.errno != errno.EINVAL or not _buffered(fd):
+                    raise
+                continue  # direct I/O refused at the write (alignment, file system): the rest through the cache
+            if done % DIRECT_IO_ALIGNMENT:
+                _buffered(fd)  # a short write leaves the next offset unaligned
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
+def _buffered(fd: int) -> bool:
+    """Take ``O_DIRECT`` off ``fd``; False if it was off already."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if not flags & os.O_DIRECT:
+        return False
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+    return True
 
 
 def read_mrc(path: str | Path, mmap: bool = False) -> tuple[np.ndarray, float]:

@@ -12,7 +12,7 @@ from test_reconstruct import BOX, PIXEL, make_tilt_series, options, poses
 from mspecies.cli import main
 from mspecies.cli.export_files import export_tilt_series, relion_coordinates_px
 from mspecies.common.types import InputError, Microscope
-from mspecies.core.memory import estimate_bytes, plan_batches
+from mspecies.core.memory import BATCH_WORK_BYTES, FULL_BATCH, estimate_bytes, plan_batches
 from mspecies.core.reconstruct import CTF_METHODS, ReconstructionError, TiltSeriesEngine, check_volume
 from mspecies.formats.mrc import read_mrc
 from mspecies.formats.relion_subtomo import write_subtomo_star
@@ -30,6 +30,18 @@ def test_memory_plan_batches_within_the_budget_and_refuses_with_numbers():
     assert own > per_particle  # pre-rotation builds one insertion per particle
     _, direct = estimate_bytes(128, 64, 41, 41 * 512 * 512, shared_geometry=True, padded_ctf=False)
     assert direct < per_particle  # the direct 3D CTF needs no padded CTF spectrum
+
+
+@pytest.mark.parametrize(("padded", "box", "expected"), [(128, 64, 16), (256, 128, 16), (384, 192, 6), (512, 256, 4)])
+def test_batches_of_large_particles_stop_growing_at_the_work_bytes_but_keep_four(padded, box, expected):
+    geometry = {"shared_geometry": True, "padded_ctf": False, "by_lines": True}
+    fixed, per_particle = estimate_bytes(padded, box, 41, 41 * 1024 * 1024, **geometry)
+    plan = plan_batches(padded, box, 41, 41 * 1024 * 1024, budget_bytes=fixed + 64 * per_particle, max_batch=16,
+                        **geometry)
+    assert plan.batch_size == expected == min(16, max(FULL_BATCH, BATCH_WORK_BYTES // per_particle))
+    small_budget = plan_batches(padded, box, 41, 41 * 1024 * 1024, budget_bytes=fixed + 3 * per_particle,
+                                max_batch=16, **geometry)
+    assert small_budget.batch_size == 3  # the budget still rules below the cap
 
 
 @pytest.mark.parametrize("prerotate", [False, True])

@@ -19,6 +19,15 @@ from mspecies.common.types import InputError
 
 DEFAULT_BUDGET_FRACTION = 0.25
 MAX_BATCH = 32
+BATCH_WORK_BYTES = 5 * 1024**3 // 2
+"""A batch stops growing once its per-particle arrays would pass 2.5 GiB, but keeps :data:`FULL_BATCH` particles
+where the budget holds them. Large boxes gain nothing from larger batches, which only touch more new memory:
+box 192 (416 MiB per particle), batches of 6 against 11, 48 particles, warm passes 6.4–6.8 s against 6.1–6.8 s,
+first passes 8.0 s against 8.8–9.5 s, and the export command of 94 particles 16.6–16.8 s against 19.9–21.9 s
+(4.5 s less system time) on a 2-core VM (``benchmarks/export/README.md``)."""
+FULL_BATCH = 4
+"""Particles a batch keeps whatever :data:`BATCH_WORK_BYTES` says: box 256 (915 MiB per particle), batches of 2
+made warm passes 12 % slower than batches of 4."""
 # Trilinear splatting touches 8 voxels per sample, plus a few mirrored ones on the x = 0 plane.
 NONZEROS_PER_SAMPLE = 8.5
 
@@ -183,7 +192,8 @@ def estimate_bytes(padded_box_px: int, box_px: int, n_tilts: int, stack_pixels: 
 def plan_batches(padded_box_px: int, box_px: int, n_tilts: int, stack_pixels: int, *, shared_geometry: bool,
                  budget_bytes: int | None = None, max_batch: int = MAX_BATCH, padded_ctf: bool = True,
                  by_lines: bool = False, compiled_threads: int = 0) -> MemoryPlan:
-    """Choose the largest batch (≤ ``max_batch``) that fits the budget, or raise :class:`InputError`.
+    """Choose the largest batch (≤ ``max_batch``) that fits the budget, at most :data:`BATCH_WORK_BYTES` of
+    per-particle arrays (but :data:`FULL_BATCH` particles), or raise :class:`InputError`.
 
     Parameters
     ----------
@@ -194,7 +204,8 @@ def plan_batches(padded_box_px: int, box_px: int, n_tilts: int, stack_pixels: in
     fixed, per_particle = estimate_bytes(padded_box_px, box_px, n_tilts, stack_pixels,
                                          shared_geometry=shared_geometry, padded_ctf=padded_ctf, by_lines=by_lines,
                                          compiled_threads=compiled_threads)
-    batch = min(max_batch, (budget - fixed) // per_particle) if budget > fixed else 0
+    useful = max(FULL_BATCH, BATCH_WORK_BYTES // per_particle)
+    batch = min(max_batch, useful, (budget - fixed) // per_particle) if budget > fixed else 0
     if batch < 1:
         mib = 1024**2
         raise InputError(

@@ -181,15 +181,18 @@ def test_the_memory_check_counts_the_staging_buffers_of_direct_writes():
             self.budget_bytes = budget
 
     class Job:
-        options = ExportOptions(4.0, 64, 150.0)
-
         class tilt_series:  # noqa: N801 (stands in for a TiltSeriesData)
             excluded = np.zeros(41, bool)
 
-        def __init__(self, budget: int) -> None:
-            self.plan = Plan(budget)
+        def __init__(self, budget: int, options: ExportOptions) -> None:
+            self.plan, self.options = Plan(budget), options
 
+    volumes = ExportOptions(4.0, 64, 150.0)
     waiting = 4 * (64 ** 3 + 64 * 64 * 33) * 4
     staging = 2 * (64 ** 3 * 4 + 1024)
-    assert overlap_fits(Job(10_000_000 + waiting + staging), None)
-    assert not overlap_fits(Job(10_000_000 + waiting + staging - 1), None)
+    assert overlap_fits(Job(10_000_000 + waiting + staging, volumes), None)
+    assert not overlap_fits(Job(10_000_000 + waiting + staging - 1, volumes), None)
+    series = ExportOptions(4.0, 16, 40.0, mode="series")  # one stack of 41 tilts: larger than a 16³ volume
+    waiting, staging = 4 * 41 * 16 * 16 * 4, 2 * (41 * 16 * 16 * 4 + 1024)
+    assert overlap_fits(Job(10_000_000 + waiting + staging, series), None)
+    assert not overlap_fits(Job(10_000_000 + waiting + staging - 1, series), None)

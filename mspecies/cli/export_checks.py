@@ -194,7 +194,9 @@ def overlap_fits(job: ExportJob, next_job: ExportJob | None) -> bool:
     threads that write: :func:`~mspecies.formats.mrc.write_mrc_direct`), and ``next_job``'s engine built ahead
     (its fixed memory: prepared stack, insertion operator, tables; None: no next job)."""
     used_tilts = int(np.count_nonzero(~job.tilt_series.excluded))
-    staging = 2 * (job.options.box_px ** 3 * 4 + MRC_HEADER_BYTES)
+    largest = (output_bytes_per_particle(job.options, used_tilts) if job.options.mode == "series"
+               else job.options.box_px ** 3 * 4)  # a particle series is one file; else the sub-tomogram
+    staging = 2 * (largest + MRC_HEADER_BYTES)
     waiting = job.plan.batch_size * output_bytes_per_particle(job.options, used_tilts) + staging
     ahead = 0 if next_job is None else next_job.plan.fixed_bytes
     return job.plan.total_bytes + waiting + ahead <= job.plan.budget_bytes

@@ -73,6 +73,16 @@ def test_record_of_another_tilt_series_count_or_settings_is_invalid(copy):
     assert "other settings (box)" in record_problems(out, "TS_01", N_PARTICLES, {**arguments, "box": 64})[0]
 
 
+def test_how_the_files_were_written_does_not_invalidate_the_record(copy):
+    out, arguments = copy
+    assert record_problems(out, "TS_01", N_PARTICLES, {**arguments, "buffered_writes": True}) == []
+    record = json.loads((out / RECORD_JSON).read_text())
+    del record["arguments"]["buffered_writes"]  # made before the flag existed
+    (out / RECORD_JSON).write_text(json.dumps(record))
+    assert record_problems(out, "TS_01", N_PARTICLES, arguments) == []
+    assert "other settings (box)" in record_problems(out, "TS_01", N_PARTICLES, {**arguments, "box": 64})[0]
+
+
 def test_unreadable_or_foreign_record_is_invalid(copy):
     out, arguments = copy
     (out / RECORD_JSON).write_text("{ cut")

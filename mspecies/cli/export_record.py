@@ -88,9 +88,19 @@ def write_export_record(out_dir: str | Path, particles: pd.DataFrame, summaries:
     return path
 
 
+WAYS_OF_WRITING = frozenset({"buffered_writes"})
+"""Arguments that change how the files are written, not their bytes: a record made with other values of them (or
+before they existed) still proves the export."""
+
+
 def _json_values(arguments: Mapping[str, object]) -> dict[str, object]:
     """Arguments as they read back from JSON (tuples become lists), so two of them compare equal."""
     return json.loads(json.dumps(dict(arguments), default=str))
+
+
+def _settings(arguments: Mapping[str, object]) -> dict[str, object]:
+    """The arguments that decide the files' contents (:data:`WAYS_OF_WRITING` left out), as JSON reads them."""
+    return {key: value for key, value in _json_values(arguments).items() if key not in WAYS_OF_WRITING}
 
 
 def read_export_record(out_dir: str | Path) -> dict:
@@ -112,7 +122,8 @@ def record_problems(out_dir: str | Path, ts_id: str, n_particles: int,
     """Why the record of ``out_dir`` does not prove that ``ts_id`` was exported (empty list: it does).
 
     Checks: a record exists and is of this format; it lists exactly ``ts_id`` with ``n_particles`` particles; it
-    was made with ``arguments`` (when given); every file it lists exists with the size it recorded.
+    was made with ``arguments`` (when given; :data:`WAYS_OF_WRITING` aside); every file it lists exists with the
+    size it recorded.
     """
     try:
         record = read_export_record(out_dir)
@@ -123,9 +134,9 @@ def record_problems(out_dir: str | Path, ts_id: str, n_particles: int,
         problems.append(f"the record lists tilt series {record.get('ts_ids')}, expected [{ts_id!r}]")
     if record.get("n_particles") != n_particles:
         problems.append(f"the record lists {record.get('n_particles')} particles, expected {n_particles}")
-    if arguments is not None and record.get("arguments") != _json_values(arguments):
-        changed = sorted(k for k in set(record.get("arguments", {})) | set(_json_values(arguments))
-                         if record.get("arguments", {}).get(k) != _json_values(arguments).get(k))
+    recorded, expected = _settings(record.get("arguments", {})), _settings(arguments or {})
+    if arguments is not None and recorded != expected:
+        changed = sorted(k for k in set(recorded) | set(expected) if recorded.get(k) != expected.get(k))
         problems.append(f"the record was made with other settings ({', '.join(changed)})")
     out = Path(out_dir)
     files = record.get("files", {})

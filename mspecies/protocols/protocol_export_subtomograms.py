@@ -229,6 +229,12 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
                        label="Relative paths in the STAR",
                        help="Yes: image paths in extra/particles.star are relative to extra/ (the STAR moves with "
                             "the folder). No: absolute paths.")
+        group.addParam("bufferedWrites", params.BooleanParam, default=False, expertLevel=params.LEVEL_ADVANCED,
+                       label="Write through the page cache",
+                       help="No: MRC files of 4 MiB or more (box 102 and up) bypass the page cache (direct I/O, "
+                            "where the file system allows it): gigabytes of sub-tomograms would only push the tilt "
+                            "series out of it. Yes: every file through the cache (for a file system where direct "
+                            "writes are slow). The files are the same.")
         group.addParam("backend", params.EnumParam, choices=["auto", "CPU", "GPU"], default=BACKEND_AUTO,
                        expertLevel=params.LEVEL_ADVANCED, label="Backend",
                        help="auto: CuPy when a GPU answers, else NumPy (the MSPECIES_BACKEND variable can force "
@@ -462,7 +468,8 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
         flags = {"--prerotate": self._prerotated(), "--no-invert": not self.invertContrast.get(),
                  "--no-normalize-input": not self.normalizeInput.get(),
                  "--no-normalize-output": not self.normalizeOutput.get(), "--sparse-ctf": self.sparseCtf.get(),
-                 "--no-ctf": self.outputMode.get() == MODE_SERIES and not self.premultiplyCtf.get()}
+                 "--no-ctf": self.outputMode.get() == MODE_SERIES and not self.premultiplyCtf.get(),
+                 "--buffered-writes": self.bufferedWrites.get()}
         args += [flag for flag, on in flags.items() if on]
         if self.limitTilts.get():
             args += ["--n-tilts-by-dose", str(self.nTilts.get())]

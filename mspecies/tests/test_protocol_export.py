@@ -261,6 +261,16 @@ class TestExportProtocol(BaseTest):
             else:
                 self.assertEqual(arguments[arguments.index("--padding-factor") + 1], expected)
 
+    def test_buffered_writes_reach_the_worker(self):
+        """'Write through the page cache' = Yes is the worker's --buffered-writes; the default passes nothing (large
+        files written directly)."""
+        values = dict(inputParticles=self.imported["coordinates"], inputTiltSeries=self.imported["tilt_series"],
+                      inputCtf=self.imported["ctfs"], boxSize=32, particleDiameter=100.0)
+        for buffered in (False, True):
+            protocol = self.proj.newProtocol(ProtMSpeciesExportSubtomograms, bufferedWrites=buffered, **values)
+            self.assertEqual("--buffered-writes" in protocol._cliArgs("extra/TS_01").split(), buffered)
+        self.assertFalse(self.prot.bufferedWrites.get())
+
     def test_raw_particle_series_reaches_the_worker(self):
         """'CTF-premultiply the stacks' = No asks the worker for raw stacks (--no-ctf), in the particle series only."""
         values = dict(inputParticles=self.imported["coordinates"], inputTiltSeries=self.imported["tilt_series"],

@@ -39,9 +39,11 @@ def test_batches_of_large_particles_stop_growing_at_the_work_bytes_but_keep_four
     plan = plan_batches(padded, box, 41, 41 * 1024 * 1024, budget_bytes=fixed + 64 * per_particle, max_batch=16,
                         **geometry)
     assert plan.batch_size == expected == min(16, max(FULL_BATCH, BATCH_WORK_BYTES // per_particle))
+    assert plan.describe().endswith("larger batches would not be faster at this size") == (expected < 16)
     small_budget = plan_batches(padded, box, 41, 41 * 1024 * 1024, budget_bytes=fixed + 3 * per_particle,
                                 max_batch=16, **geometry)
     assert small_budget.batch_size == 3  # the budget still rules below the cap
+    assert small_budget.describe().endswith("MiB budget")
 
 
 @pytest.mark.parametrize("prerotate", [False, True])

@@ -111,9 +111,18 @@ class MemoryPlan:
 
     def describe(self) -> str:
         mib = 1024**2
+        capped = (self.batch_size == useful_batch(self.per_particle_bytes)
+                  < (self.budget_bytes - self.fixed_bytes) // self.per_particle_bytes)
         return (f"batch {self.batch_size} particles, {self.total_bytes / mib:.0f} MiB "
                 f"(fixed {self.fixed_bytes / mib:.0f} MiB + {self.per_particle_bytes / mib:.1f} MiB/particle) "
-                f"of a {self.budget_bytes / mib:.0f} MiB budget")
+                f"of a {self.budget_bytes / mib:.0f} MiB budget"
+                + ("; larger batches would not be faster at this size" if capped else ""))
+
+
+def useful_batch(per_particle_bytes: int) -> int:
+    """The largest batch worth its memory: :data:`BATCH_WORK_BYTES` of per-particle arrays, but at least
+    :data:`FULL_BATCH` particles."""
+    return max(FULL_BATCH, BATCH_WORK_BYTES // per_particle_bytes)
 
 
 def estimate_bytes(padded_box_px: int, box_px: int, n_tilts: int, stack_pixels: int, *,
@@ -204,8 +213,7 @@ def plan_batches(padded_box_px: int, box_px: int, n_tilts: int, stack_pixels: in
     fixed, per_particle = estimate_bytes(padded_box_px, box_px, n_tilts, stack_pixels,
                                          shared_geometry=shared_geometry, padded_ctf=padded_ctf, by_lines=by_lines,
                                          compiled_threads=compiled_threads)
-    useful = max(FULL_BATCH, BATCH_WORK_BYTES // per_particle)
-    batch = min(max_batch, useful, (budget - fixed) // per_particle) if budget > fixed else 0
+    batch = min(max_batch, useful_batch(per_particle), (budget - fixed) // per_particle) if budget > fixed else 0
     if batch < 1:
         mib = 1024**2
         raise InputError(

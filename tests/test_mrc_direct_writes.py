@@ -3,10 +3,11 @@ refuses direct I/O or cuts a write short, and the export's choice of them by fil
 
 from __future__ import annotations
 
+import datetime
 import errno
 import os
-import time
 
+import mrcfile.mrcobject
 import numpy as np
 import pytest
 from test_export_overlap import EXPORT, mrc_contents, two_tomograms  # noqa: F401 (fixture)
@@ -19,10 +20,16 @@ from mspecies.formats.mrc import DIRECT_IO_ALIGNMENT, write_mrc, write_mrc_direc
 SHAPES = [(64, 64, 64), (33, 20, 17), (5, 64, 64), (40, 41), (128, 128, 65), (100, 100, 100)]
 
 
+class _Midnight(datetime.datetime):
+    @classmethod
+    def now(cls, tz=None):  # noqa: ANN001, ANN206 (datetime's own signature)
+        return cls(2026, 12, 6)
+
+
 @pytest.fixture(autouse=True)
 def fixed_label_time(monkeypatch):
-    """mrcfile labels each new file with the time of day: one time for both writers."""
-    monkeypatch.setattr(time, "strftime", lambda *args: "2026-12-06 00:00:00")
+    """mrcfile labels each new file with the time of day (``datetime.now()``): one time for both writers."""
+    monkeypatch.setattr(mrcfile.mrcobject, "datetime", _Midnight)
 
 
 def random_volume(shape: tuple[int, ...], seed: int) -> np.ndarray:
@@ -37,6 +44,7 @@ def test_direct_writes_give_the_bytes_mrcfile_writes(tmp_path, shape):
     write_mrc_direct(tmp_path / "direct.mrc", volume, 3.37)
     write_mrc_direct(tmp_path / "given.mrc", volume, 3.37, extremes=(volume.min(), volume.max()))
     expected = (tmp_path / "mrcfile.mrc").read_bytes()
+    assert b"2026-12-06 00:00:00" in expected[:1024]  # the fixed label time: a new second cannot split the two
     assert (tmp_path / "direct.mrc").read_bytes() == expected
     assert (tmp_path / "given.mrc").read_bytes() == expected
 

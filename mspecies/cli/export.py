@@ -173,9 +173,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="drop particles identical to an earlier one (same tomogram, position, angles); "
                              "default: keep them and warn")
     checks.add_argument("--buffered-writes", action="store_true",
-                        help="write every MRC through the page cache; default: files of 4 MiB or more (box 102 and "
-                             "up) bypass it with direct I/O where the file system allows, as a large export does not "
-                             "stay cached and only pushes the tilt series out; the files are the same")
+                        help="write every MRC through the page cache; default: files of 4 MiB or more "
+                             "(sub-tomograms from box 102) bypass it with direct I/O where the file system allows, as "
+                             "a large export does not stay cached and only pushes the tilt series out; the files are "
+                             "the same")
     checks.add_argument("--overwrite", action="store_true",
                         help="replace an earlier export in --out (its STAR and every exported MRC) once this one "
                              "is complete; without it a folder holding an export is refused")

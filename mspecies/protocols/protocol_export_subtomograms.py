@@ -231,10 +231,10 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
                             "the folder). No: absolute paths.")
         group.addParam("bufferedWrites", params.BooleanParam, default=False, expertLevel=params.LEVEL_ADVANCED,
                        label="Write through the page cache",
-                       help="No: MRC files of 4 MiB or more (box 102 and up) bypass the page cache (direct I/O, "
-                            "where the file system allows it): gigabytes of sub-tomograms would only push the tilt "
-                            "series out of it. Yes: every file through the cache (for a file system where direct "
-                            "writes are slow). The files are the same.")
+                       help="No: MRC files of 4 MiB or more (sub-tomograms from box 102) bypass the page cache "
+                            "(direct I/O, where the file system allows it): gigabytes of sub-tomograms would only "
+                            "push the tilt series out of it. Yes: every file through the cache (for a file system "
+                            "where direct writes are slow). The files are the same.")
         group.addParam("backend", params.EnumParam, choices=["auto", "CPU", "GPU"], default=BACKEND_AUTO,
                        expertLevel=params.LEVEL_ADVANCED, label="Backend",
                        help="auto: CuPy when a GPU answers, else NumPy (the MSPECIES_BACKEND variable can force "

@@ -114,12 +114,14 @@ def _staging_buffer(nbytes: int) -> mmap.mmap:
 def _header_stats(array: np.ndarray, extremes: tuple[float, float] | None,
                   work: np.ndarray) -> tuple[np.float32, np.float32, np.float32, np.float32]:
     """(dmin, dmax, dmean, rms) as mrcfile's ``update_header_stats`` sets them: ``min``, ``max``,
-    ``mean(dtype=float32)`` and ``std(dtype=float32)``; the sd by ``ndarray.std``'s own steps (NumPy's
-    ``_methods._var``), with ``work`` (float32, the shape of ``array``) for its deviations."""
+    ``mean(dtype=float32)`` and ``std(dtype=float32)``; the mean and sd by ``ndarray.mean``'s and ``ndarray.std``'s
+    own steps (NumPy's ``_methods._mean`` and ``_var``) from one float32 sum, with ``work`` (float32, the shape of
+    ``array``) for the deviations."""
     low, high = (array.min(), array.max()) if extremes is None else extremes
-    mean = array.mean(dtype=np.float32)
     count = np.intp(array.size)
     centre = np.add.reduce(array, axis=None, dtype=np.float32, keepdims=True)
+    total = centre.flat[0]  # the sum ``mean(dtype=float32)`` takes, and divides as ``_methods._mean`` does
+    mean = total.dtype.type(total / count)
     np.true_divide(centre, count, out=centre, casting="unsafe", subok=False)
     np.subtract(array, centre, out=work)
     np.multiply(work, work, out=work)

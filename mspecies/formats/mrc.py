@@ -44,14 +44,18 @@ def write_mrc(path: str | Path, data: np.ndarray, pixel_size_angst: float, *, ov
     -------
     The path written.
     """
-    if not pixel_size_angst > 0:
-        raise InputError(f"{path}: pixel_size_angst must be > 0, got {pixel_size_angst}")
-    path = Path(path)
-    array = np.ascontiguousarray(data, dtype=np.float32)
+    path, array = _checked_float32(path, data, pixel_size_angst)
     with mrcfile.new(path, overwrite=overwrite) as mrc:
         mrc.set_data(array)  # also sets the header statistics (min, max, mean, rms); the voxel size leaves them
         mrc.voxel_size = float(pixel_size_angst)
     return path
+
+
+def _checked_float32(path: str | Path, data: np.ndarray, pixel_size_angst: float) -> tuple[Path, np.ndarray]:
+    """(path, data as C-ordered float32) for the writers; :class:`InputError` unless ``pixel_size_angst`` > 0."""
+    if not pixel_size_angst > 0:
+        raise InputError(f"{path}: pixel_size_angst must be > 0, got {pixel_size_angst}")
+    return Path(path), np.ascontiguousarray(data, dtype=np.float32)
 
 
 def write_mrc_direct(path: str | Path, data: np.ndarray, pixel_size_angst: float, *,
@@ -76,10 +80,7 @@ def write_mrc_direct(path: str | Path, data: np.ndarray, pixel_size_angst: float
     extremes
         ``(data.min(), data.max())`` when the caller has them already (e.g. from its checks).
     """
-    if not pixel_size_angst > 0:
-        raise InputError(f"{path}: pixel_size_angst must be > 0, got {pixel_size_angst}")
-    path = Path(path)
-    array = np.ascontiguousarray(data, dtype=np.float32)
+    path, array = _checked_float32(path, data, pixel_size_angst)
     size = 1024 + array.nbytes
     padded = -(-size // DIRECT_IO_ALIGNMENT) * DIRECT_IO_ALIGNMENT
     staging = _staging_buffer(padded)

@@ -21,7 +21,7 @@ from mspecies.cli import main
 from mspecies.cli.export_files import export_tilt_series
 from mspecies.cli.export_overlap import ParticleWriter, Prefetch
 from mspecies.core.reconstruct import ExportOptions, ReconstructionError, TiltSeriesEngine, check_volume
-from mspecies.formats.mrc import read_mrc, write_mrc
+from mspecies.formats.mrc import read_mrc, write_mrc, write_mrc_stream
 from mspecies.synth.dataset import generate_dataset, load_manifest, manifest_particles, manifest_tilt_series
 
 EXPORT = ["export", "--box", "24", "--diameter", "60", "--backend", "numpy", "--max-batch", "3"]
@@ -135,9 +135,9 @@ def test_a_failing_write_stops_the_export_with_a_message_naming_the_file_and_lea
         calls.append(path)
         if len(calls) == 9:
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return write_mrc(path, data, pixel_size_angst, **kwargs)
+        return write_mrc_stream(path, data, pixel_size_angst, **kwargs)
 
-    monkeypatch.setattr("mspecies.cli.export_files.write_mrc", write_until_refused)
+    monkeypatch.setattr("mspecies.cli.export_files.write_mrc_stream", write_until_refused)
     out = tmp_path / "out"
     assert main(EXPORT + ["--manifest", str(two_tomograms), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -178,10 +178,10 @@ def test_the_write_queue_holds_one_batch_however_many_particles(two_tomograms, t
     def slow_write(path, data, pixel_size_angst, **kwargs):
         peaks[n_particles] = max(peaks.get(n_particles, 0), alive[0])
         time.sleep(0.02)
-        return write_mrc(path, data, pixel_size_angst, **kwargs)
+        return write_mrc_stream(path, data, pixel_size_angst, **kwargs)
 
     monkeypatch.setattr(TiltSeriesEngine, "reconstruct", tracked)
-    monkeypatch.setattr("mspecies.cli.export_files.write_mrc", slow_write)
+    monkeypatch.setattr("mspecies.cli.export_files.write_mrc_stream", slow_write)
     manifest = load_manifest(two_tomograms)
     tilt_series = manifest_tilt_series(manifest, "TS_01")
     particles = manifest_particles(manifest)

@@ -1,5 +1,6 @@
-"""MRC files written without the page cache (``O_DIRECT``): the bytes of mrcfile's own, wherever the file system
-refuses direct I/O or cuts a write short, and the export's choice of them by file size."""
+"""The export's MRC writers: without the page cache (``O_DIRECT``) and through it from a kept header
+(``write_mrc_stream``); the bytes of mrcfile's own, wherever the file system refuses direct I/O or cuts a write
+short, and the export's choice between them by file size."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from test_export_overlap import EXPORT, mrc_contents, two_tomograms  # noqa: F40
 from mspecies.cli.main import main
 from mspecies.core.reconstruct import ExportOptions, ReconstructionError, check_volume
 from mspecies.formats import mrc
-from mspecies.formats.mrc import DIRECT_IO_ALIGNMENT, write_mrc, write_mrc_direct
+from mspecies.formats.mrc import DIRECT_IO_ALIGNMENT, write_mrc, write_mrc_direct, write_mrc_stream
 
 SHAPES = [(64, 64, 64), (33, 20, 17), (5, 64, 64), (40, 41), (128, 128, 65), (100, 100, 100)]
 
@@ -28,8 +29,10 @@ class _Midnight(datetime.datetime):
 
 @pytest.fixture(autouse=True)
 def fixed_label_time(monkeypatch):
-    """mrcfile labels each new file with the time of day (``datetime.now()``): one time for both writers."""
+    """mrcfile labels each new file with the time of day (``datetime.now()``): one time for every writer, and no
+    header kept from another test (made in the same second with the real time)."""
     monkeypatch.setattr(mrcfile.mrcobject, "datetime", _Midnight)
+    monkeypatch.setattr(mrc, "_HEADERS", {})
 
 
 def random_volume(shape: tuple[int, ...], seed: int) -> np.ndarray:
@@ -139,6 +142,80 @@ def test_the_staging_buffer_grows_to_the_largest_file_and_is_kept(tmp_path, monk
     assert mrc._STAGING.buffer is kept
 
 
+# ------------------------------------------------------------------------------- through the cache, header kept
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_stream_writes_give_the_bytes_mrcfile_writes(tmp_path, shape):
+    volume = random_volume(shape, len(shape) + shape[-1])
+    write_mrc(tmp_path / "mrcfile.mrc", volume, 1.7)
+    write_mrc_stream(tmp_path / "stream.mrc", volume, 1.7)
+    write_mrc_stream(tmp_path / "given.mrc", volume.astype(np.float64), 1.7, extremes=(volume.min(), volume.max()))
+    expected = (tmp_path / "mrcfile.mrc").read_bytes()
+    assert b"2026-12-06 00:00:00" in expected[:1024]
+    assert (tmp_path / "stream.mrc").read_bytes() == expected
+    assert (tmp_path / "given.mrc").read_bytes() == expected
+
+
+def test_files_sharing_a_kept_header_each_get_their_own_statistics_and_pixel_size(tmp_path):
+    """Ten volumes of one shape (one header made, then copied) and the same shapes at another pixel size."""
+    for k in range(10):
+        pixel = 2.0 if k < 7 else 3.5
+        volume = random_volume((12, 13, 14), 100 + k)
+        write_mrc(tmp_path / "mrcfile.mrc", volume, pixel)
+        write_mrc_stream(tmp_path / "stream.mrc", volume, pixel)
+        write_mrc_direct(tmp_path / "direct.mrc", volume, pixel)
+        expected = (tmp_path / "mrcfile.mrc").read_bytes()
+        assert (tmp_path / "stream.mrc").read_bytes() == expected, k
+        assert (tmp_path / "direct.mrc").read_bytes() == expected, k
+    assert sorted(key[:2] for key in mrc._HEADERS) == [((12, 13, 14), 2.0), ((12, 13, 14), 3.5)]
+
+
+def test_kept_headers_are_remade_each_second_so_the_label_tells_the_time(tmp_path, monkeypatch):
+    clock = [1_000.2]
+    monkeypatch.setattr(mrc.time, "time", lambda: clock[0])
+    volume = random_volume((8, 9, 10), 12)
+    write_mrc_stream(tmp_path / "a.mrc", volume, 1.0)
+    monkeypatch.setattr(mrcfile.mrcobject, "datetime", type("_Later", (datetime.datetime,), {
+        "now": classmethod(lambda cls, tz=None: cls(2026, 12, 6, 0, 0, 1))}))
+    clock[0] = 1_001.1
+    write_mrc_stream(tmp_path / "b.mrc", volume, 1.0)
+    assert list(mrc._HEADERS) == [((8, 9, 10), 1.0, 1_001)]  # the earlier second's dropped
+    assert b"2026-12-06 00:00:00" in (tmp_path / "a.mrc").read_bytes()[:1024]
+    assert b"2026-12-06 00:00:01" in (tmp_path / "b.mrc").read_bytes()[:1024]
+
+
+def test_a_short_stream_write_goes_on_where_it_stopped(tmp_path, monkeypatch):
+    real_writev, calls = os.writev, []
+
+    def short_writev(fd, buffers):
+        calls.append(sum(len(b) for b in buffers))
+        return real_writev(fd, [bytes(b)[:5000] for b in buffers][:1] if len(calls) < 4 else buffers)
+
+    volume = random_volume((20, 30, 40), 13)
+    write_mrc(tmp_path / "mrcfile.mrc", volume, 1.0)
+    monkeypatch.setattr(os, "writev", short_writev)
+    write_mrc_stream(tmp_path / "stream.mrc", volume, 1.0)
+    assert len(calls) == 4 and calls[0] == 1024 + volume.nbytes
+    assert (tmp_path / "stream.mrc").read_bytes() == (tmp_path / "mrcfile.mrc").read_bytes()
+
+
+@pytest.mark.parametrize("failure", ["enospc", "no progress"])
+def test_a_failing_stream_write_is_raised_with_the_file_left_closed(tmp_path, monkeypatch, failure):
+    closed, real_close = [], os.close
+
+    def failing_writev(fd, buffers):
+        if failure == "enospc":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return 0
+
+    monkeypatch.setattr(os, "writev", failing_writev)
+    monkeypatch.setattr(os, "close", lambda fd: (closed.append(fd), real_close(fd)))
+    with pytest.raises(OSError, match="No space left" if failure == "enospc" else "no progress"):
+        write_mrc_stream(tmp_path / "stream.mrc", random_volume((20, 20, 20), 14), 1.0)
+    assert len(closed) == 1
+
+
 @pytest.mark.parametrize("volume", [np.zeros((4, 4, 4), np.float32), np.full((4, 4, 4), 2.5, np.float32),
                                     np.where(np.arange(64).reshape(4, 4, 4) == 37, np.nan, 1.0),
                                     np.where(np.arange(64).reshape(4, 4, 4) == 5, -np.inf, 1.0),
@@ -168,14 +245,24 @@ def test_the_export_writes_large_files_directly_and_the_same_files_buffered(two_
         direct_calls.append(args[0])
         return real_direct(*args, **kwargs)
 
+    stream_calls, real_stream = [], mrc.write_mrc_stream
+
+    def counted_stream(*args, **kwargs):
+        stream_calls.append(args[0])
+        return real_stream(*args, **kwargs)
+
     monkeypatch.setattr("mspecies.cli.export_files.write_mrc_direct", counted)
+    monkeypatch.setattr("mspecies.cli.export_files.write_mrc_stream", counted_stream)
     monkeypatch.setattr("mspecies.cli.export_files.DIRECT_IO_MIN_BYTES", 24 ** 3 * 4)  # the sub-tomograms only
     assert main(export_arguments(two_tomograms, tmp_path / "direct")) == 0
-    sub_tomograms = sorted(path.name for path in tmp_path.glob("direct/TS_01/*.mrc") if "_ctf_" not in path.name)
+    written = sorted(tmp_path.glob("direct/TS_01/*.mrc"))
+    sub_tomograms = sorted(path.name for path in written if "_ctf_" not in path.name)
     assert sorted(path.name for path in direct_calls) == sub_tomograms != []  # written in staging, then moved
+    assert sorted(path.name for path in stream_calls) == sorted(path.name for path in written if "_ctf_" in path.name)
     direct_calls.clear()
+    stream_calls.clear()
     assert main(export_arguments(two_tomograms, tmp_path / "buffered") + ["--buffered-writes"]) == 0
-    assert direct_calls == []
+    assert direct_calls == [] and len(stream_calls) == len(written)
     assert mrc_contents(tmp_path / "direct") == mrc_contents(tmp_path / "buffered")
 
 

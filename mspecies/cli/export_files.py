@@ -30,7 +30,7 @@ from mspecies.common.types import InputError, ParticlePoses, TiltSeriesData
 from mspecies.core.geometry import centred_angst_to_corner_px
 from mspecies.core.reconstruct import ExportOptions, TiltSeriesEngine, check_volume, shifted_positions_angst
 from mspecies.formats import relion5
-from mspecies.formats.mrc import write_mrc, write_mrc_direct
+from mspecies.formats.mrc import write_mrc_direct, write_mrc_stream
 
 STAR_NAME = "particles.star"
 """The export's STAR, beside the per-tilt-series folders of MRCs."""
@@ -201,15 +201,16 @@ def write_checked_files(files: list[tuple[Path, np.ndarray, str]], pixel_size_an
     then write each as float32 MRC at ``pixel_size_angst``: nothing of the particle is written when one is bad.
 
     ``files``: (path, volume, what) per file, in writing order. ``direct_io``: files of
-    :data:`DIRECT_IO_MIN_BYTES` or more bypass the page cache (:func:`~mspecies.formats.mrc.write_mrc_direct`,
-    the same bytes); False: every file through it.
+    :data:`DIRECT_IO_MIN_BYTES` or more bypass the page cache (:func:`~mspecies.formats.mrc.write_mrc_direct`);
+    the others, or every file with False, go through it (:func:`~mspecies.formats.mrc.write_mrc_stream`). The
+    bytes are mrcfile's either way.
     """
     extremes = [check_volume(volume, what) for _, volume, what in files]
     for (path, volume, _), low_high in zip(files, extremes):
         if direct_io and volume.size * 4 >= DIRECT_IO_MIN_BYTES:
             write_mrc_direct(path, volume, pixel_size_angst, extremes=low_high)
         else:
-            write_mrc(path, volume, pixel_size_angst)
+            write_mrc_stream(path, volume, pixel_size_angst, extremes=low_high)
 
 
 def _log_progress(log: Callable[[str], None], ts_id: str, done: int, total: int, started: float) -> None:

@@ -5,7 +5,8 @@ Arrays are indexed ``[z, y, x]`` (a 2D image ``[y, x]``; a stack of images ``[im
 :func:`write_mrc_direct` writes the same bytes as :func:`write_mrc` without the page cache (``O_DIRECT``), for
 large outputs that nothing reads back soon: a new file written through the page cache needs new page-cache
 memory, which costs system time on every byte (here 61–70 ms of it per 28 MB box-192 sub-tomogram, against 1 ms
-without the cache), and fills the cache that holds the tilt series still to be read.
+without the cache), and fills the cache that holds the tilt series still to be read. :func:`write_mrc_stream`
+writes the same bytes through the cache with less work per file, for the export's many small files.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import fcntl
 import mmap
 import os
 import threading
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import mrcfile
@@ -85,13 +88,33 @@ def write_mrc_direct(path: str | Path, data: np.ndarray, pixel_size_angst: float
     padded = -(-size // DIRECT_IO_ALIGNMENT) * DIRECT_IO_ALIGNMENT
     staging = _staging_buffer(padded)
     body = np.frombuffer(staging, dtype=np.float32, count=array.size, offset=1024).reshape(array.shape)
-    header = _header_bytes(array, pixel_size_angst, _header_stats(array, extremes, body))
-    if len(header) != 1024:  # mrcfile writes no extended header for new files
-        raise AssertionError(f"{path}: unexpected MRC header of {len(header)} bytes")
-    staging[:1024] = header
+    staging[:1024] = _header(path, array, pixel_size_angst, _header_stats(array, extremes, body))
     np.copyto(body, array)
     staging[size:padded] = bytes(padded - size)
     _write_padded(path, memoryview(staging)[:padded], size)
+    return path
+
+
+def write_mrc_stream(path: str | Path, data: np.ndarray, pixel_size_angst: float, *,
+                     extremes: tuple[float, float] | None = None) -> Path:
+    """Write ``data`` as :func:`write_mrc` does, byte for byte, through the page cache, with less work per file:
+    for the many small files of an export (two per particle).
+
+    The header is mrcfile's own, made once per shape, pixel size and second (:func:`_header`) and given this
+    file's statistics (the values mrcfile computes: ``min``, ``max``, ``mean`` and ``std`` in float32, the sd's
+    deviations in this thread's staging buffer, as :func:`write_mrc_direct` does), and the header and data go
+    out in one ``writev``. Through mrcfile the header's fields are set one by one on every file, and the sd
+    takes a temporary array as large as the data: 1.4 against 0.75 ms of CPU per box-64 particle here. The
+    parameters are those of :func:`write_mrc_direct`.
+    """
+    path, array = _checked_float32(path, data, pixel_size_angst)
+    work = np.frombuffer(_staging_buffer(max(array.nbytes, 1)), dtype=np.float32, count=array.size)
+    header = _header(path, array, pixel_size_angst, _header_stats(array, extremes, work.reshape(array.shape)))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+    try:
+        _write_all(fd, [header, array])
+    finally:
+        os.close(fd)
     return path
 
 
@@ -144,13 +167,47 @@ class _GivenStats(MrcInterpreter):
         self.header.dmin, self.header.dmax, self.header.dmean, self.header.rms = self._stats
 
 
-def _header_bytes(array: np.ndarray, pixel_size_angst: float,
-                  stats: tuple[np.float32, np.float32, np.float32, np.float32]) -> bytes:
-    """The header and extended header :func:`write_mrc` writes for ``array`` (float32, C order)."""
-    mrc = _GivenStats(stats)
-    mrc.set_data(array)
-    mrc.voxel_size = float(pixel_size_angst)
-    return mrc.header.tobytes() + mrc.extended_header.tobytes()
+_HEADERS: dict[tuple[tuple[int, ...], float, int], np.ndarray] = {}
+"""The headers :func:`_header` made this second, by (shape, pixel size, second)."""
+
+
+def _header(path: Path, array: np.ndarray, pixel_size_angst: float,
+            stats: tuple[np.float32, np.float32, np.float32, np.float32]) -> np.ndarray:
+    """The 1024-byte header :func:`write_mrc` writes for ``array`` (float32, C order) with ``stats`` (dmin, dmax,
+    dmean, rms), as bytes (uint8).
+
+    mrcfile makes the header of the first file of each shape and pixel size in each second (its label holds the
+    time to the second); later files copy it and set their statistics, the only fields that differ. Thread-safe:
+    two threads that miss at once each make the same header."""
+    key = (array.shape, float(pixel_size_angst), int(time.time()))
+    template = _HEADERS.get(key)
+    if template is None:
+        mrc = _GivenStats(stats)
+        mrc.set_data(array)
+        mrc.voxel_size = float(pixel_size_angst)
+        if mrc.extended_header.nbytes or mrc.header.nbytes != 1024:  # mrcfile writes none for new files
+            raise AssertionError(f"{path}: unexpected MRC header of {mrc.header.nbytes} + "
+                                 f"{mrc.extended_header.nbytes} bytes")
+        template = np.array(mrc.header).reshape(1)  # a plain structured copy: its fields are set fast
+        if any(k[2] != key[2] for k in _HEADERS):
+            _HEADERS.clear()  # only this second's are kept
+        _HEADERS[key] = template
+    header = template.copy()
+    header["dmin"], header["dmax"], header["dmean"], header["rms"] = stats
+    return header.view(np.uint8)
+
+
+def _write_all(fd: int, buffers: Sequence[np.ndarray]) -> None:
+    """Write the C-contiguous ``buffers`` in order to ``fd`` with ``writev``, again after a short write."""
+    views = [memoryview(b).cast("B") for b in buffers if b.nbytes]
+    while views:
+        written = os.writev(fd, views)
+        if written == 0:
+            raise OSError(errno.EIO, "write made no progress", f"fd {fd}")
+        while views and written >= len(views[0]):
+            written -= len(views.pop(0))
+        if written:
+            views[0] = views[0][written:]
 
 
 def _write_padded(path: Path, view: memoryview, size: int) -> None:

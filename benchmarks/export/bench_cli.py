@@ -160,6 +160,20 @@ def use_bytecode_cache(folder: Path, sources: list[Path]) -> None:
         bench_startup(source)
 
 
+def file_create_ms(folder: Path, count: int = 400) -> float:
+    """Milliseconds to create (and close) one empty file in a new folder below ``folder``: the export makes two
+    files per particle, and where the file system is slow to allocate inodes the command slows, not the engine.
+    On this VM the figure ranged from 0.02 to 0.9 ms per file on one disk (the highest just after many files
+    were deleted there)."""
+    where = Path(tempfile.mkdtemp(dir=folder))
+    started = time.perf_counter()
+    for k in range(count):
+        os.close(os.open(where / f"f{k}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    elapsed = time.perf_counter() - started
+    shutil.rmtree(where)
+    return 1e3 * elapsed / count
+
+
 def bench_startup(source: Path) -> float:
     """Wall seconds of a new interpreter importing :data:`STARTUP_IMPORTS`."""
     wall, _, _ = run_timed([sys.executable, "-c", STARTUP_THREADS + "import " + ", ".join(STARTUP_IMPORTS)], source)
@@ -272,6 +286,9 @@ def main() -> None:
                         help="also time this tree's CLI with its overlap switched off (writer thread, engine ahead)")
     parser.add_argument("--profile", action="store_true", help="also time the CLI's phases in this process")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument("--scratch", type=Path,
+                        help="folder to hold the outputs, the bytecode cache and a generated dataset (default: the "
+                             "system's temporary folder); the report gives the cost of a new file there")
     parser.add_argument("--no-bytecode-cache", action="store_true",
                         help="children import as this environment says (compiling every module where "
                              "PYTHONDONTWRITEBYTECODE is set) instead of from a bytecode cache")
@@ -279,8 +296,9 @@ def main() -> None:
     from mspecies.core.memory import retain_freed_memory
 
     retain_freed_memory()  # as the export worker does
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory(dir=args.scratch) as folder:
         scratch = Path(folder)
+        args.create_ms = file_create_ms(scratch)
         manifest = (args.manifest.resolve() if args.manifest
                     else make_dataset(scratch / "data", args.n_tomograms, args.particles, args.box))
         sources = ({"this tree": (ROOT, False)} | ({"this tree, overlap off": (ROOT, True)} if args.serial_too else {})
@@ -312,12 +330,14 @@ def report(engine: list[dict], cli: dict[str, list[dict]], startup: dict[str, li
                 else "compiled at every start (PYTHONDONTWRITEBYTECODE)" if os.environ.get("PYTHONDONTWRITEBYTECODE")
                 else "as the environment says")
     print(f"\n{n} particles, box {args.box}, {args.n_tomograms if not args.manifest else 'given'} tilt series; load "
-          f"average {min(load):.1f}-{max(load):.1f} on {os.cpu_count()} cores; children's modules {bytecode}")
+          f"average {min(load):.1f}-{max(load):.1f} on {os.cpu_count()} cores; children's modules {bytecode}; "
+          f"outputs in {args.scratch or tempfile.gettempdir()} (a new file there: {args.create_ms:.3f} ms)")
     print(f"engine in memory: warm {best_engine['warm_particles_per_s']:.1f} particles/s (best of {len(engine)} "
           f"rounds; {best_engine['warm_s']:.2f} s, CPU {best_engine['warm_cpu_s']:.2f} s), with setup + first pass "
           f"{max(e['with_setup_particles_per_s'] for e in engine):.1f} particles/s "
           f"(setup {best_engine['setup_s']:.2f} s, CPU {best_engine['setup_cpu_s']:.2f} s)")
     figures = {"particles": n, "box": args.box, "load_average": [min(load), max(load)], "bytecode": bytecode,
+               "scratch": str(args.scratch or tempfile.gettempdir()), "file_create_ms": args.create_ms,
                "engine": engine,
                "cli": {}, "profile": profile}
     for name, runs in cli.items():

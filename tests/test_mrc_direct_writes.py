@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import datetime
 import errno
+import itertools
 import os
+import sys
+import threading
 
 import mrcfile.mrcobject
 import numpy as np
@@ -183,6 +186,40 @@ def test_kept_headers_are_remade_each_second_so_the_label_tells_the_time(tmp_pat
     assert list(mrc._HEADERS) == [((8, 9, 10), 1.0, 1_001)]  # the earlier second's dropped
     assert b"2026-12-06 00:00:00" in (tmp_path / "a.mrc").read_bytes()[:1024]
     assert b"2026-12-06 00:00:01" in (tmp_path / "b.mrc").read_bytes()[:1024]
+
+
+def test_writer_threads_share_the_kept_headers_while_the_seconds_change(tmp_path, monkeypatch):
+    """Four threads write four shapes while every 7th clock reading starts a new second, switching threads as
+    often as the interpreter allows: no thread trips over another's dropping of the old headers, and every
+    file has mrcfile's bytes."""
+    ticks = itertools.count()
+    monkeypatch.setattr(mrc.time, "time", lambda: next(ticks) / 7)
+    volumes = [random_volume(shape, 20 + k) for k, shape in enumerate([(4, 5, 6), (6, 5, 4), (3, 3, 3), (2, 8, 8)])]
+    errors = []
+
+    def write(thread: int) -> None:
+        try:
+            for i in range(150):
+                write_mrc_stream(tmp_path / f"{thread}_{i}.mrc", volumes[(thread + i) % 4], 1.0)
+        except Exception as error:  # noqa: BLE001 (reported below with the others)
+            errors.append(error)
+
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=write, args=(k,)) for k in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(previous)
+    assert errors == []
+    for k, volume in enumerate(volumes):
+        write_mrc(tmp_path / f"mrcfile_{k}.mrc", volume, 1.0)
+    expected = [(tmp_path / f"mrcfile_{k}.mrc").read_bytes() for k in range(4)]
+    for thread, i in itertools.product(range(4), range(150)):
+        assert (tmp_path / f"{thread}_{i}.mrc").read_bytes() == expected[(thread + i) % 4], (thread, i)
 
 
 def test_a_short_stream_write_goes_on_where_it_stopped(tmp_path, monkeypatch):

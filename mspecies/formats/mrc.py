@@ -168,7 +168,10 @@ class _GivenStats(MrcInterpreter):
 
 
 _HEADERS: dict[tuple[tuple[int, ...], float, int], np.ndarray] = {}
-"""The headers :func:`_header` made this second, by (shape, pixel size, second)."""
+"""The headers :func:`_header` made this second, by (shape, pixel size, second); changed under
+:data:`_HEADERS_LOCK` only."""
+
+_HEADERS_LOCK = threading.Lock()
 
 
 def _header(path: Path, array: np.ndarray, pixel_size_angst: float,
@@ -178,7 +181,8 @@ def _header(path: Path, array: np.ndarray, pixel_size_angst: float,
 
     mrcfile makes the header of the first file of each shape and pixel size in each second (its label holds the
     time to the second); later files copy it and set their statistics, the only fields that differ. Thread-safe:
-    two threads that miss at once each make the same header."""
+    lookups need no lock (one dict operation); a miss makes its header, then stores it and drops the earlier
+    seconds' under the lock (two threads that miss at once each make the same header)."""
     key = (array.shape, float(pixel_size_angst), int(time.time()))
     template = _HEADERS.get(key)
     if template is None:
@@ -189,9 +193,10 @@ def _header(path: Path, array: np.ndarray, pixel_size_angst: float,
             raise AssertionError(f"{path}: unexpected MRC header of {mrc.header.nbytes} + "
                                  f"{mrc.extended_header.nbytes} bytes")
         template = np.array(mrc.header).reshape(1)  # a plain structured copy: its fields are set fast
-        if any(k[2] != key[2] for k in _HEADERS):
-            _HEADERS.clear()  # only this second's are kept
-        _HEADERS[key] = template
+        with _HEADERS_LOCK:
+            if any(k[2] != key[2] for k in _HEADERS):
+                _HEADERS.clear()  # only this second's are kept
+            _HEADERS[key] = template
     header = template.copy()
     header["dmin"], header["dmax"], header["dmean"], header["rms"] = stats
     return header.view(np.uint8)

@@ -124,9 +124,10 @@ def test_other_write_errors_are_raised_with_the_file_left_closed(tmp_path, monke
 
     monkeypatch.setattr(os, "write", full_disk)
     monkeypatch.setattr(os, "close", lambda fd: (closed.append(fd), real_close(fd)))
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="No space left") as error:
         write_mrc_direct(tmp_path / "direct.mrc", random_volume((20, 20, 20), 7), 1.0)
     assert len(closed) == 1
+    assert error.value.errno == errno.ENOSPC and error.value.filename == str(tmp_path / "direct.mrc")
 
 
 def test_a_direct_write_into_a_missing_folder_names_the_file(tmp_path):
@@ -248,9 +249,11 @@ def test_a_failing_stream_write_is_raised_with_the_file_left_closed(tmp_path, mo
 
     monkeypatch.setattr(os, "writev", failing_writev)
     monkeypatch.setattr(os, "close", lambda fd: (closed.append(fd), real_close(fd)))
-    with pytest.raises(OSError, match="No space left" if failure == "enospc" else "no progress"):
+    with pytest.raises(OSError, match="No space left" if failure == "enospc" else "no progress") as error:
         write_mrc_stream(tmp_path / "stream.mrc", random_volume((20, 20, 20), 14), 1.0)
     assert len(closed) == 1
+    assert error.value.errno == (errno.ENOSPC if failure == "enospc" else errno.EIO)
+    assert error.value.filename == str(tmp_path / "stream.mrc")  # the command's message names it
 
 
 @pytest.mark.parametrize("volume", [np.zeros((4, 4, 4), np.float32), np.full((4, 4, 4), 2.5, np.float32),

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import mrcfile
 import numpy as np
@@ -113,6 +114,8 @@ def write_mrc_stream(path: str | Path, data: np.ndarray, pixel_size_angst: float
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
     try:
         _write_all(fd, [header, array])
+    except OSError as error:
+        _raise_naming(path, error)
     finally:
         os.close(fd)
     return path
@@ -208,7 +211,7 @@ def _write_all(fd: int, buffers: Sequence[np.ndarray]) -> None:
     while views:
         written = os.writev(fd, views)
         if written == 0:
-            raise OSError(errno.EIO, "write made no progress", f"fd {fd}")
+            raise OSError(errno.EIO, "write made no progress")
         while views and written >= len(views[0]):
             written -= len(views.pop(0))
         if written:
@@ -237,8 +240,18 @@ def _write_padded(path: Path, view: memoryview, size: int) -> None:
             if done % DIRECT_IO_ALIGNMENT:
                 _buffered(fd)  # a short write leaves the next offset unaligned
         os.ftruncate(fd, size)
+    except OSError as error:
+        _raise_naming(path, error)
     finally:
         os.close(fd)
+
+
+def _raise_naming(path: Path, error: OSError) -> NoReturn:
+    """Raise ``error``, as an :class:`OSError` of its errno naming ``path`` where it names no file (those of
+    ``write``, ``writev`` and ``ftruncate`` do not), so that the command's message can say which file and flag."""
+    if error.filename is None and error.errno is not None:
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from error
+    raise error
 
 
 def _buffered(fd: int) -> bool:

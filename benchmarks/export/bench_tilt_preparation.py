@@ -1,16 +1,17 @@
 """The tilt preparation of the export (read, rescale, plane, band-pass, normalisation) before and after a change.
 
-Usage: ``python benchmarks/export/bench_tilt_preparation.py --before SRC [--rounds 5] [--json FILE]``
+Usage: ``python benchmarks/export/bench_tilt_preparation.py --before SRC [--rounds 5] [--size 1024] [--json FILE]``
 
 Rounds alternate a worker process with ``SRC``'s ``mspecies`` on ``PYTHONPATH`` (a checkout of the earlier commit)
-and one with this tree's, so that both see the same machine load. Each worker times, on a memory-mapped stack of
-41 float32 tilts of 1024² px at 4 Å/px (noise of sd 30 on a mean of 500 and a plane; box 64):
+and one with this tree's, so that both see the same machine load. Each worker keeps freed memory as the export
+worker does (``retain_freed_memory``) and times, on a memory-mapped stack of 41 float32 tilts of S² px (``--size``,
+default 1024; 4096 for a detector's full frame) at 4 Å/px (noise of sd 30 on a mean of 500 and a plane; box 64):
 
-* ``tilt_1024`` / ``tilt_1024_to_820``: CPU ms per tilt of one tilt's preparation on one thread, as
-  ``prepare_stack`` runs it (read, finite/blank check, rescale, preprocess into the stack), at the data's pixel
-  size and at 5 Å (1024² → 820²), the mean of 20 tilts;
-* ``fft_pair_1024``: the floor, CPU ms of one float32 ``rfft2`` + ``irfft2`` pair of a 1024² tilt on one thread
-  (same tilts, same loop);
+* ``tilt_S`` / ``tilt_S_to_R``: CPU ms per tilt of one tilt's preparation on one thread, as ``prepare_stack`` runs
+  it (read, finite/blank check, rescale, preprocess into the stack), at the data's pixel size and at 5 Å
+  (S² → R², 1024² → 820²), the mean of 20 tilts;
+* ``fft_pair_S``: one float32 ``rfft2`` + ``irfft2`` pair of a tilt on one thread, CPU ms (same tilts, same
+  loop): the floor as SciPy's 2D transforms give it;
 * ``stack_41_wall`` / ``stack_41_cpu``: ``prepare_stack`` of the 41 tilts on a pool of 2 threads, wall and CPU ms
   (user + system, all threads).
 
@@ -33,26 +34,26 @@ from pathlib import Path
 import numpy as np
 
 THIS_TREE = Path(__file__).resolve().parents[2]
-N_TILTS, SIZE_PX, PIXEL_ANGST, BOX_PX = 41, 1024, 4.0, 64
+N_TILTS, PIXEL_ANGST, BOX_PX = 41, 4.0, 64
 
 
-def make_stack(path: Path) -> None:
-    """The 41 raw tilts as a ``.npy`` file (to be memory-mapped)."""
+def make_stack(path: Path, size_px: int) -> None:
+    """The 41 raw tilts of ``size_px``² as a ``.npy`` file (to be memory-mapped)."""
     rng = np.random.default_rng(0)
-    y, x = np.mgrid[:SIZE_PX, :SIZE_PX]
-    stack = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(N_TILTS, SIZE_PX, SIZE_PX))
+    y, x = np.mgrid[:size_px, :size_px]
+    stack = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(N_TILTS, size_px, size_px))
     for t in range(N_TILTS):
-        stack[t] = rng.normal(500.0, 30.0, (SIZE_PX, SIZE_PX)) + 0.01 * x - 0.02 * y
+        stack[t] = rng.normal(500.0, 30.0, (size_px, size_px)) + 0.01 * x - 0.02 * y
     stack.flush()
 
 
-def tilt_series(n_tilts: int) -> object:
+def tilt_series(n_tilts: int, size_px: int) -> object:
     """A :class:`TiltSeriesData` of ``n_tilts`` tilts of the benchmark's images (geometry and CTF unused)."""
     from mspecies.common.types import Microscope, TiltSeriesData
 
     ones = np.ones(n_tilts)
     xf = np.tile(np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), (n_tilts, 1, 1))
-    return TiltSeriesData("bench", PIXEL_ANGST, (SIZE_PX, SIZE_PX), np.linspace(-60, 60, n_tilts), xf, 3e4 * ones,
+    return TiltSeriesData("bench", PIXEL_ANGST, (size_px, size_px), np.linspace(-60, 60, n_tilts), xf, 3e4 * ones,
                           3e4 * ones, 0 * ones, 3 * np.arange(n_tilts), np.arange(n_tilts),
                           np.zeros(n_tilts, bool), Microscope(300.0, 2.7, 0.07))
 
@@ -69,17 +70,21 @@ def per_tilt_ms(work: Callable[[int], object], n_tilts: int = 20) -> float:
 def worker(stack_path: Path) -> dict[str, float]:
     """The figures of the ``mspecies`` on the path (ms)."""
     from mspecies.core import extract, insert
+    from mspecies.core.memory import retain_freed_memory
 
+    retain_freed_memory()  # as the export worker does
     stack = np.load(stack_path, mmap_mode="r")
+    size = stack.shape[1]
     for t in range(N_TILTS):  # map every page first: the figures leave out the first reading of the file
         float(stack[t].sum())
     fft, figures = extract.fft_module(np), {}
-    figures["fft_pair_1024"] = per_tilt_ms(lambda t: fft.irfft2(fft.rfft2(stack[t]), s=(SIZE_PX, SIZE_PX)))
-    one = tilt_series(1)
-    for name, pixel in (("tilt_1024", PIXEL_ANGST), ("tilt_1024_to_820", 5.0)):
+    figures[f"fft_pair_{size}"] = per_tilt_ms(lambda t: fft.irfft2(fft.rfft2(stack[t]), s=(size, size)))
+    one = tilt_series(1, size)
+    rescaled = extract.rescaled_shape((size, size), PIXEL_ANGST, 5.0)[0]
+    for name, pixel in ((f"tilt_{size}", PIXEL_ANGST), (f"tilt_{size}_to_{rescaled}", 5.0)):
         figures[name] = per_tilt_ms(lambda t, pixel=pixel: extract.prepare_stack(stack[t:t + 1], one, pixel, BOX_PX,
                                                                                  normalize=True, invert=True))
-    pool, whole = insert.thread_pool(2), tilt_series(N_TILTS)
+    pool, whole = insert.thread_pool(2), tilt_series(N_TILTS, size)
     extract.prepare_stack(stack, whole, PIXEL_ANGST, BOX_PX, normalize=True, invert=True, pool=pool)
     wall, cpu = time.perf_counter(), time.process_time()
     extract.prepare_stack(stack, whole, PIXEL_ANGST, BOX_PX, normalize=True, invert=True, pool=pool)
@@ -100,6 +105,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", type=Path, help="source tree of the earlier commit")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--size", type=int, default=1024, help="tilt images of SIZE² px (default 1024)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -110,7 +116,7 @@ def main() -> None:
         parser.error("--before is required")
     with tempfile.TemporaryDirectory() as folder:
         stack_path = Path(folder) / "stack.npy"
-        make_stack(stack_path)
+        make_stack(stack_path, args.size)
         rounds: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
         for _ in range(args.rounds):
             for label, tree in (("before", args.before.resolve()), ("after", THIS_TREE)):

@@ -70,12 +70,53 @@ def test_overlapped_writes_give_the_files_of_the_serial_path(two_tomograms, tmp_
 
 def test_engines_built_ahead_give_the_files_of_engines_built_in_turn(two_tomograms, tmp_path, monkeypatch):
     assert main(EXPORT + ["--manifest", str(two_tomograms), "--out", str(tmp_path / "ahead")]) == 0
-    monkeypatch.setattr("mspecies.cli.export._build_engine_ahead", lambda job, next_job: None)
+    monkeypatch.setattr("mspecies.cli.export._build_engine_ahead", lambda job, next_job, reuse=None: None)
     assert main(EXPORT + ["--manifest", str(two_tomograms), "--out", str(tmp_path / "in_turn")]) == 0
     ahead = mrc_contents(tmp_path / "ahead")
     assert {name.split("/")[0] for name in ahead} == {"TS_01", "TS_02"} and len(ahead) == 40
     assert ahead == mrc_contents(tmp_path / "in_turn")
     assert star_rows(tmp_path / "ahead") == star_rows(tmp_path / "in_turn")
+
+
+@pytest.fixture(scope="module")
+def four_tomograms(tmp_path_factory) -> Path:
+    """Synthetic dataset: 4 tilt series x 4 particles, 11 tilts of 128 x 128 px (manifest path)."""
+    folder = tmp_path_factory.mktemp("reuse")
+    return generate_dataset(folder / "data", n_tomograms=4, n_particles=4, n_tilts=11, box_px=24,
+                            image_shape_yx=(128, 128), thickness_angst=300.0, snr=None)
+
+
+@pytest.mark.parametrize("in_turn", [False, True])
+def test_later_tilt_series_prepare_their_stack_in_an_earlier_ones_array_with_the_same_files(
+        four_tomograms, tmp_path, monkeypatch, in_turn):
+    """Engines built ahead: TS_03 fills TS_01's array of prepared images and TS_04 TS_02's; engines built in turn:
+    each fills the one before's. The files are those of an export that makes every array anew."""
+    import mspecies.cli.export as cli_export
+    from mspecies.core.extract import StackReuse
+
+    if in_turn:
+        monkeypatch.setattr(cli_export, "_build_engine_ahead", lambda job, next_job, reuse=None: None)
+    arrays = {}
+    create = TiltSeriesEngine.create.__func__
+
+    def recording_create(cls, tilt_series, *args, **kwargs):
+        engine = create(cls, tilt_series, *args, **kwargs)
+        arrays[tilt_series.ts_id] = engine.prepared.images  # kept alive: distinct arrays keep distinct ids
+        return engine
+
+    monkeypatch.setattr(TiltSeriesEngine, "create", classmethod(recording_create))
+    assert main(EXPORT + ["--manifest", str(four_tomograms), "--out", str(tmp_path / "reused")]) == 0
+    same = [("TS_01", "TS_03"), ("TS_02", "TS_04")] if not in_turn else [("TS_01", "TS_02"), ("TS_02", "TS_03"),
+                                                                          ("TS_03", "TS_04")]
+    assert all(arrays[earlier] is arrays[later] for earlier, later in same)
+    assert len({id(images) for images in arrays.values()}) == (1 if in_turn else 2)
+    arrays.clear()
+    monkeypatch.setattr(StackReuse, "give", lambda self, images: None)  # every array made anew
+    assert main(EXPORT + ["--manifest", str(four_tomograms), "--out", str(tmp_path / "anew")]) == 0
+    assert len({id(images) for images in arrays.values()}) == 4
+    reused = mrc_contents(tmp_path / "reused")
+    assert len(reused) == 2 * 16 and reused == mrc_contents(tmp_path / "anew")
+    assert star_rows(tmp_path / "reused") == star_rows(tmp_path / "anew")
 
 
 def test_the_next_engine_is_built_while_the_current_tilt_series_reconstructs(two_tomograms, tmp_path, monkeypatch):
@@ -94,8 +135,8 @@ def test_the_next_engine_is_built_while_the_current_tilt_series_reconstructs(two
         events.append(("reconstruct", self.tilt_series.ts_id))
         yield from reconstruct(self, particles)
 
-    def logged_ahead(job, next_job):
-        started = ahead(job, next_job)
+    def logged_ahead(job, next_job, reuse=None):
+        started = ahead(job, next_job, reuse)
         if started is not None:
             events.append(("ahead", next_job.tilt_series.ts_id))
         return started

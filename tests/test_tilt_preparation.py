@@ -167,3 +167,25 @@ def test_prepared_stack_leaves_the_tilts_not_asked_for_zero(monkeypatch):
     images = prepared.images
     assert np.isfinite(images).all()
     assert not images[[1, 4]].any() and all(images[t].std() > 0.5 for t in (0, 2, 3))
+
+
+def test_a_reused_array_of_another_tilt_series_gives_the_images_of_a_new_one():
+    """An earlier tilt series' array (here full of NaN) of the same shape is filled: every tilt asked for written,
+    the others zeroed, the values those of a new array. One of another shape is dropped, not filled."""
+    from test_reconstruct import make_tilt_series
+
+    tilt_series = make_tilt_series(n_tilts=5, shape=(64, 64))
+    stack = np.random.default_rng(12).normal(size=(5, 64, 64)).astype(np.float32)
+    tilts = np.array([0, 2, 3])
+    fresh = extract.prepare_stack(stack, tilt_series, 4.0, 16, normalize=True, invert=False, tilts=tilts).images
+    reuse = extract.StackReuse()
+    earlier = np.full((5, 64, 64), np.nan, dtype=np.float32)
+    reuse.give(earlier)
+    prepared = extract.prepare_stack(stack, tilt_series, 4.0, 16, normalize=True, invert=False, tilts=tilts,
+                                     reuse=reuse)
+    assert prepared.images is earlier and np.array_equal(prepared.images, fresh)
+    assert reuse.take((5, 64, 64)) is None  # handed over: not kept for another stack
+    reuse.give(np.full((5, 32, 32), np.nan, dtype=np.float32))
+    other = extract.prepare_stack(stack, tilt_series, 4.0, 16, normalize=True, invert=False, tilts=tilts, reuse=reuse)
+    assert other.images.shape == (5, 64, 64) and np.array_equal(other.images, fresh)
+    assert reuse.take((5, 32, 32)) is None  # the array of another shape was dropped

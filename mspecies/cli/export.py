@@ -73,6 +73,7 @@ from mspecies.formats.dose import DOSE_LAYOUTS
 if TYPE_CHECKING:
     from mspecies.cli.export_checks import ExportJob
     from mspecies.cli.export_overlap import Prefetch
+    from mspecies.core.extract import StackReuse
     from mspecies.core.reconstruct import TiltSeriesEngine
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -379,6 +380,7 @@ def _write_export(jobs: list, staging: Path, args: argparse.Namespace) -> tuple[
     from mspecies.cli.export_checks import exclusion_lines, overlap_fits
     from mspecies.cli.export_files import EXCLUDED_TSV, STAR_NAME, export_tilt_series
     from mspecies.cli.relion5_files import write_particle_series, write_tomogram
+    from mspecies.core.extract import StackReuse
     from mspecies.formats.mrc import read_mrc
     from mspecies.formats.relion_subtomo import write_subtomo_star
 
@@ -394,20 +396,32 @@ def _write_export(jobs: list, staging: Path, args: argparse.Namespace) -> tuple[
                          "nothing to export")
     todo = [job for job in jobs if len(job.particles)]
     ahead: dict[int, Prefetch | None] = {}  # job index → its engine, built while the job before it reconstructs
+    stacks = StackReuse()  # a finished tilt series' prepared images, for the next engine built
     for k, job in enumerate(todo):
         built = ahead.pop(k, None)
         engine = adopt_engine(built.result()) if built is not None else None
+        built = None
         stack = None if engine is not None else read_mrc(job.tilt_series.stack_path, mmap=True)[0]
 
         def start_next(k: int = k, job: ExportJob = job) -> None:
-            ahead[k + 1] = _build_engine_ahead(job, todo[k + 1] if k + 1 < len(todo) else None)
+            ahead[k + 1] = _build_engine_ahead(job, todo[k + 1] if k + 1 < len(todo) else None, stacks)
+            if ahead[k + 1] is None:
+                stacks.clear()  # the next engine is built in its turn, from this tilt series' images
+
+        def done(finished: TiltSeriesEngine, k: int = k) -> None:
+            # keep the images only for an engine still to be built: the next in its turn, or the one after
+            later = (k + 1 < len(todo) and ahead.get(k + 1) is None) or k + 2 < len(todo)
+            if later and finished.prepared is not None:
+                stacks.give(finished.prepared.images)
 
         ts_id = job.tilt_series.ts_id
         rows, summary = export_tilt_series(job.tilt_series, stack, job.particles, job.options, staging / ts_id,
                                            star_dir=staging, tomogram_shape_xyz_px=job.tomogram_shape_xyz_px,
                                            first_subset_index=first, log=lambda line: print(line, flush=True),
                                            engine=engine, overlap_writes=overlap_fits(job, None),
-                                           engine_ready=start_next, direct_io=not args.buffered_writes)
+                                           engine_ready=start_next, direct_io=not args.buffered_writes,
+                                           reuse=stacks, engine_done=done)
+        engine = None
         tables.append(rows)
         summaries.append(summary)
         if args.mode == "series":
@@ -415,6 +429,7 @@ def _write_export(jobs: list, staging: Path, args: argparse.Namespace) -> tuple[
                                             defocus_gradient_sign=job.options.defocus_gradient_sign,
                                             log=lambda line: print(line, flush=True)))
         first += len(job.particles)
+    stacks.clear()
     particles_table = pd.concat(tables, ignore_index=True)
     options = jobs[0].options
     optics = {"pixel_size_angst": options.output_pixel_size_angst, "box_px": options.box_px,
@@ -427,7 +442,8 @@ def _write_export(jobs: list, staging: Path, args: argparse.Namespace) -> tuple[
     return particles_table, summaries
 
 
-def _build_engine_ahead(job: ExportJob, next_job: ExportJob | None) -> Prefetch | None:
+def _build_engine_ahead(job: ExportJob, next_job: ExportJob | None, reuse: StackReuse | None = None
+                        ) -> Prefetch | None:
     """Start building ``next_job``'s engine (stack read and filtered on a pool of its own, shared insertion, 3D-CTF
     tables) on a background thread while ``job`` reconstructs; None when there is no next job, for CuPy, or when
     ``job``'s memory budget cannot also hold the next engine's fixed memory
@@ -444,7 +460,7 @@ def _build_engine_ahead(job: ExportJob, next_job: ExportJob | None) -> Prefetch 
     def build() -> TiltSeriesEngine:
         stack, _ = read_mrc(next_job.tilt_series.stack_path, mmap=True)
         prepared = prepare_engine_stack(next_job.tilt_series, stack, next_job.options,
-                                        pool=background_pool(next_job.options.n_workers))
+                                        pool=background_pool(next_job.options.n_workers), reuse=reuse)
         return TiltSeriesEngine.create(next_job.tilt_series, None, next_job.options, prepared=prepared)
 
     return Prefetch(build)

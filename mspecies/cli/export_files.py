@@ -27,6 +27,7 @@ import pandas as pd
 from mspecies.cli.export_overlap import ParticleWriter
 from mspecies.cli.relion5_files import OPTIMISATION_SET, TOMOGRAMS_STAR
 from mspecies.common.types import InputError, ParticlePoses, TiltSeriesData
+from mspecies.core.extract import StackReuse
 from mspecies.core.geometry import centred_angst_to_corner_px
 from mspecies.core.reconstruct import ExportOptions, TiltSeriesEngine, check_volume, shifted_positions_angst
 from mspecies.formats import relion5
@@ -111,7 +112,9 @@ def export_tilt_series(tilt_series: TiltSeriesData, stack: np.ndarray | None, pa
                        first_subset_index: int = 0, log: Callable[[str], None] | None = None,
                        engine: TiltSeriesEngine | None = None, overlap_writes: bool = True,
                        engine_ready: Callable[[], None] | None = None,
-                       direct_io: bool = True) -> tuple[pd.DataFrame, ExportSummary]:
+                       direct_io: bool = True, reuse: StackReuse | None = None,
+                       engine_done: Callable[[TiltSeriesEngine], None] | None = None
+                       ) -> tuple[pd.DataFrame, ExportSummary]:
     """Reconstruct and write the particles of one tilt series.
 
     Parameters
@@ -139,6 +142,11 @@ def export_tilt_series(tilt_series: TiltSeriesData, stack: np.ndarray | None, pa
     direct_io
         Write files of :data:`DIRECT_IO_MIN_BYTES` or more without the page cache (default); False: every file
         through it. The files are the same.
+    reuse
+        Where an engine built here takes the array of its prepared images from
+        (:class:`~mspecies.core.extract.StackReuse`; an earlier tilt series' array of the same shape).
+    engine_done
+        Called with the engine once every particle is written (its prepared images are read no more then).
 
     Returns
     -------
@@ -155,7 +163,7 @@ def export_tilt_series(tilt_series: TiltSeriesData, stack: np.ndarray | None, pa
     star_folder = Path(star_dir) if star_dir is not None else out
     started = time.perf_counter()
     ahead = engine is not None
-    engine = engine if ahead else TiltSeriesEngine.create(tilt_series, stack, options)
+    engine = engine if ahead else TiltSeriesEngine.create(tilt_series, stack, options, reuse=reuse)
     if log is not None:
         ctf = f", 3D CTF {options.ctf_method}" if options.mode == "volumes" else ""
         log(f"{tilt_series.ts_id}: {len(particles)} particles, padded box M = {engine.padded_box_px}, backend "
@@ -185,6 +193,8 @@ def export_tilt_series(tilt_series: TiltSeriesData, stack: np.ndarray | None, pa
             if log is not None and (p + 1) % 100 == 0:
                 writer.submit(functools.partial(_log_progress, log, ts_id, p + 1, len(particles), started),
                               after_earlier=True)
+    if engine_done is not None:
+        engine_done(engine)
     rows = _star_rows(tilt_series, particles, options, names, ctf_names, tomogram_shape_xyz_px, first_subset_index)
     if options.mode == "series":
         rows = _particle_series_rows(rows, particles, options, visible)

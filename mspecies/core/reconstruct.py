@@ -263,12 +263,14 @@ class TiltSeriesEngine:
 
     @classmethod
     def create(cls, tilt_series: TiltSeriesData, stack: np.ndarray | None, options: ExportOptions, *,
-               prepared: extract.PreparedStack | None = None) -> TiltSeriesEngine:
+               prepared: extract.PreparedStack | None = None,
+               reuse: extract.StackReuse | None = None) -> TiltSeriesEngine:
         """Validate, plan memory, read and preprocess the stack once, and build the shared insertion.
 
         ``stack`` None builds an engine for :meth:`reconstruct_ctfs` only (the 3D CTF needs no image);
         ``prepared``: the stack already prepared by :func:`prepare_engine_stack` (e.g. on another thread while the
-        previous tilt series reconstructs), used instead of ``stack``.
+        previous tilt series reconstructs), used instead of ``stack``; ``reuse``: where to take the prepared
+        images' array from (:class:`~mspecies.core.extract.StackReuse`).
         """
         m, plan = plan_memory(tilt_series, options)
         xp = select_backend(options.backend)
@@ -279,9 +281,9 @@ class TiltSeriesEngine:
         preparing = None
         if prepared is None and stack is not None:
             if xp is np and options.n_workers >= 2:  # the pool prepares while this thread builds the geometry
-                preparing = _prepare_beside(tilt_series, stack, options)
+                preparing = _prepare_beside(tilt_series, stack, options, reuse)
             else:
-                prepared = prepare_engine_stack(tilt_series, stack, options)
+                prepared = prepare_engine_stack(tilt_series, stack, options, reuse=reuse)
         try:
             grid = insert.make_sample_grid(m)
             tables = extract.CtfTables.from_samples(grid.kx, grid.ky, m, pixel, xp=xp)
@@ -847,28 +849,30 @@ def _kernels() -> ModuleType:
 _THREAD_BUFFERS = threading.local()
 
 
-def _prepare_beside(tilt_series: TiltSeriesData, stack: np.ndarray, options: ExportOptions) -> Future:
+def _prepare_beside(tilt_series: TiltSeriesData, stack: np.ndarray, options: ExportOptions,
+                    reuse: extract.StackReuse | None = None) -> Future:
     """:func:`prepare_engine_stack` started on a thread of its own: its pool's threads do the work while the
     calling thread builds the geometry, which is single-threaded (0.1 s at box 64, 0.46 s at box 128). The future's
     ``result()`` gives the prepared stack or raises the preparation's error."""
     helper = ThreadPoolExecutor(1, thread_name_prefix="mspecies-prepare")
     try:
-        return helper.submit(prepare_engine_stack, tilt_series, stack, options)
+        return helper.submit(prepare_engine_stack, tilt_series, stack, options, reuse=reuse)
     finally:
         helper.shutdown(wait=False)  # the thread ends with its one task
 
 
 def prepare_engine_stack(tilt_series: TiltSeriesData, stack: np.ndarray, options: ExportOptions, *,
-                         pool: insert.WorkerPool | None = None) -> extract.PreparedStack:
+                         pool: insert.WorkerPool | None = None,
+                         reuse: extract.StackReuse | None = None) -> extract.PreparedStack:
     """The used tilts of ``stack`` read and preprocessed as :meth:`TiltSeriesEngine.create` needs them, on the
-    threads of ``pool`` (default: the process-wide pool of ``options.n_workers`` threads); the values do not
-    depend on the pool."""
+    threads of ``pool`` (default: the process-wide pool of ``options.n_workers`` threads), into ``reuse``'s array
+    where it fits; the values depend on neither."""
     xp = select_backend(options.backend)
     pool = pool or insert.thread_pool(options.n_workers)
     return extract.prepare_stack(
         stack, tilt_series, options.output_pixel_size_angst, options.box_px, normalize=options.normalize_input,
         invert=options.invert_contrast, xp=xp, workers=options.n_workers, tilts=np.flatnonzero(~tilt_series.excluded),
-        pool=pool if xp is np else None)
+        pool=pool if xp is np else None, reuse=reuse)
 
 
 def thread_work_buffers(xp: ModuleType) -> dict[str, np.ndarray]:

@@ -28,8 +28,8 @@ from mspecies.common.types import InputError, ParticlePoses, TiltSeriesData
 from mspecies.core.geometry import project_positions_to_tilts
 from mspecies.core.memory import MemoryPlan, available_memory_bytes
 from mspecies.core.reconstruct import ExportOptions, plan_memory, shifted_positions_angst
+from mspecies.formats.mrc import MRC_HEADER_BYTES
 
-MRC_HEADER_BYTES = 1024
 STAR_BYTES_PER_PARTICLE = 400
 """Generous size of one particle's STAR row(s), for the free-space estimate."""
 

@@ -27,6 +27,9 @@ from mrcfile.mrcinterpreter import MrcInterpreter
 
 from mspecies.common.types import InputError
 
+MRC_HEADER_BYTES = 1024
+"""Bytes of the header of a file :func:`write_mrc` writes (mrcfile writes no extended header for a new file)."""
+
 DIRECT_IO_ALIGNMENT = 4096
 """Bytes: ``O_DIRECT`` needs the memory address, file offset and length of each write to be multiples of the
 device's logical block size (512 or 4096 bytes); 4096 serves both."""
@@ -85,11 +88,11 @@ def write_mrc_direct(path: str | Path, data: np.ndarray, pixel_size_angst: float
         ``(data.min(), data.max())`` when the caller has them already (e.g. from its checks).
     """
     path, array = _checked_float32(path, data, pixel_size_angst)
-    size = 1024 + array.nbytes
+    size = MRC_HEADER_BYTES + array.nbytes
     padded = -(-size // DIRECT_IO_ALIGNMENT) * DIRECT_IO_ALIGNMENT
     staging = _staging_buffer(padded)
-    body = np.frombuffer(staging, dtype=np.float32, count=array.size, offset=1024).reshape(array.shape)
-    staging[:1024] = _header(path, array, pixel_size_angst, _header_stats(array, extremes, body))
+    body = np.frombuffer(staging, dtype=np.float32, count=array.size, offset=MRC_HEADER_BYTES).reshape(array.shape)
+    staging[:MRC_HEADER_BYTES] = _header(path, array, pixel_size_angst, _header_stats(array, extremes, body))
     np.copyto(body, array)
     staging[size:padded] = bytes(padded - size)
     _write_padded(path, memoryview(staging)[:padded], size)
@@ -179,8 +182,8 @@ _HEADERS_LOCK = threading.Lock()
 
 def _header(path: Path, array: np.ndarray, pixel_size_angst: float,
             stats: tuple[np.float32, np.float32, np.float32, np.float32]) -> np.ndarray:
-    """The 1024-byte header :func:`write_mrc` writes for ``array`` (float32, C order) with ``stats`` (dmin, dmax,
-    dmean, rms), as bytes (uint8).
+    """The header (:data:`MRC_HEADER_BYTES`) :func:`write_mrc` writes for ``array`` (float32, C order) with
+    ``stats`` (dmin, dmax, dmean, rms), as bytes (uint8).
 
     mrcfile makes the header of the first file of each shape and pixel size in each second (its label holds the
     time to the second); later files copy it and set their statistics, the only fields that differ. Thread-safe:
@@ -192,7 +195,7 @@ def _header(path: Path, array: np.ndarray, pixel_size_angst: float,
         mrc = _GivenStats(stats)
         mrc.set_data(array)
         mrc.voxel_size = float(pixel_size_angst)
-        if mrc.extended_header.nbytes or mrc.header.nbytes != 1024:  # mrcfile writes none for new files
+        if mrc.extended_header.nbytes or mrc.header.nbytes != MRC_HEADER_BYTES:
             raise AssertionError(f"{path}: unexpected MRC header of {mrc.header.nbytes} + "
                                  f"{mrc.extended_header.nbytes} bytes")
         template = np.array(mrc.header).reshape(1)  # a plain structured copy: its fields are set fast

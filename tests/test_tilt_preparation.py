@@ -88,6 +88,23 @@ def test_the_inverse_in_place_gives_the_values_of_irfft2_bit_for_bit(monkeypatch
     assert in_place.dtype == np.float32 and np.array_equal(in_place, reference)
 
 
+@pytest.mark.parametrize("shape_yx", [(256, 320), (255, 321), (1100, 37)])
+@pytest.mark.parametrize("output_pixel_angst", [DATA_PIXEL_ANGST, 5.0, 8.0, 16.0])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_forward_transform_of_the_kept_columns_gives_the_values_of_rfft2_bit_for_bit(shape_yx, output_pixel_angst,
+                                                                                         workers):
+    """Along x, the columns a binned size keeps, then along y only those: the bits of ``rfft2`` and the crop,
+    unbinned, binned by 1.25, 2 and 4, even and odd sizes."""
+    import scipy.fft
+
+    rescaled = extract.rescaled_shape(shape_yx, DATA_PIXEL_ANGST, output_pixel_angst)
+    image = raw_tilt(shape_yx, rescaled, 500.0)
+    kept = extract._cropped_rfft2(image, rescaled, workers)
+    reference = extract.crop_spectrum(scipy.fft.rfft2(image, workers=workers), rescaled)
+    assert kept.dtype == np.complex64 and kept.shape == (rescaled[0], rescaled[1] // 2 + 1)
+    assert np.array_equal(kept.view(np.uint32), reference.view(np.uint32))
+
+
 @pytest.mark.parametrize("shape_yx", [(64, 80), (63, 81), (80, 64)])
 def test_plane_removed_from_the_spectrum_is_the_real_space_least_squares_plane(shape_yx):
     ny, nx = shape_yx

@@ -8,12 +8,12 @@ worker does (``retain_freed_memory``) and times, on a memory-mapped stack of 41 
 default 1024; 4096 for a detector's full frame) at 4 Å/px (noise of sd 30 on a mean of 500 and a plane; box 64):
 
 * ``tilt_S`` / ``tilt_S_to_R``: CPU ms per tilt of one tilt's preparation on one thread, as ``prepare_stack`` runs
-  it (read, finite/blank check, rescale, preprocess into the stack), at the data's pixel size and at 5 Å
-  (S² → R², 1024² → 820²), the mean of 20 tilts;
+  it (read, finite/blank check, rescale, preprocess into the stack), at the data's pixel size, at 5 Å
+  (S² → R², 1024² → 820²) and binned by 2 and 4 (8 and 16 Å), the mean of 20 tilts;
 * ``fft_pair_S``: one float32 ``rfft2`` + ``irfft2`` pair of a tilt on one thread, CPU ms (same tilts, same
   loop): the floor as SciPy's 2D transforms give it;
 * ``stack_41_wall`` / ``stack_41_cpu``: ``prepare_stack`` of the 41 tilts on a pool of 2 threads, wall and CPU ms
-  (user + system, all threads).
+  (user + system, all threads); ``stack_41_bin2_wall`` / ``stack_41_bin2_cpu``: the same binned by 2.
 
 Reported per figure: the fastest round and the median of the rounds, and after / before of each.
 """
@@ -80,16 +80,17 @@ def worker(stack_path: Path) -> dict[str, float]:
     fft, figures = extract.fft_module(np), {}
     figures[f"fft_pair_{size}"] = per_tilt_ms(lambda t: fft.irfft2(fft.rfft2(stack[t]), s=(size, size)))
     one = tilt_series(1, size)
-    rescaled = extract.rescaled_shape((size, size), PIXEL_ANGST, 5.0)[0]
-    for name, pixel in ((f"tilt_{size}", PIXEL_ANGST), (f"tilt_{size}_to_{rescaled}", 5.0)):
+    sizes = {pixel: extract.rescaled_shape((size, size), PIXEL_ANGST, pixel)[0] for pixel in (5.0, 8.0, 16.0)}
+    for name, pixel in [(f"tilt_{size}", PIXEL_ANGST)] + [(f"tilt_{size}_to_{r}", p) for p, r in sizes.items()]:
         figures[name] = per_tilt_ms(lambda t, pixel=pixel: extract.prepare_stack(stack[t:t + 1], one, pixel, BOX_PX,
                                                                                  normalize=True, invert=True))
     pool, whole = insert.thread_pool(2), tilt_series(N_TILTS, size)
-    extract.prepare_stack(stack, whole, PIXEL_ANGST, BOX_PX, normalize=True, invert=True, pool=pool)
-    wall, cpu = time.perf_counter(), time.process_time()
-    extract.prepare_stack(stack, whole, PIXEL_ANGST, BOX_PX, normalize=True, invert=True, pool=pool)
-    figures["stack_41_wall"] = (time.perf_counter() - wall) * 1e3
-    figures["stack_41_cpu"] = (time.process_time() - cpu) * 1e3
+    for name, pixel in (("stack_41", PIXEL_ANGST), ("stack_41_bin2", 2 * PIXEL_ANGST)):
+        extract.prepare_stack(stack, whole, pixel, BOX_PX, normalize=True, invert=True, pool=pool)
+        wall, cpu = time.perf_counter(), time.process_time()
+        extract.prepare_stack(stack, whole, pixel, BOX_PX, normalize=True, invert=True, pool=pool)
+        figures[f"{name}_wall"] = (time.perf_counter() - wall) * 1e3
+        figures[f"{name}_cpu"] = (time.process_time() - cpu) * 1e3
     return figures
 
 

@@ -208,8 +208,9 @@ def preprocess_image(image: np.ndarray, box_px: int, *, normalize: bool, invert:
 
 
 def _cropped_rfft2(image: np.ndarray, shape_yx: tuple[int, int], workers: int) -> np.ndarray:
-    """``crop_spectrum(rfft2(image), shape_yx)``, the same complex64 values ((ny, nx) float32 ``image``, even
-    ``shape_yx`` no larger than it): the transform along x, the columns kept, then along y only those.
+    """``crop_spectrum(rfft2(image), shape_yx)``, the same complex64 values ((ny, nx) float32 ``image``;
+    ``shape_yx`` its own shape, or even and no larger): the transform along x, the columns kept, then along y only
+    those.
 
     ``rfft2`` transforms every column along y before the crop drops those beyond ``mx/2``: at a binned output
     size most of that pass is thrown away. The 1D transforms of the kept columns are the same ones, in the same

@@ -241,7 +241,8 @@ def profile_here(manifest: Path, box_px: int, diameter_angst: float, scratch: Pa
                timed(extract, "prepare_stack", "stack read + preparation (all threads)"),
                timed(TiltSeriesEngine, "create", "engine setup incl. its own stack preparation"),
                timed(files, "check_volume", "volume checks (writer thread)"),
-               timed(files, "write_mrc", "MRC writes (writer thread)"),
+               timed(files, "write_mrc_stream", "MRC writes through the page cache (writer thread)"),
+               timed(files, "write_mrc_direct", "MRC writes, direct (writer thread)"),
                timed(relion_subtomo, "write_subtomo_star", "STAR writing"),
                timed(record, "write_export_record", "success record"),
                timed(atomic, "publish", "publishing (renames)")]

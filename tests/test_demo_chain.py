@@ -18,7 +18,7 @@ from mspecies.cli.demo_chain import (
     gaussian_jitter_angst,
 )
 from mspecies.formats.star import StarBlock, read_star_text, write_star_text
-from mspecies.synth.dataset import MANIFEST_FORMAT
+from mspecies.synth.manifest import MANIFEST_FORMAT
 
 PIXEL_ANGST = 4.0
 N_PER_TOMOGRAM = 150

@@ -22,7 +22,8 @@ from mspecies.cli.export_files import export_tilt_series
 from mspecies.cli.export_overlap import ParticleWriter, Prefetch
 from mspecies.core.reconstruct import ExportOptions, ReconstructionError, TiltSeriesEngine, check_volume
 from mspecies.formats.mrc import read_mrc, write_mrc, write_mrc_stream
-from mspecies.synth.dataset import generate_dataset, load_manifest, manifest_particles, manifest_tilt_series
+from mspecies.synth.dataset import generate_dataset
+from mspecies.synth.manifest import load_manifest, manifest_particles, manifest_tilt_series
 
 EXPORT = ["export", "--box", "24", "--diameter", "60", "--backend", "numpy", "--max-batch", "3"]
 

@@ -31,7 +31,8 @@ from mspecies.core.volume import fourier_shell_correlation, normalized_cross_cor
 from mspecies.formats.mrc import read_mrc, write_mrc
 from mspecies.formats.relion_subtomo import PARTICLE_COLUMNS, write_subtomo_star
 from mspecies.formats.star import read_relion31_particles
-from mspecies.synth.dataset import generate_dataset, load_manifest
+from mspecies.synth.dataset import generate_dataset
+from mspecies.synth.manifest import load_manifest
 from mspecies.synth.phantom import make_phantom_map
 
 pytestmark = pytest.mark.relion

@@ -25,7 +25,8 @@ import starfile
 from mspecies.common.types import InputError, Microscope
 from mspecies.core.geometry import project_positions_to_tilts, relion_tilt_alignment
 from mspecies.formats import relion5
-from mspecies.synth.dataset import generate_dataset, load_manifest, manifest_tilt_series
+from mspecies.synth.dataset import generate_dataset
+from mspecies.synth.manifest import load_manifest, manifest_tilt_series
 
 BOX = 32
 SLICE_CC = 0.999

@@ -8,6 +8,8 @@ rounding), and the same as the manifest's ground-truth geometry within the files
 
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,8 @@ import starfile
 from mspecies.cli.main import build_parser, main
 from mspecies.formats.mrc import read_mrc
 from mspecies.formats.star import write_relion31_particles
-from mspecies.synth.dataset import generate_dataset, load_manifest
+from mspecies.synth.dataset import generate_dataset
+from mspecies.synth.manifest import load_manifest
 
 COMMON = ["export", "--box", "24", "--diameter", "60", "--backend", "numpy"]
 
@@ -270,3 +273,19 @@ def test_an_mdoc_without_datetime_or_prior_dose_warns_that_section_order_is_assu
     route[route.index(files["mdoc"])] = str(stripped)
     _export(folder / "mdoc_exposure_only", route)
     assert "neither DateTime nor PriorRecordDose; taken as its section order" in capsys.readouterr().err
+
+
+def test_an_export_from_a_manifest_loads_neither_the_simulation_nor_the_file_readers(dataset, tmp_path):
+    """``export --manifest`` reads the manifest (:mod:`mspecies.synth.manifest`) without the dataset generator, its
+    back-projection (SciPy's ndimage) or the readers of IMOD/SerialEM/CTFFIND files: start-up is paid by every
+    export, one per tilt series under Scipion."""
+    _, manifest, _ = dataset
+    unwanted = ("mspecies.synth.dataset", "mspecies.synth.wbp", "mspecies.synth.phantom", "scipy.ndimage",
+                "mspecies.cli.export_inputs")
+    code = (f"import sys; from mspecies.cli.main import main; "
+            f"code = main({COMMON + ['--manifest', str(manifest), '--out', str(tmp_path / 'out')]!r}); "
+            f"print(code, sorted(name for name in {unwanted!r} if name in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "0 []"
+    assert (tmp_path / "out" / "particles.star").is_file()

@@ -17,6 +17,7 @@ from mspecies.formats.mrc import read_mrc
 from mspecies.formats.star import read_relion31_particles
 from mspecies.synth import check as synth_check
 from mspecies.synth import dataset as synth
+from mspecies.synth import manifest as synth_manifest
 from mspecies.synth.phantom import (
     BlobModel,
     make_blob_model,
@@ -138,10 +139,10 @@ def test_same_seed_gives_identical_dataset_and_other_seed_differs(tmp_path):
 
 
 def test_manifest_lists_existing_files_and_rebuilds_core_objects(small_dataset):
-    manifest = synth.load_manifest(small_dataset)
+    manifest = synth_manifest.load_manifest(small_dataset)
     root = small_dataset.parent
     assert all((root / name).is_file() for name in manifest["files"])
-    ts = synth.manifest_tilt_series(manifest, "TS_01")
+    ts = synth_manifest.manifest_tilt_series(manifest, "TS_01")
     np.testing.assert_allclose(imod.read_xf(root / "TS_01" / "TS_01.xf"), ts.xf, atol=2e-3)
     np.testing.assert_allclose(imod.read_tlt(root / "TS_01" / "TS_01.tlt"), ts.tilt_angles_deg, atol=1e-3)
     defocus = imod.read_imod_defocus(root / "TS_01" / "TS_01.defocus")
@@ -154,29 +155,29 @@ def test_manifest_lists_existing_files_and_rebuilds_core_objects(small_dataset):
     assert stamps == sorted(stamps)
     stack, pixel = read_mrc(ts.stack_path)
     assert stack.shape == (21, 256, 256) and pixel == pytest.approx(8.0)
-    assert len(synth.manifest_particles(manifest)) == SMALL["n_particles"]
+    assert len(synth_manifest.manifest_particles(manifest)) == SMALL["n_particles"]
 
 
 def test_star_coordinates_convert_back_to_manifest_positions(small_dataset):
-    manifest = synth.load_manifest(small_dataset)
+    manifest = synth_manifest.load_manifest(small_dataset)
     optics, particles = read_relion31_particles(small_dataset.parent / "particles.star")
     assert optics["rlnImagePixelSize"].iloc[0] == pytest.approx(SMALL["pixel_size_angst"])
     nz, ny, nx = manifest["tilt_series"][0]["unbinned_tomogram_shape_zyx"]
     centred = particles[["rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ"]].to_numpy(float) - [nx // 2, ny // 2,
                                                                                                      nz // 2]
-    poses = synth.manifest_particles(manifest)
+    poses = synth_manifest.manifest_particles(manifest)
     np.testing.assert_allclose(centred * SMALL["pixel_size_angst"], poses.positions_angst, atol=1e-3)
     np.testing.assert_allclose(particles[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy(float),
                                poses.euler_zyz_deg, atol=1e-4)
 
 
 def test_tomogram_shows_dark_particles_at_their_positions(small_dataset):
-    manifest = synth.load_manifest(small_dataset)
+    manifest = synth_manifest.load_manifest(small_dataset)
     entry = manifest["tilt_series"][0]
     tomogram, pixel = read_mrc(small_dataset.parent / entry["files"]["tomogram"])
     assert list(tomogram.shape) == entry["tomogram_shape_zyx"] and pixel == entry["tomogram_pixel_size_angst"]
     smooth = ndimage.gaussian_filter(tomogram.astype(np.float64), 3.0)
-    index = synth.manifest_particles(manifest).positions_angst / pixel + np.array(smooth.shape[::-1]) // 2
+    index = synth_manifest.manifest_particles(manifest).positions_angst / pixel + np.array(smooth.shape[::-1]) // 2
     values = ndimage.map_coordinates(smooth, index[:, ::-1].T, order=1)
     assert np.mean(values) < smooth.mean() - 2 * smooth.std()
 

@@ -56,7 +56,7 @@ STARTUP_THREADS = ("import os, sys\ntry:\n    from mspecies.worker_threads impor
 them) before its imports."""
 STARTUP_IMPORTS = ("mspecies.cli.main", "mspecies.cli.export", "mspecies.cli.export_files",
                    "mspecies.cli.export_checks", "mspecies.cli.export_record", "mspecies.cli.atomic",
-                   "mspecies.formats.relion_subtomo", "mspecies.synth.dataset")
+                   "mspecies.formats.relion_subtomo", "mspecies.synth.manifest")
 """What ``python -m mspecies export --manifest`` imports before its first step (measured as start-up)."""
 
 
@@ -78,7 +78,7 @@ def bench_engine(manifest: Path, box_px: int, diameter_angst: float, passes: int
     from mspecies.cli.main import build_parser
     from mspecies.core.reconstruct import TiltSeriesEngine
     from mspecies.formats.mrc import read_mrc
-    from mspecies.synth.dataset import load_manifest, manifest_particles, manifest_tilt_series
+    from mspecies.synth.manifest import load_manifest, manifest_particles, manifest_tilt_series
 
     args = build_parser().parse_args(cli_arguments(manifest, box_px, diameter_angst, Path("unused")))
     data = load_manifest(manifest)

@@ -23,6 +23,7 @@ import pandas as pd
 from mspecies.core.geometry import project_positions_to_tilts
 from mspecies.synth import check as synth_check
 from mspecies.synth import dataset as synth
+from mspecies.synth import manifest as synth_manifest
 
 PROJECT_NAME = "mspecies_demo"
 
@@ -47,7 +48,7 @@ def run_demo(out_dir: Path, *, seed: int = 0, n_tomograms: int = 2, n_particles:
     imported = import_synthetic_dataset(project, manifest_path)
     timings["Scipion import (s)"] = time.perf_counter() - start
 
-    manifest = synth.load_manifest(manifest_path)
+    manifest = synth_manifest.load_manifest(manifest_path)
     with inside_project(project):  # set files are stored relative to the project folder
         checks = _check_against_truth(imported, manifest)
         imported_summary = _describe_imported(imported)
@@ -77,11 +78,11 @@ def _check_against_truth(imported: dict, manifest: dict) -> dict[str, float]:
 
     tilt_series = tilt_series_set_to_data(imported["tilt_series"], imported["ctfs"])
     poses = coordinates_to_poses(imported["coordinates"])
-    truth_poses = synth.manifest_particles(manifest)
+    truth_poses = synth_manifest.manifest_particles(manifest)
     worst = {"tilt angle (deg)": 0.0, "xf": 0.0, "defocus U (Å)": 0.0, "dose (e/Å²)": 0.0,
              "position (Å)": 0.0, "projected position (px)": 0.0}
     for ts_id, data in tilt_series.items():
-        truth = synth.manifest_tilt_series(manifest, ts_id)
+        truth = synth_manifest.manifest_tilt_series(manifest, ts_id)
         worst["tilt angle (deg)"] = max(worst["tilt angle (deg)"],
                                         float(np.abs(data.tilt_angles_deg - truth.tilt_angles_deg).max()))
         worst["xf"] = max(worst["xf"], float(np.abs(data.xf - truth.xf).max()))
@@ -186,7 +187,7 @@ def derive_particle_star(manifest_path: Path, out_path: Path, *, seed: int = 0) 
     the centre) added. Returns the counts."""
     from mspecies.formats.star import StarBlock, read_star_text, write_star_text
 
-    manifest = synth.load_manifest(manifest_path)
+    manifest = synth_manifest.load_manifest(manifest_path)
     blocks, _ = read_star_text(Path(manifest_path).parent / manifest.get("particles_star", "particles.star"))
     optics, particles = blocks["optics"].table.copy(), blocks["particles"].table.copy()
     pixel = float(optics["rlnImagePixelSize"].iloc[0])
@@ -288,7 +289,7 @@ def _run_export_chain(project, imported: dict, manifest_path: Path, out_dir: Pat
     from .workflow import launch
 
     out_dir = Path(out_dir)
-    manifest = synth.load_manifest(manifest_path)
+    manifest = synth_manifest.load_manifest(manifest_path)
     timings: dict[str, float] = {}
     derived = out_dir / "derived_particles.star"
     counts = derive_particle_star(Path(manifest_path), derived)

@@ -193,7 +193,7 @@ def _require(args: argparse.Namespace, names: list[str], context: str) -> None:
 
 
 def _load_manifest_inputs(args: argparse.Namespace) -> list[tuple[TiltSeriesData, ParticlePoses, tuple[int, ...]]]:
-    from mspecies.synth.dataset import load_manifest, manifest_particles, manifest_tilt_series
+    from mspecies.synth.manifest import load_manifest, manifest_particles, manifest_tilt_series
 
     manifest = load_manifest(args.manifest)
     all_particles = manifest_particles(manifest)
@@ -265,10 +265,10 @@ def tilt_series_from_geometry(path: str | Path) -> tuple[TiltSeriesData, tuple[i
 
 def load_inputs(args: argparse.Namespace) -> list[tuple[TiltSeriesData, ParticlePoses, tuple[int, ...]]]:
     """(tilt series, its particles, tomogram shape xyz) for every tilt series to export."""
-    from mspecies.cli.export_inputs import read_particles, tilt_series_from_files
-
     if args.manifest:
         return _load_manifest_inputs(args)
+    from mspecies.cli.export_inputs import read_particles, tilt_series_from_files
+
     _require(args, ["particles"], "--geometry / file input")
     tomogram_pixel = None
     if args.geometry:

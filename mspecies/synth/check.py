@@ -21,7 +21,8 @@ from mspecies.formats import imod
 from mspecies.formats.mrc import read_mrc
 from mspecies.formats.star import read_relion31_particles
 
-from .dataset import WORKERS, load_manifest
+from .dataset import WORKERS
+from .manifest import load_manifest
 
 
 def _files_tilt_series(root: Path, entry: dict[str, object], microscope: Microscope) -> tuple[np.ndarray,

@@ -26,7 +26,8 @@ def setup_synthetic_project(cls, prefix: str, **synth) -> None:
     from pyworkflow.tests import setupTestProject
 
     from mspecies.cli.workflow import import_synthetic_dataset
-    from mspecies.synth.dataset import generate_dataset, load_manifest
+    from mspecies.synth.dataset import generate_dataset
+    from mspecies.synth.manifest import load_manifest
 
     setupTestProject(cls)
     cls.tmp = Path(tempfile.mkdtemp(prefix=prefix))

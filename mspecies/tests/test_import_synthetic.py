@@ -15,7 +15,7 @@ from mspecies.convert.particles import coordinates_to_poses
 from mspecies.convert.tilt_series import tilt_series_set_to_data
 from mspecies.core.geometry import euler_to_matrix, project_positions_to_tilts
 from mspecies.protocols import ProtMSpeciesImportParticlesStar, ProtMSpeciesImportTsAlignment
-from mspecies.synth.dataset import manifest_particles, manifest_tilt_series
+from mspecies.synth.manifest import manifest_particles, manifest_tilt_series
 from mspecies.tests.checks import registered_outputs, setup_synthetic_project
 
 # pytest marks (conftest.py adds them; the package's tests never import pytest)

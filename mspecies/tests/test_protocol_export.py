@@ -30,7 +30,7 @@ from mspecies.protocols import (
     ProtMSpeciesIntersect,
 )
 from mspecies.protocols.protocol_export_subtomograms import CTF_ATTR, DONE_JSON, MODE_SERIES, RELIONTOMO_OUTPUT
-from mspecies.synth.dataset import manifest_particles, manifest_tilt_series
+from mspecies.synth.manifest import manifest_particles, manifest_tilt_series
 from mspecies.tests.checks import registered_outputs, setup_synthetic_project
 
 SYNTH = dict(seed=5, n_tomograms=2, n_particles=20, n_tilts=31, box_px=32, image_shape_yx=(320, 320),

@@ -17,7 +17,7 @@ from mspecies.formats.mrc import write_mrc
 from mspecies.formats.star import StarBlock, write_star_text
 from mspecies.protocols import ProtMSpeciesImportParticlesStar, ProtMSpeciesIntersect
 from mspecies.protocols.protocol_intersect import ANGLE_ATTR, DISTANCE_ATTR, SOURCE_SCIPION, SOURCE_STAR
-from mspecies.synth.dataset import manifest_particles
+from mspecies.synth.manifest import manifest_particles
 from mspecies.tests.checks import setup_synthetic_project
 from mspecies.viewers import MSpeciesIntersectViewer
 

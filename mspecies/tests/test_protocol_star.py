@@ -31,7 +31,7 @@ from mspecies.formats.star_write import write_particle_star
 from mspecies.protocols import ProtMSpeciesExportParticlesStar, ProtMSpeciesImportParticlesStar
 from mspecies.protocols.protocol_export_star import EXPORT_DIALECTS
 from mspecies.protocols.protocol_import_star import DIALECT_CHOICES, IMPORT_COORDINATES
-from mspecies.synth.dataset import manifest_particles
+from mspecies.synth.manifest import manifest_particles
 from mspecies.tests.checks import registered_outputs, require_relion, setup_synthetic_project
 
 # pytest marks (conftest.py adds them; the package's tests never import pytest)

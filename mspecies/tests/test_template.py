@@ -14,7 +14,8 @@ from mspecies.cli.demo_chain import TOLERANCE_ANGST, derive_particle_star
 from mspecies.cli.workflow import inside_project
 from mspecies.formats.star import read_relion31_particles
 from mspecies.protocols import ProtMSpeciesExportSubtomograms, ProtMSpeciesIntersect
-from mspecies.synth.dataset import generate_dataset, load_manifest
+from mspecies.synth.dataset import generate_dataset
+from mspecies.synth.manifest import load_manifest
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "templates" / "mspecies_export.json.template"
 SYNTH = dict(seed=7, n_tomograms=2, n_particles=6, n_tilts=15, box_px=32, image_shape_yx=(256, 256),

@@ -13,7 +13,7 @@ from mspecies.core.reconstruct import TiltSeriesEngine, normalize_outside_radius
 def test_line_by_line_sub_tomograms_equal_the_whole_spectrum_ones_bit_for_bit(monkeypatch, workers):
     """The line-by-line insertion and transforms (NumPy, direct 3D CTF) give exactly the values of the
     whole-spectrum path (used for CuPy and the padded 3D CTF), also for a last batch smaller than the others,
-    which reuses the front of the kept work arrays instead of new ones."""
+    which reuses the front of the kept work arrays instead of new ones; the samples and the planes share one."""
     tilt_series = make_tilt_series(n_tilts=21, microscope=Microscope(300.0, 2.7, 0.07), defocus_angst=20000.0)
     stack = np.random.default_rng(2).normal(size=(21, 160, 160)).astype(np.float32)
     particles = poses(np.random.default_rng(3).uniform(-60, 60, (5, 3)))
@@ -23,7 +23,9 @@ def test_line_by_line_sub_tomograms_equal_the_whole_spectrum_ones_bit_for_bit(mo
     assert engine.by_lines
     lines = list(engine.reconstruct(particles))
     m = engine.padded_box_px
-    assert engine.buffers["partial"].size == BOX * m * (m // 2 + 1) * 2  # kept from the batches of 2
+    # kept from the batches of 2: the planes after the transform along z take over the samples' storage
+    planes, samples = BOX * m * (m // 2 + 1) * 2, 2 * engine.tilts.size * engine.grid.n_samples
+    assert "partial" not in engine.buffers and engine.buffers["samples"].size == max(planes, samples)
     monkeypatch.setattr(reconstruct, "_by_lines", lambda xp, options: False)
     whole_engine = TiltSeriesEngine.create(tilt_series, stack, opts)
     assert not whole_engine.by_lines

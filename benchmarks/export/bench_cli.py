@@ -56,8 +56,12 @@ STARTUP_THREADS = ("import os, sys\ntry:\n    from mspecies.worker_threads impor
 them) before its imports."""
 STARTUP_IMPORTS = ("mspecies.cli.main", "mspecies.cli.export", "mspecies.cli.export_files",
                    "mspecies.cli.export_checks", "mspecies.cli.export_record", "mspecies.cli.atomic",
-                   "mspecies.formats.relion_subtomo", "mspecies.synth.manifest")
-"""What ``python -m mspecies export --manifest`` imports before its first step (measured as start-up)."""
+                   "mspecies.formats.relion_subtomo")
+"""What ``python -m mspecies export --manifest`` imports before its first step (measured as start-up), with the
+manifest's reader: :data:`MANIFEST_READERS`."""
+MANIFEST_READERS = ("mspecies.synth.manifest", "mspecies.synth.dataset")
+"""Where a tree reads a manifest: the first of these it has (trees before the tenth pass read it with the dataset
+generator, so a ``--before`` tree's start-up is timed with what its command imports)."""
 
 
 def make_dataset(folder: Path, n_tomograms: int, n_particles: int, box_px: int) -> Path:
@@ -176,7 +180,10 @@ def file_create_ms(folder: Path, count: int = 400) -> float:
 
 def bench_startup(source: Path) -> float:
     """Wall seconds of a new interpreter importing :data:`STARTUP_IMPORTS`."""
-    wall, _, _ = run_timed([sys.executable, "-c", STARTUP_THREADS + "import " + ", ".join(STARTUP_IMPORTS)], source)
+    reader = next(name for name in MANIFEST_READERS
+                  if (source / (name.replace(".", "/") + ".py")).is_file())
+    wall, _, _ = run_timed([sys.executable, "-c", STARTUP_THREADS + "import " + ", ".join(STARTUP_IMPORTS + (reader,))],
+                           source)
     return wall
 
 
@@ -202,7 +209,7 @@ def profile_here(manifest: Path, box_px: int, diameter_angst: float, scratch: Pa
     from mspecies.cli.main import main
     from mspecies.core.reconstruct import TiltSeriesEngine
 
-    for name in STARTUP_IMPORTS:
+    for name in STARTUP_IMPORTS + MANIFEST_READERS[:1]:
         importlib.import_module(name)
     phases: dict[str, float] = collections.defaultdict(float)
     phases["imports (start-up, less the interpreter's own)"] = time.perf_counter() - started_imports

@@ -124,6 +124,32 @@ def test_a_bad_tilt_found_while_the_geometry_is_built_is_the_error(workers):
     stack[7] = 0.0
     with pytest.raises(InputError, match="tilt 7 .* is blank"):
         TiltSeriesEngine.create(tilt_series, stack, options(workers=workers))
+    stack[15] = np.nan  # two bad tilts: the first in stack order is named, on any number of threads
+    with pytest.raises(InputError, match="tilt 7 .* is blank"):
+        TiltSeriesEngine.create(tilt_series, stack, options(workers=workers))
+
+
+class _RecordingStack:
+    """A (T, ny, nx) stack that records the order in which its tilts are read."""
+
+    def __init__(self, stack):
+        self.stack, self.ndim, self.shape, self.read = stack, stack.ndim, stack.shape, []
+
+    def __getitem__(self, t):
+        self.read.append(t)
+        return self.stack[t]
+
+
+def test_the_threads_read_the_tilts_in_stack_order():
+    """Two threads take the next tilt when free: the file is read as one stream, not from its start and its middle
+    (a stack not in the page cache is then read ahead as it is used: ``benchmarks/export/README.md``, tenth pass)."""
+    tilt_series = make_tilt_series(n_tilts=21)
+    stack = _RecordingStack(np.random.default_rng(13).normal(size=(21, 160, 160)).astype(np.float32))
+    serial = TiltSeriesEngine.create(tilt_series, stack.stack, options(workers=1))
+    engine = TiltSeriesEngine.create(tilt_series, stack, options(workers=2))
+    assert sorted(stack.read) == list(range(21))
+    assert all(abs(t - k) <= 1 for k, t in enumerate(stack.read)), stack.read
+    assert np.array_equal(engine.prepared.images, serial.prepared.images)
 
 
 def _normalised_by_float64_copy(volume, radius_px):

@@ -4,6 +4,8 @@ statements of the same computation (:func:`mspecies.core.insert.splat_entries` +
 accumulators must come back zeroed)."""
 
 import dataclasses
+import threading
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -112,6 +114,44 @@ def test_run_each_gives_every_item_to_exactly_one_thread_and_raises_the_first_er
 
     with pytest.raises(ValueError, match="item 3"):
         insert.run_each(pool, fail, 10)
+
+
+def _two_threads_failing_at_item_2(item_1: Callable[[], None]) -> tuple[list[int], Callable[[int], None]]:
+    """Work for :func:`insert.run_each` on two threads: items 0 and 1 run at once (0 waits for 1 to start), the
+    thread of item 0 then takes item 2, which fails; item 1 waits for that failure, then runs ``item_1``."""
+    started: list[int] = []
+    one_started, two_failed = threading.Event(), threading.Event()
+
+    def work(i: int) -> None:
+        started.append(i)
+        if i == 0:
+            assert one_started.wait(timeout=60)
+        elif i == 1:
+            one_started.set()
+            assert two_failed.wait(timeout=60)
+            item_1()
+        elif i == 2:
+            two_failed.set()
+            raise ValueError("item 2")
+
+    return started, work
+
+
+def test_run_each_raises_the_error_of_the_lowest_failing_item_as_the_serial_loop_does():
+    def fail() -> None:
+        raise ValueError("item 1")
+
+    started, work = _two_threads_failing_at_item_2(fail)
+    with pytest.raises(ValueError, match="item 1"):
+        insert.run_each(insert.thread_pool(2), work, 1000)
+    assert sorted(started) == [0, 1, 2]
+
+
+def test_run_each_hands_out_no_item_after_a_failure():
+    started, work = _two_threads_failing_at_item_2(lambda: None)
+    with pytest.raises(ValueError, match="item 2"):
+        insert.run_each(insert.thread_pool(2), work, 1000)
+    assert sorted(started) == [0, 1, 2]  # the thread of item 1 did not go on to item 3
 
 
 @pytest.mark.parametrize("method", ["direct", "padded"])

@@ -332,14 +332,15 @@ def prepare_stack(stack: np.ndarray, tilt_series: TiltSeriesData, output_pixel_a
     tilts
         Stack indices to prepare (default all); the others are left zero.
     pool
-        Optional :class:`mspecies.core.insert.WorkerPool` (NumPy only): its threads share the tilts out, each
-        tilt read and filtered on one thread (single-threaded transforms), so reading overlaps filtering and
-        the element-wise steps run on all cores; the values are those of the serial loop.
+        Optional :class:`mspecies.core.insert.WorkerPool` (NumPy only): each of its threads takes the next tilt
+        in stack order when it is free and reads and filters it (single-threaded transforms), so reading overlaps
+        filtering, the element-wise steps run on all cores, and a stack not yet in the page cache is read as one
+        stream; the values are those of the serial loop.
     reuse
         Optional :class:`StackReuse` (NumPy only): its array is filled instead of a new one where it has this
         stack's shape (every tilt is written, so its old values do not matter).
     """
-    from .insert import run_split
+    from .insert import run_each
 
     if stack.ndim != 3 or stack.shape[0] != tilt_series.n_tilts:
         raise InputError(f"stack: expected shape ({tilt_series.n_tilts}, ny, nx) for {tilt_series.ts_id}, "
@@ -360,14 +361,16 @@ def prepare_stack(stack: np.ndarray, tilt_series: TiltSeriesData, output_pixel_a
     pool = pool if xp is np else None
     fft_workers = 1 if pool is not None else workers
 
-    def prepare(first: int, last: int) -> None:
-        for t in used[first:last]:
-            raw = np.asarray(stack[t], dtype=np.float32)
-            check_tilt_image(raw, tilt_series, t)
-            preprocess_image(xp.asarray(raw), box_px, normalize=normalize, invert=invert, xp=xp,
-                             workers=fft_workers, out=images[t], shape_yx=shape)
+    def prepare(k: int) -> None:
+        t = used[k]
+        raw = np.asarray(stack[t], dtype=np.float32)
+        check_tilt_image(raw, tilt_series, t)
+        preprocess_image(xp.asarray(raw), box_px, normalize=normalize, invert=invert, xp=xp, workers=fft_workers,
+                         out=images[t], shape_yx=shape)
 
-    run_split(pool, prepare, len(used))  # type: ignore[arg-type]  # the first failing range's error is raised
+    # the threads take the tilts in stack order, so the file is read as one stream (not one per half of it); the
+    # lowest failing tilt's error is raised
+    run_each(pool, prepare, len(used))  # type: ignore[arg-type]
     ny, nx = tilt_series.image_shape_yx
     return PreparedStack(images, np.array([shape[1] / nx, shape[0] / ny]))
 

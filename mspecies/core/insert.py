@@ -78,23 +78,31 @@ def run_split(pool: WorkerPool | None, work: Callable[[int, int], None], size: i
 def run_each(pool: WorkerPool | None, work: Callable[[int], None], size: int) -> None:
     """Run ``work(i)`` for i in [0, size), each pool thread taking the next i when it is free (serially without
     a pool): for items of unequal cost (a pre-rotated particle's own splat varies with its orientation), where
-    :func:`run_split`'s even ranges would leave one thread waiting. Exceptions propagate once all have stopped."""
+    :func:`run_split`'s even ranges would leave one thread waiting, and for items read in order (the tilts of a
+    stack: the threads read neighbouring tilts, one stream through the file). After a failure no item is handed out;
+    once all threads have stopped, the error of the lowest failing item is raised, as the serial loop would (every
+    lower item was handed out before it)."""
     if pool is None or size < 2:
         for i in range(size):
             work(i)
         return
     counter = itertools.count()  # next() on it is atomic under the GIL
+    errors: dict[int, BaseException] = {}
 
     def take() -> None:
         for i in iter(counter.__next__, None):
-            if i >= size:
+            if i >= size or errors:
                 return
-            work(i)
+            try:
+                work(i)
+            except BaseException as error:
+                errors[i] = error
+                return
 
     futures = [pool.submit(take) for _ in range(min(pool.threads, size))]
     wait(futures)
-    for future in futures:
-        future.result()
+    if errors:
+        raise errors[min(errors)]
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import tempfile
 SCIPION_PREFIXES = ("pyworkflow", "pwem", "tomo")
 PURE_MODULES = ["mspecies", "mspecies.common.types", "mspecies.common.euler", "mspecies.core.geometry",
                 "mspecies.core.ctf", "mspecies.core.reconstruct", "mspecies.core.assignment", "mspecies.synth.dataset",
+                "mspecies.synth.manifest",
                 "mspecies.synth.check", "mspecies.formats.imod", "mspecies.formats.star", "mspecies.formats.star_write",
                 "mspecies.cli", "mspecies.cli.export", "mspecies.cli.intersect_files", "mspecies.cli.qc"]
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mspecies")

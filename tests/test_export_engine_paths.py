@@ -152,6 +152,19 @@ def test_the_threads_read_the_tilts_in_stack_order():
     assert np.array_equal(engine.prepared.images, serial.prepared.images)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("dtype", ["float16", "int16", "uint16", ">f4", "float64"])
+def test_a_stack_of_another_type_is_prepared_as_its_float32_copy_bit_for_bit(dtype, workers):
+    """Tilts of half floats (RELION's motion correction), integers, big-endian or double floats are converted into
+    an array of each preparing thread, reused for its tilts: the values of converting each tilt on its own."""
+    tilt_series = make_tilt_series(n_tilts=21)
+    values = np.random.default_rng(14).normal(size=(21, 160, 160)) * 40 + (1000 if dtype == "uint16" else 0)
+    stack = values.astype(dtype)
+    as_float32 = TiltSeriesEngine.create(tilt_series, stack.astype(np.float32), options(workers=workers))
+    engine = TiltSeriesEngine.create(tilt_series, stack, options(workers=workers))
+    assert np.array_equal(engine.prepared.images, as_float32.prepared.images)
+
+
 def _normalised_by_float64_copy(volume, radius_px):
     """The output normalisation written plainly: mean and population sd of a float64 copy of the outside voxels."""
     axis = np.arange(volume.shape[0]) - volume.shape[0] // 2

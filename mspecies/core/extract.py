@@ -361,9 +361,23 @@ def prepare_stack(stack: np.ndarray, tilt_series: TiltSeriesData, output_pixel_a
     pool = pool if xp is np else None
     fft_workers = 1 if pool is not None else workers
 
+    converted: dict[int, np.ndarray] = {}  # per thread, for a stack not in native float32: one array for its tilts
+
+    def read(t: int) -> np.ndarray:
+        """Tilt ``t`` as float32: a view of a float32 stack, else converted into the thread's array (a new array
+        per tilt was mapped and zeroed by the system every time: 67 MB per 4096² tilt)."""
+        tilt = stack[t]
+        if tilt.dtype == np.float32:
+            return np.asarray(tilt)
+        buffer = converted.get(threading.get_ident())
+        if buffer is None or buffer.shape != tilt.shape:
+            buffer = converted[threading.get_ident()] = np.empty(tilt.shape, dtype=np.float32)
+        np.copyto(buffer, tilt, casting="unsafe")  # the values of ``tilt.astype(np.float32)``
+        return buffer
+
     def prepare(k: int) -> None:
         t = used[k]
-        raw = np.asarray(stack[t], dtype=np.float32)
+        raw = read(t)
         check_tilt_image(raw, tilt_series, t)
         preprocess_image(xp.asarray(raw), box_px, normalize=normalize, invert=invert, xp=xp, workers=fft_workers,
                          out=images[t], shape_yx=shape)

@@ -17,6 +17,7 @@ import pytest
 from test_cli_intersect import SHAPE, write_star
 
 from mspecies.cli import main
+from mspecies.core.memory import Availability
 from mspecies.formats.mrc import read_mrc, write_mrc
 from mspecies.synth.dataset import generate_dataset
 
@@ -202,7 +203,8 @@ def test_cupy_requested_without_cupy_is_a_message(data, tmp_path, capsys):
 
 
 def test_an_m_compatible_solve_that_cannot_fit_is_refused_with_the_number(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("mspecies.cli.intersect_checks.available_memory_bytes", lambda: 10_000)
+    monkeypatch.setattr("mspecies.cli.intersect_checks.memory_availability",
+                        lambda: Availability(10**12, (10_000, "/job_1", 20_000)))
     positions = np.random.default_rng(0).uniform(-300, 300, (40, 3))
     names = np.array(["TS_01"] * 40, dtype=object)
     write_star(tmp_path / "old.star", positions, names)
@@ -212,6 +214,7 @@ def test_an_m_compatible_solve_that_cannot_fit_is_refused_with_the_number(tmp_pa
     assert main(argv + ["--mode", "m_compatible"]) == 2
     err = capsys.readouterr().err
     assert "40 old x 40 new" in err and "62.5 KiB" in err and "--mode gated" in err  # 40 B x 40 x 40
+    assert "memory cgroup /job_1" in err
     assert not (tmp_path / "out").exists()
     assert main(argv) == 0  # gated, finite radius: sparse, no dense plan
 

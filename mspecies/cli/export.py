@@ -159,7 +159,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     options.add_argument("--no-ctf", action="store_true", help="diagnostic: C_u = C_w = 1 (no CTF or dose weighting)")
     options.add_argument("--backend", choices=("auto", "numpy", "cupy"), default="auto",
                          help="array backend: cupy (GPU), numpy (CPU), auto = cupy when a GPU is usable")
-    options.add_argument("--memory-gb", type=float, help="memory budget (GB; default 25%% of the available memory)")
+    options.add_argument("--memory-gb", type=float,
+                         help="memory budget (GB; default 25%% of the memory available on this machine, but at most "
+                         "75%% of what this process's memory cgroup leaves: a SLURM job's --mem, a container's limit)")
     options.add_argument("--max-batch", type=int, default=16,
                          help="most particles reconstructed at once (the memory plan may use fewer)")
     options.add_argument("--star-flavour", choices=("3.1", "3.0", "5"), default="3.1",

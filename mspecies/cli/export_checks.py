@@ -1,6 +1,7 @@
 """Everything the export checks before its first byte is written.
 
-* the arguments: ``--pixel-size-out`` > 0, ``--memory-gb`` within the memory this machine has available, a usable
+* the arguments: ``--pixel-size-out`` > 0, ``--memory-gb`` within the memory available to this process (the
+  machine's, or less where its memory cgroup limits it: a SLURM job's ``--mem``, a container's limit), a usable
   backend;
 * per tilt series: the options against the data and the memory plan (:func:`~mspecies.core.reconstruct.plan_memory`,
   refused at once when one particle cannot fit), named by flag;
@@ -26,7 +27,7 @@ import pandas as pd
 
 from mspecies.common.types import InputError, ParticlePoses, TiltSeriesData
 from mspecies.core.geometry import project_positions_to_tilts
-from mspecies.core.memory import MemoryPlan, available_memory_bytes
+from mspecies.core.memory import MemoryPlan, memory_availability
 from mspecies.core.reconstruct import ExportOptions, plan_memory, shifted_positions_angst
 from mspecies.formats.mrc import MRC_HEADER_BYTES
 
@@ -80,13 +81,15 @@ def check_export_arguments(args: argparse.Namespace) -> None:
 
 
 def check_memory_budget(memory_gb: float) -> None:
-    """``--memory-gb`` must be > 0 and at most the memory available on this machine now (MemAvailable)."""
+    """``--memory-gb`` must be > 0 and at most the memory available to this process now (the machine's
+    MemAvailable, or what its memory cgroup leaves: :func:`~mspecies.core.memory.memory_availability`)."""
     if not (memory_gb > 0 and math.isfinite(memory_gb)):
         raise InputError(f"--memory-gb: expected a budget > 0 GB, got {memory_gb:g}")
-    available = available_memory_bytes()
-    if memory_gb * 1e9 > available:
-        raise InputError(f"--memory-gb: {memory_gb:g} GB is more than the {available / 1e9:.1f} GB this machine has "
-                         "available; give at most that (or leave it out: 25 % of the available memory)")
+    available = memory_availability()
+    if memory_gb * 1e9 > available.bytes:
+        raise InputError(f"--memory-gb: {memory_gb:g} GB is more than the {available.bytes / 1e9:.2f} GB available "
+                         f"to this process ({available.source}); give at most that, or leave it out (default: "
+                         f"{available.default_budget()[1]})")
 
 
 def with_flag(error: InputError) -> InputError:

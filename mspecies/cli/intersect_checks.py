@@ -17,7 +17,7 @@ import pandas as pd
 
 from mspecies.cli.atomic import format_bytes
 from mspecies.common.types import InputError
-from mspecies.core.memory import available_memory_bytes
+from mspecies.core.memory import memory_availability
 
 M_COMPATIBLE_BYTES_PER_PAIR = 40
 GATED_DENSE_BYTES_PER_PAIR = 17
@@ -47,7 +47,8 @@ def dense_solve_bytes(n_old: int, n_new: int, mode: str, radius_angst: float) ->
 def check_dense_memory(old_groups: np.ndarray, new_groups: np.ndarray, mode: str, radius_angst: float,
                        available_bytes: int | None = None) -> None:
     """Refuse, with the number, a dense solve (match or histogram at ``radius_angst``) whose largest tomogram does
-    not fit the memory available (default: this machine's MemAvailable)."""
+    not fit the memory available (default: :func:`~mspecies.core.memory.memory_availability`, the machine's
+    MemAvailable or less where a memory cgroup limits this process)."""
     old_counts = pd.Series(np.asarray(old_groups, dtype=object).astype(str)).value_counts()
     new_counts = pd.Series(np.asarray(new_groups, dtype=object).astype(str)).value_counts()
     shared = old_counts.index.intersection(new_counts.index)
@@ -58,12 +59,14 @@ def check_dense_memory(old_groups: np.ndarray, new_groups: np.ndarray, mode: str
     worst = max(needs, key=needs.get)
     if needs[worst] == 0:
         return
-    available = available_memory_bytes() if available_bytes is None else available_bytes
+    availability = memory_availability() if available_bytes is None else None
+    available = availability.bytes if availability is not None else int(available_bytes)
+    source = f" ({availability.source})" if availability is not None else ""
     if needs[worst] > available:
         what = "M's dense assignment (--mode m_compatible)" if mode == "m_compatible" else (
             "the dense assignment of an infinite radius (--histogram-radius-angst inf)")
         raise InputError(
             f"memory: tomogram {worst} has {int(old_counts[worst])} old x {int(new_counts[worst])} new particles; "
-            f"{what} needs about {format_bytes(needs[worst])} but this machine has {format_bytes(available)} "
-            "available; use --mode gated with a finite --histogram-radius-angst (sparse: memory in proportion to the "
-            "particles), or split the tomogram's particles")
+            f"{what} needs about {format_bytes(needs[worst])} but {format_bytes(available)} are available to this "
+            f"process{source}; use --mode gated with a finite --histogram-radius-angst (sparse: memory in proportion "
+            "to the particles), or split the tomogram's particles")

@@ -18,6 +18,12 @@ import numpy as np
 from mspecies.common.types import InputError
 
 DEFAULT_BUDGET_FRACTION = 0.25
+"""Of the machine's available memory, the export's budget when none is given: a workstation is shared."""
+CGROUP_BUDGET_FRACTION = 0.75
+"""Of what a memory cgroup leaves (a SLURM job's ``--mem``, a container), the most the default budget takes: that
+memory was given to the job; the rest holds the interpreter and its libraries (about 0.2 GB), the page cache of
+the files written (charged to the cgroup until written back) and what the plan does not count. At box 128 the plan
+of 16 particles said 2.7 GiB and the command peaked at 1.85 GB, page cache included (``memory.max_usage_in_bytes``)."""
 MAX_BATCH = 32
 BATCH_WORK_BYTES = 5 * 1024**3 // 2
 """A batch stops growing once its per-particle arrays would pass 2.5 GiB, but keeps :data:`FULL_BATCH` particles
@@ -63,16 +69,189 @@ def retain_freed_memory() -> bool:
             and bool(mallopt(_M_TOP_PAD, _TOP_PAD)))
 
 
-def available_memory_bytes() -> int:
-    """Memory available to new allocations (``MemAvailable`` of /proc/meminfo, else physical memory)."""
+@dataclass(frozen=True)
+class Availability:
+    """Memory this process may still allocate, and what limits it.
+
+    Attributes
+    ----------
+    machine_bytes
+        The machine's ``MemAvailable`` (else its physical memory).
+    cgroup
+        (bytes left, folder, limit) of the tightest memory cgroup of the process (:func:`cgroup_memory_left`), or
+        None where none has a limit.
+    """
+
+    machine_bytes: int
+    cgroup: tuple[int, str, int] | None = None
+
+    @property
+    def limited_by_cgroup(self) -> bool:
+        return self.cgroup is not None and self.cgroup[0] < self.machine_bytes
+
+    @property
+    def bytes(self) -> int:
+        """The least of the machine's and the cgroup's."""
+        return self.cgroup[0] if self.limited_by_cgroup else self.machine_bytes  # type: ignore[index]
+
+    @property
+    def source(self) -> str:
+        """Words for a log or an error message."""
+        if not self.limited_by_cgroup:
+            return "this machine's MemAvailable"
+        _, folder, limit = self.cgroup  # type: ignore[misc]
+        return f"what the memory cgroup {folder} leaves (its limit: {limit / 1e9:.2f} GB)"
+
+    def default_budget(self) -> tuple[int, str]:
+        """(bytes, how they were chosen) of the export's memory budget when none is given:
+        :data:`DEFAULT_BUDGET_FRACTION` of the machine's available memory (a workstation is shared), but at most
+        :data:`CGROUP_BUDGET_FRACTION` of what a memory cgroup leaves (memory given to the job)."""
+        shared = int(DEFAULT_BUDGET_FRACTION * self.machine_bytes)
+        if self.cgroup is not None and CGROUP_BUDGET_FRACTION * self.cgroup[0] < shared:
+            _, folder, limit = self.cgroup
+            return (int(CGROUP_BUDGET_FRACTION * self.cgroup[0]),
+                    f"{CGROUP_BUDGET_FRACTION:.0%} of the {self.cgroup[0] / 1e9:.2f} GB the memory cgroup {folder} "
+                    f"leaves; its limit: {limit / 1e9:.2f} GB")
+        return shared, f"{DEFAULT_BUDGET_FRACTION:.0%} of this machine's {self.machine_bytes / 1e9:.2f} GB available"
+
+
+def memory_availability(meminfo: str = "/proc/meminfo", mountinfo: str = "/proc/self/mountinfo",
+                        membership: str = "/proc/self/cgroup") -> Availability:
+    """The machine's ``MemAvailable``, and what the tightest memory cgroup of this process leaves
+    (:func:`cgroup_memory_left`): a SLURM job's ``--mem`` under ``task/cgroup``, a container's limit. A process
+    that allocates past its cgroup's limit is killed by the kernel, with no message of its own."""
+    return Availability(_machine_available_bytes(meminfo), cgroup_memory_left(mountinfo, membership))
+
+
+def _machine_available_bytes(meminfo: str) -> int:
     try:
-        with open("/proc/meminfo") as handle:
+        with open(meminfo) as handle:
             for line in handle:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError, IndexError):
         pass
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+_NO_LIMIT = 2**60
+"""A cgroup limit at or above this many bytes is no limit (cgroup v1 writes 2^63 rounded down to a page)."""
+_CGROUP_FILES = {  # version: (limit files, usage file, the inactive page cache's key in memory.stat)
+    1: (("memory.limit_in_bytes",), "memory.usage_in_bytes", "total_inactive_file"),
+    2: (("memory.max", "memory.high"), "memory.current", "inactive_file"),
+}
+
+
+def cgroup_memory_left(mountinfo: str = "/proc/self/mountinfo",
+                       membership: str = "/proc/self/cgroup") -> tuple[int, str, int] | None:
+    """(bytes left, cgroup folder, its limit) of the most constraining memory cgroup of this process, or None
+    where no memory cgroup it belongs to (its own or an ancestor up to the mounted root) has a limit, or none is
+    mounted and readable.
+
+    cgroup v1 (``memory`` controller: ``memory.limit_in_bytes``) is used where it is mounted, else v2
+    (``memory.max``, and ``memory.high``, past which the kernel throttles the process). What a cgroup leaves is
+    its limit less its usage, the inactive page cache not counted (the kernel reclaims that before it kills).
+    The folder is found from the process's cgroup path (``/proc/self/cgroup``) relative to the root of the
+    mount (``/proc/self/mountinfo``), so it also works in a container that sees only its own subtree."""
+    try:
+        with open(membership) as handle:
+            paths = _cgroup_paths(handle.read())
+        with open(mountinfo) as handle:
+            mounts = _cgroup_mounts(handle.read())
+    except OSError:
+        return None
+    for version in (1, 2):
+        if version in paths and version in mounts:
+            return _tightest_limit(_cgroup_folder(mounts[version], paths[version]), mounts[version][1], version)
+    return None
+
+
+def _cgroup_paths(text: str) -> dict[int, str]:
+    """{1: path of the v1 ``memory`` hierarchy, 2: path in the unified hierarchy} from ``/proc/self/cgroup``."""
+    paths: dict[int, str] = {}
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":
+            paths[2] = path
+        elif "memory" in controllers.split(","):
+            paths[1] = path
+    return paths
+
+
+def _cgroup_mounts(text: str) -> dict[int, tuple[str, str]]:
+    """{version: (root of the mount inside the hierarchy, mount point)} from ``/proc/self/mountinfo``: fields
+    ``id parent major:minor root mount-point options [optional...] - type source super-options``."""
+    mounts: dict[int, tuple[str, str]] = {}
+    for line in text.splitlines():
+        before, sep, after = line.partition(" - ")
+        fields, tail = before.split(), after.split()
+        if not sep or len(fields) < 5 or len(tail) < 3:
+            continue
+        root, point = _unescape(fields[3]), _unescape(fields[4])
+        if tail[0] == "cgroup2":
+            mounts.setdefault(2, (root, point))
+        elif tail[0] == "cgroup" and "memory" in tail[2].split(","):
+            mounts.setdefault(1, (root, point))
+    return mounts
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes (``\\040``)."""
+    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        field = field.replace(code, char)
+    return field
+
+
+def _cgroup_folder(mount: tuple[str, str], path: str) -> str:
+    """The process's cgroup folder: ``path`` relative to the mount's root, under the mount point (the mount point
+    itself where the path lies outside what is mounted, as in a container without its own cgroup namespace)."""
+    root, point = mount
+    relative = os.path.relpath(path, root)
+    if relative == "." or relative.startswith(".."):
+        return point
+    return os.path.join(point, relative)
+
+
+def _tightest_limit(folder: str, point: str, version: int) -> tuple[int, str, int] | None:
+    """The least (left, folder, limit) over ``folder`` and its parents up to the mount point ``point``."""
+    limit_files, usage_file, inactive_key = _CGROUP_FILES[version]
+    tightest: tuple[int, str, int] | None = None
+    while True:
+        limit = min((_read_bytes(os.path.join(folder, name)) for name in limit_files), default=None,
+                    key=lambda value: _NO_LIMIT if value is None else value)
+        usage = _read_bytes(os.path.join(folder, usage_file))
+        if limit is not None and limit < _NO_LIMIT and usage is not None:
+            left = max(0, limit - max(0, usage - _stat_value(os.path.join(folder, "memory.stat"), inactive_key)))
+            if tightest is None or left < tightest[0]:
+                tightest = (left, folder, limit)
+        if os.path.normpath(folder) == os.path.normpath(point) or os.path.dirname(folder) == folder:
+            return tightest
+        folder = os.path.dirname(folder)
+
+
+def _read_bytes(path: str) -> int | None:
+    """An integer file of a cgroup (None where absent, unreadable or ``max``)."""
+    try:
+        with open(path) as handle:
+            text = handle.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _stat_value(path: str, key: str) -> int:
+    try:
+        with open(path) as handle:
+            for line in handle:
+                name, _, value = line.partition(" ")
+                if name == key:
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def disc_sample_count(padded_box_px: int) -> int:
@@ -98,12 +277,15 @@ class MemoryPlan:
         Particles reconstructed together.
     budget_bytes
         The budget the plan had to fit.
+    budget_source
+        Where the budget came from, for the log (empty: given by the caller).
     """
 
     fixed_bytes: int
     per_particle_bytes: int
     batch_size: int
     budget_bytes: int
+    budget_source: str = ""
 
     @property
     def total_bytes(self) -> int:
@@ -116,6 +298,7 @@ class MemoryPlan:
         return (f"batch {self.batch_size} particles, {self.total_bytes / mib:.0f} MiB "
                 f"(fixed {self.fixed_bytes / mib:.0f} MiB + {self.per_particle_bytes / mib:.1f} MiB/particle) "
                 f"of a {self.budget_bytes / mib:.0f} MiB budget"
+                + (f" ({self.budget_source})" if self.budget_source else "")
                 + ("; larger batches would not be faster at this size" if capped else ""))
 
 
@@ -209,9 +392,13 @@ def plan_batches(padded_box_px: int, box_px: int, n_tilts: int, stack_pixels: in
     Parameters
     ----------
     budget_bytes
-        Bytes the export may use; None = ``DEFAULT_BUDGET_FRACTION`` of the available memory.
+        Bytes the export may use; None: :meth:`Availability.default_budget` (a quarter of the machine's available
+        memory, at most three quarters of what a memory cgroup leaves).
     """
-    budget = int(budget_bytes if budget_bytes is not None else DEFAULT_BUDGET_FRACTION * available_memory_bytes())
+    source = ""
+    if budget_bytes is None:
+        budget_bytes, source = memory_availability().default_budget()
+    budget = int(budget_bytes)
     fixed, per_particle = estimate_bytes(padded_box_px, box_px, n_tilts, stack_pixels,
                                          shared_geometry=shared_geometry, padded_ctf=padded_ctf, by_lines=by_lines,
                                          compiled_threads=compiled_threads)
@@ -221,6 +408,7 @@ def plan_batches(padded_box_px: int, box_px: int, n_tilts: int, stack_pixels: in
         raise InputError(
             f"memory: one particle needs {(fixed + per_particle) / mib:.0f} MiB (fixed {fixed / mib:.0f} MiB for the "
             f"stack and insertion operator + {per_particle / mib:.0f} MiB per particle at padded box M = "
-            f"{padded_box_px}, {n_tilts} tilts) but the budget is {budget / mib:.0f} MiB; raise the memory budget, "
-            f"use a larger output pixel size or a smaller box")
-    return MemoryPlan(fixed, per_particle, int(batch), budget)
+            f"{padded_box_px}, {n_tilts} tilts) but the budget is {budget / mib:.0f} MiB"
+            + (f" ({source})" if source else "")
+            + "; raise the memory budget, use a larger output pixel size or a smaller box")
+    return MemoryPlan(fixed, per_particle, int(batch), budget, source)

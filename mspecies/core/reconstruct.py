@@ -91,7 +91,7 @@ class ExportOptions:
     backend
         ``auto``, ``numpy`` or ``cupy``.
     memory_budget_bytes
-        Budget for the memory plan (None = 25 % of the available memory).
+        Budget for the memory plan (None: :meth:`mspecies.core.memory.Availability.default_budget`).
     max_batch
         Upper bound on particles per batch.
     workers

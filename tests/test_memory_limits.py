@@ -1,0 +1,173 @@
+"""The memory a process may use is the least of the machine's and its memory cgroups' (a SLURM job's ``--mem``
+under ``task/cgroup``, a container's limit): a budget taken from the machine alone let the export plan batches the
+job could not hold, and the kernel killed it without a message.
+
+Unit tests read made-up ``/proc`` and cgroup files; the last tests run the export command in a real memory cgroup
+(root only, skipped elsewhere with the reason).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mspecies.core import memory
+from mspecies.core.memory import Availability, cgroup_memory_left, memory_availability, plan_batches
+from mspecies.synth.dataset import generate_dataset
+
+GB = 10**9
+
+
+def _files(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+def _proc(tmp_path: Path, membership: str, mount_line: str) -> tuple[str, str]:
+    (tmp_path / "cgroup").write_text(membership)
+    (tmp_path / "mountinfo").write_text(
+        "22 1 8:1 / / rw,relatime - ext4 /dev/vda rw\n" + mount_line.format(root=tmp_path) + "\n")
+    return str(tmp_path / "mountinfo"), str(tmp_path / "cgroup")
+
+
+def _v2(tmp_path: Path, membership: str = "0::/job_7/step_0/task_0\n") -> tuple[str, str]:
+    return _proc(tmp_path, membership, "30 22 0:26 / {root}/cg rw,nosuid - cgroup2 cgroup2 rw,nsdelegate")
+
+
+def test_a_slurm_job_limit_above_the_process_cgroup_is_found_and_its_reclaimable_cache_not_counted(tmp_path):
+    _files(tmp_path / "cg" / "job_7", {
+        "memory.max": f"{4 * GB}\n", "memory.current": f"{GB}\n", "memory.stat": f"anon 1\ninactive_file {GB // 2}\n",
+        "step_0/memory.max": "max\n", "step_0/memory.current": f"{GB}\n",
+        "step_0/task_0/memory.max": "max\n", "step_0/task_0/memory.current": f"{GB}\n"})
+    left, folder, limit = cgroup_memory_left(*_v2(tmp_path))
+    assert (left, limit) == (4 * GB - GB // 2, 4 * GB)  # the limit less the usage without inactive file cache
+    assert folder == str(tmp_path / "cg" / "job_7")
+
+
+def test_the_tightest_of_several_limits_wins_and_memory_high_counts(tmp_path):
+    _files(tmp_path / "cg" / "job_7", {
+        "memory.max": f"{8 * GB}\n", "memory.current": f"{GB}\n",
+        "step_0/memory.max": f"{6 * GB}\n", "step_0/memory.high": f"{3 * GB}\n", "step_0/memory.current": f"{GB}\n",
+        "step_0/task_0/memory.max": "max\n", "step_0/task_0/memory.current": f"{GB}\n"})
+    left, folder, limit = cgroup_memory_left(*_v2(tmp_path))
+    assert (left, limit, folder) == (2 * GB, 3 * GB, str(tmp_path / "cg" / "job_7" / "step_0"))
+
+
+def test_cgroup_v1_memory_hierarchy_is_read_and_its_no_limit_value_ignored(tmp_path):
+    mounts = _proc(tmp_path, "5:cpu,cpuacct:/slurm/uid_0/job_3\n4:memory:/slurm/uid_0/job_3/step_batch\n0::/\n",
+                   "31 22 0:27 / {root}/memory rw - cgroup cgroup rw,memory")
+    no_limit = "9223372036854771712\n"
+    _files(tmp_path / "memory" / "slurm" / "uid_0", {
+        "memory.limit_in_bytes": no_limit, "memory.usage_in_bytes": f"{9 * GB}\n",
+        "job_3/memory.limit_in_bytes": f"{2 * GB}\n", "job_3/memory.usage_in_bytes": f"{GB}\n",
+        "job_3/memory.stat": f"cache 5\ntotal_inactive_file {GB // 4}\n",
+        "job_3/step_batch/memory.limit_in_bytes": no_limit, "job_3/step_batch/memory.usage_in_bytes": f"{GB}\n"})
+    left, folder, limit = cgroup_memory_left(*mounts)
+    assert (left, limit, folder) == (GB + GB // 4, 2 * GB, str(tmp_path / "memory" / "slurm" / "uid_0" / "job_3"))
+
+
+def test_a_container_that_sees_only_its_own_subtree_reads_the_mount_point(tmp_path):
+    mounts = _proc(tmp_path, "0::/docker/abc\n", "30 22 0:26 /docker/abc {root}/cg ro - cgroup2 cgroup2 rw")
+    _files(tmp_path / "cg", {"memory.max": f"{GB}\n", "memory.current": f"{GB // 10}\n"})
+    assert cgroup_memory_left(*mounts) == (GB - GB // 10, str(tmp_path / "cg"), GB)
+
+
+def test_no_limit_no_memory_cgroup_or_unreadable_files_give_none(tmp_path):
+    _files(tmp_path / "cg" / "job_7", {"memory.max": "max\n", "memory.current": f"{GB}\n"})
+    assert cgroup_memory_left(*_v2(tmp_path, "0::/job_7\n")) is None
+    assert cgroup_memory_left(*_proc(tmp_path, "0::/job_7\n", "30 22 0:26 / {root}/x rw - tmpfs tmpfs rw")) is None
+    assert cgroup_memory_left(str(tmp_path / "absent"), str(tmp_path / "absent")) is None
+
+
+def test_availability_is_the_least_of_the_machine_and_the_cgroup(tmp_path):
+    _files(tmp_path / "cg" / "job_7", {"memory.max": f"{4 * GB}\n", "memory.current": "0\n"})
+    mounts = _v2(tmp_path, "0::/job_7\n")
+    (tmp_path / "meminfo").write_text(f"MemTotal: 1 kB\nMemAvailable: {16 * GB // 1024} kB\n")
+    limited = memory_availability(str(tmp_path / "meminfo"), *mounts)
+    assert limited.bytes == 4 * GB and "job_7" in limited.source and "4.00 GB" in limited.source
+    (tmp_path / "meminfo").write_text(f"MemAvailable: {GB // 1024} kB\n")
+    machine = memory_availability(str(tmp_path / "meminfo"), *mounts)
+    assert machine.bytes == GB // 1024 * 1024 and machine.source == "this machine's MemAvailable"
+
+
+@pytest.mark.parametrize(("machine_gb", "cgroup_gb", "budget_gb", "words"), [
+    (500, None, 125, "25% of this machine's 500.00 GB"),  # a workstation: a quarter
+    (500, 64, 48, "75% of the 64.00 GB the memory cgroup /job_7 leaves"),  # a job on a large node: its --mem
+    (20, 64, 5, "25% of this machine's 20.00 GB"),  # a cgroup larger than what the machine has left
+    (24, 3, 2.25, "75% of the 3.00 GB"),
+])
+def test_the_default_budget_is_a_quarter_of_the_machine_but_at_most_three_quarters_of_the_cgroup(
+        machine_gb, cgroup_gb, budget_gb, words):
+    cgroup = None if cgroup_gb is None else (int(cgroup_gb * GB), "/job_7", int(cgroup_gb * GB))
+    budget, how = Availability(int(machine_gb * GB), cgroup).default_budget()
+    assert budget == int(budget_gb * GB) and words in how
+
+
+def test_the_plan_says_where_its_budget_came_from_and_a_refusal_names_the_cgroup(monkeypatch):
+    monkeypatch.setattr(memory, "memory_availability", lambda: Availability(24 * GB, (2 * GB, "/job_7", 3 * GB)))
+    plan = plan_batches(128, 64, 41, 41 * 1024 * 1024, shared_geometry=True, padded_ctf=False, by_lines=True)
+    assert plan.budget_bytes == 3 * GB // 2
+    assert "75% of the 2.00 GB the memory cgroup /job_7 leaves; its limit: 3.00 GB" in plan.describe()
+    with pytest.raises(memory.InputError, match="/job_7"):
+        plan_batches(512, 256, 41, 41 * 4096 * 4096, shared_geometry=True)
+
+
+# ------------------------------------------------------------------------------------------- a real cgroup
+
+
+def _new_memory_cgroup(name: str, limit_bytes: int) -> tuple[Path, Path]:
+    """(folder, file to write a pid into) of a new memory cgroup with ``limit_bytes``; skips where that cannot be
+    made (not root, no writable memory controller)."""
+    if os.geteuid() != 0:
+        pytest.skip("making a memory cgroup needs root")
+    with open("/proc/self/mountinfo") as handle:
+        mounts = memory._cgroup_mounts(handle.read())
+    if 1 in mounts:
+        folder, limit_file = Path(mounts[1][1]) / name, "memory.limit_in_bytes"
+    elif 2 in mounts and "memory" in (Path(mounts[2][1]) / "cgroup.subtree_control").read_text().split():
+        folder, limit_file = Path(mounts[2][1]) / name, "memory.max"
+    else:
+        pytest.skip("no memory cgroup controller to make a cgroup in (neither v1 nor enabled in v2's root)")
+    try:
+        folder.mkdir(exist_ok=True)
+        (folder / limit_file).write_text(str(limit_bytes))
+    except OSError as error:
+        pytest.skip(f"cannot make a memory cgroup at {folder}: {error}")
+    return folder, folder / "cgroup.procs"
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory) -> Path:
+    return generate_dataset(tmp_path_factory.mktemp("limits") / "data", seed=3, n_particles=4, n_tilts=11,
+                            box_px=24, image_shape_yx=(128, 128), thickness_angst=300.0, snr=None)
+
+
+def _export_in(procs: Path, manifest: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "mspecies", "export", "--manifest", str(manifest), "--box", "24",
+               "--diameter", "60", "--backend", "numpy", "--out", str(out), *extra]
+    return subprocess.run(["sh", "-c", f'echo $$ > "{procs}" && exec "$@"', "sh", *command],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_the_export_in_a_memory_cgroup_plans_within_its_limit_and_refuses_a_larger_budget(small_dataset, tmp_path):
+    limit = 600 * 1024**2
+    folder, procs = _new_memory_cgroup(f"mspecies_test_{os.getpid()}", limit)
+    try:
+        done = _export_in(procs, small_dataset, tmp_path / "out")
+        assert done.returncode == 0, done.stderr
+        plan = next(line for line in done.stdout.splitlines() if "memory plan" in line)
+        budget_mib = float(plan.split(" MiB budget")[0].rsplit(" ", 1)[1])
+        assert budget_mib <= 0.75 * limit / 1024**2 + 1
+        assert f"memory cgroup {folder}" in plan
+        refused = _export_in(procs, small_dataset, tmp_path / "refused", "--memory-gb", "1")
+        assert refused.returncode == 2
+        assert "--memory-gb: 1 GB is more than" in refused.stderr and str(folder) in refused.stderr
+        assert not (tmp_path / "refused").exists()
+    finally:
+        folder.rmdir()

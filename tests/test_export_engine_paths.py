@@ -133,7 +133,7 @@ class _RecordingStack:
     """A (T, ny, nx) stack that records the order in which its tilts are read."""
 
     def __init__(self, stack):
-        self.stack, self.ndim, self.shape, self.read = stack, stack.ndim, stack.shape, []
+        self.stack, self.ndim, self.shape, self.dtype, self.read = stack, stack.ndim, stack.shape, stack.dtype, []
 
     def __getitem__(self, t):
         self.read.append(t)

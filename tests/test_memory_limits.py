@@ -11,12 +11,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
+from test_reconstruct import make_tilt_series, options
 
-from mspecies.core import memory
-from mspecies.core.memory import Availability, cgroup_memory_left, memory_availability, plan_batches
+from mspecies.core import extract, insert, memory, reconstruct
+from mspecies.core.memory import Availability, cgroup_memory_left, memory_availability, plan_batches, preparation_bytes
+from mspecies.core.reconstruct import TiltSeriesEngine
 from mspecies.synth.dataset import generate_dataset
 
 GB = 10**9
@@ -171,3 +176,75 @@ def test_the_export_in_a_memory_cgroup_plans_within_its_limit_and_refuses_a_larg
         assert not (tmp_path / "refused").exists()
     finally:
         folder.rmdir()
+
+
+# ------------------------------------------------------------------------------- the stack preparation
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("binning", [1, 4])
+def test_the_preparation_bytes_hold_what_preparing_a_stack_allocates(dtype, binning):
+    """Peak of the NumPy allocations while two threads prepare 8 tilts of 1024², less the prepared stack, against
+    :func:`preparation_bytes` for two threads (the per-pixel constants come from 1024² and 4096², same way)."""
+    tilt_series = make_tilt_series(n_tilts=8, shape=(1024, 1024))
+    stack = np.random.default_rng(5).normal(100.0, 10.0, (8, 1024, 1024)).astype(dtype)
+    output = extract.rescaled_shape(tilt_series.image_shape_yx, tilt_series.pixel_size_angst,
+                                    tilt_series.pixel_size_angst * binning)
+    extract._bandpass_mask.cache_clear()  # the mask is built once per process: count it
+    tracemalloc.start()
+    try:
+        prepared = extract.prepare_stack(stack, tilt_series, tilt_series.pixel_size_angst * binning, 64,
+                                         normalize=True, invert=True, pool=insert.WorkerPool(2))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    per_thread, once = preparation_bytes(tilt_series.image_shape_yx, output, converted=dtype != np.float32)
+    planned, used = 2 * per_thread + once, peak - prepared.images.nbytes
+    assert 0.6 * planned <= used <= planned, (used, planned)
+
+
+def test_a_budget_too_small_for_every_thread_prepares_on_fewer_and_one_too_small_for_one_is_refused():
+    raw, out = (4096, 4096), (4096, 4096)
+    per_thread, once = preparation_bytes(raw, out, converted=True)
+    arguments = dict(shared_geometry=True, padded_ctf=False, by_lines=True, preparation=(per_thread, once), threads=16)
+    fixed, _ = memory.estimate_bytes(128, 64, 41, 41 * 4096 * 4096, shared_geometry=True, padded_ctf=False,
+                                     by_lines=True)
+    roomy = plan_batches(128, 64, 41, 41 * 4096 * 4096, budget_bytes=fixed + once + 16 * per_thread, **arguments)
+    assert roomy.preparation_threads == 16 and roomy.preparation_bytes == once + 16 * per_thread
+    assert roomy.peak_bytes == roomy.fixed_bytes + roomy.preparation_bytes  # above the batches' peak here
+    tight = plan_batches(128, 64, 41, 41 * 4096 * 4096, budget_bytes=fixed + once + 3 * per_thread + 1, **arguments)
+    assert tight.preparation_threads == 3 and "preparing the stack" in tight.describe()
+    with pytest.raises(memory.InputError, match="preparing the stack needs"):
+        plan_batches(128, 64, 41, 41 * 4096 * 4096, budget_bytes=fixed + once + per_thread - 1, **arguments)
+
+
+def test_the_engine_prepares_on_the_threads_its_plan_allows_with_the_same_images(monkeypatch):
+    tilt_series = make_tilt_series(n_tilts=11)
+    stack = np.random.default_rng(8).normal(size=(11, 160, 160)).astype(np.float16)
+    free = TiltSeriesEngine.create(tilt_series, stack, options(workers=2))
+    assert free.plan.preparation_threads == 2 and free.plan.preparation_bytes > 0
+    pools = []
+    original = reconstruct.insert.thread_pool
+    monkeypatch.setattr(reconstruct.insert, "thread_pool", lambda threads: pools.append(threads) or original(threads))
+    per_thread, once = preparation_bytes((160, 160), (160, 160), converted=True)
+    assert free.plan.preparation_bytes == once + 2 * per_thread
+    budget = free.plan.fixed_bytes + once + per_thread + per_thread // 2  # one thread's work arrays and a half
+    limited = TiltSeriesEngine.create(tilt_series, stack, options(workers=2, memory_budget_bytes=budget))
+    assert limited.plan.preparation_threads == 1 and pools[0] == 1
+    assert np.array_equal(limited.prepared.images, free.prepared.images)
+
+
+def test_building_the_next_engine_ahead_needs_room_for_its_preparation_too():
+    from mspecies.cli.export_checks import overlap_fits
+    from mspecies.core.reconstruct import ExportOptions
+
+    volumes = ExportOptions(4.0, 64, 150.0)
+    waiting = 4 * (64 ** 3 + 64 * 64 * 33) * 4 + 2 * (64 ** 3 * 4 + 1024)
+
+    def job(budget: int, preparation: int) -> SimpleNamespace:
+        plan = memory.MemoryPlan(10_000_000, 1, 4, budget, preparation_bytes=preparation, preparation_threads=2)
+        return SimpleNamespace(plan=plan, options=volumes, tilt_series=SimpleNamespace(excluded=np.zeros(41, bool)))
+
+    room = 10_000_004 + waiting + 10_000_000 + 5_000_000  # this job, its outputs, the next stack and preparation
+    assert overlap_fits(job(room, 0), job(room, 5_000_000))
+    assert not overlap_fits(job(room - 1, 0), job(room, 5_000_000))

@@ -316,6 +316,7 @@ def run(args: argparse.Namespace) -> int:
     from mspecies.cli.export_record import discard_export_record, write_export_record
     from mspecies.core.memory import retain_freed_memory
     from mspecies.core.reconstruct import ReconstructionError
+    from mspecies.formats.mrc import mrc_dtype
 
     retain_freed_memory()  # this process is the worker: per-particle arrays reuse freed pages
 
@@ -323,7 +324,8 @@ def run(args: argparse.Namespace) -> int:
     check_inputs_not_replaced(args, out)
     check_export_arguments(args)
     jobs = [plan_job(tilt_series, particles, shape, export_options(args, tilt_series.pixel_size_angst),
-                     min_visible_tilts=args.min_visible_tilts, drop_duplicates=args.drop_duplicates)
+                     min_visible_tilts=args.min_visible_tilts, drop_duplicates=args.drop_duplicates,
+                     stack_dtype=mrc_dtype(tilt_series.stack_path))
             for tilt_series, particles, shape in load_inputs(args)]
     try:
         with locked_output_folder(out, "--out"):
@@ -462,7 +464,8 @@ def _build_engine_ahead(job: ExportJob, next_job: ExportJob | None, reuse: Stack
     def build() -> TiltSeriesEngine:
         stack, _ = read_mrc(next_job.tilt_series.stack_path, mmap=True)
         prepared = prepare_engine_stack(next_job.tilt_series, stack, next_job.options,
-                                        pool=background_pool(next_job.options.n_workers), reuse=reuse)
+                                        pool=background_pool(next_job.plan.preparation_threads), reuse=reuse,
+                                        threads=next_job.plan.preparation_threads)
         return TiltSeriesEngine.create(next_job.tilt_series, None, next_job.options, prepared=prepared)
 
     return Prefetch(build)

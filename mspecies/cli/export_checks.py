@@ -101,10 +101,13 @@ def with_flag(error: InputError) -> InputError:
 
 
 def plan_job(tilt_series: TiltSeriesData, particles: ParticlePoses, tomogram_shape_xyz_px: tuple[int, ...],
-             options: ExportOptions, *, min_visible_tilts: int, drop_duplicates: bool) -> ExportJob:
-    """Check one tilt series' options and memory plan, and choose its particles (see the module docstring)."""
+             options: ExportOptions, *, min_visible_tilts: int, drop_duplicates: bool,
+             stack_dtype: np.dtype | None = None) -> ExportJob:
+    """Check one tilt series' options and memory plan, and choose its particles (see the module docstring).
+    ``stack_dtype``: the stack's data type, for the plan to count the preparation's work arrays (None: not
+    counted)."""
     try:
-        padded, plan = plan_memory(tilt_series, options)
+        padded, plan = plan_memory(tilt_series, options, stack_dtype)
     except InputError as error:
         raise with_flag(error) from error
     positions = shifted_positions_angst(particles, options.shift_angst)
@@ -195,13 +198,14 @@ def overlap_fits(job: ExportJob, next_job: ExportJob | None) -> bool:
     """True when the memory budget of ``job`` also holds what the export overlaps with its reconstruction: one
     batch of outputs waiting for the writer, the staging buffers of direct writes (one file each on the two
     threads that write: :func:`~mspecies.formats.mrc.write_mrc_direct`), and ``next_job``'s engine built ahead
-    (its fixed memory: prepared stack, insertion operator, tables; None: no next job)."""
+    (its fixed memory: prepared stack, insertion operator, tables; and its stack preparation's work arrays;
+    None: no next job)."""
     used_tilts = int(np.count_nonzero(~job.tilt_series.excluded))
     largest = (output_bytes_per_particle(job.options, used_tilts) if job.options.mode == "series"
                else job.options.box_px ** 3 * 4)  # a particle series is one file; else the sub-tomogram
     staging = 2 * (largest + MRC_HEADER_BYTES)
     waiting = job.plan.batch_size * output_bytes_per_particle(job.options, used_tilts) + staging
-    ahead = 0 if next_job is None else next_job.plan.fixed_bytes
+    ahead = 0 if next_job is None else next_job.plan.fixed_bytes + next_job.plan.preparation_bytes
     return job.plan.total_bytes + waiting + ahead <= job.plan.budget_bytes
 
 

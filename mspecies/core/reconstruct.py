@@ -39,7 +39,7 @@ from mspecies.common.types import InputError, ParticlePoses, TiltSeriesData
 from . import ctf3d, extract, insert
 from .backend import select_backend, to_numpy, usable_cores
 from .geometry import euler_to_matrix, particle_defocus_angst, project_positions_to_tilts, tilt_rotation
-from .memory import MemoryPlan, plan_batches
+from .memory import MemoryPlan, plan_batches, preparation_bytes
 from .shared_insertion import build_shared_insertion
 
 MODES = ("volumes", "series")
@@ -196,9 +196,12 @@ def validate_inputs(tilt_series: TiltSeriesData, options: ExportOptions) -> None
                          f"in a {options.box_px} px box for output normalisation")
 
 
-def plan_memory(tilt_series: TiltSeriesData, options: ExportOptions) -> tuple[int, MemoryPlan]:
+def plan_memory(tilt_series: TiltSeriesData, options: ExportOptions,
+                stack_dtype: np.dtype | None = None) -> tuple[int, MemoryPlan]:
     """Validate the options for this tilt series and plan its memory before any work: (padded box M px, plan).
 
+    ``stack_dtype``: the data type of the stack that will be prepared here (NumPy), so that the plan holds the
+    preparation's work arrays too (:func:`~mspecies.core.memory.preparation_bytes`); None: no stack is prepared.
     Raises :class:`InputError` when the options cannot work or one particle does not fit the budget.
     """
     validate_inputs(tilt_series, options)
@@ -209,11 +212,16 @@ def plan_memory(tilt_series: TiltSeriesData, options: ExportOptions) -> tuple[in
     shape = extract.rescaled_shape(tilt_series.image_shape_yx, tilt_series.pixel_size_angst, pixel)
     xp = select_backend(options.backend)
     volumes = options.mode != "series"
+    preparation = None
+    if stack_dtype is not None and xp is np:
+        preparation = preparation_bytes(tilt_series.image_shape_yx, shape,
+                                        converted=np.dtype(stack_dtype) != np.dtype(np.float32))
     plan = plan_batches(m, options.box_px, tilts.size, tilts.size * shape[0] * shape[1],
                         shared_geometry=not options.prerotate, budget_bytes=options.memory_budget_bytes,
                         max_batch=options.max_batch, padded_ctf=options.ctf_method == "padded",
                         by_lines=volumes and _by_lines(xp, options),
-                        compiled_threads=options.n_workers if volumes and options.prerotate and xp is np else 0)
+                        compiled_threads=options.n_workers if volumes and options.prerotate and xp is np else 0,
+                        preparation=preparation, threads=options.n_workers)
     return m, plan
 
 
@@ -272,7 +280,7 @@ class TiltSeriesEngine:
         previous tilt series reconstructs), used instead of ``stack``; ``reuse``: where to take the prepared
         images' array from (:class:`~mspecies.core.extract.StackReuse`).
         """
-        m, plan = plan_memory(tilt_series, options)
+        m, plan = plan_memory(tilt_series, options, stack.dtype if prepared is None and stack is not None else None)
         xp = select_backend(options.backend)
         tilts = np.flatnonzero(~tilt_series.excluded)
         pixel = options.output_pixel_size_angst
@@ -280,10 +288,11 @@ class TiltSeriesEngine:
         with_images = prepared is not None or stack is not None
         preparing = None
         if prepared is None and stack is not None:
-            if xp is np and options.n_workers >= 2:  # the pool prepares while this thread builds the geometry
-                preparing = _prepare_beside(tilt_series, stack, options, reuse)
+            threads = plan.preparation_threads if xp is np else 1
+            if threads >= 2:  # the pool prepares while this thread builds the geometry
+                preparing = _prepare_beside(tilt_series, stack, options, reuse, threads)
             else:
-                prepared = prepare_engine_stack(tilt_series, stack, options, reuse=reuse)
+                prepared = prepare_engine_stack(tilt_series, stack, options, reuse=reuse, threads=threads)
         try:
             grid = insert.make_sample_grid(m)
             tables = extract.CtfTables.from_samples(grid.kx, grid.ky, m, pixel, xp=xp)
@@ -858,25 +867,27 @@ _THREAD_BUFFERS = threading.local()
 
 
 def _prepare_beside(tilt_series: TiltSeriesData, stack: np.ndarray, options: ExportOptions,
-                    reuse: extract.StackReuse | None = None) -> Future:
+                    reuse: extract.StackReuse | None = None, threads: int | None = None) -> Future:
     """:func:`prepare_engine_stack` started on a thread of its own: its pool's threads do the work while the
     calling thread builds the geometry, which is single-threaded (0.1 s at box 64, 0.46 s at box 128). The future's
     ``result()`` gives the prepared stack or raises the preparation's error."""
     helper = ThreadPoolExecutor(1, thread_name_prefix="mspecies-prepare")
     try:
-        return helper.submit(prepare_engine_stack, tilt_series, stack, options, reuse=reuse)
+        return helper.submit(prepare_engine_stack, tilt_series, stack, options, reuse=reuse, threads=threads)
     finally:
         helper.shutdown(wait=False)  # the thread ends with its one task
 
 
 def prepare_engine_stack(tilt_series: TiltSeriesData, stack: np.ndarray, options: ExportOptions, *,
                          pool: insert.WorkerPool | None = None,
-                         reuse: extract.StackReuse | None = None) -> extract.PreparedStack:
+                         reuse: extract.StackReuse | None = None,
+                         threads: int | None = None) -> extract.PreparedStack:
     """The used tilts of ``stack`` read and preprocessed as :meth:`TiltSeriesEngine.create` needs them, on the
-    threads of ``pool`` (default: the process-wide pool of ``options.n_workers`` threads), into ``reuse``'s array
-    where it fits; the values depend on neither."""
+    threads of ``pool`` (default: the process-wide pool of ``threads`` threads, default ``options.n_workers``: the
+    memory plan's :attr:`~mspecies.core.memory.MemoryPlan.preparation_threads`), into ``reuse``'s array where it
+    fits; the values depend on none of them."""
     xp = select_backend(options.backend)
-    pool = pool or insert.thread_pool(options.n_workers)
+    pool = pool or insert.thread_pool(options.n_workers if threads is None else threads)
     return extract.prepare_stack(
         stack, tilt_series, options.output_pixel_size_angst, options.box_px, normalize=options.normalize_input,
         invert=options.invert_contrast, xp=xp, workers=options.n_workers, tilts=np.flatnonzero(~tilt_series.excluded),

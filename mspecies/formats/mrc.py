@@ -266,6 +266,18 @@ def _buffered(fd: int) -> bool:
     return True
 
 
+def mrc_dtype(path: str | Path) -> np.dtype:
+    """The data type (byte order included) of an MRC file's data, from its header alone."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: MRC file not found")
+    try:
+        with mrcfile.open(path, mode="r", header_only=True, permissive=False) as mrc:
+            return mrcfile.utils.data_dtype_from_header(mrc.header)
+    except ValueError as error:
+        raise InputError(f"{path}: not a valid MRC file ({error})") from error
+
+
 def read_mrc(path: str | Path, mmap: bool = False) -> tuple[np.ndarray, float]:
     """Read an MRC file → (array, pixel_size_angst).
 

@@ -56,3 +56,22 @@ def test_the_cold_stack_benchmark_evicts_the_stacks_and_times_the_command(small_
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(figures.read_text())
     assert report["cold"] and len(report["wall_s"]["this tree"]) == 2 and min(report["wall_s"]["this tree"]) > 0
+
+
+def test_the_memory_limit_benchmark_runs_the_command_in_a_cgroup_and_reports_how_it_ended(small_manifest, tmp_path):
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("bench_memory_limit.py makes memory cgroups: it needs root")
+    figures = tmp_path / "figures.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "export" / "bench_memory_limit.py"), "--manifest",
+         str(small_manifest), "--box", "24", "--diameter", "60", "--limits-gb", "0.6", "0.0001", "--json",
+         str(figures), "--scratch", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    if result.returncode != 0 and "no memory cgroup hierarchy" in result.stderr:
+        pytest.skip(result.stderr.splitlines()[-1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    roomy, starved = json.loads(figures.read_text())["results"]
+    assert roomy["returncode"] == 0 and "particles in" in roomy["said"] and "memory cgroup" in roomy["said"]
+    assert roomy["limit_bytes"] == 600_000_000 and 0 < roomy["peak_bytes"] <= 600_000_000
+    assert starved["returncode"] != 0  # 100 kB: killed at start-up, or refused

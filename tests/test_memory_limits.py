@@ -170,6 +170,7 @@ def test_the_export_in_a_memory_cgroup_plans_within_its_limit_and_refuses_a_larg
         budget_mib = float(plan.split(" MiB budget")[0].rsplit(" ", 1)[1])
         assert budget_mib <= 0.75 * limit / 1024**2 + 1
         assert f"memory cgroup {folder}" in plan
+        assert "preparing the stack: +" in plan  # the command read the stack's data type to plan its preparation
         refused = _export_in(procs, small_dataset, tmp_path / "refused", "--memory-gb", "1")
         assert refused.returncode == 2
         assert "--memory-gb: 1 GB is more than" in refused.stderr and str(folder) in refused.stderr
@@ -214,6 +215,7 @@ def test_a_budget_too_small_for_every_thread_prepares_on_fewer_and_one_too_small
     assert roomy.peak_bytes == roomy.fixed_bytes + roomy.preparation_bytes  # above the batches' peak here
     tight = plan_batches(128, 64, 41, 41 * 4096 * 4096, budget_bytes=fixed + once + 3 * per_thread + 1, **arguments)
     assert tight.preparation_threads == 3 and "preparing the stack" in tight.describe()
+    assert tight.peak_bytes <= tight.budget_bytes
     with pytest.raises(memory.InputError, match="preparing the stack needs"):
         plan_batches(128, 64, 41, 41 * 4096 * 4096, budget_bytes=fixed + once + per_thread - 1, **arguments)
 

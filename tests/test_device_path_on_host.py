@@ -22,7 +22,9 @@ from test_reconstruct import BOX, PIXEL, REAL, make_tilt_series, options, poses
 
 import mspecies.core.backend
 import mspecies.core.reconstruct
+from mspecies.common.types import InputError
 from mspecies.core import extract
+from mspecies.core.backend import device_free_bytes
 from mspecies.core.reconstruct import TiltSeriesEngine, reconstruct_particles
 from mspecies.synth.dataset import simulate_noise_free
 from mspecies.synth.phantom import make_blob_model
@@ -97,3 +99,33 @@ def test_the_device_path_prepares_the_stack_as_the_host_path(device_on_host, two
     device = extract.prepare_stack(stack, tilt_series, PIXEL, BOX, xp=device_on_host, **kwargs)
     assert np.array_equal(device.images, host.images)
     assert not np.any(device.images[np.setdiff1d(np.arange(tilt_series.n_tilts), wanted)])
+
+
+def _device_memory(device, free_bytes: int, pooled_bytes: int) -> None:
+    """The stand-in's answers to ``cupy.cuda.runtime.memGetInfo()`` and the memory pool's ``free_bytes()``."""
+    device.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(memGetInfo=lambda: (free_bytes, 8 * 10**9)))
+    device.get_default_memory_pool = lambda: types.SimpleNamespace(free_bytes=lambda: pooled_bytes)
+
+
+def test_on_a_gpu_the_default_budget_is_at_most_three_quarters_of_its_free_memory(device_on_host, two_particles):
+    tilt_series, stack, particles = two_particles
+    _device_memory(device_on_host, 300 * 1024**2, 100 * 1024**2)  # a small GPU: 400 MiB free with the pool's
+    engine = TiltSeriesEngine.create(tilt_series, stack, options(backend="cupy"))
+    assert engine.plan.budget_bytes == 300 * 1024**2
+    assert "75% of the 0.42 GB free on the GPU" in engine.plan.describe()
+    host = TiltSeriesEngine.create(tilt_series, stack, options())
+    assert host.plan.budget_bytes > engine.plan.budget_bytes and "GPU" not in host.plan.describe()
+    given = TiltSeriesEngine.create(tilt_series, stack, options(backend="cupy", memory_budget_bytes=10**9))
+    assert given.plan.budget_bytes == 10**9  # a budget the user gives stands
+    _device_memory(device_on_host, 1024**2, 0)
+    with pytest.raises(InputError, match="free on the GPU"):
+        TiltSeriesEngine.create(tilt_series, stack, options(backend="cupy"))
+
+
+def test_a_device_that_does_not_say_its_free_memory_gets_the_host_budget(device_on_host, two_particles):
+    tilt_series, stack, _ = two_particles
+    assert device_free_bytes(device_on_host) is None  # the stand-in has no cuda module
+    engine = TiltSeriesEngine.create(tilt_series, stack, options(backend="cupy"))
+    host = TiltSeriesEngine.create(tilt_series, stack, options())
+    assert "GPU" not in engine.plan.describe() and engine.plan.budget_source.startswith("25% of this machine's")
+    assert abs(engine.plan.budget_bytes - host.plan.budget_bytes) <= 0.01 * host.plan.budget_bytes

@@ -161,7 +161,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                          help="array backend: cupy (GPU), numpy (CPU), auto = cupy when a GPU is usable")
     options.add_argument("--memory-gb", type=float,
                          help="memory budget (GB; default 25%% of the memory available on this machine, but at most "
-                         "75%% of what this process's memory cgroup leaves: a SLURM job's --mem, a container's limit)")
+                         "75%% of what this process's memory cgroup leaves (a SLURM job's --mem, a container's limit) "
+                         "and, on a GPU, at most 75%% of its free memory)")
     options.add_argument("--max-batch", type=int, default=16,
                          help="most particles reconstructed at once (the memory plan may use fewer)")
     options.add_argument("--star-flavour", choices=("3.1", "3.0", "5"), default="3.1",

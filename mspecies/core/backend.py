@@ -53,6 +53,19 @@ def select_backend(name: str = "auto") -> ModuleType:
     return np
 
 
+def device_free_bytes(xp: ModuleType) -> int | None:
+    """Bytes the current CUDA device can still give this process: the driver's free memory plus what CuPy's
+    memory pool holds unused (it keeps freed blocks for reuse); None on NumPy or where the device does not say."""
+    if xp is np:
+        return None
+    try:
+        free, _total = xp.cuda.runtime.memGetInfo()
+        pooled = xp.get_default_memory_pool().free_bytes()
+    except Exception:  # noqa: BLE001 (CUDA runtime errors have several types; then the host's budget applies)
+        return None
+    return int(free) + int(pooled)
+
+
 def get_xp(*arrays: object) -> ModuleType:
     """The array module (NumPy or CuPy) of the given arrays, without importing CuPy needlessly."""
     for array in arrays:

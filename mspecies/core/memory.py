@@ -26,6 +26,9 @@ CGROUP_BUDGET_FRACTION = 0.75
 memory was given to the job; the rest holds the interpreter and its libraries (about 0.2 GB), the page cache of
 the files written (charged to the cgroup until written back) and what the plan does not count. At box 128 the plan
 of 16 particles said 2.7 GiB and the command peaked at 1.85 GB, page cache included (``memory.max_usage_in_bytes``)."""
+DEVICE_BUDGET_FRACTION = 0.75
+"""Of the free memory of the GPU (CuPy), the most the default budget takes: every array of the plan lives on the
+device, and the rest is left for cuFFT's plans and work areas, which the plan does not count."""
 MAX_BATCH = 32
 BATCH_WORK_BYTES = 5 * 1024**3 // 2
 """A batch stops growing once its per-particle arrays would pass 2.5 GiB, but keeps :data:`FULL_BATCH` particles
@@ -123,6 +126,16 @@ class Availability:
                     f"{CGROUP_BUDGET_FRACTION:.0%} of the {self.cgroup[0] / 1e9:.2f} GB the memory cgroup {folder} "
                     f"leaves; its limit: {limit / 1e9:.2f} GB")
         return shared, f"{DEFAULT_BUDGET_FRACTION:.0%} of this machine's {self.machine_bytes / 1e9:.2f} GB available"
+
+
+def device_budget(free_bytes: int, host_budget: tuple[int, str]) -> tuple[int, str]:
+    """(bytes, how they were chosen) of the default budget of an export on a GPU with ``free_bytes`` free: the
+    host's default (``host_budget``: :meth:`Availability.default_budget`), but at most
+    :data:`DEVICE_BUDGET_FRACTION` of the device's free memory."""
+    device = int(DEVICE_BUDGET_FRACTION * free_bytes)
+    if device >= host_budget[0]:
+        return host_budget
+    return device, f"{DEVICE_BUDGET_FRACTION:.0%} of the {free_bytes / 1e9:.2f} GB free on the GPU"
 
 
 def memory_availability(meminfo: str = "/proc/meminfo", mountinfo: str = "/proc/self/mountinfo",
@@ -424,7 +437,8 @@ def preparation_bytes(raw_shape_yx: tuple[int, int], output_shape_yx: tuple[int,
 def plan_batches(padded_box_px: int, box_px: int, n_tilts: int, stack_pixels: int, *, shared_geometry: bool,
                  budget_bytes: int | None = None, max_batch: int = MAX_BATCH, padded_ctf: bool = True,
                  by_lines: bool = False, compiled_threads: int = 0,
-                 preparation: tuple[int, int] | None = None, threads: int = 1) -> MemoryPlan:
+                 preparation: tuple[int, int] | None = None, threads: int = 1,
+                 budget_source: str = "") -> MemoryPlan:
     """Choose the largest batch (≤ ``max_batch``) that fits the budget, at most :data:`BATCH_WORK_BYTES` of
     per-particle arrays (but :data:`FULL_BATCH` particles), or raise :class:`InputError`.
 
@@ -433,12 +447,14 @@ def plan_batches(padded_box_px: int, box_px: int, n_tilts: int, stack_pixels: in
     budget_bytes
         Bytes the export may use; None: :meth:`Availability.default_budget` (a quarter of the machine's available
         memory, at most three quarters of what a memory cgroup leaves).
+    budget_source
+        With ``budget_bytes``: where it came from, for the log (e.g. :func:`device_budget`).
     preparation
         (bytes per thread, bytes once) of the stack preparation (:func:`preparation_bytes`; None: the stack is not
         prepared here). It runs before the batches, on ``threads`` threads, or on fewer where their work arrays
         and the fixed bytes would not fit the budget.
     """
-    source = ""
+    source = budget_source
     if budget_bytes is None:
         budget_bytes, source = memory_availability().default_budget()
     budget = int(budget_bytes)

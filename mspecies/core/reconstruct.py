@@ -37,9 +37,9 @@ import numpy as np
 from mspecies.common.types import InputError, ParticlePoses, TiltSeriesData
 
 from . import ctf3d, extract, insert
-from .backend import select_backend, to_numpy, usable_cores
+from .backend import device_free_bytes, select_backend, to_numpy, usable_cores
 from .geometry import euler_to_matrix, particle_defocus_angst, project_positions_to_tilts, tilt_rotation
-from .memory import MemoryPlan, plan_batches, preparation_bytes
+from .memory import MemoryPlan, device_budget, memory_availability, plan_batches, preparation_bytes
 from .shared_insertion import build_shared_insertion
 
 MODES = ("volumes", "series")
@@ -216,8 +216,12 @@ def plan_memory(tilt_series: TiltSeriesData, options: ExportOptions,
     if stack_dtype is not None and xp is np:
         preparation = preparation_bytes(tilt_series.image_shape_yx, shape,
                                         converted=np.dtype(stack_dtype) != np.dtype(np.float32))
+    budget, source = options.memory_budget_bytes, ""
+    free = device_free_bytes(xp) if budget is None else None
+    if free is not None:  # CuPy: every array of the plan is on the device
+        budget, source = device_budget(free, memory_availability().default_budget())
     plan = plan_batches(m, options.box_px, tilts.size, tilts.size * shape[0] * shape[1],
-                        shared_geometry=not options.prerotate, budget_bytes=options.memory_budget_bytes,
+                        shared_geometry=not options.prerotate, budget_bytes=budget, budget_source=source,
                         max_batch=options.max_batch, padded_ctf=options.ctf_method == "padded",
                         by_lines=volumes and _by_lines(xp, options),
                         compiled_threads=options.n_workers if volumes and options.prerotate and xp is np else 0,

@@ -103,6 +103,8 @@ CASES = [
     ("export: --n-tilts-by-dose 0", lambda d, o: export(d, "--out", o, "--n-tilts-by-dose", "0"),
      "--n-tilts-by-dose (n_tilts_by_dose)"),
     ("export: --max-batch 0", lambda d, o: export(d, "--out", o, "--max-batch", "0"), "--max-batch (max_batch)"),
+    ("export: --threads 0", lambda d, o: export(d, "--out", o, "--threads", "0"),
+     "--threads (workers): expected None or an integer >= 1"),
     ("export: --padding-factor below 1", lambda d, o: export(d, "--out", o, "--padding-factor", "0.9"),
      "--padding-factor (padding_factor): expected a finite number >= 1"),
     ("export: --pixel-size-out 0", lambda d, o: export(d, "--out", o, "--pixel-size-out", "0"), "--pixel-size-out"),

@@ -10,6 +10,7 @@ import pytest
 from mspecies.cli.export_record import RECORD_JSON, read_export_record, record_problems
 from mspecies.cli.main import build_parser, main
 from mspecies.common.types import InputError
+from mspecies.formats.mrc import read_mrc
 from mspecies.synth.dataset import generate_dataset
 
 N_PARTICLES = 3
@@ -81,6 +82,25 @@ def test_how_the_files_were_written_does_not_invalidate_the_record(copy):
     (out / RECORD_JSON).write_text(json.dumps(record))
     assert record_problems(out, "TS_01", N_PARTICLES, arguments) == []
     assert "other settings (box)" in record_problems(out, "TS_01", N_PARTICLES, {**arguments, "box": 64})[0]
+
+
+def test_how_the_work_was_shared_out_changes_no_byte_and_does_not_invalidate_the_record(exported, tmp_path):
+    """One thread, batches of 2 and a small memory budget write the same files as the default run (all cores,
+    one batch): so a record made with other such values (Scipion shares the cores and memory out among the steps it
+    runs at once) still proves the export."""
+    out, arguments = exported
+    argv = ["export", "--manifest", arguments["manifest"], "--ts-id", "TS_01", "--out", str(tmp_path / "shared"),
+            "--box", "32", "--diameter", "100", "--backend", "numpy", "--threads", "1", "--max-batch", "2",
+            "--memory-gb", "0.2"]
+    assert main(argv) == 0
+    other = tmp_path / "shared"
+    files = sorted(path.relative_to(out) for path in out.rglob("*.mrc"))
+    assert files and files == sorted(path.relative_to(other) for path in other.rglob("*.mrc"))
+    for name in files:
+        assert read_mrc(out / name)[0].tobytes() == read_mrc(other / name)[0].tobytes(), name
+    assert (out / "particles.star").read_text() == (other / "particles.star").read_text()
+    shared = vars(build_parser().parse_args(argv))
+    assert record_problems(out, "TS_01", N_PARTICLES, {**shared, "out": arguments["out"]}) == []
 
 
 def test_unreadable_or_foreign_record_is_invalid(copy):

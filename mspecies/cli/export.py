@@ -165,6 +165,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                          "and, on a GPU, at most 75%% of its free memory)")
     options.add_argument("--max-batch", type=int, default=16,
                          help="most particles reconstructed at once (the memory plan may use fewer)")
+    options.add_argument("--threads", type=int,
+                         help="CPU threads (default: the cores this process may run on: its affinity mask, which "
+                         "taskset or a SLURM allocation narrows); for several exports at once on one machine")
     options.add_argument("--star-flavour", choices=("3.1", "3.0", "5"), default="3.1",
                          help="particles.star: 3.1 = RELION 3.1 with data_optics (relion_refine 3.1 and 5 with "
                          "default flags); 3.0 = one table, as M writes; 5 = as 3.1 but the data declared "
@@ -300,7 +303,7 @@ def export_options(args: argparse.Namespace, data_pixel_angst: float):  # noqa: 
             ctf_method=args.ctf_method,
             defocus_gradient_sign=args.defocus_gradient_sign, apply_ctf=not args.no_ctf, backend=args.backend,
             memory_budget_bytes=None if args.memory_gb is None else int(args.memory_gb * 1e9),
-            max_batch=args.max_batch)
+            max_batch=args.max_batch, workers=args.threads)
     except InputError as error:  # core names its fields (box_px: ...); name the flag too
         raise with_flag(error) from error
 

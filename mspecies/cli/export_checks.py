@@ -36,7 +36,7 @@ STAR_BYTES_PER_PARTICLE = 400
 
 OPTION_FLAGS = {"output_pixel_size_angst": "--pixel-size-out", "box_px": "--box", "particle_diameter_angst":
                 "--diameter", "n_tilts_by_dose": "--n-tilts-by-dose", "shift_angst": "--shift", "max_batch":
-                "--max-batch", "memory": "--memory-gb", "padding_factor": "--padding-factor"}
+                "--max-batch", "memory": "--memory-gb", "padding_factor": "--padding-factor", "workers": "--threads"}
 """Export option (as core's messages name it) → the command-line flag that sets it."""
 
 EXCLUDED_COLUMNS = ["ts_id", "particle", "reason", "visible_tilts", "x_angst", "y_angst", "z_angst"]

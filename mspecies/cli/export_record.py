@@ -88,9 +88,9 @@ def write_export_record(out_dir: str | Path, particles: pd.DataFrame, summaries:
     return path
 
 
-WAYS_OF_WRITING = frozenset({"buffered_writes"})
-"""Arguments that change how the files are written, not their bytes: a record made with other values of them (or
-before they existed) still proves the export."""
+WAYS_OF_WRITING = frozenset({"buffered_writes", "threads", "memory_gb", "max_batch"})
+"""Arguments that change how the files are written or how the work is shared out (threads, batch sizes), not their
+bytes: a record made with other values of them (or before they existed) still proves the export."""
 
 
 def _json_values(arguments: Mapping[str, object]) -> dict[str, object]:

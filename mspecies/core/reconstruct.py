@@ -135,6 +135,8 @@ class ExportOptions:
             ("defocus_gradient_sign", self.defocus_gradient_sign in (-1, 1), "-1 or +1"),
             ("backend", self.backend in ("auto", "numpy", "cupy"), "auto, numpy or cupy"),
             ("max_batch", self.max_batch >= 1, "an integer >= 1"),
+            ("workers", self.workers is None or (int(self.workers) == self.workers and self.workers >= 1),
+             "None or an integer >= 1"),
         ]
         for name, ok, expected in checks:
             if not ok:

@@ -473,7 +473,34 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
         args += [flag for flag, on in flags.items() if on]
         if self.limitTilts.get():
             args += ["--n-tilts-by-dose", str(self.nTilts.get())]
+        args += self._shareArgs()
         return " ".join(f'"{a}"' if " " in a else a for a in args)
+
+    def _concurrentSteps(self) -> int:
+        """Export steps this process runs at once: Scipion threads less the main one, where steps run in parallel
+        threads here (not as queue jobs, each with its own allocation); else 1."""
+        threads = self.numberOfThreads.get() or 1
+        if self.modeParallel() and threads > 1 and not self.useQueueForSteps():
+            return threads - 1
+        return 1
+
+    def _shareArgs(self) -> list[str]:
+        """With several export steps at once on this machine, each worker gets its share of the cores and, on the
+        CPU, of the default memory budget (:meth:`~mspecies.core.memory.Availability.default_budget`): each
+        worker would otherwise use every core and plan a quarter of the memory as if alone. GPU steps each have
+        their own device, whose free memory bounds their budget. Neither changes a byte of the output
+        (:data:`mspecies.cli.export_record.WAYS_OF_WRITING`)."""
+        from mspecies.core.backend import usable_cores
+        from mspecies.core.memory import memory_availability
+
+        share = self._concurrentSteps()
+        if share == 1:
+            return []
+        args = ["--threads", str(max(1, usable_cores() // share))]
+        if not self._stepsNeedGpu():
+            budget, _ = memory_availability().default_budget()
+            args += ["--memory-gb", f"{budget / share / 1e9:.4g}"]
+        return args
 
     def _exportedObjIds(self, tsId: str) -> list[int]:
         """Object ids of the particles the CLI exported, in its order: the requested ones less those it skipped

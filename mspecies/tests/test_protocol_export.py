@@ -14,10 +14,12 @@ from tomo.constants import SCIPION, TR_SCIPION
 from tomo.objects import SetOfSubTomograms
 
 from mspecies.cli.demo_chain import run_export_chain
+from mspecies.cli.export_record import read_export_record
 from mspecies.cli.workflow import inside_project, launch
 from mspecies.convert.particles import coordinates_to_poses
 from mspecies.convert.poses import scipion_matrix_to_relion
 from mspecies.convert.reliontomo import reliontomo_missing
+from mspecies.core.backend import usable_cores
 from mspecies.core.ctf import ctf_2d
 from mspecies.core.geometry import euler_to_matrix, project_positions_to_tilts
 from mspecies.formats.mrc import read_mrc
@@ -175,6 +177,10 @@ class TestExportProtocol(BaseTest):
         self.assertEqual(registered_outputs(prot), [] if reliontomo_missing() else [RELIONTOMO_OUTPUT])
         star = self._path(prot.getMergedStar())
         self.assertIn(f"STAR (RELION 5 particle series): {prot.getMergedStar()}", "\n".join(prot.summary()))
+        for tsId in ("TS_01", "TS_02"):  # two steps at once (3 Scipion threads): each worker its share of the cores
+            arguments = read_export_record(star.parent / tsId)["arguments"]
+            self.assertEqual(arguments["threads"], max(1, usable_cores() // 2))
+            self.assertGreater(arguments["memory_gb"], 0)
         extra = star.parent
         optimisation = read_star_blocks(extra / "optimisation_set.star")["optimisation_set"]
         self.assertEqual(optimisation["rlnTomoTomogramsFile"][0], "tomograms.star")

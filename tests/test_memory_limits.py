@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from test_reconstruct import make_tilt_series, options
 
-from mspecies.core import extract, insert, memory, reconstruct
+from mspecies.core import cgroups, extract, insert, memory, reconstruct
 from mspecies.core.memory import Availability, cgroup_memory_left, memory_availability, plan_batches, preparation_bytes
 from mspecies.core.reconstruct import TiltSeriesEngine
 from mspecies.synth.dataset import generate_dataset
@@ -132,7 +132,7 @@ def _new_memory_cgroup(name: str, limit_bytes: int) -> tuple[Path, Path]:
     if os.geteuid() != 0:
         pytest.skip("making a memory cgroup needs root")
     with open("/proc/self/mountinfo") as handle:
-        mounts = memory._cgroup_mounts(handle.read())
+        mounts = cgroups._cgroup_mounts(handle.read(), "memory")
     if 1 in mounts:
         folder, limit_file = Path(mounts[1][1]) / name, "memory.limit_in_bytes"
     elif 2 in mounts and "memory" in (Path(mounts[2][1]) / "cgroup.subtree_control").read_text().split():

@@ -19,6 +19,8 @@ import numpy as np
 
 from mspecies.common.types import InputError
 
+from .cgroups import cgroup_folders, read_cgroup_int, read_cgroup_stat
+
 DEFAULT_BUDGET_FRACTION = 0.25
 """Of the machine's available memory, the export's budget when none is given: a workstation is shared."""
 CGROUP_BUDGET_FRACTION = 0.75
@@ -169,112 +171,27 @@ def cgroup_memory_left(mountinfo: str = "/proc/self/mountinfo",
                        membership: str = "/proc/self/cgroup") -> tuple[int, str, int] | None:
     """(bytes left, cgroup folder, its limit) of the most constraining memory cgroup of this process, or None
     where no memory cgroup it belongs to (its own or an ancestor up to the mounted root) has a limit, or none is
-    mounted and readable.
+    mounted and readable (:func:`mspecies.core.cgroups.cgroup_folders`).
 
     cgroup v1 (``memory`` controller: ``memory.limit_in_bytes``) is used where it is mounted, else v2
     (``memory.max``, and ``memory.high``, past which the kernel throttles the process). What a cgroup leaves is
-    its limit less its usage, the inactive page cache not counted (the kernel reclaims that before it kills).
-    The folder is found from the process's cgroup path (``/proc/self/cgroup``) relative to the root of the
-    mount (``/proc/self/mountinfo``), so it also works in a container that sees only its own subtree."""
-    try:
-        with open(membership) as handle:
-            paths = _cgroup_paths(handle.read())
-        with open(mountinfo) as handle:
-            mounts = _cgroup_mounts(handle.read())
-    except OSError:
+    its limit less its usage, the inactive page cache not counted (the kernel reclaims that before it kills)."""
+    found = cgroup_folders("memory", mountinfo, membership)
+    if found is None:
         return None
-    for version in (1, 2):
-        if version in paths and version in mounts:
-            return _tightest_limit(_cgroup_folder(mounts[version], paths[version]), mounts[version][1], version)
-    return None
-
-
-def _cgroup_paths(text: str) -> dict[int, str]:
-    """{1: path of the v1 ``memory`` hierarchy, 2: path in the unified hierarchy} from ``/proc/self/cgroup``."""
-    paths: dict[int, str] = {}
-    for line in text.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        _, controllers, path = parts
-        if controllers == "":
-            paths[2] = path
-        elif "memory" in controllers.split(","):
-            paths[1] = path
-    return paths
-
-
-def _cgroup_mounts(text: str) -> dict[int, tuple[str, str]]:
-    """{version: (root of the mount inside the hierarchy, mount point)} from ``/proc/self/mountinfo``: fields
-    ``id parent major:minor root mount-point options [optional...] - type source super-options``."""
-    mounts: dict[int, tuple[str, str]] = {}
-    for line in text.splitlines():
-        before, sep, after = line.partition(" - ")
-        fields, tail = before.split(), after.split()
-        if not sep or len(fields) < 5 or len(tail) < 3:
-            continue
-        root, point = _unescape(fields[3]), _unescape(fields[4])
-        if tail[0] == "cgroup2":
-            mounts.setdefault(2, (root, point))
-        elif tail[0] == "cgroup" and "memory" in tail[2].split(","):
-            mounts.setdefault(1, (root, point))
-    return mounts
-
-
-def _unescape(field: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as octal escapes (``\\040``)."""
-    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
-        field = field.replace(code, char)
-    return field
-
-
-def _cgroup_folder(mount: tuple[str, str], path: str) -> str:
-    """The process's cgroup folder: ``path`` relative to the mount's root, under the mount point (the mount point
-    itself where the path lies outside what is mounted, as in a container without its own cgroup namespace)."""
-    root, point = mount
-    relative = os.path.relpath(path, root)
-    if relative == "." or relative.startswith(".."):
-        return point
-    return os.path.join(point, relative)
-
-
-def _tightest_limit(folder: str, point: str, version: int) -> tuple[int, str, int] | None:
-    """The least (left, folder, limit) over ``folder`` and its parents up to the mount point ``point``."""
+    version, folders = found
     limit_files, usage_file, inactive_key = _CGROUP_FILES[version]
     tightest: tuple[int, str, int] | None = None
-    while True:
-        limit = min((_read_bytes(os.path.join(folder, name)) for name in limit_files), default=None,
+    for folder in folders:
+        limit = min((read_cgroup_int(os.path.join(folder, name)) for name in limit_files), default=None,
                     key=lambda value: _NO_LIMIT if value is None else value)
-        usage = _read_bytes(os.path.join(folder, usage_file))
+        usage = read_cgroup_int(os.path.join(folder, usage_file))
         if limit is not None and limit < _NO_LIMIT and usage is not None:
-            left = max(0, limit - max(0, usage - _stat_value(os.path.join(folder, "memory.stat"), inactive_key)))
+            inactive = read_cgroup_stat(os.path.join(folder, "memory.stat"), inactive_key)
+            left = max(0, limit - max(0, usage - inactive))
             if tightest is None or left < tightest[0]:
                 tightest = (left, folder, limit)
-        if os.path.normpath(folder) == os.path.normpath(point) or os.path.dirname(folder) == folder:
-            return tightest
-        folder = os.path.dirname(folder)
-
-
-def _read_bytes(path: str) -> int | None:
-    """An integer file of a cgroup (None where absent, unreadable or ``max``)."""
-    try:
-        with open(path) as handle:
-            text = handle.read().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
-
-
-def _stat_value(path: str, key: str) -> int:
-    try:
-        with open(path) as handle:
-            for line in handle:
-                name, _, value = line.partition(" ")
-                if name == key:
-                    return int(value)
-    except (OSError, ValueError):
-        pass
-    return 0
+    return tightest
 
 
 def disc_sample_count(padded_box_px: int) -> int:

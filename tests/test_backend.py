@@ -1,5 +1,7 @@
 """Backend selection: NumPy is always available; CuPy only with a real device, and asking for it fails loudly."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -35,9 +37,79 @@ def test_the_engine_uses_the_cores_this_process_may_run_on(monkeypatch):
     from mspecies.core.reconstruct import ExportOptions
 
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr("mspecies.core.backend.cpu_quota_cores", lambda: None)  # whatever this machine's cgroups say
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 5, 9, 11}, raising=False)
     assert usable_cores() == 4
     assert ExportOptions(output_pixel_size_angst=4.0, box_px=32, particle_diameter_angst=80.0).n_workers == 4
     assert ExportOptions(output_pixel_size_angst=4.0, box_px=32, particle_diameter_angst=80.0, workers=2).n_workers == 2
     monkeypatch.delattr(os, "sched_getaffinity")
     assert usable_cores() == 64
+
+
+def _proc(tmp_path, membership: str, mount: str) -> tuple[str, str]:
+    (tmp_path / "cgroup").write_text(membership)
+    (tmp_path / "mountinfo").write_text("22 1 8:1 / / rw - ext4 /dev/vda rw\n" + mount.format(root=tmp_path) + "\n")
+    return str(tmp_path / "mountinfo"), str(tmp_path / "cgroup")
+
+
+def _write(root, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
+def test_a_cpu_quota_caps_the_cores_rounded_up_the_tightest_of_the_cgroup_and_its_parents(tmp_path, monkeypatch):
+    """docker --cpus 2.5, a Kubernetes CPU limit: the affinity mask stays whole, the quota stops the threads."""
+    from mspecies.core import backend
+
+    proc = _proc(tmp_path, "0::/kubepods/pod7/box\n", "30 22 0:26 / {root}/cg rw - cgroup2 cgroup2 rw")
+    _write(tmp_path / "cg" / "kubepods", {"cpu.max": "max 100000\n", "pod7/cpu.max": "250000 100000\n",
+                                          "pod7/box/cpu.max": "max 100000\n"})
+    assert backend.cpu_quota_cores(*proc) == 3  # 2.5 CPUs: three threads, each busy part of the time
+    _write(tmp_path / "cg" / "kubepods", {"pod7/box/cpu.max": "100000 100000\n"})
+    assert backend.cpu_quota_cores(*proc) == 1
+    _write(tmp_path / "cg" / "kubepods", {"pod7/cpu.max": "max 100000\n", "pod7/box/cpu.max": "max 100000\n"})
+    assert backend.cpu_quota_cores(*proc) is None
+    v1 = _proc(tmp_path, "6:cpu,cpuacct:/docker/abc\n0::/\n",
+               "31 22 0:27 /docker/abc {root}/cpu rw - cgroup cgroup rw,cpu,cpuacct")
+    _write(tmp_path / "cpu", {"cpu.cfs_quota_us": "400000\n", "cpu.cfs_period_us": "100000\n"})
+    assert backend.cpu_quota_cores(*v1) == 4
+    _write(tmp_path / "cpu", {"cpu.cfs_quota_us": "-1\n"})
+    assert backend.cpu_quota_cores(*v1) is None
+    monkeypatch.setattr(backend, "cpu_quota_cores", lambda: 3)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert backend.usable_cores() == 3
+
+
+def test_in_a_real_cpu_cgroup_with_a_quota_of_one_cpu_the_worker_uses_one_core():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mspecies.core import cgroups
+
+    if os.geteuid() != 0:
+        pytest.skip("making a cpu cgroup needs root")
+    with open("/proc/self/mountinfo") as handle:
+        mounts = cgroups._cgroup_mounts(handle.read(), "cpu")
+    if 1 in mounts:
+        folder, files = Path(mounts[1][1]) / f"mspecies_test_{os.getpid()}", {"cpu.cfs_period_us": "100000",
+                                                                              "cpu.cfs_quota_us": "100000"}
+    elif 2 in mounts and "cpu" in (Path(mounts[2][1]) / "cgroup.subtree_control").read_text().split():
+        folder, files = Path(mounts[2][1]) / f"mspecies_test_{os.getpid()}", {"cpu.max": "100000 100000"}
+    else:
+        pytest.skip("no cpu cgroup controller to make a cgroup in")
+    try:
+        folder.mkdir()
+        for name, value in files.items():
+            (folder / name).write_text(value)
+    except OSError as error:
+        pytest.skip(f"cannot make a cpu cgroup at {folder}: {error}")
+    try:
+        program = "from mspecies.core.backend import usable_cores; print(usable_cores())"
+        done = subprocess.run(["sh", "-c", f'echo $$ > "{folder / "cgroup.procs"}" && exec "$@"', "sh",
+                               sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "1"
+    finally:
+        folder.rmdir()

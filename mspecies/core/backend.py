@@ -6,10 +6,13 @@ without a GPU; only a device call tells, so detection calls ``getDeviceCount()``
 
 from __future__ import annotations
 
+import math
 import os
 from types import ModuleType
 
 import numpy as np
+
+from .cgroups import MEMBERSHIP, MOUNTINFO, cgroup_folders, read_cgroup_int, read_cgroup_words
 
 BACKENDS = ("auto", "numpy", "cupy")
 
@@ -17,11 +20,37 @@ BACKENDS = ("auto", "numpy", "cupy")
 def usable_cores() -> int:
     """CPUs this process may run on: its affinity mask, which a SLURM allocation, ``taskset`` or a container's
     cpuset narrows, else every CPU of the machine (``os.cpu_count()`` counts the whole node: on a 64-core node
-    a job given 4 cores would start 64 threads on them)."""
+    a job given 4 cores would start 64 threads on them); and no more than its CPU quota allows
+    (:func:`cpu_quota_cores`: ``docker --cpus``, Kubernetes CPU limits, systemd's ``CPUQuota``), which leaves
+    the mask whole but stops every thread once the quota of each period is used up."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # no affinity masks on this platform
-        return max(1, os.cpu_count() or 1)
+        cores = max(1, os.cpu_count() or 1)
+    quota = cpu_quota_cores()
+    return cores if quota is None else max(1, min(cores, quota))
+
+
+def cpu_quota_cores(mountinfo: str = MOUNTINFO, membership: str = MEMBERSHIP) -> int | None:
+    """Whole CPUs' worth of the tightest CPU quota of this process's cgroups (quota / period, rounded up), or
+    None where none has one: cgroup v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` (−1: none), v2 ``cpu.max``
+    (``quota period``, ``max``: none), over the process's cgroup and its parents (:func:`~mspecies.core.cgroups.
+    cgroup_folders`)."""
+    found = cgroup_folders("cpu", mountinfo, membership)
+    if found is None:
+        return None
+    version, folders = found
+    ratios = []
+    for folder in folders:
+        if version == 1:
+            quota = read_cgroup_int(os.path.join(folder, "cpu.cfs_quota_us"))
+            period = read_cgroup_int(os.path.join(folder, "cpu.cfs_period_us"))
+        else:
+            words = read_cgroup_words(os.path.join(folder, "cpu.max")) or []
+            quota, period = (int(words[0]), int(words[1])) if len(words) == 2 and words[0].isdigit() else (None, None)
+        if quota and period:
+            ratios.append(quota / period)
+    return max(1, math.ceil(min(ratios))) if ratios else None
 
 
 def cupy_unavailable_reason() -> str | None:

@@ -242,6 +242,7 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
 
     # --------------------------- INSERT steps functions ----------------------
     def _insertAllSteps(self):
+        self._tiltSeriesCount = len(self._exportTsIds())  # for the workers' share of the machine (_concurrentSteps)
         self._dropUnprovenMarkers()
         prepare = self._insertFunctionStep(self.prepareStep, needsGPU=False)
         gpu = self._stepsNeedGpu()
@@ -477,12 +478,14 @@ class ProtMSpeciesExportSubtomograms(EMProtocol, ProtTomoBase):
         return " ".join(f'"{a}"' if " " in a else a for a in args)
 
     def _concurrentSteps(self) -> int:
-        """Export steps this process runs at once: Scipion threads less the main one, where steps run in parallel
-        threads here (not as queue jobs, each with its own allocation); else 1."""
+        """Export steps this process runs at once: Scipion threads less the main one, but no more than the tilt
+        series, where steps run in parallel threads here (not as queue jobs, each with its own allocation); else 1.
+        The tilt series are counted once per run, in the main thread (:meth:`_insertAllSteps`)."""
         threads = self.numberOfThreads.get() or 1
-        if self.modeParallel() and threads > 1 and not self.useQueueForSteps():
-            return threads - 1
-        return 1
+        if not (self.modeParallel() and threads > 1 and not self.useQueueForSteps()):
+            return 1
+        count = getattr(self, "_tiltSeriesCount", None)  # counted by _insertAllSteps: the steps' threads must not
+        return max(1, min(threads - 1, count or threads - 1))  # read the sets (SQLite cursors are not shared)
 
     def _shareArgs(self) -> list[str]:
         """With several export steps at once on this machine, each worker gets its share of the cores and, on the

@@ -2,8 +2,10 @@
 under ``task/cgroup``, a container's limit): a budget taken from the machine alone let the export plan batches the
 job could not hold, and the kernel killed it without a message.
 
-Unit tests read made-up ``/proc`` and cgroup files; the last tests run the export command in a real memory cgroup
-(root only, skipped elsewhere with the reason).
+Unit tests read made-up ``/proc`` and cgroup files; one runs the export command in a real memory cgroup (root only,
+skipped elsewhere with the reason). The last ones check that the plan holds the stack preparation's work arrays
+(measured with ``tracemalloc``), prepares on fewer threads where they would not fit, and builds a next engine ahead
+only with room for them.
 """
 
 from __future__ import annotations

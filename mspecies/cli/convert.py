@@ -98,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
                                    tomo_shape_px=shapes)
     except InputError as error:
         raise InputError(f"input: {error}") from error
+    if not len(table):
+        raise InputError(f"input: {args.input} holds no particles (its particle table has no rows); nothing to "
+                         "convert")
     output_folder(output.parent, "output")
     with atomic_file(output) as temporary:
         write_particle_star(table, temporary, args.to, microscope=microscope)

@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+from _cgroup_files import proc_files, write_files
 
 from mspecies.core.backend import cupy_unavailable_reason, get_xp, select_backend, to_numpy
 
@@ -46,35 +47,23 @@ def test_the_engine_uses_the_cores_this_process_may_run_on(monkeypatch):
     assert usable_cores() == 64
 
 
-def _proc(tmp_path, membership: str, mount: str) -> tuple[str, str]:
-    (tmp_path / "cgroup").write_text(membership)
-    (tmp_path / "mountinfo").write_text("22 1 8:1 / / rw - ext4 /dev/vda rw\n" + mount.format(root=tmp_path) + "\n")
-    return str(tmp_path / "mountinfo"), str(tmp_path / "cgroup")
-
-
-def _write(root, files: dict[str, str]) -> None:
-    for name, text in files.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_text(text)
-
-
 def test_a_cpu_quota_caps_the_cores_rounded_up_the_tightest_of_the_cgroup_and_its_parents(tmp_path, monkeypatch):
     """docker --cpus 2.5, a Kubernetes CPU limit: the affinity mask stays whole, the quota stops the threads."""
     from mspecies.core import backend
 
-    proc = _proc(tmp_path, "0::/kubepods/pod7/box\n", "30 22 0:26 / {root}/cg rw - cgroup2 cgroup2 rw")
-    _write(tmp_path / "cg" / "kubepods", {"cpu.max": "max 100000\n", "pod7/cpu.max": "250000 100000\n",
+    proc = proc_files(tmp_path, "0::/kubepods/pod7/box\n", "30 22 0:26 / {root}/cg rw - cgroup2 cgroup2 rw")
+    write_files(tmp_path / "cg" / "kubepods", {"cpu.max": "max 100000\n", "pod7/cpu.max": "250000 100000\n",
                                           "pod7/box/cpu.max": "max 100000\n"})
     assert backend.cpu_quota_cores(*proc) == 3  # 2.5 CPUs: three threads, each busy part of the time
-    _write(tmp_path / "cg" / "kubepods", {"pod7/box/cpu.max": "100000 100000\n"})
+    write_files(tmp_path / "cg" / "kubepods", {"pod7/box/cpu.max": "100000 100000\n"})
     assert backend.cpu_quota_cores(*proc) == 1
-    _write(tmp_path / "cg" / "kubepods", {"pod7/cpu.max": "max 100000\n", "pod7/box/cpu.max": "max 100000\n"})
+    write_files(tmp_path / "cg" / "kubepods", {"pod7/cpu.max": "max 100000\n", "pod7/box/cpu.max": "max 100000\n"})
     assert backend.cpu_quota_cores(*proc) is None
-    v1 = _proc(tmp_path, "6:cpu,cpuacct:/docker/abc\n0::/\n",
+    v1 = proc_files(tmp_path, "6:cpu,cpuacct:/docker/abc\n0::/\n",
                "31 22 0:27 /docker/abc {root}/cpu rw - cgroup cgroup rw,cpu,cpuacct")
-    _write(tmp_path / "cpu", {"cpu.cfs_quota_us": "400000\n", "cpu.cfs_period_us": "100000\n"})
+    write_files(tmp_path / "cpu", {"cpu.cfs_quota_us": "400000\n", "cpu.cfs_period_us": "100000\n"})
     assert backend.cpu_quota_cores(*v1) == 4
-    _write(tmp_path / "cpu", {"cpu.cfs_quota_us": "-1\n"})
+    write_files(tmp_path / "cpu", {"cpu.cfs_quota_us": "-1\n"})
     assert backend.cpu_quota_cores(*v1) is None
     monkeypatch.setattr(backend, "cpu_quota_cores", lambda: 3)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)

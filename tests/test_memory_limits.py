@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from _cgroup_files import proc_files, write_files
 from test_reconstruct import make_tilt_series, options
 
 from mspecies.core import cgroups, extract, insert, memory, reconstruct
@@ -29,26 +30,12 @@ from mspecies.synth.dataset import generate_dataset
 GB = 10**9
 
 
-def _files(root: Path, files: dict[str, str]) -> None:
-    for name, text in files.items():
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-
-
-def _proc(tmp_path: Path, membership: str, mount_line: str) -> tuple[str, str]:
-    (tmp_path / "cgroup").write_text(membership)
-    (tmp_path / "mountinfo").write_text(
-        "22 1 8:1 / / rw,relatime - ext4 /dev/vda rw\n" + mount_line.format(root=tmp_path) + "\n")
-    return str(tmp_path / "mountinfo"), str(tmp_path / "cgroup")
-
-
 def _v2(tmp_path: Path, membership: str = "0::/job_7/step_0/task_0\n") -> tuple[str, str]:
-    return _proc(tmp_path, membership, "30 22 0:26 / {root}/cg rw,nosuid - cgroup2 cgroup2 rw,nsdelegate")
+    return proc_files(tmp_path, membership, "30 22 0:26 / {root}/cg rw,nosuid - cgroup2 cgroup2 rw,nsdelegate")
 
 
 def test_a_slurm_job_limit_above_the_process_cgroup_is_found_and_its_reclaimable_cache_not_counted(tmp_path):
-    _files(tmp_path / "cg" / "job_7", {
+    write_files(tmp_path / "cg" / "job_7", {
         "memory.max": f"{4 * GB}\n", "memory.current": f"{GB}\n", "memory.stat": f"anon 1\ninactive_file {GB // 2}\n",
         "step_0/memory.max": "max\n", "step_0/memory.current": f"{GB}\n",
         "step_0/task_0/memory.max": "max\n", "step_0/task_0/memory.current": f"{GB}\n"})
@@ -58,7 +45,7 @@ def test_a_slurm_job_limit_above_the_process_cgroup_is_found_and_its_reclaimable
 
 
 def test_the_tightest_of_several_limits_wins_and_memory_high_counts(tmp_path):
-    _files(tmp_path / "cg" / "job_7", {
+    write_files(tmp_path / "cg" / "job_7", {
         "memory.max": f"{8 * GB}\n", "memory.current": f"{GB}\n",
         "step_0/memory.max": f"{6 * GB}\n", "step_0/memory.high": f"{3 * GB}\n", "step_0/memory.current": f"{GB}\n",
         "step_0/task_0/memory.max": "max\n", "step_0/task_0/memory.current": f"{GB}\n"})
@@ -67,10 +54,10 @@ def test_the_tightest_of_several_limits_wins_and_memory_high_counts(tmp_path):
 
 
 def test_cgroup_v1_memory_hierarchy_is_read_and_its_no_limit_value_ignored(tmp_path):
-    mounts = _proc(tmp_path, "5:cpu,cpuacct:/slurm/uid_0/job_3\n4:memory:/slurm/uid_0/job_3/step_batch\n0::/\n",
+    mounts = proc_files(tmp_path, "5:cpu,cpuacct:/slurm/uid_0/job_3\n4:memory:/slurm/uid_0/job_3/step_batch\n0::/\n",
                    "31 22 0:27 / {root}/memory rw - cgroup cgroup rw,memory")
     no_limit = "9223372036854771712\n"
-    _files(tmp_path / "memory" / "slurm" / "uid_0", {
+    write_files(tmp_path / "memory" / "slurm" / "uid_0", {
         "memory.limit_in_bytes": no_limit, "memory.usage_in_bytes": f"{9 * GB}\n",
         "job_3/memory.limit_in_bytes": f"{2 * GB}\n", "job_3/memory.usage_in_bytes": f"{GB}\n",
         "job_3/memory.stat": f"cache 5\ntotal_inactive_file {GB // 4}\n",
@@ -80,20 +67,20 @@ def test_cgroup_v1_memory_hierarchy_is_read_and_its_no_limit_value_ignored(tmp_p
 
 
 def test_a_container_that_sees_only_its_own_subtree_reads_the_mount_point(tmp_path):
-    mounts = _proc(tmp_path, "0::/docker/abc\n", "30 22 0:26 /docker/abc {root}/cg ro - cgroup2 cgroup2 rw")
-    _files(tmp_path / "cg", {"memory.max": f"{GB}\n", "memory.current": f"{GB // 10}\n"})
+    mounts = proc_files(tmp_path, "0::/docker/abc\n", "30 22 0:26 /docker/abc {root}/cg ro - cgroup2 cgroup2 rw")
+    write_files(tmp_path / "cg", {"memory.max": f"{GB}\n", "memory.current": f"{GB // 10}\n"})
     assert cgroup_memory_left(*mounts) == (GB - GB // 10, str(tmp_path / "cg"), GB)
 
 
 def test_no_limit_no_memory_cgroup_or_unreadable_files_give_none(tmp_path):
-    _files(tmp_path / "cg" / "job_7", {"memory.max": "max\n", "memory.current": f"{GB}\n"})
+    write_files(tmp_path / "cg" / "job_7", {"memory.max": "max\n", "memory.current": f"{GB}\n"})
     assert cgroup_memory_left(*_v2(tmp_path, "0::/job_7\n")) is None
-    assert cgroup_memory_left(*_proc(tmp_path, "0::/job_7\n", "30 22 0:26 / {root}/x rw - tmpfs tmpfs rw")) is None
+    assert cgroup_memory_left(*proc_files(tmp_path, "0::/job_7\n", "30 22 0:26 / {root}/x rw - tmpfs tmpfs rw")) is None
     assert cgroup_memory_left(str(tmp_path / "absent"), str(tmp_path / "absent")) is None
 
 
 def test_availability_is_the_least_of_the_machine_and_the_cgroup(tmp_path):
-    _files(tmp_path / "cg" / "job_7", {"memory.max": f"{4 * GB}\n", "memory.current": "0\n"})
+    write_files(tmp_path / "cg" / "job_7", {"memory.max": f"{4 * GB}\n", "memory.current": "0\n"})
     mounts = _v2(tmp_path, "0::/job_7\n")
     (tmp_path / "meminfo").write_text(f"MemTotal: 1 kB\nMemAvailable: {16 * GB // 1024} kB\n")
     limited = memory_availability(str(tmp_path / "meminfo"), *mounts)

@@ -190,7 +190,8 @@ def test_the_preparation_bytes_hold_what_preparing_a_stack_allocates(dtype, binn
         tracemalloc.stop()
     per_thread, once = preparation_bytes(tilt_series.image_shape_yx, output, converted=dtype != np.float32)
     planned, used = 2 * per_thread + once, peak - prepared.images.nbytes
-    assert 0.6 * planned <= used <= planned, (used, planned)
+    # at most the two threads' plan; at least most of one thread's (however the threads' tilts overlapped in time)
+    assert 0.6 * (per_thread + once) <= used <= planned, (used, per_thread, once)
 
 
 def test_a_budget_too_small_for_every_thread_prepares_on_fewer_and_one_too_small_for_one_is_refused():

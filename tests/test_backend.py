@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 import pytest
-from _cgroup_files import proc_files, write_files
+from _cgroup_files import in_cgroup, new_cgroup, proc_files, write_files
 
 from mspecies.core.backend import cupy_unavailable_reason, get_xp, select_backend, to_numpy
 
@@ -73,32 +73,25 @@ def test_a_cpu_quota_caps_the_cores_rounded_up_the_tightest_of_the_cgroup_and_it
 def test_in_a_real_cpu_cgroup_with_a_quota_of_one_cpu_the_worker_uses_one_core():
     import subprocess
     import sys
-    from pathlib import Path
 
-    from mspecies.core import cgroups
-
-    if os.geteuid() != 0:
-        pytest.skip("making a cpu cgroup needs root")
-    with open("/proc/self/mountinfo") as handle:
-        mounts = cgroups._cgroup_mounts(handle.read(), "cpu")
-    if 1 in mounts:
-        folder, files = Path(mounts[1][1]) / f"mspecies_test_{os.getpid()}", {"cpu.cfs_period_us": "100000",
-                                                                              "cpu.cfs_quota_us": "100000"}
-    elif 2 in mounts and "cpu" in (Path(mounts[2][1]) / "cgroup.subtree_control").read_text().split():
-        folder, files = Path(mounts[2][1]) / f"mspecies_test_{os.getpid()}", {"cpu.max": "100000 100000"}
-    else:
-        pytest.skip("no cpu cgroup controller to make a cgroup in")
-    try:
-        folder.mkdir()
-        for name, value in files.items():
-            (folder / name).write_text(value)
-    except OSError as error:
-        pytest.skip(f"cannot make a cpu cgroup at {folder}: {error}")
+    folder = new_cgroup("cpu", f"mspecies_test_{os.getpid()}", {
+        1: {"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": "100000"}, 2: {"cpu.max": "100000 100000"}})
     try:
         program = "from mspecies.core.backend import usable_cores; print(usable_cores())"
-        done = subprocess.run(["sh", "-c", f'echo $$ > "{folder / "cgroup.procs"}" && exec "$@"', "sh",
-                               sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+        done = subprocess.run(in_cgroup(folder, [sys.executable, "-c", program]), capture_output=True, text=True,
+                              timeout=120)
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip() == "1"
     finally:
         folder.rmdir()
+
+
+def test_a_new_cgroup_gets_its_controller_from_the_v1_hierarchy_or_from_a_v2_root_that_hands_it_down(tmp_path):
+    from mspecies.core.cgroups import controller_hierarchy
+
+    v1, _ = proc_files(tmp_path, "6:cpu:/\n", "31 22 0:27 / {root}/cpu rw - cgroup cgroup rw,cpu,cpuacct")
+    assert controller_hierarchy("cpu", v1) == (1, str(tmp_path / "cpu"))
+    v2, _ = proc_files(tmp_path, "0::/\n", "30 22 0:26 / {root}/cg rw - cgroup2 cgroup2 rw")
+    write_files(tmp_path / "cg", {"cgroup.subtree_control": "cpuset memory\n"})
+    assert controller_hierarchy("memory", v2) == (2, str(tmp_path / "cg"))
+    assert controller_hierarchy("cpu", v2) is None  # the root keeps cpu to itself

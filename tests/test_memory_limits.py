@@ -19,10 +19,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from _cgroup_files import proc_files, write_files
+from _cgroup_files import in_cgroup, new_cgroup, proc_files, write_files
 from test_reconstruct import make_tilt_series, options
 
-from mspecies.core import cgroups, extract, insert, memory, reconstruct
+from mspecies.core import extract, insert, memory, reconstruct
 from mspecies.core.memory import Availability, cgroup_memory_left, memory_availability, plan_batches, preparation_bytes
 from mspecies.core.reconstruct import TiltSeriesEngine
 from mspecies.synth.dataset import generate_dataset
@@ -115,52 +115,32 @@ def test_the_plan_says_where_its_budget_came_from_and_a_refusal_names_the_cgroup
 # ------------------------------------------------------------------------------------------- a real cgroup
 
 
-def _new_memory_cgroup(name: str, limit_bytes: int) -> tuple[Path, Path]:
-    """(folder, file to write a pid into) of a new memory cgroup with ``limit_bytes``; skips where that cannot be
-    made (not root, no writable memory controller)."""
-    if os.geteuid() != 0:
-        pytest.skip("making a memory cgroup needs root")
-    with open("/proc/self/mountinfo") as handle:
-        mounts = cgroups._cgroup_mounts(handle.read(), "memory")
-    if 1 in mounts:
-        folder, limit_file = Path(mounts[1][1]) / name, "memory.limit_in_bytes"
-    elif 2 in mounts and "memory" in (Path(mounts[2][1]) / "cgroup.subtree_control").read_text().split():
-        folder, limit_file = Path(mounts[2][1]) / name, "memory.max"
-    else:
-        pytest.skip("no memory cgroup controller to make a cgroup in (neither v1 nor enabled in v2's root)")
-    try:
-        folder.mkdir(exist_ok=True)
-        (folder / limit_file).write_text(str(limit_bytes))
-    except OSError as error:
-        pytest.skip(f"cannot make a memory cgroup at {folder}: {error}")
-    return folder, folder / "cgroup.procs"
-
-
 @pytest.fixture(scope="module")
 def small_dataset(tmp_path_factory) -> Path:
     return generate_dataset(tmp_path_factory.mktemp("limits") / "data", seed=3, n_particles=4, n_tilts=11,
                             box_px=24, image_shape_yx=(128, 128), thickness_angst=300.0, snr=None)
 
 
-def _export_in(procs: Path, manifest: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+def _export_in(cgroup: Path, manifest: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "mspecies", "export", "--manifest", str(manifest), "--box", "24",
                "--diameter", "60", "--backend", "numpy", "--out", str(out), *extra]
-    return subprocess.run(["sh", "-c", f'echo $$ > "{procs}" && exec "$@"', "sh", *command],
+    return subprocess.run(in_cgroup(cgroup, command),
                           capture_output=True, text=True, timeout=300)
 
 
 def test_the_export_in_a_memory_cgroup_plans_within_its_limit_and_refuses_a_larger_budget(small_dataset, tmp_path):
     limit = 600 * 1024**2
-    folder, procs = _new_memory_cgroup(f"mspecies_test_{os.getpid()}", limit)
+    folder = new_cgroup("memory", f"mspecies_test_{os.getpid()}", {1: {"memory.limit_in_bytes": str(limit)},
+                                                                    2: {"memory.max": str(limit)}})
     try:
-        done = _export_in(procs, small_dataset, tmp_path / "out")
+        done = _export_in(folder, small_dataset, tmp_path / "out")
         assert done.returncode == 0, done.stderr
         plan = next(line for line in done.stdout.splitlines() if "memory plan" in line)
         budget_mib = float(plan.split(" MiB budget")[0].rsplit(" ", 1)[1])
         assert budget_mib <= 0.75 * limit / 1024**2 + 1
         assert f"memory cgroup {folder}" in plan
         assert "preparing the stack: +" in plan  # the command read the stack's data type to plan its preparation
-        refused = _export_in(procs, small_dataset, tmp_path / "refused", "--memory-gb", "1")
+        refused = _export_in(folder, small_dataset, tmp_path / "refused", "--memory-gb", "1")
         assert refused.returncode == 2
         assert "--memory-gb: 1 GB is more than" in refused.stderr and str(folder) in refused.stderr
         assert not (tmp_path / "refused").exists()

@@ -25,20 +25,20 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-MOUNTS = "/proc/self/mountinfo"
 
 
 def memory_hierarchy() -> tuple[Path, str, str]:
     """(mount point, limit file, peak file) of a memory cgroup hierarchy this process can make cgroups in."""
-    for line in Path(MOUNTS).read_text().splitlines():
-        fields, _, tail = line.partition(" - ")
-        kind, _, options = (tail.split() + ["", "", ""])[:3]
-        point = Path(fields.split()[4])
-        if kind == "cgroup" and "memory" in options.split(","):
-            return point, "memory.limit_in_bytes", "memory.max_usage_in_bytes"
-        if kind == "cgroup2" and "memory" in (point / "cgroup.subtree_control").read_text().split():
-            return point, "memory.max", "memory.peak"
-    raise RuntimeError("no memory cgroup hierarchy to make a cgroup in (cgroup v1 memory, or v2 with memory enabled)")
+    from mspecies.core.cgroups import controller_hierarchy
+
+    hierarchy = controller_hierarchy("memory")
+    if hierarchy is None:
+        raise RuntimeError("no memory cgroup hierarchy to make a cgroup in (cgroup v1 memory, or v2 with memory "
+                           "enabled)")
+    version, point = hierarchy
+    if version == 1:
+        return Path(point), "memory.limit_in_bytes", "memory.max_usage_in_bytes"
+    return Path(point), "memory.max", "memory.peak"
 
 
 def run_limited(tree: Path, command: list[str], limit_bytes: int, out: Path) -> dict[str, object]:

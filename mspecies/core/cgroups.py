@@ -35,6 +35,21 @@ def cgroup_folders(controller: str, mountinfo: str = MOUNTINFO,
     return None
 
 
+def controller_hierarchy(controller: str, mountinfo: str = MOUNTINFO) -> tuple[int, str] | None:
+    """(cgroup version, mount point) of the hierarchy in which a new cgroup gets ``controller``: its own v1
+    hierarchy, else the v2 one where the root hands ``controller`` to its children (``cgroup.subtree_control``);
+    None where neither is mounted and readable."""
+    try:
+        with open(mountinfo) as handle:
+            mounts = _cgroup_mounts(handle.read(), controller)
+    except OSError:
+        return None
+    if 1 in mounts:
+        return 1, mounts[1][1]
+    words = read_cgroup_words(os.path.join(mounts[2][1], "cgroup.subtree_control")) if 2 in mounts else None
+    return (2, mounts[2][1]) if words is not None and controller in words else None
+
+
 def read_cgroup_int(path: str) -> int | None:
     """An integer file of a cgroup (None where absent, unreadable, ``max`` or negative: no limit)."""
     try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import shutil
 import threading
 import time
@@ -17,6 +18,7 @@ import mrcfile
 import numpy as np
 import pytest
 
+import mspecies.cli.export as cli_export
 from mspecies.cli import main
 from mspecies.cli.export_files import export_tilt_series
 from mspecies.cli.export_overlap import ParticleWriter, Prefetch
@@ -70,8 +72,11 @@ def test_overlapped_writes_give_the_files_of_the_serial_path(two_tomograms, tmp_
 
 
 def test_engines_built_ahead_give_the_files_of_engines_built_in_turn(two_tomograms, tmp_path, monkeypatch):
+    """Ahead: the first engine while the particles are read, the second while the first tilt series reconstructs."""
     assert main(EXPORT + ["--manifest", str(two_tomograms), "--out", str(tmp_path / "ahead")]) == 0
     monkeypatch.setattr("mspecies.cli.export._build_engine_ahead", lambda job, next_job, reuse=None: None)
+    monkeypatch.setattr("mspecies.cli.export.start_first_engine",
+                        lambda args, tilt_series: cli_export.FirstEngine(tilt_series, None))
     assert main(EXPORT + ["--manifest", str(two_tomograms), "--out", str(tmp_path / "in_turn")]) == 0
     ahead = mrc_contents(tmp_path / "ahead")
     assert {name.split("/")[0] for name in ahead} == {"TS_01", "TS_02"} and len(ahead) == 40
@@ -92,7 +97,6 @@ def test_later_tilt_series_prepare_their_stack_in_an_earlier_ones_array_with_the
         four_tomograms, tmp_path, monkeypatch, in_turn):
     """Engines built ahead: TS_03 fills TS_01's array of prepared images and TS_04 TS_02's; engines built in turn:
     each fills the one before's. The files are those of an export that makes every array anew."""
-    import mspecies.cli.export as cli_export
     from mspecies.core.extract import StackReuse
 
     if in_turn:
@@ -122,8 +126,6 @@ def test_later_tilt_series_prepare_their_stack_in_an_earlier_ones_array_with_the
 
 def test_the_next_engine_is_built_while_the_current_tilt_series_reconstructs(two_tomograms, tmp_path, monkeypatch):
     """TS_02's engine is built on another thread, started before TS_01 reconstructs."""
-    import mspecies.cli.export as cli_export
-
     events: list[tuple[str, str]] = []
     create, reconstruct = TiltSeriesEngine.create.__func__, TiltSeriesEngine.reconstruct
     ahead = cli_export._build_engine_ahead
@@ -148,8 +150,74 @@ def test_the_next_engine_is_built_while_the_current_tilt_series_reconstructs(two
     assert main(EXPORT + ["--manifest", str(two_tomograms), "--out", str(tmp_path / "out")]) == 0
     assert events.index(("ahead", "TS_02")) < events.index(("reconstruct", "TS_01"))
     creates = sorted(where for kind, where in events if kind == "create")
-    assert len(creates) == 2 and creates[0] == f"TS_01 on {threading.main_thread().name}"
+    assert len(creates) == 2 and creates[0] == f"TS_01 on {cli_export.FIRST_ENGINE_THREAD}"
     assert creates[1].startswith("TS_02") and threading.main_thread().name not in creates[1]
+
+
+def _files_of(manifest: Path, ts_id: str) -> list[str]:
+    """The export's file-route arguments for ``ts_id`` of a synthetic dataset (its particles from the STAR)."""
+    entry = next(e for e in load_manifest(manifest)["tilt_series"] if e["ts_id"] == ts_id)
+    files = {role: str(manifest.parent / path) for role, path in entry["files"].items()}
+    return ["--stack", files["stack"], "--mdoc", files["mdoc"], "--xf", files["xf"], "--ctf", files["ctffind"],
+            "--tomogram", files["tomogram"], "--particles", str(manifest.parent / "particles.star")]
+
+
+def test_the_first_engine_is_built_while_the_particles_are_read(two_tomograms, tmp_path, monkeypatch):
+    """The stack is read and prepared on another thread from the moment the tilt series' files are read: the
+    particles (a STAR file: pandas, the dialect reader) are read meanwhile, not before."""
+    import mspecies.cli.export_inputs as export_inputs
+
+    started = threading.Event()
+    create, read_particles = TiltSeriesEngine.create.__func__, export_inputs.read_particles
+    waited: list[bool] = []
+
+    def logged_create(cls, tilt_series, *args, **kwargs):
+        if threading.current_thread().name == cli_export.FIRST_ENGINE_THREAD:
+            started.set()
+        return create(cls, tilt_series, *args, **kwargs)
+
+    def read_after_the_start(*args, **kwargs):
+        waited.append(started.wait(timeout=30))
+        return read_particles(*args, **kwargs)
+
+    monkeypatch.setattr(TiltSeriesEngine, "create", classmethod(logged_create))
+    monkeypatch.setattr(export_inputs, "read_particles", read_after_the_start)
+    assert main(EXPORT + _files_of(two_tomograms, "TS_01") + ["--out", str(tmp_path / "out")]) == 0
+    assert waited == [True]
+    assert len(mrc_contents(tmp_path / "out")) == 2 * 10
+
+
+def test_a_first_tilt_series_without_particles_to_export_has_its_engine_dropped_before_the_next_is_built(
+        two_tomograms, tmp_path, monkeypatch, capsys):
+    """TS_01's particles all lie outside its tomogram and its stack has a NaN tilt: its engine, started before the
+    particles were checked, fails; the export of TS_02 goes on, once that build has ended (its memory free), with
+    the files of an export of TS_02 alone."""
+    data = tmp_path / "data"
+    shutil.copytree(two_tomograms.parent, data)
+    manifest = load_manifest(data / two_tomograms.name)
+    for particle in manifest["particles"]:
+        if particle["ts_id"] == "TS_01":
+            particle["position_angst"][0] = 1.0e6
+    (data / two_tomograms.name).write_text(json.dumps(manifest))
+    stack_path = manifest_tilt_series(manifest, "TS_01").stack_path
+    with mrcfile.open(stack_path if Path(stack_path).is_absolute() else data / stack_path, mode="r+") as mrc:
+        mrc.data[3, 5, 5] = np.nan
+    events: list[str] = []
+    create = TiltSeriesEngine.create.__func__
+
+    def logged_create(cls, tilt_series, *args, **kwargs):
+        events.append(f"start {tilt_series.ts_id}")
+        try:
+            return create(cls, tilt_series, *args, **kwargs)
+        finally:
+            events.append(f"end {tilt_series.ts_id}")
+
+    monkeypatch.setattr(TiltSeriesEngine, "create", classmethod(logged_create))
+    assert main(EXPORT + ["--manifest", str(data / two_tomograms.name), "--out", str(tmp_path / "out")]) == 0
+    assert "skipped 10 particle(s), outside the tomogram's x-y area" in capsys.readouterr().out
+    assert events == ["start TS_01", "end TS_01", "start TS_02", "end TS_02"]
+    assert main(EXPORT + ["--manifest", str(two_tomograms), "--ts-id", "TS_02", "--out", str(tmp_path / "alone")]) == 0
+    assert mrc_contents(tmp_path / "out") == mrc_contents(tmp_path / "alone")
 
 
 def test_a_bad_volume_in_a_later_batch_stops_the_export_with_its_message_and_leaves_nothing(

@@ -53,24 +53,31 @@ Before the first byte is written every parameter, the memory plan of every tilt 
 a hidden staging folder of ``--out`` under the folder's lock and moved to their final names when all are complete,
 ``particles.star`` last (:mod:`mspecies.cli.atomic`); a folder that holds an earlier export is refused unless
 ``--overwrite``, which replaces that export whole.
+
+The first tilt series' engine (its stack read and prepared, its tables) is built on a background thread from the
+moment its geometry is read, while the particles are read and checked (:func:`start_first_engine`); each later one
+while the tilt series before it reconstructs. Neither writes a file.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-import pandas as pd
 
 from mspecies.common.types import InputError, Microscope, ParticlePoses, TiltSeriesData
 from mspecies.formats import validate
 from mspecies.formats.dose import DOSE_LAYOUTS
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from mspecies.cli.export_checks import ExportJob
     from mspecies.cli.export_overlap import Prefetch
     from mspecies.core.extract import StackReuse
@@ -198,7 +205,8 @@ def _require(args: argparse.Namespace, names: list[str], context: str) -> None:
         raise InputError(f"{context}: missing {', '.join(missing)}")
 
 
-def _load_manifest_inputs(args: argparse.Namespace) -> list[tuple[TiltSeriesData, ParticlePoses, tuple[int, ...]]]:
+def _load_manifest_inputs(args: argparse.Namespace, tilt_series_read: Callable[[TiltSeriesData], object]
+                          ) -> list[tuple[TiltSeriesData, ParticlePoses, tuple[int, ...]]]:
     from mspecies.synth.manifest import load_manifest, manifest_particles, manifest_tilt_series
 
     manifest = load_manifest(args.manifest)
@@ -212,8 +220,10 @@ def _load_manifest_inputs(args: argparse.Namespace) -> list[tuple[TiltSeriesData
     inputs = []
     for ts_id in ids:
         nz, ny, nx = entries[ts_id]["unbinned_tomogram_shape_zyx"]
-        inputs.append((manifest_tilt_series(manifest, ts_id), all_particles.subset(all_particles.tomo_names == ts_id),
-                       (nx, ny, nz)))
+        tilt_series = manifest_tilt_series(manifest, ts_id)
+        if not inputs:
+            tilt_series_read(tilt_series)
+        inputs.append((tilt_series, all_particles.subset(all_particles.tomo_names == ts_id), (nx, ny, nz)))
     return inputs
 
 
@@ -269,10 +279,13 @@ def tilt_series_from_geometry(path: str | Path) -> tuple[TiltSeriesData, tuple[i
     return tilt_series, shape  # type: ignore[return-value]
 
 
-def load_inputs(args: argparse.Namespace) -> list[tuple[TiltSeriesData, ParticlePoses, tuple[int, ...]]]:
-    """(tilt series, its particles, tomogram shape xyz) for every tilt series to export."""
+def load_inputs(args: argparse.Namespace, tilt_series_read: Callable[[TiltSeriesData], object] = lambda _: None
+                ) -> list[tuple[TiltSeriesData, ParticlePoses, tuple[int, ...]]]:
+    """(tilt series, its particles, tomogram shape xyz) for every tilt series to export; ``tilt_series_read`` is
+    called with the first tilt series as soon as it is read, before any particle (the export starts building its
+    engine then: :func:`start_first_engine`)."""
     if args.manifest:
-        return _load_manifest_inputs(args)
+        return _load_manifest_inputs(args, tilt_series_read)
     from mspecies.cli.export_inputs import read_particles, tilt_series_from_files
 
     _require(args, ["particles"], "--geometry / file input")
@@ -282,6 +295,7 @@ def load_inputs(args: argparse.Namespace) -> list[tuple[TiltSeriesData, Particle
     else:
         tilt_series, files = tilt_series_from_files(args)
         shape, tomogram_pixel = files.tomogram_shape_xyz_px, files.tomogram_pixel_angst
+    tilt_series_read(tilt_series)
     particles = read_particles(args.particles, tilt_series.ts_id, shape, tilt_series.pixel_size_angst,
                                args.coords_pixel_size, tomogram_pixel)
     return [(tilt_series, particles, shape)]
@@ -316,8 +330,6 @@ def run(args: argparse.Namespace) -> int:
     files to their final names (``particles.star`` last) under the folder's lock. Returns the exit code."""
     from mspecies.cli.atomic import check_free_space, check_output_folder, locked_output_folder, staging_folder
     from mspecies.cli.export_checks import check_export_arguments, export_bytes, plan_job
-    from mspecies.cli.export_files import STAR_NAME, earlier_export_files
-    from mspecies.cli.export_record import discard_export_record, write_export_record
     from mspecies.core.memory import retain_freed_memory
     from mspecies.core.reconstruct import ReconstructionError
     from mspecies.formats.mrc import mrc_dtype
@@ -325,12 +337,17 @@ def run(args: argparse.Namespace) -> int:
     retain_freed_memory()  # this process is the worker: per-particle arrays reuse freed pages
 
     out = check_output_folder(args.out, "--out")
-    check_inputs_not_replaced(args, out)
     check_export_arguments(args)
+    first: list[FirstEngine] = []
+    inputs = load_inputs(args, lambda tilt_series: first.append(start_first_engine(args, tilt_series)))
+    from mspecies.cli.export_files import STAR_NAME, earlier_export_files
+    from mspecies.cli.export_record import discard_export_record, write_export_record
+
+    check_inputs_not_replaced(args, out)
     jobs = [plan_job(tilt_series, particles, shape, export_options(args, tilt_series.pixel_size_angst),
                      min_visible_tilts=args.min_visible_tilts, drop_duplicates=args.drop_duplicates,
                      stack_dtype=mrc_dtype(tilt_series.stack_path))
-            for tilt_series, particles, shape in load_inputs(args)]
+            for tilt_series, particles, shape in inputs]
     try:
         with locked_output_folder(out, "--out"):
             earlier = earlier_export_files(out)
@@ -339,7 +356,7 @@ def run(args: argparse.Namespace) -> int:
                                  f"{earlier[0].name}); give --overwrite to replace it, or choose another folder")
             check_free_space(out, export_bytes(jobs), "--out", "the export")
             with staging_folder(out, "export") as staging:
-                table, summaries = _write_export(jobs, staging, args)
+                table, summaries = _write_export(jobs, staging, args, first[0] if first else None)
                 discard_export_record(out)
                 publish_export(staging, out, earlier)
                 print(f"success record: {write_export_record(out, table, summaries, vars(args))}", flush=True)
@@ -382,9 +399,13 @@ def publish_export(staging: Path, out: Path, earlier: list[Path]) -> None:
         print(f"replaced the earlier export in {out}: removed its {len(earlier)} files")
 
 
-def _write_export(jobs: list, staging: Path, args: argparse.Namespace) -> tuple[pd.DataFrame, list]:
+def _write_export(jobs: list, staging: Path, args: argparse.Namespace, first_engine: FirstEngine | None = None
+                  ) -> tuple[pd.DataFrame, list]:
     """Export every job into ``staging`` (MRCs per tilt series, excluded particles, STAR) → (STAR rows written,
-    :class:`~mspecies.cli.export_files.ExportSummary` per tilt series)."""
+    :class:`~mspecies.cli.export_files.ExportSummary` per tilt series); ``first_engine``: the first tilt series' engine
+    started early (:func:`start_first_engine`)."""
+    import pandas as pd
+
     from mspecies.cli.export_checks import exclusion_lines, overlap_fits
     from mspecies.cli.export_files import EXCLUDED_TSV, STAR_NAME, export_tilt_series
     from mspecies.cli.relion5_files import write_particle_series, write_tomogram
@@ -404,6 +425,8 @@ def _write_export(jobs: list, staging: Path, args: argparse.Namespace) -> tuple[
                          "nothing to export")
     todo = [job for job in jobs if len(job.particles)]
     ahead: dict[int, Prefetch | None] = {}  # job index → its engine, built while the job before it reconstructs
+    if first_engine is not None:
+        ahead[0] = first_engine.for_job(todo[0])
     stacks = StackReuse()  # a finished tilt series' prepared images, for the next engine built
     for k, job in enumerate(todo):
         built = ahead.pop(k, None)
@@ -428,7 +451,9 @@ def _write_export(jobs: list, staging: Path, args: argparse.Namespace) -> tuple[
                                            first_subset_index=first, log=lambda line: print(line, flush=True),
                                            engine=engine, overlap_writes=overlap_fits(job, None),
                                            engine_ready=start_next, direct_io=not args.buffered_writes,
-                                           reuse=stacks, engine_done=done)
+                                           reuse=stacks, engine_done=done,
+                                           engine_built=FIRST_ENGINE_BUILT if k == 0 else "during the previous "
+                                           "tilt series")
         engine = None
         tables.append(rows)
         summaries.append(summary)
@@ -448,6 +473,61 @@ def _write_export(jobs: list, staging: Path, args: argparse.Namespace) -> tuple[
     else:
         write_subtomo_star(staging / STAR_NAME, particles_table, flavour=args.star_flavour, **optics)
     return particles_table, summaries
+
+
+FIRST_ENGINE_THREAD = "mspecies-first-engine"
+"""Name of the thread that builds the first tilt series' engine (:func:`start_first_engine`)."""
+
+FIRST_ENGINE_BUILT = "while the particles were read and checked"
+"""The log's words for when the first tilt series' engine was built."""
+
+
+class FirstEngine(NamedTuple):
+    """The engine of the first tilt series read, built on a background thread from the moment its geometry is
+    known (:func:`start_first_engine`)."""
+
+    tilt_series: TiltSeriesData
+    build: Prefetch | None
+    """None where it was not started."""
+
+    def for_job(self, job: ExportJob) -> Prefetch | None:
+        """The build when ``job`` exports this tilt series. Otherwise (its particles were all excluded) None, once
+        the build has ended: its memory is free for the engines that follow, and its error, if any, concerns a
+        tilt series that is not exported."""
+        if self.build is None or job.tilt_series is self.tilt_series:
+            return self.build
+        with contextlib.suppress(Exception):
+            self.build.result()
+        return None
+
+
+def start_first_engine(args: argparse.Namespace, tilt_series: TiltSeriesData) -> FirstEngine:
+    """Start building ``tilt_series``' engine (its stack read and prepared, shared insertion, 3D-CTF tables: the
+    setup of :meth:`~mspecies.core.reconstruct.TiltSeriesEngine.create`) on a background thread, while the command
+    reads and checks the particles, imports what it writes with, and prepares the output folder.
+
+    The build writes nothing; its error is raised where the engine is first needed, as when it is built there.
+    Not started (``build`` None) for CuPy, or where the options, the stack's header or the memory plan would be
+    refused: the checks that follow say why, in their order.
+    """
+    from mspecies.cli.errors import EXPECTED_ERRORS
+    from mspecies.cli.export_overlap import Prefetch
+    from mspecies.core.backend import select_backend
+    from mspecies.core.reconstruct import TiltSeriesEngine, plan_memory
+    from mspecies.formats.mrc import mrc_dtype, read_mrc
+
+    try:
+        options = export_options(args, tilt_series.pixel_size_angst)
+        if select_backend(options.backend) is not np:
+            return FirstEngine(tilt_series, None)
+        plan_memory(tilt_series, options, mrc_dtype(tilt_series.stack_path))
+    except EXPECTED_ERRORS:
+        return FirstEngine(tilt_series, None)
+
+    def build() -> TiltSeriesEngine:
+        return TiltSeriesEngine.create(tilt_series, read_mrc(tilt_series.stack_path, mmap=True)[0], options)
+
+    return FirstEngine(tilt_series, Prefetch(build, name=FIRST_ENGINE_THREAD))
 
 
 def _build_engine_ahead(job: ExportJob, next_job: ExportJob | None, reuse: StackReuse | None = None

@@ -21,15 +21,18 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from mspecies.common.types import InputError, ParticlePoses, TiltSeriesData
 from mspecies.core.geometry import project_positions_to_tilts
 from mspecies.core.memory import MemoryPlan, memory_availability
 from mspecies.core.reconstruct import ExportOptions, plan_memory, shifted_positions_angst
 from mspecies.formats.mrc import MRC_HEADER_BYTES
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 STAR_BYTES_PER_PARTICLE = 400
 """Generous size of one particle's STAR row(s), for the free-space estimate."""
@@ -106,6 +109,8 @@ def plan_job(tilt_series: TiltSeriesData, particles: ParticlePoses, tomogram_sha
     """Check one tilt series' options and memory plan, and choose its particles (see the module docstring).
     ``stack_dtype``: the stack's data type, for the plan to count the preparation's work arrays (None: not
     counted)."""
+    import pandas as pd
+
     try:
         padded, plan = plan_memory(tilt_series, options, stack_dtype)
     except InputError as error:
@@ -165,6 +170,8 @@ def outside_tomogram_z(positions_angst: np.ndarray, tomogram_shape_xyz_px: tuple
 def first_identical(particles: ParticlePoses) -> np.ndarray:
     """(N,) for each particle the index of the first earlier particle with the same tomogram, position and
     angles (to 1e-4 Å / degree), else −1."""
+    import pandas as pd
+
     key = pd.DataFrame(np.round(np.hstack([particles.positions_angst, particles.euler_zyz_deg]), 4))
     key["tomo"] = particles.tomo_names.astype(str)
     first = key.groupby(list(key.columns), sort=False, dropna=False).ngroup().to_numpy()

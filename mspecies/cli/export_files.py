@@ -113,7 +113,8 @@ def export_tilt_series(tilt_series: TiltSeriesData, stack: np.ndarray | None, pa
                        engine: TiltSeriesEngine | None = None, overlap_writes: bool = True,
                        engine_ready: Callable[[], None] | None = None,
                        direct_io: bool = True, reuse: StackReuse | None = None,
-                       engine_done: Callable[[TiltSeriesEngine], None] | None = None
+                       engine_done: Callable[[TiltSeriesEngine], None] | None = None,
+                       engine_built: str = "during the previous tilt series"
                        ) -> tuple[pd.DataFrame, ExportSummary]:
     """Reconstruct and write the particles of one tilt series.
 
@@ -131,8 +132,8 @@ def export_tilt_series(tilt_series: TiltSeriesData, stack: np.ndarray | None, pa
     first_subset_index
         Global index of the first particle; random subsets alternate 1, 2 over global indices.
     engine
-        This tilt series' engine built already (e.g. while the previous tilt series reconstructed: its setup is
-        then not in the summary's time), instead of building it here from ``stack``.
+        This tilt series' engine built already (while the previous tilt series reconstructed, or the particles
+        were read: its setup is then not in the summary's time), instead of building it here from ``stack``.
     overlap_writes
         Check and write each batch on a writer thread while the next batch is reconstructed (default); False
         checks and writes each particle before the next one is reconstructed. The files are the same.
@@ -147,6 +148,8 @@ def export_tilt_series(tilt_series: TiltSeriesData, stack: np.ndarray | None, pa
         (:class:`~mspecies.core.extract.StackReuse`; an earlier tilt series' array of the same shape).
     engine_done
         Called with the engine once every particle is written (its prepared images are read no more then).
+    engine_built
+        When the given ``engine`` was built, for the log.
 
     Returns
     -------
@@ -168,7 +171,7 @@ def export_tilt_series(tilt_series: TiltSeriesData, stack: np.ndarray | None, pa
         ctf = f", 3D CTF {options.ctf_method}" if options.mode == "volumes" else ""
         log(f"{tilt_series.ts_id}: {len(particles)} particles, padded box M = {engine.padded_box_px}, backend "
             f"{engine.xp.__name__}{ctf}, memory plan: {engine.plan.describe()}"
-            + ("; stack and engine prepared during the previous tilt series" if ahead else ""))
+            + (f"; stack and engine prepared {engine_built}" if ahead else ""))
     if engine_ready is not None:
         engine_ready()
     pixel, ts_id = options.output_pixel_size_angst, tilt_series.ts_id

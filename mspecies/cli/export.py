@@ -340,6 +340,7 @@ def run(args: argparse.Namespace) -> int:
     check_export_arguments(args)
     first: list[FirstEngine] = []
     inputs = load_inputs(args, lambda tilt_series: first.append(start_first_engine(args, tilt_series)))
+    # the writers (pandas, starfile: 0.2 s) load here, while the first engine is being built
     from mspecies.cli.export_files import STAR_NAME, earlier_export_files
     from mspecies.cli.export_record import discard_export_record, write_export_record
 

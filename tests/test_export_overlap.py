@@ -209,13 +209,17 @@ def test_a_first_tilt_series_without_particles_to_export_has_its_engine_dropped_
         events.append(f"start {tilt_series.ts_id}")
         try:
             return create(cls, tilt_series, *args, **kwargs)
+        except Exception as error:
+            events.append(f"{tilt_series.ts_id}: {error}")
+            raise
         finally:
             events.append(f"end {tilt_series.ts_id}")
 
     monkeypatch.setattr(TiltSeriesEngine, "create", classmethod(logged_create))
     assert main(EXPORT + ["--manifest", str(data / two_tomograms.name), "--out", str(tmp_path / "out")]) == 0
     assert "skipped 10 particle(s), outside the tomogram's x-y area" in capsys.readouterr().out
-    assert events == ["start TS_01", "end TS_01", "start TS_02", "end TS_02"]
+    assert events[0] == "start TS_01" and events[1].startswith("TS_01: stack") and "has 1 NaN" in events[1]
+    assert events[2:] == ["end TS_01", "start TS_02", "end TS_02"]
     assert main(EXPORT + ["--manifest", str(two_tomograms), "--ts-id", "TS_02", "--out", str(tmp_path / "alone")]) == 0
     assert mrc_contents(tmp_path / "out") == mrc_contents(tmp_path / "alone")
 

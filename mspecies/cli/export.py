@@ -508,20 +508,20 @@ def start_first_engine(args: argparse.Namespace, tilt_series: TiltSeriesData) ->
     reads and checks the particles, imports what it writes with, and prepares the output folder.
 
     The build writes nothing; its error is raised where the engine is first needed, as when it is built there.
-    Not started (``build`` None) for CuPy, or where the options, the stack's header or the memory plan would be
-    refused: the checks that follow say why, in their order.
+    A stack or memory plan that the build cannot use is refused first by the checks that follow (``plan_job``
+    reads the stack's header and makes the same plan), so the build's own error then goes unread. Not started
+    (``build`` None) for CuPy, or where the options are refused (the checks say why, in their order).
     """
     from mspecies.cli.errors import EXPECTED_ERRORS
     from mspecies.cli.export_overlap import Prefetch
     from mspecies.core.backend import select_backend
-    from mspecies.core.reconstruct import TiltSeriesEngine, plan_memory
-    from mspecies.formats.mrc import mrc_dtype, read_mrc
+    from mspecies.core.reconstruct import TiltSeriesEngine
+    from mspecies.formats.mrc import read_mrc
 
     try:
         options = export_options(args, tilt_series.pixel_size_angst)
         if select_backend(options.backend) is not np:
             return FirstEngine(tilt_series, None)
-        plan_memory(tilt_series, options, mrc_dtype(tilt_series.stack_path))
     except EXPECTED_ERRORS:
         return FirstEngine(tilt_series, None)
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from mspecies.common.types import InputError
 
-from .cgroups import cgroup_folders, read_cgroup_int, read_cgroup_stat
+from .cgroups import MEMBERSHIP, MOUNTINFO, cgroup_folders, read_cgroup_int, read_cgroup_stat
 
 DEFAULT_BUDGET_FRACTION = 0.25
 """Of the machine's available memory, the export's budget when none is given: a workstation is shared."""
@@ -140,8 +140,8 @@ def device_budget(free_bytes: int, host_budget: tuple[int, str]) -> tuple[int, s
     return device, f"{DEVICE_BUDGET_FRACTION:.0%} of the {free_bytes / 1e9:.2f} GB free on the GPU"
 
 
-def memory_availability(meminfo: str = "/proc/meminfo", mountinfo: str = "/proc/self/mountinfo",
-                        membership: str = "/proc/self/cgroup") -> Availability:
+def memory_availability(meminfo: str = "/proc/meminfo", mountinfo: str = MOUNTINFO,
+                        membership: str = MEMBERSHIP) -> Availability:
     """The machine's ``MemAvailable``, and what the tightest memory cgroup of this process leaves
     (:func:`cgroup_memory_left`): a SLURM job's ``--mem`` under ``task/cgroup``, a container's limit. A process
     that allocates past its cgroup's limit is killed by the kernel, with no message of its own."""
@@ -167,8 +167,7 @@ _CGROUP_FILES = {  # version: (limit files, usage file, the inactive page cache'
 }
 
 
-def cgroup_memory_left(mountinfo: str = "/proc/self/mountinfo",
-                       membership: str = "/proc/self/cgroup") -> tuple[int, str, int] | None:
+def cgroup_memory_left(mountinfo: str = MOUNTINFO, membership: str = MEMBERSHIP) -> tuple[int, str, int] | None:
     """(bytes left, cgroup folder, its limit) of the most constraining memory cgroup of this process, or None
     where no memory cgroup it belongs to (its own or an ancestor up to the mounted root) has a limit, or none is
     mounted and readable (:func:`mspecies.core.cgroups.cgroup_folders`).

@@ -75,3 +75,44 @@ def test_the_memory_limit_benchmark_runs_the_command_in_a_cgroup_and_reports_how
     assert roomy["returncode"] == 0 and "particles in" in roomy["said"] and "memory cgroup" in roomy["said"]
     assert roomy["limit_bytes"] == 600_000_000 and 0 < roomy["peak_bytes"] <= 600_000_000
     assert starved["returncode"] != 0  # 100 kB: killed at start-up, or refused
+
+
+def test_the_overhead_benchmark_splits_the_command_cpu_beyond_a_warm_engine_pass_by_function(small_manifest, tmp_path):
+    figures = tmp_path / "figures.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "export" / "bench_overhead.py"), "--manifest", str(small_manifest),
+         "--box", "24", "--diameter", "60", "--rounds", "1", "--passes", "2", "--json", str(figures), "--scratch",
+         str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    if result.returncode == 2 and "perf" in result.stderr:
+        pytest.skip(result.stderr.strip().splitlines()[-1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(figures.read_text())
+    assert report["command_cpu_s"] > 0 and report["warm_pass_cpu_s"] > 0
+    rows = report["functions"]
+    assert sum(row["command_s"] for row in rows) == pytest.approx(report["command_cpu_s"])
+    assert all(row["extra_s"] == pytest.approx(row["command_s"] - row["warm_pass_s"]) for row in rows)
+    listed = rows[:-1] if rows[-1]["function"].endswith("ms each)") else rows  # the small ones, summed, last
+    assert [row["extra_s"] for row in listed] == sorted((row["extra_s"] for row in listed), reverse=True)
+    # the interpreter runs the command's imports and the engine's Python; the transforms are pocketfft's
+    assert report["groups"]["Python interpreter"]["command_s"] > 0
+    assert report["groups"]["FFT (pocketfft)"]["warm_pass_s"] > 0
+    assert sum(group["extra_s"] for group in report["groups"].values()) == pytest.approx(
+        report["command_cpu_s"] - report["warm_pass_cpu_s"])
+
+
+def test_the_overhead_benchmark_groups_kernel_page_zeroing_apart_from_the_rest_of_the_kernel():
+    folder = str(ROOT / "benchmarks" / "export")
+    sys.path.insert(0, folder)
+    try:
+        import bench_overhead  # it puts its folder on sys.path too, for bench_cli
+    finally:
+        sys.path[:] = [entry for entry in sys.path if entry != folder]
+    assert bench_overhead.group_of("clear_page_erms [kernel.kallsyms]") == "kernel: page zeroing"
+    assert bench_overhead.group_of("clear_huge_page [kernel.kallsyms]") == "kernel: page zeroing"
+    assert bench_overhead.group_of("exc_page_fault [kernel.kallsyms]") == "kernel: other"
+    assert bench_overhead.group_of("csr_matvecs<int, float> [_sparsetools.cpython-311-x86_64-linux-gnu.so]") == (
+        "sparse products (SciPy)")
+    assert bench_overhead.group_of("somewhere [libfoo.so]") == "other"
+    one, many = {"a [x.so]": 1.0, "b [x.so]": 0.5}, {"a [x.so]": 3.0, "b [x.so]": 0.4, "c [x.so]": 0.2}
+    assert bench_overhead.warm_pass(one, many, 3) == pytest.approx({"a [x.so]": 1.0, "b [x.so]": 0.0,
+                                                                     "c [x.so]": 0.1})

@@ -82,7 +82,8 @@ def record(command: list[str], data: Path, frequency: int) -> tuple[float, subpr
 
 
 def cpu_by_function(data: Path) -> dict[str, float]:
-    """CPU seconds per function ("symbol [shared object]") in the samples of ``data``."""
+    """CPU seconds per function ("symbol [shared object]") in the samples of ``data``. Symbols are cut to 90
+    characters: C++ template instances that share those (pocketfft's transforms) are summed as one."""
     report = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--sort", "dso,sym",
                              "-F", "period,dso,sym"], capture_output=True, text=True, check=True).stdout
     seconds: dict[str, float] = collections.defaultdict(float)

@@ -32,7 +32,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -68,17 +67,12 @@ def check_perf(scratch: Path) -> None:
         sys.exit(2)
 
 
-def record(command: list[str], data: Path, frequency: int) -> tuple[float, subprocess.CompletedProcess]:
-    """(wall s, result) of ``command`` run under ``perf record`` into ``data``, from :data:`ROOT` with it first on
-    PYTHONPATH and the children's environment of ``bench_cli.py``."""
-    started = time.perf_counter()
-    result = subprocess.run(["perf", "record", "-q", "-F", str(frequency), "-o", str(data), "--", *command],
-                            env={**bench_cli.CHILD_ENVIRON, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
-                            cwd=ROOT)
-    wall = time.perf_counter() - started
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed under perf ({result.returncode}): {result.stderr[-2000:]}")
-    return wall, result
+def record(command: list[str], data: Path, frequency: int) -> float:
+    """Wall seconds of ``command`` run under ``perf record`` into ``data`` (``bench_cli.run_timed``: from
+    :data:`ROOT` with it first on PYTHONPATH, the children's environment of ``bench_cli.py``; a failure raises)."""
+    wall, _, _ = bench_cli.run_timed(["perf", "record", "-q", "-F", str(frequency), "-o", str(data), "--", *command],
+                                     ROOT)
+    return wall
 
 
 def cpu_by_function(data: Path) -> dict[str, float]:
@@ -159,7 +153,7 @@ def profile(args: argparse.Namespace, scratch: Path) -> dict:
     commands = []
     for round_index in range(args.rounds):
         out = Path(tempfile.mkdtemp(dir=scratch))
-        wall, _ = record([sys.executable, "-m", "mspecies",
+        wall = record([sys.executable, "-m", "mspecies",
                           *bench_cli.cli_arguments(args.manifest, args.box, args.diameter, out / "export")],
                          scratch / f"command{round_index}.data", args.frequency)
         shutil.rmtree(out)

@@ -105,6 +105,43 @@ def test_the_forward_transform_of_the_kept_columns_gives_the_values_of_rfft2_bit
     assert np.array_equal(kept.view(np.uint32), reference.view(np.uint32))
 
 
+@pytest.mark.parametrize("shape_yx", [(256, 320), (255, 321), (1100, 37)])
+@pytest.mark.parametrize("output_pixel_angst", [5.0, 8.0, 16.0])
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_the_binned_forward_by_blocks_of_rows_gives_the_bits_of_the_whole_image_steps(monkeypatch, shape_yx,
+                                                                                      output_pixel_angst, workers,
+                                                                                      dtype):
+    """Blocks of 16 rows (several per image, a short last one): the spectrum of the centred image bit for bit, and
+    the image's extremes, for float32, float64 and float16 images."""
+    rescaled = extract.rescaled_shape(shape_yx, DATA_PIXEL_ANGST, output_pixel_angst)
+    image = raw_tilt(shape_yx, rescaled, 500.0).astype(dtype)
+    monkeypatch.setattr(extract, "_FORWARD_BLOCK_BYTES", 16 * 4 * shape_yx[1])
+    spectrum, extremes = extract._binned_forward(image, rescaled, workers)
+    reference = extract._cropped_rfft2(extract._centred(image, np, None), rescaled, workers)
+    assert spectrum.dtype == np.complex64 and np.array_equal(spectrum.view(np.uint32), reference.view(np.uint32))
+    assert extremes == (float(image.min()), float(image.max()))
+
+
+@pytest.mark.parametrize("output_pixel_angst", [DATA_PIXEL_ANGST, 8.0])
+@pytest.mark.parametrize("bad, message", [
+    (lambda tilt: tilt.__setitem__((150, 7), np.nan), r"tilt 2 \(\S+°\) has 1 NaN and 0 infinite"),
+    (lambda tilt: tilt.__setitem__((150, 7), -np.inf), r"tilt 2 \(\S+°\) has 0 NaN and 1 infinite"),
+    (lambda tilt: tilt.fill(3.5), r"tilt 2 \(\S+°\) is blank \(every pixel is 3.5\)"),
+])
+def test_a_bad_tilt_is_named_whether_or_not_the_stack_is_binned(monkeypatch, output_pixel_angst, bad, message):
+    """The extremes that the binned forward transform finds by blocks of rows (the NaN in a later block) make
+    the same errors as those of the whole image."""
+    from test_reconstruct import make_tilt_series
+
+    monkeypatch.setattr(extract, "_FORWARD_BLOCK_BYTES", 32 * 4 * 192)
+    tilt_series = make_tilt_series(n_tilts=4, shape=(192, 192))
+    stack = np.random.default_rng(13).normal(size=(4, 192, 192)).astype(np.float32)
+    bad(stack[2])
+    with pytest.raises(InputError, match=message):
+        extract.prepare_stack(stack, tilt_series, output_pixel_angst, 16, normalize=True, invert=False)
+
+
 @pytest.mark.parametrize("shape_yx", [(64, 80), (63, 81), (80, 64)])
 def test_plane_removed_from_the_spectrum_is_the_real_space_least_squares_plane(shape_yx):
     ny, nx = shape_yx

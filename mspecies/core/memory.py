@@ -45,11 +45,14 @@ made warm passes 12 % slower than batches of 4."""
 NONZEROS_PER_SAMPLE = 8.5
 # The stack preparation (:func:`mspecies.core.extract.prepare_stack`) holds, on each of its threads, one tilt's
 # work arrays beside the prepared stack: bytes per raw pixel of a tilt, and per thread. Peaks measured with
-# ``tracemalloc`` (41 tilts, 2 threads; 1024² and 4096²): float32 4.25 B, rescaled 9.0, float16 8.25, both 13.0.
+# ``tracemalloc`` (41 tilts, 2 threads; 1024² and 4096²): float32 4.25 B, float16 8.25. Binned, the tilt is
+# transformed along x by blocks of rows (:func:`mspecies.core.extract._binned_forward`): what it holds is the kept
+# columns of every row and the cropped spectrum, 8 B (complex64) per element of each, and its blocks (at most
+# 2.1 MB, within the thread's bytes): 1024² to 256²..820² and 4096² to 512²..3276², one thread, float32 and float16.
 PREPARATION_BYTES_PER_PIXEL = 4.5  # the transform along x (complex64, half as wide), the crop's copy of its columns
-PREPARATION_RESCALED_BYTES_PER_PIXEL = 4.5  # rescaled output: the centred tilt (float32) and the cropped columns
+PREPARATION_BINNED_BYTES_PER_KEPT = 8  # binned: per element of the kept columns (ny × (mx/2+1)) and of the crop
 PREPARATION_CONVERTED_BYTES_PER_PIXEL = 4  # a stack not in float32: the thread's converted tilt
-PREPARATION_THREAD_BYTES = 4 * 1024**2  # the inverse transform's blocks of rows
+PREPARATION_THREAD_BYTES = 4 * 1024**2  # the transforms' blocks of rows (forward when binned, then inverse)
 PREPARATION_MASK_BYTES_PER_PIXEL = 8  # once, per output pixel: building the band-pass mask (float64 radii)
 
 
@@ -342,12 +345,14 @@ def preparation_bytes(raw_shape_yx: tuple[int, int], output_shape_yx: tuple[int,
     """(bytes per thread, bytes once) that preparing a stack of ``raw_shape_yx`` tilts at ``output_shape_yx``
     holds beside the prepared stack (:data:`PREPARATION_BYTES_PER_PIXEL` and the constants after it);
     ``converted``: the stack is not native float32 (float16, integers, big-endian)."""
-    raw = int(raw_shape_yx[0]) * int(raw_shape_yx[1])
-    rescaled = tuple(output_shape_yx) != tuple(raw_shape_yx)
-    per_pixel = (PREPARATION_BYTES_PER_PIXEL + PREPARATION_RESCALED_BYTES_PER_PIXEL * rescaled
-                 + PREPARATION_CONVERTED_BYTES_PER_PIXEL * converted)
-    once = PREPARATION_MASK_BYTES_PER_PIXEL * int(output_shape_yx[0]) * int(output_shape_yx[1])
-    return int(per_pixel * raw) + PREPARATION_THREAD_BYTES, once
+    (ny, nx), (my, mx) = (tuple(int(n) for n in shape) for shape in (raw_shape_yx, output_shape_yx))
+    converted_bytes = PREPARATION_CONVERTED_BYTES_PER_PIXEL * ny * nx if converted else 0
+    if (my, mx) == (ny, nx):
+        work = PREPARATION_BYTES_PER_PIXEL * ny * nx
+    else:
+        work = PREPARATION_BINNED_BYTES_PER_KEPT * (ny + my) * (mx // 2 + 1)
+    once = PREPARATION_MASK_BYTES_PER_PIXEL * my * mx
+    return int(work + converted_bytes) + PREPARATION_THREAD_BYTES, once
 
 
 def plan_batches(padded_box_px: int, box_px: int, n_tilts: int, stack_pixels: int, *, shared_geometry: bool,

@@ -1,7 +1,7 @@
 """The export command end to end against the in-memory engine, in the same run.
 
 Usage: ``python benchmarks/export/bench_cli.py [--n-tomograms 2] [--particles 96] [--box 64] [--rounds 3]
-[--before SRC] [--serial-too] [--profile] [--no-bytecode-cache] [--json FILE]``
+[--before SRC] [--serial-too] [--prepared-too] [--profile] [--no-bytecode-cache] [--json FILE]``
 
 * Data: ``mspecies.synth.dataset.generate_dataset`` (``--n-tomograms`` tilt series sharing ``--particles``, 41 tilts
   of 1024² px at 4 Å/px, box ``--box``), or an existing ``--manifest``.
@@ -23,6 +23,10 @@ Usage: ``python benchmarks/export/bench_cli.py [--n-tomograms 2] [--particles 96
 * Bytecode: the children import mspecies from a bytecode cache filled before the rounds, as an installed
   mspecies does (:func:`use_bytecode_cache`); ``--no-bytecode-cache`` leaves them the environment's setting.
 * ``--serial-too``: this tree's CLI also with its overlap switched off (:data:`SERIAL`), in the same rounds.
+* ``--prepared-too``: this tree's CLI also without its stack preparation (:data:`PREPARED`): each tilt series'
+  prepared images are made once before the rounds (untimed) and saved, and the command maps them from the page
+  cache instead of preparing the stack. Not a way to run the export: what the command would take if its stack
+  preparation cost nothing, so the most that a cheaper preparation could give.
 * ``--profile``: one more CLI run, in a new process (as cold as the command), with every phase timed (wall
   seconds on the thread that runs it; the writer and the stack preparation of the next tilt series run beside the
   reconstruction), the time to the first particle and from the last one to the end.
@@ -137,10 +141,56 @@ SERIAL = STARTUP_THREADS + (
 the thread settings of ``python -m mspecies export``."""
 
 
+PREPARED_FOLDER = "MSPECIES_BENCH_PREPARED"
+"""Environment variable naming the folder of :func:`save_prepared_stacks` for a :data:`PREPARED` child."""
+PREPARED_MARK = "bench: prepared images mapped for"
+"""What a :data:`PREPARED` child prints for each tilt series whose prepared images it maps (counted per run)."""
+
+PREPARED = STARTUP_THREADS + (
+    "import numpy as np\n"
+    "from mspecies.core import extract, reconstruct\n"
+    "def mapped(tilt_series, stack, options, **kwargs):\n"
+    "    folder = os.environ['" + PREPARED_FOLDER + "'] + '/' + tilt_series.ts_id\n"
+    "    print('" + PREPARED_MARK + "', tilt_series.ts_id, flush=True)\n"
+    "    return extract.PreparedStack(np.load(folder + '_images.npy', mmap_mode='r'), "
+    "np.load(folder + '_scale.npy'))\n"
+    "reconstruct.prepare_engine_stack = mapped\n"
+    "from mspecies.cli.main import main\n"
+    "code = main(sys.argv[1:]); sys.stdout.flush(); sys.stderr.flush(); os._exit(code)\n")
+"""``python -c`` program: the export with each tilt series' prepared images mapped from the files of
+:func:`save_prepared_stacks` instead of prepared (``reconstruct.prepare_engine_stack`` replaced), with the thread
+settings and the quick exit of ``python -m mspecies export``."""
+
+
+def save_prepared_stacks(manifest: Path, box_px: int, diameter_angst: float, folder: Path) -> Path:
+    """Prepare each tilt series' stack of ``manifest`` as the command would and save the images and their scale
+    (``<ts_id>_images.npy``, ``<ts_id>_scale.npy``) in ``folder``, for :data:`PREPARED` children."""
+    import numpy as np
+
+    from mspecies.cli.export import export_options
+    from mspecies.cli.main import build_parser
+    from mspecies.core.reconstruct import prepare_engine_stack
+    from mspecies.formats.mrc import read_mrc
+    from mspecies.synth.manifest import load_manifest, manifest_tilt_series
+
+    args = build_parser().parse_args(cli_arguments(manifest, box_px, diameter_angst, Path("unused")))
+    data = load_manifest(manifest)
+    folder.mkdir(parents=True, exist_ok=True)
+    for entry in data["tilt_series"]:
+        tilt_series = manifest_tilt_series(data, entry["ts_id"])
+        stack, _ = read_mrc(tilt_series.stack_path, mmap=True)
+        prepared = prepare_engine_stack(tilt_series, stack, export_options(args, tilt_series.pixel_size_angst))
+        np.save(folder / f"{tilt_series.ts_id}_images.npy", prepared.images)
+        np.save(folder / f"{tilt_series.ts_id}_scale.npy", prepared.scale_xy)
+    return folder
+
+
 def bench_cli(source: Path, manifest: Path, box_px: int, diameter_angst: float, scratch: Path,
-              serial: bool = False) -> dict[str, float]:
+              mode: str | None = None) -> dict[str, float]:
+    """One CLI run of ``source``'s tree: as ``python -m mspecies``, or with ``mode`` ``"serial"`` (:data:`SERIAL`)
+    or ``"prepared"`` (:data:`PREPARED`)."""
     out = Path(tempfile.mkdtemp(dir=scratch))
-    program = ["-c", SERIAL] if serial else ["-m", "mspecies"]
+    program = {None: ["-m", "mspecies"], "serial": ["-c", SERIAL], "prepared": ["-c", PREPARED]}[mode]
     wall, cpu, result = run_timed([sys.executable, *program, *cli_arguments(manifest, box_px, diameter_angst,
                                                                             out / "export")], source)
     shutil.rmtree(out)
@@ -148,7 +198,9 @@ def bench_cli(source: Path, manifest: Path, box_px: int, diameter_angst: float, 
     written = re.search(r"^wrote (\d+) particles", result.stdout, re.MULTILINE)
     if written is None:
         raise RuntimeError(f"the export did not say how many particles it wrote: {result.stdout[-2000:]}")
-    return {"wall_s": wall, "cpu_s": cpu, "particles": int(written.group(1)), "log": lines}
+    mapped = sum(line.startswith(PREPARED_MARK) for line in result.stdout.splitlines())
+    return {"wall_s": wall, "cpu_s": cpu, "particles": int(written.group(1)), "log": lines,
+            "prepared_stacks_mapped": mapped}
 
 
 def use_bytecode_cache(folder: Path, sources: list[Path]) -> None:
@@ -293,6 +345,9 @@ def main() -> None:
     parser.add_argument("--before", type=Path, help="source tree whose CLI is timed too (its mspecies on PYTHONPATH)")
     parser.add_argument("--serial-too", action="store_true",
                         help="also time this tree's CLI with its overlap switched off (writer thread, engine ahead)")
+    parser.add_argument("--prepared-too", action="store_true",
+                        help="also time this tree's CLI with the prepared stacks mapped from files instead of "
+                             "prepared (what the command would take if its stack preparation cost nothing)")
     parser.add_argument("--profile", action="store_true", help="also time the CLI's phases in this process")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     parser.add_argument("--scratch", type=Path,
@@ -310,8 +365,13 @@ def main() -> None:
         args.create_ms = file_create_ms(scratch)
         manifest = (args.manifest.resolve() if args.manifest
                     else make_dataset(scratch / "data", args.n_tomograms, args.particles, args.box))
-        sources = ({"this tree": (ROOT, False)} | ({"this tree, overlap off": (ROOT, True)} if args.serial_too else {})
-                   | ({"before": (args.before.resolve(), False)} if args.before else {}))
+        sources = ({"this tree": (ROOT, None)}
+                   | ({"this tree, overlap off": (ROOT, "serial")} if args.serial_too else {})
+                   | ({"this tree, no stack preparation": (ROOT, "prepared")} if args.prepared_too else {})
+                   | ({"before": (args.before.resolve(), None)} if args.before else {}))
+        if args.prepared_too:
+            CHILD_ENVIRON[PREPARED_FOLDER] = str(save_prepared_stacks(manifest, args.box, args.diameter,
+                                                                      scratch / "prepared"))
         if not args.no_bytecode_cache:
             use_bytecode_cache(scratch / "bytecode", [source for source, _ in sources.values()])
         engine, cli, startup = [], {name: [] for name in sources}, {name: [] for name in sources}
@@ -320,8 +380,8 @@ def main() -> None:
             engine.append(bench_engine(manifest, args.box, args.diameter))
             names = list(sources)
             for name in names[round_ % len(names):] + names[:round_ % len(names)]:  # each first in turn
-                source, serial = sources[name]
-                cli[name].append(bench_cli(source, manifest, args.box, args.diameter, scratch, serial))
+                source, mode = sources[name]
+                cli[name].append(bench_cli(source, manifest, args.box, args.diameter, scratch, mode))
                 startup[name].append(bench_startup(source))
             load.append(os.getloadavg()[0])
             print(f"round {round_ + 1}: engine warm {engine[-1]['warm_particles_per_s']:.1f} particles/s; "

@@ -187,10 +187,9 @@ def preprocess_image(image: np.ndarray, box_px: int, *, normalize: bool, invert:
     ``irfft2`` pair alone costs 5.0 ms (``benchmarks/export/bench_tilt_preparation.py``, steady-state malloc).
     Per 4096² tilt 195 → 131 ms, under the pair's 137 ms: on NumPy the inverse runs in place
     (:func:`_inverse_rfft2_into`, the same values). Binned, the forward transform along y skips the columns the
-    crop drops (:func:`_cropped_rfft2`, the same values): 4096² → 2048² 77 → 69 ms, → 1024² 64 → 46 ms; and the
-    image is read once, a block of rows at a time, for its extremes, its centring and the transform along x
-    (:func:`_binned_forward`, the same values): per 4096² tilt with its check, → 1024² 68 → 57 ms, → 2048²
-    107 → 93 ms, → 3276² 193 → 173 ms.
+    crop drops (4096² → 2048² 77 → 69 ms, → 1024² 64 → 46 ms), and the image is read once, a block of rows at a
+    time, for its extremes, its centring and the transform along x (:func:`_binned_forward`, the same values):
+    per 4096² tilt with its check, → 1024² 68 → 57 ms, → 2048² 107 → 93 ms, → 3276² 193 → 173 ms.
 
     ``check``, when given, is called with the image's (min, max) (NaN where it has a NaN pixel) before its
     values are used further; it may raise (:func:`check_tilt_image`).
@@ -207,10 +206,7 @@ def preprocess_image(image: np.ndarray, box_px: int, *, normalize: bool, invert:
         if check is not None:
             check(float(image.min()), float(image.max()))  # NaN propagates into both
         centred = _centred(image, xp, out if shape == (ny, nx) else None)  # ``out`` as work array when it fits
-        if xp is np:
-            spectrum = _cropped_rfft2(centred, shape, workers)
-        else:
-            spectrum = crop_spectrum(fft.rfft2(centred, **fft_kwargs(xp, workers)), shape, xp=xp)
+        spectrum = crop_spectrum(fft.rfft2(centred, **fft_kwargs(xp, workers)), shape, xp=xp)
     if normalize:
         remove_plane_from_spectrum(spectrum, shape, xp=xp)
     spectrum *= _bandpass_mask(*shape, box_px) if xp is np else _bandpass_mask.__wrapped__(*shape, box_px, xp)
@@ -224,25 +220,6 @@ def preprocess_image(image: np.ndarray, box_px: int, *, normalize: bool, invert:
     if xp is not np:
         return xp.multiply(fft.irfft2(spectrum, s=shape), factor, out=out)
     return _inverse_rfft2_into(spectrum, shape, factor, out, workers)
-
-
-def _cropped_rfft2(image: np.ndarray, shape_yx: tuple[int, int], workers: int) -> np.ndarray:
-    """``crop_spectrum(rfft2(image), shape_yx)``, the same complex64 values ((ny, nx) float32 ``image``;
-    ``shape_yx`` its own shape, or even and no larger): the transform along x, the columns kept, then along y only
-    those.
-
-    ``rfft2`` transforms every column along y before the crop drops those beyond ``mx/2``: at a binned output
-    size most of that pass is thrown away. The 1D transforms of the kept columns are the same ones, in the same
-    precision and scale, so the values are bit for bit those of ``rfft2``. Forward transform of a 4096² tilt
-    binned to 2048²: 49 → 42 ms, to 1024²: 48 → 32 ms; 5760 × 4092 to 2880 × 2046: 96 → 75 ms; unbinned the same.
-    """
-    import scipy.fft
-
-    kept = shape_yx[1] // 2 + 1
-    rows = scipy.fft.rfft(image, axis=1, workers=workers)  # (ny, nx//2+1) complex64
-    if kept < rows.shape[1]:
-        rows = np.ascontiguousarray(rows[:, :kept])  # contiguous: the pass along y is faster than on a view
-    return crop_spectrum(scipy.fft.fft(rows, axis=0, overwrite_x=True, workers=workers), shape_yx)
 
 
 _FORWARD_BLOCK_BYTES = 1024**2
@@ -262,15 +239,17 @@ def _forward_block(rows: int, nx: int) -> np.ndarray:
 
 def _binned_forward(image: np.ndarray, shape_yx: tuple[int, int], workers: int
                     ) -> tuple[np.ndarray, tuple[float, float]]:
-    """``(_cropped_rfft2(_centred(image)), (image.min(), image.max()))`` for a (ny, nx) ``image`` binned to the
-    smaller ``shape_yx``: the same complex64 values and extremes (NaN where the image has a NaN pixel).
+    """``(crop_spectrum(rfft2(_centred(image)), shape_yx), (image.min(), image.max()))`` for a (ny, nx) ``image``
+    binned to the smaller ``shape_yx``: the same complex64 values and extremes (NaN where the image has a NaN pixel).
 
-    The image is read once, a block of rows at a time (:data:`_FORWARD_BLOCK_BYTES`): the block's extremes, the
-    block centred into this thread's kept work block, transformed along x, and its kept columns copied out; then
-    the kept columns along y. Unlike the whole-image steps it maps no tilt-sized array: the centred tilt and the
-    transform along x of all its columns were each as large as the image (64 and 67 MB per 4096² tilt), mapped
-    and zeroed by the system afresh for every tilt. The 1D transforms, the mean and the subtraction are those of
-    the whole-image steps, so the values are bit for bit the same. CPU per 4096² tilt as :func:`prepare_stack`
+    ``rfft2`` transforms every column along y before the crop drops those beyond ``mx/2``: binned, most of that
+    pass is thrown away. Here the image is read once, a block of rows at a time (:data:`_FORWARD_BLOCK_BYTES`):
+    the block's extremes, the block centred into this thread's kept work block, transformed along x, and its kept
+    columns copied out (contiguous: the pass along y is faster than on a view); then only the kept columns along
+    y. Unlike the whole-image steps it maps no tilt-sized array: the centred tilt and the transform along x of all
+    its columns were each as large as the image (64 and 67 MB per 4096² tilt), mapped and zeroed by the system
+    afresh for every tilt. The 1D transforms, the mean and the subtraction are those of ``rfft2`` on the centred
+    image, so the values are bit for bit the same. CPU per 4096² tilt as :func:`prepare_stack`
     runs it (read, check, preparation), one thread: binned to 1024² 68 → 57 ms, to 2048² 107 → 93 ms; 41 tilts
     binned to 2048² on 2 threads 2.5 → 2.1 s (``benchmarks/export/bench_tilt_preparation.py --size 4096``).
     Unbinned, where nothing is dropped, reading by blocks gained nothing, and the whole-image steps stay.

@@ -49,7 +49,7 @@ NONZEROS_PER_SAMPLE = 8.5
 # transformed along x by blocks of rows (:func:`mspecies.core.extract._binned_forward`): what it holds is the kept
 # columns of every row and the cropped spectrum, 8 B (complex64) per element of each, and its blocks (at most
 # 2.1 MB, within the thread's bytes): 1024² to 256²..820² and 4096² to 512²..3276², one thread, float32 and float16.
-PREPARATION_BYTES_PER_PIXEL = 4.5  # the transform along x (complex64, half as wide), the crop's copy of its columns
+PREPARATION_BYTES_PER_PIXEL = 4.5  # unbinned: the spectrum (complex64, half as wide)
 PREPARATION_BINNED_BYTES_PER_KEPT = 8  # binned: per element of the kept columns (ny × (mx/2+1)) and of the crop
 PREPARATION_CONVERTED_BYTES_PER_PIXEL = 4  # a stack not in float32: the thread's converted tilt
 PREPARATION_THREAD_BYTES = 4 * 1024**2  # the transforms' blocks of rows (forward when binned, then inverse)

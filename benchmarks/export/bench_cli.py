@@ -47,7 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,25 +81,33 @@ def cli_arguments(manifest: Path, box_px: int, diameter_angst: float, out: Path)
             "--out", str(out)]
 
 
-def bench_engine(manifest: Path, box_px: int, diameter_angst: float, passes: int = 3) -> dict[str, float]:
-    """In-memory engine on every tilt series of ``manifest`` with the options the CLI builds by default."""
+def manifest_tilt_series_inputs(manifest: Path, box_px: int, diameter_angst: float) -> Iterator[tuple]:
+    """(tilt series, its memory-mapped stack, the export options the CLI builds by default, its particles) for every
+    tilt series of ``manifest``."""
     from mspecies.cli.export import export_options
     from mspecies.cli.main import build_parser
-    from mspecies.core.reconstruct import TiltSeriesEngine
     from mspecies.formats.mrc import read_mrc
     from mspecies.synth.manifest import load_manifest, manifest_particles, manifest_tilt_series
 
     args = build_parser().parse_args(cli_arguments(manifest, box_px, diameter_angst, Path("unused")))
     data = load_manifest(manifest)
     particles = manifest_particles(data)
-    setup = first = warm = warm_cpu = setup_cpu = 0.0
-    count = 0
     for entry in data["tilt_series"]:
         tilt_series = manifest_tilt_series(data, entry["ts_id"])
         own = particles.subset(particles.tomo_names == entry["ts_id"])
-        stack, _ = read_mrc(tilt_series.stack_path, mmap=True)
+        yield (tilt_series, read_mrc(tilt_series.stack_path, mmap=True)[0],
+               export_options(args, tilt_series.pixel_size_angst), own)
+
+
+def bench_engine(manifest: Path, box_px: int, diameter_angst: float, passes: int = 3) -> dict[str, float]:
+    """In-memory engine on every tilt series of ``manifest`` with the options the CLI builds by default."""
+    from mspecies.core.reconstruct import TiltSeriesEngine
+
+    setup = first = warm = warm_cpu = setup_cpu = 0.0
+    count = 0
+    for tilt_series, stack, options, own in manifest_tilt_series_inputs(manifest, box_px, diameter_angst):
         started, cpu = time.perf_counter(), process_cpu_s()
-        engine = TiltSeriesEngine.create(tilt_series, stack, export_options(args, tilt_series.pixel_size_angst))
+        engine = TiltSeriesEngine.create(tilt_series, stack, options)
         setup, setup_cpu = setup + time.perf_counter() - started, setup_cpu + process_cpu_s() - cpu
         times = []
         for _ in range(passes):
@@ -167,19 +175,11 @@ def save_prepared_stacks(manifest: Path, box_px: int, diameter_angst: float, fol
     (``<ts_id>_images.npy``, ``<ts_id>_scale.npy``) in ``folder``, for :data:`PREPARED` children."""
     import numpy as np
 
-    from mspecies.cli.export import export_options
-    from mspecies.cli.main import build_parser
     from mspecies.core.reconstruct import prepare_engine_stack
-    from mspecies.formats.mrc import read_mrc
-    from mspecies.synth.manifest import load_manifest, manifest_tilt_series
 
-    args = build_parser().parse_args(cli_arguments(manifest, box_px, diameter_angst, Path("unused")))
-    data = load_manifest(manifest)
     folder.mkdir(parents=True, exist_ok=True)
-    for entry in data["tilt_series"]:
-        tilt_series = manifest_tilt_series(data, entry["ts_id"])
-        stack, _ = read_mrc(tilt_series.stack_path, mmap=True)
-        prepared = prepare_engine_stack(tilt_series, stack, export_options(args, tilt_series.pixel_size_angst))
+    for tilt_series, stack, options, _ in manifest_tilt_series_inputs(manifest, box_px, diameter_angst):
+        prepared = prepare_engine_stack(tilt_series, stack, options)
         np.save(folder / f"{tilt_series.ts_id}_images.npy", prepared.images)
         np.save(folder / f"{tilt_series.ts_id}_scale.npy", prepared.scale_xy)
     return folder

@@ -101,6 +101,24 @@ def test_the_device_path_prepares_the_stack_as_the_host_path(device_on_host, two
     assert not np.any(device.images[np.setdiff1d(np.arange(tilt_series.n_tilts), wanted)])
 
 
+@pytest.mark.parametrize("output_pixel_angst", [PIXEL, 2 * PIXEL])
+@pytest.mark.parametrize("bad, message", [
+    (lambda tilt: tilt.__setitem__((150, 7), np.nan), r"tilt 2 \(\S+°\) has 1 NaN and 0 infinite"),
+    (lambda tilt: tilt.__setitem__((150, 7), np.inf), r"tilt 2 \(\S+°\) has 0 NaN and 1 infinite"),
+    (lambda tilt: tilt.fill(-1.5), r"tilt 2 \(\S+°\) is blank \(every pixel is -1.5\)"),
+])
+def test_the_device_path_names_a_bad_tilt_as_the_host_path(device_on_host, output_pixel_angst, bad, message):
+    """On the device the tilt's extremes are taken on the device array (no blocks of rows): a NaN, an infinite
+    pixel or a blank tilt stops the preparation with the host path's message, binned or not."""
+    tilt_series = make_tilt_series(n_tilts=4, shape=(192, 192))
+    stack = np.random.default_rng(17).normal(size=(4, 192, 192)).astype(np.float32)
+    bad(stack[2])
+    for xp in (np, device_on_host):
+        with pytest.raises(InputError, match=message):
+            extract.prepare_stack(stack, tilt_series, output_pixel_angst, BOX, normalize=True, invert=False,
+                                  xp=xp)
+
+
 def _device_memory(device, free_bytes: int, pooled_bytes: int) -> None:
     """The stand-in's answers to ``cupy.cuda.runtime.memGetInfo()`` and the memory pool's ``free_bytes()``."""
     device.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(memGetInfo=lambda: (free_bytes, 8 * 10**9)))

@@ -4,9 +4,9 @@ import os
 import signal
 import sys
 
-from .worker_threads import limit_blas_threads
+from .worker_threads import prepare_worker
 
-limit_blas_threads(sys.argv[1:], os.environ)  # before anything loads NumPy (and with it OpenBLAS)
+prepare_worker(sys.argv[1:], os.environ)  # before anything loads NumPy (and with it OpenBLAS)
 
 from .cli import main  # noqa: E402 (after the thread settings, on purpose)
 from .cli.main import QUICK_EXIT  # noqa: E402

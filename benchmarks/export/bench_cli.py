@@ -54,10 +54,12 @@ ROOT = Path(__file__).resolve().parents[2]
 CHILD_ENVIRON = dict(os.environ)
 """The environment the CLI children get: as the user's, so that each tree makes its own thread settings (and, unless
 ``--no-bytecode-cache``, with a bytecode cache: :func:`use_bytecode_cache`)."""
-STARTUP_THREADS = ("import os, sys\ntry:\n    from mspecies.worker_threads import limit_blas_threads\n"
-                   "    limit_blas_threads(['export'], os.environ)\nexcept ImportError:\n    pass\n")
-"""Start of the start-up child: the thread settings that ``python -m mspecies export`` makes (where the tree has
-them) before its imports."""
+STARTUP_THREADS = ("import os, sys\ntry:\n    from mspecies.worker_threads import prepare_worker\n"
+                   "except ImportError:\n    try:\n        from mspecies.worker_threads import limit_blas_threads as "
+                   "prepare_worker\n    except ImportError:\n        prepare_worker = lambda argv, environ: None\n"
+                   "prepare_worker(['export'], os.environ)\n")
+"""Start of the start-up child: the thread and memory settings that ``python -m mspecies export`` makes (where the
+tree has them) before its imports."""
 STARTUP_IMPORTS = ("mspecies.cli.main", "mspecies.cli.export", "mspecies.cli.export_checks")
 """What ``python -m mspecies export --manifest`` imports before its first step (measured as start-up), with the
 manifest's reader: :data:`MANIFEST_READERS`. Since the twelfth pass the command imports its writers (pandas,
@@ -326,9 +328,9 @@ def profile_here(manifest: Path, box_px: int, diameter_angst: float, scratch: Pa
 
 
 def main() -> None:
-    from mspecies.worker_threads import limit_blas_threads
+    from mspecies.worker_threads import prepare_worker
 
-    limit_blas_threads(["export"], os.environ)  # before NumPy loads: the engine runs as the export worker does
+    prepare_worker(["export"], os.environ)  # before NumPy loads: the engine runs as the export worker does
     if sys.argv[1:2] == ["--profile-child"]:  # profile_cli's new process: the phases as JSON on the last line
         manifest, box_px, diameter_angst, scratch = json.loads(sys.argv[2])
         phases = profile_here(Path(manifest), box_px, diameter_angst, Path(scratch))

@@ -26,13 +26,14 @@ def test_the_command_benchmark_times_the_engine_the_command_and_every_phase_of_i
     figures = tmp_path / "figures.json"
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "export" / "bench_cli.py"), "--manifest", str(small_manifest),
-         "--box", "24", "--diameter", "60", "--rounds", "1", "--profile", "--prepared-too", "--json", str(figures),
-         "--scratch", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+         "--box", "24", "--diameter", "60", "--rounds", "1", "--profile", "--prepared-too", "--pause", "0.1",
+         "--json", str(figures), "--scratch", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(figures.read_text())
     assert report["engine"][0]["particles"] == 4 and report["engine"][0]["warm_s"] > 0
     run = report["cli"]["this tree"]["runs"][0]
-    assert run["particles"] == 4 and run["wall_s"] > 0
+    assert run["particles"] == 4 and run["wall_s"] > 0 and 0 < run["system_s"] < run["cpu_s"]
+    assert report["pause_s"] == 0.1
     assert report["cli"]["this tree"]["startup_s"][0] > 0 and run["prepared_stacks_mapped"] == 0
     # without its stack preparation: the command mapped the one tilt series' prepared images and wrote every particle
     unprepared = report["cli"]["this tree, no stack preparation"]["runs"][0]

@@ -1,7 +1,7 @@
 """The export command end to end against the in-memory engine, in the same run.
 
 Usage: ``python benchmarks/export/bench_cli.py [--n-tomograms 2] [--particles 96] [--box 64] [--rounds 3]
-[--before SRC] [--serial-too] [--prepared-too] [--profile] [--no-bytecode-cache] [--json FILE]``
+[--before SRC] [--serial-too] [--prepared-too] [--pause S] [--profile] [--no-bytecode-cache] [--json FILE]``
 
 * Data: ``mspecies.synth.dataset.generate_dataset`` (``--n-tomograms`` tilt series sharing ``--particles``, 41 tilts
   of 1024² px at 4 Å/px, box ``--box``), or an existing ``--manifest``.
@@ -27,6 +27,10 @@ Usage: ``python benchmarks/export/bench_cli.py [--n-tomograms 2] [--particles 96
   prepared images are made once before the rounds (untimed) and saved, and the command maps them from the page
   cache instead of preparing the stack. Not a way to run the export: what the command would take if its stack
   preparation cost nothing, so the most that a cheaper preparation could give.
+* ``--pause S``: S seconds idle before each command, each run's system time reported. On a VM whose balloon
+  reports free memory to its host, memory freed by the previous command is still the guest's for about 2 s, then
+  the host's: without a pause each command reuses what the one before it freed; with one, it gets memory anew, as
+  a command run on its own does (:mod:`mspecies.worker_threads`).
 * ``--profile``: one more CLI run, in a new process (as cold as the command), with every phase timed (wall
   seconds on the thread that runs it; the writer and the stack preparation of the next tilt series run beside the
   reconstruction), the time to the first particle and from the last one to the end.
@@ -188,20 +192,23 @@ def save_prepared_stacks(manifest: Path, box_px: int, diameter_angst: float, fol
 
 
 def bench_cli(source: Path, manifest: Path, box_px: int, diameter_angst: float, scratch: Path,
-              mode: str | None = None) -> dict[str, float]:
+              mode: str | None = None, pause_s: float = 0.0) -> dict[str, float]:
     """One CLI run of ``source``'s tree: as ``python -m mspecies``, or with ``mode`` ``"serial"`` (:data:`SERIAL`)
-    or ``"prepared"`` (:data:`PREPARED`)."""
+    or ``"prepared"`` (:data:`PREPARED`); ``pause_s`` seconds idle before it (``--pause``)."""
     out = Path(tempfile.mkdtemp(dir=scratch))
     program = {None: ["-m", "mspecies"], "serial": ["-c", SERIAL], "prepared": ["-c", PREPARED]}[mode]
+    time.sleep(pause_s)
+    system = resource.getrusage(resource.RUSAGE_CHILDREN).ru_stime
     wall, cpu, result = run_timed([sys.executable, *program, *cli_arguments(manifest, box_px, diameter_angst,
                                                                             out / "export")], source)
+    system = resource.getrusage(resource.RUSAGE_CHILDREN).ru_stime - system
     shutil.rmtree(out)
     lines = [line for line in result.stdout.splitlines() if "particles/s" in line]
     written = re.search(r"^wrote (\d+) particles", result.stdout, re.MULTILINE)
     if written is None:
         raise RuntimeError(f"the export did not say how many particles it wrote: {result.stdout[-2000:]}")
     mapped = sum(line.startswith(PREPARED_MARK) for line in result.stdout.splitlines())
-    return {"wall_s": wall, "cpu_s": cpu, "particles": int(written.group(1)), "log": lines,
+    return {"wall_s": wall, "cpu_s": cpu, "system_s": system, "particles": int(written.group(1)), "log": lines,
             "prepared_stacks_mapped": mapped}
 
 
@@ -351,6 +358,10 @@ def main() -> None:
                         help="also time this tree's CLI with the prepared stacks mapped from files instead of "
                              "prepared (what the command would take if its stack preparation cost nothing)")
     parser.add_argument("--profile", action="store_true", help="also time the CLI's phases in this process")
+    parser.add_argument("--pause", type=float, default=0.0,
+                        help="seconds idle before each command (a VM whose host takes free memory back has done so "
+                             "after about 2 s: each command then touches memory the host must give again, as a "
+                             "command run on its own does)")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     parser.add_argument("--scratch", type=Path,
                         help="folder to hold the outputs, the bytecode cache and a generated dataset (default: the "
@@ -383,12 +394,13 @@ def main() -> None:
             names = list(sources)
             for name in names[round_ % len(names):] + names[:round_ % len(names)]:  # each first in turn
                 source, mode = sources[name]
-                cli[name].append(bench_cli(source, manifest, args.box, args.diameter, scratch, mode))
+                cli[name].append(bench_cli(source, manifest, args.box, args.diameter, scratch, mode, args.pause))
                 startup[name].append(bench_startup(source))
             load.append(os.getloadavg()[0])
             print(f"round {round_ + 1}: engine warm {engine[-1]['warm_particles_per_s']:.1f} particles/s; "
-                  + "; ".join(f"CLI ({name}) {cli[name][-1]['wall_s']:.2f} s wall, {cli[name][-1]['cpu_s']:.2f} s CPU, "
-                              f"start-up {startup[name][-1]:.2f} s" for name in sources), flush=True)
+                  + "; ".join(f"CLI ({name}) {cli[name][-1]['wall_s']:.2f} s wall, {cli[name][-1]['cpu_s']:.2f} s CPU "
+                              f"({cli[name][-1]['system_s']:.2f} s system), start-up {startup[name][-1]:.2f} s"
+                              for name in sources), flush=True)
         profile = profile_cli(manifest, args.box, args.diameter, scratch) if args.profile else None
     report(engine, cli, startup, load, profile, args)
 
@@ -402,12 +414,14 @@ def report(engine: list[dict], cli: dict[str, list[dict]], startup: dict[str, li
                 else "as the environment says")
     print(f"\n{n} particles, box {args.box}, {args.n_tomograms if not args.manifest else 'given'} tilt series; load "
           f"average {min(load):.1f}-{max(load):.1f} on {os.cpu_count()} cores; children's modules {bytecode}; "
-          f"outputs in {args.scratch or tempfile.gettempdir()} (a new file there: {args.create_ms:.3f} ms)")
+          f"outputs in {args.scratch or tempfile.gettempdir()} (a new file there: {args.create_ms:.3f} ms)"
+          + (f"; {args.pause:g} s idle before each command" if args.pause else ""))
     print(f"engine in memory: warm {best_engine['warm_particles_per_s']:.1f} particles/s (best of {len(engine)} "
           f"rounds; {best_engine['warm_s']:.2f} s, CPU {best_engine['warm_cpu_s']:.2f} s), with setup + first pass "
           f"{max(e['with_setup_particles_per_s'] for e in engine):.1f} particles/s "
           f"(setup {best_engine['setup_s']:.2f} s, CPU {best_engine['setup_cpu_s']:.2f} s)")
     figures = {"particles": n, "box": args.box, "load_average": [min(load), max(load)], "bytecode": bytecode,
+               "pause_s": args.pause,
                "scratch": str(args.scratch or tempfile.gettempdir()), "file_create_ms": args.create_ms,
                "engine": engine,
                "cli": {}, "profile": profile}
@@ -422,6 +436,7 @@ def report(engine: list[dict], cli: dict[str, list[dict]], startup: dict[str, li
                                 "ratio": rate / best_engine["warm_particles_per_s"],
                                 "ratio_without_startup": rate_without / best_engine["warm_particles_per_s"]}
         cpu = min(run["cpu_s"] for run in runs)
+        system = sorted(run["system_s"] for run in runs)
         figures["cli"][name]["cpu_ratio"] = best_engine["warm_cpu_s"] / cpu
         figures["cli"][name]["median_wall_s"] = median
         print(f"CLI ({name}): {written} particles written, {wall:.2f} s wall (fastest of {len(runs)}; median "
@@ -429,7 +444,7 @@ def report(engine: list[dict], cli: dict[str, list[dict]], startup: dict[str, li
               f"{figures['cli'][name]['ratio']:.2f} × the warm engine; start-up {start:.2f} s excluded: "
               f"{rate_without:.1f} particles/s = {figures['cli'][name]['ratio_without_startup']:.2f} ×; "
               f"CPU {cpu:.2f} s (least of {len(runs)}): warm engine CPU / CLI CPU = "
-              f"{figures['cli'][name]['cpu_ratio']:.2f}")
+              f"{figures['cli'][name]['cpu_ratio']:.2f}; system {system[0]:.2f}-{system[-1]:.2f} s")
     if profile:
         print("CLI phases (one run in a new process, wall s on the thread that runs each):")
         for label, seconds in sorted(profile.items(), key=lambda item: -item[1]):

@@ -76,7 +76,7 @@ def avoid_huge_pages_the_host_took_back(argv: Sequence[str], environ: MutableMap
     at box 64, 1.8 GB at box 128, 41 tilts of 1024²). On the VM of ``benchmarks/export`` that cost 3.6–4.1 s of system
     time at box 128 in 2 MiB pages and 1.7–1.8 s in 4 KiB pages, and the command took 8.6–8.9 s against
     9.1–10.4 s (``bench_cli.py --pause 5``: 0.66× the warm engine against 0.58×); at box 64 the 0.3–0.4 s of
-    system time saved came back as user time (more TLB misses), the command no faster; the warm engine's passes,
+    system time saved came back as user time, the command no faster; the warm engine's passes,
     whose memory is reused, did not change. Elsewhere NumPy keeps its default: where memory stays with the
     machine, 2 MiB pages fault less. ``environ`` is changed in place (``os.environ``: inherited by the
     command's children).

@@ -89,21 +89,23 @@ def test_the_inverse_in_place_gives_the_values_of_irfft2_bit_for_bit(monkeypatch
 
 
 @pytest.mark.parametrize("shape_yx", [(256, 320), (255, 321), (1100, 37)])
-@pytest.mark.parametrize("output_pixel_angst", [5.0, 8.0, 16.0])
+@pytest.mark.parametrize("output_pixel_angst", [DATA_PIXEL_ANGST, 5.0, 8.0, 16.0])
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 def test_the_binned_forward_by_blocks_of_rows_gives_the_bits_of_the_whole_image_steps(monkeypatch, shape_yx,
                                                                                       output_pixel_angst, workers,
                                                                                       dtype):
     """Along x by blocks of 16 rows (several per image, a short last one), the columns a binned size keeps, then
-    along y only those: the bits of ``rfft2`` of the centred image and the crop, and the image's extremes; binned
-    by 1.25, 2 and 4, float32, float64 and float16 images."""
+    along y only those: the bits of ``rfft2`` of the centred image and the crop, and the image's extremes; not
+    binned, and binned by 1.25, 2 and 4, float32, float64 and float16 images. With 2 workers the columns go into
+    a kept work array that holds NaN beforehand (as ``prepare_stack`` gives each thread one for all its tilts)."""
     import scipy.fft
 
     rescaled = extract.rescaled_shape(shape_yx, DATA_PIXEL_ANGST, output_pixel_angst)
     image = raw_tilt(shape_yx, rescaled, 500.0).astype(dtype)
     monkeypatch.setattr(extract, "_FORWARD_BLOCK_BYTES", 16 * 4 * shape_yx[1])
-    spectrum, extremes = extract._binned_forward(image, rescaled, workers)
+    kept = np.full((shape_yx[0], rescaled[1] // 2 + 1), np.nan, dtype=np.complex64) if workers == 2 else None
+    spectrum, extremes = extract._binned_forward(image, rescaled, workers, kept)
     reference = extract.crop_spectrum(scipy.fft.rfft2(extract._centred(image, np, None), workers=workers), rescaled)
     assert spectrum.shape == (rescaled[0], rescaled[1] // 2 + 1)
     assert spectrum.dtype == np.complex64 and np.array_equal(spectrum.view(np.uint32), reference.view(np.uint32))
@@ -185,6 +187,50 @@ def test_cupy_preparation_matches_numpy(normalize):
     on_device = extract.preprocess_image(cupy.asarray(image), BOX, normalize=normalize, invert=True, xp=cupy,
                                          shape_yx=rescaled)
     assert np.allclose(cupy.asnumpy(on_device), on_host, atol=1e-5 * np.sqrt(np.mean(on_host ** 2)))
+
+
+@pytest.mark.parametrize("output_pixel_angst", [DATA_PIXEL_ANGST, 8.0])
+def test_each_thread_transforms_all_its_tilts_in_one_kept_work_array(monkeypatch, output_pixel_angst):
+    """On a pool of 2 threads every tilt's transform along x goes into its thread's one work array where that
+    array is as large as ``KEPT_COLUMNS_MIN_BYTES`` (here lowered; 32 MiB, 4096² tilts: above it the system maps
+    and zeroes a new array per tilt), not binned and binned, and the images are those of each tilt prepared
+    alone with the whole-image steps, bit for bit."""
+    import threading
+
+    from test_reconstruct import make_tilt_series
+
+    from mspecies.core.insert import WorkerPool
+
+    tilt_series = make_tilt_series(n_tilts=9, shape=(192, 160))
+    stack = np.random.default_rng(21).normal(500.0, 30.0, size=(9, 192, 160)).astype(np.float32)
+    shape = extract.rescaled_shape((192, 160), tilt_series.pixel_size_angst, output_pixel_angst)
+    work_bytes = 192 * (shape[1] // 2 + 1) * 8  # one thread's work array
+    monkeypatch.setattr(extract, "KEPT_COLUMNS_MIN_BYTES", work_bytes)
+    arrays: dict[int, list[np.ndarray]] = {}
+    forward = extract._binned_forward
+
+    def spy(image, shape_yx, workers, columns=None):
+        arrays.setdefault(threading.get_ident(), []).append(columns)
+        return forward(image, shape_yx, workers, columns)
+
+    monkeypatch.setattr(extract, "_binned_forward", spy)
+    with WorkerPool(2) as pool:
+        prepared = extract.prepare_stack(stack, tilt_series, output_pixel_angst, BOX, normalize=True, invert=True,
+                                         pool=pool)
+    assert sum(map(len, arrays.values())) == 9
+    for kept in arrays.values():
+        assert kept[0] is not None and all(columns is kept[0] for columns in kept)
+    arrays.clear()  # below the size: no work array is kept, as before (unbinned: the whole-image steps)
+    monkeypatch.setattr(extract, "KEPT_COLUMNS_MIN_BYTES", work_bytes + 1)
+    again = extract.prepare_stack(stack, tilt_series, output_pixel_angst, BOX, normalize=True, invert=True)
+    assert all(columns is None for kept in arrays.values() for columns in kept) and np.array_equal(again.images,
+                                                                                                    prepared.images)
+    monkeypatch.setattr(extract, "_binned_forward", forward)
+    assert prepared.images.shape[1:] == shape
+    binned = shape != stack.shape[1:]
+    for t in range(9):  # not binned and given no work array: the whole-image rfft2
+        alone = extract.preprocess_image(stack[t], BOX, normalize=True, invert=True, shape_yx=shape if binned else None)
+        assert np.array_equal(prepared.images[t], alone), t
 
 
 def test_prepared_stack_leaves_the_tilts_not_asked_for_zero(monkeypatch):

@@ -193,9 +193,9 @@ def preprocess_image(image: np.ndarray, box_px: int, *, normalize: bool, invert:
     per 4096² tilt with its check, → 1024² 68 → 57 ms, → 2048² 107 → 93 ms, → 3276² 193 → 173 ms.
 
     ``check``, when given, is called with the image's (min, max) (NaN where it has a NaN pixel) before its
-    values are used further; it may raise (:func:`check_tilt_image`). ``columns`` (NumPy): a (ny, shape_yx[1]//2+1)
-    complex64 C-order work array for the transform along x (:func:`_binned_forward`), kept by the caller between
-    tilts; overwritten.
+    values are used further; it may raise (:func:`check_tilt_image`). ``columns`` (NumPy): a (ny, mx//2+1)
+    complex64 C-order work array (mx: the output width) for the transform along x (:func:`_binned_forward`),
+    kept by the caller between tilts and overwritten; without it an unbinned tilt takes the whole-image steps.
     """
     fft = fft_module(xp)
     ny, nx = image.shape

@@ -427,6 +427,15 @@ def prepare_stack(stack: np.ndarray, tilt_series: TiltSeriesData, output_pixel_a
 
     converted: dict[int, np.ndarray] = {}  # per thread, for a stack not in native float32: one array for its tilts
     spectra: dict[int, np.ndarray] = {}  # per thread (NumPy): one work array for its tilts' transforms along x
+    columns_shape = (stack.shape[1], shape[1] // 2 + 1)
+    keep_columns = xp is np and columns_shape[0] * columns_shape[1] * 8 >= KEPT_COLUMNS_MIN_BYTES
+
+    def thread_array(arrays: dict[int, np.ndarray], shape_: tuple[int, ...], dtype: type) -> np.ndarray:
+        """The calling thread's array of ``arrays``, made anew only where it has none of ``shape_``."""
+        array = arrays.get(threading.get_ident())
+        if array is None or array.shape != shape_:
+            array = arrays[threading.get_ident()] = np.empty(shape_, dtype=dtype)
+        return array
 
     def read(t: int) -> np.ndarray:
         """Tilt ``t`` as float32: a view of a float32 stack, else converted into the thread's array (a new array
@@ -434,21 +443,9 @@ def prepare_stack(stack: np.ndarray, tilt_series: TiltSeriesData, output_pixel_a
         tilt = stack[t]
         if tilt.dtype == np.float32:
             return np.asarray(tilt)
-        buffer = converted.get(threading.get_ident())
-        if buffer is None or buffer.shape != tilt.shape:
-            buffer = converted[threading.get_ident()] = np.empty(tilt.shape, dtype=np.float32)
+        buffer = thread_array(converted, tilt.shape, np.float32)
         np.copyto(buffer, tilt, casting="unsafe")  # the values of ``tilt.astype(np.float32)``
         return buffer
-
-    def columns() -> np.ndarray | None:
-        """This thread's (ny, nx'/2+1) complex64 work array (NumPy) where it holds :data:`KEPT_COLUMNS_MIN_BYTES`
-        or more, else None (a new array per tilt)."""
-        if xp is not np or stack.shape[1] * (shape[1] // 2 + 1) * 8 < KEPT_COLUMNS_MIN_BYTES:
-            return None
-        work = spectra.get(threading.get_ident())
-        if work is None:
-            work = spectra[threading.get_ident()] = np.empty((stack.shape[1], shape[1] // 2 + 1), dtype=np.complex64)
-        return work
 
     def prepare(k: int) -> None:
         t = used[k]
@@ -458,7 +455,8 @@ def prepare_stack(stack: np.ndarray, tilt_series: TiltSeriesData, output_pixel_a
             check_tilt_image(raw, tilt_series, t, (low, high))
 
         preprocess_image(xp.asarray(raw), box_px, normalize=normalize, invert=invert, xp=xp, workers=fft_workers,
-                         out=images[t], shape_yx=shape, check=check, columns=columns())
+                         out=images[t], shape_yx=shape, check=check,
+                         columns=thread_array(spectra, columns_shape, np.complex64) if keep_columns else None)
 
     # the threads take the tilts in stack order, so the file is read as one stream (not one per half of it); the
     # lowest failing tilt's error is raised

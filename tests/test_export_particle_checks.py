@@ -4,8 +4,10 @@ bytes to write are estimated for the free-space check."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
+import mrcfile
 import numpy as np
 import pandas as pd
 import pytest
@@ -13,9 +15,16 @@ import starfile
 from test_reconstruct import BOX, PIXEL, make_tilt_series, options, poses
 
 from mspecies.cli import main
-from mspecies.cli.export_checks import exclusion_lines, export_bytes, first_identical, plan_job, visible_tilt_counts
+from mspecies.cli.export_checks import (
+    check_one_optics_group,
+    exclusion_lines,
+    export_bytes,
+    first_identical,
+    plan_job,
+    visible_tilt_counts,
+)
 from mspecies.cli.export_files import EXCLUDED_TSV
-from mspecies.common.types import ParticlePoses
+from mspecies.common.types import InputError, Microscope, ParticlePoses
 from mspecies.synth.dataset import generate_dataset
 
 SHAPE_XYZ = (160, 160, 100)  # the test tilt series' 160 x 160 px images, at PIXEL
@@ -139,3 +148,51 @@ def test_the_cli_refuses_when_every_particle_is_outside(imod_inputs, tmp_path, c
     assert main(arguments + ["--particles", str(star), "--out", str(tmp_path / "out")]) == 2
     assert "all 2 particles were excluded" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def two_pixel_sizes(tmp_path_factory):
+    """A manifest of two tilt series whose second was recorded at 1.5× the first's pixel size (4 and 6 Å)."""
+    folder = tmp_path_factory.mktemp("two_pixel_sizes")
+    manifest_path = generate_dataset(folder / "data", n_tomograms=2, n_particles=6, n_tilts=11, box_px=24,
+                                     image_shape_yx=(128, 128), thickness_angst=300.0, snr=None)
+    manifest = json.loads(manifest_path.read_text())
+    manifest["tilt_series"][1]["pixel_size_angst"] *= 1.5
+    manifest_path.write_text(json.dumps(manifest))
+    return manifest_path, [entry["ts_id"] for entry in manifest["tilt_series"]]
+
+
+def test_tilt_series_of_different_pixel_sizes_are_refused_for_one_optics_group(two_pixel_sizes, tmp_path, capsys):
+    """particles.star has one optics group: exporting each tilt series at its own pixel size would give RELION the
+    first one's pixel size for all of them. The command names the tilt series and the flag that fixes it."""
+    manifest_path, (first, second) = two_pixel_sizes
+    arguments = ["export", "--manifest", str(manifest_path), "--box", "24", "--diameter", "60", "--backend", "numpy"]
+    assert main(arguments + ["--out", str(tmp_path / "refused")]) == 2
+    error = capsys.readouterr().err
+    assert f"different pixel sizes ({first} 4 Å, {second} 6 Å)" in error and "--pixel-size-out 6 (or more)" in error
+    assert not (tmp_path / "refused").exists()
+    assert main(arguments + ["--out", str(tmp_path / "one"), "--pixel-size-out", "6"]) == 0
+    blocks = starfile.read(tmp_path / "one" / "particles.star", always_dict=True)
+    assert blocks["optics"]["rlnImagePixelSize"].tolist() == [6.0]
+    assert set(blocks["particles"]["rlnImageName"].str.split("/").str[0]) == {first, second}
+    for name in blocks["particles"]["rlnImageName"].tolist() + blocks["particles"]["rlnCtfImage"].tolist():
+        with mrcfile.open(tmp_path / "one" / name, header_only=True) as mrc:
+            assert mrc.voxel_size.tolist() == pytest.approx([6.0] * 3)
+    assert main(arguments + ["--out", str(tmp_path / "alone"), "--ts-id", second]) == 0
+    alone = starfile.read(tmp_path / "alone" / "particles.star", always_dict=True)["optics"]
+    assert alone["rlnImagePixelSize"].tolist() == [6.0]
+
+
+def test_tilt_series_of_other_optics_or_pixel_sizes_within_rounding_are_told_apart():
+    tilt_series = make_tilt_series(n_tilts=5)
+    close = dataclasses.replace(tilt_series, ts_id="TS_02", pixel_size_angst=tilt_series.pixel_size_angst * 1.00001)
+    check_one_optics_group([tilt_series, close], None, "--manifest m.json")  # the same within rounding
+    check_one_optics_group([tilt_series], None, "--manifest m.json")
+    other = dataclasses.replace(close, microscope=Microscope(200.0, 2.7, 0.1))
+    with pytest.raises(InputError, match=r"TS_02 was recorded with other optics than TS \(200 kV, Cs 2\.7 mm, "
+                                         r"amplitude contrast 0\.1 against"):
+        check_one_optics_group([tilt_series, other], None, "--manifest m.json")
+    larger = dataclasses.replace(close, pixel_size_angst=2 * tilt_series.pixel_size_angst)
+    with pytest.raises(InputError, match="--manifest m.json: its tilt series have different pixel sizes"):
+        check_one_optics_group([tilt_series, larger], None, "--manifest m.json")
+    check_one_optics_group([tilt_series, larger], 2 * tilt_series.pixel_size_angst, "--manifest m.json")

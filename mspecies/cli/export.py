@@ -329,7 +329,7 @@ def run(args: argparse.Namespace) -> int:
     """Check everything, then export every requested tilt series into a staging folder of ``--out`` and move the
     files to their final names (``particles.star`` last) under the folder's lock. Returns the exit code."""
     from mspecies.cli.atomic import check_free_space, check_output_folder, locked_output_folder, staging_folder
-    from mspecies.cli.export_checks import check_export_arguments, export_bytes, plan_job
+    from mspecies.cli.export_checks import check_export_arguments, check_one_optics_group, export_bytes, plan_job
     from mspecies.core.memory import retain_freed_memory
     from mspecies.core.reconstruct import ReconstructionError
     from mspecies.formats.mrc import mrc_dtype
@@ -340,6 +340,8 @@ def run(args: argparse.Namespace) -> int:
     check_export_arguments(args)
     first: list[FirstEngine] = []
     inputs = load_inputs(args, lambda tilt_series: first.append(start_first_engine(args, tilt_series)))
+    check_one_optics_group([tilt_series for tilt_series, _, _ in inputs], args.pixel_size_out,
+                           f"--manifest {args.manifest}" if args.manifest else "the input")
     # the writers (pandas, starfile: 0.2 s) load here, while the first engine is being built
     from mspecies.cli.export_files import STAR_NAME, earlier_export_files
     from mspecies.cli.export_record import discard_export_record, write_export_record

@@ -3,6 +3,8 @@
 * the arguments: ``--pixel-size-out`` > 0, ``--memory-gb`` within the memory available to this process (the
   machine's, or less where its memory cgroup limits it: a SLURM job's ``--mem``, a container's limit), a usable
   backend;
+* the tilt series together: one output pixel size and one set of optics, as ``particles.star`` has one optics group
+  (:func:`check_one_optics_group`; a manifest's tilt series at different pixel sizes need ``--pixel-size-out``);
 * per tilt series: the options against the data and the memory plan (:func:`~mspecies.core.reconstruct.plan_memory`,
   refused at once when one particle cannot fit), named by flag;
 * the particles: those outside the tomogram's x–y area, and those whose output box lies inside the images in fewer
@@ -25,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mspecies.common.types import InputError, ParticlePoses, TiltSeriesData
+from mspecies.common.types import InputError, Microscope, ParticlePoses, TiltSeriesData
 from mspecies.core.geometry import project_positions_to_tilts
 from mspecies.core.memory import MemoryPlan, memory_availability
 from mspecies.core.reconstruct import ExportOptions, plan_memory, shifted_positions_angst
@@ -81,6 +83,38 @@ def check_export_arguments(args: argparse.Namespace) -> None:
         reason = cupy_unavailable_reason()
         if reason is not None:
             raise InputError(f"--backend cupy: {reason}; use --backend numpy or auto")
+
+
+PIXEL_SIZE_REL_TOL = 1e-4
+"""Output pixel sizes of tilt series closer than this (relative) count as one: 0.026 px at the edge of a box of 256."""
+
+
+def check_one_optics_group(tilt_series: list[TiltSeriesData], pixel_size_out: float | None, source: str) -> None:
+    """The STAR file the export writes has one optics group (one pixel size, voltage, Cs, amplitude contrast) for
+    all tilt series of ``source``: InputError, naming the tilt series that differ, when their output pixel sizes
+    (``pixel_size_out``, default each tilt series' own) or their microscopes differ. Otherwise RELION would read
+    the sub-tomograms of all but the first at a wrong pixel size (or with a wrong CTF)."""
+    if len(tilt_series) < 2:
+        return
+    first = tilt_series[0]
+    pixels = {ts.ts_id: pixel_size_out or ts.pixel_size_angst for ts in tilt_series}
+    other_pixel = [ts.ts_id for ts in tilt_series[1:]
+                   if not math.isclose(pixels[ts.ts_id], pixels[first.ts_id], rel_tol=PIXEL_SIZE_REL_TOL)]
+    if other_pixel:
+        sizes = ", ".join(f"{ts_id} {pixels[ts_id]:g} Å" for ts_id in [first.ts_id] + other_pixel[:4])
+        raise InputError(f"{source}: its tilt series have different pixel sizes ({sizes}), and particles.star "
+                         f"has one optics group: give --pixel-size-out {max(pixels.values()):g} (or more) to export "
+                         f"them all at one pixel size, or export them one at a time (--ts-id)")
+    other = next((ts for ts in tilt_series[1:] if ts.microscope != first.microscope), None)
+    if other is not None:
+        raise InputError(f"{source}: tilt series {other.ts_id} was recorded with other optics than {first.ts_id} "
+                         f"({_optics(other.microscope)} against {_optics(first.microscope)}), and particles.star has "
+                         f"one optics group: export them one at a time (--ts-id)")
+
+
+def _optics(microscope: Microscope) -> str:
+    return (f"{microscope.voltage_kv:g} kV, Cs {microscope.cs_mm:g} mm, amplitude contrast "
+            f"{microscope.amplitude_contrast:g}")
 
 
 def check_memory_budget(memory_gb: float) -> None:

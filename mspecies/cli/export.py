@@ -130,7 +130,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="fraction 0-1 (default: CTFFIND header, else 0.07)")
     options = parser.add_argument_group("export options")
     options.add_argument("--out", required=True, help="output folder (created)")
-    options.add_argument("--pixel-size-out", type=float, help="output pixel size (A; default: tilt series)")
+    options.add_argument("--pixel-size-out", type=float,
+                         help="output pixel size (A; default: the tilt series'; a manifest's tilt series at "
+                         "different pixel sizes need it, as particles.star has one optics group)")
     options.add_argument("--box", type=int, required=True, help="output box (px, even)")
     options.add_argument("--diameter", type=float, required=True,
                          help="particle diameter (A): the mask of the output normalisation (mean 0, sd 1 outside "

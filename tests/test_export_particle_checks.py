@@ -196,3 +196,7 @@ def test_tilt_series_of_other_optics_or_pixel_sizes_within_rounding_are_told_apa
     with pytest.raises(InputError, match="--manifest m.json: its tilt series have different pixel sizes"):
         check_one_optics_group([tilt_series, larger], None, "--manifest m.json")
     check_one_optics_group([tilt_series, larger], 2 * tilt_series.pixel_size_angst, "--manifest m.json")
+    odd = [dataclasses.replace(tilt_series, ts_id=f"TS_{k}", pixel_size_angst=4.1234549 + k) for k in range(6)]
+    with pytest.raises(InputError, match=r"\(TS_0 4\.12345 Å, TS_1 5\.12345 Å, TS_2 6\.12345 Å, TS_3 7\.12345 Å, "
+                                         r"TS_4 8\.12345 Å and 1 more\).*--pixel-size-out 9\.1235 \(or more\)"):
+        check_one_optics_group(odd, None, "--manifest m.json")

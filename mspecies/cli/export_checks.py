@@ -102,9 +102,11 @@ def check_one_optics_group(tilt_series: list[TiltSeriesData], pixel_size_out: fl
                    if not math.isclose(pixels[ts.ts_id], pixels[first.ts_id], rel_tol=PIXEL_SIZE_REL_TOL)]
     if other_pixel:
         sizes = ", ".join(f"{ts_id} {pixels[ts_id]:g} Å" for ts_id in [first.ts_id] + other_pixel[:4])
-        raise InputError(f"{source}: its tilt series have different pixel sizes ({sizes}), and particles.star "
-                         f"has one optics group: give --pixel-size-out {max(pixels.values()):g} (or more) to export "
-                         f"them all at one pixel size, or export them one at a time (--ts-id)")
+        more = f" and {len(other_pixel) - 4} more" if len(other_pixel) > 4 else ""
+        largest = math.ceil(max(pixels.values()) * 1e4) / 1e4  # printed in full, never below the largest
+        raise InputError(f"{source}: its tilt series have different pixel sizes ({sizes}{more}), and particles.star "
+                         f"has one optics group: give --pixel-size-out {largest:g} (or more) to export them all at "
+                         f"one pixel size, or export them one at a time (--ts-id)")
     other = next((ts for ts in tilt_series[1:] if ts.microscope != first.microscope), None)
     if other is not None:
         raise InputError(f"{source}: tilt series {other.ts_id} was recorded with other optics than {first.ts_id} "

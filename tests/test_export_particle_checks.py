@@ -185,18 +185,19 @@ def test_tilt_series_of_different_pixel_sizes_are_refused_for_one_optics_group(t
 
 def test_tilt_series_of_other_optics_or_pixel_sizes_within_rounding_are_told_apart():
     tilt_series = make_tilt_series(n_tilts=5)
-    close = dataclasses.replace(tilt_series, ts_id="TS_02", pixel_size_angst=tilt_series.pixel_size_angst * 1.00001)
-    check_one_optics_group([tilt_series, close], None, "--manifest m.json")  # the same within rounding
-    check_one_optics_group([tilt_series], None, "--manifest m.json")
+    pixel = tilt_series.pixel_size_angst
+    close = dataclasses.replace(tilt_series, ts_id="TS_02", pixel_size_angst=pixel * 1.00001)
+    check_one_optics_group([(tilt_series, pixel), (close, pixel * 1.00001)], "--manifest m.json")  # within rounding
+    check_one_optics_group([(tilt_series, pixel)], "--manifest m.json")
     other = dataclasses.replace(close, microscope=Microscope(200.0, 2.7, 0.1))
     with pytest.raises(InputError, match=r"TS_02 was recorded with other optics than TS \(200 kV, Cs 2\.7 mm, "
                                          r"amplitude contrast 0\.1 against"):
-        check_one_optics_group([tilt_series, other], None, "--manifest m.json")
-    larger = dataclasses.replace(close, pixel_size_angst=2 * tilt_series.pixel_size_angst)
+        check_one_optics_group([(tilt_series, pixel), (other, pixel)], "--manifest m.json")
+    larger = dataclasses.replace(close, pixel_size_angst=2 * pixel)
     with pytest.raises(InputError, match="--manifest m.json: its tilt series have different pixel sizes"):
-        check_one_optics_group([tilt_series, larger], None, "--manifest m.json")
-    check_one_optics_group([tilt_series, larger], 2 * tilt_series.pixel_size_angst, "--manifest m.json")
-    odd = [dataclasses.replace(tilt_series, ts_id=f"TS_{k}", pixel_size_angst=4.1234549 + k) for k in range(6)]
+        check_one_optics_group([(tilt_series, pixel), (larger, 2 * pixel)], "--manifest m.json")
+    check_one_optics_group([(tilt_series, 2 * pixel), (larger, 2 * pixel)], "--manifest m.json")  # --pixel-size-out
+    odd = [(dataclasses.replace(tilt_series, ts_id=f"TS_{k}"), 4.1234549 + k) for k in range(6)]
     with pytest.raises(InputError, match=r"\(TS_0 4\.12345 Å, TS_1 5\.12345 Å, TS_2 6\.12345 Å, TS_3 7\.12345 Å, "
                                          r"TS_4 8\.12345 Å and 1 more\).*--pixel-size-out 9\.1235 \(or more\)"):
-        check_one_optics_group(odd, None, "--manifest m.json")
+        check_one_optics_group(odd, "--manifest m.json")

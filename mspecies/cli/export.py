@@ -342,8 +342,6 @@ def run(args: argparse.Namespace) -> int:
     check_export_arguments(args)
     first: list[FirstEngine] = []
     inputs = load_inputs(args, lambda tilt_series: first.append(start_first_engine(args, tilt_series)))
-    check_one_optics_group([tilt_series for tilt_series, _, _ in inputs], args.pixel_size_out,
-                           f"--manifest {args.manifest}" if args.manifest else "the input")
     # the writers (pandas, starfile: 0.2 s) load here, while the first engine is being built
     from mspecies.cli.export_files import STAR_NAME, earlier_export_files
     from mspecies.cli.export_record import discard_export_record, write_export_record
@@ -353,6 +351,8 @@ def run(args: argparse.Namespace) -> int:
                      min_visible_tilts=args.min_visible_tilts, drop_duplicates=args.drop_duplicates,
                      stack_dtype=mrc_dtype(tilt_series.stack_path))
             for tilt_series, particles, shape in inputs]
+    check_one_optics_group([(job.tilt_series, job.options.output_pixel_size_angst) for job in jobs],
+                           f"--manifest {args.manifest}" if args.manifest else "the input")
     try:
         with locked_output_folder(out, "--out"):
             earlier = earlier_export_files(out)

@@ -89,25 +89,25 @@ PIXEL_SIZE_REL_TOL = 1e-4
 """Output pixel sizes of tilt series closer than this (relative) count as one: 0.026 px at the edge of a box of 256."""
 
 
-def check_one_optics_group(tilt_series: list[TiltSeriesData], pixel_size_out: float | None, source: str) -> None:
+def check_one_optics_group(exports: list[tuple[TiltSeriesData, float]], source: str) -> None:
     """The STAR file the export writes has one optics group (one pixel size, voltage, Cs, amplitude contrast) for
     all tilt series of ``source``: InputError, naming the tilt series that differ, when their output pixel sizes
-    (``pixel_size_out``, default each tilt series' own) or their microscopes differ. Otherwise RELION would read
-    the sub-tomograms of all but the first at a wrong pixel size (or with a wrong CTF)."""
-    if len(tilt_series) < 2:
+    (``exports``: each tilt series with the output pixel size of its export options, Å) or their microscopes
+    differ. Otherwise RELION would read the sub-tomograms of all but the first at a wrong pixel size (or with a
+    wrong CTF)."""
+    if len(exports) < 2:
         return
-    first = tilt_series[0]
-    pixels = {ts.ts_id: pixel_size_out or ts.pixel_size_angst for ts in tilt_series}
-    other_pixel = [ts.ts_id for ts in tilt_series[1:]
-                   if not math.isclose(pixels[ts.ts_id], pixels[first.ts_id], rel_tol=PIXEL_SIZE_REL_TOL)]
+    first, first_pixel = exports[0]
+    other_pixel = [(ts.ts_id, pixel) for ts, pixel in exports[1:]
+                   if not math.isclose(pixel, first_pixel, rel_tol=PIXEL_SIZE_REL_TOL)]
     if other_pixel:
-        sizes = ", ".join(f"{ts_id} {pixels[ts_id]:g} Å" for ts_id in [first.ts_id] + other_pixel[:4])
+        sizes = ", ".join(f"{ts_id} {pixel:g} Å" for ts_id, pixel in [(first.ts_id, first_pixel)] + other_pixel[:4])
         more = f" and {len(other_pixel) - 4} more" if len(other_pixel) > 4 else ""
-        largest = math.ceil(max(pixels.values()) * 1e4) / 1e4  # printed in full, never below the largest
+        largest = math.ceil(max(pixel for _, pixel in exports) * 1e4) / 1e4  # printed in full, never below the largest
         raise InputError(f"{source}: its tilt series have different pixel sizes ({sizes}{more}), and particles.star "
                          f"has one optics group: give --pixel-size-out {largest:g} (or more) to export them all at "
                          f"one pixel size, or export them one at a time (--ts-id)")
-    other = next((ts for ts in tilt_series[1:] if ts.microscope != first.microscope), None)
+    other = next((ts for ts, _ in exports[1:] if ts.microscope != first.microscope), None)
     if other is not None:
         raise InputError(f"{source}: tilt series {other.ts_id} was recorded with other optics than {first.ts_id} "
                          f"({_optics(other.microscope)} against {_optics(first.microscope)}), and particles.star has "

@@ -92,7 +92,7 @@ def test_the_inverse_in_place_gives_the_values_of_irfft2_bit_for_bit(monkeypatch
 @pytest.mark.parametrize("output_pixel_angst", [DATA_PIXEL_ANGST, 5.0, 8.0, 16.0])
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
-def test_the_binned_forward_by_blocks_of_rows_gives_the_bits_of_the_whole_image_steps(monkeypatch, shape_yx,
+def test_the_forward_transform_by_blocks_of_rows_gives_the_bits_of_the_whole_image_steps(monkeypatch, shape_yx,
                                                                                       output_pixel_angst, workers,
                                                                                       dtype):
     """Along x by blocks of 16 rows (several per image, a short last one), the columns a binned size keeps, then
@@ -105,7 +105,7 @@ def test_the_binned_forward_by_blocks_of_rows_gives_the_bits_of_the_whole_image_
     image = raw_tilt(shape_yx, rescaled, 500.0).astype(dtype)
     monkeypatch.setattr(extract, "_FORWARD_BLOCK_BYTES", 16 * 4 * shape_yx[1])
     kept = np.full((shape_yx[0], rescaled[1] // 2 + 1), np.nan, dtype=np.complex64) if workers == 2 else None
-    spectrum, extremes = extract._binned_forward(image, rescaled, workers, kept)
+    spectrum, extremes = extract._forward_by_rows(image, rescaled, workers, kept)
     reference = extract.crop_spectrum(scipy.fft.rfft2(extract._centred(image, np, None), workers=workers), rescaled)
     assert spectrum.shape == (rescaled[0], rescaled[1] // 2 + 1)
     assert spectrum.dtype == np.complex64 and np.array_equal(spectrum.view(np.uint32), reference.view(np.uint32))
@@ -207,13 +207,13 @@ def test_each_thread_transforms_all_its_tilts_in_one_kept_work_array(monkeypatch
     work_bytes = 192 * (shape[1] // 2 + 1) * 8  # one thread's work array
     monkeypatch.setattr(extract, "KEPT_COLUMNS_MIN_BYTES", work_bytes)
     arrays: dict[int, list[np.ndarray]] = {}
-    forward = extract._binned_forward
+    forward = extract._forward_by_rows
 
     def spy(image, shape_yx, workers, columns=None):
         arrays.setdefault(threading.get_ident(), []).append(columns)
         return forward(image, shape_yx, workers, columns)
 
-    monkeypatch.setattr(extract, "_binned_forward", spy)
+    monkeypatch.setattr(extract, "_forward_by_rows", spy)
     with WorkerPool(2) as pool:
         prepared = extract.prepare_stack(stack, tilt_series, output_pixel_angst, BOX, normalize=True, invert=True,
                                          pool=pool)
@@ -225,7 +225,7 @@ def test_each_thread_transforms_all_its_tilts_in_one_kept_work_array(monkeypatch
     again = extract.prepare_stack(stack, tilt_series, output_pixel_angst, BOX, normalize=True, invert=True)
     assert all(columns is None for kept in arrays.values() for columns in kept) and np.array_equal(again.images,
                                                                                                     prepared.images)
-    monkeypatch.setattr(extract, "_binned_forward", forward)
+    monkeypatch.setattr(extract, "_forward_by_rows", forward)
     assert prepared.images.shape[1:] == shape
     binned = shape != stack.shape[1:]
     for t in range(9):  # not binned and given no work array: the whole-image rfft2

@@ -189,12 +189,12 @@ def preprocess_image(image: np.ndarray, box_px: int, *, normalize: bool, invert:
     Per 4096² tilt 195 → 131 ms, under the pair's 137 ms: on NumPy the inverse runs in place
     (:func:`_inverse_rfft2_into`, the same values). Binned, the forward transform along y skips the columns the
     crop drops (4096² → 2048² 77 → 69 ms, → 1024² 64 → 46 ms), and the image is read once, a block of rows at a
-    time, for its extremes, its centring and the transform along x (:func:`_binned_forward`, the same values):
+    time, for its extremes, its centring and the transform along x (:func:`_forward_by_rows`, the same values):
     per 4096² tilt with its check, → 1024² 68 → 57 ms, → 2048² 107 → 93 ms, → 3276² 193 → 173 ms.
 
     ``check``, when given, is called with the image's (min, max) (NaN where it has a NaN pixel) before its
     values are used further; it may raise (:func:`check_tilt_image`). ``columns`` (NumPy): a (ny, mx//2+1)
-    complex64 C-order work array (mx: the output width) for the transform along x (:func:`_binned_forward`),
+    complex64 C-order work array (mx: the output width) for the transform along x (:func:`_forward_by_rows`),
     kept by the caller between tilts and overwritten; without it an unbinned tilt takes the whole-image steps.
     """
     fft = fft_module(xp)
@@ -202,7 +202,7 @@ def preprocess_image(image: np.ndarray, box_px: int, *, normalize: bool, invert:
     shape = (ny, nx) if shape_yx is None else (int(shape_yx[0]), int(shape_yx[1]))
     out = xp.empty(shape, dtype=xp.float32) if out is None else out
     if xp is np and (shape != (ny, nx) or columns is not None):
-        spectrum, extremes = _binned_forward(image, shape, workers, columns)
+        spectrum, extremes = _forward_by_rows(image, shape, workers, columns)
         if check is not None:
             check(*extremes)
     else:
@@ -226,24 +226,25 @@ def preprocess_image(image: np.ndarray, box_px: int, *, normalize: bool, invert:
 
 
 _FORWARD_BLOCK_BYTES = 1024**2
-"""Bytes of float32 image per block of rows in :func:`_binned_forward` (the block and its transform stay in the
+"""Bytes of float32 image per block of rows in :func:`_forward_by_rows` (the block and its transform stay in the
 cache while they are read twice and written)."""
 
 _FORWARD_BLOCKS = threading.local()
 
 
 def _forward_block(rows: int, nx: int) -> np.ndarray:
-    """This thread's (rows, nx) float32 work block of :func:`_binned_forward`, kept between tilts."""
+    """This thread's (rows, nx) float32 work block of :func:`_forward_by_rows`, kept between tilts."""
     block = getattr(_FORWARD_BLOCKS, "block", None)
     if block is None or block.shape != (rows, nx):
         block = _FORWARD_BLOCKS.block = np.empty((rows, nx), dtype=np.float32)
     return block
 
 
-def _binned_forward(image: np.ndarray, shape_yx: tuple[int, int], workers: int, columns: np.ndarray | None = None
-                    ) -> tuple[np.ndarray, tuple[float, float]]:
+def _forward_by_rows(image: np.ndarray, shape_yx: tuple[int, int], workers: int, columns: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, tuple[float, float]]:
     """``(crop_spectrum(rfft2(_centred(image)), shape_yx), (image.min(), image.max()))`` for a (ny, nx) ``image``
-    binned to the smaller ``shape_yx``: the same complex64 values and extremes (NaN where the image has a NaN pixel).
+    at ``shape_yx`` (binned: even and smaller; or its own): the same complex64 values and extremes (NaN where the
+    image has a NaN pixel).
 
     ``rfft2`` transforms every column along y before the crop drops those beyond ``mx/2``: binned, most of that
     pass is thrown away. Here the image is read once, a block of rows at a time (:data:`_FORWARD_BLOCK_BYTES`):

@@ -46,7 +46,7 @@ NONZEROS_PER_SAMPLE = 8.5
 # The stack preparation (:func:`mspecies.core.extract.prepare_stack`) holds, on each of its threads, one tilt's
 # work arrays beside the prepared stack: bytes per raw pixel of a tilt, and per thread. Peaks measured with
 # ``tracemalloc`` (41 tilts, 2 threads; 1024² and 4096²): float32 4.25 B, float16 8.25. Binned, the tilt is
-# transformed along x by blocks of rows (:func:`mspecies.core.extract._binned_forward`): what it holds is the kept
+# transformed along x by blocks of rows (:func:`mspecies.core.extract._forward_by_rows`): what it holds is the kept
 # columns of every row and the cropped spectrum, 8 B (complex64) per element of each, and its blocks (at most
 # 2.1 MB, within the thread's bytes): 1024² to 256²..820² and 4096² to 512²..3276², one thread, float32 and float16.
 PREPARATION_BYTES_PER_PIXEL = 4.5  # unbinned: the spectrum (complex64, half as wide)

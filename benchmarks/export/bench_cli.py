@@ -133,10 +133,10 @@ def process_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_timed(command: list[str], source: Path) -> tuple[float, float, subprocess.CompletedProcess]:
-    """(wall s, CPU s of the child: user + system, all threads, the process) of ``command`` run in ``source`` with
-    ``source`` first on PYTHONPATH (``python -m``/``-c`` put the working folder before PYTHONPATH on sys.path:
-    run from another folder, ``--before`` timed this tree again)."""
+def run_timed(command: list[str], source: Path) -> tuple[float, float, float, subprocess.CompletedProcess]:
+    """(wall s, CPU s of the child: user + system, all threads, its system s, the process) of ``command`` run in
+    ``source`` with ``source`` first on PYTHONPATH (``python -m``/``-c`` put the working folder before PYTHONPATH
+    on sys.path: run from another folder, ``--before`` timed this tree again)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     result = subprocess.run(command, env={**CHILD_ENVIRON, "PYTHONPATH": str(source)}, capture_output=True, text=True,
@@ -145,7 +145,8 @@ def run_timed(command: list[str], source: Path) -> tuple[float, float, subproces
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}): {result.stderr[-2000:]}")
-    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), result
+    system = after.ru_stime - before.ru_stime
+    return wall, (after.ru_utime - before.ru_utime) + system, system, result
 
 
 SERIAL = STARTUP_THREADS + (
@@ -198,10 +199,8 @@ def bench_cli(source: Path, manifest: Path, box_px: int, diameter_angst: float, 
     out = Path(tempfile.mkdtemp(dir=scratch))
     program = {None: ["-m", "mspecies"], "serial": ["-c", SERIAL], "prepared": ["-c", PREPARED]}[mode]
     time.sleep(pause_s)
-    system = resource.getrusage(resource.RUSAGE_CHILDREN).ru_stime
-    wall, cpu, result = run_timed([sys.executable, *program, *cli_arguments(manifest, box_px, diameter_angst,
-                                                                            out / "export")], source)
-    system = resource.getrusage(resource.RUSAGE_CHILDREN).ru_stime - system
+    command = [sys.executable, *program, *cli_arguments(manifest, box_px, diameter_angst, out / "export")]
+    wall, cpu, system, result = run_timed(command, source)
     shutil.rmtree(out)
     lines = [line for line in result.stdout.splitlines() if "particles/s" in line]
     written = re.search(r"^wrote (\d+) particles", result.stdout, re.MULTILINE)
@@ -244,8 +243,8 @@ def bench_startup(source: Path) -> float:
     """Wall seconds of a new interpreter importing :data:`STARTUP_IMPORTS`."""
     reader = next(name for name in MANIFEST_READERS
                   if (source / (name.replace(".", "/") + ".py")).is_file())
-    wall, _, _ = run_timed([sys.executable, "-c", STARTUP_THREADS + "import " + ", ".join(STARTUP_IMPORTS + (reader,))],
-                           source)
+    imports = STARTUP_THREADS + "import " + ", ".join(STARTUP_IMPORTS + (reader,))
+    wall, _, _, _ = run_timed([sys.executable, "-c", imports], source)
     return wall
 
 
@@ -253,7 +252,7 @@ def profile_cli(manifest: Path, box_px: int, diameter_angst: float, scratch: Pat
     """Wall seconds per phase of one CLI run in a new process (:func:`profile_here` there): as cold as the
     command itself (its first touches of memory, its first transforms), not warmed by the engine's rounds."""
     arguments = json.dumps([str(manifest), box_px, diameter_angst, str(scratch)])
-    _, _, result = run_timed([sys.executable, str(Path(__file__).resolve()), "--profile-child", arguments], ROOT)
+    _, _, _, result = run_timed([sys.executable, str(Path(__file__).resolve()), "--profile-child", arguments], ROOT)
     return json.loads(result.stdout.splitlines()[-1])
 
 

@@ -93,8 +93,8 @@ def test_the_inverse_in_place_gives_the_values_of_irfft2_bit_for_bit(monkeypatch
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 def test_the_forward_transform_by_blocks_of_rows_gives_the_bits_of_the_whole_image_steps(monkeypatch, shape_yx,
-                                                                                      output_pixel_angst, workers,
-                                                                                      dtype):
+                                                                                         output_pixel_angst, workers,
+                                                                                         dtype):
     """Along x by blocks of 16 rows (several per image, a short last one), the columns a binned size keeps, then
     along y only those: the bits of ``rfft2`` of the centred image and the crop, and the image's extremes; not
     binned, and binned by 1.25, 2 and 4, float32, float64 and float16 images. With 2 workers the columns go into

@@ -190,6 +190,32 @@ def test_a_budget_too_small_for_every_thread_prepares_on_fewer_and_one_too_small
         plan_batches(128, 64, 41, 41 * 4096 * 4096, budget_bytes=fixed + once + per_thread - 1, **arguments)
 
 
+@pytest.mark.parametrize("what", ["one particle", "preparing the stack"])
+@pytest.mark.parametrize("short_by_bytes", [1, 200 * 1024, 900 * 1024])
+def test_a_refusal_shows_the_need_above_the_budget_and_a_budget_in_gb_that_suffices(what, short_by_bytes):
+    """Both refusals of the plan: the amounts have the decimals that tell them apart (a need of 8.8 MiB against
+    a budget of 8.6 MiB read "9 MiB but the budget is 9 MiB"), and the budget they suggest, in the GB of
+    ``--memory-gb``, plans when given (one particle and the preparation: the first refusal does not lead to the
+    second) and is not far above the least budget that plans."""
+    fixed, per_particle = memory.estimate_bytes(58, 24, 11, 11 * 128 * 128, shared_geometry=True)
+    per_thread, once = preparation_bytes((128, 128), (128, 128), converted=False)
+    assert once + per_thread > per_particle + short_by_bytes  # the preparation's refusal comes second
+    needs = fixed + per_particle, fixed + once + per_thread
+    need = needs[0] if what == "one particle" else needs[1]
+    arguments = dict(shared_geometry=True, preparation=(per_thread, once), threads=2)
+    with pytest.raises(memory.InputError, match=f"{what} needs") as refused:
+        plan_batches(58, 24, 11, 11 * 128 * 128, budget_bytes=need - short_by_bytes, **arguments)
+    message = str(refused.value)
+    shown_need = float(message.split(f"{what} needs ")[1].split(" MiB")[0])
+    shown_budget = float(message.split("the budget is ")[1].split(" MiB")[0])
+    assert shown_need > shown_budget
+    assert abs(shown_need - need / 1024**2) < 0.01 * need / 1024**2
+    suggested_gb = float(message.split("at least ")[1].split(" GB")[0])
+    plan = plan_batches(58, 24, 11, 11 * 128 * 128, budget_bytes=int(suggested_gb * 1e9), **arguments)
+    assert plan.batch_size >= 1 and plan.preparation_threads >= 1
+    assert suggested_gb * 1e9 < 1.1 * max(needs)  # not far above the plan's least budget
+
+
 def test_the_engine_prepares_on_the_threads_its_plan_allows_with_the_same_images(monkeypatch):
     tilt_series = make_tilt_series(n_tilts=11)
     stack = np.random.default_rng(8).normal(size=(11, 160, 160)).astype(np.float16)

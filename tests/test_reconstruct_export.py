@@ -24,7 +24,9 @@ def test_memory_plan_batches_within_the_budget_and_refuses_with_numbers():
     assert fixed > 41 * 512 * 512 * 4 and per_particle > 128**3 * 4
     plan = plan_batches(128, 64, 41, 41 * 512 * 512, shared_geometry=True, budget_bytes=fixed + 3 * per_particle)
     assert plan.batch_size == 3 and plan.total_bytes <= plan.budget_bytes
-    with pytest.raises(InputError, match=r"memory: one particle needs \d+ MiB .* budget is \d+ MiB"):
+    refusal = (r"memory: one particle needs [\d.]+ MiB .* budget is [\d.]+ MiB; "
+               r"raise the memory budget to at least [\d.]+ GB")
+    with pytest.raises(InputError, match=refusal):
         plan_batches(128, 64, 41, 41 * 512 * 512, shared_geometry=True, budget_bytes=fixed)
     _, own = estimate_bytes(128, 64, 41, 0, shared_geometry=False)
     assert own > per_particle  # pre-rotation builds one insertion per particle

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
+import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -355,6 +358,30 @@ def preparation_bytes(raw_shape_yx: tuple[int, int], output_shape_yx: tuple[int,
     return int(work + converted_bytes) + PREPARATION_THREAD_BYTES, once
 
 
+def _shortfall_mib(needed_bytes: int, budget_bytes: int) -> tuple[str, str, Callable[[int], str]]:
+    """``needed_bytes`` (more than ``budget_bytes``) and ``budget_bytes`` in MiB with the fewest decimals (0–2) at
+    which the need reads as more than the budget (8.8 and 8.6 MiB, not 9 and 9), else with 3 decimals, the need
+    rounded up and the budget down; and the formatter of the message's other amounts at those decimals."""
+    def in_mib(n_bytes: int, decimals: int) -> str:
+        return f"{n_bytes / 1024**2:.{decimals}f}"
+
+    for decimals in range(3):
+        if float(in_mib(needed_bytes, decimals)) > float(in_mib(budget_bytes, decimals)):
+            return in_mib(needed_bytes, decimals), in_mib(budget_bytes, decimals), functools.partial(
+                in_mib, decimals=decimals)
+    scaled = 1000 / 1024**2
+    return (f"{math.ceil(needed_bytes * scaled) / 1000:.3f}", f"{math.floor(budget_bytes * scaled) / 1000:.3f}",
+            functools.partial(in_mib, decimals=3))
+
+
+def _gb_at_least(n_bytes: int) -> str:
+    """``n_bytes`` in GB (10⁹ B, the unit of ``--memory-gb``) rounded up to 2 significant digits: a budget that
+    holds them."""
+    exponent = max(-9, math.floor(math.log10(max(1, n_bytes) / 1e9)) - 1)  # of 10 in GB, of the last digit
+    units = -(-n_bytes // 10 ** (9 + exponent))  # whole steps of 10^exponent GB, rounded up (integers: exact)
+    return f"{units * 10.0**exponent:.{max(0, -exponent)}f}"
+
+
 def plan_batches(padded_box_px: int, box_px: int, n_tilts: int, stack_pixels: int, *, shared_geometry: bool,
                  budget_bytes: int | None = None, max_batch: int = MAX_BATCH, padded_ctf: bool = True,
                  by_lines: bool = False, compiled_threads: int = 0,
@@ -383,25 +410,28 @@ def plan_batches(padded_box_px: int, box_px: int, n_tilts: int, stack_pixels: in
                                          shared_geometry=shared_geometry, padded_ctf=padded_ctf, by_lines=by_lines,
                                          compiled_threads=compiled_threads)
     batch = min(max_batch, useful_batch(per_particle), (budget - fixed) // per_particle) if budget > fixed else 0
+    # the least budget that plans: the preparation runs before the batches, on one thread at least
+    least = fixed + max(per_particle, 0 if preparation is None else sum(preparation))
     if batch < 1:
-        mib = 1024**2
+        need, have, mib = _shortfall_mib(fixed + per_particle, budget)
         raise InputError(
-            f"memory: one particle needs {(fixed + per_particle) / mib:.0f} MiB (fixed {fixed / mib:.0f} MiB for the "
-            f"stack and insertion operator + {per_particle / mib:.0f} MiB per particle at padded box M = "
-            f"{padded_box_px}, {n_tilts} tilts) but the budget is {budget / mib:.0f} MiB"
-            + (f" ({source})" if source else "")
-            + "; raise the memory budget, use a larger output pixel size or a smaller box")
+            f"memory: one particle needs {need} MiB (fixed {mib(fixed)} MiB for the stack and insertion operator + "
+            f"{mib(per_particle)} MiB per particle at padded box M = {padded_box_px}, {n_tilts} tilts) but the "
+            f"budget is {have} MiB" + (f" ({source})" if source else "")
+            + f"; raise the memory budget to at least {_gb_at_least(least)} GB, use a larger output "
+            "pixel size or a smaller box")
     prepared_on, prepared_bytes = max(1, int(threads)), 0
     if preparation is not None:
         per_thread, once = preparation
         room = budget - fixed - once
         prepared_on = min(max(1, int(threads)), room // per_thread) if room > 0 else 0
         if prepared_on < 1:
-            mib = 1024**2
+            need, have, mib = _shortfall_mib(fixed + once + per_thread, budget)
             raise InputError(
-                f"memory: preparing the stack needs {(fixed + once + per_thread) / mib:.0f} MiB (fixed "
-                f"{fixed / mib:.0f} MiB + {(once + per_thread) / mib:.0f} MiB of work arrays for one tilt image) but "
-                f"the budget is {budget / mib:.0f} MiB" + (f" ({source})" if source else "")
-                + "; raise the memory budget or use a larger output pixel size")
+                f"memory: preparing the stack needs {need} MiB (fixed {mib(fixed)} MiB + {mib(once + per_thread)} "
+                f"MiB of work arrays for one tilt image) but the budget is {have} MiB"
+                + (f" ({source})" if source else "")
+                + f"; raise the memory budget to at least {_gb_at_least(least)} GB or use a "
+                "larger output pixel size")
         prepared_bytes = once + prepared_on * per_thread
     return MemoryPlan(fixed, per_particle, int(batch), budget, source, prepared_bytes, int(prepared_on))

@@ -193,7 +193,10 @@ def _multiplicity(matrix: object, mirrors: list[tuple[np.ndarray, np.ndarray, np
     if largest == 0:
         return multiplicity
     small = np.float32(2.0 ** (int(np.ceil(np.log2(largest))) + 1 - 30))  # k with a factor 2 of margin
-    inexact = np.unique(np.concatenate([np.searchsorted(indptr, np.flatnonzero(weights < small), side="right") - 1,
+    # the entries' indices in the row pointer's own type: searchsorted would otherwise cast the whole row pointer
+    # (M³/2 int32, 270 MB at M = 512) to int64 in a new array, mapped afresh at every build (1 s of system time)
+    small_entries = np.flatnonzero(weights < small).astype(indptr.dtype)
+    inexact = np.unique(np.concatenate([np.searchsorted(indptr, small_entries, side="right") - 1,
                                         mirror_voxels[mirror_weights < small]]))
     if inexact.size:
         multiplicity[inexact] = _ordered_sums(matrix, mirrors, base, inexact, m, y_major)

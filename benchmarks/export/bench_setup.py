@@ -35,7 +35,8 @@ def child(box_px: int, warm_repeats: int) -> dict[str, float]:
     from mspecies.synth.dataset import SynthParameters, make_tilt_series
 
     retain_freed_memory()  # as the export worker does
-    params = SynthParameters(box_px=box_px, image_shape_yx=(512, 512), n_tilts=41, thickness_angst=1000.0)
+    params = SynthParameters(box_px=box_px, image_shape_yx=(512, 512), n_tilts=41,
+                             thickness_angst=max(1000.0, 1.25 * box_px * 4.0))  # a box fits the thickness
     rng = np.random.default_rng(0)
     tilt_series = make_tilt_series(params, "TS", rng)
     stack = rng.standard_normal((41, 512, 512), dtype=np.float32)

@@ -216,6 +216,31 @@ def test_a_refusal_shows_the_need_above_the_budget_and_a_budget_in_gb_that_suffi
     assert suggested_gb * 1e9 < 1.1 * max(needs)  # not far above the plan's least budget
 
 
+def test_the_budget_a_refusal_suggests_exports_when_given_back_to_the_command(small_dataset, tmp_path):
+    """The user's loop: a budget too small is refused with one that suffices, in ``--memory-gb``'s GB, and that
+    value, typed back, exports (the command rounds GB to bytes: 0.0157 GB is 15 700 000 B, int() gave 1 B less)."""
+    command = [sys.executable, "-m", "mspecies", "export", "--manifest", str(small_dataset), "--box", "24",
+               "--diameter", "60", "--backend", "numpy"]
+    refused = subprocess.run([*command, "--out", str(tmp_path / "refused"), "--memory-gb", "0.005"],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--memory-gb" in refused.stderr, refused.stderr
+    suggested = refused.stderr.split("raise the memory budget to at least ")[1].split(" GB")[0]
+    done = subprocess.run([*command, "--out", str(tmp_path / "done"), "--memory-gb", suggested],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "memory plan: batch " in done.stdout and not (tmp_path / "refused").exists()
+
+
+def test_memory_gb_is_rounded_to_bytes_not_truncated():
+    from mspecies.cli.export import export_options
+    from mspecies.cli.main import build_parser
+
+    arguments = ["export", "--manifest", "m.json", "--box", "24", "--diameter", "60", "--out", "o"]
+    for gb, expected in (("0.0157", 15_700_000), ("0.0092", 9_200_000), ("2.9", 2_900_000_000)):
+        args = build_parser().parse_args([*arguments, "--memory-gb", gb])
+        assert export_options(args, 4.0).memory_budget_bytes == expected
+
+
 def test_the_engine_prepares_on_the_threads_its_plan_allows_with_the_same_images(monkeypatch):
     tilt_series = make_tilt_series(n_tilts=11)
     stack = np.random.default_rng(8).normal(size=(11, 160, 160)).astype(np.float16)

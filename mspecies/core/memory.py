@@ -418,8 +418,9 @@ def plan_batches(padded_box_px: int, box_px: int, n_tilts: int, stack_pixels: in
             f"memory: one particle needs {need} MiB (fixed {mib(fixed)} MiB for the stack and insertion operator + "
             f"{mib(per_particle)} MiB per particle at padded box M = {padded_box_px}, {n_tilts} tilts) but the "
             f"budget is {have} MiB" + (f" ({source})" if source else "")
-            + f"; raise the memory budget to at least {_gb_at_least(least)} GB, use a larger output "
-            "pixel size or a smaller box")
+            + f"; raise the memory budget to at least {_gb_at_least(least)} GB"
+            + (" (preparing the stack needs more than one particle)" if least > fixed + per_particle else "")
+            + ", use a larger output pixel size or a smaller box")
     prepared_on, prepared_bytes = max(1, int(threads)), 0
     if preparation is not None:
         per_thread, once = preparation

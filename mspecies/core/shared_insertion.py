@@ -193,8 +193,9 @@ def _multiplicity(matrix: object, mirrors: list[tuple[np.ndarray, np.ndarray, np
     if largest == 0:
         return multiplicity
     small = np.float32(2.0 ** (int(np.ceil(np.log2(largest))) + 1 - 30))  # k with a factor 2 of margin
-    # the entries' indices in the row pointer's own type: searchsorted would otherwise cast the whole row pointer
-    # (M³/2 int32, 270 MB at M = 512) to int64 in a new array, mapped afresh at every build (1 s of system time)
+    # the entries' indices in the row pointer's own type (exact: int32 only where there are fewer than 2³¹ entries):
+    # searchsorted would otherwise cast the whole row pointer (M³/2 int32, 270 MB at M = 512) to int64, a new 540 MB
+    # array mapped afresh at every build (about 1 s of system time there)
     small_entries = np.flatnonzero(weights < small).astype(indptr.dtype)
     inexact = np.unique(np.concatenate([np.searchsorted(indptr, small_entries, side="right") - 1,
                                         mirror_voxels[mirror_weights < small]]))

@@ -240,7 +240,7 @@ def _reached_rows(matrix: object, reached: np.ndarray, voxels: np.ndarray) -> ob
     indptr = matrix.indptr
     if np.any((indptr[1:] != indptr[:-1]) & ~reached):
         return matrix[voxels]
-    reached = np.append(indptr[voxels], indptr[-1]).astype(indptr.dtype)
+    reached = np.append(indptr[voxels], indptr[-1]).astype(indptr.dtype, copy=False)  # of that type already
     return type(matrix)((matrix.data, matrix.indices, reached), shape=(voxels.size, matrix.shape[1]))
 
 

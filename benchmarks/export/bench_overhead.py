@@ -70,8 +70,8 @@ def check_perf(scratch: Path) -> None:
 def record(command: list[str], data: Path, frequency: int) -> float:
     """Wall seconds of ``command`` run under ``perf record`` into ``data`` (``bench_cli.run_timed``: from
     :data:`ROOT` with it first on PYTHONPATH, the children's environment of ``bench_cli.py``; a failure raises)."""
-    wall, _, _, _ = bench_cli.run_timed(["perf", "record", "-q", "-F", str(frequency), "-o", str(data), "--", *command],
-                                     ROOT)
+    perf = ["perf", "record", "-q", "-F", str(frequency), "-o", str(data), "--", *command]
+    wall, _, _, _ = bench_cli.run_timed(perf, ROOT)
     return wall
 
 
